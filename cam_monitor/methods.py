@@ -1,0 +1,128 @@
+"""The CAM formulas: pure, batched functions of activations `A` and gradients `G`.
+
+Each takes `A, G` of shape `[B, C, h, w]` (gradients of the per-image class score w.r.t. `A`)
+and returns a non-negative float32 map `[B, h, w]` at layer resolution, ReLU'd but not
+normalised, so magnitudes stay comparable across evaluations. No division can produce NaN:
+where a denominator is zero, the corresponding weight is zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+CamFormula = Callable[[Tensor, Tensor], Tensor]
+
+
+def _weighted_sum(weights: Tensor, activations: Tensor) -> Tensor:
+    """relu(sum_c w[b, c] * A[b, c]) for channel weights `[B, C]`."""
+    return torch.relu(torch.einsum("bc,bchw->bhw", weights, activations))
+
+
+def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """numerator / denominator, and 0 wherever the denominator is 0."""
+    nonzero = denominator != 0
+    return torch.where(nonzero, numerator / torch.where(nonzero, denominator, 1.0), 0.0)
+
+
+def gradcam(activations: Tensor, gradients: Tensor) -> Tensor:
+    """Grad-CAM (Selvaraju et al. 2017): channels weighted by their spatially averaged gradient.
+
+    Example:
+        >>> A = torch.ones(1, 2, 3, 3); G = torch.stack([torch.ones(3, 3), -torch.ones(3, 3)])[None]
+        >>> gradcam(A, 2 * G).sum().item()  # weights +2 and -2 cancel
+        0.0
+    """
+    return _weighted_sum(gradients.mean(dim=(2, 3)), activations)
+
+
+def gradcam_plus_plus(activations: Tensor, gradients: Tensor) -> Tensor:
+    """Grad-CAM++ (Chattopadhay et al. 2018), closed form under an exponential score.
+
+    alpha = G^2 / (2 G^2 + sum_ab(A) G^3); weights = sum_ab(alpha * relu(G)).
+    """
+    g2 = gradients.pow(2)
+    g3 = g2 * gradients
+    spatial_sum = activations.sum(dim=(2, 3), keepdim=True)
+    alpha = _safe_divide(g2, 2 * g2 + spatial_sum * g3)
+    weights = (alpha * torch.relu(gradients)).sum(dim=(2, 3))
+    return _weighted_sum(weights, activations)
+
+
+def xgradcam(activations: Tensor, gradients: Tensor) -> Tensor:
+    """XGrad-CAM (Fu et al. 2020): gradients averaged with the activations as weights."""
+    spatial_sum = activations.sum(dim=(2, 3))
+    weights = _safe_divide((gradients * activations).sum(dim=(2, 3)), spatial_sum)
+    return _weighted_sum(weights, activations)
+
+
+def layercam(activations: Tensor, gradients: Tensor) -> Tensor:
+    """LayerCAM (Jiang et al. 2021): each location weighted by its own positive gradient."""
+    return torch.relu((torch.relu(gradients) * activations).sum(dim=1))
+
+
+def hirescam(activations: Tensor, gradients: Tensor) -> Tensor:
+    """HiResCAM (Draelos & Carin 2020): element-wise gradient times activation, summed."""
+    return torch.relu((gradients * activations).sum(dim=1))
+
+
+GRADIENT_METHODS: dict[str, CamFormula] = {
+    "gradcam": gradcam,
+    "gradcam++": gradcam_plus_plus,
+    "xgradcam": xgradcam,
+    "layercam": layercam,
+    "hirescam": hirescam,
+}
+
+
+def check_methods(methods: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Validate method names and return them as a tuple without repeats.
+
+    Example:
+        >>> check_methods("gradcam")
+        ('gradcam',)
+    """
+    names = (methods,) if isinstance(methods, str) else tuple(methods)
+    if not names:
+        raise ValueError(f"`methods` needs at least one of {', '.join(GRADIENT_METHODS)}.")
+    for name in names:
+        if name not in GRADIENT_METHODS:
+            raise ValueError(
+                f"Unknown CAM method {name!r}; choose from {', '.join(GRADIENT_METHODS)}."
+            )
+    return tuple(dict.fromkeys(names))
+
+
+def apply_method(name: str, activations: Tensor, gradients: Tensor) -> Tensor:
+    """Run one formula in float32 (activations from autocast may be half precision)."""
+    return GRADIENT_METHODS[name](activations.float(), gradients.float())
+
+
+def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of `[B, h, w]` maps to `size`, clamped back to non-negative.
+
+    Example:
+        >>> upsample_maps(torch.ones(2, 3, 3), (8, 8)).shape
+        torch.Size([2, 8, 8])
+    """
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    resized = torch.nn.functional.interpolate(
+        maps[:, None].float(), size=size, mode="bilinear", align_corners=False
+    )
+    return resized[:, 0].clamp_min(0)
+
+
+def normalize_maps(maps: Tensor, eps: float = 1e-7) -> Tensor:
+    """Min-max normalise each map of `[B, h, w]` to [0, 1]; a constant map becomes all zeros.
+
+    Example:
+        >>> normalize_maps(torch.tensor([[[0.0, 2.0]], [[3.0, 3.0]]])).tolist()
+        [[[0.0, 1.0]], [[0.0, 0.0]]]
+    """
+    flat = maps.flatten(1).float()
+    low = flat.amin(dim=1, keepdim=True)
+    span = (flat.amax(dim=1, keepdim=True) - low).clamp_min(eps)
+    return ((flat - low) / span).view_as(maps)

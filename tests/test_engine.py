@@ -1,0 +1,262 @@
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from captum.attr import LayerGradCam
+from torch import nn
+from torchvision.models import resnet18
+
+from cam_monitor import CamResult, compute_cams
+from cam_monitor import engine as engine_module
+from tests.conftest import TinyCNN, TwoHeadCNN
+
+ALL_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
+
+
+def captum_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets: list[int]):
+    model.eval()
+    return LayerGradCam(model, layer).attribute(x, target=targets, relu_attributions=True)[:, 0]
+
+
+def test_gradcam_matches_captum_on_a_tiny_cnn(tiny_cnn: TinyCNN, images: torch.Tensor) -> None:
+    targets = torch.tensor([0, 3, 1, 4])
+    ours = compute_cams(tiny_cnn, images, "features.3", target=targets)
+    twin = copy.deepcopy(tiny_cnn)
+    ref = captum_gradcam(twin, twin.features[3], images, targets.tolist())
+    assert ours["features.3", "gradcam"].shape == ref.shape
+    assert (ours["features.3", "gradcam"] - ref).abs().max() < 1e-5
+    assert torch.equal(ours.targets, targets)
+
+
+def test_gradcam_matches_captum_on_resnet18_at_two_layers() -> None:
+    torch.manual_seed(0)
+    model = resnet18(weights=None, num_classes=7)
+    x = torch.randn(3, 3, 64, 64)
+    targets = [6, 0, 2]
+    ours = compute_cams(model, x, ["layer3", "layer4.1.conv2"], target=torch.tensor(targets))
+    for name, layer in [("layer3", model.layer3), ("layer4.1.conv2", model.layer4[1].conv2)]:
+        ref = captum_gradcam(model, layer, x, targets)
+        assert (ours[name, "gradcam"] - ref).abs().max() < 1e-5, name
+        assert ref.abs().max() > 0
+
+
+def test_gradcam_equals_the_original_cam_on_gap_linear(tiny_cnn: TinyCNN) -> None:
+    x = torch.randn(3, 3, 32, 32)
+    result = compute_cams(tiny_cnn, x, "features.5", target=torch.tensor([1, 2, 4]))
+    with torch.no_grad():
+        tiny_cnn.eval()
+        feats = tiny_cnn.features(x)
+        weights = tiny_cnn.fc.weight[result.targets]  # [B, C]
+        cam = torch.relu(torch.einsum("bc,bchw->bhw", weights, feats))
+    ratio = result["features.5", "gradcam"] / cam.clamp_min(1e-12)
+    on = cam > 1e-6
+    per_image = [ratio[i][on[i]] for i in range(3)]
+    for r in per_image:
+        assert r.numel() > 0 and torch.allclose(r, r[0].expand_as(r), rtol=1e-4)
+        assert r[0] > 0
+
+
+def test_one_forward_and_one_grad_call_for_all_layers_and_methods(
+    tiny_cnn: TinyCNN, images: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"forward": 0, "grad": 0}
+    real_grad = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        calls["grad"] += 1
+        return real_grad(*args, **kwargs)
+
+    def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        calls["forward"] += 1
+        return model(x)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    result = compute_cams(tiny_cnn, images, "features.*", ALL_METHODS, forward=forward)
+    assert calls == {"forward": 1, "grad": 1}
+    assert len(result.maps) == 6 * 5
+    assert result.layers == tuple(f"features.{i}" for i in range(6))
+    assert result.methods == ALL_METHODS
+
+
+def test_no_trace_left_on_model_grads_bn_rng_or_hooks(
+    tiny_cnn: TinyCNN, images: torch.Tensor
+) -> None:
+    tiny_cnn.train()
+    tiny_cnn.features[4].eval()
+    tiny_cnn(images).sum().backward()  # fills .grad and moves BN stats once
+    tiny_cnn.features[0].weight.grad = None
+    state = copy.deepcopy(tiny_cnn.state_dict())
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in tiny_cnn.named_parameters()}
+    flags = [m.training for m in tiny_cnn.modules()]
+    hooks = [(len(m._forward_hooks), len(m._backward_hooks)) for m in tiny_cnn.modules()]
+    rng = torch.get_rng_state()
+
+    compute_cams(tiny_cnn, images, ["features.0", "features.3"], ALL_METHODS)
+
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [m.training for m in tiny_cnn.modules()] == flags
+    assert [(len(m._forward_hooks), len(m._backward_hooks)) for m in tiny_cnn.modules()] == hooks
+    for name, value in tiny_cnn.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    for name, param in tiny_cnn.named_parameters():
+        if grads[name] is None:
+            assert param.grad is None, name
+        else:
+            assert torch.equal(param.grad, grads[name]), name
+
+
+def test_hooks_and_flags_restored_when_the_forward_raises(tiny_cnn: TinyCNN) -> None:
+    tiny_cnn.train()
+
+    def failing(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        model.features(x)
+        raise RuntimeError("forward broke")
+
+    with pytest.raises(RuntimeError, match="forward broke"):
+        compute_cams(tiny_cnn, torch.randn(2, 3, 32, 32), "features.3", forward=failing)
+    assert all(not m._forward_hooks for m in tiny_cnn.modules())
+    assert all(m.training for m in tiny_cnn.modules())
+
+
+def vgg_like(inplace: bool) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=inplace),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=inplace),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 16 * 16, 4),
+    )  # fmt: skip
+
+
+def test_inplace_relu_after_the_captured_conv(images: torch.Tensor) -> None:
+    inplace = compute_cams(vgg_like(True), images, ["2", "3"], ALL_METHODS)
+    plain = compute_cams(vgg_like(False), images, ["2", "3"], ALL_METHODS)
+    for key, value in inplace.maps.items():
+        assert torch.isfinite(value).all()
+        assert torch.allclose(value, plain[key], atol=1e-6), key
+
+
+def test_frozen_backbone_still_gets_maps(tiny_cnn: TinyCNN, images: torch.Tensor) -> None:
+    expected = compute_cams(tiny_cnn, images, "features.3")["features.3", "gradcam"]
+    tiny_cnn.features.requires_grad_(False)
+    frozen = compute_cams(tiny_cnn, images, "features.3")["features.3", "gradcam"]
+    assert torch.allclose(frozen, expected, atol=1e-6) and frozen.sum() > 0
+    tiny_cnn.requires_grad_(False)
+    all_frozen = compute_cams(tiny_cnn, images, "features.3")["features.3", "gradcam"]
+    assert torch.allclose(all_frozen, expected, atol=1e-6)
+    assert all(p.grad is None for p in tiny_cnn.parameters())
+
+
+def test_called_inside_inference_mode(tiny_cnn: TinyCNN, images: torch.Tensor) -> None:
+    expected = compute_cams(tiny_cnn, images, "features.3", ALL_METHODS)
+    with torch.inference_mode():
+        x = images.clone()
+        result = compute_cams(tiny_cnn, x, "features.3", ALL_METHODS)
+    for key in expected.maps:
+        assert torch.allclose(result[key], expected[key], atol=1e-6)
+        assert result[key].sum() > 0
+
+
+def test_output_transform_picks_a_head_by_index_key_or_callable(images: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = TwoHeadCNN()
+    by_index = compute_cams(model, images, "features.3", output_transform=0)
+    by_call = compute_cams(model, images, "features.3", output_transform=lambda out: out[0])
+    assert torch.equal(by_index["features.3", "gradcam"], by_call["features.3", "gradcam"])
+
+    def as_dict(m: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        cls, dom = m(x)
+        return {"class": cls, "domain": dom}
+
+    by_key = compute_cams(model, images, "features.3", forward=as_dict, output_transform="class")
+    assert torch.allclose(by_key["features.3", "gradcam"], by_index["features.3", "gradcam"])
+    assert by_index.logits.shape == (4, 5)
+
+
+def test_chunked_probe_equals_one_batch(tiny_cnn: TinyCNN) -> None:
+    x = torch.randn(7, 3, 32, 32)
+    targets = torch.tensor([0, 1, 2, 3, 4, 0, 1])
+    whole = compute_cams(tiny_cnn, x, "features.3", ALL_METHODS, target=targets)
+    chunked = compute_cams(tiny_cnn, x, "features.3", ALL_METHODS, target=targets, batch_size=3)
+    for key in whole.maps:
+        assert torch.allclose(whole[key], chunked[key], atol=1e-6)
+    assert torch.equal(whole.targets, chunked.targets)
+    assert torch.allclose(whole.logits, chunked.logits, atol=1e-6)
+
+
+def test_target_forms(tiny_cnn: TinyCNN, images: torch.Tensor) -> None:
+    predicted = compute_cams(tiny_cnn, images, "features.3")
+    assert torch.equal(predicted.targets, predicted.logits.argmax(1))
+    by_int = compute_cams(tiny_cnn, images, "features.3", target=2)
+    assert torch.equal(by_int.targets, torch.full((4,), 2))
+    by_idx = compute_cams(tiny_cnn, images, "features.3", target=lambda lg: lg.argmin(1))
+    assert torch.equal(by_idx.targets, by_idx.logits.argmin(1))
+    by_score = compute_cams(tiny_cnn, images, "features.3", target=lambda lg: lg[:, 2])
+    assert torch.equal(by_score.targets, torch.full((4,), -1))
+    assert torch.allclose(by_score["features.3", "gradcam"], by_int["features.3", "gradcam"])
+
+
+def test_result_helpers_upsample_and_normalise(tiny_cnn: TinyCNN, images: torch.Tensor) -> None:
+    result: CamResult = compute_cams(tiny_cnn, images, "features.3")
+    assert result.input_size == (32, 32)
+    up = result.upsampled("features.3", "gradcam")
+    assert up.shape == (4, 32, 32) and (up >= 0).all()
+    norm = result.normalized("features.3", "gradcam", size=(20, 20))
+    assert norm.shape == (4, 20, 20)
+    assert torch.allclose(norm.flatten(1).amax(1), torch.ones(4))
+    with pytest.raises(KeyError, match="available"):
+        result["features.0", "gradcam"]
+
+
+def test_token_layers_are_reshaped_to_grids() -> None:
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Conv2d(3, 6, 4, stride=4)
+            self.block = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.embed(x).flatten(2).transpose(1, 2)  # [B, 64, 6]
+            return self.head(torch.relu(self.block(tokens)).mean(1))
+
+    result = compute_cams(Tokens(), torch.randn(2, 3, 32, 32), "block", ALL_METHODS)
+    assert result["block", "gradcam"].shape == (2, 8, 8)
+
+
+def test_probability_outputs_warn_once(images: torch.Tensor, monkeypatch) -> None:
+    monkeypatch.setattr(engine_module, "_PROBABILITY_WARNED", False)
+    model = nn.Sequential(TinyCNN(), nn.Softmax(dim=1))
+    with pytest.warns(UserWarning, match="looks like probabilities"):
+        compute_cams(model, images, "0.features.3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compute_cams(model, images, "0.features.3")
+
+
+def test_bad_inputs_raise_helpful_errors(tiny_cnn: TinyCNN, images: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match=r"No layer named 'feature\.3'.*'features\.3'"):
+        compute_cams(tiny_cnn, images, "feature.3")
+    with pytest.raises(ValueError, match=r"'fc' outputs shape \(4, 5\).*convolutional"):
+        compute_cams(tiny_cnn, images, "fc")
+    with pytest.raises(ValueError, match=r"returned a tuple of 2.*output_transform=0"):
+        compute_cams(TwoHeadCNN(), images, "features.3")
+    with pytest.raises(ValueError, match=r"Target index 9 is outside the logits' 5 classes"):
+        compute_cams(tiny_cnn, images, "features.3", target=9)
+    with pytest.raises(ValueError, match=r"Target index 5 is outside"):
+        compute_cams(tiny_cnn, images, "features.3", target=torch.tensor([0, 1, 5, 2]))
+    with pytest.raises(ValueError, match="3 indices for a batch of 4"):
+        compute_cams(tiny_cnn, images, "features.3", target=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="'label' is not understood"):
+        compute_cams(tiny_cnn, images, "features.3", target="label")
+    with pytest.raises(ValueError, match="Unknown CAM method"):
+        compute_cams(tiny_cnn, images, "features.3", "scorecam2")
+    with pytest.raises(ValueError, match="batch_size"):
+        compute_cams(tiny_cnn, images, "features.3", batch_size=0)
+    with pytest.raises(ValueError, match="empty batch"):
+        compute_cams(tiny_cnn, images[:0], "features.3")
+    tiny_cnn.unused = nn.Conv2d(3, 3, 1)
+    with pytest.raises(ValueError, match=r"\['unused'\] did not run"):
+        compute_cams(tiny_cnn, images, "unused")

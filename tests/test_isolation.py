@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cam_monitor.isolation import isolated, usable_inputs
+
+
+def test_mixed_training_flags_come_back_exactly(tiny_cnn: nn.Module) -> None:
+    tiny_cnn.train()
+    tiny_cnn.features[1].eval()
+    before = [m.training for m in tiny_cnn.modules()]
+    with isolated(tiny_cnn):
+        assert not any(m.training for m in tiny_cnn.modules())
+    assert [m.training for m in tiny_cnn.modules()] == before
+
+
+def test_flags_come_back_after_an_exception(tiny_cnn: nn.Module) -> None:
+    tiny_cnn.train()
+    with pytest.raises(KeyError), isolated(tiny_cnn):
+        raise KeyError("boom")
+    assert all(m.training for m in tiny_cnn.modules())
+
+
+def test_random_draws_inside_do_not_shift_the_stream(tiny_cnn: nn.Module) -> None:
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    with isolated(tiny_cnn):
+        torch.rand(100)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_grad_is_enabled_under_no_grad_and_inference_mode(tiny_cnn: nn.Module) -> None:
+    with torch.no_grad(), isolated(tiny_cnn):
+        assert torch.is_grad_enabled()
+    with torch.inference_mode():
+        x = torch.ones(2)
+        with isolated(tiny_cnn):
+            y = usable_inputs({"x": [x]})["x"][0]
+            assert not torch.is_inference_mode_enabled()
+            assert not y.is_inference()
+            assert torch.equal(y, torch.ones(2))

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cam_monitor.layers import as_spatial, resolve_layers, unwrap_model
+
+
+def test_dotted_names_resolve_in_the_order_asked(tiny_cnn: nn.Module) -> None:
+    found = resolve_layers(tiny_cnn, ["features.3", "features.0"])
+    assert [name for name, _ in found] == ["features.3", "features.0"]
+    assert found[0][1] is tiny_cnn.features[3]
+
+
+def test_glob_stays_inside_one_segment_and_double_star_crosses(tiny_cnn: nn.Module) -> None:
+    names = [name for name, _ in resolve_layers(tiny_cnn, "features.*")]
+    assert names == [f"features.{i}" for i in range(6)]
+    assert [n for n, _ in resolve_layers(tiny_cnn, "f*")] == ["features", "fc"]
+    assert "features.3" in [n for n, _ in resolve_layers(tiny_cnn, "**3")]
+
+
+def test_module_objects_and_duplicates(tiny_cnn: nn.Module) -> None:
+    found = resolve_layers(tiny_cnn, [tiny_cnn.features[3], "features.3", "features.0"])
+    assert [name for name, _ in found] == ["features.3", "features.0"]
+
+
+def test_unknown_name_lists_the_closest_names(tiny_cnn: nn.Module) -> None:
+    with pytest.raises(ValueError, match=r"'featurs\.3'.*Closest names: 'features\.3'"):
+        resolve_layers(tiny_cnn, "featurs.3")
+
+
+def test_glob_without_match_and_foreign_module(tiny_cnn: nn.Module) -> None:
+    with pytest.raises(ValueError, match=r"No layer named 'blocks\.\*'"):
+        resolve_layers(tiny_cnn, "blocks.*")
+    with pytest.raises(ValueError, match="not a submodule"):
+        resolve_layers(tiny_cnn, nn.Conv2d(3, 3, 1))
+    with pytest.raises(TypeError, match="got int"):
+        resolve_layers(tiny_cnn, [3])  # type: ignore[list-item]
+
+
+def test_wrappers_are_unwrapped(tiny_cnn: nn.Module) -> None:
+    compiled = torch.compile(tiny_cnn)
+    assert unwrap_model(compiled) is tiny_cnn
+    assert unwrap_model(nn.DataParallel(compiled)) is tiny_cnn
+    assert resolve_layers(compiled, "features.0")[0][1] is tiny_cnn.features[0]
+
+
+def test_token_outputs_become_square_grids() -> None:
+    tokens = torch.arange(2 * 16 * 3, dtype=torch.float32).reshape(2, 16, 3)
+    grid = as_spatial("blocks", tokens)
+    assert grid.shape == (2, 3, 4, 4)
+    assert torch.equal(grid[1, 2, 1, 3], tokens[1, 1 * 4 + 3, 2])
+    with_cls = torch.cat([torch.full((2, 1, 3), -1.0), tokens], dim=1)
+    assert torch.equal(as_spatial("blocks", with_cls), grid)
+
+
+def test_non_spatial_outputs_are_refused_with_the_shape() -> None:
+    with pytest.raises(ValueError, match=r"'fc' outputs shape \(2, 10\)"):
+        as_spatial("fc", torch.zeros(2, 10))
+    with pytest.raises(ValueError, match=r"\(2, 7, 3\)"):
+        as_spatial("blocks", torch.zeros(2, 7, 3))
+
+
+def test_reshape_callable_is_used_and_checked() -> None:
+    out = as_spatial("x", torch.zeros(2, 12), reshape=lambda t: t.view(2, 3, 2, 2))
+    assert out.shape == (2, 3, 2, 2)
+    with pytest.raises(ValueError, match="reshape"):
+        as_spatial("x", torch.zeros(2, 12), reshape=lambda t: t.view(2, 3, 4))

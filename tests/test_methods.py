@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cam_monitor.methods import GRADIENT_METHODS, apply_method, check_methods, normalize_maps
+
+A = torch.tensor([[1.0, 2.0], [3.0, 4.0]])[None, None]  # [1, 1, 2, 2], spatial sum 10
+
+
+def test_gradcam_weights_channels_by_mean_gradient() -> None:
+    acts = torch.stack([torch.ones(2, 2), 2 * torch.ones(2, 2)])[None]
+    grads = torch.stack([torch.full((2, 2), 3.0), torch.full((2, 2), -1.0)])[None]
+    # 3 * 1 - 1 * 2 = 1 everywhere
+    assert torch.equal(apply_method("gradcam", acts, grads), torch.ones(1, 2, 2))
+    assert torch.equal(apply_method("gradcam", acts, -grads), torch.zeros(1, 2, 2))
+
+
+def test_gradcam_plus_plus_closed_form_by_hand() -> None:
+    # G = 1: alpha = 1 / (2 + 10) at every pixel, weight = 4 / 12, map = A / 3
+    out = apply_method("gradcam++", A, torch.ones_like(A))
+    assert torch.allclose(out, A[:, 0] / 3)
+    assert torch.equal(apply_method("gradcam++", A, -torch.ones_like(A)), torch.zeros(1, 2, 2))
+
+
+def test_xgradcam_uses_activation_weighted_gradients() -> None:
+    grads = torch.tensor([[1.0, 0.0], [0.0, 1.0]])[None, None]  # sum(G * A) = 5, sum(A) = 10
+    assert torch.allclose(apply_method("xgradcam", A, grads), 0.5 * A[:, 0])
+
+
+def test_layercam_and_hirescam_are_elementwise() -> None:
+    grads = torch.tensor([[1.0, -1.0], [2.0, 0.0]])[None, None]
+    expected = torch.tensor([[[1.0, 0.0], [6.0, 0.0]]])
+    assert torch.equal(apply_method("layercam", A, grads), expected)
+    assert torch.equal(apply_method("hirescam", A, grads), expected)
+    two = torch.cat([A, A], dim=1)
+    mixed = torch.cat([grads, -grads], dim=1)  # hirescam lets channels cancel, layercam does not
+    assert torch.equal(apply_method("hirescam", two, mixed), torch.zeros(1, 2, 2))
+    assert torch.equal(apply_method("layercam", two, mixed), torch.tensor([[[1.0, 2.0], [6.0, 0]]]))
+
+
+@pytest.mark.parametrize("name", list(GRADIENT_METHODS))
+def test_zero_inputs_give_zero_maps_never_nan(name: str) -> None:
+    zeros = torch.zeros(2, 3, 4, 4)
+    out = apply_method(name, zeros, zeros)
+    assert torch.equal(out, torch.zeros(2, 4, 4))
+    out = apply_method(name, zeros, torch.randn(2, 3, 4, 4))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", list(GRADIENT_METHODS))
+def test_each_image_is_independent_of_the_rest_of_the_batch(name: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    acts, grads = torch.rand(3, 4, 5, 5, generator=gen), torch.randn(3, 4, 5, 5, generator=gen)
+    batched = apply_method(name, acts, grads)
+    alone = torch.cat([apply_method(name, acts[i : i + 1], grads[i : i + 1]) for i in range(3)])
+    assert torch.allclose(batched, alone, atol=1e-6)
+    assert (batched >= 0).all() and batched.dtype == torch.float32
+
+
+def test_half_precision_inputs_are_computed_in_float32() -> None:
+    out = apply_method("gradcam", A.half(), torch.ones_like(A).half())
+    assert out.dtype == torch.float32
+
+
+def test_method_names_are_checked() -> None:
+    assert check_methods(["gradcam", "layercam", "gradcam"]) == ("gradcam", "layercam")
+    with pytest.raises(ValueError, match="Unknown CAM method 'gradcamm'; choose from gradcam"):
+        check_methods("gradcamm")
+    with pytest.raises(ValueError, match="at least one"):
+        check_methods([])
+
+
+def test_normalize_is_per_image_and_safe_on_constant_maps() -> None:
+    maps = torch.stack([torch.arange(4.0).view(2, 2), torch.full((2, 2), 7.0)])
+    out = normalize_maps(maps)
+    assert torch.allclose(out[0], torch.arange(4.0).view(2, 2) / 3)
+    assert torch.equal(out[1], torch.zeros(2, 2))
