@@ -1,0 +1,466 @@
+"""Turn CAMs and images into dashboard pictures: colormaps, overlays, captions, grids.
+
+Everything takes and returns uint8 CHW tensors in RGB order and works on whole batches with
+tensor ops on the input's device; the only per-image loop draws caption text with OpenCV.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import unicodedata
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from cam_monitor.methods import normalize_maps, upsample_maps
+
+__all__ = [
+    "COLORMAPS",
+    "caption_text",
+    "caption_tiles",
+    "check_colormap",
+    "colorize",
+    "colorize_signed",
+    "make_map_grid",
+    "make_overlay_grid",
+    "overlay",
+    "save_png",
+    "to_png_bytes",
+    "to_uint8_images",
+]
+
+_SEQUENTIAL = (
+    "jet",
+    "turbo",
+    "viridis",
+    "inferno",
+    "magma",
+    "plasma",
+    "cividis",
+    "hot",
+    "bone",
+    "parula",
+)
+#: Colormap names accepted by `colorize`, mapped to OpenCV constants ("gray" is the identity).
+COLORMAPS: dict[str, int | None] = {
+    name: getattr(cv2, f"COLORMAP_{name.upper()}")
+    for name in _SEQUENTIAL
+    if hasattr(cv2, f"COLORMAP_{name.upper()}")
+}
+COLORMAPS["gray"] = None
+
+#: Extra name accepted by `colorize_signed`: blue (negative), white (zero), red (positive).
+DIVERGING = "diverging"
+# RdBu-like endpoints, RGB.
+_NEGATIVE_RGB = (33, 102, 172)
+_NEUTRAL_RGB = (247, 247, 247)
+_POSITIVE_RGB = (178, 24, 43)
+_DIVERGING_HALF = 127  # the diverging LUT has 2 * 127 + 1 entries, white exactly in the middle
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_MIN_FONT_SCALE = 0.35
+_MAX_FONT_SCALE = 1.0
+_BAND_GRAY = 24
+_ELLIPSIS = ".."
+
+
+def check_colormap(name: str, *, signed: bool = False) -> str:
+    """Validate a colormap name early (the callback calls this in its constructor).
+
+    `signed=True` also accepts "diverging", the default of `colorize_signed`.
+
+    Example:
+        >>> check_colormap("turbo")
+        'turbo'
+    """
+    allowed = [*COLORMAPS, DIVERGING] if signed else list(COLORMAPS)
+    if not isinstance(name, str) or name not in allowed:
+        raise ValueError(f"Unknown colormap {name!r}; choose from {', '.join(allowed)}.")
+    return name
+
+
+@cache
+def _cpu_lut(name: str) -> Tensor:
+    """A [N, 3] uint8 RGB lookup table, built once per colormap from OpenCV (or in code)."""
+    if name == DIVERGING:
+        t = torch.arange(-_DIVERGING_HALF, _DIVERGING_HALF + 1, dtype=torch.float64)
+        t = (t / _DIVERGING_HALF)[:, None]
+        neutral = torch.tensor(_NEUTRAL_RGB, dtype=torch.float64)
+        end = torch.where(
+            t < 0,
+            torch.tensor(_NEGATIVE_RGB, dtype=torch.float64),
+            torch.tensor(_POSITIVE_RGB, dtype=torch.float64),
+        )
+        return (neutral + t.abs() * (end - neutral)).round().to(torch.uint8)
+    code = COLORMAPS[name]
+    if code is None:
+        return torch.arange(256, dtype=torch.uint8)[:, None].repeat(1, 3)
+    ramp = np.arange(256, dtype=np.uint8)[:, None]
+    bgr = cv2.applyColorMap(ramp, code)[:, 0, :]  # [256, 3] in BGR
+    return torch.from_numpy(np.ascontiguousarray(bgr[:, ::-1]))
+
+
+def _lut(name: str, device: torch.device) -> Tensor:
+    """The lookup table of `name` on `device` (768 bytes: copying it is free)."""
+    return _cpu_lut(name).to(device)
+
+
+def _check_maps(maps: Tensor, what: str = "maps") -> Tensor:
+    """Accept [B, H, W] (or [B, 1, H, W]) maps and return them as finite float32 [B, H, W]."""
+    if maps.dim() == 4 and maps.shape[1] == 1:
+        maps = maps[:, 0]
+    if maps.dim() != 3:
+        raise ValueError(
+            f"{what} must have shape [B, H, W], got {tuple(maps.shape)}; "
+            "add a batch axis with maps[None] for a single map."
+        )
+    return torch.nan_to_num(maps.float(), nan=0.0)
+
+
+def colorize(maps01: Tensor, colormap: str = "jet") -> Tensor:
+    """Map [B, H, W] values in [0, 1] to uint8 RGB [B, 3, H, W] through a colormap LUT.
+
+    Values are clamped to [0, 1] and NaN counts as 0; the lookup runs on the maps' device.
+
+    Example:
+        >>> colorize(torch.tensor([[[0.0, 1.0]]]), "gray")[0, :, 0].tolist()
+        [[0, 255], [0, 255], [0, 255]]
+    """
+    check_colormap(colormap)
+    maps01 = _check_maps(maps01)
+    index = (maps01.clamp(0.0, 1.0) * 255).round().long()
+    return _lut(colormap, maps01.device)[index].permute(0, 3, 1, 2).contiguous()
+
+
+def colorize_signed(maps: Tensor, colormap: str = DIVERGING) -> Tensor:
+    """Colour signed attributions [B, H, W], each scaled symmetrically by its own max |value|.
+
+    "diverging" puts 0 on white, negatives on blue, positives on red; any name in COLORMAPS
+    (e.g. "gray") shows |value| / max |value| instead. An all-zero map is all neutral.
+
+    Example:
+        >>> colorize_signed(torch.tensor([[[-2.0, 0.0, 2.0]]]))[0, :, 0].tolist()
+        [[33, 247, 178], [102, 247, 24], [172, 247, 43]]
+    """
+    check_colormap(colormap, signed=True)
+    maps = _check_maps(maps)
+    scale = maps.abs().flatten(1).amax(dim=1).view(-1, 1, 1)
+    scaled = maps / torch.where(scale > 0, scale, torch.ones_like(scale))
+    if colormap != DIVERGING:
+        return colorize(scaled.abs(), colormap)
+    index = ((scaled.clamp(-1.0, 1.0) + 1) * _DIVERGING_HALF).round().long()
+    return _lut(DIVERGING, maps.device)[index].permute(0, 3, 1, 2).contiguous()
+
+
+def _channel_stats(
+    values: Sequence[float] | Tensor, name: str, channels: int, like: Tensor
+) -> Tensor:
+    """A per-channel [1, C, 1, 1] tensor from a sequence, checking its length against C."""
+    stats = torch.as_tensor(values, dtype=like.dtype, device=like.device).flatten()
+    if stats.numel() != channels:
+        raise ValueError(
+            f"`{name}` has {stats.numel()} values but the images have {channels} channels; "
+            f"give one value per channel."
+        )
+    return stats.view(1, channels, 1, 1)
+
+
+def to_uint8_images(
+    images: Tensor,
+    mean: Sequence[float] | Tensor | None = None,
+    std: Sequence[float] | Tensor | None = None,
+) -> Tensor:
+    """Make displayable uint8 RGB [B, 3, H, W] from a model's input batch.
+
+    Float images are de-normalised with `mean`/`std` (then clamped to [0, 1]) when given, else
+    min-max scaled per image over all channels; uint8 passes through; 1 channel becomes 3.
+
+    Example:
+        >>> to_uint8_images(torch.tensor([[[[-1.0, 1.0]]]]))[0, :, 0].tolist()
+        [[0, 255], [0, 255], [0, 255]]
+    """
+    if images.dim() != 4:
+        raise ValueError(
+            f"images must have shape [B, C, H, W], got {tuple(images.shape)}; "
+            "add a batch axis with images[None] for a single image."
+        )
+    channels = images.shape[1]
+    if channels not in (1, 3):
+        hint = (
+            "they look channels-last: use images.permute(0, 3, 1, 2)"
+            if images.shape[-1] in (1, 3)
+            else "pass 3 of them, e.g. images[:, :3] for RGBA"
+        )
+        raise ValueError(
+            f"images must have 1 or 3 channels, got shape {tuple(images.shape)}; {hint}."
+        )
+    if images.dtype == torch.uint8:
+        out = images
+    elif images.is_floating_point():
+        x = torch.nan_to_num(images.float(), nan=0.0)
+        if mean is not None or std is not None:
+            if mean is not None:
+                m = _channel_stats(mean, "mean", channels, x)
+            else:
+                m = torch.zeros(1, channels, 1, 1, device=x.device)
+            s = _channel_stats(std, "std", channels, x) if std is not None else torch.ones_like(m)
+            x = (x * s + m).clamp(0.0, 1.0)
+        else:
+            x = normalize_maps(x.flatten(1)[:, :, None]).view_as(x)
+        out = (x * 255).round().to(torch.uint8)
+    else:
+        raise ValueError(f"images dtype must be floating point or uint8, got {images.dtype}.")
+    return out.expand(-1, 3, -1, -1).contiguous() if channels == 1 else out
+
+
+def _check_uint8_batch(tensor: Tensor, name: str) -> None:
+    """Raise unless `tensor` is a uint8 [B, 3, H, W] batch."""
+    if tensor.dtype != torch.uint8 or tensor.dim() != 4 or tensor.shape[1] != 3:
+        raise ValueError(
+            f"{name} must be uint8 [B, 3, H, W], got {tensor.dtype} {tuple(tensor.shape)}; "
+            "convert with to_uint8_images() or colorize()."
+        )
+
+
+def overlay(images_u8: Tensor, heat_u8: Tensor, alpha: float) -> Tensor:
+    """Blend a heatmap onto images: round((1 - alpha) * image + alpha * heat), uint8 out.
+
+    Example:
+        >>> img, heat = torch.zeros(1, 3, 1, 1, dtype=torch.uint8), torch.full((1, 3, 1, 1), 255)
+        >>> overlay(img, heat.to(torch.uint8), 0.5).flatten().tolist()
+        [128, 128, 128]
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
+    _check_uint8_batch(images_u8, "images_u8")
+    _check_uint8_batch(heat_u8, "heat_u8")
+    if images_u8.shape != heat_u8.shape:
+        raise ValueError(
+            f"images_u8 {tuple(images_u8.shape)} and heat_u8 {tuple(heat_u8.shape)} "
+            "must have the same shape; upsample the maps to the image size first."
+        )
+    heat = heat_u8.to(images_u8.device).float()
+    blended = (1.0 - alpha) * images_u8.float() + alpha * heat
+    return blended.round().clamp(0, 255).to(torch.uint8)
+
+
+def _ascii(text: str) -> str:
+    """OpenCV's Hershey fonts draw ASCII only: strip accents, replace the rest with '?'."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c if c.isascii() else "?" for c in decomposed if not unicodedata.combining(c))
+
+
+def _text_width(text: str, scale: float) -> int:
+    return cv2.getTextSize(text, _FONT, scale, 1)[0][0]
+
+
+def _fit(text: str, scale: float, room: int) -> str:
+    """`text`, shortened with '..' until it fits `room` pixels at `scale` ('' if nothing fits)."""
+    if _text_width(text, scale) <= room:
+        return text
+    while text and _text_width(text + _ELLIPSIS, scale) > room:
+        text = text[:-1]
+    return text + _ELLIPSIS if text and text.strip() else ""
+
+
+def caption_tiles(tiles: Tensor, captions: Sequence[str]) -> Tensor:
+    """Add a dark band under each tile with its caption in white: [B, 3, H + band, W].
+
+    One font scale for the batch, from the tile width, shrunk so the captions fit; captions
+    still too long at the smallest legible scale are truncated with '..'.
+    """
+    _check_uint8_batch(tiles, "tiles")
+    batch, _, _, width = tiles.shape
+    if len(captions) != batch:
+        raise ValueError(f"Got {len(captions)} captions for {batch} tiles; give one per tile.")
+    texts = [_ascii(str(c)).strip() for c in captions]
+    margin = 3
+    room = max(width - 2 * margin, 1)
+    scale = min(max(width / 256, _MIN_FONT_SCALE), _MAX_FONT_SCALE)
+    widest = max((_text_width(t, 1.0) for t in texts if t), default=0)
+    if widest:
+        scale = max(min(scale, room / widest), _MIN_FONT_SCALE)
+    (_, text_height), baseline = cv2.getTextSize("Ag", _FONT, scale, 1)
+    band = text_height + baseline + 2 * margin
+    bands = np.full((batch, band, width, 3), _BAND_GRAY, dtype=np.uint8)
+    for i, text in enumerate(texts):
+        fitted = _fit(text, scale, room)
+        if fitted:
+            origin = (margin, margin + text_height)
+            cv2.putText(bands[i], fitted, origin, _FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    bands_t = torch.from_numpy(bands).permute(0, 3, 1, 2).to(tiles.device)
+    return torch.cat([tiles, bands_t], dim=2)
+
+
+def _label(index: int, class_names: Sequence[str] | None) -> str:
+    """A class name (or number); negative indices mean 'no class' and read as '-'."""
+    if index < 0:
+        return "-"
+    if class_names is None:
+        return str(index)
+    if index >= len(class_names):
+        raise ValueError(f"Class index {index} is out of range for {len(class_names)} class_names.")
+    return str(class_names[index])
+
+
+def caption_text(
+    predicted: Sequence[int] | Tensor,
+    true: Sequence[int] | Tensor | None = None,
+    class_names: Sequence[str] | None = None,
+    *,
+    compact: bool = False,
+) -> list[str]:
+    """Per-image captions "ok pred cat / true dog" (or "x p:3 t:5" with `compact=True`).
+
+    The leading "ok"/"x" marks right/wrong predictions (ASCII: OpenCV fonts have no check
+    mark); it is left out when either class is unknown (index -1, shown as '-').
+
+    Example:
+        >>> caption_text([0, 1], [0, 2], ["cat", "dog", "owl"])
+        ['ok pred cat / true cat', 'x pred dog / true owl']
+        >>> caption_text([3, -1], None, compact=True)
+        ['p:3', 'p:-']
+    """
+    preds = [int(p) for p in predicted]
+    trues = None if true is None else [int(t) for t in true]
+    if trues is not None and len(trues) != len(preds):
+        raise ValueError(f"Got {len(preds)} predicted but {len(trues)} true labels.")
+    pred_word, true_word, sep = ("p:", "t:", " ") if compact else ("pred ", "true ", " / ")
+    texts = []
+    for i, p in enumerate(preds):
+        text = pred_word + _label(p, class_names)
+        if trues is not None:
+            t = trues[i]
+            text += sep + true_word + _label(t, class_names)
+            if p >= 0 and t >= 0:
+                text = ("ok " if p == t else "x ") + text
+        texts.append(text)
+    return texts
+
+
+def _upscale_factor(height: int, width: int, min_tile: int | None) -> int:
+    """Smallest integer factor that brings the short side up to `min_tile` (1 if it already is)."""
+    if not min_tile or min(height, width) >= min_tile:
+        return 1
+    return math.ceil(min_tile / max(min(height, width), 1))
+
+
+def _repeat_pixels(tiles: Tensor, factor: int) -> Tensor:
+    """Nearest-neighbour upscale of [B, C, H, W] by an integer factor, any dtype."""
+    if factor == 1:
+        return tiles
+    return tiles.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+
+
+def _grid(tiles: Tensor, captions: Sequence[str] | None, nrow: int, padding: int) -> Tensor:
+    """Caption the tiles, then tile them with make_grid (padded even for a single tile)."""
+    if nrow < 1 or padding < 0:
+        raise ValueError(f"`nrow` must be >= 1 and `padding` >= 0, got {nrow} and {padding}.")
+    if captions is not None:
+        tiles = caption_tiles(tiles, captions)
+    if tiles.shape[0] == 1:  # make_grid returns a lone tile without its padding
+        return F.pad(tiles[0], (padding,) * 4).cpu().contiguous()
+    return make_grid(tiles, nrow=nrow, padding=padding, pad_value=0).cpu().contiguous()
+
+
+def make_overlay_grid(
+    images: Tensor,
+    maps: Tensor,
+    *,
+    captions: Sequence[str] | None = None,
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    mean: Sequence[float] | Tensor | None = None,
+    std: Sequence[float] | Tensor | None = None,
+    nrow: int = 8,
+    min_tile: int = 96,
+    padding: int = 2,
+) -> Tensor:
+    """One uint8 [3, H', W'] CPU grid of CAMs (raw, any resolution) laid over their images.
+
+    Each map is upsampled to the tile, min-max normalised per image and colourised; tiles whose
+    short side is under `min_tile` are enlarged by an integer factor so captions stay legible.
+
+    Example:
+        >>> images, cams = torch.rand(3, 3, 8, 8), torch.rand(3, 2, 2)
+        >>> make_overlay_grid(images, cams, nrow=2, min_tile=16).shape  # 2x2 tiles of 16 px
+        torch.Size([3, 38, 38])
+    """
+    check_colormap(colormap)
+    maps = _check_maps(maps)
+    if images.dim() != 4 or images.shape[0] == 0 or images.shape[0] != maps.shape[0]:
+        raise ValueError(
+            f"images {tuple(images.shape)} and maps {tuple(maps.shape)} must be non-empty "
+            "[B, C, H, W] and [B, h, w] batches of the same size."
+        )
+    factor = _upscale_factor(images.shape[2], images.shape[3], min_tile)
+    pictures = _repeat_pixels(to_uint8_images(images, mean, std), factor)
+    size = (pictures.shape[2], pictures.shape[3])
+    heat = colorize(normalize_maps(upsample_maps(maps.to(pictures.device), size)), colormap)
+    return _grid(overlay(pictures, heat, alpha), captions, nrow, padding)
+
+
+def make_map_grid(
+    maps: Tensor,
+    *,
+    signed: bool,
+    colormap: str | None = None,
+    captions: Sequence[str] | None = None,
+    nrow: int = 8,
+    min_tile: int = 96,
+    padding: int = 2,
+) -> Tensor:
+    """One uint8 [3, H', W'] CPU grid of pixel-level maps (saliency etc.) shown on their own.
+
+    `signed=True` colours with `colorize_signed` (default "diverging"), else maps are min-max
+    normalised per image (default "jet"). Small tiles are enlarged with crisp pixels.
+
+    Example:
+        >>> make_map_grid(torch.randn(2, 4, 4), signed=True, min_tile=0, padding=1).shape
+        torch.Size([3, 6, 11])
+    """
+    maps = _check_maps(maps)
+    if maps.shape[0] == 0:
+        raise ValueError("maps must hold at least one map, got an empty batch.")
+    if signed:
+        colours = colorize_signed(maps, colormap or DIVERGING)
+    else:
+        colours = colorize(normalize_maps(maps), colormap or "jet")
+    factor = _upscale_factor(maps.shape[1], maps.shape[2], min_tile)
+    return _grid(_repeat_pixels(colours, factor), captions, nrow, padding)
+
+
+def to_png_bytes(grid: Tensor) -> bytes:
+    """Encode a uint8 RGB [3, H, W] grid as PNG bytes (lossless).
+
+    Example:
+        >>> to_png_bytes(torch.zeros(3, 4, 4, dtype=torch.uint8))[:4]
+        b'\\x89PNG'
+    """
+    if grid.dtype != torch.uint8 or grid.dim() != 3 or grid.shape[0] != 3:
+        raise ValueError(
+            f"grid must be uint8 [3, H, W], got {grid.dtype} {tuple(grid.shape)}; "
+            "build it with make_overlay_grid() or make_map_grid()."
+        )
+    bgr = np.ascontiguousarray(grid.detach().cpu().permute(1, 2, 0).numpy()[:, :, ::-1])
+    ok, encoded = cv2.imencode(".png", bgr)
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a grid of shape {tuple(grid.shape)} as PNG.")
+    return encoded.tobytes()
+
+
+def save_png(grid: Tensor, path: str | os.PathLike[str]) -> Path:
+    """Write a uint8 RGB [3, H, W] grid to `path` as PNG, creating parent folders; returns it."""
+    target = Path(path)
+    data = to_png_bytes(grid)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return target

@@ -1,0 +1,311 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from cam_monitor.render import (
+    COLORMAPS,
+    caption_text,
+    caption_tiles,
+    check_colormap,
+    colorize,
+    colorize_signed,
+    make_map_grid,
+    make_overlay_grid,
+    overlay,
+    save_png,
+    to_png_bytes,
+    to_uint8_images,
+)
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def random_u8(*shape: int) -> torch.Tensor:
+    return torch.randint(0, 256, shape, generator=GEN, dtype=torch.uint8)
+
+
+def grid_size(batch: int, nrow: int, tile_h: int, tile_w: int, padding: int) -> tuple[int, int]:
+    cols = min(nrow, batch)
+    rows = math.ceil(batch / cols)
+    return rows * (tile_h + padding) + padding, cols * (tile_w + padding) + padding
+
+
+# --- colormaps ---------------------------------------------------------------------------
+
+
+def test_jet_endpoints_are_in_rgb_order() -> None:
+    low, high = colorize(torch.tensor([[[0.0, 1.0]]]), "jet")[0, :, 0].T.int()
+    r, _, b = low.tolist()
+    assert b > 100 and r < 50  # 0 is blue
+    r, _, b = high.tolist()
+    assert r > 100 and b < 50  # 1 is red
+
+
+@pytest.mark.parametrize("name", [n for n in COLORMAPS if n != "gray"])
+def test_lut_equals_cv2_apply_colormap_on_a_ramp(name: str) -> None:
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    expected = cv2.applyColorMap(ramp, COLORMAPS[name])[:, :, ::-1]  # BGR -> RGB
+    got = colorize(torch.from_numpy(ramp).float()[None] / 255, name)[0].permute(1, 2, 0)
+    assert got.dtype == torch.uint8
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_expected_colormaps_exist_and_gray_is_identity() -> None:
+    for name in ("jet", "turbo", "viridis", "inferno", "magma", "plasma", "hot", "bone", "gray"):
+        assert check_colormap(name) == name
+    ramp = torch.arange(256.0).view(1, 1, 256) / 255
+    out = colorize(ramp, "gray")[0, :, 0]
+    assert torch.equal(out, torch.arange(256).to(torch.uint8).expand(3, 256))
+
+
+def test_colorize_clamps_and_treats_nan_as_zero() -> None:
+    wild = torch.tensor([[[-3.0, 7.0, float("nan"), float("inf")]]])
+    tame = torch.tensor([[[0.0, 1.0, 0.0, 1.0]]])
+    assert torch.equal(colorize(wild, "viridis"), colorize(tame, "viridis"))
+
+
+def test_unknown_colormap_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"Unknown colormap 'nope'; choose from .*jet"):
+        check_colormap("nope")
+    with pytest.raises(ValueError, match="Unknown colormap 'diverging'"):
+        colorize(torch.zeros(1, 2, 2), "diverging")  # signed-only
+    assert check_colormap("diverging", signed=True) == "diverging"
+
+
+def test_colorize_signed_is_symmetric_around_a_neutral_zero() -> None:
+    maps = torch.tensor([[[-4.0, -1.0, 0.0, 1.0, 4.0]]])
+    out = colorize_signed(maps)[0, :, 0].T.int()  # [5, 3] RGB
+    neg, _, zero, _, pos = out
+    assert zero[0] == zero[1] == zero[2] and zero[0] > 200  # white-ish
+    assert neg[2] > neg[0] and pos[0] > pos[2]  # blue for negative, red for positive
+    # per-image scaling: multiplying a map by a positive constant changes nothing
+    assert torch.equal(colorize_signed(maps * 10), colorize_signed(maps))
+    # a map that is all zero is all neutral, not NaN-coloured
+    assert torch.equal(colorize_signed(torch.zeros(1, 1, 3))[0, :, 0, 0], zero.to(torch.uint8))
+
+
+def test_colorize_signed_scales_each_image_by_its_own_max() -> None:
+    maps = torch.stack([torch.tensor([[1.0, -1.0]]), torch.tensor([[100.0, -100.0]])])
+    out = colorize_signed(maps)
+    assert torch.equal(out[0], out[1])
+
+
+def test_colorize_signed_gray_shows_normalised_magnitude() -> None:
+    maps = torch.tensor([[[-2.0, 0.0, 1.0]]])
+    expected = colorize(torch.tensor([[[1.0, 0.0, 0.5]]]), "gray")
+    assert torch.equal(colorize_signed(maps, "gray"), expected)
+
+
+# --- images ------------------------------------------------------------------------------
+
+
+def test_mean_std_round_trips_a_known_image() -> None:
+    image = random_u8(2, 3, 8, 8)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    normed = (image.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(
+        3, 1, 1
+    )
+    assert torch.equal(to_uint8_images(normed, mean, std), image)
+
+
+def test_min_max_is_per_image_and_constant_images_become_zero() -> None:
+    images = torch.stack(
+        [
+            torch.linspace(-5, 5, 3 * 4 * 4).view(3, 4, 4),
+            torch.linspace(0.2, 0.3, 3 * 4 * 4).view(3, 4, 4),
+            torch.full((3, 4, 4), 0.7),
+        ]
+    )
+    out = to_uint8_images(images)
+    assert out.dtype == torch.uint8
+    for i in (0, 1):
+        assert out[i].min() == 0 and out[i].max() == 255
+    assert torch.equal(out[2], torch.zeros(3, 4, 4, dtype=torch.uint8))
+
+
+def test_grayscale_becomes_three_equal_channels_and_uint8_passes_through() -> None:
+    gray = random_u8(2, 1, 5, 5)
+    out = to_uint8_images(gray)
+    assert out.shape == (2, 3, 5, 5)
+    for c in range(3):
+        assert torch.equal(out[:, c], gray[:, 0])
+    rgb = random_u8(2, 3, 5, 5)
+    assert torch.equal(to_uint8_images(rgb), rgb)
+
+
+def test_bad_images_are_refused_with_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"1 or 3 channels, got shape \(2, 4, 8, 8\)"):
+        to_uint8_images(torch.rand(2, 4, 8, 8))
+    with pytest.raises(ValueError, match="permute"):
+        to_uint8_images(torch.rand(2, 8, 8, 3))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        to_uint8_images(torch.rand(3, 8, 8))
+    with pytest.raises(ValueError, match="`mean` has 2 values but the images have 3 channels"):
+        to_uint8_images(torch.rand(1, 3, 4, 4), mean=[0.5, 0.5], std=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="`std` has 1 values"):
+        to_uint8_images(torch.rand(1, 3, 4, 4), mean=[0.5] * 3, std=[1.0])
+
+
+# --- overlay -----------------------------------------------------------------------------
+
+
+def test_overlay_endpoints_return_the_inputs_and_blends_in_between() -> None:
+    images, heat = random_u8(2, 3, 6, 6), random_u8(2, 3, 6, 6)
+    assert torch.equal(overlay(images, heat, 0.0), images)
+    assert torch.equal(overlay(images, heat, 1.0), heat)
+    a = torch.full((1, 3, 1, 1), 100, dtype=torch.uint8)
+    b = torch.full((1, 3, 1, 1), 201, dtype=torch.uint8)
+    assert overlay(a, b, 0.25).flatten().tolist() == [125] * 3  # 75 + 50.25
+
+
+def test_overlay_refuses_bad_alpha_and_shapes() -> None:
+    images = random_u8(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"`alpha` must be in \[0, 1\], got 1.5"):
+        overlay(images, images, 1.5)
+    with pytest.raises(ValueError, match="same shape"):
+        overlay(images, random_u8(1, 3, 4, 5), 0.5)
+    with pytest.raises(ValueError, match="uint8"):
+        overlay(images.float(), images, 0.5)
+
+
+# --- captions ----------------------------------------------------------------------------
+
+
+def test_captions_change_pixels_in_the_band_only() -> None:
+    tiles = random_u8(2, 3, 96, 96)
+    out = caption_tiles(tiles, ["ok pred cat / true cat", ""])
+    assert out.shape[:2] == (2, 3) and out.shape[3] == 96 and out.shape[2] > 96
+    assert torch.equal(out[:, :, :96], tiles)
+    band_with_text, empty_band = out[0, :, 96:], out[1, :, 96:]
+    assert empty_band.unique().numel() == 1  # a plain dark band
+    assert empty_band.max() < 64
+    assert band_with_text.max() > 200  # white text drawn
+
+
+def test_long_captions_are_truncated_and_keep_one_band_height() -> None:
+    tiles = random_u8(2, 3, 32, 40)
+    out = caption_tiles(tiles, ["x", "a very long caption that cannot fit " * 3])
+    assert out.shape[2] > 32 and out.shape[3] == 40
+    # the truncated caption stays inside its tile: the right margin column is untouched
+    assert out[1, :, 32:, -1].unique().numel() == 1
+
+
+def test_caption_count_must_match_tiles() -> None:
+    with pytest.raises(ValueError, match="Got 1 captions for 2 tiles"):
+        caption_tiles(random_u8(2, 3, 8, 8), ["only one"])
+
+
+def test_caption_text_marks_right_and_wrong_and_unknown() -> None:
+    names = ["cat", "dog"]
+    assert caption_text([0, 1, -1], [0, 0, 1], names) == [
+        "ok pred cat / true cat",
+        "x pred dog / true cat",
+        "pred - / true dog",
+    ]
+    assert caption_text(torch.tensor([3, 4]), torch.tensor([5, 4]), compact=True) == [
+        "x p:3 t:5",
+        "ok p:4 t:4",
+    ]
+    assert caption_text([2]) == ["pred 2"]
+    assert all(text.isascii() for text in caption_text([0, 1], [1, 1], names))
+    with pytest.raises(ValueError, match="2 predicted but 1 true"):
+        caption_text([0, 1], [0])
+    with pytest.raises(ValueError, match="Class index 5 is out of range for 2"):
+        caption_text([5], None, names)
+
+
+# --- grids -------------------------------------------------------------------------------
+
+
+def test_overlay_grid_shape_by_hand() -> None:
+    images, maps = torch.rand(5, 3, 32, 32, generator=GEN), torch.rand(5, 4, 4, generator=GEN)
+    grid = make_overlay_grid(images, maps, nrow=2, min_tile=0, padding=3)
+    assert grid.dtype == torch.uint8 and grid.device.type == "cpu"
+    assert tuple(grid.shape) == (3, *grid_size(5, 2, 32, 32, 3))
+    # small tiles are enlarged by an integer factor: 32 -> 96
+    grid = make_overlay_grid(images, maps, nrow=8, min_tile=96, padding=2)
+    assert tuple(grid.shape) == (3, *grid_size(5, 8, 96, 96, 2))
+
+
+def test_single_tile_grid_keeps_its_padding() -> None:
+    grid = make_overlay_grid(torch.rand(1, 3, 10, 12), torch.rand(1, 3, 3), min_tile=0, padding=2)
+    assert tuple(grid.shape) == (3, 14, 16)
+
+
+def test_overlay_grid_with_captions_adds_the_band_height() -> None:
+    images, maps = torch.rand(3, 1, 20, 20, generator=GEN), torch.rand(3, 5, 5, generator=GEN)
+    caps = caption_text([0, 1, 2], [0, 1, 1], compact=True)
+    band = caption_tiles(random_u8(1, 3, 100, 100), caps[:1]).shape[2] - 100
+    grid = make_overlay_grid(images, maps, captions=caps, nrow=3, min_tile=96, padding=1)
+    assert tuple(grid.shape) == (3, *grid_size(3, 3, 100 + band, 100, 1))
+
+
+def test_overlay_grid_content_alpha_zero_is_the_image_alpha_one_is_the_heat() -> None:
+    image = random_u8(1, 3, 16, 16)
+    cam = torch.zeros(1, 4, 4)
+    cam[0, 0, 0] = 5.0  # hot top-left corner at layer resolution
+    plain = make_overlay_grid(image, cam, alpha=0.0, min_tile=0, padding=0)
+    assert torch.equal(plain, image[0])
+    heat = make_overlay_grid(image, cam, alpha=1.0, min_tile=0, padding=0).int()
+    assert heat[0, 0, 0] > heat[2, 0, 0]  # red where the CAM is hot
+    assert heat[2, -1, -1] > heat[0, -1, -1]  # blue where it is cold
+
+
+def test_overlay_grid_denormalises_with_mean_and_std() -> None:
+    image = random_u8(1, 3, 8, 8)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    normed = (image.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(
+        3, 1, 1
+    )
+    grid = make_overlay_grid(
+        normed, torch.rand(1, 2, 2), alpha=0.0, mean=mean, std=std, min_tile=0, padding=0
+    )
+    assert torch.equal(grid, image[0])
+
+
+def test_overlay_grid_refuses_mismatched_batches() -> None:
+    with pytest.raises(ValueError, match="same size"):
+        make_overlay_grid(torch.rand(2, 3, 8, 8), torch.rand(3, 2, 2))
+    with pytest.raises(ValueError, match="Unknown colormap"):
+        make_overlay_grid(torch.rand(2, 3, 8, 8), torch.rand(2, 2, 2), colormap="rainbowz")
+
+
+def test_map_grid_enlarges_with_crisp_pixels() -> None:
+    maps = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])
+    grid = make_map_grid(maps, signed=False, colormap="gray", min_tile=8, padding=0)
+    assert tuple(grid.shape) == (3, 8, 8)
+    expected = torch.tensor([[0, 85], [170, 255]]).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    for c in range(3):
+        assert torch.equal(grid[c].int(), expected)
+
+
+def test_signed_map_grid_shape_and_neutral_zero() -> None:
+    maps = torch.randn(3, 6, 6, generator=GEN)
+    maps[:, 0, 0] = 0.0
+    grid = make_map_grid(maps, signed=True, nrow=2, min_tile=0, padding=1)
+    assert tuple(grid.shape) == (3, *grid_size(3, 2, 6, 6, 1))
+    corner = grid[:, 1, 1]  # first tile's (0, 0) pixel, past the padding
+    assert torch.equal(corner, colorize_signed(torch.zeros(1, 1, 1))[0, :, 0, 0])
+
+
+# --- PNG ---------------------------------------------------------------------------------
+
+
+def test_png_round_trip_gives_back_the_pixels(tmp_path: Path) -> None:
+    grid = random_u8(3, 21, 34)
+    decoded = cv2.imdecode(np.frombuffer(to_png_bytes(grid), np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(decoded[:, :, ::-1], grid.permute(1, 2, 0).numpy())
+    path = save_png(grid, tmp_path / "sub" / "grid.png")
+    from_disk = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(from_disk[:, :, ::-1], grid.permute(1, 2, 0).numpy())
+
+
+def test_png_refuses_non_grids() -> None:
+    with pytest.raises(ValueError, match=r"uint8 \[3, H, W\]"):
+        to_png_bytes(torch.rand(3, 4, 4))
