@@ -1,0 +1,369 @@
+"""History files: round trips, atomic writes, corrupt files, discovery, pruning, probe hashes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cam_monitor.history import (
+    Evaluation,
+    HistoryError,
+    evaluation_path,
+    find_history,
+    probe_hash,
+    prune_from,
+    read_evaluation,
+    read_history,
+    write_evaluation,
+)
+
+PROBES = ("source", "target")
+LAYERS = ("features.29", "layer4.1.conv2")
+METHODS = ("gradcam", "gradcam++")
+
+
+def make_evaluation(index: int = 0, seed: int = 0, **scalars: float) -> Evaluation:
+    """Two probes (batch 3 and 2) x two layers x two methods, labels for "source" only."""
+    rng = np.random.default_rng(seed)
+    batch = {"source": 3, "target": 2}
+    maps = {
+        (p, layer, m): rng.random((batch[p], 4, 5), dtype=np.float32) * 10
+        for p in PROBES
+        for layer in LAYERS
+        for m in METHODS
+    }
+    return Evaluation(
+        index=index,
+        epoch=2 * index,
+        step=100 * index + 7,
+        probe_hashes={p: f"{p[:1]}" * 12 for p in PROBES},
+        maps=maps,
+        targets={p: rng.integers(0, 10, batch[p]) for p in PROBES},
+        logits={p: rng.standard_normal((batch[p], 10)).astype(np.float32) for p in PROBES},
+        labels={"source": np.array([1, 2, 2**40])},
+        scalars={"drift/prev": 0.25, **scalars},
+    )
+
+
+def names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
+    ev = make_evaluation(index=3, first=float("nan"), up=float("inf"), down=float("-inf"))
+    path = write_evaluation(tmp_path / "new" / "cam_monitor", ev)
+    assert path == tmp_path / "new" / "cam_monitor" / "eval-00003.npz"
+    back = read_evaluation(path)
+
+    assert (back.index, back.epoch, back.step) == (3, 6, 307)
+    assert back.probe_hashes == ev.probe_hashes
+    assert back.probes == PROBES and back.layers == LAYERS and back.methods == METHODS
+    assert list(back.maps) == list(ev.maps)
+    for key, original in ev.maps.items():
+        assert back.maps[key].dtype == np.float32
+        np.testing.assert_allclose(back.maps[key], original, rtol=2**-11, atol=0)
+        assert not np.array_equal(back.maps[key], original)  # float16 really was applied
+    for probe in PROBES:
+        assert back.targets[probe].dtype == np.int64
+        np.testing.assert_array_equal(back.targets[probe], ev.targets[probe])
+        np.testing.assert_array_equal(back.logits[probe], ev.logits[probe])
+    assert list(back.labels) == ["source"]
+    np.testing.assert_array_equal(back.labels["source"], [1, 2, 2**40])
+    assert back.scalars["drift/prev"] == 0.25
+    assert math.isnan(back.scalars["first"])
+    assert back.scalars["up"] == math.inf and back.scalars["down"] == -math.inf
+    assert back.time is not None and back.time.startswith("20") and back.time.endswith("+00:00")
+
+
+def test_maps_clip_to_float16_range_and_keep_nan_inf(tmp_path: Path) -> None:
+    values = np.array([[[1e6, -1e6, np.nan], [np.inf, -np.inf, 65504.0]]], dtype=np.float64)
+    ev = Evaluation(
+        index=0,
+        epoch=0,
+        step=0,
+        probe_hashes={},
+        maps={("p", "l", "m"): values},
+        targets={"p": np.array([0], dtype=np.int32)},
+        logits={"p": np.zeros((1, 2))},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning from the cast either
+        back = read_evaluation(write_evaluation(tmp_path, ev)).maps["p", "l", "m"]
+    np.testing.assert_array_equal(back, [[[65504.0, -65504.0, np.nan], [np.inf, -np.inf, 65504.0]]])
+
+
+def test_awkward_names_round_trip(tmp_path: Path) -> None:
+    key = ("dom/ain", "blk\\1.conv", "50%+cam")
+    ev = Evaluation(
+        index=0,
+        epoch=0,
+        step=0,
+        probe_hashes={"dom/ain": "abc"},
+        maps={key: np.ones((1, 2, 2)), ("Quelle-ü", "a.b", "m"): np.ones((1, 2, 2))},
+        targets={"dom/ain": np.array([1]), "Quelle-ü": np.array([0])},
+        logits={"dom/ain": np.zeros((1, 3)), "Quelle-ü": np.zeros((1, 3))},
+    )
+    path = write_evaluation(tmp_path, ev)
+    back = read_evaluation(path)
+    assert set(back.maps) == {key, ("Quelle-ü", "a.b", "m")}
+    assert back.probe_hashes == {"dom/ain": "abc"}
+    with np.load(path) as npz:
+        assert "maps/dom%2Fain/blk%5C1.conv/50%25+cam" in npz.files
+        assert "maps/Quelle-ü/a.b/m" in npz.files
+
+
+def test_history_is_sorted_by_index(tmp_path: Path) -> None:
+    for index in (2, 100000, 0, 1):
+        write_evaluation(tmp_path, make_evaluation(index=index, seed=index))
+    assert "eval-100000.npz" in names(tmp_path)
+    history = read_history(tmp_path)
+    assert [ev.index for ev in history] == [0, 1, 2, 100000]
+    np.testing.assert_array_equal(
+        history[2].targets["source"], make_evaluation(index=2, seed=2).targets["source"]
+    )
+
+
+def test_rewrite_replaces_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    write_evaluation(tmp_path, make_evaluation(index=0, seed=0))
+    write_evaluation(tmp_path, make_evaluation(index=0, seed=5))
+    assert names(tmp_path) == {"eval-00000.npz"}
+    back = read_history(tmp_path)[0]
+    np.testing.assert_array_equal(back.logits["target"], make_evaluation(seed=5).logits["target"])
+
+
+def test_failed_write_cleans_up_its_temp_file(tmp_path: Path) -> None:
+    (tmp_path / "eval-00000.npz").mkdir()  # os.replace onto a folder fails for real
+    with pytest.raises(OSError):
+        write_evaluation(tmp_path, make_evaluation())
+    assert names(tmp_path) == {"eval-00000.npz"}
+
+
+def test_readers_ignore_temp_and_foreign_files(tmp_path: Path) -> None:
+    write_evaluation(tmp_path, make_evaluation(index=0))
+    (tmp_path / ".eval-00001.npz.0123abcd.tmp").write_bytes(b"PK\x03\x04 half a file")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "eval-1.npz").write_bytes(b"not canonical")
+    (tmp_path / "eval-00002.npz.bak").write_bytes(b"backup")
+    (tmp_path / "images").mkdir()
+    assert [ev.index for ev in read_history(tmp_path)] == [0]
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_file_raises_naming_it_unless_not_strict(tmp_path: Path) -> None:
+    for index in range(3):
+        write_evaluation(tmp_path, make_evaluation(index=index))
+    bad = evaluation_path(tmp_path, 1)
+    truncate(bad)
+    with pytest.raises(HistoryError, match=r"eval-00001\.npz") as info:
+        read_history(tmp_path)
+    assert "strict=False" in str(info.value) and "Delete" in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+    with pytest.warns(UserWarning, match=r"eval-00001\.npz"):
+        history = read_history(tmp_path, strict=False)
+    assert [ev.index for ev in history] == [0, 2]
+
+
+def test_corrupt_bytes_inside_a_complete_zip_are_detected(tmp_path: Path) -> None:
+    path = write_evaluation(tmp_path, make_evaluation())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("maps/source/features.29/gradcam.npy")
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    for offset in range(start + 5, start + 25):
+        data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(HistoryError, match="truncated or corrupt"):
+        read_evaluation(path)
+
+
+def test_empty_file_and_all_corrupt_history(tmp_path: Path) -> None:
+    evaluation_path(tmp_path, 0).write_bytes(b"")
+    with pytest.raises(HistoryError, match=r"eval-00000\.npz"):
+        read_history(tmp_path)
+    with pytest.warns(UserWarning), pytest.raises(HistoryError, match="all 1 eval-"):
+        read_history(tmp_path, strict=False)
+
+
+def test_renamed_file_is_rejected(tmp_path: Path) -> None:
+    shutil.copy(write_evaluation(tmp_path, make_evaluation(index=0)), tmp_path / "eval-00004.npz")
+    with pytest.raises(HistoryError, match=r"eval-00004\.npz.*renamed"):
+        read_history(tmp_path)
+    with pytest.warns(UserWarning, match=r"eval-00004\.npz"):
+        assert [ev.index for ev in read_history(tmp_path, strict=False)] == [0]
+
+
+def test_newer_format_asks_for_an_upgrade(tmp_path: Path) -> None:
+    path = evaluation_path(tmp_path, 0)
+    np.savez_compressed(path, meta=np.array(json.dumps({"format": 2, "index": 0})))
+    with pytest.raises(HistoryError, match=r"format 2.*upgrade"):
+        read_evaluation(path)
+
+
+def test_missing_or_empty_folder(tmp_path: Path) -> None:
+    with pytest.raises(HistoryError, match=r"No cam-monitor history.*does not exist"):
+        read_history(tmp_path / "nope")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(HistoryError, match=r"No cam-monitor history in .*expected eval-\*\.npz"):
+        read_history(tmp_path)
+    with pytest.raises(HistoryError, match="not a folder"):
+        read_history(tmp_path / "notes.txt")
+    with pytest.raises(HistoryError, match="does not exist"):
+        read_evaluation(tmp_path / "eval-00000.npz")
+
+
+def test_find_history_in_nested_run_dirs(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    history = run / "lightning_logs" / "version_0" / "cam_monitor"
+    write_evaluation(history, make_evaluation())
+    (run / "lightning_logs" / "version_0" / "checkpoints").mkdir()
+    (run / ".hidden" / "cam_monitor").mkdir(parents=True)
+    write_evaluation(run / ".hidden" / "cam_monitor", make_evaluation())  # skipped: hidden
+    assert find_history(run) == history
+    assert find_history(history) == history
+    assert find_history(history / "eval-00000.npz") == history
+
+    wandb_run = tmp_path / "wb" / "wandb" / "run-20240101_000000-abc" / "files" / "cam_monitor"
+    write_evaluation(wandb_run, make_evaluation())
+    (tmp_path / "wb" / "wandb" / "latest-run").symlink_to(wandb_run.parents[1])
+    assert find_history(tmp_path / "wb") == wandb_run  # the symlink is not a second match
+
+
+def test_find_history_ambiguous_or_absent(tmp_path: Path) -> None:
+    first = tmp_path / "lightning_logs" / "version_0" / "cam_monitor"
+    second = tmp_path / "lightning_logs" / "version_1" / "cam_monitor"
+    write_evaluation(first, make_evaluation())
+    write_evaluation(second, make_evaluation())
+    with pytest.raises(HistoryError, match="Found 2") as info:
+        find_history(tmp_path)
+    assert str(first) in str(info.value) and str(second) in str(info.value)
+
+    empty = tmp_path / "empty_run"
+    (empty / "checkpoints").mkdir(parents=True)
+    with pytest.raises(HistoryError, match="Looked in") as info:
+        find_history(empty)
+    assert "checkpoints" in str(info.value)
+    with pytest.raises(HistoryError, match="does not exist"):
+        find_history(tmp_path / "nope")
+
+
+def test_prune_from_deletes_later_evaluations(tmp_path: Path) -> None:
+    for index in range(5):
+        write_evaluation(tmp_path, make_evaluation(index=index))
+    (tmp_path / ".eval-00003.npz.00ff.tmp").write_bytes(b"crashed write")
+    (tmp_path / ".eval-00001.npz.00ff.tmp").write_bytes(b"crashed write")
+    (tmp_path / "notes.txt").write_text("kept")
+
+    deleted = prune_from(tmp_path, 3)
+    assert [p.name for p in deleted] == [
+        ".eval-00003.npz.00ff.tmp",
+        "eval-00003.npz",
+        "eval-00004.npz",
+    ]
+    assert not any(p.exists() for p in deleted)
+    assert [ev.index for ev in read_history(tmp_path)] == [0, 1, 2]
+    assert (tmp_path / "notes.txt").exists() and (tmp_path / ".eval-00001.npz.00ff.tmp").exists()
+    assert prune_from(tmp_path, 3) == []
+    assert prune_from(tmp_path / "nope", 0) == []
+    with pytest.raises(ValueError, match=">= 0"):
+        prune_from(tmp_path, -1)
+
+
+def test_probe_hash_is_stable_and_content_sensitive() -> None:
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    y = np.array([0, 1], dtype=np.int64)
+    reference = probe_hash([x, y])
+    assert len(reference) == 12 and int(reference, 16) >= 0
+    assert probe_hash([x.copy(), y.copy()]) == reference
+    assert probe_hash([np.asfortranarray(x), y]) == reference
+    assert probe_hash([x.astype(">f4"), y.astype(">i8")]) == reference  # byte order ignored
+    assert reference == "277a31d2c008"  # pinned: must not change across versions or machines
+
+    changed = x.copy()
+    changed[1, 2, 3] += 1
+    assert probe_hash([changed, y]) != reference
+    assert probe_hash([x.astype(np.float64), y]) != reference
+    assert probe_hash([x.reshape(4, 3, 2), y]) != reference
+    assert probe_hash([y, x]) != reference
+    assert probe_hash([x]) != reference
+    assert probe_hash(x) == probe_hash([x])
+    with pytest.raises(TypeError):
+        probe_hash([np.array([object()])])
+
+
+def test_format_is_readable_with_plain_numpy(tmp_path: Path) -> None:
+    ev = make_evaluation(index=12, first=float("nan"))
+    path = write_evaluation(tmp_path, ev)
+    assert path.name == "eval-00012.npz"
+    with np.load(path, allow_pickle=False) as npz:
+        files = set(npz.files)
+        meta = json.loads(str(npz["meta"]))
+        assert npz["meta"].shape == () and npz["meta"].dtype.kind == "U"
+        cam = npz["maps/target/layer4.1.conv2/gradcam++"]
+        assert (cam.dtype, cam.shape) == (np.float16, (2, 4, 5))
+        assert npz["targets/source"].dtype == np.int64
+        assert npz["logits/target"].dtype == np.float32
+        assert npz["labels/source"].dtype == np.int64
+    expected = {f"maps/{p}/{layer}/{m}" for p in PROBES for layer in LAYERS for m in METHODS}
+    expected |= {f"{kind}/{p}" for kind in ("targets", "logits") for p in PROBES}
+    assert files == expected | {"labels/source", "meta"}
+    assert set(meta) == {
+        "format",
+        "index",
+        "epoch",
+        "step",
+        "probe_hashes",
+        "probes",
+        "layers",
+        "methods",
+        "scalars",
+        "time",
+    }
+    assert (meta["format"], meta["index"], meta["epoch"], meta["step"]) == (1, 12, 24, 1207)
+    assert meta["probes"] == list(PROBES) and meta["layers"] == list(LAYERS)
+    assert meta["methods"] == list(METHODS)
+    assert meta["scalars"] == {"drift/prev": 0.25, "first": None}
+    assert meta["probe_hashes"] == ev.probe_hashes
+    np.testing.assert_allclose(cam, ev.maps["target", "layer4.1.conv2", "gradcam++"], rtol=1e-3)
+
+
+def test_invalid_evaluations_fail_before_touching_disk(tmp_path: Path) -> None:
+    good = make_evaluation()
+    bad_cases = {
+        "no entry for probe": dict(targets={"source": good.targets["source"]}),
+        "batch size": dict(labels={"target": np.array([1, 2, 3])}),
+        "3 dimensions": dict(maps={("source", "l", "m"): np.ones((3, 4))}),
+        "integer dtype": dict(targets={**good.targets, "source": np.array([0.5, 1.0, 2.0])}),
+        "must be a number": dict(scalars={"loss": "low"}),
+        "index must be >= 0": dict(index=-1),
+    }
+    for message, change in bad_cases.items():
+        fields = {**good.__dict__, **change}
+        with pytest.raises(ValueError, match=message):
+            write_evaluation(tmp_path / "out", Evaluation(**fields))
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluation_repr_is_short() -> None:
+    text = repr(make_evaluation(index=1))
+    assert text.startswith("Evaluation(index=1, epoch=2, step=107, probes=('source', 'target')")
+    assert "array" not in text and len(text) < 300
+
+
+def test_file_permissions_follow_umask(tmp_path: Path) -> None:
+    mode = write_evaluation(tmp_path, make_evaluation()).stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
