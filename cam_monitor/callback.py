@@ -1,0 +1,352 @@
+"""CamMonitor, the Lightning callback: only Lightning concerns (when, which rank, state)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .engine import ForwardFn, OutputTransform
+from .evaluation import CamSettings, first_spatial_layer, run_evaluation
+from .layers import LayerSpec, Reshape, resolve_layers, unwrap_model
+from .methods import check_methods
+from .probe import INPUT_KEYS, ProbeSet, make_probe
+from .render import check_colormap
+from .sinks import Sink, run_folder, sinks_for
+
+ProbeSpec = Any
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive(name: str, value: Any, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not _is_int(value) or value < 1:
+        allowed = "an int >= 1 or None" if optional else "an int >= 1"
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+
+
+def _first_loader(loaders: Any) -> DataLoader | None:
+    """The first DataLoader inside what `trainer.*_dataloader(s)` returns (one, a list, a dict)."""
+    if isinstance(loaders, DataLoader):
+        return loaders
+    items = loaders.values() if isinstance(loaders, Mapping) else loaders
+    if isinstance(items, (list, tuple)) or isinstance(loaders, Mapping):
+        for item in items:
+            found = _first_loader(item)
+            if found is not None:
+                return found
+    return None
+
+
+class CamMonitor(Callback):
+    """Log Grad-CAM overlays of a fixed probe batch every N epochs (or steps) during `fit`.
+
+    A baseline evaluation runs at the start of training (attention at initialisation), then one
+    at the end of every `every_n_epochs`-th training epoch, on global rank zero only. See the
+    README for every argument and the tags it logs.
+    """
+
+    def __init__(
+        self,
+        layer: LayerSpec | Sequence[LayerSpec] | None = None,
+        *,
+        methods: str | Sequence[str] = "gradcam",
+        every_n_epochs: int = 1,
+        every_n_steps: int | None = None,
+        probe: ProbeSpec = None,
+        num_probe: int = 16,
+        target: str | int | Tensor | Callable[[Tensor], Tensor] = "predicted",
+        output_transform: OutputTransform = None,
+        forward: ForwardFn | None = None,
+        reshape: Reshape | None = None,
+        masks: Tensor | Mapping[str, Tensor] | None = None,
+        input_key: str | None = None,
+        label_key: str | None = None,
+        colormap: str = "jet",
+        alpha: float = 0.5,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        class_names: Sequence[str] | None = None,
+        nrow: int = 8,
+        batch_size: int | None = None,
+        save_dir: str | Path | None = None,
+        strict: bool = False,
+    ) -> None:
+        if layer is None:
+            self.layers: list[LayerSpec] | None = None
+        elif isinstance(layer, (str, nn.Module)):
+            self.layers = [layer]
+        elif (
+            isinstance(layer, Sequence)
+            and layer
+            and all(isinstance(item, (str, nn.Module)) for item in layer)
+        ):
+            self.layers = list(layer)
+        else:
+            raise ValueError(
+                "`layer` must be a name like 'features.29', a glob, an nn.Module, a non-empty "
+                f"list of those, or None, got {layer!r}."
+            )
+        self.methods = check_methods(list(methods) if not isinstance(methods, str) else methods)
+        _check_positive("every_n_epochs", every_n_epochs)
+        _check_positive("every_n_steps", every_n_steps, optional=True)
+        _check_positive("num_probe", num_probe)
+        _check_positive("nrow", nrow)
+        _check_positive("batch_size", batch_size, optional=True)
+        if isinstance(target, str) and target not in ("predicted", "label"):
+            raise ValueError(
+                f"`target` can be 'predicted', 'label', an int, a LongTensor or a callable, "
+                f"got {target!r}."
+            )
+        if _is_int(target) and target < 0:
+            raise ValueError(f"`target` must be a class index >= 0, got {target}.")
+        if not isinstance(target, (str, Tensor)) and not _is_int(target) and not callable(target):
+            raise ValueError(
+                "`target` can be 'predicted', 'label', an int, a LongTensor or a callable, "
+                f"got {type(target).__name__}."
+            )
+        if output_transform is not None and not (
+            callable(output_transform) or isinstance(output_transform, (int, str))
+        ):
+            raise ValueError(
+                "`output_transform` must be a callable, a tuple index or a dict key, got "
+                f"{type(output_transform).__name__}."
+            )
+        for name, fn in (("forward", forward), ("reshape", reshape)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"`{name}` must be a callable or None, got {type(fn).__name__}.")
+        check_colormap(colormap)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}.")
+        if (mean is None) != (std is None) or (
+            mean is not None and std is not None and len(mean) != len(std)
+        ):
+            raise ValueError(
+                f"`mean` and `std` go together, with one value per channel; got mean={mean!r}, "
+                f"std={std!r}."
+            )
+        if probe is not None and not isinstance(
+            probe, (Tensor, tuple, list, Mapping, Dataset, DataLoader)
+        ):
+            raise ValueError(
+                "`probe` must be None, a Tensor, an (inputs, labels) tuple, a Dataset, a "
+                f"DataLoader or a dict of named probe sets, got {type(probe).__name__}."
+            )
+        if masks is not None and not isinstance(masks, (Tensor, Mapping)):
+            raise ValueError(
+                "`masks` must be a Tensor or a dict of Tensors per probe set, got "
+                f"{type(masks).__name__}."
+            )
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.probe = probe
+        self.num_probe = num_probe
+        self.masks = masks
+        self.input_key = input_key
+        self.label_key = label_key
+        self.save_dir = save_dir
+        self.strict = strict
+        self.settings = CamSettings(
+            layers=list(self.layers or []),
+            methods=self.methods,
+            target=target,
+            forward=forward,
+            output_transform=output_transform,
+            reshape=reshape,
+            batch_size=batch_size,
+            colormap=colormap,
+            alpha=float(alpha),
+            mean=mean,
+            std=std,
+            class_names=class_names,
+            nrow=nrow,
+        )
+        self._probes: dict[str, ProbeSet] = {}
+        self._sinks: list[Sink] = []
+        self.folder: Path | None = None
+        self.evaluations = 0
+        self._last_step = -1
+
+    @property
+    def state_key(self) -> str:
+        names = [
+            layer if isinstance(layer, str) else type(layer).__name__ for layer in self.layers or []
+        ]
+        return self._generate_state_key(layers=names, methods=list(self.methods))
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy:
+            raise ValueError(
+                f"CamMonitor does not support the sharded strategy {strategy}: rank zero does not "
+                "hold whole layers to hook. Use ddp or a single device, or remove the monitor."
+            )
+        if self.layers is not None:
+            resolve_layers(pl_module, self.layers)  # a typo fails here, before any step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        probes = self._build_probes(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return
+        self._probes = probes
+        if self.layers is None:
+            first = next(iter(probes.values()))
+            chosen = first_spatial_layer(
+                unwrap_model(pl_module), first.inputs, self.settings.forward
+            )
+            rank_zero_warn(
+                f"CamMonitor: no layer given, using {chosen!r} (the last layer with a spatial "
+                f"output). Pass CamMonitor(layer={chosen!r}) to choose it yourself."
+            )
+            self.layers = [chosen]
+            self.settings = replace(self.settings, layers=[chosen])
+        self.folder = run_folder(trainer, self.save_dir)
+        self._sinks = sinks_for(trainer, self.folder)
+        if not trainer.loggers:
+            rank_zero_warn(
+                f"CamMonitor: the Trainer has no logger; PNG grids and scalars go to {self.folder}."
+            )
+        for logger in trainer.loggers:
+            logger.log_hyperparams(
+                {f"cam_monitor/probe_hash/{n}": p.digest for n, p in probes.items()}
+            )
+        if self.evaluations == 0:
+            self._evaluate(trainer, pl_module, baseline=True)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.every_n_steps is None or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and step != self._last_step:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_steps is not None or not trainer.is_global_zero:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._evaluate(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "evaluations": self.evaluations,
+            "last_step": self._last_step,
+            "probe_hashes": {name: probe.digest for name, probe in self._probes.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.evaluations = int(state_dict.get("evaluations", 0))
+        self._last_step = int(state_dict.get("last_step", -1))
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _evaluate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, baseline: bool = False
+    ) -> None:
+        """Compute, draw and log one evaluation; failures warn and skip unless strict."""
+        start = time.perf_counter()
+        step = trainer.global_step
+        self._last_step = step
+        try:
+            output = run_evaluation(unwrap_model(pl_module), self._probes, self.settings)
+        except Exception as err:
+            if self.strict or baseline:
+                raise
+            self._skip(trainer, err)
+            return
+        output.scalars["cam_monitor/seconds"] = time.perf_counter() - start
+        try:
+            for sink in self._sinks:
+                sink.log(output.images, output.scalars, step)
+        except Exception as err:
+            if self.strict:
+                raise
+            self._skip(trainer, err)
+        self.evaluations += 1
+
+    def _skip(self, trainer: pl.Trainer, err: Exception) -> None:
+        rank_zero_warn(
+            f"CamMonitor skipped its evaluation at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}: {type(err).__name__}: {err}. Training continues; pass "
+            "strict=True to raise instead."
+        )
+
+    def _build_probes(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, ProbeSet]:
+        """Pick the probe sets once, without touching any random stream, on the module's device."""
+        specs = self._probe_specs(trainer)
+        rng = (random.getstate(), np.random.get_state())
+        try:
+            with torch.random.fork_rng(devices=[]):
+                probes = {
+                    name: make_probe(
+                        name, spec, self.num_probe, self.input_key, self.label_key, rank_zero_warn
+                    )
+                    for name, spec in specs.items()
+                }
+        finally:
+            random.setstate(rng[0])
+            np.random.set_state(rng[1])
+        probes = {name: self._with_masks(probe) for name, probe in probes.items()}
+        convert = trainer.precision_plugin.convert_input
+        return {
+            name: replace(
+                probe.to(pl_module.device), inputs=convert(probe.inputs.to(pl_module.device))
+            )
+            for name, probe in probes.items()
+        }
+
+    def _probe_specs(self, trainer: pl.Trainer) -> dict[str, ProbeSpec]:
+        probe = self.probe
+        if probe is None:
+            for name, loaders in (
+                ("val", trainer.val_dataloaders),
+                ("train", trainer.train_dataloader),
+            ):
+                loader = _first_loader(loaders)
+                if loader is not None:
+                    return {name: loader}
+            raise ValueError(
+                "CamMonitor found no DataLoader on the Trainer to take a probe from; pass probe= "
+                "(a tensor, an (inputs, labels) tuple, a Dataset or a DataLoader)."
+            )
+        keys = {self.input_key, *INPUT_KEYS}
+        if isinstance(probe, Mapping) and not keys.intersection(probe):
+            if not probe:
+                raise ValueError("`probe` is an empty dict; give at least one named probe set.")
+            return dict(probe)
+        return {"probe": probe}
+
+    def _with_masks(self, probe: ProbeSet) -> ProbeSet:
+        masks = self.masks
+        if isinstance(masks, Mapping):
+            masks = masks.get(probe.name)
+        if masks is None:
+            return probe
+        return replace(probe, masks=torch.as_tensor(masks))

@@ -1,0 +1,126 @@
+"""Where evaluations go: TensorBoard, Weights & Biases, any Lightning logger, or PNGs on disk."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
+from torch import Tensor
+
+from .render import save_png
+
+
+class Sink:
+    """Receives the grids (uint8 CHW, CPU) and scalars of one evaluation at a global step."""
+
+    def log(self, images: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
+        raise NotImplementedError
+
+
+def png_path(folder: Path, tag: str, step: int) -> Path:
+    """`<folder>/images/<probe>/<layer>/<method>/step-00000120.png` for tag `cam/<probe>/...`."""
+    parts = tag.split("/")[1:] if tag.startswith("cam/") else tag.split("/")
+    return folder.joinpath("images", *parts, f"step-{step:08d}.png")
+
+
+class TensorBoardSink(Sink):
+    """`add_image` per grid and `add_scalar` per number, on the logger's SummaryWriter."""
+
+    def __init__(self, logger: TensorBoardLogger) -> None:
+        self.logger = logger
+
+    def log(self, images: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
+        writer = self.logger.experiment
+        for tag, grid in images.items():
+            writer.add_image(tag, grid, global_step=step, dataformats="CHW")
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, global_step=step)
+
+
+class WandbSink(Sink):
+    """One `wandb.log` call per evaluation: images with captions, scalars, `trainer/global_step`."""
+
+    def __init__(self, logger: WandbLogger) -> None:
+        self.logger = logger
+
+    def log(self, images: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
+        import wandb
+
+        payload: dict[str, Any] = {
+            tag: wandb.Image(grid.permute(1, 2, 0).numpy(), caption=f"{tag} @ step {step}")
+            for tag, grid in images.items()
+        }
+        payload.update({k: v for k, v in scalars.items() if not math.isnan(v)})
+        payload["trainer/global_step"] = step
+        self.logger.experiment.log(payload)
+
+
+class FileSink(Sink):
+    """Grids as PNG files under `folder/images/`; scalars into `folder/scalars.csv` if asked."""
+
+    def __init__(self, folder: Path, write_scalars: bool) -> None:
+        self.folder = folder
+        self.write_scalars = write_scalars
+
+    def log(self, images: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
+        for tag, grid in images.items():
+            save_png(grid, png_path(self.folder, tag, step))
+        if self.write_scalars and scalars:
+            path = self.folder / "scalars.csv"
+            new = not path.exists()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", newline="") as handle:
+                writer = csv.writer(handle)
+                if new:
+                    writer.writerow(["step", "tag", "value"])
+                writer.writerows([step, tag, value] for tag, value in scalars.items())
+
+
+class MetricsSink(Sink):
+    """Scalars through any Lightning logger's `log_metrics` (CSVLogger, MLflow, ...)."""
+
+    def __init__(self, logger: Logger) -> None:
+        self.logger = logger
+
+    def log(self, images: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
+        if scalars:
+            self.logger.log_metrics(dict(scalars), step=step)
+
+
+def logger_dir(logger: Logger, fallback: str | Path) -> Path:
+    """The folder a logger writes its run into (no collective calls)."""
+    if isinstance(logger, WandbLogger):
+        return Path(logger.experiment.dir).parent  # wandb/<run>/: one folder per run
+    folder = getattr(logger, "log_dir", None) or logger.save_dir
+    return Path(folder) if folder else Path(fallback)
+
+
+def run_folder(trainer: pl.Trainer, save_dir: str | Path | None) -> Path:
+    """The monitor's own folder: `save_dir`, else `<first logger's log_dir>/cam_monitor`."""
+    if save_dir is not None:
+        return Path(save_dir)
+    if trainer.loggers:
+        return logger_dir(trainer.loggers[0], trainer.default_root_dir) / "cam_monitor"
+    return Path(trainer.default_root_dir) / "cam_monitor"
+
+
+def sinks_for(trainer: pl.Trainer, folder: Path) -> list[Sink]:
+    """A sink for every logger on the Trainer; PNGs on disk for loggers that cannot show images."""
+    sinks: list[Sink] = []
+    needs_files = not trainer.loggers
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            sinks.append(TensorBoardSink(logger))
+        elif isinstance(logger, WandbLogger):
+            sinks.append(WandbSink(logger))
+        else:
+            sinks.append(MetricsSink(logger))
+            needs_files = True
+    if needs_files:
+        sinks.append(FileSink(folder, write_scalars=not trainer.loggers))
+    return sinks
