@@ -17,8 +17,16 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .drift import MEASURES
 from .engine import ForwardFn, OutputTransform
-from .evaluation import CamSettings, first_spatial_layer, run_evaluation
+from .evaluation import (
+    AttentionTracker,
+    CamSettings,
+    EvaluationOutput,
+    first_spatial_layer,
+    run_evaluation,
+)
+from .history import Evaluation, find_history, prune_from, read_history, write_evaluation
 from .layers import LayerSpec, Reshape, resolve_layers, unwrap_model
 from .methods import check_methods
 from .probe import INPUT_KEYS, ProbeSet, make_probe
@@ -84,6 +92,11 @@ class CamMonitor(Callback):
         class_names: Sequence[str] | None = None,
         nrow: int = 8,
         batch_size: int | None = None,
+        drift_measures: Sequence[str] = MEASURES,
+        topk: float = 0.2,
+        pointing_tolerance: int = 0,
+        reference: str | Path | None = None,
+        history: bool = True,
         save_dir: str | Path | None = None,
         strict: bool = False,
     ) -> None:
@@ -152,6 +165,15 @@ class CamMonitor(Callback):
                 "`masks` must be a Tensor or a dict of Tensors per probe set, got "
                 f"{type(masks).__name__}."
             )
+        if not _is_int(pointing_tolerance) or pointing_tolerance < 0:
+            raise ValueError(
+                f"`pointing_tolerance` must be an int >= 0 (pixels), got {pointing_tolerance!r}."
+            )
+        if isinstance(drift_measures, str):
+            drift_measures = [drift_measures]
+        self.tracker = AttentionTracker(drift_measures, topk, pointing_tolerance)
+        self.reference = reference
+        self.history = history
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
         self.probe = probe
@@ -181,6 +203,7 @@ class CamMonitor(Callback):
         self.folder: Path | None = None
         self.evaluations = 0
         self._last_step = -1
+        self._resumed_hashes: dict[str, str] = {}
 
     @property
     def state_key(self) -> str:
@@ -225,12 +248,15 @@ class CamMonitor(Callback):
             rank_zero_warn(
                 f"CamMonitor: the Trainer has no logger; PNG grids and scalars go to {self.folder}."
             )
-        for logger in trainer.loggers:
-            logger.log_hyperparams(
-                {f"cam_monitor/probe_hash/{n}": p.digest for n, p in probes.items()}
-            )
+        for sink in self._sinks:
+            sink.record_probe({name: probe.digest for name, probe in probes.items()})
+        self._check_resumed_probe(probes)
+        if self.reference is not None and not self.tracker.reference:
+            self._load_reference(pl_module.device)
+        if self.history and self.evaluations > 0:
+            prune_from(self.folder, self.evaluations)  # a resumed run rewrites what came after
         if self.evaluations == 0:
-            self._evaluate(trainer, pl_module, baseline=True)
+            self._evaluate(trainer, pl_module, epoch=trainer.current_epoch, baseline=True)
 
     def on_train_batch_end(
         self,
@@ -244,43 +270,59 @@ class CamMonitor(Callback):
             return
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step != self._last_step:
-            self._evaluate(trainer, pl_module)
+            self._evaluate(trainer, pl_module, epoch=trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_steps is not None or not trainer.is_global_zero:
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._evaluate(trainer, pl_module)
+            self._evaluate(trainer, pl_module, epoch=trainer.current_epoch + 1)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "evaluations": self.evaluations,
             "last_step": self._last_step,
             "probe_hashes": {name: probe.digest for name, probe in self._probes.items()},
+            "tracker": self.tracker.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.evaluations = int(state_dict.get("evaluations", 0))
         self._last_step = int(state_dict.get("last_step", -1))
+        self._resumed_hashes = dict(state_dict.get("probe_hashes", {}))
+        self.tracker.load_state_dict(state_dict.get("tracker", {}))
 
     # -- internals ------------------------------------------------------------------------------
 
     def _evaluate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, baseline: bool = False
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, baseline: bool = False
     ) -> None:
-        """Compute, draw and log one evaluation; failures warn and skip unless strict."""
+        """Compute, draw, score and log one evaluation; failures warn and skip unless strict.
+
+        The baseline is also the configuration check: any error computing it is raised.
+        """
         start = time.perf_counter()
         step = trainer.global_step
         self._last_step = step
         try:
             output = run_evaluation(unwrap_model(pl_module), self._probes, self.settings)
+            scalars, non_finite = self.tracker.score(output.results, self._probes)
         except Exception as err:
             if self.strict or baseline:
                 raise
             self._skip(trainer, err)
             return
+        if non_finite:
+            rank_zero_warn(
+                f"CamMonitor: {non_finite} CAMs at step {step} hold NaN or Inf (non-finite probe "
+                "inputs or a diverged model?); they are drawn as zeros and left out of the drift "
+                "means (see the *_excluded counts)."
+            )
+        output.scalars.update(scalars)
         output.scalars["cam_monitor/seconds"] = time.perf_counter() - start
         try:
+            if self.history and self.folder is not None:
+                write_evaluation(self.folder, self._record(output, epoch, step))
             for sink in self._sinks:
                 sink.log(output.images, output.scalars, step)
         except Exception as err:
@@ -288,6 +330,52 @@ class CamMonitor(Callback):
                 raise
             self._skip(trainer, err)
         self.evaluations += 1
+
+    def _record(self, output: EvaluationOutput, epoch: int, step: int) -> Evaluation:
+        """The history entry of one evaluation, as numpy arrays."""
+        results = output.results
+        return Evaluation(
+            index=self.evaluations,
+            epoch=epoch,
+            step=step,
+            probe_hashes={name: probe.digest for name, probe in self._probes.items()},
+            maps={
+                (probe, layer, method): maps.detach().cpu().numpy()
+                for probe, result in results.items()
+                for (layer, method), maps in result.maps.items()
+            },
+            targets={name: r.targets.cpu().numpy() for name, r in results.items()},
+            logits={name: r.logits.cpu().numpy() for name, r in results.items()},
+            labels={
+                name: p.labels.cpu().numpy()
+                for name, p in self._probes.items()
+                if p.labels is not None and name in results
+            },
+            scalars=dict(output.scalars),
+        )
+
+    def _check_resumed_probe(self, probes: Mapping[str, ProbeSet]) -> None:
+        for name, digest in self._resumed_hashes.items():
+            if name in probes and probes[name].digest != digest:
+                rank_zero_warn(
+                    f"CamMonitor: probe {name!r} differs from the checkpoint's (hash "
+                    f"{probes[name].digest} vs {digest}); drift after the resume compares "
+                    "different images."
+                )
+
+    def _load_reference(self, device: torch.device) -> None:
+        """Use the first evaluation of another run as the `_ref` of every drift measure."""
+        first = read_history(find_history(self.reference))[0]
+        for name, digest in first.probe_hashes.items():
+            ours = self._probes.get(name)
+            if ours is not None and ours.digest != digest:
+                raise ValueError(
+                    f"reference={str(self.reference)!r} used a different probe {name!r} (hash "
+                    f"{digest}, this run {ours.digest}); drift against it would compare different "
+                    "images. Use the same probe data or drop reference=."
+                )
+        for key, maps in first.maps.items():
+            self.tracker.reference[key] = torch.from_numpy(maps).float().to(device)
 
     def _skip(self, trainer: pl.Trainer, err: Exception) -> None:
         rank_zero_warn(

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .drift import MEASURES, drift, energy_inside, entropy, mask_iou, pointing_game, summarize
 from .engine import CamResult, ForwardFn, OutputTransform, Target, compute_cams
 from .isolation import isolated
 from .layers import LayerSpec, Reshape
@@ -151,3 +152,97 @@ def first_spatial_layer(module: nn.Module, inputs: Any, forward: ForwardFn | Non
             "layer= explicitly (with reshape= for token outputs)."
         )
     return candidates[-1]
+
+
+LOCALIZATION_SCORES = ("energy", "pointing", "mask_iou")
+
+
+class AttentionTracker:
+    """Remembers the reference and previous maps per (probe, layer, method) and scores new ones.
+
+    Drift is a distance per measure (1 - correlation, 1 - IoU, JS, centre-of-mass shift) against
+    the previous evaluation (`_prev`) and the reference (`_ref`, by default the first evaluation).
+    Per-image values are gathered on the device and moved to the host in one transfer.
+    """
+
+    def __init__(
+        self, measures: Sequence[str] = MEASURES, topk: float = 0.2, tolerance: int = 0
+    ) -> None:
+        unknown = [m for m in measures if m not in MEASURES]
+        if unknown or not measures:
+            raise ValueError(
+                f"Unknown drift measure(s) {unknown}; choose from {', '.join(MEASURES)}."
+            )
+        if not 0 < topk <= 1:
+            raise ValueError(f"`topk` is a fraction of pixels in (0, 1], got {topk!r}.")
+        self.measures = tuple(measures)
+        self.topk = topk
+        self.tolerance = tolerance
+        self.reference: dict[tuple[str, str, str], Tensor] = {}
+        self.previous: dict[tuple[str, str, str], Tensor] = {}
+
+    def score(
+        self, results: Mapping[str, CamResult], probes: Mapping[str, ProbeSet]
+    ) -> tuple[dict[str, float], int]:
+        """Drift, localization and entropy scalars; also the number of non-finite maps seen."""
+        per_image: dict[str, Tensor] = {}
+        non_finite = torch.zeros((), dtype=torch.long)
+        for probe_name, result in results.items():
+            masks = probes[probe_name].masks
+            for (layer, method), maps in result.maps.items():
+                key = (probe_name, layer, method)
+                base = f"{probe_name}/{layer}/{method}"
+                non_finite = non_finite + (~torch.isfinite(maps)).flatten(1).any(1).sum().cpu()
+                for suffix, other in (
+                    ("prev", self.previous.get(key)),
+                    ("ref", self.reference.get(key)),
+                ):
+                    if other is None or other.shape != maps.shape:
+                        continue
+                    for measure in self.measures:
+                        values = drift(other.to(maps.device), maps, measure, k=self.topk)
+                        per_image[f"cam_drift/{base}/{measure}_{suffix}"] = values
+                per_image[f"cam_stats/{base}/entropy"] = entropy(maps)
+                if masks is not None:
+                    per_image[f"cam_loc/{base}/energy"] = energy_inside(maps, masks)
+                    per_image[f"cam_loc/{base}/pointing"] = pointing_game(
+                        maps, masks, self.tolerance
+                    )
+                    per_image[f"cam_loc/{base}/mask_iou"] = mask_iou(maps, masks, self.topk)
+                self.previous[key] = maps
+                self.reference.setdefault(key, maps)
+        return _summaries(per_image), int(non_finite)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Reference and previous maps on the CPU, keyed by 'probe/layer/method'."""
+        return {
+            "reference": {"/".join(k): v.cpu() for k, v in self.reference.items()},
+            "previous": {"/".join(k): v.cpu() for k, v in self.previous.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        def keyed(maps: Mapping[str, Tensor]) -> dict[tuple[str, str, str], Tensor]:
+            out = {}
+            for name, value in maps.items():
+                probe, rest = name.split("/", 1)
+                layer, method = rest.rsplit("/", 1)
+                out[probe, layer, method] = value
+            return out
+
+        self.reference = keyed(state.get("reference", {}))
+        self.previous = keyed(state.get("previous", {}))
+
+
+def _summaries(per_image: Mapping[str, Tensor]) -> dict[str, float]:
+    """Mean over finite values per tag, plus `excluded_*` counts where some were not finite."""
+    if not per_image:
+        return {}
+    sizes = [v.numel() for v in per_image.values()]
+    flat = torch.cat([v.detach().float().flatten() for v in per_image.values()]).cpu()
+    scalars: dict[str, float] = {}
+    for (tag, _), chunk in zip(per_image.items(), flat.split(sizes), strict=True):
+        mean, excluded = summarize(chunk)
+        scalars[tag] = mean
+        if excluded:
+            scalars[f"{tag}_excluded"] = float(excluded)
+    return scalars

@@ -21,6 +21,9 @@ class Sink:
     def log(self, images: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
         raise NotImplementedError
 
+    def record_probe(self, hashes: Mapping[str, str]) -> None:
+        """Note each probe set's content hash once, so runs can be checked to share a probe."""
+
 
 def png_path(folder: Path, tag: str, step: int) -> Path:
     """`<folder>/images/<probe>/<layer>/<method>/step-00000120.png` for tag `cam/<probe>/...`."""
@@ -41,6 +44,10 @@ class TensorBoardSink(Sink):
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, global_step=step)
 
+    def record_probe(self, hashes: Mapping[str, str]) -> None:
+        for name, digest in hashes.items():
+            self.logger.experiment.add_text(f"cam_monitor/probe_hash/{name}", digest, 0)
+
 
 class WandbSink(Sink):
     """One `wandb.log` call per evaluation: images with captions, scalars, `trainer/global_step`."""
@@ -58,6 +65,10 @@ class WandbSink(Sink):
         payload.update({k: v for k, v in scalars.items() if not math.isnan(v)})
         payload["trainer/global_step"] = step
         self.logger.experiment.log(payload)
+
+    def record_probe(self, hashes: Mapping[str, str]) -> None:
+        config = {f"cam_monitor/probe_hash/{name}": digest for name, digest in hashes.items()}
+        self.logger.experiment.config.update(config, allow_val_change=True)
 
 
 class FileSink(Sink):
@@ -90,6 +101,9 @@ class MetricsSink(Sink):
     def log(self, images: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
         if scalars:
             self.logger.log_metrics(dict(scalars), step=step)
+
+    def record_probe(self, hashes: Mapping[str, str]) -> None:
+        self.logger.log_hyperparams({f"cam_monitor/probe_hash/{n}": d for n, d in hashes.items()})
 
 
 def logger_dir(logger: Logger, fallback: str | Path) -> Path:

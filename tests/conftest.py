@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 
 class TinyCNN(nn.Module):
@@ -49,3 +51,62 @@ def tiny_cnn() -> TinyCNN:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+class LitClassifier(pl.LightningModule):
+    """A TinyCNN trained with SGD; counts its training steps so tests can see what ran."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.net = TinyCNN()
+        self.lr = lr
+        self.steps_run = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        self.steps_run += 1
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def shapes_dataset(n: int = 48, size: int = 32, seed: int = 0) -> TensorDataset:
+    """Noise images with a bright square whose position decides the class (5 classes)."""
+    gen = torch.Generator().manual_seed(seed)
+    images = 0.3 * torch.randn(n, 3, size, size, generator=gen)
+    labels = torch.arange(n) % 5
+    half = size // 2
+    corners = [(0, 0), (0, half), (half, 0), (half, half), (half // 2, half // 2)]
+    for i in range(n):
+        r, c = corners[int(labels[i])]
+        images[i, :, r : r + half, c : c + half] += 1.5
+    return TensorDataset(images, labels)
+
+
+def quiet_trainer(**kwargs: object) -> pl.Trainer:
+    """A CPU Trainer without progress bars, summaries or checkpoints unless asked."""
+    options: dict[str, object] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "log_every_n_steps": 1,
+        "max_epochs": 2,
+    }
+    options.update(kwargs)
+    return pl.Trainer(**options)  # type: ignore[arg-type]
+
+
+def loader(dataset: TensorDataset, shuffle: bool = False, batch_size: int = 16) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
