@@ -71,13 +71,27 @@ def _not_found(asked: str, names: list[str], model: nn.Module) -> ValueError:
     )
 
 
+def _by_suffix(asked: str, names: list[str], model: nn.Module) -> str:
+    """The one name ending in `.asked` (a net wrapped as `self.model` in a LightningModule)."""
+    matches = [n for n in names if n.endswith("." + asked)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ValueError(
+            f"Layer name {asked!r} is ambiguous in {type(model).__name__}: it ends "
+            f"{', '.join(repr(m) for m in matches)}. Pass the full dotted name."
+        )
+    raise _not_found(asked, names, model)
+
+
 def resolve_layers(
     model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]
 ) -> list[tuple[str, nn.Module]]:
     """Return `(name, module)` for each requested layer, in the order asked, without repeats.
 
-    Names are looked up after unwrapping DDP and `torch.compile`; a glob such as
-    `"features.*"` matches within one dotted segment (`**` crosses segments).
+    Names are looked up after unwrapping DDP and `torch.compile`. A name that is not exact but
+    ends exactly one module's dotted name (`"features.29"` for `model.features.29`) resolves to
+    it. A glob such as `"features.*"` matches within one dotted segment (`**` crosses segments).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
@@ -110,7 +124,8 @@ def resolve_layers(
             elif spec in named:
                 found.setdefault(spec, named[spec])
             else:
-                raise _not_found(spec, names, model)
+                name = _by_suffix(spec, names, model)
+                found.setdefault(name, named[name])
         else:
             raise TypeError(
                 f"A layer must be a name, a glob or an nn.Module, got {type(spec).__name__}."

@@ -67,3 +67,15 @@ def test_reshape_callable_is_used_and_checked() -> None:
     assert out.shape == (2, 3, 2, 2)
     with pytest.raises(ValueError, match="reshape"):
         as_spatial("x", torch.zeros(2, 12), reshape=lambda t: t.view(2, 3, 4))
+
+
+def test_a_unique_dotted_suffix_finds_a_wrapped_network(tiny_cnn: nn.Module) -> None:
+    wrapper = nn.Module()
+    wrapper.model = tiny_cnn
+    assert resolve_layers(wrapper, "features.3")[0] == ("model.features.3", tiny_cnn.features[3])
+    wrapper.twin = nn.Module()
+    wrapper.twin.features = nn.Sequential(*[nn.Identity() for _ in range(4)])
+    with pytest.raises(ValueError, match=r"'features\.3' is ambiguous.*'model\.features\.3'"):
+        resolve_layers(wrapper, "features.3")
+    with pytest.raises(ValueError, match=r"No layer named 'atures\.3'"):
+        resolve_layers(wrapper, "atures.3")
