@@ -13,6 +13,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -59,6 +60,16 @@ def _first_loader(loaders: Any) -> DataLoader | None:
             if found is not None:
                 return found
     return None
+
+
+def check_strategy(strategy: Strategy) -> None:
+    """Refuse sharded strategies: no rank holds whole layers, so there is nothing to hook."""
+    name = type(strategy).__name__
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or "DeepSpeed" in name:
+        raise ValueError(
+            f"CamMonitor does not support the sharded strategy {name}: no rank holds whole "
+            "layers to hook. Use ddp, ddp_spawn or a single device for runs you monitor."
+        )
 
 
 class CamMonitor(Callback):
@@ -217,12 +228,7 @@ class CamMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy:
-            raise ValueError(
-                f"CamMonitor does not support the sharded strategy {strategy}: rank zero does not "
-                "hold whole layers to hook. Use ddp or a single device, or remove the monitor."
-            )
+        check_strategy(trainer.strategy)
         if self.layers is not None:
             resolve_layers(pl_module, self.layers)  # a typo fails here, before any step
 
@@ -278,6 +284,12 @@ class CamMonitor(Callback):
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._evaluate(trainer, pl_module, epoch=trainer.current_epoch + 1)
 
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run one evaluation now, from any hook after training started (even under inference
+        mode, e.g. in `on_validation_epoch_end`); rank zero only, like the scheduled ones."""
+        if trainer.is_global_zero and self._probes:
+            self._evaluate(trainer, pl_module, epoch=trainer.current_epoch)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "evaluations": self.evaluations,
@@ -308,6 +320,8 @@ class CamMonitor(Callback):
             output = run_evaluation(unwrap_model(pl_module), self._probes, self.settings)
             scalars, non_finite = self.tracker.score(output.results, self._probes)
         except Exception as err:
+            if baseline and not isinstance(err, ValueError):
+                raise ValueError(self._baseline_failure(err)) from err
             if self.strict or baseline:
                 raise
             self._skip(trainer, err)
@@ -352,6 +366,23 @@ class CamMonitor(Callback):
                 if p.labels is not None and name in results
             },
             scalars=dict(output.scalars),
+        )
+
+    def _baseline_failure(self, err: Exception) -> str:
+        """Explain a failure of the first evaluation, which checks the whole configuration."""
+        shapes = ", ".join(
+            f"{name}: {tuple(p.inputs.shape)} {p.inputs.dtype}" for name, p in self._probes.items()
+        )
+        hint = ""
+        if any(p.inputs.dtype == torch.uint8 for p in self._probes.values()):
+            hint = (
+                " The probe holds uint8 images and is fed to the model as is: pass float images "
+                "prepared like your training batches (e.g. x.float() / 255, then normalised)."
+            )
+        return (
+            f"CamMonitor could not compute its first CAMs ({type(err).__name__}: {err}). The probe "
+            f"({shapes}) must be a batch the model accepts, like a training batch; check probe=, "
+            f"input_key=, forward= and output_transform=.{hint}"
         )
 
     def _check_resumed_probe(self, probes: Mapping[str, ProbeSet]) -> None:
