@@ -1,13 +1,473 @@
-"""`cam-monitor` command line."""
+"""`cam-monitor` command line: look at one run's CAM history, or compare two runs.
+
+  cam-monitor show RUN_DIR [--probe P] [--layer L] [--method M] [--strict]
+  cam-monitor compare RUN_A RUN_B [--out report.html] [--epochs 0,5,10] [filters, --strict]
+
+Exit status: 0 on success; 2 for a usage error or input that cannot be used (a missing, empty
+or unreadable history, runs whose probes differ), with a one-line "cam-monitor: error:" message.
+An unreadable eval-*.npz file (truncated, corrupt) is skipped with a warning that names it;
+--strict turns that into an error.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import fnmatch
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+
+from .history import HistoryError
+from .report import (
+    DRIFT_MEASURES,
+    LOCALIZATION_SCORES,
+    SIMILARITIES,
+    EpochComparison,
+    Group,
+    ReportError,
+    Run,
+    check_probes,
+    common_epochs,
+    compare_group,
+    load_run,
+    parse_scalar,
+    require_matplotlib,
+    run_labels,
+    scalar_name,
+    write_report,
+)
+
+__all__ = ["build_parser", "format_number", "format_table", "main"]
+
+WIDTH = 100
+_LIBRARY_HINT = " Delete the file, or pass strict=False to read_history to skip it."
+_CLI_HINT = " Delete or restore the file to silence this warning; --strict makes it an error."
+
+
+class CliError(Exception):
+    """A request the data cannot answer (no such probe, no common epoch): exit status 2."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cam-monitor", description=__doc__)
-    parser.parse_args(argv)
-    parser.print_help()
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error argparse already explained
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    threads = torch.get_num_threads()
+    # The tensors here are small (probe-sized maps): one thread is faster than torch's pool, and
+    # leaves the other cores to the training runs this command is often used next to.
+    torch.set_num_threads(1)
+    try:
+        return handler(args)
+    except BrokenPipeError:  # `cam-monitor show run | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except (HistoryError, ReportError, CliError, OSError) as exc:
+        print(f"cam-monitor: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors reported as "cam-monitor: error: ..." by subcommands too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"cam-monitor: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser with the `show` and `compare` subcommands."""
+    parser = _Parser(
+        prog="cam-monitor",
+        description="Look at the Grad-CAM history CamMonitor wrote during training, or compare "
+        "two runs.",
+    )
+    commands = parser.add_subparsers(
+        title="commands", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+    show = commands.add_parser(
+        "show",
+        help="print every evaluation of a run: drift, localization and timing",
+        description="Print every evaluation of a run: index, epoch, step, seconds, then per "
+        "(probe, layer, method) the drift against the first (_ref) and previous (_prev) "
+        "evaluation as distances (0 = unchanged), localization scores and entropy. 'nan' = "
+        "undefined measure, '-' = not recorded, '*' = some images left out of the mean.",
+    )
+    show.add_argument("run_dir", metavar="RUN_DIR", help="run directory or its history folder")
+    _add_filters(show)
+    show.set_defaults(handler=_show)
+    compare = commands.add_parser(
+        "compare",
+        help="compare two runs' maps epoch by epoch, optionally as an HTML report",
+        description="For every epoch evaluated in both runs, print the similarity between the "
+        "runs' maps (spearman and topk_iou: 1 = same attention; js: 0 = same) and both runs' "
+        "localization scores. The runs must have used the same probe data.",
+    )
+    compare.add_argument("run_a", metavar="RUN_A", help="first run directory (A)")
+    compare.add_argument("run_b", metavar="RUN_B", help="second run directory (B)")
+    compare.add_argument(
+        "--out",
+        metavar="REPORT.html",
+        type=Path,
+        help="also write a self-contained HTML report with curves and overlays (needs "
+        "matplotlib: pip install cam-monitor[report])",
+    )
+    compare.add_argument(
+        "--epochs",
+        type=_epoch_list,
+        metavar="E1,E2,...",
+        help="only these common epochs in the printed table, and the report's overlays at these "
+        "epochs (default: every common epoch; overlays at the first, middle and last)",
+    )
+    _add_filters(compare)
+    compare.set_defaults(handler=_compare)
+    return parser
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    for name, example in (("probe", "target"), ("layer", "features.*"), ("method", "gradcam*")):
+        parser.add_argument(
+            f"--{name}",
+            metavar=name[0].upper(),
+            help=f"only this {name}; shell-style wildcards allowed, e.g. '{example}'",
+        )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on an unreadable eval-*.npz file instead of skipping it with a warning",
+    )
+
+
+def _epoch_list(text: str) -> list[int]:
+    """Parse "0,5,10" into [0, 5, 10] (argparse `type`)."""
+    try:
+        epochs = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated epoch numbers such as 0,5,10, got {text!r}"
+        ) from None
+    if not epochs or any(e < 0 for e in epochs):
+        raise argparse.ArgumentTypeError(f"expected epoch numbers >= 0, got {text!r}")
+    return list(dict.fromkeys(epochs))
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def format_number(value: float | None) -> str:
+    """A table cell: 4 decimals, "nan" for an undefined value, "-" for a missing one.
+
+    Example:
+        >>> [format_number(v) for v in (0.25, float("nan"), None, float("inf"))]
+        ['0.2500', 'nan', '-', 'inf']
+    """
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.4f}"
+
+
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], keep: int = 1, width: int = WIDTH
+) -> list[str]:
+    """Right-aligned text columns; tables wider than ``width`` are split into several, each
+    repeating the first ``keep`` columns.
+
+    Example:
+        >>> print("\\n".join(format_table(["epoch", "a", "b"], [["0", "1.5", "x"]], width=12)))
+        epoch    a
+            0  1.5
+        <BLANKLINE>
+        epoch  b
+            0  x
+    """
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    chunks: list[list[int]] = []
+    fixed = sum(widths[:keep]) + 2 * keep
+    current: list[int] = []
+    for column in range(keep, len(headers)):
+        used = fixed + sum(widths[c] + 2 for c in current)
+        if current and used + widths[column] > width:
+            chunks.append(current)
+            current = []
+        current.append(column)
+    if current or not chunks:
+        chunks.append(current)
+    lines: list[str] = []
+    for number, chunk in enumerate(chunks):
+        if number:
+            lines.append("")
+        columns = [*range(min(keep, len(headers))), *chunk]
+        for cells in (headers, *rows):
+            lines.append("  ".join(cells[c].rjust(widths[c]) for c in columns).rstrip())
+    return lines
+
+
+def _one_line(message: str) -> str:
+    """Error messages on one line: a listing after a colon becomes comma-separated."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else message
+    return f"{lines[0]} {', '.join(lines[1:])}"
+
+
+def _print(lines: Sequence[str] = ("",)) -> None:
+    print("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _load(run_dir: str, strict: bool, name: str | None = None) -> Run:
+    """Read a run; warnings about skipped files go to stderr as one line each, at once."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = load_run(run_dir, strict=strict, name=name)
+    for warning in caught:
+        if issubclass(warning.category, UserWarning):
+            text = _one_line(str(warning.message)).replace(_LIBRARY_HINT, _CLI_HINT)
+            print(f"cam-monitor: warning: {text}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    return run
+
+
+def _select(groups: Sequence[Group], args: argparse.Namespace, where: str) -> list[Group]:
+    """Groups matching --probe/--layer/--method; none matching is a `CliError` listing choices."""
+    patterns = (args.probe, args.layer, args.method)
+    chosen = [
+        g
+        for g in groups
+        if all(p is None or fnmatch.fnmatchcase(n, p) for n, p in zip(g, patterns, strict=True))
+    ]
+    if groups and not chosen:
+        available = "; ".join(
+            f"{kind}s: {', '.join(dict.fromkeys(g[i] for g in groups))}"
+            for i, kind in enumerate(("probe", "layer", "method"))
+        )
+        raise CliError(f"no (probe, layer, method) in {where} matches the filters; {available}")
+    return chosen
+
+
+# --------------------------------------------------------------------------- show
+
+
+def _show(args: argparse.Namespace) -> int:
+    run = _load(args.run_dir, args.strict)
+    groups = _select(run.groups, args, str(run.folder))
+    evaluations = run.evaluations
+    present = {name for ev in evaluations for name in ev.scalars}
+    known = {"/".join(g): g for g in run.groups}
+    probes = ", ".join(dict.fromkeys(g[0] for g in run.groups)) or "-"
+    layers = ", ".join(dict.fromkeys(g[1] for g in run.groups)) or "-"
+    methods = ", ".join(dict.fromkeys(g[2] for g in run.groups)) or "-"
+    _print(
+        [
+            f"cam-monitor history: {run.folder}",
+            f"{len(evaluations)} evaluations; probes: {probes}; layers: {layers}; "
+            f"methods: {methods}",
+            "drift columns are distances (0 = unchanged): _ref to the first evaluation, _prev to "
+            "the last one.",
+            "'nan' = undefined, '-' = not recorded, '*' = some images left out of the mean.",
+            "",
+        ]
+    )
+    other = [
+        name
+        for name in dict.fromkeys(n for ev in evaluations for n in ev.scalars)
+        if name != "cam_monitor/seconds" and parse_scalar(name, known) is None
+    ]
+    headers = ["index", "epoch", "step", "seconds", *other, "time"]
+    rows = [
+        [
+            str(ev.index),
+            str(ev.epoch),
+            str(ev.step),
+            format_number(ev.scalars.get("cam_monitor/seconds")),
+            *(format_number(ev.scalars.get(name)) for name in other),
+            ev.time or "-",
+        ]
+        for ev in evaluations
+    ]
+    _print(format_table(headers, rows, keep=2))
+    for group in groups:
+        columns = _group_columns(group, present, known)
+        _print(["", " / ".join(group)])
+        if not columns:
+            _print(["(no scalars recorded)"])
+            continue
+        rows = []
+        for ev in evaluations:
+            cells = [str(ev.index), str(ev.epoch)]
+            for _, name in columns:
+                cell = format_number(ev.scalars.get(name))
+                if ev.scalars.get(f"{name}_excluded", 0) > 0:
+                    cell += "*"
+                cells.append(cell)
+            rows.append(cells)
+        _print(format_table(["index", "epoch", *(h for h, _ in columns)], rows, keep=2))
     return 0
+
+
+def _group_columns(
+    group: Group, present: set[str], known: dict[str, Group]
+) -> list[tuple[str, str]]:
+    """(header, scalar name) of one group's scalars: drift, localization, stats, then others."""
+    wanted = [
+        *(("cam_drift", f"{m}_{s}") for m in DRIFT_MEASURES for s in ("ref", "prev")),
+        *(("cam_loc", score) for score in LOCALIZATION_SCORES),
+        ("cam_stats", "entropy"),
+    ]
+    columns = [
+        (stat, scalar_name(kind, group, stat))
+        for kind, stat in wanted
+        if scalar_name(kind, group, stat) in present
+    ]
+    taken = {name for _, name in columns}
+    for name in sorted(present - taken):
+        parsed = parse_scalar(name, known)
+        if parsed is not None and parsed[1] == group and not parsed[2].endswith("_excluded"):
+            columns.append((parsed[2], name))
+    return columns
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def _compare(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        if args.out.is_dir():
+            raise CliError(f"--out {args.out} is a folder; give a file name such as report.html")
+        require_matplotlib()  # fail before the work, not after it
+    label_a, label_b = run_labels(Path(args.run_a).resolve(), Path(args.run_b).resolve())
+    a = _load(args.run_a, args.strict, name=label_a)
+    b = _load(args.run_b, args.strict, name=label_b)
+    notes = check_probes(a, b)
+    for run in (a, b):
+        if run.repeated_epochs:
+            notes.append(
+                f"{run.name} has several evaluations at epoch(s) {_span(run.repeated_epochs)}; "
+                "the first of each epoch is compared"
+            )
+    for note in notes:
+        print(f"cam-monitor: warning: {note}", file=sys.stderr)
+    in_b = set(b.groups)
+    groups = _select([g for g in a.groups if g in in_b], args, "both runs")
+    if not groups:
+        raise CliError(
+            f"runs {a.name} and {b.name} have no (probe, layer, method) in common: "
+            f"A has {_names(a.groups)}; B has {_names(b.groups)}"
+        )
+    epochs = common_epochs(a, b)
+    if not epochs:
+        raise CliError(
+            f"runs {a.name} and {b.name} have no evaluated epoch in common: A has epochs "
+            f"{_span(list(a.by_epoch))}, B has {_span(list(b.by_epoch))}"
+        )
+    shown = epochs
+    if args.epochs is not None:
+        missing = [e for e in args.epochs if e not in epochs]
+        if missing:
+            raise CliError(
+                f"--epochs {','.join(map(str, missing))} not evaluated in both runs; common "
+                f"epochs: {_span(epochs)}"
+            )
+        shown = sorted(args.epochs)
+    _print(
+        [
+            f"A: {a.name}  ({a.folder}, {len(a.evaluations)} evaluations)",
+            f"B: {b.name}  ({b.folder}, {len(b.evaluations)} evaluations)",
+            f"common epochs: {_span(epochs)}",
+            "Similarity of the runs' maps at the same epoch, mean over the probe images: "
+            "spearman, topk_iou:",
+            "1 = same attention; js (Jensen-Shannon divergence): 0 = same. <score>_A, <score>_B: "
+            "each run's",
+            "localization score. 'nan' = undefined, '-' = not recorded, '*' = see the notes "
+            "below a table.",
+        ]
+    )
+    for group in groups:
+        _print_comparison(group, compare_group(a, b, group, shown))
+    for run, other in ((a, set(b.groups)), (b, set(a.groups))):
+        alone = [g for g in run.groups if g not in other]
+        if alone:
+            _print(["", f"only in {run.name} (not compared): {_names(alone)}"])
+    if args.out is not None:
+        path = write_report(
+            args.out, a, b, groups=groups, epochs=epochs, overlays=args.epochs, notes=notes
+        )
+        _print(["", f"report written to {path}"])
+    return 0
+
+
+def _print_comparison(group: Group, rows: Sequence[EpochComparison]) -> None:
+    images = max((r.images for r in rows), default=0)
+    scores = [
+        s
+        for s in LOCALIZATION_SCORES
+        if any(s in r.localization_a or s in r.localization_b for r in rows)
+    ]
+    headers = ["epoch", *SIMILARITIES]
+    for score in scores:
+        headers += [f"{score}_A", f"{score}_B"]
+    table, notes = [], []
+    for row in rows:
+        cells = [str(row.epoch)]
+        for measure in SIMILARITIES:
+            mean, left_out = row.similarity.get(measure, (None, 0))
+            cells.append(format_number(mean) + ("*" if left_out else ""))
+        for score in scores:
+            cells.append(format_number(row.localization_a.get(score)))
+            cells.append(format_number(row.localization_b.get(score)))
+        table.append(cells)
+        left = {m: n for m, (_, n) in row.similarity.items() if n}
+        if row.note:
+            notes.append(f"epoch {row.epoch}: {row.note}")
+        elif left:
+            counts = ", ".join(f"{m} {n}" for m, n in left.items())
+            notes.append(
+                f"epoch {row.epoch}: images left out (measure undefined, e.g. a constant map): "
+                f"{counts} of {row.images}"
+            )
+    _print(["", f"{' / '.join(group)}  ({images} images)"])
+    _print(format_table(headers, table, keep=1))
+    if notes:
+        _print([f"  * {note}" for note in notes])
+
+
+def _names(groups: Sequence[Group]) -> str:
+    return ", ".join(" / ".join(g) for g in groups) or "nothing"
+
+
+def _span(epochs: Sequence[int]) -> str:
+    """Epochs as text, long lists shortened.
+
+    Example:
+        >>> _span([0, 1, 2]), _span(list(range(20)))
+        ('0, 1, 2', '0, 1, 2, 3, 4, ..., 15, 16, 17, 18, 19 (20 epochs)')
+    """
+    if len(epochs) <= 12:
+        return ", ".join(map(str, epochs)) or "none"
+    head, tail = ", ".join(map(str, epochs[:5])), ", ".join(map(str, epochs[-5:]))
+    return f"{head}, ..., {tail} ({len(epochs)} epochs)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,11 +11,10 @@ renamed with ``os.replace``, so a file with the final name is always complete).
 
 Arrays in each file, keyed by name (``np.load(path)[key]``):
 
-- ``maps/{probe}/{layer}/{method}``: float16 ``[B, h, w]``, the raw CAM at layer resolution
-  (not normalised). Finite values beyond float16 range are clipped to +-65504 (instead of
-  becoming inf); NaN and +-inf are stored as they are. float16 keeps about 3 significant digits
-  (relative error <= 2**-11); values below 6.1e-5 lose precision and below 6e-8 become 0.
-  `read_evaluation` returns these maps as float32.
+- ``maps/{probe}/{layer}/{method}``: float32 ``[B, h, w]``, the raw CAM at layer resolution
+  (not normalised), NaN and +-inf kept. Raw Grad-CAM values are often 1e-4 or smaller, where
+  float16 would lose most of its precision, so maps stay float32 (they are small at layer
+  resolution, and compressed).
 - ``targets/{probe}``: int64 ``[B]``, the class each CAM explains.
 - ``logits/{probe}``: float32 ``[B, C]``, the model's logits on the probe.
 - ``labels/{probe}``: int64 ``[B]``, the ground-truth labels, only for probes that have them.
@@ -35,6 +34,15 @@ code), so a ``/`` inside a name cannot be mistaken for a separator; ``urllib.par
 decodes a component. Names such as ``source``, ``features.29``, ``layer4.1.conv2`` and
 ``gradcam++`` therefore appear unchanged: ``maps/source/features.29/gradcam++``.
 
+The probe (format 1), stored once per run as ``probe.npz`` in the same folder so reports can
+draw overlays, written atomically in the same way (`write_probe`, `read_probe`):
+
+- ``inputs/{probe}``: float32 ``[B, C, H, W]``, the model inputs as the model saw them.
+- ``labels/{probe}``: int64 ``[B]``, only for probes that have labels.
+- ``masks/{probe}``: bool ``[B, H, W]``, only for probes that have localization masks.
+- ``meta``: JSON ``{"format": 1, "kind": "probe", "probes": [...], "hashes": {probe: str},
+  "time": ISO-8601 UTC string}``; ``hashes`` are the `Evaluation.probe_hashes` of the run.
+
 Example (reading with numpy alone):
     >>> import json, tempfile
     >>> import numpy as np
@@ -50,7 +58,7 @@ Example (reading with numpy alone):
     >>> path.name, meta["epoch"], meta["layers"], meta["scalars"]
     ('eval-00003.npz', 6, ['features.29'], {'drift/first': None})
     >>> cam.dtype, cam.shape, float(cam.max())
-    (dtype('float16'), (2, 7, 7), 0.5)
+    (dtype('float32'), (2, 7, 7), 0.5)
 """
 
 from __future__ import annotations
@@ -77,19 +85,24 @@ import numpy as np
 
 __all__ = [
     "FORMAT_VERSION",
+    "PROBE_FILE",
     "Evaluation",
     "HistoryError",
+    "ProbeRecord",
     "evaluation_path",
     "find_history",
     "probe_hash",
     "prune_from",
     "read_evaluation",
     "read_history",
+    "read_probe",
     "write_evaluation",
+    "write_probe",
 ]
 
 FORMAT_VERSION = 1
-_FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504.0
+#: Name of the file holding a run's probe, next to its ``eval-*.npz`` files.
+PROBE_FILE = "probe.npz"
 _EVAL_RE = re.compile(r"eval-(\d{5,})\.npz")
 _TEMP_RE = re.compile(r"\.eval-(\d{5,})\.npz\.[0-9a-f]+\.tmp")
 _KINDS = ("targets", "logits", "labels")
@@ -168,24 +181,7 @@ def write_evaluation(folder: str | os.PathLike[str], evaluation: Evaluation) -> 
     partial file under the final name.
     """
     arrays = _to_arrays(evaluation)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = evaluation_path(folder, evaluation.index)
-    temp = folder / f".{final.name}.{secrets.token_hex(6)}.tmp"
-    # os.open with 0o666 (not mkstemp's 0o600) so the file gets the user's usual permissions.
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    _fsync_folder(folder)
-    return final
+    return _write_npz_atomically(evaluation_path(Path(folder), evaluation.index), arrays)
 
 
 def read_evaluation(path: str | os.PathLike[str]) -> Evaluation:
@@ -350,7 +346,159 @@ def probe_hash(arrays: Sequence[np.ndarray] | np.ndarray) -> str:
     return digest.hexdigest()[:12]
 
 
+@dataclass(frozen=True, eq=False)
+class ProbeRecord:
+    """A run's probe as stored in ``probe.npz``: inputs, labels and masks per probe name, and
+    the probe hashes. Compared by identity (``eq=False``): its fields hold numpy arrays.
+    """
+
+    inputs: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def probes(self) -> tuple[str, ...]:
+        """Probe names in first-appearance order: inputs, then labels, masks, hashes."""
+        return _unique([*self.inputs, *self.labels, *self.masks, *self.hashes])
+
+
+def write_probe(
+    folder: str | os.PathLike[str],
+    inputs: Mapping[str, np.ndarray],
+    labels: Mapping[str, np.ndarray],
+    masks: Mapping[str, np.ndarray],
+    hashes: Mapping[str, str],
+) -> Path:
+    """Write the probe atomically to ``folder/probe.npz`` (replacing it) and return the path.
+
+    Inputs become float32 ``[B, C, H, W]``, labels int64 ``[B]``, masks bool ``[B, H, W]``
+    (non-bool masks are thresholded at 0.5, as the localization scores do).
+
+    Example:
+        >>> import tempfile
+        >>> x = np.zeros((2, 3, 4, 4), np.float64)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = write_probe(folder, {"val": x}, {"val": np.array([1, 0])}, {}, {"val": "ab"})
+        ...     record = read_probe(folder)
+        >>> path.name, record.inputs["val"].dtype, record.labels["val"].tolist(), record.hashes
+        ('probe.npz', dtype('float32'), [1, 0], {'val': 'ab'})
+    """
+    arrays: dict[str, np.ndarray] = {}
+    batch: dict[str, tuple[int, str]] = {}
+    tables = (("inputs", inputs, 4), ("labels", labels, 1), ("masks", masks, 3))
+    for kind, table, ndim in tables:
+        for probe, value in table.items():
+            _check_name(probe, "Probe")
+            what = f"{kind}[{probe!r}]"
+            array = _batch_array(value, ndim, what, integer=kind == "labels")
+            first = batch.setdefault(probe, (array.shape[0], what))
+            if first[0] != array.shape[0]:
+                raise ValueError(
+                    f"Probe {probe!r}: {what} has batch size {array.shape[0]} but {first[1]} "
+                    f"has {first[0]}"
+                )
+            if kind == "inputs":
+                array = array.astype(np.float32)
+            elif kind == "labels":
+                array = array.astype(np.int64)
+            elif array.dtype != np.bool_:
+                array = array > 0.5
+            arrays[f"{kind}/{_encode(probe)}"] = array
+    names = _unique([*inputs, *labels, *masks, *hashes])
+    meta = {
+        "format": FORMAT_VERSION,
+        "kind": "probe",
+        "probes": list(names),
+        "hashes": {_check_name(p, "Probe"): str(h) for p, h in hashes.items()},
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
+    return _write_npz_atomically(Path(folder) / PROBE_FILE, arrays)
+
+
+def read_probe(folder: str | os.PathLike[str]) -> ProbeRecord | None:
+    """Read ``folder/probe.npz``; None when the file does not exist.
+
+    Raises `HistoryError` naming the file if it is truncated, corrupt or too new.
+    """
+    path = Path(folder) / PROBE_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            contents = {key: npz[key] for key in npz.files}
+        return _probe_from_arrays(contents)
+    except _NewerFormat as exc:
+        raise HistoryError(f"Cannot read {path}: {exc}") from exc
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        KeyError,
+        TypeError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ) as e:
+        raise HistoryError(
+            f"Cannot read cam-monitor probe file {path}: it is truncated or corrupt "
+            f"({type(e).__name__}: {e}). Delete it: reports then show the maps without images."
+        ) from e
+
+
 # ----------------------------------------------------------------------------- internals
+
+
+def _write_npz_atomically(final: Path, arrays: Mapping[str, np.ndarray]) -> Path:
+    """Write ``arrays`` compressed to a hidden temporary file, fsync, then rename to ``final``."""
+    folder = final.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    temp = folder / f".{final.name}.{secrets.token_hex(6)}.tmp"
+    # os.open with 0o666 (not mkstemp's 0o600) so the file gets the user's usual permissions.
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    _fsync_folder(folder)
+    return final
+
+
+def _probe_from_arrays(contents: dict[str, np.ndarray]) -> ProbeRecord:
+    """Rebuild a ProbeRecord from ``probe.npz`` arrays; malformed content raises ValueError."""
+    if "meta" not in contents:
+        raise ValueError("no 'meta' entry")
+    meta = json.loads(str(contents["meta"]))
+    if not isinstance(meta, dict) or meta.get("kind") != "probe":
+        raise ValueError("'meta' is not a probe description")
+    version = meta.get("format")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise _NewerFormat(
+            f"it uses history format {version}, this cam-monitor reads format "
+            f"{FORMAT_VERSION}: upgrade cam-monitor."
+        )
+    if version != FORMAT_VERSION:
+        raise ValueError(f"unknown format {version!r}")
+    tables: dict[str, dict[str, np.ndarray]] = {"inputs": {}, "labels": {}, "masks": {}}
+    dims = {"inputs": 4, "labels": 1, "masks": 3}
+    for key, array in contents.items():
+        parts = [unquote(part) for part in key.split("/")]
+        if parts[0] in tables:
+            if len(parts) != 2 or array.ndim != dims[parts[0]]:
+                raise ValueError(f"malformed entry {key!r} with shape {array.shape}")
+            tables[parts[0]][parts[1]] = array
+    return ProbeRecord(
+        inputs={p: a.astype(np.float32) for p, a in tables["inputs"].items()},
+        labels={p: a.astype(np.int64) for p, a in tables["labels"].items()},
+        masks={p: a.astype(bool) for p, a in tables["masks"].items()},
+        hashes={str(k): str(v) for k, v in meta["hashes"].items()},
+    )
 
 
 class _NewerFormat(Exception):
@@ -378,18 +526,6 @@ def _as_int(value: object, what: str) -> int:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise ValueError(f"Evaluation.{what} must be an int, got {value!r}") from None
-
-
-def _to_float16(array: np.ndarray) -> np.ndarray:
-    """Clip finite values to the float16 range (so they do not become inf), then cast."""
-    array = np.asarray(array)
-    if array.dtype == np.float16:
-        return array
-    if array.dtype.kind != "f":
-        array = array.astype(np.float64)
-    clipped = np.clip(array, -_FLOAT16_MAX, _FLOAT16_MAX)
-    clipped = np.where(np.isinf(array), array, clipped)
-    return clipped.astype(np.float16)
 
 
 def _batch_array(array: object, ndim: int, what: str, integer: bool) -> np.ndarray:
@@ -428,7 +564,9 @@ def _to_arrays(ev: Evaluation) -> dict[str, np.ndarray]:
         what = f"maps[{key!r}]"
         array = _batch_array(array, 3, what, integer=False)
         check_batch(probe, array.shape[0], what)
-        arrays[f"maps/{_encode(probe)}/{_encode(layer)}/{_encode(method)}"] = _to_float16(array)
+        arrays[f"maps/{_encode(probe)}/{_encode(layer)}/{_encode(method)}"] = np.asarray(
+            array, dtype=np.float32
+        )
     for kind in ("targets", "logits"):
         table: Mapping[str, np.ndarray] = getattr(ev, kind)
         missing = [p for p in _unique(p for p, _, _ in ev.maps) if p not in table]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cam_monitor.history import (
+    PROBE_FILE,
     Evaluation,
     HistoryError,
     evaluation_path,
@@ -22,7 +23,9 @@ from cam_monitor.history import (
     prune_from,
     read_evaluation,
     read_history,
+    read_probe,
     write_evaluation,
+    write_probe,
 )
 
 PROBES = ("source", "target")
@@ -69,8 +72,7 @@ def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
     assert list(back.maps) == list(ev.maps)
     for key, original in ev.maps.items():
         assert back.maps[key].dtype == np.float32
-        np.testing.assert_allclose(back.maps[key], original, rtol=2**-11, atol=0)
-        assert not np.array_equal(back.maps[key], original)  # float16 really was applied
+        np.testing.assert_array_equal(back.maps[key], original.astype(np.float32))
     for probe in PROBES:
         assert back.targets[probe].dtype == np.int64
         np.testing.assert_array_equal(back.targets[probe], ev.targets[probe])
@@ -83,8 +85,8 @@ def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
     assert back.time is not None and back.time.startswith("20") and back.time.endswith("+00:00")
 
 
-def test_maps_clip_to_float16_range_and_keep_nan_inf(tmp_path: Path) -> None:
-    values = np.array([[[1e6, -1e6, np.nan], [np.inf, -np.inf, 65504.0]]], dtype=np.float64)
+def test_maps_keep_tiny_values_nan_and_inf(tmp_path: Path) -> None:
+    values = np.array([[[1e-9, -3e-7, np.nan], [np.inf, -np.inf, 1e6]]], dtype=np.float64)
     ev = Evaluation(
         index=0,
         epoch=0,
@@ -97,7 +99,8 @@ def test_maps_clip_to_float16_range_and_keep_nan_inf(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no overflow warning from the cast either
         back = read_evaluation(write_evaluation(tmp_path, ev)).maps["p", "l", "m"]
-    np.testing.assert_array_equal(back, [[[65504.0, -65504.0, np.nan], [np.inf, -np.inf, 65504.0]]])
+    np.testing.assert_array_equal(back, values.astype(np.float32))
+    assert back[0, 0, 0] > 0  # float16 would have flushed 1e-9 to zero
 
 
 def test_awkward_names_round_trip(tmp_path: Path) -> None:
@@ -312,7 +315,7 @@ def test_format_is_readable_with_plain_numpy(tmp_path: Path) -> None:
         meta = json.loads(str(npz["meta"]))
         assert npz["meta"].shape == () and npz["meta"].dtype.kind == "U"
         cam = npz["maps/target/layer4.1.conv2/gradcam++"]
-        assert (cam.dtype, cam.shape) == (np.float16, (2, 4, 5))
+        assert (cam.dtype, cam.shape) == (np.float32, (2, 4, 5))
         assert npz["targets/source"].dtype == np.int64
         assert npz["logits/target"].dtype == np.float32
         assert npz["labels/source"].dtype == np.int64
@@ -367,3 +370,92 @@ def test_file_permissions_follow_umask(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o666 & ~umask
+
+
+# --------------------------------------------------------------------------- probe file
+
+
+def probe_arrays() -> tuple[dict[str, np.ndarray], ...]:
+    rng = np.random.default_rng(0)
+    inputs = {"source": rng.standard_normal((3, 3, 8, 8)), "dom/ain": rng.random((2, 1, 8, 8))}
+    labels = {"source": np.array([0, 4, 2], dtype=np.int32)}
+    masks = {"source": rng.random((3, 8, 8)), "dom/ain": np.ones((2, 8, 8), bool)}
+    hashes = {p: probe_hash([x]) for p, x in inputs.items()}
+    return inputs, labels, masks, hashes
+
+
+def test_probe_round_trip_with_dtypes_and_awkward_names(tmp_path: Path) -> None:
+    inputs, labels, masks, hashes = probe_arrays()
+    path = write_probe(tmp_path / "hist", inputs, labels, masks, hashes)
+    assert path == tmp_path / "hist" / PROBE_FILE
+    assert names(tmp_path / "hist") == {"probe.npz"}  # no temporary file left
+    record = read_probe(tmp_path / "hist")
+    assert record is not None
+    assert record.probes == ("source", "dom/ain")
+    assert record.hashes == hashes
+    for probe, x in inputs.items():
+        assert record.inputs[probe].dtype == np.float32
+        np.testing.assert_array_equal(record.inputs[probe], x.astype(np.float32))
+    assert record.labels["source"].dtype == np.int64
+    assert record.labels["source"].tolist() == [0, 4, 2] and "dom/ain" not in record.labels
+    assert record.masks["source"].dtype == bool
+    np.testing.assert_array_equal(record.masks["source"], masks["source"] > 0.5)
+    assert record.masks["dom/ain"].all()
+    with np.load(path) as npz:  # readable with numpy alone, names encoded as for maps
+        assert {"inputs/source", "inputs/dom%2Fain", "labels/source", "meta"} <= set(npz.files)
+        meta = json.loads(str(npz["meta"]))
+    assert meta["format"] == 1 and meta["kind"] == "probe" and meta["hashes"] == hashes
+
+
+def test_missing_probe_file_reads_as_none(tmp_path: Path) -> None:
+    write_evaluation(tmp_path, make_evaluation())
+    assert read_probe(tmp_path) is None
+    assert read_probe(tmp_path / "missing") is None
+
+
+def test_corrupt_probe_file_raises_naming_it(tmp_path: Path) -> None:
+    path = write_probe(tmp_path, *probe_arrays())
+    truncate(path)
+    with pytest.raises(HistoryError, match=r"probe\.npz.*truncated or corrupt"):
+        read_probe(tmp_path)
+    path.write_bytes(b"")
+    with pytest.raises(HistoryError, match=r"probe\.npz"):
+        read_probe(tmp_path)
+    # An evaluation file renamed to probe.npz is not a probe.
+    shutil.copy(write_evaluation(tmp_path, make_evaluation()), path)
+    with pytest.raises(HistoryError, match="not a probe description"):
+        read_probe(tmp_path)
+
+
+def test_newer_probe_format_asks_for_an_upgrade(tmp_path: Path) -> None:
+    meta = json.dumps({"format": 2, "kind": "probe", "probes": [], "hashes": {}})
+    np.savez(tmp_path / PROBE_FILE, meta=np.array(meta))
+    with pytest.raises(HistoryError, match="upgrade cam-monitor"):
+        read_probe(tmp_path)
+
+
+def test_invalid_probes_fail_before_touching_disk(tmp_path: Path) -> None:
+    inputs, labels, masks, hashes = probe_arrays()
+    bad_cases = {
+        "4 dimensions": ({"source": np.ones((3, 8, 8))}, labels, masks),
+        "integer dtype": (inputs, {"source": np.array([0.5, 1.0, 2.0])}, masks),
+        "batch size": (inputs, labels, {"source": np.ones((2, 8, 8), bool)}),
+        "3 dimensions": (inputs, labels, {"source": np.ones((3, 8))}),
+        "non-empty": ({"": np.ones((1, 3, 2, 2))}, {}, {}),
+    }
+    for message, (x, y, m) in bad_cases.items():
+        with pytest.raises(ValueError, match=message):
+            write_probe(tmp_path / "out", x, y, m, hashes)
+    assert not (tmp_path / "out").exists()
+
+
+def test_probe_file_does_not_disturb_the_history_readers(tmp_path: Path) -> None:
+    write_probe(tmp_path, *probe_arrays())
+    with pytest.raises(HistoryError, match="No cam-monitor history"):
+        find_history(tmp_path)
+    for index in range(2):
+        write_evaluation(tmp_path, make_evaluation(index=index))
+    assert find_history(tmp_path) == tmp_path
+    assert [ev.index for ev in read_history(tmp_path)] == [0, 1]
+    assert [p.name for p in prune_from(tmp_path, 0)] == ["eval-00000.npz", "eval-00001.npz"]
+    assert names(tmp_path) == {"probe.npz"}

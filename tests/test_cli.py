@@ -1,0 +1,421 @@
+"""The `cam-monitor` command line on small synthetic runs written with the history module."""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cam_monitor.cli import format_table, main
+from cam_monitor.history import Evaluation, probe_hash, write_evaluation, write_probe
+
+PROBES = ("source", "target")
+LAYERS = ("features.29", "layer4.1.conv2")
+METHOD = "gradcam"
+BATCH = 8
+EPOCHS = (0, 1, 2)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def probe_inputs(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {p: rng.standard_normal((BATCH, 3, 16, 16)).astype(np.float32) for p in PROBES}
+
+
+def base_maps(probe: str, layer: str, epoch: int) -> np.ndarray:
+    """Run A: each map is a permutation of 1..16 (exact in float16, no ties)."""
+    rng = np.random.default_rng([PROBES.index(probe), LAYERS.index(layer), epoch])
+    perms = np.stack([rng.permutation(16) for _ in range(BATCH)]) + 1
+    return perms.reshape(BATCH, 4, 4).astype(np.float32)
+
+
+def run_b_maps(maps: np.ndarray, epoch: int) -> np.ndarray:
+    """Run B: equal at epoch 0, a monotone transform at 1 (same ranks), reversed at 2."""
+    if epoch == 0:
+        return maps.copy()
+    if epoch == 1:
+        return maps**2
+    return 17.0 - maps
+
+
+def make_run(folder: Path, which: str, inputs: dict[str, np.ndarray], probe: bool = True) -> Path:
+    """Three evaluations (epochs 0, 1, 2) of 2 probes x 2 layers x gradcam, maps 4x4."""
+    hashes = {p: probe_hash([x]) for p, x in inputs.items()}
+    masks = {p: np.zeros((BATCH, 16, 16), bool) for p in PROBES}
+    for m in masks.values():
+        m[:, :8, :8] = True
+    labels = {p: np.arange(BATCH) % 3 for p in PROBES}
+    history = folder / "lightning_logs" / "version_0" / "cam_monitor"
+    for index, epoch in enumerate(EPOCHS):
+        maps = {}
+        scalars: dict[str, float] = {"cam_monitor/seconds": 0.5 + index}
+        for p in PROBES:
+            for layer in LAYERS:
+                a = base_maps(p, layer, epoch)
+                maps[p, layer, METHOD] = a if which == "a" else run_b_maps(a, epoch)
+                base = f"{p}/{layer}/{METHOD}"
+                sign = 1 if which == "a" else -1
+                scalars[f"cam_loc/{base}/energy"] = 0.5 + sign * 0.1 * epoch
+                scalars[f"cam_loc/{base}/pointing"] = 0.25 * (epoch + 1)
+                scalars[f"cam_stats/{base}/entropy"] = 0.9
+                scalars[f"cam_drift/{base}/spearman_ref"] = 0.1 * epoch
+                scalars[f"cam_drift/{base}/topk_iou_ref"] = 0.2 * epoch
+                scalars[f"cam_drift/{base}/js_ref"] = math.nan if epoch == 1 else 0.01 * epoch
+                if index:
+                    scalars[f"cam_drift/{base}/spearman_prev"] = 0.3
+                    scalars[f"cam_drift/{base}/spearman_prev_excluded"] = 2.0
+        rng = np.random.default_rng(index)
+        write_evaluation(
+            history,
+            Evaluation(
+                index=index,
+                epoch=epoch,
+                step=10 * epoch,
+                probe_hashes=hashes,
+                maps=maps,
+                targets={p: np.zeros(BATCH, np.int64) for p in PROBES},
+                logits={p: rng.standard_normal((BATCH, 3)).astype(np.float32) for p in PROBES},
+                labels=labels,
+                scalars=scalars,
+            ),
+        )
+    if probe:
+        write_probe(history, inputs, labels, masks, hashes)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    inputs = probe_inputs(0)
+    return make_run(root / "source_only", "a", inputs), make_run(root / "dann", "b", inputs)
+
+
+def table(out: str, title: str) -> dict[str, dict[str, str]]:
+    """The table printed under the line starting with ``title``, rows keyed by the first cell;
+    chunks split for width (blank-line separated, same first column) are merged."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title)) + 1
+    while not lines[start].strip():
+        start += 1
+    rows: dict[str, dict[str, str]] = {}
+    key = lines[start].split()[0]
+    while start < len(lines) and lines[start].split()[:1] == [key]:
+        headers = lines[start].split()
+        start += 1
+        while start < len(lines) and lines[start].strip():
+            cells = lines[start].split()
+            rows.setdefault(cells[0], {}).update(zip(headers, cells, strict=True))
+            start += 1
+        start += 1  # the blank line between chunks
+    return rows
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --------------------------------------------------------------------------- show
+
+
+def test_show_prints_every_evaluation_and_its_scalars(
+    runs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_main(["show", str(runs[0])], capsys)
+    assert code == 0, err
+    assert err == ""
+    assert "3 evaluations; probes: source, target; layers: features.29, layer4.1.conv2" in out
+    main_table = table(out, "'nan' = undefined")
+    assert list(main_table) == ["0", "1", "2"]
+    assert [main_table[i]["epoch"] for i in "012"] == ["0", "1", "2"]
+    assert [main_table[i]["step"] for i in "012"] == ["0", "10", "20"]
+    assert [main_table[i]["seconds"] for i in "012"] == ["0.5000", "1.5000", "2.5000"]
+    for p in PROBES:
+        for layer in LAYERS:
+            block = table(out, f"{p} / {layer} / {METHOD}")
+            assert list(block) == ["0", "1", "2"]
+            assert block["2"]["spearman_ref"] == "0.2000"
+            assert block["0"]["spearman_prev"] == "-"  # not recorded at the baseline
+            assert block["1"]["spearman_prev"] == "0.3000*"  # 2 images left out of the mean
+            assert block["1"]["js_ref"] == "nan"
+            assert block["2"]["energy"] == "0.7000"
+            assert block["2"]["pointing"] == "0.7500"
+            assert block["0"]["entropy"] == "0.9000"
+            assert "spearman_prev_excluded" not in block["1"]
+            assert "pearson_ref" not in block["1"]  # never recorded: no column
+    # Readable in a 100-column terminal: every table line fits (the path line may not).
+    assert all(len(line) <= 100 for line in out.splitlines() if str(runs[0]) not in line)
+
+
+def test_show_filters_by_probe_layer_and_method(
+    runs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_main(
+        ["show", str(runs[0]), "--probe", "target", "--layer", "layer4*"], capsys
+    )
+    assert code == 0
+    assert "target / layer4.1.conv2 / gradcam" in out
+    assert "source / " not in out and "features.29 / " not in out
+
+    code, out, err = run_main(["show", str(runs[0]), "--probe", "val"], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("cam-monitor: error: no (probe, layer, method)")
+    assert "probes: source, target" in err and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def test_compare_prints_between_run_similarity_and_localization(
+    runs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_main(["compare", str(runs[0]), str(runs[1])], capsys)
+    assert code == 0, err
+    assert err == ""
+    assert "A: source_only" in out and "B: dann" in out
+    assert "common epochs: 0, 1, 2" in out
+    for p in PROBES:
+        for layer in LAYERS:
+            rows = table(out, f"{p} / {layer} / {METHOD}  ({BATCH} images)")
+            assert list(rows) == ["0", "1", "2"]
+            # Epoch 0: identical maps.
+            assert rows["0"]["spearman"] == "1.0000"
+            assert rows["0"]["topk_iou"] == "1.0000"
+            assert rows["0"]["js"] == "0.0000"
+            # Epoch 1: B = A**2, same ranks but a different distribution.
+            assert rows["1"]["spearman"] == "1.0000"
+            assert rows["1"]["topk_iou"] == "1.0000"
+            assert float(rows["1"]["js"]) > 0.01
+            # Epoch 2: B reverses A's ranking; the top 20% sets are disjoint.
+            assert rows["2"]["spearman"] == "-1.0000"
+            assert rows["2"]["topk_iou"] == "0.0000"
+            assert float(rows["2"]["js"]) > float(rows["1"]["js"])
+            # Both runs' localization scores, from their scalars.
+            assert [rows[e]["energy_A"] for e in "012"] == ["0.5000", "0.6000", "0.7000"]
+            assert [rows[e]["energy_B"] for e in "012"] == ["0.5000", "0.4000", "0.3000"]
+            assert rows["2"]["pointing_A"] == rows["2"]["pointing_B"] == "0.7500"
+            assert "mask_iou_A" not in rows["0"]
+
+
+def test_compare_epochs_option_selects_rows(
+    runs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_main(
+        ["compare", *map(str, runs), "--epochs", "2,0", "--layer", "f*"], capsys
+    )
+    assert code == 0
+    assert list(table(out, "source / features.29 / gradcam")) == ["0", "2"]
+    assert "layer4.1.conv2 / gradcam  (" not in out
+
+    code, out, err = run_main(["compare", *map(str, runs), "--epochs", "0,7"], capsys)
+    assert code == 2 and out == ""
+    assert err == (
+        "cam-monitor: error: --epochs 7 not evaluated in both runs; common epochs: 0, 1, 2\n"
+    )
+
+    code, _, err = run_main(["compare", *map(str, runs), "--epochs", "one"], capsys)
+    assert code == 2
+    assert "cam-monitor: error: argument --epochs" in err
+
+
+def test_compare_refuses_runs_with_different_probe_data(
+    runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = probe_inputs(0)
+    inputs["target"] = inputs["target"] + 1.0  # another target-domain sample
+    other = make_run(tmp_path / "other", "b", inputs)
+    code, out, err = run_main(["compare", str(runs[0]), str(other)], capsys)
+    assert code == 2
+    assert out == ""
+    assert err.startswith("cam-monitor: error: probe 'target' differs between the runs")
+    assert probe_hash([probe_inputs(0)["target"]]) in err
+    assert probe_hash([inputs["target"]]) in err
+    assert "same probe data" in err
+    assert "'source'" not in err  # the source probe is the same in both
+    assert err.count("\n") == 1
+
+
+def test_compare_writes_a_self_contained_html_report(
+    runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_file = tmp_path / "reports" / "report.html"
+    code, out, err = run_main(
+        ["compare", *map(str, runs), "--out", str(out_file), "--probe", "source"], capsys
+    )
+    assert code == 0, err
+    assert f"report written to {out_file}" in out
+    page = out_file.read_text(encoding="utf-8")
+    # Per group (source x 2 layers): one figure of curves + run A | run B at 3 epochs.
+    images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(images) == page.count("data:image/png;base64") == 2 * (1 + 2 * 3)
+    assert all(base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n") for data in images)
+    assert "<script" not in page and "http" not in page  # no external files or libraries
+    assert "source_only" in page and "dann" in page
+    assert "CAMs over the probe images" in page
+    assert "target / " not in page
+    assert page.rstrip().endswith("</html>")
+
+
+def test_report_without_probe_file_shows_maps_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = probe_inputs(1)
+    a = make_run(tmp_path / "a", "a", inputs, probe=False)
+    b = make_run(tmp_path / "b", "b", inputs, probe=False)
+    out_file = tmp_path / "report.html"
+    args = ["compare", str(a), str(b), "--out", str(out_file), "--layer", "features.29"]
+    code, _, err = run_main([*args, "--epochs", "1"], capsys)
+    assert code == 0, err
+    page = out_file.read_text(encoding="utf-8")
+    assert "CAMs alone (no probe.npz images)" in page
+    assert page.count("data:image/png;base64") == 2 * (1 + 2 * 1)
+
+
+def test_report_without_matplotlib_asks_to_install_it(
+    runs: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import` raise ImportError
+    out_file = tmp_path / "report.html"
+    code, out, err = run_main(["compare", *map(str, runs), "--out", str(out_file)], capsys)
+    assert code == 2 and out == ""  # refused before any work
+    assert err.startswith("cam-monitor: error: ") and "pip install cam-monitor[report]" in err
+    assert not out_file.exists()
+
+
+def test_compare_reports_unshared_groups_and_uses_the_first_evaluation_of_an_epoch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = probe_inputs(4)
+    a = make_run(tmp_path / "a", "a", inputs)
+    # Run B, step-based: two evaluations at epoch 0, one probe and layer only.
+    key = ("source", "features.29", METHOD)
+    for index, epoch in enumerate((0, 0, 1)):
+        maps = base_maps(*key[:2], epoch)
+        write_evaluation(
+            tmp_path / "b" / "cam_monitor",
+            Evaluation(
+                index=index,
+                epoch=epoch,
+                step=5 * index,
+                probe_hashes={"source": probe_hash([inputs["source"]])},
+                maps={key: 17.0 - maps if index == 1 else maps},
+                targets={"source": np.zeros(BATCH, np.int64)},
+                logits={"source": np.zeros((BATCH, 3), np.float32)},
+            ),
+        )
+    code, out, err = run_main(["compare", str(a), str(tmp_path / "b")], capsys)
+    assert code == 0
+    assert err == (
+        "cam-monitor: warning: b has several evaluations at epoch(s) 0; the first of each "
+        "epoch is compared\n"
+    )
+    rows = table(out, "source / features.29 / gradcam")
+    assert list(rows) == ["0", "1"]
+    assert rows["0"]["spearman"] == "1.0000"  # the baseline (index 0), not index 1
+    assert rows["0"]["energy_A"] == "0.5000" and rows["0"]["energy_B"] == "-"
+    assert "only in a (not compared): source / layer4.1.conv2 / gradcam, target / " in out
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("command", ["show", "compare"])
+def test_missing_or_empty_run_directory_is_a_one_line_error(
+    runs: tuple[Path, Path], tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no evaluations here")
+    for bad in (tmp_path / "missing", empty):
+        args = [command, str(bad)] if command == "show" else [command, str(runs[0]), str(bad)]
+        code, out, err = run_main(args, capsys)
+        assert code == 2
+        assert out == ""
+        assert err.startswith("cam-monitor: error: No cam-monitor history")
+        assert str(bad) in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_truncated_eval_file_is_skipped_with_a_warning_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = probe_inputs(2)
+    a = make_run(tmp_path / "a", "a", inputs)
+    b = make_run(tmp_path / "b", "b", inputs)
+    broken = a / "lightning_logs" / "version_0" / "cam_monitor" / "eval-00001.npz"
+    broken.write_bytes(broken.read_bytes()[:200])
+
+    code, out, err = run_main(["show", str(a)], capsys)
+    assert code == 0
+    assert err.startswith("cam-monitor: warning: Skipping unreadable ")
+    assert str(broken) in err and "--strict makes it an error" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert list(table(out, "'nan' = undefined")) == ["0", "2"]
+
+    code, out, err = run_main(["compare", str(a), str(b)], capsys)
+    assert code == 0
+    assert "eval-00001.npz" in err
+    assert list(table(out, "source / features.29 / gradcam")) == ["0", "2"]
+
+    code, out, err = run_main(["show", "--strict", str(a)], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("cam-monitor: error: Cannot read cam-monitor evaluation ")
+    assert str(broken) in err and err.count("\n") == 1
+
+
+def test_corrupt_probe_file_is_a_warning_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = make_run(tmp_path / "a", "a", probe_inputs(3))
+    probe_file = run / "lightning_logs" / "version_0" / "cam_monitor" / "probe.npz"
+    probe_file.write_bytes(b"junk")
+    code, out, err = run_main(["show", str(run), "--probe", "source"], capsys)
+    assert code == 0
+    assert err.startswith(f"cam-monitor: warning: Cannot read cam-monitor probe file {probe_file}")
+    assert err.count("\n") == 1
+    assert list(table(out, "source / features.29 / gradcam")) == ["0", "1", "2"]
+
+
+def test_usage_errors_exit_2_and_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main([], capsys)
+    assert code == 2 and "cam-monitor: error:" in err
+    code, _, err = run_main(["compare", "only-one"], capsys)
+    assert code == 2 and "RUN_B" in err
+    code, out, _ = run_main(["compare", "--help"], capsys)
+    assert code == 0 and "--epochs" in out and "--out" in out
+
+
+def test_format_table_splits_wide_tables_repeating_key_columns() -> None:
+    headers = ["index", "epoch", *(f"measure_{i}_ref" for i in range(12))]
+    rows = [[str(i), str(2 * i), *("0.1234" for _ in range(12))] for i in range(3)]
+    lines = format_table(headers, rows, keep=2, width=100)
+    assert max(len(line) for line in lines) <= 100
+    chunks = "\n".join(lines).split("\n\n")
+    assert len(chunks) == 3
+    assert all(chunk.split()[:2] == ["index", "epoch"] for chunk in chunks)
+    assert sum(chunk.count("measure_") for chunk in chunks) == 12
+
+
+def test_module_runs_as_a_script() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cam_monitor.cli", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: cam-monitor")
+    assert "show" in result.stdout and "compare" in result.stdout
