@@ -3,7 +3,28 @@
 from .callback import CamMonitor as CamMonitor
 from .engine import CamResult as CamResult
 from .engine import compute_cams as compute_cams
+from .filters import filter_activations as filter_activations
+from .filters import visualize_filter as visualize_filter
+from .methods import ALL_METHODS as ALL_METHODS
+from .methods import CAM_METHODS as CAM_METHODS
+from .methods import INPUT_KEY as INPUT_KEY
+from .methods import INPUT_METHODS as INPUT_METHODS
+from .methods import PIXEL_METHODS as PIXEL_METHODS
+from .methods import SIGNED_METHODS as SIGNED_METHODS
 
 __version__ = "0.1.0"
 
-__all__ = ["CamMonitor", "CamResult", "__version__", "compute_cams"]
+__all__ = [
+    "ALL_METHODS",
+    "CAM_METHODS",
+    "INPUT_KEY",
+    "INPUT_METHODS",
+    "PIXEL_METHODS",
+    "SIGNED_METHODS",
+    "CamMonitor",
+    "CamResult",
+    "__version__",
+    "compute_cams",
+    "filter_activations",
+    "visualize_filter",
+]

@@ -38,13 +38,19 @@ def gradcam(activations: Tensor, gradients: Tensor) -> Tensor:
     return _weighted_sum(gradients.mean(dim=(2, 3)), activations)
 
 
-def gradcam_plus_plus(activations: Tensor, gradients: Tensor) -> Tensor:
+def gradcam_plus_plus(
+    activations: Tensor,
+    gradients: Tensor,
+    second: Tensor | None = None,
+    third: Tensor | None = None,
+) -> Tensor:
     """Grad-CAM++ (Chattopadhay et al. 2018), closed form under an exponential score.
 
-    alpha = G^2 / (2 G^2 + sum_ab(A) G^3); weights = sum_ab(alpha * relu(G)).
+    alpha = G^2 / (2 G^2 + sum_ab(A) G^3); weights = sum_ab(alpha * relu(G)). Smooth
+    Grad-CAM++ (Omeiza et al. 2019) passes the means of G^2 and G^3 over noisy copies.
     """
-    g2 = gradients.pow(2)
-    g3 = g2 * gradients
+    g2 = gradients.pow(2) if second is None else second
+    g3 = g2 * gradients if third is None else third
     spatial_sum = activations.sum(dim=(2, 3), keepdim=True)
     alpha = _safe_divide(g2, 2 * g2 + spatial_sum * g3)
     weights = (alpha * torch.relu(gradients)).sum(dim=(2, 3))
@@ -68,6 +74,17 @@ def hirescam(activations: Tensor, gradients: Tensor) -> Tensor:
     return torch.relu((gradients * activations).sum(dim=1))
 
 
+def class_activation_map(activations: Tensor, class_weights: Tensor) -> Tensor:
+    """CAM (Zhou et al. 2016): channels weighted by the linear head's row `[B, C]` of each target.
+
+    Example:
+        >>> A = torch.stack([torch.ones(2, 2), torch.eye(2)])[None]  # [1, 2, 2, 2]
+        >>> class_activation_map(A, torch.tensor([[1.0, -2.0]])).tolist()
+        [[[0.0, 1.0], [1.0, 0.0]]]
+    """
+    return _weighted_sum(class_weights.float(), activations.float())
+
+
 GRADIENT_METHODS: dict[str, CamFormula] = {
     "gradcam": gradcam,
     "gradcam++": gradcam_plus_plus,
@@ -75,6 +92,34 @@ GRADIENT_METHODS: dict[str, CamFormula] = {
     "layercam": layercam,
     "hirescam": hirescam,
 }
+
+#: Key standing in for a layer name for maps at input resolution: `result["input", "saliency"]`.
+INPUT_KEY = "input"
+
+#: Maps at layer resolution `[B, h, w]`, non-negative, keyed `(layer, method)`.
+CAM_METHODS: frozenset[str] = frozenset([*GRADIENT_METHODS, "cam"])
+#: Maps at input resolution `[B, H, W]`, keyed `("input", method)` except `guided_gradcam`,
+#: which is computed for every layer and keyed `(layer, "guided_gradcam")`.
+PIXEL_METHODS: frozenset[str] = frozenset(
+    ["saliency", "smoothgrad", "integrated_gradients", "guided_backprop", "guided_gradcam"]
+)
+#: Pixel methods keyed by `"input"` rather than by a layer.
+INPUT_METHODS: frozenset[str] = PIXEL_METHODS - {"guided_gradcam"}
+#: Methods whose maps keep their sign (channel sums of signed attributions); draw them with a
+#: diverging colormap. Every other map is non-negative.
+SIGNED_METHODS: frozenset[str] = frozenset(
+    ["integrated_gradients", "guided_backprop", "guided_gradcam"]
+)
+#: Every method name, in the order error messages list them.
+ALL_METHODS: tuple[str, ...] = (
+    *GRADIENT_METHODS,
+    "cam",
+    "saliency",
+    "smoothgrad",
+    "integrated_gradients",
+    "guided_backprop",
+    "guided_gradcam",
+)
 
 
 def check_methods(methods: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -86,18 +131,33 @@ def check_methods(methods: str | list[str] | tuple[str, ...]) -> tuple[str, ...]
     """
     names = (methods,) if isinstance(methods, str) else tuple(methods)
     if not names:
-        raise ValueError(f"`methods` needs at least one of {', '.join(GRADIENT_METHODS)}.")
+        raise ValueError(f"`methods` needs at least one of {', '.join(ALL_METHODS)}.")
     for name in names:
-        if name not in GRADIENT_METHODS:
-            raise ValueError(
-                f"Unknown CAM method {name!r}; choose from {', '.join(GRADIENT_METHODS)}."
-            )
+        if name not in ALL_METHODS:
+            raise ValueError(f"Unknown CAM method {name!r}; choose from {', '.join(ALL_METHODS)}.")
     return tuple(dict.fromkeys(names))
 
 
-def apply_method(name: str, activations: Tensor, gradients: Tensor) -> Tensor:
-    """Run one formula in float32 (activations from autocast may be half precision)."""
-    return GRADIENT_METHODS[name](activations.float(), gradients.float())
+def apply_method(
+    name: str,
+    activations: Tensor,
+    gradients: Tensor,
+    moments: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Run one gradient formula in float32 (activations from autocast may be half precision).
+
+    `moments` are the means of G^2 and G^3 over noisy copies (Smooth Grad-CAM++); when given,
+    `gradients` is the mean of G. Only `gradcam++` uses them, the other formulas are linear
+    in G or use only its mean.
+    """
+    # A caller's autocast would otherwise recast the einsum to half precision.
+    with torch.autocast(device_type=activations.device.type, enabled=False):
+        if name == "gradcam++" and moments is not None:
+            second, third = moments
+            return gradcam_plus_plus(
+                activations.float(), gradients.float(), second.float(), third.float()
+            )
+        return GRADIENT_METHODS[name](activations.float(), gradients.float())
 
 
 def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:

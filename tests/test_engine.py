@@ -260,3 +260,44 @@ def test_bad_inputs_raise_helpful_errors(tiny_cnn: TinyCNN, images: torch.Tensor
     tiny_cnn.unused = nn.Conv2d(3, 3, 1)
     with pytest.raises(ValueError, match=r"\['unused'\] did not run"):
         compute_cams(tiny_cnn, images, "unused")
+
+
+def test_cam_equals_gradcam_up_to_a_positive_constant(tiny_cnn: TinyCNN) -> None:
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    targets = torch.tensor([1, 2, 4])
+    named = compute_cams(
+        tiny_cnn, x, "features.5", ["cam", "gradcam"], target=targets, cam_head="fc"
+    )
+    found = compute_cams(tiny_cnn, x, "features.5", "cam", target=targets)  # last Linear
+    cam, grad = named["features.5", "cam"], named["features.5", "gradcam"]
+    assert torch.equal(found["features.5", "cam"], cam)
+    on = grad > 1e-7
+    assert on.any(dim=(1, 2)).all() and torch.equal(cam > 1e-7 * 256, on)
+    assert torch.allclose(cam[on], 256 * grad[on], rtol=1e-4)  # 16 x 16 positions pooled
+
+
+def test_cam_refuses_layers_and_models_without_a_gap_linear_head(
+    tiny_cnn: TinyCNN, images: torch.Tensor
+) -> None:
+    with pytest.raises(ValueError, match=r"'features\.3'.*not the global average pool"):
+        compute_cams(tiny_cnn, images, "features.3", "cam")
+    with pytest.raises(ValueError, match=r"cam_head='features\.3' is a Conv2d, not an nn\.Linear"):
+        compute_cams(tiny_cnn, images, "features.5", "cam", cam_head="features.3")
+    with pytest.raises(ValueError, match="target= returned scores"):
+        compute_cams(tiny_cnn, images, "features.5", "cam", target=lambda lg: lg[:, 0])
+    wide = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"'6' takes 6 features but the layer has 4 channels"):
+        compute_cams(wide, images, "1", "cam")
+    assert compute_cams(wide, images, "3", "cam")["3", "cam"].shape == (4, 28, 28)
+    conv_head = nn.Sequential(nn.Conv2d(3, 5, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ValueError, match=r"has no nn\.Linear\. Use 'gradcam'"):
+        compute_cams(conv_head, images, "0", ["gradcam", "cam"])
+    two_heads = TwoHeadCNN()  # the last Linear is the 2-way domain head
+    with pytest.raises(ValueError, match=r"'domain' has 2 outputs but the logits have 5"):
+        compute_cams(two_heads, images, "features.5", "cam", output_transform=0)
+    ok = compute_cams(two_heads, images, "features.5", "cam", output_transform=0, cam_head="fc")
+    assert ok["features.5", "cam"].sum() > 0
+    assert all(not (m._forward_hooks or m._forward_pre_hooks) for m in two_heads.modules())

@@ -3,7 +3,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cam_monitor.methods import GRADIENT_METHODS, apply_method, check_methods, normalize_maps
+from cam_monitor.methods import (
+    ALL_METHODS,
+    GRADIENT_METHODS,
+    apply_method,
+    check_methods,
+    class_activation_map,
+    gradcam_plus_plus,
+    normalize_maps,
+)
 
 A = torch.tensor([[1.0, 2.0], [3.0, 4.0]])[None, None]  # [1, 1, 2, 2], spatial sum 10
 
@@ -69,6 +77,29 @@ def test_method_names_are_checked() -> None:
         check_methods("gradcamm")
     with pytest.raises(ValueError, match="at least one"):
         check_methods([])
+    assert check_methods(list(ALL_METHODS)) == ALL_METHODS
+    with pytest.raises(ValueError, match="hirescam, cam, saliency, smoothgrad, integrated_grad"):
+        check_methods(["saliency", "guided-gradcam"])
+
+
+def test_smooth_gradcam_plus_plus_takes_the_moments_it_is_given() -> None:
+    grads = torch.tensor([[1.0, -1.0], [2.0, 0.0]])[None, None]
+    same = apply_method("gradcam++", A, grads, (grads.pow(2), grads.pow(3)))
+    assert torch.equal(same, apply_method("gradcam++", A, grads))
+    # mean G = 1 everywhere, but G^2 = 4 and G^3 = 0 (copies of +-2 cancel in odd moments):
+    # alpha = 4 / 8, weight = 4 * 0.5 * 1 = 2, map = 2 A
+    ones = torch.ones_like(A)
+    smoothed = apply_method("gradcam++", A, ones, (4 * ones, 0 * ones))
+    assert torch.allclose(smoothed, 2 * A[:, 0])
+    assert torch.equal(gradcam_plus_plus(A, ones, 4 * ones, 0 * ones), smoothed)
+
+
+def test_class_activation_map_weights_channels_by_the_head_row() -> None:
+    acts = torch.stack([torch.ones(2, 2), torch.eye(2)])[None].repeat(2, 1, 1, 1)
+    weights = torch.tensor([[1.0, 1.0], [-1.0, 0.5]])
+    out = class_activation_map(acts, weights)
+    assert torch.equal(out[0], torch.ones(2, 2) + torch.eye(2))
+    assert torch.equal(out[1], torch.zeros(2, 2))
 
 
 def test_normalize_is_per_image_and_safe_on_constant_maps() -> None:

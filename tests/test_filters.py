@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cam_monitor import filter_activations, visualize_filter
+from tests.conftest import TinyCNN
+
+
+class Exploding(nn.Module):
+    """Fails if it runs: proves the forward stops at the requested layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the forward went past the layer")
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "state": copy.deepcopy(model.state_dict()),
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "training": [m.training for m in model.modules()],
+        "hooks": [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
+        ],
+        "rng": torch.get_rng_state(),
+    }
+
+
+def assert_untouched(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    for name, value in before["state"].items():
+        assert torch.equal(after["state"][name], value), name
+    for old, new in zip(before["grads"], after["grads"], strict=True):
+        assert (new is None) if old is None else torch.equal(new, old)
+    for key in ("requires_grad", "training", "hooks"):
+        assert after[key] == before[key], key
+    assert torch.equal(after["rng"], before["rng"])
+
+
+def test_filter_activations_are_the_layers_channels(
+    tiny_cnn: TinyCNN, images: torch.Tensor
+) -> None:
+    tiny_cnn.train()
+    tiny_cnn.fc = nn.Sequential(Exploding())
+    before = snapshot(tiny_cnn)
+    maps = filter_activations(tiny_cnn, images, "features.5", [6, 1, 6])
+    assert_untouched(tiny_cnn, before)
+    twin = copy.deepcopy(tiny_cnn).eval()
+    with torch.no_grad():
+        expected = twin.features(images)[:, [6, 1, 6]]
+    assert maps.shape == (4, 3, 16, 16) and not maps.requires_grad
+    assert torch.allclose(maps, expected) and maps.abs().sum() > 0
+    single = filter_activations(tiny_cnn, images, tiny_cnn.features[2], 3)
+    assert single.shape == (4, 1, 32, 32) and (single >= 0).all()
+
+
+def test_filter_activations_errors(tiny_cnn: TinyCNN, images: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match=r"Channel 8 is outside layer 'features\.3''s 8 channels"):
+        filter_activations(tiny_cnn, images, "features.3", [0, 8])
+    with pytest.raises(ValueError, match="exactly one layer"):
+        filter_activations(tiny_cnn, images, "features.*", 0)
+    with pytest.raises(ValueError, match=r"'fc' outputs shape \(4, 5\)"):
+        filter_activations(tiny_cnn, images, "fc", 0)
+
+
+def test_visualize_filter_raises_the_channel_and_leaves_the_model_bit_identical(
+    tiny_cnn: TinyCNN, images: torch.Tensor
+) -> None:
+    tiny_cnn.train()
+    tiny_cnn(images).sum().backward()  # existing grads must survive untouched
+    tiny_cnn.features[0].requires_grad_(False)
+    tiny_cnn.features[0].weight.grad = None
+    before = snapshot(tiny_cnn)
+
+    start = visualize_filter(tiny_cnn, "features.3", [2, 5], steps=0, size=(32, 32), seed=1)
+    tuned = visualize_filter(
+        tiny_cnn, "features.3", [2, 5], steps=16, lr=0.1, size=(32, 32), seed=1
+    )
+    assert_untouched(tiny_cnn, before)
+    assert tuned.shape == (2, 3, 32, 32) and not tuned.requires_grad
+
+    def mean_activation(pictures: torch.Tensor) -> torch.Tensor:
+        maps = filter_activations(tiny_cnn, pictures, "features.3", [2, 5])
+        return maps[[0, 1], [0, 1]].mean(dim=(1, 2))  # image k, its own channel
+
+    assert (mean_activation(tuned) > mean_activation(start) + 0.5).all()
+    again = visualize_filter(
+        tiny_cnn, "features.3", [2, 5], steps=16, lr=0.1, size=(32, 32), seed=1
+    )
+    assert torch.equal(again, tuned)
+    one = visualize_filter(tiny_cnn, "features.3", 2, steps=2, size=(16, 24))
+    assert one.shape == (1, 3, 16, 24)
+
+
+def test_filter_views_clean_up_when_the_forward_raises(tiny_cnn: TinyCNN) -> None:
+    tiny_cnn.train()
+
+    def failing(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        model.features[0](x)
+        raise RuntimeError("forward broke")
+
+    x = torch.randn(2, 3, 32, 32)
+    before = snapshot(tiny_cnn)
+    with pytest.raises(RuntimeError, match="forward broke"):
+        filter_activations(tiny_cnn, x, "features.3", 0, forward=failing)
+    with pytest.raises(RuntimeError, match="forward broke"):
+        visualize_filter(tiny_cnn, "features.3", 0, steps=3, size=(32, 32), forward=failing)
+    assert_untouched(tiny_cnn, before)
+    with pytest.raises(ValueError, match="steps must be"):
+        visualize_filter(tiny_cnn, "features.3", 0, steps=-1)
+    with pytest.raises(ValueError, match=r"Channel 9 is outside"):
+        visualize_filter(tiny_cnn, "features.3", 9, steps=1)
