@@ -1,6 +1,7 @@
 """cam-monitor: Grad-CAM attention and its drift, logged from a PyTorch Lightning callback."""
 
-from .callback import CamMonitor as CamMonitor
+from typing import TYPE_CHECKING, Any
+
 from .engine import CamResult as CamResult
 from .engine import compute_cams as compute_cams
 from .filters import filter_activations as filter_activations
@@ -13,6 +14,19 @@ from .methods import PIXEL_METHODS as PIXEL_METHODS
 from .methods import SIGNED_METHODS as SIGNED_METHODS
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .callback import CamMonitor as CamMonitor
+
+
+def __getattr__(name: str) -> Any:
+    """Import the callback (and with it Lightning) only when `CamMonitor` is asked for."""
+    if name == "CamMonitor":
+        from .callback import CamMonitor
+
+        return CamMonitor
+    raise AttributeError(f"module 'cam_monitor' has no attribute {name!r}")
+
 
 __all__ = [
     "ALL_METHODS",

@@ -18,7 +18,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .drift import MEASURES
+from .drift import MEASURES, boxes_to_masks
 from .engine import ForwardFn, OutputTransform
 from .evaluation import (
     AttentionTracker,
@@ -27,7 +27,14 @@ from .evaluation import (
     first_spatial_layer,
     run_evaluation,
 )
-from .history import Evaluation, find_history, prune_from, read_history, write_evaluation
+from .history import (
+    Evaluation,
+    find_history,
+    prune_from,
+    read_history,
+    write_evaluation,
+    write_probe,
+)
 from .layers import LayerSpec, Reshape, resolve_layers, unwrap_model
 from .methods import check_methods
 from .probe import INPUT_KEYS, ProbeSet, make_probe
@@ -103,6 +110,11 @@ class CamMonitor(Callback):
         class_names: Sequence[str] | None = None,
         nrow: int = 8,
         batch_size: int | None = None,
+        smooth: int = 0,
+        noise: float = 0.15,
+        cam_head: str | None = None,
+        ig_steps: int = 32,
+        filters: Mapping[str, Sequence[int]] | None = None,
         drift_measures: Sequence[str] = MEASURES,
         topk: float = 0.2,
         pointing_tolerance: int = 0,
@@ -176,6 +188,22 @@ class CamMonitor(Callback):
                 "`masks` must be a Tensor or a dict of Tensors per probe set, got "
                 f"{type(masks).__name__}."
             )
+        if not _is_int(smooth) or smooth < 0:
+            raise ValueError(f"`smooth` is a number of noisy copies (an int >= 0), got {smooth!r}.")
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
+            raise ValueError(f"`noise` is a standard deviation >= 0, got {noise!r}.")
+        _check_positive("ig_steps", ig_steps)
+        filters = dict(filters or {})
+        for name, channels in filters.items():
+            if (
+                not isinstance(name, str)
+                or not channels
+                or not all(_is_int(c) and c >= 0 for c in channels)
+            ):
+                raise ValueError(
+                    "`filters` maps layer names to channel indices, e.g. "
+                    f"{{'features.28': [0, 5]}}; got {name!r}: {channels!r}."
+                )
         if not _is_int(pointing_tolerance) or pointing_tolerance < 0:
             raise ValueError(
                 f"`pointing_tolerance` must be an int >= 0 (pixels), got {pointing_tolerance!r}."
@@ -208,6 +236,11 @@ class CamMonitor(Callback):
             std=std,
             class_names=class_names,
             nrow=nrow,
+            smooth=smooth,
+            noise=float(noise),
+            cam_head=cam_head,
+            ig_steps=ig_steps,
+            filters={name: list(channels) for name, channels in filters.items()},
         )
         self._probes: dict[str, ProbeSet] = {}
         self._sinks: list[Sink] = []
@@ -231,6 +264,8 @@ class CamMonitor(Callback):
         check_strategy(trainer.strategy)
         if self.layers is not None:
             resolve_layers(pl_module, self.layers)  # a typo fails here, before any step
+        if self.settings.filters:
+            resolve_layers(pl_module, list(self.settings.filters))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         probes = self._build_probes(trainer, pl_module)
@@ -261,6 +296,8 @@ class CamMonitor(Callback):
             self._load_reference(pl_module.device)
         if self.history and self.evaluations > 0:
             prune_from(self.folder, self.evaluations)  # a resumed run rewrites what came after
+        if self.history:
+            self._write_probe()
         if self.evaluations == 0:
             self._evaluate(trainer, pl_module, epoch=trainer.current_epoch, baseline=True)
 
@@ -368,6 +405,24 @@ class CamMonitor(Callback):
             scalars=dict(output.scalars),
         )
 
+    def _write_probe(self) -> None:
+        """Store the probe once per run so reports can draw overlays; failure only warns."""
+        probes = {n: p for n, p in self._probes.items() if isinstance(p.inputs, Tensor)}
+        try:
+            write_probe(
+                self.folder,
+                inputs={n: p.inputs.detach().float().cpu().numpy() for n, p in probes.items()},
+                labels={
+                    n: p.labels.cpu().numpy() for n, p in probes.items() if p.labels is not None
+                },
+                masks={n: p.masks.cpu().numpy() for n, p in probes.items() if p.masks is not None},
+                hashes={n: p.digest for n, p in probes.items()},
+            )
+        except Exception as err:
+            if self.strict:
+                raise
+            rank_zero_warn(f"CamMonitor could not save the probe to {self.folder}: {err}")
+
     def _baseline_failure(self, err: Exception) -> str:
         """Explain a failure of the first evaluation, which checks the whole configuration."""
         shapes = ", ".join(
@@ -432,6 +487,13 @@ class CamMonitor(Callback):
         finally:
             random.setstate(rng[0])
             np.random.set_state(rng[1])
+        if isinstance(self.masks, Mapping):
+            unknown = sorted(set(self.masks) - set(probes))
+            if unknown:
+                raise ValueError(
+                    f"`masks` names probe set(s) {unknown} but the probe sets are "
+                    f"{sorted(probes)}; use the same names as in probe=."
+                )
         probes = {name: self._with_masks(probe) for name, probe in probes.items()}
         convert = trainer.precision_plugin.convert_input
         return {
@@ -463,9 +525,21 @@ class CamMonitor(Callback):
         return {"probe": probe}
 
     def _with_masks(self, probe: ProbeSet) -> ProbeSet:
-        masks = self.masks
-        if isinstance(masks, Mapping):
-            masks = masks.get(probe.name)
+        """Attach this probe's masks (given per probe, or found in its batch) as bool [B, H, W];
+        boxes [B, 4] (x0, y0, x1, y1 in pixels) become masks."""
+        masks = self.masks.get(probe.name) if isinstance(self.masks, Mapping) else self.masks
+        masks = probe.masks if masks is None else masks
         if masks is None:
             return probe
-        return replace(probe, masks=torch.as_tensor(masks))
+        masks = torch.as_tensor(masks)
+        batch, size = probe.inputs.shape[0], tuple(probe.inputs.shape[-2:])
+        if masks.shape == (batch, 4) and masks.dtype != torch.bool:
+            masks = boxes_to_masks(masks.float(), size)
+        if masks.dim() == 4 and masks.shape[1] == 1:
+            masks = masks[:, 0]
+        if tuple(masks.shape) != (batch, *size):
+            raise ValueError(
+                f"masks for probe {probe.name!r} have shape {tuple(masks.shape)}; expected "
+                f"[B, H, W] = {(batch, *size)} like the probe images, or boxes [B, 4]."
+            )
+        return replace(probe, masks=masks if masks.dtype == torch.bool else masks > 0.5)

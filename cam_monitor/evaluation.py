@@ -8,13 +8,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchvision.utils import make_grid
 
 from .drift import MEASURES, drift, energy_inside, entropy, mask_iou, pointing_game, summarize
-from .engine import CamResult, ForwardFn, OutputTransform, Target, compute_cams
+from .engine import CamResult, ForwardFn, OutputTransform, Target, compute_cams, image_size
+from .filters import filter_activations, visualize_filter
 from .isolation import isolated
 from .layers import LayerSpec, Reshape
+from .methods import PIXEL_METHODS, SIGNED_METHODS
 from .probe import ProbeSet
-from .render import caption_text, make_overlay_grid
+from .render import caption_text, make_map_grid, make_overlay_grid, to_uint8_images
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,12 @@ class CamSettings:
     std: Sequence[float] | None = None
     class_names: Sequence[str] | None = None
     nrow: int = 8
+    smooth: int = 0
+    noise: float = 0.15
+    cam_head: str | None = None
+    ig_steps: int = 32
+    filters: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    filter_steps: int = 64
 
 
 @dataclass
@@ -74,6 +83,10 @@ def compute_probe(module: nn.Module, probe: ProbeSet, settings: CamSettings) -> 
         output_transform=settings.output_transform,
         reshape=settings.reshape,
         batch_size=settings.batch_size,
+        smooth=settings.smooth,
+        noise=settings.noise,
+        cam_head=settings.cam_head,
+        ig_steps=settings.ig_steps,
     )
 
 
@@ -88,11 +101,16 @@ def render_probe(probe: ProbeSet, result: CamResult, settings: CamSettings) -> d
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"Cannot draw probe {probe.name!r}: inputs are {shape}, not [B, C, H, W].")
     grids = {}
-    for layer in result.layers:
-        for method in result.methods:
-            grids[image_tag(probe.name, layer, method)] = make_overlay_grid(
+    for (layer, method), maps in result.maps.items():
+        tag = image_tag(probe.name, layer, method)
+        if method in PIXEL_METHODS:
+            grids[tag] = make_map_grid(
+                maps, signed=method in SIGNED_METHODS, captions=captions, nrow=settings.nrow
+            )
+        else:
+            grids[tag] = make_overlay_grid(
                 images.detach(),
-                result[layer, method],
+                maps,
                 captions=captions,
                 colormap=settings.colormap,
                 alpha=settings.alpha,
@@ -100,6 +118,32 @@ def render_probe(probe: ProbeSet, result: CamResult, settings: CamSettings) -> d
                 std=settings.std,
                 nrow=settings.nrow,
             )
+    return grids
+
+
+def filter_grids(
+    module: nn.Module, probes: Mapping[str, ProbeSet], settings: CamSettings
+) -> dict[str, Tensor]:
+    """Per filter layer: each channel's activations on every probe, and the channels' optimised
+    input images (activation maximisation), as grids tagged `filters/...`."""
+    grids: dict[str, Tensor] = {}
+    for layer, channels in settings.filters.items():
+        for probe in probes.values():
+            acts = filter_activations(
+                module, probe.inputs, layer, list(channels), forward=settings.forward,
+                reshape=settings.reshape,
+            )  # fmt: skip
+            for index, channel in enumerate(channels):
+                grids[f"filters/{probe.name}/{layer}/channel_{channel}"] = make_map_grid(
+                    acts[:, index], signed=False, nrow=settings.nrow
+                )
+        images = visualize_filter(
+            module, layer, list(channels), steps=settings.filter_steps,
+            size=image_size(next(iter(probes.values())).inputs) or (64, 64),
+            forward=settings.forward, reshape=settings.reshape,
+        )  # fmt: skip
+        tiles = to_uint8_images(images.detach())
+        grids[f"filters/{layer}/maximised"] = make_grid(tiles, nrow=len(channels), padding=2)
     return grids
 
 
@@ -112,6 +156,8 @@ def run_evaluation(
         result = compute_probe(module, probe, settings)
         output.results[name] = result
         output.images.update(render_probe(probe, result, settings))
+    if settings.filters:
+        output.images.update(filter_grids(module, probes, settings))
     return output
 
 
@@ -189,7 +235,8 @@ class AttentionTracker:
         non_finite = torch.zeros((), dtype=torch.long)
         for probe_name, result in results.items():
             masks = probes[probe_name].masks
-            for (layer, method), maps in result.maps.items():
+            for (layer, method), raw in result.maps.items():
+                maps = raw.abs() if method in SIGNED_METHODS else raw  # measures need mass >= 0
                 key = (probe_name, layer, method)
                 base = f"{probe_name}/{layer}/{method}"
                 non_finite = non_finite + (~torch.isfinite(maps)).flatten(1).any(1).sum().cpu()

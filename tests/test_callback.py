@@ -14,7 +14,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cam_monitor.callback import CamMonitor
-from cam_monitor.history import read_history
+from cam_monitor.history import read_history, read_probe
 from tests.conftest import LitClassifier, loader, quiet_trainer, shapes_dataset
 
 LAYERS = ["net.features.3", "net.features.5"]
@@ -301,3 +301,50 @@ def test_default_layer_is_chosen_with_a_warning(tmp_path: Path) -> None:
         fit(monitor, tmp_path, max_epochs=1)
     assert monitor.layers == ["net.features"]
     assert any("no layer given, using 'net.features'" in str(w.message) for w in caught)
+
+
+def test_pixel_methods_filters_and_boxes_reach_the_dashboard(tmp_path: Path) -> None:
+    images, labels = shapes_dataset(6, seed=4).tensors
+    boxes = torch.tensor([[0, 0, 16, 16]] * 6)
+    monitor = CamMonitor(
+        "net.features.5",
+        methods=["gradcam++", "saliency", "integrated_gradients", "guided_gradcam"],
+        probe=(images, labels), masks=boxes, smooth=3, ig_steps=8,
+        filters={"net.features.2": [0, 3]},
+    )  # fmt: skip
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fit(monitor, tmp_path, logger=logger, max_epochs=1)
+    acc = events(logger.log_dir)
+    assert set(acc.Tags()["images"]) == {
+        "cam/probe/net.features.5/gradcam++",
+        "cam/probe/input/saliency",
+        "cam/probe/input/integrated_gradients",
+        "cam/probe/net.features.5/guided_gradcam",
+        "filters/probe/net.features.2/channel_0",
+        "filters/probe/net.features.2/channel_3",
+        "filters/net.features.2/maximised",
+    }
+    scalars = set(acc.Tags()["scalars"])
+    assert "cam_loc/probe/input/integrated_gradients/energy" in scalars
+    assert "cam_loc/probe/net.features.5/gradcam++/pointing" in scalars
+    stored = read_probe(Path(logger.log_dir) / "cam_monitor")
+    assert stored is not None and stored.hashes["probe"] == monitor._probes["probe"].digest
+    assert stored.masks["probe"][:, :16, :16].all() and not stored.masks["probe"][:, 16:].any()
+
+
+@pytest.mark.parametrize(
+    ("masks", "message"),
+    [
+        ({"sauce": torch.zeros(4, 32, 32)}, r"names probe set\(s\) \['sauce'\].*\['probe'\]"),
+        (torch.zeros(4, 16, 16), r"masks for probe 'probe' have shape \(4, 16, 16\); expected"),
+    ],
+)
+def test_masks_that_do_not_fit_fail_before_training(
+    tmp_path: Path, masks: object, message: str
+) -> None:
+    model = LitClassifier()
+    monitor = CamMonitor("net.features.5", probe=torch.randn(4, 3, 32, 32), masks=masks)
+    trainer = quiet_trainer(default_root_dir=tmp_path, logger=False, callbacks=[monitor])
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(model, loader(shapes_dataset(16)))
+    assert model.steps_run == 0
