@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,7 +45,8 @@ Target = str | int | Tensor | Callable[[Tensor], Tensor]
 OutputTransform = int | str | Callable[[Any], Tensor] | None
 ForwardFn = Callable[[nn.Module, Any], Any]
 
-_PROBABILITY_WARNED = False
+# Models already checked for probability outputs: the check costs a host sync, so once each.
+_PROBABILITY_CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -123,14 +125,14 @@ def pick_logits(output: Any, output_transform: OutputTransform) -> Tensor:
     return picked
 
 
-def _warn_if_probabilities(logits: Tensor) -> None:
-    global _PROBABILITY_WARNED
-    if _PROBABILITY_WARNED or logits.shape[1] < 2:
+def _warn_if_probabilities(module: nn.Module, logits: Tensor) -> None:
+    """Warn when a model's outputs look like probabilities; checked on its first call only."""
+    if module in _PROBABILITY_CHECKED or logits.shape[1] < 2:
         return
+    _PROBABILITY_CHECKED.add(module)
     inside = ((logits >= 0) & (logits <= 1)).all()
     sums_to_one = (logits.sum(dim=1) - 1).abs().amax() < 1e-3
     if bool(inside & sums_to_one):
-        _PROBABILITY_WARNED = True
         warnings.warn(
             "The model output looks like probabilities (rows in [0, 1] summing to 1). Gradients "
             "of a saturated softmax vanish and CAMs turn to noise; explain the logits instead "
@@ -535,7 +537,7 @@ def _clean_pass(module: nn.Module, chunk: Any, target: Target, plan: _Plan) -> _
     with capture_outputs(plan.layers) as recorded, _record_inputs(plan.head, head_inputs):
         output = plan.forward(module, chunk) if plan.forward is not None else module(chunk)
     logits = pick_logits(output, plan.output_transform)
-    _warn_if_probabilities(logits)
+    _warn_if_probabilities(module, logits)
     missing = [name for name in plan.layers if name not in recorded]
     if missing:
         raise ValueError(

@@ -201,6 +201,7 @@ def first_spatial_layer(module: nn.Module, inputs: Any, forward: ForwardFn | Non
 
 
 LOCALIZATION_SCORES = ("energy", "pointing", "mask_iou")
+_NON_FINITE = "__non_finite_maps__"
 
 
 class AttentionTracker:
@@ -232,14 +233,14 @@ class AttentionTracker:
     ) -> tuple[dict[str, float], int]:
         """Drift, localization and entropy scalars; also the number of non-finite maps seen."""
         per_image: dict[str, Tensor] = {}
-        non_finite = torch.zeros((), dtype=torch.long)
+        non_finite: list[Tensor] = []
         for probe_name, result in results.items():
             masks = probes[probe_name].masks
             for (layer, method), raw in result.maps.items():
                 maps = raw.abs() if method in SIGNED_METHODS else raw  # measures need mass >= 0
                 key = (probe_name, layer, method)
                 base = f"{probe_name}/{layer}/{method}"
-                non_finite = non_finite + (~torch.isfinite(maps)).flatten(1).any(1).sum().cpu()
+                non_finite.append((~torch.isfinite(maps)).flatten(1).any(1))
                 for suffix, other in (
                     ("prev", self.previous.get(key)),
                     ("ref", self.reference.get(key)),
@@ -258,7 +259,10 @@ class AttentionTracker:
                     per_image[f"cam_loc/{base}/mask_iou"] = mask_iou(maps, masks, self.topk)
                 self.previous[key] = maps
                 self.reference.setdefault(key, maps)
-        return _summaries(per_image), int(non_finite)
+        if non_finite:  # one value, riding along in the single host transfer of _summaries
+            per_image[_NON_FINITE] = torch.cat(non_finite).sum(dim=0, keepdim=True).float()
+        scalars = _summaries(per_image)
+        return scalars, round(scalars.pop(_NON_FINITE, 0.0))
 
     def state_dict(self) -> dict[str, Any]:
         """Reference and previous maps on the CPU, keyed by 'probe/layer/method'."""

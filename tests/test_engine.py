@@ -10,7 +10,6 @@ from torch import nn
 from torchvision.models import resnet18
 
 from cam_monitor import CamResult, compute_cams
-from cam_monitor import engine as engine_module
 from tests.conftest import TinyCNN, TwoHeadCNN
 
 ALL_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
@@ -226,8 +225,7 @@ def test_token_layers_are_reshaped_to_grids() -> None:
     assert result["block", "gradcam"].shape == (2, 8, 8)
 
 
-def test_probability_outputs_warn_once(images: torch.Tensor, monkeypatch) -> None:
-    monkeypatch.setattr(engine_module, "_PROBABILITY_WARNED", False)
+def test_probability_outputs_warn_once(images: torch.Tensor) -> None:
     model = nn.Sequential(TinyCNN(), nn.Softmax(dim=1))
     with pytest.warns(UserWarning, match="looks like probabilities"):
         compute_cams(model, images, "0.features.3")
