@@ -74,11 +74,11 @@ import secrets
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import numpy as np
@@ -192,26 +192,13 @@ def read_evaluation(path: str | os.PathLike[str]) -> Evaluation:
     path = Path(path)
     if not path.is_file():
         raise HistoryError(f"cam-monitor evaluation file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            contents = {key: npz[key] for key in npz.files}
-        return _from_arrays(contents)
-    except _NewerFormat as exc:
-        raise HistoryError(f"Cannot read {path}: {exc}") from exc
-    except (
-        OSError,
-        EOFError,
-        ValueError,
-        KeyError,
-        TypeError,
-        zipfile.BadZipFile,
-        zlib.error,
-    ) as e:
-        raise HistoryError(
-            f"Cannot read cam-monitor evaluation {path}: it is truncated or corrupt "
-            f"({type(e).__name__}: {e}), e.g. the run was killed while the disk was full. "
-            "Delete the file, or pass strict=False to read_history to skip it."
-        ) from e
+    return _load_npz(
+        path,
+        _from_arrays,
+        "evaluation",
+        ", e.g. the run was killed while the disk was full. Delete the file, or pass "
+        "strict=False to read_history to skip it.",
+    )
 
 
 def read_history(folder: str | os.PathLike[str], strict: bool = True) -> list[Evaluation]:
@@ -425,28 +412,33 @@ def read_probe(folder: str | os.PathLike[str]) -> ProbeRecord | None:
     path = Path(folder) / PROBE_FILE
     if not path.is_file():
         return None
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            contents = {key: npz[key] for key in npz.files}
-        return _probe_from_arrays(contents)
-    except _NewerFormat as exc:
-        raise HistoryError(f"Cannot read {path}: {exc}") from exc
-    except (
-        OSError,
-        EOFError,
-        ValueError,
-        KeyError,
-        TypeError,
-        zipfile.BadZipFile,
-        zlib.error,
-    ) as e:
-        raise HistoryError(
-            f"Cannot read cam-monitor probe file {path}: it is truncated or corrupt "
-            f"({type(e).__name__}: {e}). Delete it: reports then show the maps without images."
-        ) from e
+    return _load_npz(
+        path,
+        _probe_from_arrays,
+        "probe file",
+        ". Delete it: reports then show the maps without images.",
+    )
 
 
 # ----------------------------------------------------------------------------- internals
+
+T = TypeVar("T")
+_CORRUPT = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
+
+
+def _load_npz(path: Path, parse: Callable[[dict[str, np.ndarray]], T], what: str, advice: str) -> T:
+    """Load every array of an npz file and parse it; a damaged file becomes a HistoryError."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            contents = {key: npz[key] for key in npz.files}
+        return parse(contents)
+    except _NewerFormat as exc:
+        raise HistoryError(f"Cannot read {path}: {exc}") from exc
+    except _CORRUPT as e:
+        raise HistoryError(
+            f"Cannot read cam-monitor {what} {path}: it is truncated or corrupt "
+            f"({type(e).__name__}: {e}){advice}"
+        ) from e
 
 
 def _write_npz_atomically(final: Path, arrays: Mapping[str, np.ndarray]) -> Path:
