@@ -19,7 +19,12 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check cam_monitor tests examples benchmarks
 
 demo: $(STAMP)
-	$(PY) examples/dann_shapes.py --demo
+	rm -rf demo_runs
+	$(PY) examples/dann_shapes.py --log-dir demo_runs/source_only
+	$(PY) examples/dann_shapes.py --adapt --log-dir demo_runs/dann
+	$(PY) -m cam_monitor.cli compare demo_runs/source_only demo_runs/dann --out demo_runs/report.html
+	@echo "report:      demo_runs/report.html"
+	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir demo_runs"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

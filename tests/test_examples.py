@@ -1,0 +1,187 @@
+"""The examples: the synthetic shapes domains, the DANN pieces, and a tiny real demo run."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import dann_shapes
+import shapes
+
+
+def _rgb(images: torch.Tensor) -> torch.Tensor:
+    return shapes.denormalise(images)
+
+
+# -- shapes -----------------------------------------------------------------------------------
+
+
+def test_make_shapes_is_deterministic_per_seed_and_domain() -> None:
+    a = shapes.make_shapes(12, "target", seed=3)
+    b = shapes.make_shapes(12, "target", seed=3)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    other_seed = shapes.make_shapes(12, "target", seed=4)
+    other_domain = shapes.make_shapes(12, "source", seed=3)
+    assert not torch.equal(a[0], other_seed[0])
+    assert not torch.equal(a[2], other_domain[2])
+
+
+@pytest.mark.parametrize("domain", ["source", "target"])
+@pytest.mark.parametrize("size", [24, 32])
+def test_make_shapes_shapes_and_dtypes(domain: str, size: int) -> None:
+    images, labels, masks = shapes.make_shapes(10, domain, size=size, seed=0)
+    assert images.shape == (10, 3, size, size) and images.dtype == torch.float32
+    assert labels.shape == (10,) and labels.dtype == torch.int64
+    assert masks.shape == (10, size, size) and masks.dtype == torch.bool
+    assert torch.isfinite(images).all()
+
+
+def test_labels_cover_every_class_evenly() -> None:
+    names = shapes.class_names()
+    assert len(names) == 4 and len(set(names)) == 4
+    _, labels, _ = shapes.make_shapes(40, "source", seed=1)
+    assert torch.bincount(labels, minlength=len(names)).tolist() == [10] * len(names)
+
+
+@pytest.mark.parametrize("domain", ["source", "target"])
+def test_masks_mark_the_drawn_shape(domain: str) -> None:
+    images, _, masks = shapes.make_shapes(64, domain, seed=2)
+    rgb = _rgb(images)
+    area = masks.flatten(1).float().mean(1)
+    assert (area > 0.03).all() and (area < 0.5).all()  # non-empty, not the whole image
+    inside = masks.unsqueeze(1).expand_as(rgb)
+    for image, mask in zip(rgb, inside, strict=True):
+        shape_pixels = image[mask].view(3, -1)
+        background = image[~mask].view(3, -1)
+        # The shape is one solid colour, unlike the background around it.
+        assert shape_pixels.std(dim=1).max() < 1e-5
+        colour = shape_pixels[:, :1]
+        assert (background - colour).abs().amax(dim=0).mean() > 0.15
+    # The mask sits on the shape: its border pixels change colour across the mask edge.
+    if domain == "source":
+        brightness = rgb.mean(1)
+        assert (brightness[masks].mean() - brightness[~masks].mean()) > 0.3
+
+
+def test_domains_differ_in_appearance() -> None:
+    xs, _, ms = shapes.make_shapes(64, "source", seed=0)
+    xt, _, mt = shapes.make_shapes(64, "target", seed=0)
+    src, tgt = _rgb(xs), _rgb(xt)
+    src_bg = src.permute(1, 0, 2, 3)[:, ~ms]
+    tgt_bg = tgt.permute(1, 0, 2, 3)[:, ~mt]
+    assert tgt_bg.mean() > src_bg.mean() + 0.2  # bright coloured vs dark background
+    assert tgt_bg.std(dim=1).mean() > 3 * src_bg.std(dim=1).mean()  # texture vs plain
+    # Warm shapes (red >= blue) on the source, cool shapes (blue > red) on the target.
+    src_fg = src.permute(1, 0, 2, 3)[:, ms]
+    tgt_fg = tgt.permute(1, 0, 2, 3)[:, mt]
+    assert src_fg[0].mean() > src_fg[2].mean() and tgt_fg[2].mean() > tgt_fg[0].mean()
+
+
+def test_normalisation_is_roughly_standard_on_a_mix_of_domains() -> None:
+    xs, _, _ = shapes.make_shapes(128, "source", seed=5)
+    xt, _, _ = shapes.make_shapes(128, "target", seed=5)
+    mixed = torch.cat([xs, xt])
+    mean, std = mixed.mean(dim=(0, 2, 3)), mixed.std(dim=(0, 2, 3))
+    assert mean.abs().max() < 0.2 and (std - 1).abs().max() < 0.2
+    assert len(shapes.MEAN) == len(shapes.STD) == 3
+    back = shapes.denormalise(mixed)
+    assert back.min() >= 0 and back.max() <= 1
+
+
+def test_make_shapes_rejects_an_unknown_domain() -> None:
+    with pytest.raises(ValueError, match="domain"):
+        shapes.make_shapes(4, "mnist")
+
+
+# -- DANN pieces ------------------------------------------------------------------------------
+
+
+def test_gradient_reversal_negates_and_scales_the_gradient() -> None:
+    layer = dann_shapes.GradientReversal(0.3)
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 7, dtype=torch.float64)
+    y = layer(x)
+    assert torch.equal(y, x)  # identity forward
+    (grad,) = torch.autograd.grad((y * weight).sum(), x)
+    torch.testing.assert_close(grad, -0.3 * weight)
+    layer.coeff = 0.0
+    (grad,) = torch.autograd.grad((layer(x) * weight).sum(), x)
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_grl_schedule() -> None:
+    values = [dann_shapes.grl_coefficient(p / 10) for p in range(11)]
+    assert values[0] == 0.0 and values[-1] == pytest.approx(1.0, abs=1e-4)
+    assert all(a < b for a, b in itertools.pairwise(values))
+    assert dann_shapes.grl_coefficient(0.5) == pytest.approx(2 / (1 + torch.e**-5) - 1)
+
+
+def test_module_has_two_heads_and_the_monitored_layers() -> None:
+    module = dann_shapes.build_module(adapt=True, seed=0)
+    again = dann_shapes.build_module(adapt=False, seed=0)
+    for a, b in zip(module.parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b)  # same initialisation for both runs
+    class_logits, domain_logits = module(torch.randn(3, 3, 32, 32))
+    assert class_logits.shape == (3, 4) and domain_logits.shape == (3, 2)
+    names = dict(module.named_modules())
+    assert all(isinstance(names[layer], torch.nn.Conv2d) for layer in dann_shapes.CAM_LAYERS)
+
+
+def test_loaders_and_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dann_shapes, "TRAIN_SIZE", 64)
+    monkeypatch.setattr(dann_shapes, "VAL_SIZE", 16)
+    train, val = dann_shapes.build_loaders(batch_size=8, steps_per_epoch=3, seed=0)
+    assert len(train) == 3
+    xs, ys, xt = next(iter(train))
+    assert xs.shape == xt.shape == (8, 3, 32, 32) and ys.shape == (8,)
+    x, y, domain = next(iter(val))
+    assert x.shape[0] == y.shape[0] == domain.shape[0] == 32
+    assert set(domain.tolist()) == {0, 1}
+
+    probes, masks = dann_shapes.build_probes(16, seed=0)
+    assert set(probes) == set(masks) == {"source", "target"}
+    for name, (images, labels) in probes.items():
+        assert images.shape == (16, 3, 32, 32) and masks[name].shape == (16, 32, 32)
+        assert labels.tolist() == sorted(labels.tolist())
+        assert torch.bincount(labels).tolist() == [4, 4, 4, 4]
+    again, _ = dann_shapes.build_probes(16, seed=0)
+    assert torch.equal(again["target"][0], probes["target"][0])
+
+
+# -- a real, tiny run of the demo -------------------------------------------------------------
+
+
+def test_demo_main_runs_and_logs_cam_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setattr(dann_shapes, "TRAIN_SIZE", 64)
+    monkeypatch.setattr(dann_shapes, "VAL_SIZE", 32)
+    log_dir = tmp_path / "dann"
+    argv = ["--adapt", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8"]
+    argv += ["--log-dir", str(log_dir), "--logger", "tensorboard", "--no-progress-bar"]
+    assert dann_shapes.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "target accuracy" in out and str(log_dir) in out
+
+    events = list(log_dir.glob("events.out.tfevents.*"))
+    assert len(events) == 1  # written straight into --log-dir, no version folder
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    for domain in ("source", "target"):
+        for layer in dann_shapes.CAM_LAYERS:
+            for method in dann_shapes.CAM_METHODS:
+                tag = f"cam/{domain}/{layer}/{method}"
+                assert tag in tags["images"]
+                # The baseline at the start and one evaluation after the epoch.
+                assert len(accumulator.Images(tag)) == 2
+    assert {"val/target_acc", "val/source_acc", "train/domain_loss"} <= set(tags["scalars"])
