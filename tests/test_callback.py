@@ -348,3 +348,26 @@ def test_masks_that_do_not_fit_fail_before_training(
     with pytest.raises(ValueError, match=message):
         trainer.fit(model, loader(shapes_dataset(16)))
     assert model.steps_run == 0
+
+
+def test_reference_run_sets_the_drift_reference_and_must_share_the_probe(tmp_path: Path) -> None:
+    probe = shapes_dataset(6, seed=8).tensors
+    fit(
+        CamMonitor("net.features.5", probe=probe, save_dir=tmp_path / "a"),
+        tmp_path / "ra",
+        max_epochs=1,
+    )
+    first_of_a = read_history(tmp_path / "a")[0].maps["probe", "net.features.5", "gradcam"]
+    with_ref = CamMonitor(
+        "net.features.5", probe=probe, reference=tmp_path / "a", save_dir=tmp_path / "b"
+    )
+    fit(with_ref, tmp_path / "rb", max_epochs=1)
+    assert torch.equal(
+        with_ref.tracker.reference["probe", "net.features.5", "gradcam"].cpu(),
+        torch.from_numpy(first_of_a),
+    )
+    baseline_b = read_history(tmp_path / "b")[0]
+    assert "cam_drift/probe/net.features.5/gradcam/spearman_ref" in baseline_b.scalars
+    other = CamMonitor("net.features.5", probe=probe[0] + 1, reference=tmp_path / "a")
+    with pytest.raises(ValueError, match=r"used a different probe 'probe'"):
+        fit(other, tmp_path / "rc", max_epochs=1)
