@@ -464,19 +464,9 @@ def _write_npz_atomically(final: Path, arrays: Mapping[str, np.ndarray]) -> Path
 
 def _probe_from_arrays(contents: dict[str, np.ndarray]) -> ProbeRecord:
     """Rebuild a ProbeRecord from ``probe.npz`` arrays; malformed content raises ValueError."""
-    if "meta" not in contents:
-        raise ValueError("no 'meta' entry")
-    meta = json.loads(str(contents["meta"]))
-    if not isinstance(meta, dict) or meta.get("kind") != "probe":
+    meta = _read_meta(contents)
+    if meta.get("kind") != "probe":
         raise ValueError("'meta' is not a probe description")
-    version = meta.get("format")
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise _NewerFormat(
-            f"it uses history format {version}, this cam-monitor reads format "
-            f"{FORMAT_VERSION}: upgrade cam-monitor."
-        )
-    if version != FORMAT_VERSION:
-        raise ValueError(f"unknown format {version!r}")
     tables: dict[str, dict[str, np.ndarray]] = {"inputs": {}, "labels": {}, "masks": {}}
     dims = {"inputs": 4, "labels": 1, "masks": 3}
     for key, array in contents.items():
@@ -609,8 +599,8 @@ def _scalar_from_json(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _from_arrays(contents: dict[str, np.ndarray]) -> Evaluation:
-    """Rebuild an Evaluation from a file's arrays; malformed content raises ValueError."""
+def _read_meta(contents: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The JSON `meta` entry of a history file, checked for a format this version reads."""
     if "meta" not in contents:
         raise ValueError("no 'meta' entry")
     meta = json.loads(str(contents["meta"]))
@@ -624,6 +614,12 @@ def _from_arrays(contents: dict[str, np.ndarray]) -> Evaluation:
         )
     if version != FORMAT_VERSION:
         raise ValueError(f"unknown format {version!r}")
+    return meta
+
+
+def _from_arrays(contents: dict[str, np.ndarray]) -> Evaluation:
+    """Rebuild an Evaluation from a file's arrays; malformed content raises ValueError."""
+    meta = _read_meta(contents)
     maps: dict[tuple[str, str, str], np.ndarray] = {}
     tables: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in _KINDS}
     for key, array in contents.items():
