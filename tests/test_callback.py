@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -28,13 +29,14 @@ def events(log_dir: str | Path) -> EventAccumulator:
     return acc
 
 
-def wandb_history(path: Path) -> list[dict[str, object]]:
-    """The `history` rows of an offline `.wandb` file (a LevelDB-style log of protobuf records)."""
+def wandb_history(path: Path) -> tuple[list[dict[str, object]], bool]:
+    """The `history` rows of an offline `.wandb` file (a LevelDB-style log of protobuf records),
+    and whether the writer's final `exit` record is there yet."""
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()
     assert data[:4] == b":W&B"
-    block, offset, pending, rows = 32768, 7, b"", []
+    block, offset, pending, rows, finished = 32768, 7, b"", [], False
     while offset + 7 <= len(data):
         room = block - offset % block
         if room < 7:  # the tail of a block too small for a header is padding
@@ -42,18 +44,21 @@ def wandb_history(path: Path) -> list[dict[str, object]]:
             continue
         length = int.from_bytes(data[offset + 4 : offset + 6], "little")
         kind = data[offset + 6]
+        if offset + 7 + length > len(data):  # a record still being written
+            break
         pending += data[offset + 7 : offset + 7 + length]
         offset += 7 + length
         if kind in (1, 4):  # a full record, or the last piece of one
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             pending = b""
+            finished = finished or record.WhichOneof("record_type") == "exit"
             if record.WhichOneof("record_type") == "history":
                 rows.append(
                     {item.key or "/".join(item.nested_key): json.loads(item.value_json)
                      for item in record.history.item}
                 )  # fmt: skip
-    return rows
+    return rows, finished
 
 
 def fit(monitor: CamMonitor | None, tmp_path: Path, **trainer_kwargs: object) -> LitClassifier:
@@ -107,7 +112,12 @@ def test_wandb_offline_run_holds_the_grids_and_metrics(
     pngs = sorted(run_dir.glob("media/images/cam/val/net.features.5/gradcam*.png"))
     assert len(pngs) == 3  # baseline and two epochs
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    rows = wandb_history(next(run_dir.parent.glob("run-*.wandb")))
+    record_log = next(run_dir.parent.glob("run-*.wandb"))
+    deadline = time.monotonic() + 60  # wandb's writer may still be flushing after finish()
+    rows, finished = wandb_history(record_log)
+    while not finished and time.monotonic() < deadline:
+        time.sleep(0.5)
+        rows, finished = wandb_history(record_log)
     logged = [row for row in rows if "cam_monitor/seconds" in row]
     assert [row["trainer/global_step"] for row in logged] == [0, 3, 6]
     assert all(row["cam_monitor/seconds"] > 0 for row in logged)
