@@ -533,20 +533,31 @@ def _clean_pass(module: nn.Module, chunk: Any, target: Target, plan: _Plan) -> _
         original = find_image(chunk)
         image = original.detach().requires_grad_(True)
         chunk = rebuild_inputs(chunk, original, image, None)
-    head_inputs: list[Tensor] = []
-    with capture_outputs(plan.layers) as recorded, _record_inputs(plan.head, head_inputs):
-        output = plan.forward(module, chunk) if plan.forward is not None else module(chunk)
-    logits = pick_logits(output, plan.output_transform)
+    # Without an input gradient, autograd starts at the first hooked layer: nothing upstream
+    # is kept for backward. Should the model itself switch autograd off after that layer, the
+    # score has no graph and the forward is run again with the whole graph.
+    prune = image is None
+    while True:
+        head_inputs: list[Tensor] = []
+        with (
+            capture_outputs(plan.layers, graph_from_first=prune) as recorded,
+            _record_inputs(plan.head, head_inputs),
+        ):
+            output = plan.forward(module, chunk) if plan.forward is not None else module(chunk)
+        logits = pick_logits(output, plan.output_transform)
+        missing = [name for name in plan.layers if name not in recorded]
+        if missing:
+            raise ValueError(
+                f"Layer(s) {missing} did not run during the forward pass, so they have no CAM. "
+                "Pick layers on the path from the input to the class logits."
+            )
+        indices, scores = resolve_targets(target, logits)
+        if not (prune and plan.layer_gradients and not scores.requires_grad):
+            break
+        prune = False
     _warn_if_probabilities(module, logits)
-    missing = [name for name in plan.layers if name not in recorded]
-    if missing:
-        raise ValueError(
-            f"Layer(s) {missing} did not run during the forward pass, so they have no CAM. "
-            "Pick layers on the path from the input to the class logits."
-        )
     names = list(plan.layers)
     spatial = {name: as_spatial(name, recorded[name].detach(), plan.reshape) for name in names}
-    indices, scores = resolve_targets(target, logits)
     if plan.layer_gradients and not scores.requires_grad:
         raise ValueError(
             f"The class score does not depend on the layers {names}; pick layers that feed "
@@ -647,7 +658,7 @@ def _noisy_passes(
         rows = noisy_rows(image, index, sigma, generator)
         if want_input:
             rows.requires_grad_(True)
-        with capture_outputs(layers) as recorded:
+        with capture_outputs(layers, graph_from_first=not want_input) as recorded:
             scores = score_fn(rebuild_inputs(chunk, image, rows, index), index)
         wrt = [recorded[name] for name in names] + ([rows] if want_input else [])
         grads = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)

@@ -65,3 +65,43 @@ def test_a_layer_returning_a_tuple_is_an_error() -> None:
         with capture_outputs({"lstm": lstm}):
             lstm(torch.randn(1, 3, 4))
     assert not lstm._forward_hooks
+
+
+def test_graph_from_first_keeps_nothing_upstream_and_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.Flatten(),
+        nn.LazyLinear(2),
+    )
+    x = torch.randn(2, 3, 10, 10)
+    layers = {"2": net[2], "4": net[4]}
+    grads, stem = {}, {}
+    for prune in (False, True):
+        with capture_outputs(layers, graph_from_first=prune) as outs:
+            score = net(x)[:, 1].sum()
+        assert torch.is_grad_enabled(), "the caller's grad mode is restored"
+        *grads[prune], stem[prune] = torch.autograd.grad(
+            score, [outs["2"], outs["4"], net[0].weight], allow_unused=True
+        )
+        assert (outs["2"].grad_fn is None) == prune, "pruned: the graph starts at layer 2"
+    assert stem[False] is not None and stem[True] is None, "pruned: no path back to the stem"
+    for full, pruned in zip(grads[False], grads[True], strict=True):
+        assert torch.equal(full, pruned)
+
+
+def test_graph_from_first_restores_no_grad_of_the_caller() -> None:
+    conv = nn.Conv2d(3, 2, 1)
+    with torch.no_grad(), capture_outputs({"0": conv}, graph_from_first=True) as outs:
+        conv(torch.randn(1, 3, 2, 2))
+        assert torch.is_grad_enabled()  # switched on by the hook for the rest of the forward
+    assert outs["0"].requires_grad
+    assert torch.is_grad_enabled()  # outside both blocks
+    with torch.no_grad():
+        with capture_outputs({"0": conv}, graph_from_first=True):
+            conv(torch.randn(1, 3, 2, 2))
+        assert not torch.is_grad_enabled()

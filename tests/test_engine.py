@@ -299,3 +299,51 @@ def test_cam_refuses_layers_and_models_without_a_gap_linear_head(
     ok = compute_cams(two_heads, images, "features.5", "cam", output_transform=0, cam_head="fc")
     assert ok["features.5", "cam"].sum() > 0
     assert all(not (m._forward_hooks or m._forward_pre_hooks) for m in two_heads.modules())
+
+
+class GradModeProbe(nn.Module):
+    """Identity that records whether autograd was on when it ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(torch.is_grad_enabled())
+        return x
+
+
+def test_autograd_starts_at_the_first_layer_unless_the_input_gradient_is_needed(
+    tiny_cnn: TinyCNN, images: torch.Tensor
+) -> None:
+    stem = GradModeProbe()
+    model = nn.Sequential(stem, tiny_cnn)
+    compute_cams(model, images, "1.features.3", methods=["gradcam", "gradcam++"])
+    assert stem.seen == [False], "the stem before the first CAM layer needs no graph"
+    stem.seen.clear()
+    compute_cams(model, images, "1.features.3", methods=["gradcam", "saliency"])
+    assert stem.seen == [True], "saliency needs the graph back to the input"
+
+
+class EnableGradInside(nn.Module):
+    """Runs its body under `torch.enable_grad()`, which restores the outer grad mode after."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = self.body.features(x)
+        return self.body.fc(self.body.pool(x).flatten(1))
+
+
+def test_a_model_that_switches_autograd_itself_still_gets_exact_maps(
+    tiny_cnn: TinyCNN, images: torch.Tensor
+) -> None:
+    targets = torch.tensor([0, 3, 1, 4])
+    expected = compute_cams(tiny_cnn, images, "features.3", target=targets)
+    wrapped = EnableGradInside(tiny_cnn)
+    got = compute_cams(wrapped, images, "body.features.3", target=targets)
+    assert torch.allclose(got["body.features.3", "gradcam"], expected["features.3", "gradcam"])
+    assert got["body.features.3", "gradcam"].abs().max() > 0
