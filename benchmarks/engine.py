@@ -353,7 +353,9 @@ def memory_in_subprocess(
     if "error" in result:
         print(f"  memory of {model}/{scenario}/{contender} failed: {result['error']}")
         return float("nan")
-    return result["bytes"] / harness.MIB
+    mib = result["bytes"] / harness.MIB
+    print(f"  memory {model} {scenario} {contender}: {mib:.0f} MiB", file=sys.stderr, flush=True)
+    return mib
 
 
 def run_scenario(s: Setup, scenario: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -407,6 +409,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--memory", action=argparse.BooleanOptionalAction, default=True, help="peak memory"
     )
+    parser.add_argument(
+        "--timing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the contenders (--no-timing: peak memory only, one call each)",
+    )
     parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--scenario", default=None, help=argparse.SUPPRESS)
@@ -420,6 +428,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.contenders = ["forward", *args.contenders]
     if args.reps < 1 or args.warmup < 0:
         parser.error("--reps must be >= 1 and --warmup >= 0")
+    if not (args.timing or args.memory):
+        parser.error("--no-timing with --no-memory leaves nothing to measure")
     return args
 
 
@@ -444,11 +454,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     )
     rows: list[dict[str, Any]] = []
-    for model_name in args.models:
+
+    def save(partial: bool) -> None:  # after every step, so a killed run keeps what it measured
+        payload = {"machine": info, "versions": versions, "partial": partial, "rows": rows}
+        harness.write_json(args.json, payload, quiet=partial)
+
+    for model_name in args.models if args.timing else ():
         setup = build_setup(model_name, args.batch_size, args.image_size, device)
         for scenario in args.scenarios:
-            rows += run_scenario(setup, scenario, args)
+            new = run_scenario(setup, scenario, args)
+            for row in new:
+                diff = row["max_abs_diff"]
+                print(
+                    f"  => {row['contender']}: {row['seconds']:.3g} s, x{row['x_forward']:.2f} "
+                    f"forward, maps {row['maps']}"
+                    + ("" if diff is None else f", max abs diff {diff:.2g}"),
+                    file=sys.stderr,
+                    flush=True,
+                )
+            rows += new
+            save(partial=True)
         del setup
+    if not args.timing:
+        rows = untimed_rows(args)
     if args.memory:
         print("peak memory, one subprocess per contender ...", file=sys.stderr, flush=True)
         for model_name in args.models:
@@ -464,9 +492,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                     else memory_in_subprocess(args, model_name, row["scenario"], name)
                 )
                 row["train_step_mib"] = train
+                save(partial=True)
     print_tables(rows, args)
-    harness.write_json(args.json, {"machine": info, "versions": versions, "rows": rows})
+    save(partial=False)
     return 0
+
+
+def untimed_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One empty row per model, scenario and contender, for a memory-only run."""
+    return [
+        {
+            "model": model,
+            "scenario": scenario,
+            "contender": name,
+            "maps": None,
+            "seconds": None,
+            "spread": None,
+            "x_forward": None,
+            "max_abs_diff": None,
+            "diff_per_method": {},
+            "all_seconds": [],
+        }
+        for model in args.models
+        for scenario in args.scenarios
+        for name in args.contenders
+    ]
 
 
 def print_tables(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> None:
@@ -518,6 +568,8 @@ def print_tables(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace) ->
     ]
     print("## Agreement with ours, per method (max abs diff)\n")
     print(harness.markdown_table(["model", "scenario", "peer", *METHODS], per_method))
+    print("\n## Targets\n")
+    print(harness.markdown_table(["model", "target", "measured", "met"], target_rows(rows)))
     print("\n## What each contender does\n")
     scenarios = sorted({row["scenario"] for row in rows})
     names = list(dict.fromkeys(row["contender"] for row in rows))
@@ -527,6 +579,42 @@ def print_tables(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace) ->
             [[c, sc, HOW[c, sc]] for c in names for sc in scenarios],
         )
     )
+
+
+def target_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+    """The issue's targets against what was measured (met / not met / not measured)."""
+    found = {(r["model"], r["scenario"], r["contender"]): r for r in rows}
+    out: list[list[Any]] = []
+
+    def check(model: str, target: str, value: float | None, limit: float, above: bool) -> None:
+        if value is None or value != value:
+            out.append([model, target, None, "not measured"])
+            return
+        met = value >= limit if above else value <= limit
+        out.append([model, target, f"{value:.2f}", "yes" if met else "NO"])
+
+    for model in dict.fromkeys(r["model"] for r in rows):
+        one, many = found.get((model, "1x1", "ours")), found.get((model, "4x5", "ours"))
+        if one is not None:
+            check(model, "1x1: ours / forward <= 1.3", one["x_forward"], 1.3, False)
+            for peer in ("captum", "torchcam"):
+                other = found.get((model, "1x1", peer))
+                ratio = one["seconds"] / other["seconds"] if other and one["seconds"] else None
+                check(model, f"1x1: ours / {peer} <= 1.05", ratio, 1.05, False)
+        if many is not None:
+            check(model, "4x5: ours / forward <= 1.6", many["x_forward"], 1.6, False)
+            peers = [found.get((model, "4x5", p)) for p in PEERS]
+            peers = [p for p in peers if p is not None]
+            if peers and many["seconds"]:
+                fastest = min(peers, key=lambda p: p["seconds"])
+                name = f"{fastest['contender']}, {fastest['maps']} maps"
+                ratio = fastest["seconds"] / many["seconds"]
+                check(model, f"4x5: fastest peer ({name}) / ours >= 3", ratio, 3.0, True)
+        for row in (one, many):
+            if row is not None and "peak_mib" in row:
+                ratio = row["peak_mib"] / row["train_step_mib"]
+                check(model, f"{row['scenario']}: ours peak / train step <= 1", ratio, 1.0, False)
+    return out
 
 
 if __name__ == "__main__":

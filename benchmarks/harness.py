@@ -132,9 +132,11 @@ def interleaved(
     """
     seconds: dict[K, list[float]] = {name: [] for name in contenders}
     first: dict[K, Any] = {}
+    last: dict[K, float] = {}
     for round_ in range(warmup + reps):
         for name, fn in contenders.items():
             elapsed, out = timed(fn, device)
+            last[name] = elapsed
             if name not in first:
                 first[name] = out
             del out
@@ -145,7 +147,7 @@ def interleaved(
         if progress:
             kind = "warm-up" if round_ < warmup else "rep"
             number = round_ + 1 if round_ < warmup else round_ - warmup + 1
-            done = ", ".join(f"{n} {s[-1]:.3g}s" for n, s in seconds.items() if s)
+            done = ", ".join(f"{n} {s:.3g}s" for n, s in last.items())
             print(f"  [{kind} {number}] {done}", file=sys.stderr, flush=True)
     return seconds, first
 
@@ -178,13 +180,16 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def write_json(path: Path | None, payload: Mapping[str, Any]) -> None:
-    """Write `payload` to `path` (if given) as indented JSON."""
+def write_json(path: Path | None, payload: Mapping[str, Any], quiet: bool = False) -> None:
+    """Write `payload` to `path` (if given) as indented JSON, atomically."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    print(f"\nwrote {path}")
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    partial.replace(path)
+    if not quiet:
+        print(f"\nwrote {path}")
 
 
 # -- peak memory ------------------------------------------------------------------------------
