@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(PY) examples/dann_shapes.py --log-dir demo_runs/source_only
 	$(PY) examples/dann_shapes.py --adapt --log-dir demo_runs/dann
 	$(PY) -m cam_monitor.cli compare demo_runs/source_only demo_runs/dann --out demo_runs/report.html
+	$(PY) examples/demo_figure.py demo_runs/source_only demo_runs/dann --out demo_runs/localization.png
 	@echo "report:      demo_runs/report.html"
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir demo_runs"
 

@@ -1,7 +1,7 @@
 """Watch attention under domain shift: a source-only CNN against DANN, with CamMonitor.
 
 A small CNN learns to name four shapes from labelled *source* images (plain dark background)
-and is tested on *target* images (coloured, striped background; see `shapes.py`). With
+and is tested on *target* images (a coloured, blotchy texture background; see `shapes.py`). With
 ``--adapt`` it trains as a domain-adversarial network (DANN, Ganin et al. 2016): a domain
 classifier behind a gradient-reversal layer sees source and unlabelled target images (target
 labels are never used for training). `CamMonitor` logs Grad-CAM and Grad-CAM++ overlays of 16
@@ -13,8 +13,8 @@ localization scores against the shapes' masks.
     tensorboard --logdir runs
     cam-monitor compare runs/source_only runs/dann
 
-Everything is generated in code; nothing is downloaded. The defaults take one to two minutes
-per run on two CPU cores.
+Everything is generated in code; nothing is downloaded. The defaults take about a minute per
+run on two idle CPU cores (35 s source-only, 54 s DANN, measured).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shapes import CLASSES, MEAN, STD, class_names, make_shapes
 
-from cam_monitor.callback import CamMonitor
+from cam_monitor import CamMonitor
 
 #: The layers the monitor watches: the last conv (8x8 maps) and an earlier one (16x16 maps).
 CAM_LAYERS: tuple[str, str] = ("features.conv4", "features.conv2")
@@ -112,7 +112,7 @@ class ShapesDANN(pl.LightningModule):
         self,
         adapt: bool = True,
         num_classes: int = len(CLASSES),
-        lr: float = 0.01,
+        lr: float = 0.005,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
     ) -> None:
@@ -206,11 +206,11 @@ class ShapesDANN(pl.LightningModule):
         }
 
 
-def build_module(adapt: bool, seed: int = 0) -> ShapesDANN:
+def build_module(adapt: bool, seed: int = 0, lr: float = 0.005) -> ShapesDANN:
     """The model, initialised from `seed` without touching the global RNG (same init either way)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ShapesDANN(adapt=adapt)
+        return ShapesDANN(adapt=adapt, lr=lr)
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -340,6 +340,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps-per-epoch", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=64, help="images per domain per step")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=0.005, help="initial SGD learning rate")
     parser.add_argument(
         "--log-dir", type=Path, default=None, help="default: runs/dann or runs/source_only"
     )
@@ -364,7 +365,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if log_dir.is_dir() and any(log_dir.glob("events.out.tfevents.*")):
         print(f"note: {log_dir} already holds TensorBoard events; runs will be mixed there.")
     pl.seed_everything(args.seed, workers=True, verbose=False)
-    module = build_module(args.adapt, args.seed)
+    module = build_module(args.adapt, args.seed, args.lr)
     train_loader, val_loader = build_loaders(args.batch_size, args.steps_per_epoch, args.seed)
     monitor = build_monitor(16, args.seed)
     logger = make_logger(args.logger, log_dir, name)

@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import dann_shapes
+import demo_figure
 import shapes
 
 
@@ -185,3 +186,13 @@ def test_demo_main_runs_and_logs_cam_images(
                 # The baseline at the start and one evaluation after the epoch.
                 assert len(accumulator.Images(tag)) == 2
     assert {"val/target_acc", "val/source_acc", "train/domain_loss"} <= set(tags["scalars"])
+
+    # The README figure script reads the run's history back and draws one chart per panel.
+    import cv2
+
+    figure = tmp_path / "figure.png"
+    assert demo_figure.main([str(log_dir), "--out", str(figure)]) == 0
+    image = cv2.imread(str(figure))
+    assert image is not None and image.shape[1] == 400 * len(demo_figure.PANELS)
+    energy = demo_figure.series(demo_figure.load_run(log_dir), "target", *demo_figure.PANELS[0][:3])
+    assert energy[0] == [0, 1] and all(0 <= v <= 1 for v in energy[1])
