@@ -23,7 +23,7 @@ import torch
 
 from .drift import js_divergence, spearman, summarize, topk_iou
 from .history import Evaluation, HistoryError, ProbeRecord, find_history, read_history, read_probe
-from .render import caption_text, make_map_grid, make_overlay_grid, to_png_bytes
+from .render import caption_text, make_map_grid, make_overlay_grid, to_jpeg_bytes
 
 __all__ = [
     "DRIFT_MEASURES",
@@ -570,13 +570,14 @@ def _figure_png(matplotlib_classes: tuple[Any, Any, Any], panels: Sequence[_Pane
     return buffer.getvalue()
 
 
-def _img(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f"<img alt='{_e(alt)}' src='data:image/png;base64,{data}'>"
+def _img(image: bytes, alt: str, kind: str = "png") -> str:
+    data = base64.b64encode(image).decode("ascii")
+    return f"<img alt='{_e(alt)}' src='data:image/{kind};base64,{data}'>"
 
 
-def _grid_png(run: Run, probe_record: ProbeRecord | None, group: Group, epoch: int) -> bytes:
-    """Overlay grid of one run's maps at ``epoch``; maps alone when the probe images are missing."""
+def _grid_jpeg(run: Run, probe_record: ProbeRecord | None, group: Group, epoch: int) -> bytes:
+    """Overlay grid of one run's maps at ``epoch`` as JPEG (a PNG per grid made reports of
+    15 MB); maps alone when the probe images are missing."""
     evaluation = run.by_epoch[epoch]
     maps = torch.from_numpy(evaluation.maps[group])
     probe = group[0]
@@ -592,10 +593,10 @@ def _grid_png(run: Run, probe_record: ProbeRecord | None, group: Group, epoch: i
     if inputs is not None and inputs.shape[0] == maps.shape[0]:
         try:
             grid = make_overlay_grid(torch.from_numpy(inputs), maps, captions=captions, nrow=4)
-            return to_png_bytes(grid)
+            return to_jpeg_bytes(grid)
         except ValueError:
             pass  # e.g. inputs that are not 1- or 3-channel images: show the maps alone
-    return to_png_bytes(make_map_grid(maps, signed=False, captions=captions, nrow=4))
+    return to_jpeg_bytes(make_map_grid(maps, signed=False, captions=captions, nrow=4))
 
 
 def _section(
@@ -622,8 +623,9 @@ def _section(
             if evaluation is None or group not in evaluation.maps:
                 cells.append("<td class='overlay'>no maps</td>")
                 continue
-            png = _grid_png(run, probe_record, group, epoch)
-            cells.append(f"<td class='overlay'>{_img(png, f'{run.name} epoch {epoch}')}</td>")
+            jpeg = _grid_jpeg(run, probe_record, group, epoch)
+            image = _img(jpeg, f"{run.name} epoch {epoch}", "jpeg")
+            cells.append(f"<td class='overlay'>{image}</td>")
         parts.append(f"<tr><td>{epoch}</td>{''.join(cells)}</tr>")
     parts.append("</table></section>")
     return "\n".join(parts)

@@ -253,10 +253,13 @@ def test_compare_writes_a_self_contained_html_report(
     assert code == 0, err
     assert f"report written to {out_file}" in out
     page = out_file.read_text(encoding="utf-8")
-    # Per group (source x 2 layers): one figure of curves + run A | run B at 3 epochs.
-    images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
-    assert len(images) == page.count("data:image/png;base64") == 2 * (1 + 2 * 3)
-    assert all(base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n") for data in images)
+    # Per group (source x 2 layers): one PNG figure of curves + run A | run B at 3 epochs (JPEG).
+    figures = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    grids = re.findall(r"data:image/jpeg;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(figures) == page.count("data:image/") - len(grids) == 2
+    assert len(grids) == 2 * 2 * 3
+    assert all(base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n") for data in figures)
+    assert all(base64.b64decode(data).startswith(b"\xff\xd8\xff") for data in grids)
     assert "<script" not in page and "http" not in page  # no external files or libraries
     assert "source_only" in page and "dann" in page
     assert "CAMs over the probe images" in page
@@ -276,7 +279,8 @@ def test_report_without_probe_file_shows_maps_alone(
     assert code == 0, err
     page = out_file.read_text(encoding="utf-8")
     assert "CAMs alone (no probe.npz images)" in page
-    assert page.count("data:image/png;base64") == 2 * (1 + 2 * 1)
+    assert page.count("data:image/png;base64") == 2  # the curves
+    assert page.count("data:image/jpeg;base64") == 2 * 2 * 1  # the map grids
 
 
 def test_report_without_matplotlib_asks_to_install_it(

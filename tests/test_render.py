@@ -19,6 +19,7 @@ from cam_monitor.render import (
     make_overlay_grid,
     overlay,
     save_png,
+    to_jpeg_bytes,
     to_png_bytes,
     to_uint8_images,
 )
@@ -309,3 +310,23 @@ def test_png_round_trip_gives_back_the_pixels(tmp_path: Path) -> None:
 def test_png_refuses_non_grids() -> None:
     with pytest.raises(ValueError, match=r"uint8 \[3, H, W\]"):
         to_png_bytes(torch.rand(3, 4, 4))
+
+
+def test_jpeg_keeps_the_colours_of_a_smooth_overlay_and_refuses_bad_quality() -> None:
+    ramp = torch.linspace(0, 255, 64).round().to(torch.uint8)
+    grid = torch.stack(
+        [
+            ramp[None].expand(48, 64),
+            ramp[:, None].expand(64, 48).T,
+            torch.full((48, 64), 90, dtype=torch.uint8),
+        ]
+    )
+    data = to_jpeg_bytes(grid, quality=90)
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+    error = np.abs(decoded.astype(int) - grid.permute(1, 2, 0).numpy().astype(int))
+    assert decoded.shape == (48, 64, 3) and error.mean() < 3
+    assert len(data) < len(to_png_bytes(grid))
+    with pytest.raises(ValueError, match="quality"):
+        to_jpeg_bytes(grid, quality=0)
+    with pytest.raises(ValueError, match=r"uint8 \[3, H, W\]"):
+        to_jpeg_bytes(torch.rand(3, 4, 4))
