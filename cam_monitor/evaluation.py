@@ -17,7 +17,13 @@ from .isolation import isolated
 from .layers import LayerSpec, Reshape
 from .methods import PIXEL_METHODS, SIGNED_METHODS
 from .probe import ProbeSet
-from .render import caption_text, make_map_grid, make_overlay_grid, to_uint8_images
+from .render import (
+    caption_text,
+    choose_captions,
+    make_map_grid,
+    make_overlay_grid,
+    to_uint8_images,
+)
 
 
 @dataclass(frozen=True)
@@ -95,11 +101,16 @@ def render_probe(probe: ProbeSet, result: CamResult, settings: CamSettings) -> d
     predicted = result.logits.argmax(dim=1).tolist()
     true = None if probe.labels is None else probe.labels.tolist()
     names = settings.class_names
-    captions = caption_text(predicted, true, names, compact=names is None)
     images = probe.inputs
     if not isinstance(images, Tensor) or images.dim() != 4:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"Cannot draw probe {probe.name!r}: inputs are {shape}, not [B, C, H, W].")
+    # Class names read "ok pred cat / true cat" where the tiles are wide enough, else "ok p:cat
+    # t:cat"; class numbers are always compact.
+    options = [caption_text(predicted, true, names, compact=True)]
+    if names is not None:
+        options.insert(0, caption_text(predicted, true, names))
+    captions = choose_captions(options, images.shape[-2], images.shape[-1])
     grids = {}
     for (layer, method), maps in result.maps.items():
         tag = image_tag(probe.name, layer, method)

@@ -27,6 +27,7 @@ __all__ = [
     "caption_text",
     "caption_tiles",
     "check_colormap",
+    "choose_captions",
     "colorize",
     "colorize_signed",
     "make_map_grid",
@@ -69,6 +70,7 @@ _DIVERGING_HALF = 127  # the diverging LUT has 2 * 127 + 1 entries, white exactl
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _MIN_FONT_SCALE = 0.35
 _MAX_FONT_SCALE = 1.0
+_CAPTION_MARGIN = 3
 _BAND_GRAY = 24
 _ELLIPSIS = ".."
 
@@ -272,6 +274,30 @@ def _fit(text: str, scale: float, room: int) -> str:
     return text + _ELLIPSIS if text and text.strip() else ""
 
 
+def choose_captions(
+    options: Sequence[Sequence[str]], height: int, width: int, min_tile: int = 96
+) -> list[str]:
+    """The first caption list that fits tiles of `height` x `width` images whole, else the last.
+
+    Tiles are sized as the grid functions size them (short side enlarged to `min_tile`); a
+    caption fits if it needs no '..' at the smallest legible font scale.
+
+    Example:
+        >>> long = caption_text([0], [0], ["triangle"])
+        >>> short = caption_text([0], [0], ["triangle"], compact=True)
+        >>> choose_captions([long, short], 32, 32), choose_captions([long, short], 256, 256)
+        (['ok p:triangle t:triangle'], ['ok pred triangle / true triangle'])
+    """
+    if not options:
+        raise ValueError("choose_captions needs at least one list of captions.")
+    room = width * _upscale_factor(height, width, min_tile) - 2 * _CAPTION_MARGIN
+    for captions in options:
+        texts = [_ascii(str(c)).strip() for c in captions]
+        if all(_text_width(t, _MIN_FONT_SCALE) <= room for t in texts):
+            return list(captions)
+    return list(options[-1])
+
+
 def caption_tiles(tiles: Tensor, captions: Sequence[str]) -> Tensor:
     """Add a dark band under each tile with its caption in white: [B, 3, H + band, W].
 
@@ -283,7 +309,7 @@ def caption_tiles(tiles: Tensor, captions: Sequence[str]) -> Tensor:
     if len(captions) != batch:
         raise ValueError(f"Got {len(captions)} captions for {batch} tiles; give one per tile.")
     texts = [_ascii(str(c)).strip() for c in captions]
-    margin = 3
+    margin = _CAPTION_MARGIN
     room = max(width - 2 * margin, 1)
     scale = min(max(width / 256, _MIN_FONT_SCALE), _MAX_FONT_SCALE)
     widest = max((_text_width(t, 1.0) for t in texts if t), default=0)

@@ -13,6 +13,7 @@ from cam_monitor.render import (
     caption_text,
     caption_tiles,
     check_colormap,
+    choose_captions,
     colorize,
     colorize_signed,
     make_map_grid,
@@ -195,6 +196,37 @@ def test_long_captions_are_truncated_and_keep_one_band_height() -> None:
     assert out.shape[2] > 32 and out.shape[3] == 40
     # the truncated caption stays inside its tile: the right margin column is untouched
     assert out[1, :, 32:, -1].unique().numel() == 1
+
+
+def test_choose_captions_takes_the_first_list_that_fits_whole() -> None:
+    names = ["square", "triangle"]
+    long, short = (
+        caption_text([0, 1], [0, 0], names),
+        caption_text([0, 1], [0, 0], names, compact=True),
+    )
+    assert choose_captions([long, short], 256, 256) == long
+    assert choose_captions([long, short], 32, 32) == short  # tiles enlarged to 96 px
+    assert choose_captions([long, short], 32, 32, min_tile=0) == short  # none fits: the last
+    with pytest.raises(ValueError, match="at least one"):
+        choose_captions([], 32, 32)
+
+
+def test_probe_grids_use_compact_class_names_on_small_tiles() -> None:
+    from cam_monitor.engine import compute_cams
+    from cam_monitor.evaluation import CamSettings, render_probe
+    from cam_monitor.probe import ProbeSet
+    from tests.conftest import TinyCNN
+
+    names = ["square", "triangle", "circle", "plus", "star"]
+    settings = CamSettings(layers=["features.3"], methods=("gradcam",), class_names=names)
+    for size, compact in ((32, True), (192, False)):
+        images = torch.rand(2, 3, size, size, generator=GEN)
+        probe = ProbeSet("val", images, labels=torch.tensor([0, 1]))
+        result = compute_cams(TinyCNN(), images, "features.3")
+        grid = render_probe(probe, result, settings)["cam/val/features.3/gradcam"]
+        captions = caption_text(result.logits.argmax(1), probe.labels, names, compact=compact)
+        maps = result["features.3", "gradcam"]
+        assert torch.equal(grid, make_overlay_grid(images, maps, captions=captions))
 
 
 def test_caption_count_must_match_tiles() -> None:
