@@ -49,12 +49,16 @@ def gradcam_plus_plus(
     alpha = G^2 / (2 G^2 + sum_ab(A) G^3); weights = sum_ab(alpha * relu(G)). Smooth
     Grad-CAM++ (Omeiza et al. 2019) passes the means of G^2 and G^3 over noisy copies.
     """
-    g2 = gradients.pow(2) if second is None else second
-    g3 = g2 * gradients if third is None else third
     spatial_sum = activations.sum(dim=(2, 3), keepdim=True)
-    alpha = _safe_divide(g2, 2 * g2 + spatial_sum * g3)
-    weights = (alpha * torch.relu(gradients)).sum(dim=(2, 3))
-    return _weighted_sum(weights, activations)
+    if second is None and third is None:
+        # With G^2 and G^3 of one pass, alpha * relu(G) = relu(G) / (2 + sum_ab(A) G): the same
+        # value in a third of the passes, and no G^3 to underflow.
+        weighted = _safe_divide(torch.relu(gradients), 2 + spatial_sum * gradients)
+    else:
+        g2 = gradients.pow(2) if second is None else second
+        g3 = g2 * gradients if third is None else third
+        weighted = _safe_divide(g2, 2 * g2 + spatial_sum * g3) * torch.relu(gradients)
+    return _weighted_sum(weighted.sum(dim=(2, 3)), activations)
 
 
 def xgradcam(activations: Tensor, gradients: Tensor) -> Tensor:

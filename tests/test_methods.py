@@ -82,10 +82,27 @@ def test_method_names_are_checked() -> None:
         check_methods(["saliency", "guided-gradcam"])
 
 
+def test_gradcam_plus_plus_one_pass_form_equals_the_papers_alpha() -> None:
+    gen = torch.Generator().manual_seed(1)
+    acts = torch.relu(torch.randn(3, 6, 5, 5, generator=gen))
+    grads = torch.randn(3, 6, 5, 5, generator=gen) * 1e-2
+    grads[0, 0] = 0.0  # a dead channel
+    acts[1, 1] = 0.0
+    acts[1, 1, 0, 0] = -4.0  # signed activations: sum(A) = -4, so at G = 0.5 ...
+    grads[1, 1, 0, 0] = 0.5  # ... 2 G^2 + sum(A) G^3 = 0: alpha's zero case
+    g2, g3 = grads.pow(2), grads.pow(3)
+    denominator = 2 * g2 + acts.sum(dim=(2, 3), keepdim=True) * g3
+    alpha = torch.where(denominator != 0, g2 / denominator, 0.0)
+    weights = (alpha * torch.relu(grads)).sum(dim=(2, 3))
+    by_hand = torch.relu(torch.einsum("bc,bchw->bhw", weights, acts))
+    assert by_hand.max() > 0
+    assert torch.allclose(gradcam_plus_plus(acts, grads), by_hand, rtol=1e-5, atol=1e-7)
+
+
 def test_smooth_gradcam_plus_plus_takes_the_moments_it_is_given() -> None:
     grads = torch.tensor([[1.0, -1.0], [2.0, 0.0]])[None, None]
     same = apply_method("gradcam++", A, grads, (grads.pow(2), grads.pow(3)))
-    assert torch.equal(same, apply_method("gradcam++", A, grads))
+    assert torch.allclose(same, apply_method("gradcam++", A, grads))
     # mean G = 1 everywhere, but G^2 = 4 and G^3 = 0 (copies of +-2 cancel in odd moments):
     # alpha = 4 / 8, weight = 4 * 0.5 * 1 = 2, map = 2 A
     ones = torch.ones_like(A)
