@@ -7,7 +7,9 @@ model fitted for one epoch of `--steps` steps at the demo's batch size:
 - `monitor`: the demo's monitor (2 probe sets x 16 images, 2 layers, 2 methods) every epoch;
 - `idle`: the same monitor with `every_n_epochs=1000`, so it never fires after its baseline.
 
-Checkpointing, progress bars, the model summary and loggers are off in every arm. Reported: the
+Checkpointing, progress bars and the model summary are off in every arm, and so is the logger
+unless `--logger tensorboard` gives every arm one (the monitor then writes its grids and
+scalars there instead of PNG files and a CSV). Reported: the
 median fit wall time and its ratio to `plain`, the monitor's own `cam_monitor/seconds` (compute,
 drawing and scoring, from its history files), and the wall time spent inside its hooks
 (measured by two stopwatch callbacks placed around it, so history and PNG writing count too).
@@ -30,6 +32,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -108,11 +111,14 @@ def fit_once(
             args.num_probe, args.seed, every_n_epochs=every, save_dir=folder
         )
         callbacks = [Stopwatch(marks, "open"), monitor, Stopwatch(marks, "close")]
+    logger: Any = False
+    if args.logger == "tensorboard":
+        logger = TensorBoardLogger(folder / "tb", name="", version="")
     trainer = pl.Trainer(
         max_epochs=1,
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
-        logger=False,
+        logger=logger,
         callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -152,6 +158,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--adapt", action=argparse.BooleanOptionalAction, default=True, help="DANN (default)"
     )
     parser.add_argument("--val", action="store_true", help="also run the demo's validation")
+    parser.add_argument(
+        "--logger",
+        choices=["none", "tensorboard"],
+        default="none",
+        help="none: PNG files + scalars.csv (default); tensorboard: a TensorBoardLogger per fit",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 5)
@@ -175,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "model": f"examples/dann_shapes.py ({'DANN' if args.adapt else 'source only'})",
             "epoch": f"{args.steps} steps, batch {args.batch_size} per domain"
             + (", with validation" if args.val else ", no validation"),
+            "logger": args.logger,
             "monitor": f"2 probe sets x {args.num_probe} images, layers "
             f"{list(dann_shapes.CAM_LAYERS)}, methods {list(dann_shapes.CAM_METHODS)}",
             "reps": f"{args.reps} timed (median), {args.warmup} warm-up, arms alternated",

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 from torch import Tensor
 
-from .render import save_png
+from .render import save_png, to_png_bytes
 
 
 class Sink:
@@ -40,13 +40,40 @@ class TensorBoardSink(Sink):
     def log(self, images: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
         writer = self.logger.experiment
         for tag, grid in images.items():
-            writer.add_image(tag, grid, global_step=step, dataformats="CHW")
+            add_png_image(writer, tag, grid, step)
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, global_step=step)
 
     def record_probe(self, hashes: Mapping[str, str]) -> None:
         for name, digest in hashes.items():
             self.logger.experiment.add_text(f"cam_monitor/probe_hash/{name}", digest, 0)
+
+
+def add_png_image(writer: Any, tag: str, grid: Tensor, step: int) -> None:
+    """What `writer.add_image(tag, grid, step)` records, with the PNG encoded by OpenCV.
+
+    TensorBoard's own encoder (PIL, zlib level 6) took 32 ms for a 16-tile demo grid, OpenCV
+    9 ms for a file 27% larger. Writers other than torch's `SummaryWriter` get `add_image`.
+    """
+    try:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from torch.utils.tensorboard import SummaryWriter
+
+        native = isinstance(writer, SummaryWriter)
+    except ImportError:  # tensorboardX alone
+        native = False
+    if not native:
+        writer.add_image(tag, grid, global_step=step, dataformats="CHW")
+        return
+    image = Summary.Image(
+        height=grid.shape[1],
+        width=grid.shape[2],
+        colorspace=3,
+        encoded_image_string=to_png_bytes(grid),
+    )
+    writer._get_file_writer().add_summary(
+        Summary(value=[Summary.Value(tag=tag, image=image)]), step
+    )
 
 
 class WandbSink(Sink):

@@ -214,16 +214,16 @@ def faulty_setup(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     elif kind == "sink":
         logger = TensorBoardLogger(tmp_path, name="tb")
         writer = logger.experiment
-        real_add = writer.add_image
+        real_add = writer.add_scalar
         calls = {"n": 0}
 
-        def add_image(*args: Any, **kw: Any) -> None:
+        def add_scalar(*args: Any, **kw: Any) -> None:
             calls["n"] += 1
             if calls["n"] == 2:
                 raise OSError("sink fault injected")
             real_add(*args, **kw)
 
-        monkeypatch.setattr(writer, "add_image", add_image)
+        monkeypatch.setattr(writer, "add_scalar", add_scalar)
     return {"model": model, "kwargs": kwargs, "logger": logger}
 
 
