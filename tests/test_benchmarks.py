@@ -1,0 +1,64 @@
+"""The benchmark scripts still run: `--quick` smoke runs in subprocesses, checked by what they did.
+
+Timings are never asserted here; the scripts' numbers live in benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+    out = tmp_path / f"{name}.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--json", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_engine_quick_agrees_with_captum_and_checks_the_targets(tmp_path: Path) -> None:
+    args = ("--models", "resnet50", "--contenders", "ours", "captum", "--no-memory")
+    payload, stdout = run_script("engine", tmp_path, *args)
+    rows = {(r["scenario"], r["contender"]): r for r in payload["rows"]}
+    assert set(rows) == {(s, c) for s in ("1x1", "4x5") for c in ("forward", "ours", "captum")}
+    assert rows["4x5", "ours"]["maps"] == rows["4x5", "captum"]["maps"] == "20/20"
+    assert rows["1x1", "captum"]["max_abs_diff"] < 1e-4
+    assert rows["4x5", "captum"]["max_abs_diff"] < 1e-4
+    assert all(s > 0 for r in payload["rows"] for s in r["all_seconds"])
+    assert "## Targets" in stdout and "4x5: ours / forward <= 1.6" in stdout
+
+
+def test_overhead_quick_runs_three_arms_with_a_tensorboard_logger(tmp_path: Path) -> None:
+    payload, stdout = run_script("overhead", tmp_path, "--logger", "tensorboard")
+    evaluations = {row["arm"]: row["evaluations"] for row in payload["rows"]}
+    assert evaluations == {"plain": 0, "monitor": 2, "idle": 1}  # baseline (+ the epoch end)
+    assert "- logger: tensorboard" in stdout
+
+
+@pytest.fixture(scope="module")
+def scaling_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return run_script("scaling", tmp_path_factory.mktemp("scaling"))[0]["rows"]
+
+
+@pytest.mark.parametrize("sweep", ["images", "layers", "methods"])
+def test_scaling_quick_sweeps_one_thing_at_a_time(
+    sweep: str, scaling_rows: list[dict[str, Any]]
+) -> None:
+    rows = [r for r in scaling_rows if r["sweep"] == sweep]
+    assert len(rows) >= 3
+    varying = {key: len({r[key] for r in rows}) for key in ("images", "layers", "methods")}
+    assert varying[sweep] == len(rows) and sum(varying.values()) == len(rows) + 2
+    assert all(r["evaluation_s"] > 0 for r in rows)
