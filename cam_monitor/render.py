@@ -477,7 +477,7 @@ def to_png_bytes(grid: Tensor) -> bytes:
 
 
 def to_jpeg_bytes(grid: Tensor, quality: int = 90) -> bytes:
-    """Encode a uint8 RGB [3, H, W] grid as JPEG bytes: about 4x smaller than PNG for overlays.
+    """Encode a uint8 RGB [3, H, W] grid as JPEG bytes: about 3x smaller than PNG for overlays.
 
     Example:
         >>> to_jpeg_bytes(torch.zeros(3, 4, 4, dtype=torch.uint8))[:3]
