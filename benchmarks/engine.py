@@ -441,11 +441,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         measure_memory(args, device)
         return 0
 
-    info = harness.machine_info(device)
     versions = harness.package_versions(PEER_DISTRIBUTIONS)
-    print("# compute_cams against captum, pytorch-grad-cam and torchcam\n")
-    harness.print_machine(
-        info,
+    info = harness.print_header(
+        "compute_cams against captum, pytorch-grad-cam and torchcam",
+        device,
         {
             "peers": ", ".join(f"{k} {v}" for k, v in versions.items()),
             "batch": args.batch_size,

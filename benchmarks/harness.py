@@ -82,10 +82,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def print_machine(info: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> None:
-    """A few `key: value` lines, as a markdown list."""
-    items = {**info, **(extra or {})}
+def print_header(title: str, device: torch.device, details: Mapping[str, Any]) -> dict[str, Any]:
+    """Print `# title`, then the machine and `details` as a markdown list; return the machine."""
+    info = machine_info(device)
+    print(f"# {title}\n")
+    items = {**info, **details}
     print("\n".join(f"- {key}: {value}" for key, value in items.items()))
+    return info
     print()
 
 

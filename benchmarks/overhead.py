@@ -179,10 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = harness.setup_torch(args.device, args.threads)
     quiet_lightning()
-    info = harness.machine_info(device)
-    print("# CamMonitor overhead on a DANN fit\n")
-    harness.print_machine(
-        info,
+    info = harness.print_header(
+        "CamMonitor overhead on a DANN fit",
+        device,
         {
             "model": f"examples/dann_shapes.py ({'DANN' if args.adapt else 'source only'})",
             "epoch": f"{args.steps} steps, batch {args.batch_size} per domain"

@@ -209,10 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = harness.setup_torch(args.device, args.threads)
     quiet_lightning()
-    info = harness.machine_info(device)
-    print("# CamMonitor cost against probe size, layers and methods\n")
-    harness.print_machine(
-        info,
+    info = harness.print_header(
+        "CamMonitor cost against probe size, layers and methods",
+        device,
         {
             "model": "examples/dann_shapes.py (DANN), 32x32 inputs",
             "reps": f"{args.reps} timed (median), {args.warmup} warm-up, points interleaved",
