@@ -32,7 +32,8 @@ def png_path(folder: Path, tag: str, step: int) -> Path:
 
 
 class TensorBoardSink(Sink):
-    """`add_image` per grid and `add_scalar` per number, on the logger's SummaryWriter."""
+    """An image summary per grid (`add_png_image`) and `add_scalar` per number, on the logger's
+    SummaryWriter."""
 
     def __init__(self, logger: TensorBoardLogger) -> None:
         self.logger = logger
