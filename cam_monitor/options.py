@@ -1,0 +1,308 @@
+"""Frozen option objects, one per concern (engine, rendering, drift), each validated once.
+
+`CamMonitor` and `compute_cams` build the same objects, so a bad value gets the same message
+wherever it is passed: `TypeError` for a value of the wrong type, `ValueError` for a value out of
+range, each naming the argument, the value and what is allowed. NaN and infinity are refused
+wherever a number is taken.
+
+Example:
+    >>> EngineOptions(methods=("gradcam", "layercam")).methods
+    ('gradcam', 'layercam')
+    >>> EngineOptions(noise=float("nan"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: `noise` must be a finite number >= 0 (...), got nan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from .layers import Reshape
+from .methods import ALL_METHODS
+from .render import COLORMAPS
+from .schema import MEASURES
+
+Target = str | int | Tensor | Callable[[Tensor], Tensor]
+OutputTransform = int | str | Callable[[Any], Tensor] | None
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(
+    name: str, value: object, minimum: int, *, optional: bool = False, why: str = ""
+) -> Any:
+    """`value` as an int >= `minimum` (or None when `optional`); errors name `name`.
+
+    Example:
+        >>> check_int("nrow", 8, 1)
+        8
+        >>> check_int("nrow", 0, 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: `nrow` must be an int >= 1, got 0.
+    """
+    if optional and value is None:
+        return None
+    wanted = (
+        f"an int >= {minimum}" + (" or None" if optional else "") + (f" ({why})" if why else "")
+    )
+    if not _is_int(value):
+        raise TypeError(f"`{name}` must be {wanted}, got {type(value).__name__} {value!r}.")
+    if value < minimum:  # type: ignore[operator]
+        raise ValueError(f"`{name}` must be {wanted}, got {value!r}.")
+    return value
+
+
+def check_number(
+    name: str,
+    value: object,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    why: str = "",
+) -> float:
+    """`value` as a finite float in [low, high] (or (low, high] with `low_open`).
+
+    Example:
+        >>> check_number("alpha", 0.5, 0, 1)
+        0.5
+        >>> check_number("topk", "0.2", 0, 1, low_open=True)
+        Traceback (most recent call last):
+        ...
+        TypeError: `topk` must be a finite number in (0, 1], got str '0.2'.
+    """
+    if math.isinf(high):
+        wanted = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        wanted = f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}]"
+    wanted += f" ({why})" if why else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be {wanted}, got {type(value).__name__} {value!r}.")
+    number = float(value)
+    if not math.isfinite(number) or number > high or number < low or (low_open and number == low):
+        raise ValueError(f"`{name}` must be {wanted}, got {value!r}.")
+    return number
+
+
+def check_callable(name: str, value: object, optional: bool = True) -> Any:
+    """`value` if it is callable (or None when `optional`), else a TypeError naming `name`."""
+    if (optional and value is None) or callable(value):
+        return value
+    raise TypeError(f"`{name}` must be a callable or None, got {type(value).__name__}.")
+
+
+def check_choices(name: str, value: object, choices: Sequence[str]) -> tuple[str, ...]:
+    """One name or a non-empty sequence of names from `choices`, as a tuple without repeats.
+
+    Example:
+        >>> check_choices("methods", "gradcam", ("gradcam", "layercam"))
+        ('gradcam',)
+    """
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+        raise TypeError(
+            f"`{name}` must be a name or a list of names from {', '.join(choices)}, got "
+            f"{type(value).__name__} {value!r}."
+        )
+    if not names:
+        raise ValueError(f"`{name}` needs at least one of {', '.join(choices)}.")
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        raise ValueError(
+            f"`{name}` got unknown name(s) {', '.join(map(repr, unknown))}; choose from "
+            f"{', '.join(choices)}."
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def check_methods(methods: object) -> tuple[str, ...]:
+    """Validated method names (see `cam_monitor.ALL_METHODS`), without repeats."""
+    return check_choices("methods", methods, ALL_METHODS)
+
+
+def _check_target(target: object) -> None:
+    named = ("predicted", "label")
+    if isinstance(target, str):
+        if target not in named:
+            raise ValueError(
+                f"`target` can be 'predicted', 'label', an int, a LongTensor or a callable, "
+                f"got {target!r}."
+            )
+    elif _is_int(target):
+        check_int("target", target, 0, why="a class index")
+    elif isinstance(target, Tensor):
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dim() > 1:
+            raise ValueError(
+                "`target` as a tensor must hold integer class indices, one per image ([B]) or "
+                f"one for all ([]), got {target.dtype} of shape {tuple(target.shape)}."
+            )
+    elif not callable(target):
+        raise TypeError(
+            "`target` can be 'predicted', 'label', an int, a LongTensor or a callable, got "
+            f"{type(target).__name__}."
+        )
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What `compute_cams` computes and how (every argument but the model, inputs and layers).
+
+    - `methods`: names from `ALL_METHODS`; `target`: 'predicted', 'label' (callback only), an
+      int, a LongTensor [B] or a callable; `output_transform`: index, key or callable.
+    - `batch_size`: rows per pass (None: the whole probe at once); `smooth`, `noise`, `seed`:
+      noisy copies for Smooth Grad-CAM++ and SmoothGrad; `cam_head`, `ig_steps`: see the README.
+    """
+
+    methods: tuple[str, ...] = ("gradcam",)
+    target: Target = "predicted"
+    forward: ForwardFn | None = None
+    output_transform: OutputTransform = None
+    reshape: Reshape | None = None
+    batch_size: int | None = None
+    smooth: int = 0
+    noise: float = 0.15
+    seed: int = 0
+    cam_head: Any = None
+    ig_steps: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", check_methods(self.methods))
+        _check_target(self.target)
+        check_callable("forward", self.forward)
+        check_callable("reshape", self.reshape)
+        transform = self.output_transform
+        if transform is not None and not (callable(transform) or isinstance(transform, (int, str))):
+            raise TypeError(
+                "`output_transform` must be a callable, a tuple index or a dict key, got "
+                f"{type(transform).__name__}."
+            )
+        check_int("batch_size", self.batch_size, 1, optional=True)
+        check_int("smooth", self.smooth, 0, why="the number of noisy copies")
+        noise = check_number(
+            "noise", self.noise, 0, why="std as a fraction of each image's value range"
+        )
+        object.__setattr__(self, "noise", noise)
+        if not _is_int(self.seed):
+            raise TypeError(f"`seed` must be an int, got {type(self.seed).__name__} {self.seed!r}.")
+        if self.cam_head is not None and not isinstance(self.cam_head, (str, nn.Module)):
+            raise TypeError(
+                "`cam_head` must be the name of an nn.Linear, the module itself, or None, got "
+                f"{type(self.cam_head).__name__}."
+            )
+        check_int("ig_steps", self.ig_steps, 1, why="Riemann steps of integrated_gradients")
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How grids are drawn: colormap, heat-map opacity, de-normalisation, captions, columns."""
+
+    colormap: str = "jet"
+    alpha: float = 0.5
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    class_names: tuple[str, ...] | None = None
+    nrow: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.colormap, str):
+            raise TypeError(f"`colormap` must be a name, got {type(self.colormap).__name__}.")
+        if self.colormap not in COLORMAPS:
+            raise ValueError(
+                f"`colormap` got unknown name {self.colormap!r}; choose from "
+                f"{', '.join(COLORMAPS)}."
+            )
+        object.__setattr__(self, "alpha", check_number("alpha", self.alpha, 0, 1))
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(
+                f"`mean` and `std` go together; got mean={self.mean!r}, std={self.std!r}."
+            )
+        if self.mean is not None and self.std is not None:
+            mean = _number_tuple("mean", self.mean)
+            std = _number_tuple("std", self.std)
+            if len(mean) != len(std):
+                raise ValueError(
+                    f"`mean` and `std` need one value per channel each; got mean={self.mean!r}, "
+                    f"std={self.std!r}."
+                )
+            if any(value <= 0 for value in std):
+                raise ValueError(f"`std` values must be > 0, got {self.std!r}.")
+            object.__setattr__(self, "mean", mean)
+            object.__setattr__(self, "std", std)
+        if self.class_names is not None:
+            names = self.class_names
+            if isinstance(names, str) or not isinstance(names, Sequence):
+                raise TypeError(
+                    f"`class_names` must be a list of names, got {type(names).__name__}."
+                )
+            object.__setattr__(self, "class_names", tuple(str(name) for name in names))
+        check_int("nrow", self.nrow, 1, why="tiles per grid row")
+
+
+def _number_tuple(name: str, values: object) -> tuple[float, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, Tensor)):
+        raise TypeError(f"`{name}` must be a sequence of numbers, got {type(values).__name__}.")
+    items = values.tolist() if isinstance(values, Tensor) else list(values)
+    if not items:
+        raise ValueError(f"`{name}` needs one value per channel, got an empty sequence.")
+    return tuple(check_number(f"{name}[{i}]", v, -math.inf) for i, v in enumerate(items))
+
+
+@dataclass(frozen=True)
+class DriftOptions:
+    """How attention is scored: drift measures, top-k fraction, pointing-game tolerance."""
+
+    measures: tuple[str, ...] = MEASURES
+    topk: float = 0.2
+    pointing_tolerance: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "measures", check_choices("drift_measures", self.measures, MEASURES)
+        )
+        object.__setattr__(
+            self,
+            "topk",
+            check_number("topk", self.topk, 0, 1, low_open=True, why="a fraction of pixels"),
+        )
+        check_int("pointing_tolerance", self.pointing_tolerance, 0, why="pixels")
+
+
+@dataclass(frozen=True)
+class FilterOptions:
+    """Filter views: channel indices per layer name, and optimisation steps."""
+
+    channels: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    steps: int = 64
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.channels, Mapping):
+            raise TypeError(
+                "`filters` maps layer names to channel indices, e.g. {'features.28': [0, 5]}; got "
+                f"{type(self.channels).__name__}."
+            )
+        checked: dict[str, tuple[int, ...]] = {}
+        for name, channels in self.channels.items():
+            if (
+                not isinstance(name, str)
+                or isinstance(channels, (str, bytes))
+                or not isinstance(channels, Sequence)
+                or not channels
+                or not all(_is_int(c) and c >= 0 for c in channels)
+            ):
+                raise ValueError(
+                    "`filters` maps layer names to channel indices, e.g. "
+                    f"{{'features.28': [0, 5]}}; got {name!r}: {channels!r}."
+                )
+            checked[name] = tuple(channels)
+        object.__setattr__(self, "channels", checked)
+        check_int("filter_steps", self.steps, 1)
