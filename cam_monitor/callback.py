@@ -2,71 +2,40 @@
 
 from __future__ import annotations
 
-import random
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 
-from .drift import MEASURES, boxes_to_masks
-from .engine import ForwardFn, OutputTransform
-from .evaluation import (
-    AttentionTracker,
-    CamSettings,
-    EvaluationOutput,
-    first_spatial_layer,
-    run_evaluation,
-)
-from .history import (
-    Evaluation,
-    find_history,
-    prune_from,
-    read_history,
-    write_evaluation,
-    write_probe,
-)
+from ._pending import evaluation_record, first_spatial_layer, write_probe_sets  # MERGE: see below
+from .evaluation import run_evaluation
+from .history import find_history, prune_from, read_history, write_evaluation
 from .layers import LayerSpec, Reshape, resolve_layers, unwrap_model
-from .methods import check_methods
-from .probe import INPUT_KEYS, ProbeSet, make_probe
-from .render import check_colormap
-from .sinks import Sink, run_folder, sinks_for
+from .options import (
+    DriftOptions,
+    EngineOptions,
+    FilterOptions,
+    ForwardFn,
+    OutputTransform,
+    RenderOptions,
+    check_int,
+)
+from .probe import ProbeSet, ProbeSpec, build_probes, check_masks, loader_probe, probe_sets
+from .schema import MEASURES, SECONDS_TAG
+from .sinks import Sink, run_folder, scalar_tags, sinks_for
+from .tracking import AttentionTracker
 
-ProbeSpec = Any
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_positive(name: str, value: Any, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if not _is_int(value) or value < 1:
-        allowed = "an int >= 1 or None" if optional else "an int >= 1"
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
-
-
-def _first_loader(loaders: Any) -> DataLoader | None:
-    """The first DataLoader inside what `trainer.*_dataloader(s)` returns (one, a list, a dict)."""
-    if isinstance(loaders, DataLoader):
-        return loaders
-    items = loaders.values() if isinstance(loaders, Mapping) else loaders
-    if isinstance(items, (list, tuple)) or isinstance(loaders, Mapping):
-        for item in items:
-            found = _first_loader(item)
-            if found is not None:
-                return found
-    return None
+# MERGE: `from .layers import first_spatial_layer` and
+# `from .history import evaluation_record, write_probe_sets`; then delete cam_monitor/_pending.py.
 
 
 def check_strategy(strategy: Strategy) -> None:
@@ -80,11 +49,65 @@ def check_strategy(strategy: Strategy) -> None:
 
 
 class CamMonitor(Callback):
-    """Log Grad-CAM overlays of a fixed probe batch every N epochs (or steps) during `fit`.
+    """Log Grad-CAM overlays of a fixed probe batch, and how attention drifts, during `fit`.
 
-    A baseline evaluation runs at the start of training (attention at initialisation), then one
-    at the end of every `every_n_epochs`-th training epoch, on global rank zero only. See the
-    README for every argument and the tags it logs.
+    A baseline evaluation runs at the start of training (attention at initialisation; it also
+    checks the whole configuration), then one at the end of every `every_n_epochs`-th epoch (or
+    every `every_n_steps` steps), on global rank zero only. The README lists the logged tags.
+
+    Args:
+        layer: a module name (``"features.29"``), a glob (``"layer4.*"``), an ``nn.Module`` or a
+            list of these; None picks the last layer with a spatial output, with a warning.
+        methods: one or several of ``cam_monitor.ALL_METHODS`` (``"gradcam"``, ``"layercam"``...).
+        every_n_epochs: evaluate at the end of every N-th training epoch.
+        every_n_steps: evaluate every N optimizer steps instead (None: by epoch).
+        probe: None (``num_probe`` samples of the val, else train, dataset, picked by index), a
+            Tensor, an ``(inputs, labels)`` tuple, a dict batch, a Dataset, a DataLoader, or a
+            dict of named probe sets ``{"source": ..., "target": ...}``.
+        num_probe: samples taken from a Dataset or DataLoader probe.
+        target: ``"predicted"``, ``"label"`` (the probe labels), a class index, a LongTensor
+            [B], or a callable ``(logits) -> LongTensor[B]`` or ``-> scores[B]``.
+        output_transform: picks the class logits from a tuple or dict output: an index, a key or
+            a callable.
+        forward: ``forward(module, inputs)``, how the model is called on the probe.
+        reshape: turns a layer output into ``[B, C, H, W]`` (token outputs on a square grid
+            are reshaped automatically).
+        masks: ground truth for localization scores: bool ``[B, H, W]`` or boxes ``[B, 4]``,
+            one tensor or a dict per probe set.
+        input_key: key of the inputs in dict batches (default: ``image``, ``input``, ``x``...).
+        label_key: key of the labels in dict batches (default: ``label``, ``target``, ``y``...).
+        colormap: OpenCV colormap of the heat maps (``"jet"``, ``"turbo"``, ``"viridis"``...).
+        alpha: heat-map opacity over the image, in [0, 1].
+        mean: per-channel normalisation mean to undo before drawing (with ``std``).
+        std: per-channel normalisation std to undo before drawing (with ``mean``).
+        class_names: names for the tile captions.
+        nrow: tiles per grid row.
+        batch_size: probe rows per pass, to bound memory (None: the whole probe at once).
+        smooth: noisy copies averaged by the gradient CAMs (Smooth Grad-CAM++ with gradcam++).
+        noise: noise std of those copies, as a fraction of each image's value range.
+        cam_head: for ``cam``: the Linear classifier after global pooling (default: the last).
+        ig_steps: Riemann steps of ``integrated_gradients``.
+        filters: ``{"features.28": [0, 5]}``: log those channels' activations and the inputs
+            optimised to excite them.
+        drift_measures: any of ``spearman``, ``pearson``, ``topk_iou``, ``js``, ``com_shift``.
+        topk: fraction of pixels for ``topk_iou`` and the mask IoU.
+        pointing_tolerance: pixels by which a mask is grown for the pointing game.
+        reference: a run directory whose first evaluation is the drift reference (``*_ref``).
+        history: write the raw maps of every evaluation to disk (for ``cam-monitor show``).
+        save_dir: where history and PNG fallbacks go (default ``<log_dir>/cam_monitor``).
+        strict: re-raise errors inside later evaluations instead of warning and skipping.
+
+    Raises:
+        TypeError: in the constructor, for an argument of the wrong type.
+        ValueError: in the constructor, for a bad value; before the first training step, for a
+            layer, probe, target or masks that do not fit the model, or a sharded strategy.
+
+    Example::
+
+        >>> monitor = CamMonitor("features.29", methods=["gradcam", "layercam"], every_n_epochs=2)
+        >>> monitor.layers, monitor.methods
+        (['features.29'], ('gradcam', 'layercam'))
+        >>> # trainer = pl.Trainer(callbacks=[monitor]); trainer.fit(model, loaders)
     """
 
     def __init__(
@@ -123,125 +146,21 @@ class CamMonitor(Callback):
         save_dir: str | Path | None = None,
         strict: bool = False,
     ) -> None:
-        if layer is None:
-            self.layers: list[LayerSpec] | None = None
-        elif isinstance(layer, (str, nn.Module)):
-            self.layers = [layer]
-        elif (
-            isinstance(layer, Sequence)
-            and layer
-            and all(isinstance(item, (str, nn.Module)) for item in layer)
-        ):
-            self.layers = list(layer)
-        else:
-            raise ValueError(
-                "`layer` must be a name like 'features.29', a glob, an nn.Module, a non-empty "
-                f"list of those, or None, got {layer!r}."
-            )
-        self.methods = check_methods(list(methods) if not isinstance(methods, str) else methods)
-        _check_positive("every_n_epochs", every_n_epochs)
-        _check_positive("every_n_steps", every_n_steps, optional=True)
-        _check_positive("num_probe", num_probe)
-        _check_positive("nrow", nrow)
-        _check_positive("batch_size", batch_size, optional=True)
-        if isinstance(target, str) and target not in ("predicted", "label"):
-            raise ValueError(
-                f"`target` can be 'predicted', 'label', an int, a LongTensor or a callable, "
-                f"got {target!r}."
-            )
-        if _is_int(target) and target < 0:
-            raise ValueError(f"`target` must be a class index >= 0, got {target}.")
-        if not isinstance(target, (str, Tensor)) and not _is_int(target) and not callable(target):
-            raise ValueError(
-                "`target` can be 'predicted', 'label', an int, a LongTensor or a callable, "
-                f"got {type(target).__name__}."
-            )
-        if output_transform is not None and not (
-            callable(output_transform) or isinstance(output_transform, (int, str))
-        ):
-            raise ValueError(
-                "`output_transform` must be a callable, a tuple index or a dict key, got "
-                f"{type(output_transform).__name__}."
-            )
-        for name, fn in (("forward", forward), ("reshape", reshape)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"`{name}` must be a callable or None, got {type(fn).__name__}.")
-        check_colormap(colormap)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}.")
-        if (mean is None) != (std is None) or (
-            mean is not None and std is not None and len(mean) != len(std)
-        ):
-            raise ValueError(
-                f"`mean` and `std` go together, with one value per channel; got mean={mean!r}, "
-                f"std={std!r}."
-            )
-        if probe is not None and not isinstance(
-            probe, (Tensor, tuple, list, Mapping, Dataset, DataLoader)
-        ):
-            raise ValueError(
-                "`probe` must be None, a Tensor, an (inputs, labels) tuple, a Dataset, a "
-                f"DataLoader or a dict of named probe sets, got {type(probe).__name__}."
-            )
-        if masks is not None and not isinstance(masks, (Tensor, Mapping)):
-            raise ValueError(
-                "`masks` must be a Tensor or a dict of Tensors per probe set, got "
-                f"{type(masks).__name__}."
-            )
-        if not _is_int(smooth) or smooth < 0:
-            raise ValueError(f"`smooth` is a number of noisy copies (an int >= 0), got {smooth!r}.")
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
-            raise ValueError(f"`noise` is a standard deviation >= 0, got {noise!r}.")
-        _check_positive("ig_steps", ig_steps)
-        filters = dict(filters or {})
-        for name, channels in filters.items():
-            if (
-                not isinstance(name, str)
-                or not channels
-                or not all(_is_int(c) and c >= 0 for c in channels)
-            ):
-                raise ValueError(
-                    "`filters` maps layer names to channel indices, e.g. "
-                    f"{{'features.28': [0, 5]}}; got {name!r}: {channels!r}."
-                )
-        if not _is_int(pointing_tolerance) or pointing_tolerance < 0:
-            raise ValueError(
-                f"`pointing_tolerance` must be an int >= 0 (pixels), got {pointing_tolerance!r}."
-            )
-        if isinstance(drift_measures, str):
-            drift_measures = [drift_measures]
-        self.tracker = AttentionTracker(drift_measures, topk, pointing_tolerance)
-        self.reference = reference
-        self.history = history
-        self.every_n_epochs = every_n_epochs
-        self.every_n_steps = every_n_steps
-        self.probe = probe
-        self.num_probe = num_probe
-        self.masks = masks
-        self.input_key = input_key
-        self.label_key = label_key
-        self.save_dir = save_dir
-        self.strict = strict
-        self.settings = CamSettings(
-            layers=list(self.layers or []),
-            methods=self.methods,
-            target=target,
-            forward=forward,
-            output_transform=output_transform,
-            reshape=reshape,
-            batch_size=batch_size,
-            colormap=colormap,
-            alpha=float(alpha),
-            mean=mean,
-            std=std,
-            class_names=class_names,
-            nrow=nrow,
-            smooth=smooth,
-            noise=float(noise),
-            cam_head=cam_head,
-            ig_steps=ig_steps,
-            filters={name: list(channels) for name, channels in filters.items()},
-        )
+        super().__init__()
+        self.layers = self.__init_layers(layer)
+        self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, 1)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1, optional=True)
+        self.__init_probe(probe, num_probe, masks, input_key, label_key)
+        self.engine = EngineOptions(
+            methods=methods, target=target, forward=forward, output_transform=output_transform,
+            reshape=reshape, batch_size=batch_size, smooth=smooth, noise=noise,
+            cam_head=cam_head, ig_steps=ig_steps,
+        )  # fmt: skip
+        self.render = RenderOptions(colormap, alpha, mean, std, class_names, nrow)  # type: ignore[arg-type]
+        self.filters = FilterOptions({} if filters is None else filters)  # type: ignore[arg-type]
+        drift = DriftOptions(drift_measures, topk, pointing_tolerance)  # type: ignore[arg-type]
+        self.tracker = AttentionTracker(drift)
+        self.__init_outputs(reference, history, save_dir, strict)
         self._probes: dict[str, ProbeSet] = {}
         self._sinks: list[Sink] = []
         self.folder: Path | None = None
@@ -249,11 +168,50 @@ class CamMonitor(Callback):
         self._last_step = -1
         self._resumed_hashes: dict[str, str] = {}
 
+    def __init_layers(self, layer: Any) -> list[LayerSpec] | None:
+        if layer is None:
+            return None
+        layers = [layer] if isinstance(layer, (str, nn.Module)) else layer
+        if isinstance(layers, Sequence) and all(isinstance(i, (str, nn.Module)) for i in layers):
+            if not layers:
+                raise ValueError("`layer` is an empty list; give at least one layer, or None.")
+            return list(layers)
+        raise TypeError(
+            "`layer` must be a name like 'features.29', a glob, an nn.Module, a list of those, "
+            f"or None, got {type(layer).__name__} {layer!r}."
+        )
+
+    def __init_probe(
+        self, probe: Any, num_probe: int, masks: Any, input_key: Any, label_key: Any
+    ) -> None:
+        for name, key in (("input_key", input_key), ("label_key", label_key)):
+            if key is not None and not isinstance(key, str):
+                raise TypeError(f"`{name}` must be a dict key (str) or None, got {key!r}.")
+        self._probe_sets = probe_sets(probe, input_key)  # checks types and set names
+        check_masks(masks)
+        self.probe, self.masks, self.input_key, self.label_key = probe, masks, input_key, label_key
+        self.num_probe = check_int("num_probe", num_probe, 1)
+
+    def __init_outputs(self, reference: Any, history: Any, save_dir: Any, strict: Any) -> None:
+        for name, folder in (("reference", reference), ("save_dir", save_dir)):
+            if folder is not None and not isinstance(folder, (str, os.PathLike)):
+                raise TypeError(f"`{name}` must be a folder path or None, got {folder!r}.")
+        for name, flag in (("history", history), ("strict", strict)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be True or False, got {flag!r}.")
+        self.reference, self.history, self.save_dir, self.strict = (
+            reference, history, save_dir, strict,
+        )  # fmt: skip
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The validated method names."""
+        return self.engine.methods
+
     @property
     def state_key(self) -> str:
-        names = [
-            layer if isinstance(layer, str) else type(layer).__name__ for layer in self.layers or []
-        ]
+        layers = self.layers or []
+        names = [layer if isinstance(layer, str) else type(layer).__name__ for layer in layers]
         return self._generate_state_key(layers=names, methods=list(self.methods))
 
     # -- Lightning hooks ------------------------------------------------------------------------
@@ -264,25 +222,16 @@ class CamMonitor(Callback):
         check_strategy(trainer.strategy)
         if self.layers is not None:
             resolve_layers(pl_module, self.layers)  # a typo fails here, before any step
-        if self.settings.filters:
-            resolve_layers(pl_module, list(self.settings.filters))
+        if self.filters.channels:
+            resolve_layers(pl_module, list(self.filters.channels))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        probes = self._build_probes(trainer, pl_module)
+        probes = self._build_probes(trainer, pl_module)  # every rank: one fails, all fail
         if not trainer.is_global_zero:
             return
         self._probes = probes
         if self.layers is None:
-            first = next(iter(probes.values()))
-            chosen = first_spatial_layer(
-                unwrap_model(pl_module), first.inputs, self.settings.forward
-            )
-            rank_zero_warn(
-                f"CamMonitor: no layer given, using {chosen!r} (the last layer with a spatial "
-                f"output). Pass CamMonitor(layer={chosen!r}) to choose it yourself."
-            )
-            self.layers = [chosen]
-            self.settings = replace(self.settings, layers=[chosen])
+            self.layers = [self._default_layer(pl_module)]
         self.folder = run_folder(trainer, self.save_dir)
         self._sinks = sinks_for(trainer, self.folder)
         if not trainer.loggers:
@@ -293,10 +242,11 @@ class CamMonitor(Callback):
             sink.record_probe({name: probe.digest for name, probe in probes.items()})
         self._check_resumed_probe(probes)
         if self.reference is not None and not self.tracker.reference:
-            self._load_reference(pl_module.device)
-        if self.history and self.evaluations > 0:
-            prune_from(self.folder, self.evaluations)  # a resumed run rewrites what came after
+            first = read_history(find_history(self.reference))[0]
+            self.tracker.use_reference(first, probes, source=str(self.reference))
         if self.history:
+            if self.evaluations > 0:
+                prune_from(self.folder, self.evaluations)  # a resumed run rewrites what came after
             self._write_probe()
         if self.evaluations == 0:
             self._evaluate(trainer, pl_module, epoch=trainer.current_epoch, baseline=True)
@@ -351,18 +301,19 @@ class CamMonitor(Callback):
         The baseline is also the configuration check: any error computing it is raised.
         """
         start = time.perf_counter()
-        step = trainer.global_step
-        self._last_step = step
+        step = self._last_step = trainer.global_step
         try:
-            output = run_evaluation(unwrap_model(pl_module), self._probes, self.settings)
+            module = unwrap_model(pl_module)
+            output = run_evaluation(
+                module, self._probes, self.layers or [], self.engine, self.render, self.filters
+            )
             scalars, non_finite = self.tracker.score(output.results, self._probes)
         except Exception as err:
             if baseline and not isinstance(err, ValueError):
                 raise ValueError(self._baseline_failure(err)) from err
             if self.strict or baseline:
                 raise
-            self._skip(trainer, err)
-            return
+            return self._skip(trainer, err)
         if non_finite:
             rank_zero_warn(
                 f"CamMonitor: {non_finite} CAMs at step {step} hold NaN or Inf (non-finite probe "
@@ -370,10 +321,14 @@ class CamMonitor(Callback):
                 "means (see the *_excluded counts)."
             )
         output.scalars.update(scalars)
-        output.scalars["cam_monitor/seconds"] = time.perf_counter() - start
+        output.scalars[SECONDS_TAG] = time.perf_counter() - start
         try:
             if self.history and self.folder is not None:
-                write_evaluation(self.folder, self._record(output, epoch, step))
+                record = evaluation_record(
+                    self.evaluations, epoch, step, self._probes, output.results,
+                    scalar_tags(output.scalars),
+                )  # fmt: skip
+                write_evaluation(self.folder, record)
             for sink in self._sinks:
                 sink.log(output.images, output.scalars, step)
         except Exception as err:
@@ -382,42 +337,35 @@ class CamMonitor(Callback):
             self._skip(trainer, err)
         self.evaluations += 1
 
-    def _record(self, output: EvaluationOutput, epoch: int, step: int) -> Evaluation:
-        """The history entry of one evaluation, as numpy arrays."""
-        results = output.results
-        return Evaluation(
-            index=self.evaluations,
-            epoch=epoch,
-            step=step,
-            probe_hashes={name: probe.digest for name, probe in self._probes.items()},
-            maps={
-                (probe, layer, method): maps.detach().cpu().numpy()
-                for probe, result in results.items()
-                for (layer, method), maps in result.maps.items()
-            },
-            targets={name: r.targets.cpu().numpy() for name, r in results.items()},
-            logits={name: r.logits.cpu().numpy() for name, r in results.items()},
-            labels={
-                name: p.labels.cpu().numpy()
-                for name, p in self._probes.items()
-                if p.labels is not None and name in results
-            },
-            scalars=dict(output.scalars),
+    def _build_probes(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, ProbeSet]:
+        """The probe sets, on the module's device and in the precision the Trainer feeds it."""
+        specs = self._probe_sets or loader_probe(
+            [("val", trainer.val_dataloaders), ("train", trainer.train_dataloader)]
         )
+        probes = build_probes(
+            specs, self.num_probe, self.masks, self.input_key, self.label_key, rank_zero_warn
+        )
+        convert, device = trainer.precision_plugin.convert_input, pl_module.device
+        return {
+            name: replace(probe.to(device), inputs=convert(probe.inputs.to(device)))
+            for name, probe in probes.items()
+        }
+
+    def _default_layer(self, pl_module: pl.LightningModule) -> str:
+        first = next(iter(self._probes.values()))
+        chosen = first_spatial_layer(unwrap_model(pl_module), first.inputs, self.engine.forward)
+        rank_zero_warn(
+            f"CamMonitor: no layer given, using {chosen!r} (the last layer with a spatial "
+            f"output). Pass CamMonitor(layer={chosen!r}) to choose it yourself."
+        )
+        return chosen
 
     def _write_probe(self) -> None:
         """Store the probe once per run so reports can draw overlays; failure only warns."""
-        probes = {n: p for n, p in self._probes.items() if isinstance(p.inputs, Tensor)}
         try:
-            write_probe(
-                self.folder,
-                inputs={n: p.inputs.detach().float().cpu().numpy() for n, p in probes.items()},
-                labels={
-                    n: p.labels.cpu().numpy() for n, p in probes.items() if p.labels is not None
-                },
-                masks={n: p.masks.cpu().numpy() for n, p in probes.items() if p.masks is not None},
-                hashes={n: p.digest for n, p in probes.items()},
-            )
+            write_probe_sets(self.folder, self._probes)  # type: ignore[arg-type]
         except Exception as err:
             if self.strict:
                 raise
@@ -425,11 +373,10 @@ class CamMonitor(Callback):
 
     def _baseline_failure(self, err: Exception) -> str:
         """Explain a failure of the first evaluation, which checks the whole configuration."""
-        shapes = ", ".join(
-            f"{name}: {tuple(p.inputs.shape)} {p.inputs.dtype}" for name, p in self._probes.items()
-        )
+        probes = self._probes.values()
+        shapes = ", ".join(f"{p.name}: {tuple(p.inputs.shape)} {p.inputs.dtype}" for p in probes)
         hint = ""
-        if any(p.inputs.dtype == torch.uint8 for p in self._probes.values()):
+        if any(p.inputs.dtype == torch.uint8 for p in probes):
             hint = (
                 " The probe holds uint8 images and is fed to the model as is: pass float images "
                 "prepared like your training batches (e.g. x.float() / 255, then normalised)."
@@ -449,97 +396,9 @@ class CamMonitor(Callback):
                     "different images."
                 )
 
-    def _load_reference(self, device: torch.device) -> None:
-        """Use the first evaluation of another run as the `_ref` of every drift measure."""
-        first = read_history(find_history(self.reference))[0]
-        for name, digest in first.probe_hashes.items():
-            ours = self._probes.get(name)
-            if ours is not None and ours.digest != digest:
-                raise ValueError(
-                    f"reference={str(self.reference)!r} used a different probe {name!r} (hash "
-                    f"{digest}, this run {ours.digest}); drift against it would compare different "
-                    "images. Use the same probe data or drop reference=."
-                )
-        for key, maps in first.maps.items():
-            self.tracker.reference[key] = torch.from_numpy(maps).float().to(device)
-
     def _skip(self, trainer: pl.Trainer, err: Exception) -> None:
         rank_zero_warn(
             f"CamMonitor skipped its evaluation at epoch {trainer.current_epoch}, step "
             f"{trainer.global_step}: {type(err).__name__}: {err}. Training continues; pass "
             "strict=True to raise instead."
         )
-
-    def _build_probes(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> dict[str, ProbeSet]:
-        """Pick the probe sets once, without touching any random stream, on the module's device."""
-        specs = self._probe_specs(trainer)
-        rng = (random.getstate(), np.random.get_state())
-        try:
-            with torch.random.fork_rng(devices=[]):
-                probes = {
-                    name: make_probe(
-                        name, spec, self.num_probe, self.input_key, self.label_key, rank_zero_warn
-                    )
-                    for name, spec in specs.items()
-                }
-        finally:
-            random.setstate(rng[0])
-            np.random.set_state(rng[1])
-        if isinstance(self.masks, Mapping):
-            unknown = sorted(set(self.masks) - set(probes))
-            if unknown:
-                raise ValueError(
-                    f"`masks` names probe set(s) {unknown} but the probe sets are "
-                    f"{sorted(probes)}; use the same names as in probe=."
-                )
-        probes = {name: self._with_masks(probe) for name, probe in probes.items()}
-        convert = trainer.precision_plugin.convert_input
-        return {
-            name: replace(
-                probe.to(pl_module.device), inputs=convert(probe.inputs.to(pl_module.device))
-            )
-            for name, probe in probes.items()
-        }
-
-    def _probe_specs(self, trainer: pl.Trainer) -> dict[str, ProbeSpec]:
-        probe = self.probe
-        if probe is None:
-            for name, loaders in (
-                ("val", trainer.val_dataloaders),
-                ("train", trainer.train_dataloader),
-            ):
-                loader = _first_loader(loaders)
-                if loader is not None:
-                    return {name: loader}
-            raise ValueError(
-                "CamMonitor found no DataLoader on the Trainer to take a probe from; pass probe= "
-                "(a tensor, an (inputs, labels) tuple, a Dataset or a DataLoader)."
-            )
-        keys = {self.input_key, *INPUT_KEYS}
-        if isinstance(probe, Mapping) and not keys.intersection(probe):
-            if not probe:
-                raise ValueError("`probe` is an empty dict; give at least one named probe set.")
-            return dict(probe)
-        return {"probe": probe}
-
-    def _with_masks(self, probe: ProbeSet) -> ProbeSet:
-        """Attach this probe's masks (given per probe, or found in its batch) as bool [B, H, W];
-        boxes [B, 4] (x0, y0, x1, y1 in pixels) become masks."""
-        masks = self.masks.get(probe.name) if isinstance(self.masks, Mapping) else self.masks
-        masks = probe.masks if masks is None else masks
-        if masks is None:
-            return probe
-        masks = torch.as_tensor(masks)
-        batch, size = probe.inputs.shape[0], tuple(probe.inputs.shape[-2:])
-        if masks.shape == (batch, 4) and masks.dtype != torch.bool:
-            masks = boxes_to_masks(masks.float(), size)
-        if masks.dim() == 4 and masks.shape[1] == 1:
-            masks = masks[:, 0]
-        if tuple(masks.shape) != (batch, *size):
-            raise ValueError(
-                f"masks for probe {probe.name!r} have shape {tuple(masks.shape)}; expected "
-                f"[B, H, W] = {(batch, *size)} like the probe images, or boxes [B, 4]."
-            )
-        return replace(probe, masks=masks if masks.dtype == torch.bool else masks > 0.5)

@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 
 from .methods import upsample_maps
-
-MEASURES: tuple[str, ...] = ("spearman", "pearson", "topk_iou", "js", "com_shift")
+from .schema import MEASURES as MEASURES  # the one definition; importable from here as before
 
 _LN2 = math.log(2.0)
 

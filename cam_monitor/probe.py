@@ -1,9 +1,11 @@
-"""The fixed probe: samples picked once by index, with no loader iteration and no randomness."""
+"""Probe sets: samples picked once by index (no loader iteration, no randomness), their masks and
+boxes, and the one content hash."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -11,6 +13,14 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
+
+from .batch import move_to
+from .drift import boxes_to_masks
+from .schema import check_probe_name
+
+#: What `probe=` may be, per probe set: a Tensor, an (inputs, labels[, masks]) tuple, a dict
+#: batch, a Dataset or a DataLoader.
+ProbeSpec = Any
 
 INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
@@ -35,17 +45,6 @@ class ProbeSet:
             labels=None if self.labels is None else self.labels.to(device),
             masks=None if self.masks is None else self.masks.to(device),
         )
-
-
-def move_to(value: Any, device: torch.device) -> Any:
-    """Move tensors nested in tuples, lists and dicts to `device`."""
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return type(value)((k, move_to(v, device)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return type(value)(move_to(v, device) for v in value)
-    return value
 
 
 def evenly_spaced(length: int, count: int) -> list[int]:
@@ -188,3 +187,129 @@ def make_probe(
         if labels.is_floating_point() or labels.shape != (inputs.shape[0],):
             labels = None  # regression targets or one-hot: no class label to caption
     return ProbeSet(name, inputs, labels, masks, content_hash(inputs))
+
+
+def probe_sets(probe: Any, input_key: str | None = None) -> dict[str, ProbeSpec] | None:
+    """The named probe specifications in `probe=` (None when the Trainer's loaders are to be
+    used): a dict of named sets as is, any other batch as the set `"probe"`. Names and types are
+    checked here, so a bad `probe=` fails in the constructor.
+
+    Example:
+        >>> sorted(probe_sets({"source": torch.zeros(2, 3), "target": torch.ones(2, 3)}))
+        ['source', 'target']
+        >>> list(probe_sets({"image": torch.zeros(2, 3)}))  # a dict batch is one set
+        ['probe']
+    """
+    if probe is None:
+        return None
+    kinds = (Tensor, tuple, list, Mapping, Dataset, DataLoader)
+    if not isinstance(probe, kinds):
+        raise TypeError(
+            "`probe` must be None, a Tensor, an (inputs, labels) tuple, a dict batch, a Dataset, "
+            f"a DataLoader or a dict of named probe sets, got {type(probe).__name__}."
+        )
+    if isinstance(probe, Mapping) and not {input_key, *INPUT_KEYS}.intersection(probe):
+        if not probe:
+            raise ValueError("`probe` is an empty dict; give at least one named probe set.")
+        return {check_probe_name(name): spec for name, spec in probe.items()}
+    return {"probe": probe}
+
+
+def first_loader(loaders: Any) -> DataLoader | None:
+    """The first DataLoader inside what `trainer.*_dataloader(s)` returns (one, a list, a dict)."""
+    if isinstance(loaders, DataLoader):
+        return loaders
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        for item in loaders:
+            found = first_loader(item)
+            if found is not None:
+                return found
+    return None
+
+
+def loader_probe(candidates: Iterable[tuple[str, Any]]) -> dict[str, ProbeSpec]:
+    """`{name: loader}` for the first `(name, loaders)` candidate holding a DataLoader, e.g.
+    `[("val", trainer.val_dataloaders), ("train", trainer.train_dataloader)]`."""
+    for name, loaders in candidates:
+        loader = first_loader(loaders)
+        if loader is not None:
+            return {name: loader}
+    raise ValueError(
+        "CamMonitor found no DataLoader on the Trainer to take a probe from; pass probe= "
+        "(a tensor, an (inputs, labels) tuple, a Dataset or a DataLoader)."
+    )
+
+
+def check_masks(masks: object) -> None:
+    """`masks=` is None, a Tensor (or boxes) for every probe set, or a dict of them per set."""
+    if masks is not None and not isinstance(masks, (Tensor, Mapping)):
+        raise TypeError(
+            "`masks` must be a Tensor, boxes [B, 4], or a dict of those per probe set, got "
+            f"{type(masks).__name__}."
+        )
+
+
+def attach_masks(probe: ProbeSet, masks: Any) -> ProbeSet:
+    """`probe` with `masks` (else the masks found in its batch) as bool `[B, H, W]`; boxes
+    `[B, 4]` (x0, y0, x1, y1 in pixels) become masks; a shape that cannot fit is a ValueError.
+
+    Example:
+        >>> probe = ProbeSet("p", torch.zeros(1, 3, 4, 4))
+        >>> attach_masks(probe, torch.tensor([[0, 0, 2, 2]])).masks[0].int().tolist()
+        [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    """
+    masks = probe.masks if masks is None else masks
+    if masks is None:
+        return probe
+    masks = torch.as_tensor(masks)
+    batch, size = probe.inputs.shape[0], tuple(probe.inputs.shape[-2:])
+    if masks.shape == (batch, 4) and masks.dtype != torch.bool:
+        masks = boxes_to_masks(masks.float(), size)
+    if masks.dim() == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    if tuple(masks.shape) != (batch, *size):
+        raise ValueError(
+            f"masks for probe {probe.name!r} have shape {tuple(masks.shape)}; expected "
+            f"[B, H, W] = {(batch, *size)} like the probe images, or boxes [B, 4]."
+        )
+    return replace(probe, masks=masks if masks.dtype == torch.bool else masks > 0.5)
+
+
+def build_probes(
+    specs: Mapping[str, ProbeSpec],
+    num_probe: int,
+    masks: Tensor | Mapping[str, Tensor] | None = None,
+    input_key: str | None = None,
+    label_key: str | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> dict[str, ProbeSet]:
+    """Every probe set, with its masks, picked without touching any random stream (Python,
+    numpy, torch): a dataset's `__getitem__` may draw (augmentations), the run must not see it.
+
+    `masks` is one tensor for every set or a dict per set name; unknown names are a ValueError.
+    """
+    state = (random.getstate(), np.random.get_state())
+    try:
+        with torch.random.fork_rng(devices=[]):
+            probes = {
+                name: make_probe(
+                    check_probe_name(name), spec, num_probe, input_key, label_key, warn
+                )
+                for name, spec in specs.items()
+            }
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+    if isinstance(masks, Mapping):
+        unknown = sorted(set(masks) - set(probes))
+        if unknown:
+            raise ValueError(
+                f"`masks` names probe set(s) {unknown} but the probe sets are {sorted(probes)}; "
+                "use the same names as in probe=."
+            )
+    return {
+        name: attach_masks(probe, masks.get(name) if isinstance(masks, Mapping) else masks)
+        for name, probe in probes.items()
+    }

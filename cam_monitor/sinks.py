@@ -1,4 +1,8 @@
-"""Where evaluations go: TensorBoard, Weights & Biases, any Lightning logger, or PNGs on disk."""
+"""Where evaluations go: TensorBoard, Weights & Biases, any Lightning logger, or PNGs on disk.
+
+This is the boundary where the structured keys of an evaluation (`schema.MapKey`,
+`schema.ScalarKey`) become the string tags of the README's "What it logs".
+"""
 
 from __future__ import annotations
 
@@ -6,28 +10,48 @@ import csv
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 from torch import Tensor
 
 from .render import save_png, to_png_bytes
+from .schema import MapKey, ScalarKey, image_tag, probe_hash_tag
+
+if TYPE_CHECKING:
+    from .evaluation import ImageKey, ScalarName
+
+
+def image_tags(images: Mapping[ImageKey, Tensor]) -> dict[str, Tensor]:
+    """Grids by tag: `cam/<probe>/<layer>/<method>` for a `MapKey`; filter tags as they are."""
+    return {image_tag(k) if isinstance(k, MapKey) else k: grid for k, grid in images.items()}
+
+
+def scalar_tags(scalars: Mapping[ScalarName, float]) -> dict[str, float]:
+    """Scalars by tag: `ScalarKey.tag` (`cam_drift/...`), fixed tags such as
+    `cam_monitor/seconds` as they are."""
+    return {k.tag if isinstance(k, ScalarKey) else k: value for k, value in scalars.items()}
 
 
 class Sink:
-    """Receives the grids (uint8 CHW, CPU) and scalars of one evaluation at a global step."""
+    """Receives the grids (uint8 CHW, CPU) and scalars of one evaluation at a global step, by
+    the evaluation's keys (`image_tags` and `scalar_tags` turn them into the logged tags)."""
 
-    def log(self, images: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
+    def log(
+        self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
+    ) -> None:
         raise NotImplementedError
 
     def record_probe(self, hashes: Mapping[str, str]) -> None:
         """Note each probe set's content hash once, so runs can be checked to share a probe."""
 
 
-def png_path(folder: Path, tag: str, step: int) -> Path:
-    """`<folder>/images/<probe>/<layer>/<method>/step-00000120.png` for tag `cam/<probe>/...`."""
-    parts = tag.split("/")[1:] if tag.startswith("cam/") else tag.split("/")
+def png_path(folder: Path, key: ImageKey, step: int) -> Path:
+    """`<folder>/images/<probe>/<layer>/<method>/step-00000120.png` for an overlay grid's
+    `MapKey` (each name encoded as in its tag, so a '/' in a name stays in one folder);
+    `<folder>/images/filters/.../step-...png` for a filter tag."""
+    parts = key.encoded.split("/") if isinstance(key, MapKey) else key.split("/")
     return folder.joinpath("images", *parts, f"step-{step:08d}.png")
 
 
@@ -38,16 +62,18 @@ class TensorBoardSink(Sink):
     def __init__(self, logger: TensorBoardLogger) -> None:
         self.logger = logger
 
-    def log(self, images: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
+    def log(
+        self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
+    ) -> None:
         writer = self.logger.experiment
-        for tag, grid in images.items():
+        for tag, grid in image_tags(images).items():
             add_png_image(writer, tag, grid, step)
-        for tag, value in scalars.items():
+        for tag, value in scalar_tags(scalars).items():
             writer.add_scalar(tag, value, global_step=step)
 
     def record_probe(self, hashes: Mapping[str, str]) -> None:
         for name, digest in hashes.items():
-            self.logger.experiment.add_text(f"cam_monitor/probe_hash/{name}", digest, 0)
+            self.logger.experiment.add_text(probe_hash_tag(name), digest, 0)
 
 
 def add_png_image(writer: Any, tag: str, grid: Tensor, step: int) -> None:
@@ -83,19 +109,21 @@ class WandbSink(Sink):
     def __init__(self, logger: WandbLogger) -> None:
         self.logger = logger
 
-    def log(self, images: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
+    def log(
+        self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
+    ) -> None:
         import wandb
 
         payload: dict[str, Any] = {
             tag: wandb.Image(grid.permute(1, 2, 0).numpy(), caption=f"{tag} @ step {step}")
-            for tag, grid in images.items()
+            for tag, grid in image_tags(images).items()
         }
-        payload.update({k: v for k, v in scalars.items() if not math.isnan(v)})
+        payload.update({k: v for k, v in scalar_tags(scalars).items() if not math.isnan(v)})
         payload["trainer/global_step"] = step
         self.logger.experiment.log(payload)
 
     def record_probe(self, hashes: Mapping[str, str]) -> None:
-        config = {f"cam_monitor/probe_hash/{name}": digest for name, digest in hashes.items()}
+        config = {probe_hash_tag(name): digest for name, digest in hashes.items()}
         self.logger.experiment.config.update(config, allow_val_change=True)
 
 
@@ -106,9 +134,11 @@ class FileSink(Sink):
         self.folder = folder
         self.write_scalars = write_scalars
 
-    def log(self, images: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
-        for tag, grid in images.items():
-            save_png(grid, png_path(self.folder, tag, step))
+    def log(
+        self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
+    ) -> None:
+        for key, grid in images.items():  # paths from the keys, not from parsed tags
+            save_png(grid, png_path(self.folder, key, step))
         if self.write_scalars and scalars:
             path = self.folder / "scalars.csv"
             new = not path.exists()
@@ -117,7 +147,8 @@ class FileSink(Sink):
                 writer = csv.writer(handle)
                 if new:
                     writer.writerow(["step", "tag", "value"])
-                writer.writerows([step, tag, value] for tag, value in scalars.items())
+                rows = scalar_tags(scalars).items()
+                writer.writerows([step, tag, value] for tag, value in rows)
 
 
 class MetricsSink(Sink):
@@ -126,12 +157,14 @@ class MetricsSink(Sink):
     def __init__(self, logger: Logger) -> None:
         self.logger = logger
 
-    def log(self, images: Mapping[str, Tensor], scalars: Mapping[str, float], step: int) -> None:
+    def log(
+        self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
+    ) -> None:
         if scalars:
-            self.logger.log_metrics(dict(scalars), step=step)
+            self.logger.log_metrics(scalar_tags(scalars), step=step)
 
     def record_probe(self, hashes: Mapping[str, str]) -> None:
-        self.logger.log_hyperparams({f"cam_monitor/probe_hash/{n}": d for n, d in hashes.items()})
+        self.logger.log_hyperparams({probe_hash_tag(n): d for n, d in hashes.items()})
 
 
 def logger_dir(logger: Logger, fallback: str | Path) -> Path:

@@ -262,22 +262,35 @@ def test_resume_continues_schedule_history_and_drift(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "error", "message"),
     [
-        ({"every_n_epochs": 0}, r"`every_n_epochs` must be an int >= 1, got 0"),
-        ({"methods": "gradcamm"}, r"Unknown CAM method 'gradcamm'"),
-        ({"alpha": 1.5}, r"`alpha` must be a number in \[0, 1\], got 1.5"),
-        ({"colormap": "rainbowz"}, r"Unknown colormap 'rainbowz'"),
-        ({"target": "biggest"}, r"`target` can be 'predicted', 'label'"),
-        ({"num_probe": 0}, r"`num_probe` must be an int >= 1, got 0"),
-        ({"every_n_steps": -3}, r"`every_n_steps` must be an int >= 1 or None, got -3"),
-        ({"mean": [0.5, 0.5, 0.5]}, r"`mean` and `std` go together"),
-        ({"drift_measures": ["kendall"]}, r"Unknown drift measure\(s\) \['kendall'\]"),
+        ({"every_n_epochs": 0}, ValueError, r"`every_n_epochs` must be an int >= 1, got 0"),
+        ({"every_n_epochs": 1.0}, TypeError, r"`every_n_epochs` must be an int >= 1, got float"),
+        ({"methods": "gradcamm"}, ValueError, r"`methods` got unknown name\(s\) 'gradcamm'"),
+        ({"alpha": 1.5}, ValueError, r"`alpha` must be a finite number in \[0, 1\], got 1.5"),
+        ({"alpha": float("inf")}, ValueError, r"`alpha` must be a finite number .*, got inf"),
+        ({"noise": float("nan")}, ValueError, r"`noise` must be a finite number >= 0 .*got nan"),
+        ({"topk": "0.2"}, TypeError, r"`topk` must be a finite number in \(0, 1\] .*got str"),
+        ({"colormap": "rainbowz"}, ValueError, r"`colormap` got unknown name 'rainbowz'"),
+        ({"target": "biggest"}, ValueError, r"`target` can be 'predicted', 'label'"),
+        ({"num_probe": 0}, ValueError, r"`num_probe` must be an int >= 1, got 0"),
+        ({"every_n_steps": -3}, ValueError, r"`every_n_steps` must be an int >= 1 or None, got -3"),
+        ({"mean": [0.5, 0.5, 0.5]}, ValueError, r"`mean` and `std` go together"),
+        ({"drift_measures": ["kendall"]}, ValueError, r"`drift_measures` got unknown name\(s\)"),
+        ({"layer": 3}, TypeError, r"`layer` must be a name like 'features.29'.*got int 3"),
+        ({"probe": 3.5}, TypeError, r"`probe` must be None, a Tensor.*got float"),
+        ({"probe": {"a/b": torch.zeros(2, 3, 8, 8)}}, ValueError, r"probe set name 'a/b' cannot"),
+        ({"masks": [1, 2]}, TypeError, r"`masks` must be a Tensor.*got list"),
+        ({"filters": {"net.features.2": []}}, ValueError, r"`filters` maps layer names"),
+        ({"history": "yes"}, TypeError, r"`history` must be True or False, got 'yes'"),
     ],
 )
-def test_bad_arguments_fail_in_the_constructor(kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        CamMonitor("net.features.5", **kwargs)
+def test_bad_arguments_fail_in_the_constructor(
+    kwargs: dict, error: type[Exception], message: str
+) -> None:
+    args = {"layer": "net.features.5", **kwargs}
+    with pytest.raises(error, match=message):
+        CamMonitor(**args)
 
 
 @pytest.mark.parametrize(

@@ -23,9 +23,11 @@ from torch.utils.data import DataLoader, TensorDataset
 import cam_monitor.evaluation as evaluation_module
 from cam_monitor import CamMonitor, compute_cams
 from cam_monitor.callback import check_strategy
-from cam_monitor.evaluation import AttentionTracker, CamSettings, run_evaluation
+from cam_monitor.evaluation import run_evaluation
 from cam_monitor.history import read_history
+from cam_monitor.options import EngineOptions, RenderOptions
 from cam_monitor.probe import make_probe
+from cam_monitor.tracking import AttentionTracker
 from tests.conftest import LitClassifier, TinyCNN, loader, quiet_trainer, shapes_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,11 +149,12 @@ def test_two_hundred_evaluations_leave_no_growth() -> None:
     torch.manual_seed(0)
     model = TinyCNN()
     probe = make_probe("probe", (torch.randn(8, 3, 32, 32), torch.arange(8) % 5), 8)
-    settings = CamSettings(layers=["features.3", "features.5"], methods=("gradcam", "layercam"))
+    layers, render = ["features.3", "features.5"], RenderOptions()
+    engine = EngineOptions(methods=("gradcam", "layercam"))
     tracker = AttentionTracker()
 
     def evaluate() -> None:
-        output = run_evaluation(model, {"probe": probe}, settings)
+        output = run_evaluation(model, {"probe": probe}, layers, engine, render)
         tracker.score(output.results, {"probe": probe})
 
     def live_tensors() -> int:

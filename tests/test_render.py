@@ -213,17 +213,19 @@ def test_choose_captions_takes_the_first_list_that_fits_whole() -> None:
 
 def test_probe_grids_use_compact_class_names_on_small_tiles() -> None:
     from cam_monitor.engine import compute_cams
-    from cam_monitor.evaluation import CamSettings, render_probe
+    from cam_monitor.evaluation import render_probe
+    from cam_monitor.options import RenderOptions
     from cam_monitor.probe import ProbeSet
+    from cam_monitor.schema import MapKey
     from tests.conftest import TinyCNN
 
     names = ["square", "triangle", "circle", "plus", "star"]
-    settings = CamSettings(layers=["features.3"], methods=("gradcam",), class_names=names)
+    options = RenderOptions(class_names=names)
     for size, compact in ((32, True), (192, False)):
         images = torch.rand(2, 3, size, size, generator=GEN)
         probe = ProbeSet("val", images, labels=torch.tensor([0, 1]))
         result = compute_cams(TinyCNN(), images, "features.3")
-        grid = render_probe(probe, result, settings)["cam/val/features.3/gradcam"]
+        grid = render_probe(probe, result, options)[MapKey("val", "features.3", "gradcam")]
         captions = caption_text(result.logits.argmax(1), probe.labels, names, compact=compact)
         maps = result["features.3", "gradcam"]
         assert torch.equal(grid, make_overlay_grid(images, maps, captions=captions))
