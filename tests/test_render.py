@@ -199,11 +199,8 @@ def test_long_captions_are_truncated_and_keep_one_band_height() -> None:
 
 
 def test_choose_captions_takes_the_first_list_that_fits_whole() -> None:
-    names = ["square", "triangle"]
-    long, short = (
-        caption_text([0, 1], [0, 0], names),
-        caption_text([0, 1], [0, 0], names, compact=True),
-    )
+    long = ["ok pred square / true square", "x pred triangle / true square"]
+    short = ["ok p:square t:square", "x p:triangle t:square"]
     assert choose_captions([long, short], 256, 256) == long
     assert choose_captions([long, short], 32, 32) == short  # tiles enlarged to 96 px
     assert choose_captions([long, short], 32, 32, min_tile=0) == short  # none fits: the last
@@ -212,23 +209,30 @@ def test_choose_captions_takes_the_first_list_that_fits_whole() -> None:
 
 
 def test_probe_grids_use_compact_class_names_on_small_tiles() -> None:
-    from cam_monitor.engine import compute_cams
+    from cam_monitor.engine import CamResult
     from cam_monitor.evaluation import render_probe
     from cam_monitor.options import RenderOptions
     from cam_monitor.probe import ProbeSet
     from cam_monitor.schema import MapKey
-    from tests.conftest import TinyCNN
 
     names = ["square", "triangle", "circle", "plus", "star"]
-    options = RenderOptions(class_names=names)
-    for size, compact in ((32, True), (192, False)):
+    logits = torch.tensor([[5.0, 0, 0, 0, 0], [0, 1, 3, 0, 0]])  # predicts square, circle
+    maps = torch.rand(2, 4, 4, generator=GEN)
+    result = CamResult(
+        maps={("features.3", "gradcam"): maps}, targets=torch.zeros(2), logits=logits
+    )
+    expected = {  # written out: small tiles get the compact form, large ones the long one
+        32: ["ok p:square t:square", "x p:circle t:triangle"],
+        192: ["ok pred square / true square", "x pred circle / true triangle"],
+    }
+    for size, captions in expected.items():
         images = torch.rand(2, 3, size, size, generator=GEN)
         probe = ProbeSet("val", images, labels=torch.tensor([0, 1]))
-        result = compute_cams(TinyCNN(), images, "features.3")
-        grid = render_probe(probe, result, options)[MapKey("val", "features.3", "gradcam")]
-        captions = caption_text(result.logits.argmax(1), probe.labels, names, compact=compact)
-        maps = result["features.3", "gradcam"]
+        grids = render_probe(probe, result, RenderOptions(class_names=names))
+        grid = grids[MapKey("val", "features.3", "gradcam")]
         assert torch.equal(grid, make_overlay_grid(images, maps, captions=captions))
+        other = expected[224 - size]  # the other form draws different pixels
+        assert not torch.equal(grid, make_overlay_grid(images, maps, captions=other))
 
 
 def test_caption_count_must_match_tiles() -> None:

@@ -11,7 +11,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from cam_monitor.render import make_overlay_grid
-from cam_monitor.sinks import add_png_image
+from cam_monitor.schema import (
+    SECONDS_TAG,
+    MapKey,
+    ScalarKey,
+    filter_maximised_tag,
+    parse_scalar_tag,
+)
+from cam_monitor.sinks import FileSink, add_png_image, image_tags, png_path, scalar_tags
 
 
 def decode(png: bytes) -> np.ndarray:
@@ -50,3 +57,41 @@ def test_other_writers_get_add_image() -> None:
     writer = OtherWriter()
     add_png_image(writer, "cam/x", torch.zeros(3, 4, 4, dtype=torch.uint8), 3)
     assert writer.calls == [("cam/x", 3, "CHW")]
+
+
+def test_keys_become_the_documented_tags_at_the_boundary() -> None:
+    grid = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    key = MapKey("source", "layer4.1.conv2", "gradcam++")
+    images = {key: grid, filter_maximised_tag("features.28"): grid}
+    assert list(image_tags(images)) == [
+        "cam/source/layer4.1.conv2/gradcam++",
+        "filters/features.28/maximised",
+    ]
+    drift = ScalarKey("cam_drift", key, "js_ref")
+    tags = scalar_tags({drift: 0.1, drift.excluded: 2.0, SECONDS_TAG: 0.5})
+    assert tags == {
+        "cam_drift/source/layer4.1.conv2/gradcam++/js_ref": 0.1,
+        "cam_drift/source/layer4.1.conv2/gradcam++/js_ref_excluded": 2.0,
+        "cam_monitor/seconds": 0.5,
+    }
+    odd = ScalarKey("cam_loc", MapKey("domain/a", "blocks/0", "m"), "energy")
+    (tag,) = scalar_tags({odd: 1.0})
+    assert tag == "cam_loc/domain%2Fa/blocks%2F0/m/energy" and parse_scalar_tag(tag) == odd
+
+
+def test_png_files_go_one_folder_per_name(tmp_path: Path) -> None:
+    grid = torch.full((3, 4, 4), 200, dtype=torch.uint8)
+    assert png_path(tmp_path, MapKey("val", "features.5", "gradcam"), 3) == (
+        tmp_path / "images" / "val" / "features.5" / "gradcam" / "step-00000003.png"
+    )
+    key = MapKey("domain/a", "features.5", "gradcam")
+    FileSink(tmp_path, write_scalars=True).log({key: grid}, {SECONDS_TAG: 0.25}, 7)
+    (png,) = (tmp_path / "images").rglob("*.png")
+    assert png.relative_to(tmp_path).parts == (
+        "images", "domain%2Fa", "features.5", "gradcam", "step-00000007.png"
+    )  # fmt: skip
+    np.testing.assert_array_equal(decode(png.read_bytes()), grid.permute(1, 2, 0).numpy())
+    assert (tmp_path / "scalars.csv").read_text().splitlines() == [
+        "step,tag,value",
+        "7,cam_monitor/seconds,0.25",
+    ]

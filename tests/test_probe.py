@@ -1,0 +1,97 @@
+"""Probe sets: specs from probe= and from loaders, sampling without randomness, masks, moving."""
+
+from __future__ import annotations
+
+import random
+from collections import namedtuple
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from cam_monitor.probe import (
+    ProbeSet,
+    attach_masks,
+    build_probes,
+    first_loader,
+    loader_probe,
+    probe_sets,
+)
+
+
+class DrawingDataset(Dataset):
+    """A dataset whose items draw from every global RNG, like a random augmentation."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        noise = random.random() + np.random.rand() + torch.rand(()).item()
+        return torch.full((3, 8, 8), float(index)) + 0 * noise, index % 3
+
+
+def test_build_probes_leaves_every_random_stream_where_it_was() -> None:
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    expected = (random.random(), np.random.rand(), torch.rand(()).item())
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    probes = build_probes({"val": DrawingDataset()}, num_probe=4)
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected
+    (val,) = probes.values()
+    assert val.inputs[:, 0, 0, 0].tolist() == [0.0, 3.0, 6.0, 9.0]  # evenly spaced, by index
+    assert val.labels.tolist() == [0, 0, 0, 0]
+
+
+def test_probe_sets_split_named_sets_from_one_batch() -> None:
+    x = torch.zeros(2, 3, 8, 8)
+    assert probe_sets(None) is None
+    assert list(probe_sets(x)) == ["probe"]
+    assert list(probe_sets({"pixels": x, "y": x}, input_key="pixels")) == ["probe"]
+    assert list(probe_sets({"source": x, "target": (x, torch.ones(2))})) == ["source", "target"]
+    with pytest.raises(ValueError, match="empty dict"):
+        probe_sets({})
+    with pytest.raises(ValueError, match=r"probe set name ' source' cannot be used"):
+        probe_sets({" source": x})
+    with pytest.raises(TypeError, match="got str"):
+        probe_sets("val")
+
+
+def test_first_loader_looks_inside_lists_and_dicts() -> None:
+    a = DataLoader(TensorDataset(torch.zeros(4, 1)))
+    b = DataLoader(TensorDataset(torch.ones(4, 1)))
+    assert first_loader([{"x": None, "y": [b, a]}]) is b
+    assert first_loader(None) is None and first_loader([]) is None
+    assert loader_probe([("val", None), ("train", {"t": a})]) == {"train": a}
+    with pytest.raises(ValueError, match="found no DataLoader on the Trainer"):
+        loader_probe([("val", None), ("train", [])])
+
+
+def test_masks_from_boxes_per_set_and_unknown_names() -> None:
+    images = torch.zeros(2, 3, 8, 8)
+    boxes = torch.tensor([[0, 0, 4, 4], [4, 4, 8, 8]])
+    probes = build_probes({"a": images, "b": images}, 2, masks={"a": boxes})
+    assert probes["b"].masks is None
+    assert probes["a"].masks.dtype == torch.bool and probes["a"].masks.shape == (2, 8, 8)
+    assert probes["a"].masks[0, :4, :4].all() and probes["a"].masks[0].sum() == 16
+    assert probes["a"].masks[1, 4:, 4:].all() and probes["a"].masks[1].sum() == 16
+    with pytest.raises(ValueError, match=r"`masks` names probe set\(s\) \['c'\]"):
+        build_probes({"a": images}, 2, masks={"c": boxes})
+    soft = attach_masks(ProbeSet("p", images), torch.full((2, 1, 8, 8), 0.7))
+    assert soft.masks.shape == (2, 8, 8) and soft.masks.all()
+    with pytest.raises(ValueError, match=r"masks for probe 'p' have shape \(2, 4, 4\)"):
+        attach_masks(ProbeSet("p", images), torch.zeros(2, 4, 4))
+
+
+def test_a_masks_key_in_a_dict_batch_is_picked_up() -> None:
+    batch = {"image": torch.zeros(2, 3, 8, 8), "label": torch.tensor([1, 2])}
+    batch["mask"] = torch.zeros(2, 8, 8)
+    batch["mask"][:, 2:4, 2:4] = 1
+    (probe,) = build_probes(probe_sets(batch), 2).values()
+    assert probe.labels.tolist() == [1, 2] and probe.masks.sum() == 8
+
+
+def test_probe_set_to_moves_nested_inputs_and_keeps_their_type() -> None:
+    Pair = namedtuple("Pair", "pixels ids")
+    moved = ProbeSet("p", Pair(torch.zeros(2, 3), torch.arange(2)), torch.ones(2)).to("meta")
+    assert type(moved.inputs) is Pair
+    assert moved.inputs.pixels.is_meta and moved.inputs.ids.is_meta and moved.labels.is_meta

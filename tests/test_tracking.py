@@ -1,0 +1,120 @@
+"""The attention tracker: scalar keys, state dicts (old and new), and the reference of another run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cam_monitor.engine import CamResult, compute_cams
+from cam_monitor.history import Evaluation
+from cam_monitor.options import DriftOptions
+from cam_monitor.probe import ProbeSet, content_hash
+from cam_monitor.schema import MapKey, ScalarKey
+from cam_monitor.tracking import AttentionTracker
+from tests.conftest import TinyCNN
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def result(maps: torch.Tensor, layer: str = "l", method: str = "gradcam") -> CamResult:
+    batch = maps.shape[0]
+    return CamResult(
+        maps={(layer, method): maps}, targets=torch.zeros(batch, dtype=torch.long),
+        logits=torch.zeros(batch, 3),
+    )  # fmt: skip
+
+
+def probe(name: str, batch: int = 2, masks: torch.Tensor | None = None) -> ProbeSet:
+    images = torch.rand(batch, 3, 8, 8, generator=GEN)
+    return ProbeSet(name, images, masks=masks, digest=content_hash(images))
+
+
+def test_scalar_keys_give_the_documented_tags_for_real_maps() -> None:
+    images = torch.rand(3, 3, 32, 32, generator=GEN)
+    cams = compute_cams(TinyCNN(), images, "features.3", ["gradcam", "layercam"])
+    probes = {"val": ProbeSet("val", images, masks=images.mean(1) > 0.5)}
+    tracker = AttentionTracker(DriftOptions(measures=("spearman", "js")))
+    first, bad = tracker.score({"val": cams}, probes)
+    second, _ = tracker.score({"val": cams}, probes)
+    assert bad == 0 and all(isinstance(key, ScalarKey) for key in first)
+    tags = {key.tag for key in second}
+    assert "cam_drift/val/features.3/gradcam/spearman_prev" in tags
+    assert "cam_drift/val/features.3/layercam/js_ref" in tags
+    assert "cam_stats/val/features.3/gradcam/entropy" in tags
+    assert "cam_loc/val/features.3/layercam/pointing" in tags
+    assert not any("pearson" in tag for tag in tags)  # only the measures asked for
+    assert not any(key.kind == "cam_drift" for key in first)  # nothing to compare at first
+    drift = [v for k, v in second.items() if k.kind == "cam_drift" and k.stat != "js_ref"]
+    assert drift and all(abs(v) < 1e-5 for v in drift)  # the same maps: no drift
+
+
+def test_state_dict_round_trip_keeps_a_probe_name_with_a_slash() -> None:
+    first, later = torch.rand(2, 4, 4, generator=GEN), torch.rand(2, 4, 4, generator=GEN)
+    probes = {"domain/a": probe("domain/a")}
+    tracker = AttentionTracker()
+    tracker.score({"domain/a": result(first, "layer4.1")}, probes)
+    tracker.score({"domain/a": result(later, "layer4.1")}, probes)
+    state = tracker.state_dict()
+    assert set(state["reference"]) == {"domain%2Fa/layer4.1/gradcam"}
+
+    resumed = AttentionTracker()
+    resumed.load_state_dict(state)
+    key = MapKey("domain/a", "layer4.1", "gradcam")
+    assert set(resumed.reference) == set(resumed.previous) == {key}
+    assert torch.equal(resumed.reference[key], first) and torch.equal(resumed.previous[key], later)
+    scalars, _ = resumed.score({"domain/a": result(later, "layer4.1")}, probes)
+    tags = {k.tag: v for k, v in scalars.items()}
+    assert tags["cam_drift/domain%2Fa/layer4.1/gradcam/spearman_prev"] == pytest.approx(0, abs=1e-6)
+    assert tags["cam_drift/domain%2Fa/layer4.1/gradcam/spearman_ref"] > 0.01
+
+
+def test_state_dicts_of_the_first_version_still_load() -> None:
+    maps = torch.rand(2, 4, 4, generator=GEN)
+    old = {  # keys joined with '/', unencoded, no "key_format"
+        "reference": {"source/net.features/5/gradcam++": maps},
+        "previous": {"source/net.features/5/gradcam++": maps * 2},
+    }
+    tracker = AttentionTracker()
+    tracker.load_state_dict(old)
+    key = MapKey("source", "net.features/5", "gradcam++")
+    assert torch.equal(tracker.reference[key], maps)
+    assert torch.equal(tracker.previous[key], maps * 2)
+    tracker.load_state_dict({})  # a checkpoint without tracker state
+    assert tracker.reference == tracker.previous == {}
+
+
+def test_use_reference_loads_maps_and_refuses_another_probe() -> None:
+    ours = probe("val")
+    maps = np.random.default_rng(0).random((2, 4, 4), dtype=np.float32)
+    other_run = Evaluation(
+        index=0, epoch=0, step=0, probe_hashes={"val": ours.digest},
+        maps={("val", "l", "gradcam"): maps}, targets={}, logits={},
+    )  # fmt: skip
+    tracker = AttentionTracker()
+    tracker.use_reference(other_run, {"val": ours})
+    np.testing.assert_array_equal(tracker.reference[MapKey("val", "l", "gradcam")].numpy(), maps)
+    scalars, _ = tracker.score({"val": result(torch.from_numpy(maps))}, {"val": ours})
+    ref = ScalarKey("cam_drift", MapKey("val", "l", "gradcam"), "pearson_ref")
+    assert scalars[ref] == pytest.approx(0, abs=1e-6)
+
+    different = probe("val")
+    with pytest.raises(ValueError, match=r"reference='runs/a' used a different probe 'val'"):
+        AttentionTracker().use_reference(other_run, {"val": different}, source="runs/a")
+
+
+def test_non_finite_maps_are_counted_and_excluded() -> None:
+    maps = torch.rand(3, 4, 4, generator=GEN)
+    maps[1, 0, 0] = math.nan
+    tracker = AttentionTracker()
+    scalars, non_finite = tracker.score({"p": result(maps)}, {"p": probe("p", 3)})
+    entropy = ScalarKey("cam_stats", MapKey("p", "l", "gradcam"), "entropy")
+    assert non_finite == 1
+    assert scalars[entropy.excluded] == 1.0 and math.isfinite(scalars[entropy])
+
+
+def test_options_must_be_drift_options() -> None:
+    with pytest.raises(TypeError, match="`options` must be a DriftOptions or None, got dict"):
+        AttentionTracker({"topk": 0.2})  # type: ignore[arg-type]
