@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ._pending import evaluation_record, first_spatial_layer, write_probe_sets  # MERGE: see below
-from .evaluation import run_evaluation
+from .evaluation import explain_first_failure, run_evaluation
 from .history import find_history, prune_from, read_history, write_evaluation
 from .layers import LayerSpec, Reshape, resolve_layers, unwrap_model
 from .options import (
@@ -56,24 +55,18 @@ class CamMonitor(Callback):
     every `every_n_steps` steps), on global rank zero only. The README lists the logged tags.
 
     Args:
-        layer: a module name (``"features.29"``), a glob (``"layer4.*"``), an ``nn.Module`` or a
-            list of these; None picks the last layer with a spatial output, with a warning.
+        layer: a name (``"features.29"``), a glob, a module or a list; None: the last spatial one.
         methods: one or several of ``cam_monitor.ALL_METHODS`` (``"gradcam"``, ``"layercam"``...).
         every_n_epochs: evaluate at the end of every N-th training epoch.
         every_n_steps: evaluate every N optimizer steps instead (None: by epoch).
-        probe: None (``num_probe`` samples of the val, else train, dataset, picked by index), a
-            Tensor, an ``(inputs, labels)`` tuple, a dict batch, a Dataset, a DataLoader, or a
-            dict of named probe sets ``{"source": ..., "target": ...}``.
+        probe: None (samples of the val, else train, dataset), a Tensor, an ``(inputs, labels)``
+            tuple, a dict batch, a Dataset, a DataLoader, or a dict of named probe sets.
         num_probe: samples taken from a Dataset or DataLoader probe.
-        target: ``"predicted"``, ``"label"`` (the probe labels), a class index, a LongTensor
-            [B], or a callable ``(logits) -> LongTensor[B]`` or ``-> scores[B]``.
-        output_transform: picks the class logits from a tuple or dict output: an index, a key or
-            a callable.
+        target: ``"predicted"``, ``"label"``, a class index, a LongTensor [B] or a callable.
+        output_transform: picks the logits from a tuple or dict output: index, key or callable.
         forward: ``forward(module, inputs)``, how the model is called on the probe.
-        reshape: turns a layer output into ``[B, C, H, W]`` (token outputs on a square grid
-            are reshaped automatically).
-        masks: ground truth for localization scores: bool ``[B, H, W]`` or boxes ``[B, 4]``,
-            one tensor or a dict per probe set.
+        reshape: turns a layer output into ``[B, C, H, W]`` (square token grids: automatic).
+        masks: bool ``[B, H, W]`` or boxes ``[B, 4]`` for localization scores, or a dict of them.
         input_key: key of the inputs in dict batches (default: ``image``, ``input``, ``x``...).
         label_key: key of the labels in dict batches (default: ``label``, ``target``, ``y``...).
         colormap: OpenCV colormap of the heat maps (``"jet"``, ``"turbo"``, ``"viridis"``...).
@@ -87,8 +80,7 @@ class CamMonitor(Callback):
         noise: noise std of those copies, as a fraction of each image's value range.
         cam_head: for ``cam``: the Linear classifier after global pooling (default: the last).
         ig_steps: Riemann steps of ``integrated_gradients``.
-        filters: ``{"features.28": [0, 5]}``: log those channels' activations and the inputs
-            optimised to excite them.
+        filters: ``{"features.28": [0, 5]}``: channel activations and inputs that excite them.
         drift_measures: any of ``spearman``, ``pearson``, ``topk_iou``, ``js``, ``com_shift``.
         topk: fraction of pixels for ``topk_iou`` and the mask IoU.
         pointing_tolerance: pixels by which a mask is grown for the pointing game.
@@ -156,9 +148,9 @@ class CamMonitor(Callback):
             reshape=reshape, batch_size=batch_size, smooth=smooth, noise=noise,
             cam_head=cam_head, ig_steps=ig_steps,
         )  # fmt: skip
-        self.render = RenderOptions(colormap, alpha, mean, std, class_names, nrow)  # type: ignore[arg-type]
-        self.filters = FilterOptions({} if filters is None else filters)  # type: ignore[arg-type]
-        drift = DriftOptions(drift_measures, topk, pointing_tolerance)  # type: ignore[arg-type]
+        self.render = RenderOptions(colormap, alpha, mean, std, class_names, nrow)
+        self.filters = FilterOptions({} if filters is None else filters)
+        drift = DriftOptions(drift_measures, topk, pointing_tolerance)
         self.tracker = AttentionTracker(drift)
         self.__init_outputs(reference, history, save_dir, strict)
         self._probes: dict[str, ProbeSet] = {}
@@ -310,7 +302,7 @@ class CamMonitor(Callback):
             scalars, non_finite = self.tracker.score(output.results, self._probes)
         except Exception as err:
             if baseline and not isinstance(err, ValueError):
-                raise ValueError(self._baseline_failure(err)) from err
+                raise ValueError(explain_first_failure(self._probes, err)) from err
             if self.strict or baseline:
                 raise
             return self._skip(trainer, err)
@@ -365,27 +357,11 @@ class CamMonitor(Callback):
     def _write_probe(self) -> None:
         """Store the probe once per run so reports can draw overlays; failure only warns."""
         try:
-            write_probe_sets(self.folder, self._probes)  # type: ignore[arg-type]
+            write_probe_sets(self.folder, self._probes)
         except Exception as err:
             if self.strict:
                 raise
             rank_zero_warn(f"CamMonitor could not save the probe to {self.folder}: {err}")
-
-    def _baseline_failure(self, err: Exception) -> str:
-        """Explain a failure of the first evaluation, which checks the whole configuration."""
-        probes = self._probes.values()
-        shapes = ", ".join(f"{p.name}: {tuple(p.inputs.shape)} {p.inputs.dtype}" for p in probes)
-        hint = ""
-        if any(p.inputs.dtype == torch.uint8 for p in probes):
-            hint = (
-                " The probe holds uint8 images and is fed to the model as is: pass float images "
-                "prepared like your training batches (e.g. x.float() / 255, then normalised)."
-            )
-        return (
-            f"CamMonitor could not compute its first CAMs ({type(err).__name__}: {err}). The probe "
-            f"({shapes}) must be a batch the model accepts, like a training batch; check probe=, "
-            f"input_key=, forward= and output_transform=.{hint}"
-        )
 
     def _check_resumed_probe(self, probes: Mapping[str, ProbeSet]) -> None:
         for name, digest in self._resumed_hashes.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
@@ -134,3 +135,20 @@ def run_evaluation(
     if filters is not None and filters.channels:
         output.images.update(filter_grids(module, probes, filters, engine, render))
     return output
+
+
+def explain_first_failure(probes: Mapping[str, ProbeSet], err: Exception) -> str:
+    """Why the first evaluation, which checks the whole configuration, may have failed: the
+    probe shapes and dtypes, and what to check."""
+    shapes = ", ".join(f"{n}: {tuple(p.inputs.shape)} {p.inputs.dtype}" for n, p in probes.items())
+    hint = ""
+    if any(p.inputs.dtype == torch.uint8 for p in probes.values()):
+        hint = (
+            " The probe holds uint8 images and is fed to the model as is: pass float images "
+            "prepared like your training batches (e.g. x.float() / 255, then normalised)."
+        )
+    return (
+        f"CamMonitor could not compute its first CAMs ({type(err).__name__}: {err}). The probe "
+        f"({shapes}) must be a batch the model accepts, like a training batch; check probe=, "
+        f"input_key=, forward= and output_transform=.{hint}"
+    )

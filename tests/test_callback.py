@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
+import re
 import time
 import warnings
 from pathlib import Path
@@ -394,3 +396,17 @@ def test_reference_run_sets_the_drift_reference_and_must_share_the_probe(tmp_pat
     other = CamMonitor("net.features.5", probe=probe[0] + 1, reference=tmp_path / "a")
     with pytest.raises(ValueError, match=r"used a different probe 'probe'"):
         fit(other, tmp_path / "rc", max_epochs=1)
+
+
+def test_every_argument_is_documented_in_help_and_in_the_readme() -> None:
+    params = set(inspect.signature(CamMonitor.__init__).parameters) - {"self"}
+    doc = inspect.getdoc(CamMonitor) or ""
+    assert "Raises:" in doc and "Example::" in doc
+    args = doc.split("Args:", 1)[1].split("Raises:", 1)[0]
+    documented = set(re.findall(r"^    (\w+): ", args, flags=re.MULTILINE))
+    assert documented == params, (params - documented, documented - params)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Arguments", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    in_readme = {name for row in rows for name in re.findall(r"`(\w+)`", row)}
+    assert in_readme == params, (params - in_readme, in_readme - params)

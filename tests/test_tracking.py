@@ -1,4 +1,4 @@
-"""The attention tracker: scalar keys, state dicts (old and new), and the reference of another run."""
+"""The attention tracker: scalar keys, old and new state dicts, and another run as reference."""
 
 from __future__ import annotations
 
