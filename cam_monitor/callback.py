@@ -36,7 +36,7 @@ from .history import (
     write_probe,
 )
 from .layers import LayerSpec, Reshape, resolve_layers, unwrap_model
-from .methods import check_methods
+from .options import check_methods
 from .probe import INPUT_KEYS, ProbeSet, make_probe
 from .render import check_colormap
 from .sinks import Sink, run_folder, sinks_for

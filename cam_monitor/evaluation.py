@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
+from .batch import Batch
 from .drift import MEASURES, drift, energy_inside, entropy, mask_iou, pointing_game, summarize
-from .engine import CamResult, ForwardFn, OutputTransform, Target, compute_cams, image_size
+from .engine import CamResult, ForwardFn, OutputTransform, Target, compute_cams
 from .filters import filter_activations, visualize_filter
 from .isolation import isolated
 from .layers import LayerSpec, Reshape
@@ -150,7 +151,7 @@ def filter_grids(
                 )
         images = visualize_filter(
             module, layer, list(channels), steps=settings.filter_steps,
-            size=image_size(next(iter(probes.values())).inputs) or (64, 64),
+            size=Batch.of(next(iter(probes.values())).inputs).image_size or (64, 64),
             forward=settings.forward, reshape=settings.reshape,
         )  # fmt: skip
         tiles = to_uint8_images(images.detach())

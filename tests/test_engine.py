@@ -245,13 +245,13 @@ def test_bad_inputs_raise_helpful_errors(tiny_cnn: TinyCNN, images: torch.Tensor
         compute_cams(tiny_cnn, images, "features.3", target=9)
     with pytest.raises(ValueError, match=r"Target index 5 is outside"):
         compute_cams(tiny_cnn, images, "features.3", target=torch.tensor([0, 1, 5, 2]))
-    with pytest.raises(ValueError, match="3 indices for a batch of 4"):
+    with pytest.raises(ValueError, match="`target` holds 3 indices for a batch of 4"):
         compute_cams(tiny_cnn, images, "features.3", target=torch.tensor([0, 1, 2]))
-    with pytest.raises(ValueError, match="'label' is not understood"):
+    with pytest.raises(ValueError, match=r"`target`='label'.*needs class indices"):
         compute_cams(tiny_cnn, images, "features.3", target="label")
-    with pytest.raises(ValueError, match="Unknown CAM method"):
+    with pytest.raises(ValueError, match=r"`methods` got unknown name\(s\) 'scorecam2'"):
         compute_cams(tiny_cnn, images, "features.3", "scorecam2")
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match=r"`batch_size`.*got 0"):
         compute_cams(tiny_cnn, images, "features.3", batch_size=0)
     with pytest.raises(ValueError, match="empty batch"):
         compute_cams(tiny_cnn, images[:0], "features.3")
