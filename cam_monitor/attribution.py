@@ -1,11 +1,11 @@
 """Pixel-level attributions: saliency, SmoothGrad, integrated gradients, guided backprop.
 
-The passes here are batched over rows built from the probe `Batch` (noisy copies,
-interpolation steps; `Batch.with_image`), in passes of at most `rows_per_pass` rows. A
-`score_fn(rows, image_index)` runs the model on such a `Batch` and returns the class score each
-row explains (the class chosen for probe image `image_index[r]`), so the class stays fixed
-across copies and steps. Gradients come from
-`torch.autograd.grad` w.r.t. the input only: parameter `.grad` is never touched.
+Each function takes the probe as a `Batch` and feeds the model rows built from it with
+`Batch.with_image` (noisy copies, interpolation steps), in passes of at most `rows_per_pass`
+rows. A `score_fn(rows, image_index)` runs the model on such rows and returns the class score
+each row explains (the class chosen for probe image `image_index[r]`), so the class stays fixed
+across copies and steps. Gradients come from `torch.autograd.grad` w.r.t. the input only:
+parameter `.grad` is never touched.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""compute_cams(): one forward and one truncated backward serve every layer, method and target."""
+"""compute_cams(): one forward and one truncated backward serve every layer, method and target.
+
+`compute_cams` turns its keywords into `EngineOptions` and calls `compute`, which normalises the
+inputs once into a `Batch`; every pass (clean, noisy, integrated gradients, guided backprop,
+chunks of `batch_size`) works on that `Batch`.
+"""
 
 from __future__ import annotations
 
@@ -445,15 +450,12 @@ def _clean_pass(
 @contextmanager
 def _record_inputs(head: tuple[str, nn.Linear] | None, into: list[Tensor]) -> Iterator[None]:
     """Append the first positional input of every call of `head` to `into` (scoped pre-hook)."""
-    if head is None:
-        yield
-        return
 
     def hook(module: nn.Module, args: Any) -> None:
         if args and isinstance(args[0], Tensor):
             into.append(args[0].detach())
 
-    with scoped_hooks([(head[1], "forward_pre", hook)]):
+    with scoped_hooks([] if head is None else [(head[1], "forward_pre", hook)]):
         yield
 
 
