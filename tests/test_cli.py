@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from cam_monitor.cli import format_table, main
-from cam_monitor.history import Evaluation, probe_hash, write_evaluation, write_probe
+from cam_monitor.history import Evaluation, write_evaluation, write_probe
+from cam_monitor.probe import content_hash
 
 PROBES = ("source", "target")
 LAYERS = ("features.29", "layer4.1.conv2")
@@ -46,7 +47,7 @@ def run_b_maps(maps: np.ndarray, epoch: int) -> np.ndarray:
 
 def make_run(folder: Path, which: str, inputs: dict[str, np.ndarray], probe: bool = True) -> Path:
     """Three evaluations (epochs 0, 1, 2) of 2 probes x 2 layers x gradcam, maps 4x4."""
-    hashes = {p: probe_hash([x]) for p, x in inputs.items()}
+    hashes = {p: content_hash(x) for p, x in inputs.items()}
     masks = {p: np.zeros((BATCH, 16, 16), bool) for p in PROBES}
     for m in masks.values():
         m[:, :8, :8] = True
@@ -236,8 +237,8 @@ def test_compare_refuses_runs_with_different_probe_data(
     assert code == 2
     assert out == ""
     assert err.startswith("cam-monitor: error: probe 'target' differs between the runs")
-    assert probe_hash([probe_inputs(0)["target"]]) in err
-    assert probe_hash([inputs["target"]]) in err
+    assert content_hash(probe_inputs(0)["target"]) in err
+    assert content_hash(inputs["target"]) in err
     assert "same probe data" in err
     assert "'source'" not in err  # the source probe is the same in both
     assert err.count("\n") == 1
@@ -313,7 +314,7 @@ def test_compare_reports_unshared_groups_and_uses_the_first_evaluation_of_an_epo
                 index=index,
                 epoch=epoch,
                 step=5 * index,
-                probe_hashes={"source": probe_hash([inputs["source"]])},
+                probe_hashes={"source": content_hash(inputs["source"])},
                 maps={key: 17.0 - maps if index == 1 else maps},
                 targets={"source": np.zeros(BATCH, np.int64)},
                 logits={"source": np.zeros((BATCH, 3), np.float32)},

