@@ -129,7 +129,7 @@ def _e(text: object) -> str:
 def _anchor(group: Group) -> str:
     """An HTML id for a group: letters and digits kept, anything else as -hex-."""
     return "g-" + "".join(
-        c if c.isascii() and c.isalnum() else f"-{ord(c):x}-" for c in "/".join(group)
+        c if c.isascii() and c.isalnum() else f"-{ord(c):x}-" for c in group.encoded
     )
 
 
