@@ -457,6 +457,7 @@ def test_format_table_splits_wide_tables_repeating_key_columns() -> None:
     assert sum(chunk.count("measure_") for chunk in chunks) == 12
 
 
+@pytest.mark.slow
 def test_module_runs_as_a_script() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "cam_monitor.cli", "--help"],
