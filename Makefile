@@ -1,18 +1,24 @@
-# `make test` and `make demo` each build .venv on a fresh machine, then run.
+# `make test` (CI: lint, then every test), `make test-fast` (skips tests marked slow) and
+# `make demo` each build .venv on a fresh machine, then run.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean
+.PHONY: test test-fast demo lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev,tensorboard,wandb]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# `lint` is a prerequisite: it finishes (and must pass) before the tests start.
+test: lint
 	$(PY) -m pytest -q
+
+# Doctests included; the DDP, W&B, subprocess and benchmark smoke tests are left to `make test`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check cam_monitor tests examples benchmarks

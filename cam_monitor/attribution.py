@@ -1,16 +1,17 @@
 """Pixel-level attributions: saliency, SmoothGrad, integrated gradients, guided backprop.
 
-The passes here are batched over rows built from the probe (noisy copies, interpolation
-steps), in passes of at most `rows_per_pass` rows. A `score_fn(rows, image_index)` runs the
-model on such rows and returns the class score each row explains (the class chosen for probe
-image `image_index[r]`), so the class stays fixed across copies and steps. Gradients come from
-`torch.autograd.grad` w.r.t. the input only: parameter `.grad` is never touched.
+Each function takes the probe as a `Batch` and feeds the model rows built from it with
+`Batch.with_image` (noisy copies, interpolation steps), in passes of at most `rows_per_pass`
+rows. A `score_fn(rows, image_index)` runs the model on such rows and returns the class score
+each row explains (the class chosen for probe image `image_index[r]`), so the class stays fixed
+across copies and steps. Gradients come from `torch.autograd.grad` w.r.t. the input only:
+parameter `.grad` is never touched.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,67 +20,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-ScoreFn = Callable[[Any, Tensor], Tensor]
+from .batch import Batch
+from .capture import Hook, scoped_hooks
+
+#: `score_fn(rows, image_index) -> scores [R]`: the model's class score for each row.
+ScoreFn = Callable[[Batch, Tensor], Tensor]
 
 #: Noisy copies SmoothGrad averages over when `smooth=0` leaves the count open.
 SMOOTHGRAD_SAMPLES = 16
 
 _RELU_FUNCTIONS = frozenset([F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_])
-
-
-def find_image(inputs: Any, why: str = "Pixel-level methods") -> Tensor:
-    """The first floating-point `[B, C, H, W]` tensor in `inputs` (tensors, tuples, lists, dicts).
-
-    `why` names what needs it in the error raised when there is none.
-
-    Example:
-        >>> find_image({"ids": torch.zeros(2, 5), "pixels": torch.ones(2, 3, 4, 4)}).shape
-        torch.Size([2, 3, 4, 4])
-    """
-    found = _first_image(inputs)
-    if found is None:
-        raise ValueError(
-            f"{why} need a floating-point image tensor [B, C, H, W] in the inputs, to "
-            "differentiate or perturb; none was found."
-        )
-    return found
-
-
-def _first_image(inputs: Any) -> Tensor | None:
-    if isinstance(inputs, Tensor):
-        return inputs if inputs.dim() == 4 and inputs.is_floating_point() else None
-    items = inputs.values() if isinstance(inputs, Mapping) else inputs
-    if isinstance(items, (list, tuple)) or isinstance(inputs, Mapping):
-        for item in items:
-            found = _first_image(item)
-            if found is not None:
-                return found
-    return None
-
-
-def rebuild_inputs(inputs: Any, image: Tensor, new_image: Tensor, index: Tensor | None) -> Any:
-    """`inputs` with `image` replaced by `new_image` and other batched tensors' rows `index`.
-
-    Tensors whose leading size is the batch size are indexed (`index=None` keeps them);
-    others, and non-tensors, are passed through.
-    """
-    batch = image.shape[0]
-
-    def rebuild(item: Any) -> Any:
-        if item is image:
-            return new_image
-        if isinstance(item, Tensor):
-            if index is not None and item.dim() and item.shape[0] == batch:
-                return item[index]
-            return item
-        if isinstance(item, Mapping):
-            return type(item)((k, rebuild(v)) for k, v in item.items())
-        if isinstance(item, (list, tuple)):
-            items = [rebuild(part) for part in item]
-            return type(item)(*items) if hasattr(item, "_fields") else type(item)(items)
-        return item
-
-    return rebuild(inputs)
 
 
 def pass_ranges(rows: int, rows_per_pass: int | None) -> list[tuple[int, int]]:
@@ -168,8 +118,7 @@ def resolve_baseline(baseline: float | Tensor | None, image: Tensor) -> Tensor:
 
 def integrated_gradients(
     score_fn: ScoreFn,
-    inputs: Any,
-    image: Tensor,
+    batch: Batch,
     baseline: Tensor,
     steps: int,
     rows_per_pass: int | None = None,
@@ -180,20 +129,21 @@ def integrated_gradients(
     `(x - baseline) * mean_k grad F(baseline + (k + 1/2)/steps * (x - baseline))`. Every
     image's steps and one baseline row are stacked along the batch and run in passes.
     """
-    batch, per_image = image.shape[0], steps + 1
+    image = batch.require_image()
+    count, per_image = image.shape[0], steps + 1
     alphas = torch.cat([(torch.arange(steps, dtype=torch.float32) + 0.5) / steps, torch.zeros(1)])
     weights = torch.cat([torch.full((steps,), 1.0 / steps), torch.zeros(1)])
     alphas, weights = alphas.to(image.device), weights.to(image.device)
     x, base = image.detach().float(), baseline.detach().float()
     total_grad = torch.zeros(x.shape, device=x.device)
-    base_scores = torch.zeros(batch, device=image.device)
-    for start, stop in pass_ranges(batch * per_image, rows_per_pass):
+    base_scores = torch.zeros(count, device=image.device)
+    for start, stop in pass_ranges(count * per_image, rows_per_pass):
         rows = torch.arange(start, stop, device=image.device)
         index, step = rows // per_image, rows % per_image
         alpha = alphas[step].view(-1, 1, 1, 1)
         scaled = (base[index] + alpha * (x[index] - base[index])).to(image.dtype)
         scaled.requires_grad_(True)
-        scores = score_fn(rebuild_inputs(inputs, image, scaled, index), index)
+        scores = score_fn(batch.with_image(scaled, index), index)
         (grad,) = torch.autograd.grad(scores.sum(), scaled)
         add_rows(total_grad, index, grad.float() * weights[step].view(-1, 1, 1, 1))
         at_base = step == steps
@@ -227,7 +177,6 @@ def guided_relus(model: nn.Module) -> Iterator[None]:
     applied functionally cannot be reached: they trigger a warning after the forward.
     """
     spy = _FunctionalReluSpy()
-    handles = []
 
     def enter(module: nn.Module, args: Any) -> None:
         spy.module_depth += 1
@@ -237,16 +186,11 @@ def guided_relus(model: nn.Module) -> Iterator[None]:
         if isinstance(output, Tensor) and output.requires_grad:
             output.register_hook(torch.relu)
 
-    try:
-        for module in model.modules():
-            if isinstance(module, nn.ReLU):
-                handles.append(module.register_forward_pre_hook(enter))
-                handles.append(module.register_forward_hook(leave))
-        with spy:
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    relus = [module for module in model.modules() if isinstance(module, nn.ReLU)]
+    hooks: list[Hook] = [(relu, "forward_pre", enter) for relu in relus]
+    hooks += [(relu, "forward", leave) for relu in relus]
+    with scoped_hooks(hooks), spy:
+        yield
     if spy.functional_calls:
         warnings.warn(
             f"{type(model).__name__} applied ReLU functionally (F.relu / torch.relu / "
@@ -260,20 +204,20 @@ def guided_relus(model: nn.Module) -> Iterator[None]:
 def guided_backprop(
     model: nn.Module,
     score_fn: ScoreFn,
-    inputs: Any,
-    image: Tensor,
+    batch: Batch,
     rows_per_pass: int | None = None,
 ) -> Tensor:
     """Guided backprop (Springenberg et al. 2015): input gradients `[B, C, H, W]` with guided ReLUs.
 
     `model` is the module whose `nn.ReLU`s are guided; `score_fn` runs it.
     """
+    image = batch.require_image()
     result = torch.zeros_like(image.detach(), dtype=torch.float32)
     with guided_relus(model):
         for start, stop in pass_ranges(image.shape[0], rows_per_pass):
             index = torch.arange(start, stop, device=image.device)
             rows = image.detach()[index].requires_grad_(True)
-            scores = score_fn(rebuild_inputs(inputs, image, rows, index), index)
+            scores = score_fn(batch.with_image(rows, index), index)
             (grad,) = torch.autograd.grad(scores.sum(), rows)
             result[index] = grad.float()
     return result

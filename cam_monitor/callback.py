@@ -15,10 +15,16 @@ from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy, St
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from ._pending import evaluation_record, first_spatial_layer, write_probe_sets  # MERGE: see below
 from .evaluation import explain_first_failure, run_evaluation
-from .history import find_history, prune_from, read_history, write_evaluation
-from .layers import LayerSpec, Reshape, resolve_layers, unwrap_model
+from .history import (
+    evaluation_record,
+    find_history,
+    prune_from,
+    read_history,
+    write_evaluation,
+    write_probe_sets,
+)
+from .layers import LayerSpec, Reshape, first_spatial_layer, resolve_layers, unwrap_model
 from .options import (
     DriftOptions,
     EngineOptions,
@@ -32,9 +38,6 @@ from .probe import ProbeSet, ProbeSpec, build_probes, check_masks, loader_probe,
 from .schema import MEASURES, SECONDS_TAG
 from .sinks import Sink, run_folder, scalar_tags, sinks_for
 from .tracking import AttentionTracker
-
-# MERGE: `from .layers import first_spatial_layer` and
-# `from .history import evaluation_record, write_probe_sets`; then delete cam_monitor/_pending.py.
 
 
 def check_strategy(strategy: Strategy) -> None:

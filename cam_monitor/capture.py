@@ -1,17 +1,75 @@
-"""Scoped forward hooks: record chosen layer outputs for one forward, then remove every hook."""
+"""Scoped module hooks: one helper that registers, yields and always removes, and the recorder.
+
+Every hook the package puts on a user's model goes through `scoped_hooks`, so after each call
+every module has exactly the hook dictionaries it had before, also when the forward raises.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+#: Which module hook a registration adds: `register_forward_hook` or `register_forward_pre_hook`.
+HookKind = Literal["forward", "forward_pre"]
+Hook = tuple[nn.Module, HookKind, Callable[..., Any]]
 
 
-class LayerCaptureError(RuntimeError):
-    """A captured layer misbehaved during the forward (not a tensor, or called twice)."""
+class LayerCaptureError(ValueError):
+    """A chosen layer cannot be read: it returned a non-tensor, ran twice, or did not run.
+
+    A `ValueError` because the fix is another `layer` (or `reshape=`, `output_transform=`).
+    """
+
+
+@contextmanager
+def scoped_hooks(hooks: Iterable[Hook]) -> Iterator[list[RemovableHandle]]:
+    """Register `(module, kind, fn)` hooks for the block; remove them all in `finally`.
+
+    Registration happens inside the `try`, so hooks added before a failing registration are
+    removed too; removal is idempotent (a handle removed twice is a no-op).
+
+    Example:
+        >>> conv = nn.Conv2d(3, 2, 1)
+        >>> seen = []
+        >>> with scoped_hooks([(conv, "forward", lambda m, a, out: seen.append(out.shape))]):
+        ...     _ = conv(torch.zeros(1, 3, 4, 4))
+        >>> seen, len(conv._forward_hooks)
+        ([torch.Size([1, 2, 4, 4])], 0)
+    """
+    handles: list[RemovableHandle] = []
+    try:
+        for module, kind, fn in hooks:
+            if kind == "forward":
+                handles.append(module.register_forward_hook(fn))
+            elif kind == "forward_pre":
+                handles.append(module.register_forward_pre_hook(fn))
+            else:
+                raise ValueError(f"hook kind must be 'forward' or 'forward_pre', got {kind!r}.")
+        yield handles
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
+
+
+def not_a_tensor(name: str, output: object) -> LayerCaptureError:
+    """The error for a layer whose output is not one tensor."""
+    return LayerCaptureError(
+        f"Layer {name!r} returned {type(output).__name__}, not a tensor; pick a submodule that "
+        "returns a single tensor."
+    )
+
+
+def did_not_run(names: list[str]) -> LayerCaptureError:
+    """The error for layers that never ran during the forward."""
+    return LayerCaptureError(
+        f"Layer(s) {names} did not run during the forward pass, so they have no map. Pick "
+        "layers on the path from the input to the output."
+    )
 
 
 @contextmanager
@@ -31,7 +89,6 @@ def capture_outputs(
     upstream is kept for backward (no gradient reaches the input or early parameters then).
 
     Example:
-        >>> import torch
         >>> net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(inplace=True))
         >>> with capture_outputs({"0": net[0]}) as outs:
         ...     _ = net(torch.randn(1, 3, 8, 8))
@@ -39,15 +96,11 @@ def capture_outputs(
         (torch.Size([1, 2, 6, 6]), 0)
     """
     recorded: dict[str, Tensor] = {}
-    handles = []
 
-    def make_hook(name: str) -> Any:
+    def make_hook(name: str) -> Callable[[nn.Module, Any, Any], Tensor]:
         def hook(module: nn.Module, args: Any, output: Any) -> Tensor:
             if not isinstance(output, Tensor):
-                raise LayerCaptureError(
-                    f"Layer {name!r} returned {type(output).__name__}, not a tensor; "
-                    "pick a submodule that returns a single tensor."
-                )
+                raise not_a_tensor(name, output)
             if name in recorded:
                 raise LayerCaptureError(
                     f"Layer {name!r} ran more than once in one forward (a shared or reused "
@@ -63,12 +116,9 @@ def capture_outputs(
 
     grad_mode = torch.is_grad_enabled()
     try:
-        for name, module in layers.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
-        if graph_from_first and layers:
-            torch.set_grad_enabled(False)
-        yield recorded
+        with scoped_hooks((module, "forward", make_hook(name)) for name, module in layers.items()):
+            if graph_from_first and layers:
+                torch.set_grad_enabled(False)
+            yield recorded
     finally:
         torch.set_grad_enabled(grad_mode)
-        for handle in handles:
-            handle.remove()

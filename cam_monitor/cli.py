@@ -1,4 +1,4 @@
-"""`cam-monitor` command line: look at one run's CAM history, or compare two runs.
+"""The `cam-monitor` command line: the text view of one run's CAM history or of two runs compared.
 
   cam-monitor show RUN_DIR [--probe P] [--layer L] [--method M] [--strict]
   cam-monitor compare RUN_A RUN_B [--out report.html] [--epochs 0,5,10] [filters, --strict]
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import math
 import os
 import sys
 import warnings
@@ -23,27 +22,39 @@ from typing import NoReturn
 
 import torch
 
-from .history import HistoryError
-from .report import (
-    DRIFT_MEASURES,
-    LOCALIZATION_SCORES,
+from .compare import (
     SIMILARITIES,
     EpochComparison,
     Group,
     ReportError,
     Run,
     check_probes,
+    common,
     common_epochs,
     compare_group,
+    format_number,
     load_run,
-    parse_scalar,
-    require_matplotlib,
     run_labels,
-    scalar_name,
-    write_report,
+)
+from .history import HistoryError
+from .report import require_matplotlib, write_report
+from .schema import (
+    DRIFT,
+    EXCLUDED_SUFFIX,
+    LOCALIZATION,
+    LOCALIZATION_SCORES,
+    MEASURES,
+    PREVIOUS,
+    REF,
+    SECONDS_TAG,
+    STATISTICS,
+    STATS,
+    ScalarKey,
+    drift_stat,
+    parse_scalar_tag,
 )
 
-__all__ = ["build_parser", "format_number", "format_table", "main"]
+__all__ = ["build_parser", "format_table", "main"]
 
 WIDTH = 100
 _LIBRARY_HINT = " Delete the file, or pass strict=False to read_history to skip it."
@@ -166,22 +177,6 @@ def _epoch_list(text: str) -> list[int]:
 # --------------------------------------------------------------------------- formatting
 
 
-def format_number(value: float | None) -> str:
-    """A table cell: 4 decimals, "nan" for an undefined value, "-" for a missing one.
-
-    Example:
-        >>> [format_number(v) for v in (0.25, float("nan"), None, float("inf"))]
-        ['0.2500', 'nan', '-', 'inf']
-    """
-    if value is None:
-        return "-"
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.4f}"
-
-
 def format_table(
     headers: Sequence[str], rows: Sequence[Sequence[str]], keep: int = 1, width: int = WIDTH
 ) -> list[str]:
@@ -273,11 +268,13 @@ def _show(args: argparse.Namespace) -> int:
     run = _load(args.run_dir, args.strict)
     groups = _select(run.groups, args, str(run.folder))
     evaluations = run.evaluations
-    present = {name for ev in evaluations for name in ev.scalars}
-    known = {"/".join(g): g for g in run.groups}
-    probes = ", ".join(dict.fromkeys(g[0] for g in run.groups)) or "-"
-    layers = ", ".join(dict.fromkeys(g[1] for g in run.groups)) or "-"
-    methods = ", ".join(dict.fromkeys(g[2] for g in run.groups)) or "-"
+    # Every scalar tag recorded, parsed once: group scalars by key, the rest by name.
+    tags = list(dict.fromkeys(name for ev in evaluations for name in ev.scalars))
+    keys = {tag: parse_scalar_tag(tag) for tag in tags}
+    present = {key: tag for tag, key in keys.items() if key is not None}
+    probes = ", ".join(dict.fromkeys(g.probe for g in run.groups)) or "-"
+    layers = ", ".join(dict.fromkeys(g.layer for g in run.groups)) or "-"
+    methods = ", ".join(dict.fromkeys(g.method for g in run.groups)) or "-"
     _print(
         [
             f"cam-monitor history: {run.folder}",
@@ -289,18 +286,14 @@ def _show(args: argparse.Namespace) -> int:
             "",
         ]
     )
-    other = [
-        name
-        for name in dict.fromkeys(n for ev in evaluations for n in ev.scalars)
-        if name != "cam_monitor/seconds" and parse_scalar(name, known) is None
-    ]
+    other = [tag for tag in tags if tag != SECONDS_TAG and keys[tag] is None]
     headers = ["index", "epoch", "step", "seconds", *other, "time"]
     rows = [
         [
             str(ev.index),
             str(ev.epoch),
             str(ev.step),
-            format_number(ev.scalars.get("cam_monitor/seconds")),
+            format_number(ev.scalars.get(SECONDS_TAG)),
             *(format_number(ev.scalars.get(name)) for name in other),
             ev.time or "-",
         ]
@@ -308,7 +301,7 @@ def _show(args: argparse.Namespace) -> int:
     ]
     _print(format_table(headers, rows, keep=2))
     for group in groups:
-        columns = _group_columns(group, present, known)
+        columns = _group_columns(group, present)
         _print(["", " / ".join(group)])
         if not columns:
             _print(["(no scalars recorded)"])
@@ -316,35 +309,29 @@ def _show(args: argparse.Namespace) -> int:
         rows = []
         for ev in evaluations:
             cells = [str(ev.index), str(ev.epoch)]
-            for _, name in columns:
-                cell = format_number(ev.scalars.get(name))
-                if ev.scalars.get(f"{name}_excluded", 0) > 0:
+            for key in columns:
+                cell = format_number(ev.scalars.get(present[key]))
+                excluded = present.get(key.excluded)
+                if excluded is not None and ev.scalars.get(excluded, 0) > 0:
                     cell += "*"
                 cells.append(cell)
             rows.append(cells)
-        _print(format_table(["index", "epoch", *(h for h, _ in columns)], rows, keep=2))
+        _print(format_table(["index", "epoch", *(key.stat for key in columns)], rows, keep=2))
     return 0
 
 
-def _group_columns(
-    group: Group, present: set[str], known: dict[str, Group]
-) -> list[tuple[str, str]]:
-    """(header, scalar name) of one group's scalars: drift, localization, stats, then others."""
+def _group_columns(group: Group, present: dict[ScalarKey, str]) -> list[ScalarKey]:
+    """The recorded scalars of one group: drift, localization, stats, then any others."""
     wanted = [
-        *(("cam_drift", f"{m}_{s}") for m in DRIFT_MEASURES for s in ("ref", "prev")),
-        *(("cam_loc", score) for score in LOCALIZATION_SCORES),
-        ("cam_stats", "entropy"),
+        *(ScalarKey(DRIFT, group, drift_stat(m, a)) for m in MEASURES for a in (REF, PREVIOUS)),
+        *(ScalarKey(LOCALIZATION, group, score) for score in LOCALIZATION_SCORES),
+        *(ScalarKey(STATISTICS, group, stat) for stat in STATS),
     ]
-    columns = [
-        (stat, scalar_name(kind, group, stat))
-        for kind, stat in wanted
-        if scalar_name(kind, group, stat) in present
-    ]
-    taken = {name for _, name in columns}
-    for name in sorted(present - taken):
-        parsed = parse_scalar(name, known)
-        if parsed is not None and parsed[1] == group and not parsed[2].endswith("_excluded"):
-            columns.append((parsed[2], name))
+    columns = [key for key in wanted if key in present]
+    taken = set(columns)
+    for key in sorted(present, key=present.__getitem__):
+        if key.maps == group and key not in taken and not key.stat.endswith(EXCLUDED_SUFFIX):
+            columns.append(key)
     return columns
 
 
@@ -368,8 +355,7 @@ def _compare(args: argparse.Namespace) -> int:
             )
     for note in notes:
         print(f"cam-monitor: warning: {note}", file=sys.stderr)
-    in_b = set(b.groups)
-    groups = _select([g for g in a.groups if g in in_b], args, "both runs")
+    groups = _select(common(a.groups, b.groups), args, "both runs")
     if not groups:
         raise CliError(
             f"runs {a.name} and {b.name} have no (probe, layer, method) in common: "

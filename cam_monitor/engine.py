@@ -1,10 +1,13 @@
-"""compute_cams(): one forward and one truncated backward serve every layer, method and target."""
+"""compute_cams(): one forward and one truncated backward serve every layer, method and target.
+
+`compute_cams` turns its keywords into `EngineOptions` and calls `compute`, which normalises the
+inputs once into a `Batch`; every pass (clean, noisy, integrated gradients, guided backprop,
+chunks of `batch_size`) works on that `Batch`.
+"""
 
 from __future__ import annotations
 
-import warnings
-import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,36 +20,31 @@ from .attribution import (
     ScoreFn,
     add_rows,
     channel_sum,
-    find_image,
     guided_backprop,
     integrated_gradients,
     noise_scale,
     noisy_rows,
     pass_ranges,
-    rebuild_inputs,
     resolve_baseline,
     saliency_map,
 )
-from .capture import capture_outputs
-from .isolation import isolated, usable_inputs
+from .batch import Batch
+from .capture import capture_outputs, did_not_run, scoped_hooks
+from .isolation import isolated
 from .layers import LayerSpec, Reshape, as_spatial, resolve_layers, unwrap_model
 from .methods import (
     GRADIENT_METHODS,
     INPUT_KEY,
     INPUT_METHODS,
     apply_method,
-    check_methods,
     class_activation_map,
     normalize_maps,
     upsample_maps,
 )
+from .options import EngineOptions, ForwardFn, OutputTransform, Target
+from .targets import check_engine_target, pick_logits, resolve_targets, warn_if_probabilities
 
-Target = str | int | Tensor | Callable[[Tensor], Tensor]
-OutputTransform = int | str | Callable[[Any], Tensor] | None
-ForwardFn = Callable[[nn.Module, Any], Any]
-
-# Models already checked for probability outputs: the check costs a host sync, so once each.
-_PROBABILITY_CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+__all__ = ["CamResult", "ForwardFn", "OutputTransform", "Target", "compute", "compute_cams"]
 
 
 @dataclass(frozen=True)
@@ -87,152 +85,6 @@ class CamResult:
     ) -> Tensor:
         """Per-image min-max normalised map in [0, 1], at `size` (default: the input size)."""
         return normalize_maps(self.upsampled(layer, method, size), eps)
-
-
-def pick_logits(output: Any, output_transform: OutputTransform) -> Tensor:
-    """Apply `output_transform` (a callable, a tuple index or a dict key) and check `[B, C]`."""
-    if output_transform is None:
-        picked = output
-    elif callable(output_transform):
-        picked = output_transform(output)
-    elif isinstance(output_transform, (int, str)):
-        try:
-            picked = output[output_transform]
-        except (KeyError, IndexError, TypeError) as err:
-            raise ValueError(
-                f"output_transform={output_transform!r} cannot pick from the model output of "
-                f"type {type(output).__name__}: {err}. Use an index for a tuple, a key for a dict, "
-                "or a callable."
-            ) from err
-    else:
-        raise TypeError(
-            "output_transform must be a callable, an int or a str, got "
-            f"{type(output_transform).__name__}."
-        )
-    if not isinstance(picked, Tensor):
-        kind = type(picked).__name__
-        size = f" of {len(picked)} elements" if isinstance(picked, (tuple, list, dict)) else ""
-        raise ValueError(
-            f"The model returned a {kind}{size}, not a logits tensor. Pass output_transform= to "
-            "pick the class head: an index (output_transform=0 for (class_logits, domain_logits)),"
-            " a dict key, or a callable returning logits [B, C]."
-        )
-    if picked.dim() != 2:
-        raise ValueError(
-            f"Class logits must have shape [B, C], got {tuple(picked.shape)}. Pass "
-            "output_transform= to return [B, C] logits."
-        )
-    return picked
-
-
-def _warn_if_probabilities(module: nn.Module, logits: Tensor) -> None:
-    """Warn when a model's outputs look like probabilities; checked on its first call only."""
-    if module in _PROBABILITY_CHECKED or logits.shape[1] < 2:
-        return
-    _PROBABILITY_CHECKED.add(module)
-    inside = ((logits >= 0) & (logits <= 1)).all()
-    sums_to_one = (logits.sum(dim=1) - 1).abs().amax() < 1e-3
-    if bool(inside & sums_to_one):
-        warnings.warn(
-            "The model output looks like probabilities (rows in [0, 1] summing to 1). Gradients "
-            "of a saturated softmax vanish and CAMs turn to noise; explain the logits instead "
-            "(remove the softmax, or use output_transform= to return pre-softmax scores).",
-            stacklevel=3,
-        )
-
-
-def _check_indices(indices: Tensor, num_classes: int) -> None:
-    if indices.numel() and bool((indices < 0).any() | (indices >= num_classes).any()):
-        bad = indices[(indices < 0) | (indices >= num_classes)][0].item()
-        raise ValueError(
-            f"Target index {bad} is outside the logits' {num_classes} classes "
-            f"(valid: 0..{num_classes - 1}). Check target= or output_transform=."
-        )
-
-
-def resolve_targets(target: Target, logits: Tensor) -> tuple[Tensor, Tensor]:
-    """Return `(class indices [B], scores [B])`; indices are -1 where a callable gave scores."""
-    batch, num_classes = logits.shape
-    if isinstance(target, str):
-        if target != "predicted":
-            raise ValueError(
-                f"target={target!r} is not understood; use 'predicted', an int, a LongTensor[B] "
-                "or a callable."
-            )
-        indices = logits.detach().argmax(dim=1)
-    elif isinstance(target, bool):
-        raise TypeError("target must be 'predicted', an int, a LongTensor or a callable, got bool.")
-    elif isinstance(target, int):
-        if not 0 <= target < num_classes:
-            raise ValueError(
-                f"Target index {target} is outside the logits' {num_classes} classes "
-                f"(valid: 0..{num_classes - 1})."
-            )
-        indices = torch.full((batch,), target, dtype=torch.long, device=logits.device)
-    elif isinstance(target, Tensor):
-        if target.is_floating_point() or target.dim() > 1:
-            raise ValueError(
-                f"A target tensor must hold integer class indices of shape [B], got dtype "
-                f"{target.dtype} and shape {tuple(target.shape)}."
-            )
-        indices = target.to(logits.device, torch.long).expand(batch)
-        _check_indices(indices, num_classes)
-    elif callable(target):
-        returned = target(logits)
-        if not isinstance(returned, Tensor) or returned.shape != (batch,):
-            shape = tuple(returned.shape) if isinstance(returned, Tensor) else type(returned)
-            raise ValueError(
-                "A target callable must return class indices LongTensor[B] or scores [B] for "
-                f"B={batch}, got {shape}."
-            )
-        if returned.is_floating_point():
-            return torch.full((batch,), -1, dtype=torch.long, device=logits.device), returned
-        indices = returned.to(torch.long)
-        _check_indices(indices, num_classes)
-    else:
-        raise TypeError(
-            "target must be 'predicted', an int, a LongTensor[B] or a callable, got "
-            f"{type(target).__name__}."
-        )
-    return indices, logits.gather(1, indices[:, None])[:, 0]
-
-
-def batch_length(inputs: Any) -> int | None:
-    """Leading dimension of the first tensor found in `inputs` (tensors, tuples, lists, dicts)."""
-    if isinstance(inputs, Tensor):
-        return int(inputs.shape[0]) if inputs.dim() else None
-    items = inputs.values() if isinstance(inputs, Mapping) else inputs
-    if isinstance(items, (list, tuple)) or isinstance(inputs, Mapping):
-        for item in items:
-            found = batch_length(item)
-            if found is not None:
-                return found
-    return None
-
-
-def image_size(inputs: Any) -> tuple[int, int] | None:
-    """`(H, W)` of the first tensor with at least three dimensions in `inputs`."""
-    if isinstance(inputs, Tensor):
-        return (int(inputs.shape[-2]), int(inputs.shape[-1])) if inputs.dim() >= 3 else None
-    items = inputs.values() if isinstance(inputs, Mapping) else inputs
-    if isinstance(items, (list, tuple)) or isinstance(inputs, Mapping):
-        for item in items:
-            found = image_size(item)
-            if found is not None:
-                return found
-    return None
-
-
-def slice_batch(inputs: Any, start: int, stop: int) -> Any:
-    """Rows `start:stop` of every batched tensor inside `inputs`."""
-    if isinstance(inputs, Tensor):
-        return inputs[start:stop] if inputs.dim() else inputs
-    if isinstance(inputs, Mapping):
-        return type(inputs)((k, slice_batch(v, start, stop)) for k, v in inputs.items())
-    if isinstance(inputs, (list, tuple)):
-        items = [slice_batch(item, start, stop) for item in inputs]
-        return type(inputs)(*items) if hasattr(inputs, "_fields") else type(inputs)(items)
-    return inputs
 
 
 def compute_cams(
@@ -286,60 +138,77 @@ def compute_cams(
         >>> pixels["input", "saliency"].shape
         torch.Size([2, 16, 16])
     """
-    module = unwrap_model(model)
-    method_names = check_methods(list(methods) if not isinstance(methods, str) else methods)
-    resolved = _resolve_layer_arg(module, layers, method_names)
-    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}.")
-    _check_options(smooth, noise, seed, ig_steps)
-    head = _resolve_head(module, cam_head) if "cam" in method_names else None
-    plan = _Plan(
-        layers=resolved,
-        methods=method_names,
+    options = EngineOptions(
+        methods=methods,  # type: ignore[arg-type]  # checked and made a tuple by the options
+        target=target,
         forward=forward,
         output_transform=output_transform,
         reshape=reshape,
         batch_size=batch_size,
         smooth=smooth,
-        noise=float(noise),
-        head=head,
+        noise=noise,
+        seed=seed,
+        cam_head=cam_head,
         ig_steps=ig_steps,
     )
-    total = batch_length(inputs)
+    return compute(model, inputs, layers, options, ig_baseline=ig_baseline)
+
+
+def compute(
+    model: nn.Module,
+    inputs: Any,
+    layers: LayerSpec | Sequence[LayerSpec] | None,
+    options: EngineOptions,
+    *,
+    ig_baseline: float | Tensor | None = None,
+) -> CamResult:
+    """`compute_cams` with its options already built: what the callback's evaluation calls.
+
+    `inputs` is any nested batch (or a `Batch`); it is normalised once here and every pass
+    works on that `Batch`. `options.target` must be class indices, 'predicted' or a callable:
+    'label' is the callback's to resolve.
+    """
+    check_engine_target(options.target)
+    module = unwrap_model(model)
+    plan = _Plan.make(module, layers, options)
+    batch = Batch.of(inputs)
+    total = batch.length
     if total == 0:
         raise ValueError("The inputs hold an empty batch; pass at least one sample.")
+    target = options.target
     if isinstance(target, Tensor) and target.dim() == 1 and total is not None:
         if target.shape[0] != total:
             raise ValueError(
-                f"target holds {target.shape[0]} indices for a batch of {total} inputs."
+                f"`target` holds {target.shape[0]} indices for a batch of {total} inputs; pass "
+                "one class index per image."
             )
-    step = batch_size if (batch_size and total) else (total or 1)
-    stops = [*list(range(step, total, step)), total] if total else [None]
+    ranges: list[tuple[int, int] | None] = (
+        list(pass_ranges(total, options.batch_size)) if total else [None]
+    )
 
     per_map: dict[tuple[str, str], list[Tensor]] = {}
     per_extra: dict[str, list[Tensor]] = {}
     all_targets: list[Tensor] = []
     all_logits: list[Tensor] = []
     with isolated(module):
-        inputs = usable_inputs(inputs)
+        batch = batch.usable()
         baseline = None
-        if "integrated_gradients" in method_names:
-            baseline = resolve_baseline(ig_baseline, find_image(inputs))
+        if "integrated_gradients" in options.methods:
+            baseline = resolve_baseline(ig_baseline, batch.require_image())
         generator: torch.Generator | None = None
-        start = 0
-        for stop in stops:
-            chunk = inputs if stop is None else slice_batch(inputs, start, stop)
+        if plan.noisy_copies:
+            device = batch.require_image("Noisy copies (smooth=, smoothgrad)").device
+            generator = torch.Generator(device=device).manual_seed(options.seed)
+        for rows in ranges:
+            chunk = batch if rows is None else batch.slice(*rows)
             chunk_target = target
-            if isinstance(target, Tensor) and target.dim() == 1 and stop is not None:
-                chunk_target = target[start:stop]
-            if plan.noisy_copies and generator is None:
-                device = find_image(chunk, "Noisy copies (smooth=, smoothgrad)").device
-                generator = torch.Generator(device=device).manual_seed(seed)
+            if isinstance(target, Tensor) and target.dim() == 1 and rows is not None:
+                chunk_target = target[rows[0] : rows[1]]
             chunk_baseline = None
             if baseline is not None:
-                chunk_baseline = baseline if stop is None else baseline[start:stop]
+                chunk_baseline = baseline if rows is None else baseline[rows[0] : rows[1]]
             indices, logits, maps, extras = _explain_chunk(
-                module, chunk, chunk_target, plan, generator, chunk_baseline
+                module, chunk, chunk_target, options, plan, generator, chunk_baseline
             )
             all_targets.append(indices)
             all_logits.append(logits)
@@ -347,14 +216,13 @@ def compute_cams(
                 per_map.setdefault(key, []).append(value)
             for key, value in extras.items():
                 per_extra.setdefault(key, []).append(value)
-            start = stop or 0
     return CamResult(
         maps={key: torch.cat(parts) for key, parts in per_map.items()},
         targets=torch.cat(all_targets),
         logits=torch.cat(all_logits),
-        input_size=image_size(inputs),
-        layers=tuple(resolved),
-        methods=method_names,
+        input_size=batch.image_size,
+        layers=tuple(plan.layers),
+        methods=options.methods,
         extras={key: torch.cat(parts) for key, parts in per_extra.items()},
     )
 
@@ -373,22 +241,6 @@ def _resolve_layer_arg(
             )
         return {}
     return dict(resolve_layers(module, layers))
-
-
-def _check_options(smooth: int, noise: float, seed: int, ig_steps: int) -> None:
-    if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 0:
-        raise ValueError(
-            f"smooth must be the number of noisy copies (an int >= 0), got {smooth!r}."
-        )
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
-        raise ValueError(
-            f"noise must be a number >= 0 (std as a fraction of each image's value range), "
-            f"got {noise!r}."
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}.")
-    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
-        raise ValueError(f"ig_steps must be a positive int, got {ig_steps!r}.")
 
 
 def _resolve_head(module: nn.Module, cam_head: LayerSpec | None) -> tuple[str, nn.Linear]:
@@ -418,38 +270,38 @@ def _resolve_head(module: nn.Module, cam_head: LayerSpec | None) -> tuple[str, n
 
 @dataclass(frozen=True)
 class _Plan:
-    """Everything `_explain_chunk` needs besides the chunk and its target."""
+    """What the options resolve to on this model (layers, CAM head) and which passes run."""
 
     layers: dict[str, nn.Module]
-    methods: tuple[str, ...]
-    forward: ForwardFn | None
-    output_transform: OutputTransform
-    reshape: Reshape | None
-    batch_size: int | None
-    smooth: int
-    noise: float
     head: tuple[str, nn.Linear] | None
-    ig_steps: int
+    #: Whether gradients w.r.t. the layers are needed (gradient CAMs, guided Grad-CAM).
+    layer_gradients: bool
+    #: Whether layer gradients come from noisy copies (smooth=) rather than the clean pass.
+    smooth_layers: bool
+    #: Noisy copies per image for smoothed CAMs and SmoothGrad (0: no noisy passes).
+    noisy_copies: int
 
-    @property
-    def gradient_methods(self) -> tuple[str, ...]:
-        return tuple(m for m in self.methods if m in GRADIENT_METHODS)
-
-    @property
-    def layer_gradients(self) -> bool:
-        """Whether gradients w.r.t. the layers are needed (gradient CAMs, guided Grad-CAM)."""
-        return bool(self.layers) and bool(self.gradient_methods or "guided_gradcam" in self.methods)
-
-    @property
-    def smooth_layers(self) -> bool:
-        return self.smooth > 0 and self.layer_gradients
-
-    @property
-    def noisy_copies(self) -> int:
-        """Noisy copies per image for smoothed CAMs and SmoothGrad (0: no noisy passes)."""
-        if self.smooth_layers or "smoothgrad" in self.methods:
-            return self.smooth or SMOOTHGRAD_SAMPLES
-        return 0
+    @classmethod
+    def make(
+        cls,
+        module: nn.Module,
+        layers: LayerSpec | Sequence[LayerSpec] | None,
+        options: EngineOptions,
+    ) -> _Plan:
+        methods = options.methods
+        resolved = _resolve_layer_arg(module, layers, methods)
+        head = _resolve_head(module, options.cam_head) if "cam" in methods else None
+        gradient_methods = any(m in GRADIENT_METHODS for m in methods)
+        layer_gradients = bool(resolved) and (gradient_methods or "guided_gradcam" in methods)
+        smooth_layers = options.smooth > 0 and layer_gradients
+        noisy = smooth_layers or "smoothgrad" in methods
+        return cls(
+            layers=resolved,
+            head=head,
+            layer_gradients=layer_gradients,
+            smooth_layers=smooth_layers,
+            noisy_copies=(options.smooth or SMOOTHGRAD_SAMPLES) if noisy else 0,
+        )
 
 
 @dataclass
@@ -467,15 +319,16 @@ class _CleanPass:
 
 def _explain_chunk(
     module: nn.Module,
-    chunk: Any,
+    chunk: Batch,
     target: Target,
+    options: EngineOptions,
     plan: _Plan,
     generator: torch.Generator | None,
     baseline: Tensor | None,
 ) -> tuple[Tensor, Tensor, dict[tuple[str, str], Tensor], dict[str, Tensor]]:
     """Every requested map of one probe chunk: the clean pass, then any extra batched passes."""
-    clean = _clean_pass(module, chunk, target, plan)
-    score_fn = _scorer(module, plan, target, clean.indices)
+    clean = _clean_pass(module, chunk, target, options, plan)
+    score_fn = _scorer(module, options, target, clean.indices)
     layer_grads: dict[str, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {
         name: (grad, None) for name, grad in clean.gradients.items()
     }
@@ -485,30 +338,29 @@ def _explain_chunk(
         input_maps["saliency"] = saliency_map(clean.input_gradients)
     if plan.noisy_copies:
         assert generator is not None
-        smoothed, smoothgrad = _noisy_passes(module, chunk, score_fn, plan, clean, generator)
+        smoothed, smoothgrad = _noisy_passes(chunk, score_fn, options, plan, clean, generator)
         layer_grads.update(smoothed)
         if smoothgrad is not None:
             input_maps["smoothgrad"] = smoothgrad.amax(dim=1)
-    if "integrated_gradients" in plan.methods:
+    if "integrated_gradients" in options.methods:
         assert baseline is not None
-        image = find_image(chunk)
         attributions, base_scores = integrated_gradients(
-            score_fn, chunk, image, baseline, plan.ig_steps, plan.batch_size
+            score_fn, chunk, baseline, options.ig_steps, options.batch_size
         )
         input_maps["integrated_gradients"] = channel_sum(attributions)
         delta = clean.scores - base_scores
         extras["integrated_gradients.score_delta"] = delta
         extras["integrated_gradients.completeness_gap"] = attributions.flatten(1).sum(dim=1) - delta
     guided = None
-    if "guided_backprop" in plan.methods or "guided_gradcam" in plan.methods:
-        guided = guided_backprop(module, score_fn, chunk, find_image(chunk), plan.batch_size)
-        if "guided_backprop" in plan.methods:
+    if "guided_backprop" in options.methods or "guided_gradcam" in options.methods:
+        guided = guided_backprop(module, score_fn, chunk, options.batch_size)
+        if "guided_backprop" in options.methods:
             input_maps["guided_backprop"] = channel_sum(guided)
 
     maps: dict[tuple[str, str], Tensor] = {}
     for name in plan.layers:
         activation = clean.activations[name]
-        for method in plan.methods:
+        for method in options.methods:
             if method in GRADIENT_METHODS:
                 grad, moments = layer_grads[name]
                 maps[name, method] = apply_method(method, activation, grad, moments)
@@ -520,19 +372,26 @@ def _explain_chunk(
                 coarse = apply_method("gradcam", activation, grad)
                 fine = upsample_maps(coarse, (guided.shape[-2], guided.shape[-1]))
                 maps[name, method] = (guided * fine[:, None]).sum(dim=1)
-    for method in plan.methods:
+    for method in options.methods:
         if method in input_maps:
             maps[INPUT_KEY, method] = input_maps[method]
     return clean.indices, clean.logits, maps, extras
 
 
-def _clean_pass(module: nn.Module, chunk: Any, target: Target, plan: _Plan) -> _CleanPass:
+def _run(module: nn.Module, options: EngineOptions, rows: Batch) -> Any:
+    """The model's output on `rows`, through `options.forward` when given."""
+    forward = options.forward
+    return forward(module, rows.data) if forward is not None else module(rows.data)
+
+
+def _clean_pass(
+    module: nn.Module, chunk: Batch, target: Target, options: EngineOptions, plan: _Plan
+) -> _CleanPass:
     """One forward with scoped hooks and at most one `autograd.grad` (layers and/or input)."""
     image = None
-    if "saliency" in plan.methods:
-        original = find_image(chunk)
-        image = original.detach().requires_grad_(True)
-        chunk = rebuild_inputs(chunk, original, image, None)
+    if "saliency" in options.methods:
+        image = chunk.require_image().detach().requires_grad_(True)
+        chunk = chunk.with_image(image)
     # Without an input gradient, autograd starts at the first hooked layer: nothing upstream
     # is kept for backward. Should the model itself switch autograd off after that layer, the
     # score has no graph and the forward is run again with the whole graph.
@@ -543,21 +402,18 @@ def _clean_pass(module: nn.Module, chunk: Any, target: Target, plan: _Plan) -> _
             capture_outputs(plan.layers, graph_from_first=prune) as recorded,
             _record_inputs(plan.head, head_inputs),
         ):
-            output = plan.forward(module, chunk) if plan.forward is not None else module(chunk)
-        logits = pick_logits(output, plan.output_transform)
+            output = _run(module, options, chunk)
+        logits = pick_logits(output, options.output_transform)
         missing = [name for name in plan.layers if name not in recorded]
         if missing:
-            raise ValueError(
-                f"Layer(s) {missing} did not run during the forward pass, so they have no CAM. "
-                "Pick layers on the path from the input to the class logits."
-            )
+            raise did_not_run(missing)
         indices, scores = resolve_targets(target, logits)
         if not (prune and plan.layer_gradients and not scores.requires_grad):
             break
         prune = False
-    _warn_if_probabilities(module, logits)
+    warn_if_probabilities(module, logits)
     names = list(plan.layers)
-    spatial = {name: as_spatial(name, recorded[name].detach(), plan.reshape) for name in names}
+    spatial = {name: as_spatial(name, recorded[name].detach(), options.reshape) for name in names}
     if plan.layer_gradients and not scores.requires_grad:
         raise ValueError(
             f"The class score does not depend on the layers {names}; pick layers that feed "
@@ -573,7 +429,9 @@ def _clean_pass(module: nn.Module, chunk: Any, target: Target, plan: _Plan) -> _
     for name, grad in zip(names, grads[: len(wrt) - (image is not None)], strict=False):
         activation = spatial[name]
         gradients[name] = (
-            torch.zeros_like(activation) if grad is None else as_spatial(name, grad, plan.reshape)
+            torch.zeros_like(activation)
+            if grad is None
+            else as_spatial(name, grad, options.reshape)
         )
     input_gradients = None
     if image is not None:
@@ -592,27 +450,20 @@ def _clean_pass(module: nn.Module, chunk: Any, target: Target, plan: _Plan) -> _
 @contextmanager
 def _record_inputs(head: tuple[str, nn.Linear] | None, into: list[Tensor]) -> Iterator[None]:
     """Append the first positional input of every call of `head` to `into` (scoped pre-hook)."""
-    if head is None:
-        yield
-        return
 
     def hook(module: nn.Module, args: Any) -> None:
         if args and isinstance(args[0], Tensor):
             into.append(args[0].detach())
 
-    handle = head[1].register_forward_pre_hook(hook)
-    try:
+    with scoped_hooks([] if head is None else [(head[1], "forward_pre", hook)]):
         yield
-    finally:
-        handle.remove()
 
 
-def _scorer(module: nn.Module, plan: _Plan, target: Target, indices: Tensor) -> ScoreFn:
+def _scorer(module: nn.Module, options: EngineOptions, target: Target, indices: Tensor) -> ScoreFn:
     """Run the model on rows and return, per row, the score of its probe image's class."""
 
-    def score(rows: Any, image_index: Tensor) -> Tensor:
-        output = plan.forward(module, rows) if plan.forward is not None else module(rows)
-        logits = pick_logits(output, plan.output_transform)
+    def score(rows: Batch, image_index: Tensor) -> Tensor:
+        logits = pick_logits(_run(module, options, rows), options.output_transform)
         chosen = indices[image_index]
         if bool((chosen >= 0).all()):
             return logits.gather(1, chosen[:, None])[:, 0]
@@ -626,9 +477,9 @@ def _scorer(module: nn.Module, plan: _Plan, target: Target, indices: Tensor) -> 
 
 
 def _noisy_passes(
-    module: nn.Module,
-    chunk: Any,
+    chunk: Batch,
     score_fn: ScoreFn,
+    options: EngineOptions,
     plan: _Plan,
     clean: _CleanPass,
     generator: torch.Generator,
@@ -638,12 +489,12 @@ def _noisy_passes(
     Returns `({layer: (mean G, (mean G^2, mean G^3) or None)}, mean |grad| [B, C, H, W] or None)`.
     Copies of every image are stacked along the batch and run in passes of `batch_size` rows.
     """
-    image = find_image(chunk, "Noisy copies (smooth=, smoothgrad)")
+    image = chunk.require_image("Noisy copies (smooth=, smoothgrad)")
     copies = plan.noisy_copies
     layers = plan.layers if plan.smooth_layers else {}
     names = list(layers)
-    want_input = "smoothgrad" in plan.methods
-    want_moments = "gradcam++" in plan.methods
+    want_input = "smoothgrad" in options.methods
+    want_moments = "gradcam++" in options.methods
     powers = 3 if want_moments else 1
     sums = {
         name: [
@@ -652,20 +503,20 @@ def _noisy_passes(
         for name in names
     }
     input_sum = torch.zeros(image.shape, device=image.device) if want_input else None
-    sigma = noise_scale(image, plan.noise)
-    for start, stop in pass_ranges(image.shape[0] * copies, plan.batch_size):
+    sigma = noise_scale(image, options.noise)
+    for start, stop in pass_ranges(image.shape[0] * copies, options.batch_size):
         index = torch.arange(start, stop, device=image.device) // copies
         rows = noisy_rows(image, index, sigma, generator)
         if want_input:
             rows.requires_grad_(True)
         with capture_outputs(layers, graph_from_first=not want_input) as recorded:
-            scores = score_fn(rebuild_inputs(chunk, image, rows, index), index)
+            scores = score_fn(chunk.with_image(rows, index), index)
         wrt = [recorded[name] for name in names] + ([rows] if want_input else [])
         grads = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
         for name, grad in zip(names, grads, strict=False):
             if grad is None:
                 continue
-            value = as_spatial(name, grad, plan.reshape).float()
+            value = as_spatial(name, grad, options.reshape).float()
             for power, total in enumerate(sums[name], start=1):
                 add_rows(total, index, value if power == 1 else value.pow(power))
         if input_sum is not None and grads[-1] is not None:

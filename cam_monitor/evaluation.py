@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from .batch import Batch
-from .engine import CamResult, compute_cams
+from .engine import CamResult, compute
 from .filters import filter_activations, visualize_filter
 from .layers import LayerSpec
 from .methods import PIXEL_METHODS, SIGNED_METHODS
@@ -55,8 +55,7 @@ def compute_probe(
 ) -> CamResult:
     """Every layer and method for one probe set, in one pass per chunk."""
     options = probe_options(options, probe)
-    # MERGE: return compute(module, probe.inputs, layers, options)  (engine branch)
-    return compute_cams(module, probe.inputs, list(layers), **vars(options))
+    return compute(module, probe.inputs, list(layers), options)
 
 
 def render_probe(

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .engine import ForwardFn
-from .isolation import isolated, usable_inputs
+from .batch import Batch
+from .capture import did_not_run, not_a_tensor, scoped_hooks
+from .isolation import isolated
 from .layers import LayerSpec, Reshape, as_spatial, resolve_layers, unwrap_model
+from .options import ForwardFn
 
 
 class _LayerReached(Exception):
@@ -43,25 +45,17 @@ def _layer_output(
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         if not isinstance(output, Tensor):
-            raise ValueError(
-                f"Layer {name!r} returned {type(output).__name__}, not a tensor; pick a "
-                "submodule that returns a single tensor."
-            )
+            raise not_a_tensor(name, output)
         recorded.append(output)
         raise _LayerReached
 
-    handle = layer.register_forward_hook(hook)
-    try:
-        forward(model, inputs) if forward is not None else model(inputs)
-    except _LayerReached:
-        pass
-    finally:
-        handle.remove()
+    with scoped_hooks([(layer, "forward", hook)]):
+        try:
+            forward(model, inputs) if forward is not None else model(inputs)
+        except _LayerReached:
+            pass
     if not recorded:
-        raise ValueError(
-            f"Layer {name!r} did not run during the forward pass; pick a layer on the path "
-            "from the input to the output."
-        )
+        raise did_not_run([name])
     return as_spatial(name, recorded[0], reshape)
 
 
@@ -101,7 +95,8 @@ def filter_activations(
     module = unwrap_model(model)
     name, target = _one_layer(module, layer)
     with isolated(module), torch.no_grad():
-        output = _layer_output(module, usable_inputs(inputs), name, target, forward, reshape)
+        data = Batch.of(inputs).usable().data
+        output = _layer_output(module, data, name, target, forward, reshape)
         chosen = _channel_list(channels, output.shape[1], name)
         index = torch.tensor(chosen, device=output.device)
         return output.index_select(1, index).float()

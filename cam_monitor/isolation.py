@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
 import torch
-from torch import Tensor, nn
-
-T = TypeVar("T")
+from torch import nn
 
 
 def model_devices(model: nn.Module) -> list[torch.device]:
@@ -46,15 +43,3 @@ def isolated(model: nn.Module) -> Iterator[None]:
     finally:
         for module, flag in flags:
             module.training = flag
-
-
-def usable_inputs(inputs: T) -> T:
-    """Clone inference-mode tensors (nested in tuples, lists, dicts) so autograd may record them."""
-    if isinstance(inputs, Tensor):
-        return inputs.clone() if inputs.is_inference() else inputs  # type: ignore[return-value]
-    if isinstance(inputs, (list, tuple)):
-        items = [usable_inputs(item) for item in inputs]
-        return type(inputs)(items) if not hasattr(inputs, "_fields") else type(inputs)(*items)  # type: ignore[return-value]
-    if isinstance(inputs, dict):
-        return type(inputs)((key, usable_inputs(value)) for key, value in inputs.items())  # type: ignore[return-value]
-    return inputs

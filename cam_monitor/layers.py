@@ -1,12 +1,25 @@
-"""Find the layers a user names: dotted names, globs or module objects, on unwrapped models."""
+"""Find layers: the names a user gives (dotted names, globs, modules), or one chosen for them.
+
+Models are unwrapped first (DDP, DataParallel, `torch.compile`); layer outputs are viewed as
+spatial maps `[B, C, h, w]` here too.
+"""
 
 from __future__ import annotations
 
 import difflib
 import re
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
+
+from .batch import Batch
+from .capture import Hook, scoped_hooks
+from .isolation import isolated
+
+if TYPE_CHECKING:
+    from .options import ForwardFn
 
 LayerSpec = str | nn.Module
 Reshape = Callable[[Tensor], Tensor]
@@ -168,3 +181,49 @@ def as_spatial(name: str, output: Tensor, reshape: Reshape | None = None) -> Ten
         "[B, C, H, W] or tokens [B, N, C] on a square grid (optionally after one class token). "
         "Pick a convolutional layer, or pass reshape= to turn this output into [B, C, H, W]."
     )
+
+
+_POOLING = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+
+
+def first_spatial_layer(module: nn.Module, inputs: Any, forward: ForwardFn | None) -> str:
+    """Name of the last module (run once, not a pooling layer) whose output is `[B, C, h, w]`.
+
+    Used when no layer is configured: one isolated no-grad forward on `inputs` (any nested
+    batch), with scoped hooks on every submodule.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        ...                     nn.Flatten(), nn.Linear(4, 2))
+        >>> batch = {"pixels": torch.zeros(2, 3, 8, 8)}
+        >>> first_spatial_layer(net, batch, lambda model, b: model(b["pixels"]))
+        '1'
+    """
+    seen: dict[str, int] = {}
+    order: list[str] = []
+    spatial: set[str] = set()
+
+    def make_hook(name: str, layer: nn.Module) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(_: nn.Module, __: Any, output: Any) -> None:
+            seen[name] = seen.get(name, 0) + 1
+            order.append(name)
+            if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1:
+                if not isinstance(layer, _POOLING):
+                    spatial.add(name)
+
+        return hook
+
+    data = Batch.of(inputs).data
+    hooks: list[Hook] = [(m, "forward", make_hook(n, m)) for n, m in module.named_modules() if n]
+    with scoped_hooks(hooks), isolated(module), torch.no_grad():
+        module(data) if forward is None else forward(module, data)
+    candidates = [n for n in order if n in spatial and seen[n] == 1]
+    if not candidates:
+        raise ValueError(
+            f"{type(module).__name__} has no layer with a spatial [B, C, H, W] output; pass "
+            "layer= explicitly (with reshape= for token outputs)."
+        )
+    return candidates[-1]

@@ -126,22 +126,6 @@ ALL_METHODS: tuple[str, ...] = (
 )
 
 
-def check_methods(methods: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Validate method names and return them as a tuple without repeats.
-
-    Example:
-        >>> check_methods("gradcam")
-        ('gradcam',)
-    """
-    names = (methods,) if isinstance(methods, str) else tuple(methods)
-    if not names:
-        raise ValueError(f"`methods` needs at least one of {', '.join(ALL_METHODS)}.")
-    for name in names:
-        if name not in ALL_METHODS:
-            raise ValueError(f"Unknown CAM method {name!r}; choose from {', '.join(ALL_METHODS)}.")
-    return tuple(dict.fromkeys(names))
-
-
 def apply_method(
     name: str,
     activations: Tensor,

@@ -1,6 +1,6 @@
-"""Compare two runs' CAM histories: between-run map similarity, and a self-contained HTML report.
+"""The HTML view of a comparison of two runs: tables, curves and overlay grids in one file.
 
-The runs are joined on the epoch (epochs completed; the baseline is epoch 0). matplotlib (the
+The numbers come from `cam_monitor.compare`; this module only lays them out. matplotlib (the
 ``report`` extra) is imported only inside the functions that draw figures.
 """
 
@@ -10,334 +10,36 @@ import base64
 import html
 import io
 import math
-import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .drift import js_divergence, spearman, summarize, topk_iou
-from .history import Evaluation, HistoryError, ProbeRecord, find_history, read_history, read_probe
+from .compare import (
+    SIMILARITIES,
+    EpochComparison,
+    Group,
+    ReportError,
+    Run,
+    check_probes,
+    common,
+    common_epochs,
+    compare_group,
+    format_number,
+    overlay_epochs,
+    scalar_series,
+)
+from .history import ProbeRecord
 from .render import caption_text, make_map_grid, make_overlay_grid, to_jpeg_bytes
+from .schema import DRIFT, LOCALIZATION, LOCALIZATION_SCORES, REF, MapKey, ScalarKey, drift_stat
 
-__all__ = [
-    "DRIFT_MEASURES",
-    "LOCALIZATION_SCORES",
-    "SIMILARITIES",
-    "EpochComparison",
-    "Group",
-    "ReportError",
-    "Run",
-    "check_probes",
-    "common_epochs",
-    "compare_group",
-    "load_run",
-    "map_similarity",
-    "overlay_epochs",
-    "require_matplotlib",
-    "run_labels",
-    "scalar_name",
-    "write_report",
-]
+__all__ = ["require_matplotlib", "write_report"]
 
-#: (probe, layer, method): the unit that maps, curves and tables are made of.
-Group = tuple[str, str, str]
-
-#: Between-run measures: spearman and topk_iou are similarities (1 = same), js a divergence.
-SIMILARITIES: tuple[str, ...] = ("spearman", "topk_iou", "js")
-#: Drift measures the callback logs as `cam_drift/<probe>/<layer>/<method>/<measure>_{ref,prev}`.
-DRIFT_MEASURES: tuple[str, ...] = ("spearman", "pearson", "topk_iou", "js", "com_shift")
-#: Localization scores the callback logs as `cam_loc/<probe>/<layer>/<method>/<score>`.
-LOCALIZATION_SCORES: tuple[str, ...] = ("energy", "pointing", "mask_iou")
-
-_GROUP_KINDS = ("cam_drift", "cam_loc", "cam_stats")
 _REPORT_HINT = "the HTML report needs matplotlib: pip install cam-monitor[report]"
-
-
-class ReportError(Exception):
-    """Two runs cannot be compared (different probe data, nothing in common), or no matplotlib."""
-
-
-@dataclass(frozen=True, eq=False)
-class Run:
-    """One run's history: a display name, its folder, evaluations sorted by index, the probe.
-
-    The derived views (`by_epoch`, `groups`, ...) are computed once: treat a Run as read-only.
-    """
-
-    name: str
-    folder: Path
-    evaluations: list[Evaluation]
-    probe: ProbeRecord | None = None
-
-    @cached_property
-    def by_epoch(self) -> dict[int, Evaluation]:
-        """The first evaluation of each epoch (the one closest to the epoch's end), by epoch."""
-        chosen: dict[int, Evaluation] = {}
-        for evaluation in self.evaluations:
-            chosen.setdefault(evaluation.epoch, evaluation)
-        return dict(sorted(chosen.items()))
-
-    @cached_property
-    def repeated_epochs(self) -> list[int]:
-        """Epochs with several evaluations (step-based schedules); `by_epoch` keeps the first."""
-        counts: dict[int, int] = {}
-        for evaluation in self.evaluations:
-            counts[evaluation.epoch] = counts.get(evaluation.epoch, 0) + 1
-        return sorted(epoch for epoch, count in counts.items() if count > 1)
-
-    @cached_property
-    def groups(self) -> list[Group]:
-        """Every (probe, layer, method) with maps or scalars, in first-appearance order."""
-        found: dict[Group, None] = {}
-        for evaluation in self.evaluations:
-            found.update(dict.fromkeys(evaluation.maps))
-        known = {"/".join(g): g for g in found}
-        for evaluation in self.evaluations:
-            for name in evaluation.scalars:
-                parsed = parse_scalar(name, known)
-                if parsed is not None:
-                    found.setdefault(parsed[1])
-        return list(found)
-
-    @cached_property
-    def probes(self) -> list[str]:
-        """Probe names of the groups, in order."""
-        return list(dict.fromkeys(p for p, _, _ in self.groups))
-
-    def hashes(self) -> dict[str, list[str]]:
-        """Every probe hash recorded for each probe name, in order of appearance."""
-        seen: dict[str, dict[str, None]] = {}
-        for evaluation in self.evaluations:
-            for probe, digest in evaluation.probe_hashes.items():
-                seen.setdefault(probe, {})[digest] = None
-        if self.probe is not None:
-            for probe, digest in self.probe.hashes.items():
-                seen.setdefault(probe, {digest: None})
-        return {probe: list(digests) for probe, digests in seen.items()}
-
-
-@dataclass(frozen=True)
-class EpochComparison:
-    """One epoch of one group in both runs: map similarity and both runs' localization scores.
-
-    ``similarity`` maps each of `SIMILARITIES` to (mean over finite images, images left out);
-    it is empty (and ``note`` says why) when the maps cannot be compared.
-    """
-
-    epoch: int
-    index_a: int
-    index_b: int
-    images: int
-    similarity: dict[str, tuple[float, int]] = field(default_factory=dict)
-    localization_a: dict[str, float] = field(default_factory=dict)
-    localization_b: dict[str, float] = field(default_factory=dict)
-    note: str = ""
-
-
-def load_run(run_dir: str | Path, *, strict: bool = False, name: str | None = None) -> Run:
-    """Find and read a run's history and probe; unreadable eval files warn and are skipped
-    unless ``strict``. A corrupt ``probe.npz`` warns and is ignored (maps are shown alone).
-    """
-    folder = find_history(run_dir)
-    evaluations = read_history(folder, strict=strict)
-    try:
-        probe = read_probe(folder)
-    except HistoryError as exc:
-        if strict:
-            raise
-        warnings.warn(str(exc), stacklevel=2)
-        probe = None
-    label = name if name is not None else (Path(run_dir).resolve().name or str(run_dir))
-    return Run(name=label, folder=folder, evaluations=evaluations, probe=probe)
-
-
-def run_labels(a: Path | str, b: Path | str) -> tuple[str, str]:
-    """Short names for two run folders: their last parts, with parents added until they differ.
-
-    Example:
-        >>> run_labels("runs/dann/version_0", "runs/source_only/version_0")
-        ('dann/version_0', 'source_only/version_0')
-        >>> run_labels("runs/dann", "runs/source_only")
-        ('dann', 'source_only')
-        >>> run_labels("runs/dann", "runs/dann")
-        ('dann (A)', 'dann (B)')
-    """
-    parts_a, parts_b = Path(a).parts, Path(b).parts
-    for depth in range(1, max(len(parts_a), len(parts_b)) + 1):
-        label_a, label_b = "/".join(parts_a[-depth:]), "/".join(parts_b[-depth:])
-        if label_a != label_b:
-            return label_a, label_b
-    return f"{Path(a).name or a} (A)", f"{Path(b).name or b} (B)"
-
-
-def scalar_name(kind: str, group: Group, stat: str) -> str:
-    """The scalar tag the callback logs, e.g. ``cam_loc/source/features.29/gradcam/energy``.
-
-    Example:
-        >>> scalar_name("cam_drift", ("val", "layer4.1.conv2", "gradcam"), "js_ref")
-        'cam_drift/val/layer4.1.conv2/gradcam/js_ref'
-    """
-    return "/".join((kind, *group, stat))
-
-
-def parse_scalar(
-    name: str, known: Mapping[str, Group] | None = None
-) -> tuple[str, Group, str] | None:
-    """Split a ``cam_drift``/``cam_loc``/``cam_stats`` tag into (kind, group, stat); else None.
-
-    ``known`` maps "probe/layer/method" to groups with maps, so names holding a "/" resolve;
-    otherwise the probe is the first component and the method the one before the stat.
-
-    Example:
-        >>> parse_scalar("cam_drift/source/features.29/gradcam/spearman_ref")
-        ('cam_drift', ('source', 'features.29', 'gradcam'), 'spearman_ref')
-        >>> parse_scalar("cam_monitor/seconds") is None
-        True
-    """
-    kind, _, rest = name.partition("/")
-    if kind not in _GROUP_KINDS:
-        return None
-    base, _, stat = rest.rpartition("/")
-    if known is not None and base in known:
-        return kind, known[base], stat
-    parts = base.split("/")
-    if len(parts) < 3 or not stat or not all(parts):
-        return None
-    return kind, (parts[0], "/".join(parts[1:-1]), parts[-1]), stat
-
-
-def map_similarity(a: np.ndarray, b: np.ndarray, k: float = 0.2) -> dict[str, tuple[float, int]]:
-    """Spearman, top-k IoU and Jensen-Shannon divergence between matching maps ``[B, h, w]``,
-    each as (mean over the images where it is defined, number of images left out).
-
-    Example:
-        >>> a = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
-        >>> sim = map_similarity(a, a)
-        >>> [round(sim[m][0], 6) for m in SIMILARITIES]
-        [1.0, 1.0, 0.0]
-    """
-    ta = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-    tb = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32))
-    return {
-        "spearman": summarize(spearman(ta, tb)),
-        "topk_iou": summarize(topk_iou(ta, tb, k)),
-        "js": summarize(js_divergence(ta, tb)),
-    }
-
-
-def check_probes(a: Run, b: Run) -> list[str]:
-    """Raise `ReportError` when a probe present in both runs has different data (hashes).
-
-    Returns warnings: a probe whose hash changed within a run, or has no hash in one run.
-    """
-    hashes_a, hashes_b = a.hashes(), b.hashes()
-    notes: list[str] = []
-    for run, hashes in ((a, hashes_a), (b, hashes_b)):
-        for probe, digests in hashes.items():
-            if len(digests) > 1:
-                notes.append(
-                    f"probe {probe!r} changed within run {run.name} (hashes "
-                    f"{', '.join(digests)}): its maps before and after are not comparable"
-                )
-    for probe in _common(a.probes, b.probes):
-        digests_a, digests_b = hashes_a.get(probe, []), hashes_b.get(probe, [])
-        if not digests_a or not digests_b:
-            missing = a.name if not digests_a else b.name
-            notes.append(
-                f"cannot check that probe {probe!r} holds the same data in both runs: "
-                f"{missing} recorded no hash for it"
-            )
-        elif not set(digests_a) & set(digests_b):
-            raise ReportError(
-                f"probe {probe!r} differs between the runs: {a.name} has hash "
-                f"{', '.join(digests_a)}, {b.name} has hash {', '.join(digests_b)}. Both runs "
-                "must use the same probe data for a comparison of their maps to mean anything."
-            )
-    return notes
-
-
-def _common(a: Sequence[Any], b: Sequence[Any]) -> list[Any]:
-    """Items of ``a`` that are also in ``b``, in ``a``'s order."""
-    members = set(b)
-    return [item for item in a if item in members]
-
-
-def common_epochs(a: Run, b: Run) -> list[int]:
-    """Sorted epochs evaluated in both runs.
-
-    Example:
-        >>> ev = lambda i, e: Evaluation(i, e, 0, {}, {}, {}, {})
-        >>> common_epochs(Run("a", Path("a"), [ev(0, 0), ev(1, 2), ev(2, 4)]),
-        ...               Run("b", Path("b"), [ev(0, 0), ev(1, 1), ev(2, 2)]))
-        [0, 2]
-    """
-    return sorted(set(a.by_epoch) & set(b.by_epoch))
-
-
-def overlay_epochs(epochs: Sequence[int], count: int = 3) -> list[int]:
-    """The first, middle and last of ``epochs`` (all of them when there are ``count`` or fewer).
-
-    Example:
-        >>> overlay_epochs([0, 1, 2, 3, 4, 5])
-        [0, 2, 5]
-        >>> overlay_epochs([0, 3])
-        [0, 3]
-    """
-    if len(epochs) <= count:
-        return list(epochs)
-    picks = [round(i * (len(epochs) - 1) / max(count - 1, 1)) for i in range(count)]
-    return [epochs[i] for i in dict.fromkeys(picks)]
-
-
-def _localization(evaluation: Evaluation, group: Group) -> dict[str, float]:
-    """The localization scores recorded for ``group`` in one evaluation."""
-    scores = {}
-    for score in LOCALIZATION_SCORES:
-        name = scalar_name("cam_loc", group, score)
-        if name in evaluation.scalars:
-            scores[score] = evaluation.scalars[name]
-    return scores
-
-
-def compare_group(a: Run, b: Run, group: Group, epochs: Sequence[int]) -> list[EpochComparison]:
-    """Between-run similarity and localization for one group at each of ``epochs`` (common)."""
-    rows = []
-    epochs_a, epochs_b = a.by_epoch, b.by_epoch
-    for epoch in epochs:
-        ev_a, ev_b = epochs_a[epoch], epochs_b[epoch]
-        maps_a, maps_b = ev_a.maps.get(group), ev_b.maps.get(group)
-        similarity: dict[str, tuple[float, int]] = {}
-        note = ""
-        images = 0
-        if maps_a is None or maps_b is None:
-            note = f"no maps in {a.name if maps_a is None else b.name}"
-        elif maps_a.shape != maps_b.shape:
-            note = f"maps differ in shape: {tuple(maps_a.shape)} vs {tuple(maps_b.shape)}"
-        else:
-            similarity = map_similarity(maps_a, maps_b)
-            images = maps_a.shape[0]
-        rows.append(
-            EpochComparison(
-                epoch=epoch,
-                index_a=ev_a.index,
-                index_b=ev_b.index,
-                images=images,
-                similarity=similarity,
-                localization_a=_localization(ev_a, group),
-                localization_b=_localization(ev_b, group),
-                note=note,
-            )
-        )
-    return rows
-
-
-# --------------------------------------------------------------------------- HTML report
 
 
 def write_report(
@@ -359,8 +61,7 @@ def write_report(
     """
     matplotlib_classes = require_matplotlib()
     notes = list(dict.fromkeys([*notes, *check_probes(a, b)]))  # the caller may have them
-    if groups is None:
-        groups = _common(a.groups, b.groups)
+    groups = common(a.groups, b.groups) if groups is None else [MapKey(*g) for g in groups]
     if epochs is None:
         epochs = common_epochs(a, b)
     if not groups or not epochs:
@@ -425,18 +126,10 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _number(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if math.isnan(value):
-        return "nan"
-    return f"{value:.4f}"
-
-
 def _anchor(group: Group) -> str:
     """An HTML id for a group: letters and digits kept, anything else as -hex-."""
     return "g-" + "".join(
-        c if c.isascii() and c.isalnum() else f"-{ord(c):x}-" for c in "/".join(group)
+        c if c.isascii() and c.isalnum() else f"-{ord(c):x}-" for c in group.encoded
     )
 
 
@@ -487,12 +180,12 @@ def _table(a: Run, b: Run, rows: Sequence[EpochComparison]) -> str:
     lines = [f"<table><tr><th>epoch</th>{head}<th class='l'>note</th></tr>"]
     for row in rows:
         cells = "".join(
-            f"<td>{_number(row.similarity[m][0]) if m in row.similarity else '-'}</td>"
+            f"<td>{format_number(row.similarity[m][0]) if m in row.similarity else '-'}</td>"
             for m in SIMILARITIES
         )
         for score in scores:
-            cells += f"<td>{_number(row.localization_a.get(score))}</td>"
-            cells += f"<td>{_number(row.localization_b.get(score))}</td>"
+            cells += f"<td>{format_number(row.localization_a.get(score))}</td>"
+            cells += f"<td>{format_number(row.localization_b.get(score))}</td>"
         left_out = max((n for _, n in row.similarity.values()), default=0)
         note = row.note or (f"{left_out} of {row.images} images undefined" if left_out else "")
         lines.append(f"<tr><td>{row.epoch}</td>{cells}<td class='l'>{_e(note)}</td></tr>")
@@ -506,29 +199,20 @@ class _Panel:
     lines: list[tuple[str, list[int], list[float]]]
 
 
-def _series(run: Run, group: Group, kind: str, stat: str) -> tuple[list[int], list[float]]:
-    """(epochs, values) of one scalar over a run; NaN where an evaluation lacks it."""
-    name = scalar_name(kind, group, stat)
-    epochs, values = [], []
-    for epoch, evaluation in run.by_epoch.items():
-        epochs.append(epoch)
-        values.append(evaluation.scalars.get(name, math.nan))
-    return epochs, values
-
-
 def _panels(a: Run, b: Run, group: Group, rows: Sequence[EpochComparison]) -> list[_Panel]:
     """Drift vs reference, localization and between-run similarity: panels with data only."""
     wanted = [
-        ("cam_drift", "spearman_ref", "drift vs first evaluation: 1 - spearman"),
-        ("cam_drift", "topk_iou_ref", "drift vs first evaluation: 1 - top-k IoU"),
-        ("cam_drift", "js_ref", "drift vs first evaluation: JS divergence"),
-        ("cam_loc", "energy", "localization: energy inside mask"),
-        ("cam_loc", "pointing", "localization: pointing game"),
-        ("cam_loc", "mask_iou", "localization: top-k IoU with mask"),
+        (DRIFT, drift_stat("spearman", REF), "drift vs first evaluation: 1 - spearman"),
+        (DRIFT, drift_stat("topk_iou", REF), "drift vs first evaluation: 1 - top-k IoU"),
+        (DRIFT, drift_stat("js", REF), "drift vs first evaluation: JS divergence"),
+        (LOCALIZATION, "energy", "localization: energy inside mask"),
+        (LOCALIZATION, "pointing", "localization: pointing game"),
+        (LOCALIZATION, "mask_iou", "localization: top-k IoU with mask"),
     ]
     panels = []
     for kind, stat, title in wanted:
-        lines = [(run.name, *_series(run, group, kind, stat)) for run in (a, b)]
+        key = ScalarKey(kind, group, stat)
+        lines = [(run.name, *scalar_series(run, key)) for run in (a, b)]
         if any(math.isfinite(v) for _, _, values in lines for v in values):
             panels.append(_Panel(title, lines))
     between = [
@@ -580,7 +264,7 @@ def _grid_jpeg(run: Run, probe_record: ProbeRecord | None, group: Group, epoch: 
     15 MB); maps alone when the probe images are missing."""
     evaluation = run.by_epoch[epoch]
     maps = torch.from_numpy(evaluation.maps[group])
-    probe = group[0]
+    probe = group.probe
     logits = evaluation.logits.get(probe)
     labels = evaluation.labels.get(probe)
     if labels is None and probe_record is not None:
@@ -611,8 +295,8 @@ def _section(
     parts = [f"<section id='{_anchor(group)}'>", f"<h2>{_e(title)}</h2>", _table(a, b, rows)]
     if figure is not None:
         parts.append(_img(figure, f"curves for {title}"))
-    probe_record = a.probe if a.probe is not None and group[0] in a.probe.inputs else b.probe
-    has_images = probe_record is not None and group[0] in probe_record.inputs
+    probe_record = a.probe if a.probe is not None and group.probe in a.probe.inputs else b.probe
+    has_images = probe_record is not None and group.probe in probe_record.inputs
     what = "CAMs over the probe images" if has_images else "CAMs alone (no probe.npz images)"
     parts.append(f"<h3>{what}, min-max normalised per image; captions p: predicted, t: true</h3>")
     parts.append(f"<table><tr><th>epoch</th><th>{_e(a.name)}</th><th>{_e(b.name)}</th></tr>")

@@ -10,12 +10,13 @@ conv layer, and the energy at the earlier one (the two layers tell different sto
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cam_monitor.report import Run, load_run, require_matplotlib, scalar_name
+from cam_monitor.compare import Run, load_run, scalar_series
+from cam_monitor.report import require_matplotlib
+from cam_monitor.schema import MapKey, ScalarKey
 
 #: (layer, scalar kind, statistic, panel title)
 PANELS: tuple[tuple[str, str, str, str], ...] = (
@@ -28,9 +29,7 @@ PANELS: tuple[tuple[str, str, str, str], ...] = (
 
 def series(run: Run, probe: str, layer: str, kind: str, stat: str) -> tuple[list[int], list[float]]:
     """(epochs, values) of one logged scalar over a run's evaluations; NaN where missing."""
-    name = scalar_name(kind, (probe, layer, "gradcam"), stat)
-    epochs = sorted(run.by_epoch)
-    return epochs, [run.by_epoch[e].scalars.get(name, math.nan) for e in epochs]
+    return scalar_series(run, ScalarKey(kind, MapKey(probe, layer, "gradcam"), stat))
 
 
 def draw(runs: Sequence[Run], probe: str, out: Path) -> Path:

@@ -1,12 +1,20 @@
-"""Tiny models shared by the tests: a few conv layers, 32-64 px inputs."""
+"""Tiny models shared by the tests: a few conv layers, 32-64 px inputs; one torch thread."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+# The tensors here are tiny: torch's thread pool only adds contention, and on a shared two-core
+# machine made fits 3-10x slower. One thread, here and in the subprocesses tests start, unless
+# OMP_NUM_THREADS says otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 class TinyCNN(nn.Module):

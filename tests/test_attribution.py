@@ -297,9 +297,9 @@ def test_layers_may_be_omitted_only_for_input_level_methods(
     }
     with pytest.raises(ValueError, match=r"\['gradcam', 'guided_gradcam'\] need at least one"):
         compute_cams(tiny_cnn, images, None, ["gradcam", "saliency", "guided_gradcam"])
-    with pytest.raises(ValueError, match="smooth must be"):
+    with pytest.raises(ValueError, match=r"`smooth` must be an int >= 0.*got -1"):
         compute_cams(tiny_cnn, images, "features.3", smooth=-1)
-    with pytest.raises(ValueError, match="ig_steps must be"):
+    with pytest.raises(ValueError, match=r"`ig_steps` must be an int >= 1.*got 0"):
         compute_cams(tiny_cnn, images, None, "integrated_gradients", ig_steps=0)
     with pytest.raises(ValueError, match=r"floating-point image tensor \[B, C, H, W\]"):
         compute_cams(nn.Linear(3, 2), torch.randn(4, 3), None, "saliency")

@@ -99,6 +99,7 @@ def test_tensorboard_gets_grids_for_baseline_and_each_epoch(tmp_path: Path) -> N
     assert any("probe_hash/val" in tag for tag in acc.Tags()["tensors"])
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_grids_and_metrics(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
 
-from cam_monitor.capture import LayerCaptureError, capture_outputs
+from cam_monitor import compute_cams, filter_activations
+from cam_monitor.attribution import guided_relus
+from cam_monitor.capture import LayerCaptureError, capture_outputs, scoped_hooks
+from cam_monitor.layers import first_spatial_layer
 
 
 def hook_state(model: nn.Module) -> list[tuple[str, list[int], list[int], list[int]]]:
@@ -105,3 +110,108 @@ def test_graph_from_first_restores_no_grad_of_the_caller() -> None:
         with capture_outputs({"0": conv}, graph_from_first=True):
             conv(torch.randn(1, 3, 2, 2))
         assert not torch.is_grad_enabled()
+
+
+def all_hook_dicts(model: nn.Module) -> list[tuple[str, str, list[tuple[int, object]]]]:
+    """Every hook dictionary of every module, with the hooks themselves (compared by identity)."""
+    return [
+        (name, attr, list(value.items()))
+        for name, module in model.named_modules()
+        for attr, value in sorted(vars(module).items())
+        if "hooks" in attr and isinstance(value, dict)
+    ]
+
+
+def _forward(failing: bool, reach: str) -> Any:
+    """A forward that runs the model, or runs `reach` (a path into TinyCNN) and raises."""
+
+    def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if failing:
+            model.get_submodule(reach)(x) if reach != "" else model(x)
+            raise RuntimeError("forward broke")
+        return model(x)
+
+    return forward
+
+
+def _capture_site(model: nn.Module, x: torch.Tensor, failing: bool) -> None:
+    with capture_outputs({"features.3": model.features[3], "fc": model.fc}):
+        _forward(failing, "")(model, x)
+
+
+def _record_inputs_site(model: nn.Module, x: torch.Tensor, failing: bool) -> None:
+    compute_cams(model, x, "features.5", "cam", forward=_forward(failing, ""))
+
+
+def _guided_relus_site(model: nn.Module, x: torch.Tensor, failing: bool) -> None:
+    with guided_relus(model):
+        _forward(failing, "")(model, x)
+
+
+def _filter_site(model: nn.Module, x: torch.Tensor, failing: bool) -> None:
+    filter_activations(model, x, "features.3", [0, 1], forward=_forward(failing, "features.0"))
+
+
+def _first_spatial_site(model: nn.Module, x: torch.Tensor, failing: bool) -> None:
+    assert first_spatial_layer(model, x, _forward(failing, "")) == "features"
+
+
+HOOK_SITES = {
+    "capture_outputs": _capture_site,
+    "engine._record_inputs": _record_inputs_site,
+    "attribution.guided_relus": _guided_relus_site,
+    "filters._layer_output": _filter_site,
+    "layers.first_spatial_layer": _first_spatial_site,
+}
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["success", "exception"])
+@pytest.mark.parametrize("site", list(HOOK_SITES))
+def test_every_hook_site_leaves_exactly_the_hooks_it_found(
+    tiny_cnn: nn.Module, images: torch.Tensor, site: str, failing: bool
+) -> None:
+    # The user's own hooks on modules every site hooks too: they must stay, and stay alone.
+    tiny_cnn.features[3].register_forward_hook(lambda *a: None)
+    tiny_cnn.features[2].register_forward_pre_hook(lambda *a: None)
+    tiny_cnn.fc.register_forward_pre_hook(lambda *a: None)
+    before = all_hook_dicts(tiny_cnn)
+    assert sum(len(hooks) for *_, hooks in before) == 3
+    if failing:
+        with pytest.raises(RuntimeError, match="forward broke"):
+            HOOK_SITES[site](tiny_cnn, images, True)
+    else:
+        HOOK_SITES[site](tiny_cnn, images, False)
+    assert all_hook_dicts(tiny_cnn) == before
+
+
+def test_scoped_hooks_removes_what_it_registered_when_registration_fails() -> None:
+    conv, relu = nn.Conv2d(3, 3, 1), nn.ReLU()
+    with pytest.raises(ValueError, match="hook kind must be"):
+        with scoped_hooks([(conv, "forward", print), (relu, "backward", print)]):  # type: ignore[list-item]
+            pass
+    assert not conv._forward_hooks and not relu._forward_hooks
+
+
+def test_scoped_hooks_removal_is_idempotent() -> None:
+    conv = nn.Conv2d(3, 3, 1)
+    with scoped_hooks([(conv, "forward", print), (conv, "forward_pre", print)]) as handles:
+        assert len(conv._forward_hooks) == len(conv._forward_pre_hooks) == 1
+        handles[0].remove()  # removed early by its owner: the exit must not mind
+        assert not conv._forward_hooks
+    assert not conv._forward_hooks and not conv._forward_pre_hooks
+
+
+def test_one_error_type_for_a_layer_that_cannot_be_captured(
+    tiny_cnn: nn.Module, images: torch.Tensor
+) -> None:
+    recurrent = nn.Sequential(nn.LSTM(4, 4, batch_first=True))
+    with pytest.raises(LayerCaptureError, match="'0' returned tuple, not a tensor"):
+        filter_activations(recurrent, torch.randn(1, 3, 4), "0", 0)
+    with pytest.raises(LayerCaptureError, match="'0' returned tuple, not a tensor"):
+        compute_cams(recurrent, torch.randn(1, 3, 4), "0", forward=lambda m, x: m(x)[0])
+    tiny_cnn.unused = nn.Conv2d(3, 3, 1)
+    with pytest.raises(LayerCaptureError, match=r"\['unused'\] did not run"):
+        filter_activations(tiny_cnn, images, "unused", 0)
+    with pytest.raises(LayerCaptureError, match=r"\['unused'\] did not run"):
+        compute_cams(tiny_cnn, images, "unused")
+    assert issubclass(LayerCaptureError, ValueError)

@@ -7,13 +7,17 @@ import math
 import re
 import subprocess
 import sys
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cam_monitor.cli import format_table, main
-from cam_monitor.history import Evaluation, probe_hash, write_evaluation, write_probe
+from cam_monitor.history import Evaluation, write_evaluation, write_probe
+from cam_monitor.probe import content_hash
+from cam_monitor.schema import MapKey, ScalarKey
 
 PROBES = ("source", "target")
 LAYERS = ("features.29", "layer4.1.conv2")
@@ -23,14 +27,14 @@ EPOCHS = (0, 1, 2)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def probe_inputs(seed: int) -> dict[str, np.ndarray]:
+def probe_inputs(seed: int, probes: Sequence[str] = PROBES) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {p: rng.standard_normal((BATCH, 3, 16, 16)).astype(np.float32) for p in PROBES}
+    return {p: rng.standard_normal((BATCH, 3, 16, 16)).astype(np.float32) for p in probes}
 
 
 def base_maps(probe: str, layer: str, epoch: int) -> np.ndarray:
     """Run A: each map is a permutation of 1..16 (exact in float16, no ties)."""
-    rng = np.random.default_rng([PROBES.index(probe), LAYERS.index(layer), epoch])
+    rng = np.random.default_rng([zlib.crc32(probe.encode()), LAYERS.index(layer), epoch])
     perms = np.stack([rng.permutation(16) for _ in range(BATCH)]) + 1
     return perms.reshape(BATCH, 4, 4).astype(np.float32)
 
@@ -44,32 +48,41 @@ def run_b_maps(maps: np.ndarray, epoch: int) -> np.ndarray:
     return 17.0 - maps
 
 
+def tag(kind: str, group: MapKey, stat: str) -> str:
+    """A scalar's tag as the monitor logs it (probe names with a "/" come out encoded)."""
+    return ScalarKey(kind, group, stat).tag
+
+
 def make_run(folder: Path, which: str, inputs: dict[str, np.ndarray], probe: bool = True) -> Path:
-    """Three evaluations (epochs 0, 1, 2) of 2 probes x 2 layers x gradcam, maps 4x4."""
-    hashes = {p: probe_hash([x]) for p, x in inputs.items()}
-    masks = {p: np.zeros((BATCH, 16, 16), bool) for p in PROBES}
+    """Three evaluations (epochs 0, 1, 2) of each probe in `inputs` x 2 layers x gradcam, maps
+    4x4, scalars tagged by the schema."""
+    probes = list(inputs)
+    hashes = {p: content_hash(x) for p, x in inputs.items()}
+    masks = {p: np.zeros((BATCH, 16, 16), bool) for p in probes}
     for m in masks.values():
         m[:, :8, :8] = True
-    labels = {p: np.arange(BATCH) % 3 for p in PROBES}
+    labels = {p: np.arange(BATCH) % 3 for p in probes}
     history = folder / "lightning_logs" / "version_0" / "cam_monitor"
     for index, epoch in enumerate(EPOCHS):
         maps = {}
         scalars: dict[str, float] = {"cam_monitor/seconds": 0.5 + index}
-        for p in PROBES:
+        for p in probes:
             for layer in LAYERS:
                 a = base_maps(p, layer, epoch)
                 maps[p, layer, METHOD] = a if which == "a" else run_b_maps(a, epoch)
-                base = f"{p}/{layer}/{METHOD}"
+                group = MapKey(p, layer, METHOD)
                 sign = 1 if which == "a" else -1
-                scalars[f"cam_loc/{base}/energy"] = 0.5 + sign * 0.1 * epoch
-                scalars[f"cam_loc/{base}/pointing"] = 0.25 * (epoch + 1)
-                scalars[f"cam_stats/{base}/entropy"] = 0.9
-                scalars[f"cam_drift/{base}/spearman_ref"] = 0.1 * epoch
-                scalars[f"cam_drift/{base}/topk_iou_ref"] = 0.2 * epoch
-                scalars[f"cam_drift/{base}/js_ref"] = math.nan if epoch == 1 else 0.01 * epoch
+                scalars[tag("cam_loc", group, "energy")] = 0.5 + sign * 0.1 * epoch
+                scalars[tag("cam_loc", group, "pointing")] = 0.25 * (epoch + 1)
+                scalars[tag("cam_stats", group, "entropy")] = 0.9
+                scalars[tag("cam_drift", group, "spearman_ref")] = 0.1 * epoch
+                scalars[tag("cam_drift", group, "topk_iou_ref")] = 0.2 * epoch
+                scalars[tag("cam_drift", group, "js_ref")] = (
+                    math.nan if epoch == 1 else 0.01 * epoch
+                )
                 if index:
-                    scalars[f"cam_drift/{base}/spearman_prev"] = 0.3
-                    scalars[f"cam_drift/{base}/spearman_prev_excluded"] = 2.0
+                    scalars[tag("cam_drift", group, "spearman_prev")] = 0.3
+                    scalars[tag("cam_drift", group, "spearman_prev_excluded")] = 2.0
         rng = np.random.default_rng(index)
         write_evaluation(
             history,
@@ -79,8 +92,8 @@ def make_run(folder: Path, which: str, inputs: dict[str, np.ndarray], probe: boo
                 step=10 * epoch,
                 probe_hashes=hashes,
                 maps=maps,
-                targets={p: np.zeros(BATCH, np.int64) for p in PROBES},
-                logits={p: rng.standard_normal((BATCH, 3)).astype(np.float32) for p in PROBES},
+                targets={p: np.zeros(BATCH, np.int64) for p in probes},
+                logits={p: rng.standard_normal((BATCH, 3)).astype(np.float32) for p in probes},
                 labels=labels,
                 scalars=scalars,
             ),
@@ -236,8 +249,8 @@ def test_compare_refuses_runs_with_different_probe_data(
     assert code == 2
     assert out == ""
     assert err.startswith("cam-monitor: error: probe 'target' differs between the runs")
-    assert probe_hash([probe_inputs(0)["target"]]) in err
-    assert probe_hash([inputs["target"]]) in err
+    assert content_hash(probe_inputs(0)["target"]) in err
+    assert content_hash(inputs["target"]) in err
     assert "same probe data" in err
     assert "'source'" not in err  # the source probe is the same in both
     assert err.count("\n") == 1
@@ -313,7 +326,7 @@ def test_compare_reports_unshared_groups_and_uses_the_first_evaluation_of_an_epo
                 index=index,
                 epoch=epoch,
                 step=5 * index,
-                probe_hashes={"source": probe_hash([inputs["source"]])},
+                probe_hashes={"source": content_hash(inputs["source"])},
                 maps={key: 17.0 - maps if index == 1 else maps},
                 targets={"source": np.zeros(BATCH, np.int64)},
                 logits={"source": np.zeros((BATCH, 3), np.float32)},
@@ -330,6 +343,39 @@ def test_compare_reports_unshared_groups_and_uses_the_first_evaluation_of_an_epo
     assert rows["0"]["spearman"] == "1.0000"  # the baseline (index 0), not index 1
     assert rows["0"]["energy_A"] == "0.5000" and rows["0"]["energy_B"] == "-"
     assert "only in a (not compared): source / layer4.1.conv2 / gradcam, target / " in out
+
+
+def test_probe_named_with_a_slash_survives_write_read_show_and_compare(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = probe_inputs(6, probes=("domain/a",))
+    a = make_run(tmp_path / "a", "a", inputs)
+    b = make_run(tmp_path / "b", "b", inputs)
+    with np.load(a / "lightning_logs" / "version_0" / "cam_monitor" / "eval-00000.npz") as npz:
+        assert "maps/domain%2Fa/features.29/gradcam" in npz.files  # encoded on disk
+        assert "cam_loc/domain%2Fa/features.29/gradcam/energy" in str(npz["meta"])
+
+    code, out, err = run_main(["show", str(a), "--probe", "domain/a"], capsys)
+    assert code == 0 and err == ""
+    assert "probes: domain/a; layers: features.29, layer4.1.conv2" in out
+    headers = next(line for line in out.splitlines() if line.lstrip().startswith("index"))
+    assert headers.split() == ["index", "epoch", "step", "seconds", "time"]  # nothing unparsed
+    block = table(out, "domain/a / features.29 / gradcam")
+    assert block["2"]["energy"] == "0.7000" and block["1"]["spearman_prev"] == "0.3000*"
+
+    code, out, err = run_main(
+        ["compare", str(a), str(b), "--out", str(tmp_path / "r.html")], capsys
+    )
+    assert code == 0 and err == ""
+    assert "only in" not in out  # the maps and the scalars name the same groups
+    for layer in LAYERS:
+        rows = table(out, f"domain/a / {layer} / gradcam  ({BATCH} images)")
+        assert rows["0"]["spearman"] == "1.0000" and rows["2"]["spearman"] == "-1.0000"
+        assert [rows[e]["energy_B"] for e in "012"] == ["0.5000", "0.4000", "0.3000"]
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "<h2>domain/a / features.29 / gradcam</h2>" in page
+    assert "CAMs over the probe images" in page  # probe.npz found under the encoded name
+    assert page.count("data:image/jpeg;base64") == 2 * 2 * 3
 
 
 # --------------------------------------------------------------------------- errors
@@ -411,6 +457,7 @@ def test_format_table_splits_wide_tables_repeating_key_columns() -> None:
     assert sum(chunk.count("measure_") for chunk in chunks) == 12
 
 
+@pytest.mark.slow
 def test_module_runs_as_a_script() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "cam_monitor.cli", "--help"],

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import namedtuple
 
 import pytest
 import torch
@@ -10,6 +11,9 @@ from torch import nn
 from torchvision.models import resnet18
 
 from cam_monitor import CamResult, compute_cams
+from cam_monitor.batch import Batch
+from cam_monitor.engine import compute
+from cam_monitor.options import EngineOptions
 from tests.conftest import TinyCNN, TwoHeadCNN
 
 ALL_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
@@ -245,13 +249,13 @@ def test_bad_inputs_raise_helpful_errors(tiny_cnn: TinyCNN, images: torch.Tensor
         compute_cams(tiny_cnn, images, "features.3", target=9)
     with pytest.raises(ValueError, match=r"Target index 5 is outside"):
         compute_cams(tiny_cnn, images, "features.3", target=torch.tensor([0, 1, 5, 2]))
-    with pytest.raises(ValueError, match="3 indices for a batch of 4"):
+    with pytest.raises(ValueError, match="`target` holds 3 indices for a batch of 4"):
         compute_cams(tiny_cnn, images, "features.3", target=torch.tensor([0, 1, 2]))
-    with pytest.raises(ValueError, match="'label' is not understood"):
+    with pytest.raises(ValueError, match=r"`target`='label'.*needs class indices"):
         compute_cams(tiny_cnn, images, "features.3", target="label")
-    with pytest.raises(ValueError, match="Unknown CAM method"):
+    with pytest.raises(ValueError, match=r"`methods` got unknown name\(s\) 'scorecam2'"):
         compute_cams(tiny_cnn, images, "features.3", "scorecam2")
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match=r"`batch_size`.*got 0"):
         compute_cams(tiny_cnn, images, "features.3", batch_size=0)
     with pytest.raises(ValueError, match="empty batch"):
         compute_cams(tiny_cnn, images[:0], "features.3")
@@ -347,3 +351,89 @@ def test_a_model_that_switches_autograd_itself_still_gets_exact_maps(
     got = compute_cams(wrapped, images, "body.features.3", target=targets)
     assert torch.allclose(got["body.features.3", "gradcam"], expected["features.3", "gradcam"])
     assert got["body.features.3", "gradcam"].abs().max() > 0
+
+
+class GainNet(nn.Module):
+    """TinyCNN on `pixels * gain[:, None, None, None]`: the gain is a batched non-image tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = TinyCNN()
+
+    def forward(self, pixels: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        return self.net(pixels * gain[:, None, None, None])
+
+
+Probe = namedtuple("Probe", "pixels gain name")
+CONTAINERS = {
+    "tuple": (lambda p, g: (p, g, "probe"), lambda b: (b[0], b[1])),
+    "list": (lambda p, g: [p, g, "probe"], lambda b: (b[0], b[1])),
+    "namedtuple": (lambda p, g: Probe(p, g, "probe"), lambda b: (b.pixels, b.gain)),
+    "dict": (
+        lambda p, g: {"name": "probe", "gain": g, "pixels": p},
+        lambda b: (b["pixels"], b["gain"]),
+    ),
+}
+EXACT = ("gradcam", "saliency", "integrated_gradients", "guided_backprop", "guided_gradcam")
+
+
+@pytest.mark.parametrize("kind", list(CONTAINERS))
+def test_nested_batches_of_every_container_match_image_by_image_runs(kind: str) -> None:
+    model = GainNet()
+    build, unpack = CONTAINERS[kind]
+    pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    gain = torch.tensor([1.0, 0.5, 2.0, -1.0, 3.0])
+    targets = torch.tensor([0, 3, 1, 4, 2])
+    options = dict(target=targets, ig_steps=4, batch_size=2)
+    got = compute_cams(
+        model, build(pixels, gain), "net.features.3", EXACT,
+        forward=lambda m, b: m(*unpack(b)), **options,
+    )  # fmt: skip
+    assert got.input_size == (32, 32) and torch.equal(got.targets, targets)
+    for i in range(5):
+        alone = compute_cams(
+            model, pixels[i : i + 1], "net.features.3", EXACT, target=targets[i : i + 1],
+            ig_steps=4, forward=lambda m, x, g=gain[i : i + 1]: m(x, g),
+        )  # fmt: skip
+        for key, value in alone.maps.items():
+            assert value.abs().max() > 0, key
+            assert torch.allclose(got[key][i : i + 1], value, atol=1e-6), (kind, key, i)
+        for key, value in alone.extras.items():
+            assert torch.allclose(got.extras[key][i : i + 1], value, atol=1e-5), (kind, key, i)
+
+
+def test_noisy_passes_see_the_same_rows_in_every_container() -> None:
+    model = GainNet()
+    pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    gain = torch.tensor([1.0, 0.5, 2.0, -1.0, 3.0])
+    results = {}
+    for kind, (build, unpack) in CONTAINERS.items():
+        results[kind] = compute_cams(
+            model, build(pixels, gain), "net.features.3", ["smoothgrad", "gradcam++"],
+            forward=lambda m, b, unpack=unpack: m(*unpack(b)), smooth=3, batch_size=2,
+        )  # fmt: skip
+    first = results.pop("tuple")
+    for kind, result in results.items():
+        for key, value in first.maps.items():
+            assert torch.equal(result[key], value), (kind, key)
+
+
+def test_compute_takes_engine_options_and_a_batch(tiny_cnn: TinyCNN, images: torch.Tensor) -> None:
+    options = EngineOptions(methods=("gradcam", "saliency"), target=2, batch_size=3)
+    direct = compute(tiny_cnn, Batch.of(images), "features.3", options)
+    public = compute_cams(tiny_cnn, images, "features.3", ["gradcam", "saliency"], 2, batch_size=3)
+    assert direct.methods == public.methods and direct.layers == ("features.3",)
+    for key, value in public.maps.items():
+        assert torch.equal(direct[key], value), key
+    labelled = EngineOptions(target="label")
+    with pytest.raises(ValueError, match=r"`target`='label'.*needs class indices"):
+        compute(tiny_cnn, images, "features.3", labelled)
+    assert all(not m._forward_hooks for m in tiny_cnn.modules())
+
+
+def test_target_type_aliases_still_come_from_the_engine() -> None:
+    from cam_monitor import engine, options
+
+    assert engine.Target is options.Target and engine.ForwardFn is options.ForwardFn
+    assert engine.OutputTransform is options.OutputTransform

@@ -159,6 +159,7 @@ def test_loaders_and_probes(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- a real, tiny run of the demo -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_main_runs_and_logs_cam_images(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -145,6 +145,7 @@ def test_no_trace_on_weights_buffers_optimizer_or_rng(tmp_path: Path) -> None:
     assert sum(hook_counts(watched)) == 0
 
 
+@pytest.mark.slow
 def test_two_hundred_evaluations_leave_no_growth() -> None:
     torch.manual_seed(0)
     model = TinyCNN()
@@ -267,6 +268,7 @@ def test_strict_lets_the_fault_reach_the_caller(
 # -- DDP, mixed precision, inference mode, compile, sharded strategies ------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp"])
 def test_ddp_runs_on_rank_zero_only_and_matches_one_process(strategy: str, tmp_path: Path) -> None:
     script = REPO / "tests" / "ddp_run.py"
@@ -351,6 +353,7 @@ def test_evaluation_inside_the_validation_loop_and_validate_alone(tmp_path: Path
     assert idle.evaluations == 0 and not (tmp_path / "idle").exists()
 
 
+@pytest.mark.slow
 def test_a_compiled_module_is_monitored_in_eager_mode(tmp_path: Path) -> None:
     monitor = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "h")
     model = LitClassifier()

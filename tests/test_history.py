@@ -1,4 +1,5 @@
-"""History files: round trips, atomic writes, corrupt files, discovery, pruning, probe hashes."""
+"""History files: round trips, atomic writes, corrupt files, discovery, pruning, probe hashes,
+format-1 files built by hand, and the records built from real probe sets and CAM results."""
 
 from __future__ import annotations
 
@@ -12,21 +13,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from cam_monitor.engine import CamResult, compute_cams
 from cam_monitor.history import (
     PROBE_FILE,
     Evaluation,
     HistoryError,
     evaluation_path,
+    evaluation_record,
     find_history,
-    probe_hash,
     prune_from,
     read_evaluation,
     read_history,
     read_probe,
     write_evaluation,
     write_probe,
+    write_probe_sets,
 )
+from cam_monitor.probe import ProbeSet, content_hash
+from cam_monitor.schema import DRIFT, LOCALIZATION, SECONDS_TAG, MapKey, ScalarKey
 
 PROBES = ("source", "target")
 LAYERS = ("features.29", "layer4.1.conv2")
@@ -284,26 +290,27 @@ def test_prune_from_deletes_later_evaluations(tmp_path: Path) -> None:
         prune_from(tmp_path, -1)
 
 
-def test_probe_hash_is_stable_and_content_sensitive() -> None:
+def test_probe_hash_is_the_probes_content_hash_and_stable() -> None:
     x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     y = np.array([0, 1], dtype=np.int64)
-    reference = probe_hash([x, y])
+    reference = content_hash([x, y])
     assert len(reference) == 12 and int(reference, 16) >= 0
-    assert probe_hash([x.copy(), y.copy()]) == reference
-    assert probe_hash([np.asfortranarray(x), y]) == reference
-    assert probe_hash([x.astype(">f4"), y.astype(">i8")]) == reference  # byte order ignored
-    assert reference == "277a31d2c008"  # pinned: must not change across versions or machines
+    assert content_hash([x.copy(), y.copy()]) == reference
+    assert content_hash([np.asfortranarray(x), y]) == reference
+    assert content_hash([x.astype(">f4"), y.astype(">i8")]) == reference  # byte order ignored
+    assert content_hash([torch.from_numpy(x), torch.from_numpy(y)]) == reference
+    assert reference == "b2926bb4bfda"  # pinned: must not change across versions or machines
 
     changed = x.copy()
     changed[1, 2, 3] += 1
-    assert probe_hash([changed, y]) != reference
-    assert probe_hash([x.astype(np.float64), y]) != reference
-    assert probe_hash([x.reshape(4, 3, 2), y]) != reference
-    assert probe_hash([y, x]) != reference
-    assert probe_hash([x]) != reference
-    assert probe_hash(x) == probe_hash([x])
+    assert content_hash([changed, y]) != reference
+    assert content_hash([x.astype(np.float64), y]) != reference
+    assert content_hash([x.reshape(4, 3, 2), y]) != reference
+    assert content_hash([y, x]) != reference
+    assert content_hash([x]) != reference
+    assert content_hash(x) == content_hash([x])
     with pytest.raises(TypeError):
-        probe_hash([np.array([object()])])
+        content_hash([np.array([object()])])
 
 
 def test_format_is_readable_with_plain_numpy(tmp_path: Path) -> None:
@@ -380,7 +387,7 @@ def probe_arrays() -> tuple[dict[str, np.ndarray], ...]:
     inputs = {"source": rng.standard_normal((3, 3, 8, 8)), "dom/ain": rng.random((2, 1, 8, 8))}
     labels = {"source": np.array([0, 4, 2], dtype=np.int32)}
     masks = {"source": rng.random((3, 8, 8)), "dom/ain": np.ones((2, 8, 8), bool)}
-    hashes = {p: probe_hash([x]) for p, x in inputs.items()}
+    hashes = {p: content_hash(x.astype(np.float32)) for p, x in inputs.items()}
     return inputs, labels, masks, hashes
 
 
@@ -396,6 +403,7 @@ def test_probe_round_trip_with_dtypes_and_awkward_names(tmp_path: Path) -> None:
     for probe, x in inputs.items():
         assert record.inputs[probe].dtype == np.float32
         np.testing.assert_array_equal(record.inputs[probe], x.astype(np.float32))
+        assert content_hash(record.inputs[probe]) == hashes[probe]  # same hash after the trip
     assert record.labels["source"].dtype == np.int64
     assert record.labels["source"].tolist() == [0, 4, 2] and "dom/ain" not in record.labels
     assert record.masks["source"].dtype == bool
@@ -459,3 +467,179 @@ def test_probe_file_does_not_disturb_the_history_readers(tmp_path: Path) -> None
     assert [ev.index for ev in read_history(tmp_path)] == [0, 1]
     assert [p.name for p in prune_from(tmp_path, 0)] == ["eval-00000.npz", "eval-00001.npz"]
     assert names(tmp_path) == {"probe.npz"}
+
+
+# --------------------------------------------------------------------------- format 1 by hand
+
+
+def test_a_format_1_file_built_by_hand_from_the_documentation_reads_back(tmp_path: Path) -> None:
+    """Files written by earlier versions stay readable: this one follows the documented format
+    (history/format.py) with numpy and json alone, not the writer."""
+    meta = {
+        "format": 1,
+        "index": 4,
+        "epoch": 2,
+        "step": 40,
+        "probe_hashes": {"dom/ain": "0123456789ab"},
+        "probes": ["dom/ain"],
+        "layers": ["features.29"],
+        "methods": ["gradcam++"],
+        "scalars": {
+            "cam_drift/dom%2Fain/features.29/gradcam++/js_ref": 0.125,
+            "cam_loc/dom%2Fain/features.29/gradcam++/energy": None,
+            "cam_monitor/seconds": "inf",
+        },
+        "time": "2024-05-01T12:00:00+00:00",
+    }
+    cam = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3) * 1e-5
+    folder = tmp_path / "cam_monitor"
+    folder.mkdir()
+    np.savez_compressed(
+        folder / "eval-00004.npz",
+        **{
+            "maps/dom%2Fain/features.29/gradcam++": cam,
+            "targets/dom%2Fain": np.array([3, 1], np.int64),
+            "logits/dom%2Fain": np.ones((2, 5), np.float32),
+            "labels/dom%2Fain": np.array([3, 0], np.int64),
+            "meta": np.array(json.dumps(meta)),
+        },
+    )
+    inputs = np.linspace(0, 1, 2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    probe_meta = {
+        "format": 1,
+        "kind": "probe",
+        "probes": ["dom/ain"],
+        "hashes": {"dom/ain": "0123456789ab"},
+        "time": "2024-05-01T12:00:00+00:00",
+    }
+    np.savez_compressed(
+        folder / "probe.npz",
+        **{
+            "inputs/dom%2Fain": inputs,
+            "masks/dom%2Fain": np.eye(4, dtype=bool)[None].repeat(2, 0),
+            "meta": np.array(json.dumps(probe_meta)),
+        },
+    )
+
+    assert find_history(tmp_path) == folder
+    (ev,) = read_history(folder)
+    assert (ev.index, ev.epoch, ev.step, ev.time) == (4, 2, 40, "2024-05-01T12:00:00+00:00")
+    assert list(ev.maps) == [("dom/ain", "features.29", "gradcam++")]
+    key = next(iter(ev.maps))
+    assert isinstance(key, MapKey) and key.probe == "dom/ain"
+    np.testing.assert_array_equal(ev.maps[key], cam)
+    assert ev.targets["dom/ain"].tolist() == [3, 1] and ev.labels["dom/ain"].tolist() == [3, 0]
+    assert ev.probe_hashes == {"dom/ain": "0123456789ab"}
+    drift = ScalarKey(DRIFT, key, "js_ref").tag
+    assert ev.scalars[drift] == 0.125
+    assert math.isnan(ev.scalars[ScalarKey(LOCALIZATION, key, "energy").tag])
+    assert ev.scalars[SECONDS_TAG] == math.inf
+    record = read_probe(folder)
+    assert record is not None and record.probes == ("dom/ain",)
+    np.testing.assert_array_equal(record.inputs["dom/ain"], inputs)
+    assert record.masks["dom/ain"].dtype == bool and record.masks["dom/ain"].sum() == 8
+    assert record.labels == {} and record.hashes == {"dom/ain": "0123456789ab"}
+
+    # Written back by this version, the file holds the same arrays and metadata.
+    again = write_evaluation(tmp_path / "again", ev)
+    with np.load(again) as npz, np.load(folder / "eval-00004.npz") as old:
+        assert set(npz.files) == set(old.files)
+        assert json.loads(str(npz["meta"])) == meta
+
+
+# --------------------------------------------------------------------------- records
+
+
+class TwoConv(torch.nn.Module):
+    """Two conv layers, pooled to 3 classes: just enough for compute_cams."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1, stride=2)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(features.mean(dim=(2, 3)))
+
+
+def real_probes_and_results() -> tuple[dict[str, ProbeSet], dict[str, CamResult]]:
+    """A labelled, masked "source" probe, an unlabelled "dom/ain" one, and a probe whose inputs
+    are a dict (no CAMs computed for it), with CAMs from `compute_cams` on a tiny conv net."""
+    torch.manual_seed(0)
+    model = TwoConv().eval()
+    generator = torch.Generator().manual_seed(3)
+    source = torch.randn(3, 3, 8, 8, generator=generator, dtype=torch.float64)
+    target = torch.randn(2, 3, 8, 8, generator=generator)
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[:, 2:6, 2:6] = True
+    probes = {
+        "source": ProbeSet("source", source, torch.tensor([0, 2, 1]), masks, content_hash(source)),
+        "dom/ain": ProbeSet("dom/ain", target, None, None, content_hash(target)),
+        "nested": ProbeSet("nested", {"x": target}, None, None, content_hash({"x": target})),
+    }
+    results = {
+        name: compute_cams(
+            model.double() if name == "source" else model.float(),
+            probes[name].inputs,
+            ["conv1", "conv2"],
+            methods=("gradcam", "gradcam++"),
+        )
+        for name in ("source", "dom/ain")
+    }
+    return probes, results
+
+
+def test_evaluation_record_holds_what_the_callback_computed(tmp_path: Path) -> None:
+    probes, results = real_probes_and_results()
+    key = ScalarKey(DRIFT, MapKey("dom/ain", "conv2", "gradcam"), "js_ref")
+    scalars = {key: 0.5, SECONDS_TAG: 0.01}
+    ev = evaluation_record(7, epoch=3, step=21, probes=probes, results=results, scalars=scalars)
+    assert (ev.index, ev.epoch, ev.step) == (7, 3, 21)
+    assert ev.probes == ("source", "dom/ain")
+    assert ev.layers == ("conv1", "conv2") and ev.methods == ("gradcam", "gradcam++")
+    for name, result in results.items():
+        for (layer, method), cam in result.maps.items():
+            stored = ev.maps[MapKey(name, layer, method)]
+            assert stored.dtype == np.float32 and stored.shape == tuple(cam.shape)
+            np.testing.assert_array_equal(stored, cam.float().numpy())
+        np.testing.assert_array_equal(ev.targets[name], result.targets.numpy())
+        assert ev.logits[name].dtype == np.float32
+        np.testing.assert_array_equal(ev.logits[name], result.logits.float().numpy())
+    assert list(ev.labels) == ["source"] and ev.labels["source"].tolist() == [0, 2, 1]
+    assert ev.probe_hashes == {name: probe.digest for name, probe in probes.items()}
+    assert ev.scalars == {key.tag: 0.5, SECONDS_TAG: 0.01}
+
+    back = read_evaluation(write_evaluation(tmp_path, ev))
+    assert list(back.maps) == list(ev.maps)
+    np.testing.assert_array_equal(
+        back.maps["dom/ain", "conv2", "gradcam++"], ev.maps["dom/ain", "conv2", "gradcam++"]
+    )
+    assert back.scalars == ev.scalars and back.probe_hashes == ev.probe_hashes
+
+    with pytest.raises(TypeError, match=r"results\['source'\] must be a CamResult"):
+        evaluation_record(0, 0, 0, probes, {"source": results["source"].maps}, {})
+    with pytest.raises(TypeError, match="probes must be a mapping"):
+        evaluation_record(0, 0, 0, list(probes.values()), results, {})  # type: ignore[arg-type]
+
+
+def test_write_probe_sets_stores_tensor_probes_with_their_hashes(tmp_path: Path) -> None:
+    probes, _ = real_probes_and_results()
+    path = write_probe_sets(tmp_path / "hist", probes)
+    assert path == tmp_path / "hist" / PROBE_FILE
+    record = read_probe(tmp_path / "hist")
+    assert record is not None
+    assert record.probes == ("source", "dom/ain")  # the dict-input probe is not stored
+    assert record.hashes == {"source": probes["source"].digest, "dom/ain": probes["dom/ain"].digest}
+    assert record.inputs["source"].dtype == np.float32
+    np.testing.assert_array_equal(record.inputs["source"], probes["source"].inputs.float().numpy())
+    np.testing.assert_array_equal(record.inputs["dom/ain"], probes["dom/ain"].inputs.numpy())
+    # The float32 inputs of a float32 probe hash as the probe did in the run.
+    assert content_hash(record.inputs["dom/ain"]) == probes["dom/ain"].digest
+    assert record.labels["source"].tolist() == [0, 2, 1] and "dom/ain" not in record.labels
+    np.testing.assert_array_equal(record.masks["source"], probes["source"].masks.numpy())
+    bad = {"source": probes["source"].inputs}
+    with pytest.raises(TypeError, match=r"probes\['source'\] must be a ProbeSet"):
+        write_probe_sets(tmp_path / "other", bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "other").exists()

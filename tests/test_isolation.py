@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from cam_monitor.isolation import isolated, usable_inputs
+from cam_monitor.batch import Batch
+from cam_monitor.isolation import isolated
 
 
 def test_mixed_training_flags_come_back_exactly(tiny_cnn: nn.Module) -> None:
@@ -38,7 +39,7 @@ def test_grad_is_enabled_under_no_grad_and_inference_mode(tiny_cnn: nn.Module) -
     with torch.inference_mode():
         x = torch.ones(2)
         with isolated(tiny_cnn):
-            y = usable_inputs({"x": [x]})["x"][0]
+            y = Batch.of({"x": [x]}).usable().data["x"][0]
             assert not torch.is_inference_mode_enabled()
             assert not y.is_inference()
             assert torch.equal(y, torch.ones(2))

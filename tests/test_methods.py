@@ -4,10 +4,8 @@ import pytest
 import torch
 
 from cam_monitor.methods import (
-    ALL_METHODS,
     GRADIENT_METHODS,
     apply_method,
-    check_methods,
     class_activation_map,
     gradcam_plus_plus,
     normalize_maps,
@@ -69,17 +67,6 @@ def test_each_image_is_independent_of_the_rest_of_the_batch(name: str) -> None:
 def test_half_precision_inputs_are_computed_in_float32() -> None:
     out = apply_method("gradcam", A.half(), torch.ones_like(A).half())
     assert out.dtype == torch.float32
-
-
-def test_method_names_are_checked() -> None:
-    assert check_methods(["gradcam", "layercam", "gradcam"]) == ("gradcam", "layercam")
-    with pytest.raises(ValueError, match="Unknown CAM method 'gradcamm'; choose from gradcam"):
-        check_methods("gradcamm")
-    with pytest.raises(ValueError, match="at least one"):
-        check_methods([])
-    assert check_methods(list(ALL_METHODS)) == ALL_METHODS
-    with pytest.raises(ValueError, match="hirescam, cam, saliency, smoothgrad, integrated_grad"):
-        check_methods(["saliency", "guided-gradcam"])
 
 
 def test_gradcam_plus_plus_one_pass_form_equals_the_papers_alpha() -> None:

@@ -1,0 +1,410 @@
+"""The history's on-disk format (version 1): the records, their arrays and their key encoding.
+
+A history is one folder (the run's ``cam_monitor/`` folder) holding one file per evaluation,
+``eval-{index:05d}.npz`` (``eval-00000.npz``, ``eval-00001.npz``, ...; an index above 99999
+simply gets more digits), written with ``np.savez_compressed``, and readable with numpy and the
+standard library alone. Any other file in the folder is ignored by the readers, in particular
+the hidden temporary files ``.eval-*.npz.*.tmp`` that a write killed half-way leaves behind
+(files are written to a temporary name, fsynced, then renamed with ``os.replace``, so a file
+with the final name is always complete; see `cam_monitor.history.store`).
+
+Arrays in each file, keyed by name (``np.load(path)[key]``):
+
+- ``maps/{probe}/{layer}/{method}``: float32 ``[B, h, w]``, the raw CAM at layer resolution
+  (not normalised), NaN and +-inf kept. Raw Grad-CAM values are often 1e-4 or smaller, where
+  float16 would lose most of its precision, so maps stay float32 (they are small at layer
+  resolution, and compressed).
+- ``targets/{probe}``: int64 ``[B]``, the class each CAM explains.
+- ``logits/{probe}``: float32 ``[B, C]``, the model's logits on the probe.
+- ``labels/{probe}``: int64 ``[B]``, the ground-truth labels, only for probes that have them.
+- ``meta``: a 0-d numpy unicode string holding JSON (``json.loads(str(f["meta"]))``)::
+
+      {"format": 1, "index": int, "epoch": int, "step": int,
+       "probe_hashes": {probe: str}, "probes": [...], "layers": [...], "methods": [...],
+       "scalars": {name: float | null | "inf" | "-inf"}, "time": ISO-8601 UTC string}
+
+  ``probes``, ``layers`` and ``methods`` are in first-appearance order (the order the caller
+  inserted the maps). Non-finite scalars are not valid JSON numbers, so NaN is written as
+  ``null`` and +-inf as the strings ``"inf"`` / ``"-inf"`` (``float(x)`` reads both back).
+  Scalar names are the tags the monitor logs (`cam_monitor.schema`). ``probe_hashes`` are
+  `cam_monitor.probe.content_hash` digests of each probe's inputs.
+
+Key encoding (`cam_monitor.schema.encode`): each name component (probe, layer, method) is stored
+verbatim, except that the characters ``%``, ``/``, ``\\`` and ASCII control characters are
+written as ``%XX`` (their hex code), so a ``/`` inside a name cannot be mistaken for a
+separator; ``urllib.parse.unquote`` decodes a component. Names such as ``source``,
+``features.29``, ``layer4.1.conv2`` and ``gradcam++`` therefore appear unchanged:
+``maps/source/features.29/gradcam++``.
+
+The probe (format 1), stored once per run as ``probe.npz`` in the same folder so reports can
+draw overlays, written atomically in the same way (`write_probe`, `read_probe`):
+
+- ``inputs/{probe}``: float32 ``[B, C, H, W]``, the model inputs as the model saw them.
+- ``labels/{probe}``: int64 ``[B]``, only for probes that have labels.
+- ``masks/{probe}``: bool ``[B, H, W]``, only for probes that have localization masks.
+- ``meta``: JSON ``{"format": 1, "kind": "probe", "probes": [...], "hashes": {probe: str},
+  "time": ISO-8601 UTC string}``; ``hashes`` are the `Evaluation.probe_hashes` of the run.
+
+Example (reading with numpy alone):
+    >>> import json, tempfile
+    >>> import numpy as np
+    >>> from cam_monitor.history import write_evaluation
+    >>> ev = Evaluation(index=3, epoch=6, step=120, probe_hashes={"source": "0123456789ab"},
+    ...     maps={("source", "features.29", "gradcam"): np.full((2, 7, 7), 0.5, np.float32)},
+    ...     targets={"source": np.array([4, 1])}, logits={"source": np.zeros((2, 10))},
+    ...     scalars={"drift/first": float("nan")})
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = write_evaluation(folder, ev)
+    ...     with np.load(path) as f:
+    ...         meta = json.loads(str(f["meta"]))
+    ...         cam = f["maps/source/features.29/gradcam"]
+    >>> path.name, meta["epoch"], meta["layers"], meta["scalars"]
+    ('eval-00003.npz', 6, ['features.29'], {'drift/first': None})
+    >>> cam.dtype, cam.shape, float(cam.max())
+    (dtype('float32'), (2, 7, 7), 0.5)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from ..schema import MapKey, encode, split
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PROBE_FILE",
+    "Evaluation",
+    "HistoryError",
+    "NewerFormatError",
+    "ProbeRecord",
+    "evaluation_from_arrays",
+    "evaluation_to_arrays",
+    "probe_from_arrays",
+    "probe_to_arrays",
+]
+
+FORMAT_VERSION = 1
+#: Name of the file holding a run's probe, next to its ``eval-*.npz`` files.
+PROBE_FILE = "probe.npz"
+_KINDS = ("targets", "logits", "labels")
+
+
+class HistoryError(ValueError):
+    """A cam-monitor history is missing, ambiguous, or holds an unreadable evaluation file."""
+
+
+class NewerFormatError(Exception):
+    """The file was written by a newer cam-monitor than this one (the store names the file)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluation:
+    """Everything one evaluation produced: raw maps keyed by `MapKey` (probe, layer, method),
+    targets, logits, optional labels and scalar curves. ``time`` (ISO-8601) is stamped at write
+    if None. Compared by identity (``eq=False``): its fields hold numpy arrays.
+    """
+
+    index: int
+    epoch: int
+    step: int
+    probe_hashes: dict[str, str]
+    maps: dict[MapKey, np.ndarray]
+    targets: dict[str, np.ndarray]
+    logits: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+    time: str | None = None
+
+    def __post_init__(self) -> None:
+        # Plain (probe, layer, method) tuples become MapKeys; anything else is left for the
+        # writer to refuse with a message that names it.
+        maps = {_map_key(key): array for key, array in self.maps.items()}
+        object.__setattr__(self, "maps", maps)
+
+    @property
+    def probes(self) -> tuple[str, ...]:
+        """Probe names in first-appearance order: maps, then targets, logits, labels."""
+        names = [key.probe for key in self.maps]
+        for kind in (self.targets, self.logits, self.labels):
+            names.extend(kind)
+        return _unique(names)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Layer names in the order their first map was inserted."""
+        return _unique(key.layer for key in self.maps)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """Method names in the order their first map was inserted."""
+        return _unique(key.method for key in self.maps)
+
+    def __repr__(self) -> str:
+        return (
+            f"Evaluation(index={self.index}, epoch={self.epoch}, step={self.step}, "
+            f"probes={self.probes}, layers={self.layers}, methods={self.methods}, "
+            f"scalars={self.scalars})"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class ProbeRecord:
+    """A run's probe as stored in ``probe.npz``: inputs, labels and masks per probe name, and
+    the probe hashes. Compared by identity (``eq=False``): its fields hold numpy arrays.
+    """
+
+    inputs: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def probes(self) -> tuple[str, ...]:
+        """Probe names in first-appearance order: inputs, then labels, masks, hashes."""
+        return _unique([*self.inputs, *self.labels, *self.masks, *self.hashes])
+
+
+# ----------------------------------------------------------------------------- evaluations
+
+
+def evaluation_to_arrays(ev: Evaluation) -> dict[str, np.ndarray]:
+    """Validate ``ev`` and turn it into the named arrays of one file (``meta`` last).
+
+    Raises ValueError naming the field at fault, so nothing reaches the disk.
+    """
+    index = _as_int(ev.index, "index")
+    if index < 0:
+        raise ValueError(f"Evaluation.index must be >= 0, got {index}")
+    epoch, step = _as_int(ev.epoch, "epoch"), _as_int(ev.step, "step")
+    arrays: dict[str, np.ndarray] = {}
+    batch: dict[str, tuple[int, str]] = {}
+
+    def check_batch(probe: str, size: int, what: str) -> None:
+        first = batch.setdefault(probe, (size, what))
+        if first[0] != size:
+            raise ValueError(
+                f"Probe {probe!r}: {what} has batch size {size} but {first[1]} has {first[0]}"
+            )
+
+    for key, array in ev.maps.items():
+        if not isinstance(key, MapKey):
+            raise ValueError(f"Evaluation.maps keys must be (probe, layer, method), got {key!r}")
+        for name, what in zip(key, ("Probe", "Layer", "Method"), strict=True):
+            _check_name(name, what)
+        what = f"maps[{tuple(key)!r}]"
+        array = _batch_array(array, 3, what, integer=False)
+        check_batch(key.probe, array.shape[0], what)
+        arrays[f"maps/{key.encoded}"] = np.asarray(array, dtype=np.float32)
+    for kind in ("targets", "logits"):
+        table: Mapping[str, np.ndarray] = getattr(ev, kind)
+        missing = [p for p in _unique(key.probe for key in ev.maps) if p not in table]
+        if missing:
+            raise ValueError(f"Evaluation.{kind} has no entry for probe(s) {missing}")
+    for kind, ndim, dtype in (
+        ("targets", 1, np.int64),
+        ("logits", 2, np.float32),
+        ("labels", 1, np.int64),
+    ):
+        for probe, array in getattr(ev, kind).items():
+            what = f"{kind}[{probe!r}]"
+            _check_name(probe, "Probe")
+            array = _batch_array(array, ndim, what, integer=dtype is np.int64)
+            check_batch(probe, array.shape[0], what)
+            arrays[f"{kind}/{encode(probe)}"] = array.astype(dtype)
+    hashes = {_check_name(p, "Probe"): str(h) for p, h in ev.probe_hashes.items()}
+    scalars = {_check_name(k, "Scalar"): _scalar_to_json(v, k) for k, v in ev.scalars.items()}
+    meta = {
+        "format": FORMAT_VERSION,
+        "index": index,
+        "epoch": epoch,
+        "step": step,
+        "probe_hashes": hashes,
+        "probes": list(ev.probes),
+        "layers": list(ev.layers),
+        "methods": list(ev.methods),
+        "scalars": scalars,
+        "time": ev.time or _now(),
+    }
+    arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
+    return arrays
+
+
+def evaluation_from_arrays(contents: Mapping[str, np.ndarray]) -> Evaluation:
+    """Rebuild an Evaluation from a file's arrays; malformed content raises ValueError."""
+    meta = _read_meta(contents)
+    maps: dict[MapKey, np.ndarray] = {}
+    tables: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in _KINDS}
+    for key, array in contents.items():
+        parts = split(key)
+        if parts[0] == "maps":
+            if len(parts) != 4 or array.ndim != 3:
+                raise ValueError(f"malformed map entry {key!r} with shape {array.shape}")
+            maps[MapKey(*parts[1:])] = array.astype(np.float32)
+        elif parts[0] in tables:
+            if len(parts) != 2:
+                raise ValueError(f"malformed entry {key!r}")
+            tables[parts[0]][parts[1]] = array
+        # Other keys ("meta", or entries added by a later minor revision) are not ours to read.
+    return Evaluation(
+        index=int(meta["index"]),
+        epoch=int(meta["epoch"]),
+        step=int(meta["step"]),
+        probe_hashes={str(k): str(v) for k, v in meta["probe_hashes"].items()},
+        maps=maps,
+        targets=tables["targets"],
+        logits=tables["logits"],
+        labels=tables["labels"],
+        scalars={str(k): _scalar_from_json(v) for k, v in meta["scalars"].items()},
+        time=str(meta["time"]),
+    )
+
+
+# ----------------------------------------------------------------------------- the probe
+
+
+def probe_to_arrays(
+    inputs: Mapping[str, Any],
+    labels: Mapping[str, Any],
+    masks: Mapping[str, Any],
+    hashes: Mapping[str, str],
+) -> dict[str, np.ndarray]:
+    """Validate a probe and turn it into the named arrays of ``probe.npz`` (``meta`` last).
+
+    Inputs become float32 ``[B, C, H, W]``, labels int64 ``[B]``, masks bool ``[B, H, W]``
+    (non-bool masks are thresholded at 0.5, as the localization scores do).
+    """
+    arrays: dict[str, np.ndarray] = {}
+    batch: dict[str, tuple[int, str]] = {}
+    tables = (("inputs", inputs, 4), ("labels", labels, 1), ("masks", masks, 3))
+    for kind, table, ndim in tables:
+        for probe, value in table.items():
+            _check_name(probe, "Probe")
+            what = f"{kind}[{probe!r}]"
+            array = _batch_array(value, ndim, what, integer=kind == "labels")
+            first = batch.setdefault(probe, (array.shape[0], what))
+            if first[0] != array.shape[0]:
+                raise ValueError(
+                    f"Probe {probe!r}: {what} has batch size {array.shape[0]} but {first[1]} "
+                    f"has {first[0]}"
+                )
+            if kind == "inputs":
+                array = array.astype(np.float32)
+            elif kind == "labels":
+                array = array.astype(np.int64)
+            elif array.dtype != np.bool_:
+                array = array > 0.5
+            arrays[f"{kind}/{encode(probe)}"] = array
+    meta = {
+        "format": FORMAT_VERSION,
+        "kind": "probe",
+        "probes": list(_unique([*inputs, *labels, *masks, *hashes])),
+        "hashes": {_check_name(p, "Probe"): str(h) for p, h in hashes.items()},
+        "time": _now(),
+    }
+    arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
+    return arrays
+
+
+def probe_from_arrays(contents: Mapping[str, np.ndarray]) -> ProbeRecord:
+    """Rebuild a ProbeRecord from ``probe.npz`` arrays; malformed content raises ValueError."""
+    meta = _read_meta(contents)
+    if meta.get("kind") != "probe":
+        raise ValueError("'meta' is not a probe description")
+    tables: dict[str, dict[str, np.ndarray]] = {"inputs": {}, "labels": {}, "masks": {}}
+    dims = {"inputs": 4, "labels": 1, "masks": 3}
+    for key, array in contents.items():
+        parts = split(key)
+        if parts[0] in tables:
+            if len(parts) != 2 or array.ndim != dims[parts[0]]:
+                raise ValueError(f"malformed entry {key!r} with shape {array.shape}")
+            tables[parts[0]][parts[1]] = array
+    return ProbeRecord(
+        inputs={p: a.astype(np.float32) for p, a in tables["inputs"].items()},
+        labels={p: a.astype(np.int64) for p, a in tables["labels"].items()},
+        masks={p: a.astype(bool) for p, a in tables["masks"].items()},
+        hashes={str(k): str(v) for k, v in meta["hashes"].items()},
+    )
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _unique(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
+
+
+def _map_key(key: object) -> object:
+    """A 3-tuple as a `MapKey`; any other key unchanged (the writer refuses it)."""
+    if isinstance(key, tuple) and not isinstance(key, MapKey) and len(key) == 3:
+        return MapKey(*key)
+    return key
+
+
+def _check_name(name: object, what: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} names must be non-empty strings, got {name!r}")
+    return name
+
+
+def _as_int(value: object, what: str) -> int:
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"Evaluation.{what} must be an int, got {value!r}") from None
+
+
+def _batch_array(array: object, ndim: int, what: str, integer: bool) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim != ndim:
+        raise ValueError(f"{what} must have {ndim} dimensions, got shape {array.shape}")
+    kinds = "iu" if integer else "iuf" + ("b" if ndim == 3 else "")
+    if array.dtype.kind not in kinds:
+        kind = "an integer" if integer else "a real"
+        raise ValueError(f"{what} must have {kind} dtype, got {array.dtype}")
+    return array
+
+
+def _scalar_to_json(value: object, name: str) -> float | str | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"Scalar {name!r} must be a number, got {value!r}") from None
+    if math.isnan(number):
+        return None
+    if math.isinf(number):
+        return "inf" if number > 0 else "-inf"
+    return number
+
+
+def _scalar_from_json(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _read_meta(contents: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The JSON `meta` entry of a history file, checked for a format this version reads."""
+    if "meta" not in contents:
+        raise ValueError("no 'meta' entry")
+    meta = json.loads(str(contents["meta"]))
+    if not isinstance(meta, dict):
+        raise ValueError("'meta' is not a JSON object")
+    version = meta.get("format")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise NewerFormatError(
+            f"it uses history format {version}, this cam-monitor reads format "
+            f"{FORMAT_VERSION}: upgrade cam-monitor."
+        )
+    if version != FORMAT_VERSION:
+        raise ValueError(f"unknown format {version!r}")
+    return meta

@@ -1,0 +1,96 @@
+"""History records built from the monitor's live objects: `ProbeSet` and `CamResult` to numpy."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+from ..engine import CamResult
+from ..probe import ProbeSet
+from ..schema import MapKey, ScalarKey
+from .format import Evaluation
+from .store import write_probe
+
+__all__ = ["evaluation_record", "write_probe_sets"]
+
+
+def evaluation_record(
+    index: int,
+    epoch: int,
+    step: int,
+    probes: Mapping[str, ProbeSet],
+    results: Mapping[str, CamResult],
+    scalars: Mapping[str, float],
+) -> Evaluation:
+    """The history entry of one evaluation: every map as float32 numpy on the CPU, keyed by
+    `MapKey`, with targets, logits, labels (for probes that have them) and the probes'
+    `ProbeSet.digest` (an empty digest is left out: it identifies nothing).
+
+    ``scalars`` are keyed by tag; `ScalarKey` keys are accepted and written as their tag.
+    """
+    _check_table("probes", probes, ProbeSet)
+    _check_table("results", results, CamResult)
+    maps = {
+        MapKey(probe, layer, method): _numpy(cam, float32=True)
+        for probe, result in results.items()
+        for (layer, method), cam in result.maps.items()
+    }
+    return Evaluation(
+        index=index,
+        epoch=epoch,
+        step=step,
+        probe_hashes={name: probe.digest for name, probe in probes.items() if probe.digest},
+        maps=maps,
+        targets={name: _numpy(result.targets) for name, result in results.items()},
+        logits={name: _numpy(result.logits, float32=True) for name, result in results.items()},
+        labels={
+            name: _numpy(probe.labels)
+            for name, probe in probes.items()
+            if probe.labels is not None and name in results
+        },
+        scalars={_tag(key): value for key, value in scalars.items()},
+    )
+
+
+def write_probe_sets(folder: str | os.PathLike[str], probes: Mapping[str, ProbeSet]) -> Path:
+    """Store the probe sets whose inputs are one tensor in ``folder/probe.npz``, so reports can
+    draw overlays; raises on failure (the caller decides whether that only warns).
+    """
+    _check_table("probes", probes, ProbeSet)
+    stored = {name: probe for name, probe in probes.items() if isinstance(probe.inputs, Tensor)}
+    return write_probe(
+        folder,
+        inputs={name: _numpy(probe.inputs, float32=True) for name, probe in stored.items()},
+        labels={n: _numpy(p.labels) for n, p in stored.items() if p.labels is not None},
+        masks={n: _numpy(p.masks) for n, p in stored.items() if p.masks is not None},
+        hashes={name: probe.digest for name, probe in stored.items() if probe.digest},
+    )
+
+
+def _numpy(tensor: Tensor, float32: bool = False) -> np.ndarray:
+    """A CPU numpy copy of ``tensor``, as float32 when asked (maps, logits, inputs)."""
+    tensor = tensor.detach()
+    if float32:
+        tensor = tensor.float()
+    return tensor.cpu().numpy()
+
+
+def _tag(key: str | ScalarKey) -> str:
+    return key.tag if isinstance(key, ScalarKey) else key
+
+
+def _check_table(argument: str, table: object, kind: type) -> None:
+    if not isinstance(table, Mapping):
+        raise TypeError(
+            f"{argument} must be a mapping of probe name to {kind.__name__}, got "
+            f"{type(table).__name__}"
+        )
+    for name, value in table.items():
+        if not isinstance(value, kind):
+            raise TypeError(
+                f"{argument}[{name!r}] must be a {kind.__name__}, got {type(value).__name__}"
+            )

@@ -1,0 +1,145 @@
+"""Logits from model outputs, and the target class indices and scores a map explains."""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .options import OutputTransform, Target
+
+# Models already checked for probability outputs: the check costs a host sync, so once each.
+_PROBABILITY_CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def pick_logits(output: Any, output_transform: OutputTransform) -> Tensor:
+    """Apply `output_transform` (a callable, a tuple index or a dict key) and check `[B, C]`.
+
+    Example:
+        >>> pick_logits((torch.zeros(2, 5), torch.zeros(2, 2)), 0).shape
+        torch.Size([2, 5])
+    """
+    if output_transform is None:
+        picked = output
+    elif callable(output_transform):
+        picked = output_transform(output)
+    elif isinstance(output_transform, (int, str)):
+        try:
+            picked = output[output_transform]
+        except (KeyError, IndexError, TypeError) as err:
+            raise ValueError(
+                f"output_transform={output_transform!r} cannot pick from the model output of "
+                f"type {type(output).__name__}: {err}. Use an index for a tuple, a key for a dict, "
+                "or a callable."
+            ) from err
+    else:
+        raise TypeError(
+            "`output_transform` must be a callable, a tuple index or a dict key, got "
+            f"{type(output_transform).__name__}."
+        )
+    if not isinstance(picked, Tensor):
+        kind = type(picked).__name__
+        size = f" of {len(picked)} elements" if isinstance(picked, (tuple, list, dict)) else ""
+        raise ValueError(
+            f"The model returned a {kind}{size}, not a logits tensor. Pass output_transform= to "
+            "pick the class head: an index (output_transform=0 for (class_logits, domain_logits)),"
+            " a dict key, or a callable returning logits [B, C]."
+        )
+    if picked.dim() != 2:
+        raise ValueError(
+            f"Class logits must have shape [B, C], got {tuple(picked.shape)}. Pass "
+            "output_transform= to return [B, C] logits."
+        )
+    return picked
+
+
+def warn_if_probabilities(module: nn.Module, logits: Tensor) -> None:
+    """Warn when a model's outputs look like probabilities; checked on its first call only."""
+    if module in _PROBABILITY_CHECKED or logits.shape[1] < 2:
+        return
+    _PROBABILITY_CHECKED.add(module)
+    inside = ((logits >= 0) & (logits <= 1)).all()
+    sums_to_one = (logits.sum(dim=1) - 1).abs().amax() < 1e-3
+    if bool(inside & sums_to_one):
+        warnings.warn(
+            "The model output looks like probabilities (rows in [0, 1] summing to 1). Gradients "
+            "of a saturated softmax vanish and CAMs turn to noise; explain the logits instead "
+            "(remove the softmax, or use output_transform= to return pre-softmax scores).",
+            stacklevel=3,
+        )
+
+
+def _check_indices(indices: Tensor, num_classes: int) -> None:
+    if indices.numel() and bool((indices < 0).any() | (indices >= num_classes).any()):
+        bad = indices[(indices < 0) | (indices >= num_classes)][0].item()
+        raise ValueError(
+            f"Target index {bad} is outside the logits' {num_classes} classes "
+            f"(valid: 0..{num_classes - 1}). Check target= or output_transform=."
+        )
+
+
+def check_engine_target(target: Target) -> None:
+    """Refuse `target='label'`: only the callback knows the labels; the engine needs indices."""
+    if isinstance(target, str) and target == "label":
+        raise ValueError(
+            "`target`='label' is resolved by CamMonitor from the probe labels; the engine needs "
+            "class indices: pass the labels themselves (target=labels, a LongTensor [B]), "
+            "'predicted', an int or a callable."
+        )
+
+
+def resolve_targets(target: Target, logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Return `(class indices [B], scores [B])`; indices are -1 where a callable gave scores.
+
+    `target` has been validated by `EngineOptions`; what needs the logits is checked here.
+
+    Example:
+        >>> indices, scores = resolve_targets("predicted", torch.tensor([[0.0, 2.0], [3.0, 1.0]]))
+        >>> indices.tolist(), scores.tolist()
+        ([1, 0], [2.0, 3.0])
+    """
+    batch, num_classes = logits.shape
+    check_engine_target(target)
+    if isinstance(target, str):
+        if target != "predicted":
+            raise ValueError(
+                f"`target`={target!r} is not understood; use 'predicted', an int, a "
+                "LongTensor[B] or a callable."
+            )
+        indices = logits.detach().argmax(dim=1)
+    elif isinstance(target, bool):
+        raise TypeError(
+            "`target` must be 'predicted', an int, a LongTensor or a callable, got bool."
+        )
+    elif isinstance(target, int):
+        indices = torch.full((batch,), target, dtype=torch.long, device=logits.device)
+        _check_indices(indices, num_classes)
+    elif isinstance(target, Tensor):
+        if target.is_floating_point() or target.dim() > 1:
+            raise ValueError(
+                "`target` as a tensor must hold integer class indices of shape [B], got dtype "
+                f"{target.dtype} and shape {tuple(target.shape)}."
+            )
+        indices = target.to(logits.device, torch.long).expand(batch)
+        _check_indices(indices, num_classes)
+    elif callable(target):
+        returned = target(logits)
+        if not isinstance(returned, Tensor) or returned.shape != (batch,):
+            shape = tuple(returned.shape) if isinstance(returned, Tensor) else type(returned)
+            raise ValueError(
+                "A target callable must return class indices LongTensor[B] or scores [B] for "
+                f"B={batch}, got {shape}."
+            )
+        if returned.is_floating_point():
+            return torch.full((batch,), -1, dtype=torch.long, device=logits.device), returned
+        indices = returned.to(torch.long)
+        _check_indices(indices, num_classes)
+    else:
+        raise TypeError(
+            "`target` must be 'predicted', an int, a LongTensor[B] or a callable, got "
+            f"{type(target).__name__}."
+        )
+    return indices, logits.gather(1, indices[:, None])[:, 0]

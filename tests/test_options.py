@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from cam_monitor import ALL_METHODS, compute_cams
+from cam_monitor.options import (
+    DriftOptions,
+    EngineOptions,
+    FilterOptions,
+    RenderOptions,
+    check_methods,
+)
+from cam_monitor.schema import MEASURES
+
+NAN, INF = float("nan"), math.inf
+
+# (options class, keyword, argument name in messages, a value of the wrong type)
+WRONG_TYPES = [
+    (EngineOptions, "methods", "methods", 5),
+    (EngineOptions, "methods", "methods", ["gradcam", 3]),
+    (EngineOptions, "target", "target", 1.5),
+    (EngineOptions, "target", "target", True),
+    (EngineOptions, "forward", "forward", 3),
+    (EngineOptions, "output_transform", "output_transform", 1.5),
+    (EngineOptions, "reshape", "reshape", "flat"),
+    (EngineOptions, "batch_size", "batch_size", "8"),
+    (EngineOptions, "batch_size", "batch_size", 2.0),
+    (EngineOptions, "smooth", "smooth", 1.5),
+    (EngineOptions, "noise", "noise", "0.1"),
+    (EngineOptions, "noise", "noise", True),
+    (EngineOptions, "seed", "seed", 1.5),
+    (EngineOptions, "cam_head", "cam_head", 3),
+    (EngineOptions, "ig_steps", "ig_steps", 2.0),
+    (RenderOptions, "colormap", "colormap", 3),
+    (RenderOptions, "alpha", "alpha", "0.5"),
+    (RenderOptions, "mean", "mean", "rgb"),  # with a valid std
+    (RenderOptions, "class_names", "class_names", "cat"),
+    (RenderOptions, "nrow", "nrow", 2.0),
+    (DriftOptions, "measures", "drift_measures", 5),
+    (DriftOptions, "topk", "topk", "0.2"),
+    (DriftOptions, "pointing_tolerance", "pointing_tolerance", 1.5),
+    (FilterOptions, "channels", "filters", [0, 1]),
+    (FilterOptions, "steps", "filter_steps", 1.5),
+]
+
+# (options class, keywords, argument name in messages, the bad value as the message shows it)
+BAD_VALUES: list[tuple[type, dict[str, Any], str, str]] = [
+    (EngineOptions, {"methods": "gradcamm"}, "methods", "'gradcamm'"),
+    (EngineOptions, {"methods": ["gradcam", "scorecam", "ablation"]}, "methods", "'ablation'"),
+    (EngineOptions, {"target": "labels"}, "target", "'labels'"),
+    (EngineOptions, {"target": -1}, "target", "-1"),
+    (EngineOptions, {"target": torch.tensor([0.5, 1.0])}, "target", "torch.float32"),
+    (EngineOptions, {"target": torch.zeros(2, 2, dtype=torch.long)}, "target", "(2, 2)"),
+    (EngineOptions, {"batch_size": 0}, "batch_size", "0"),
+    (EngineOptions, {"smooth": -1}, "smooth", "-1"),
+    (EngineOptions, {"noise": -0.1}, "noise", "-0.1"),
+    (EngineOptions, {"noise": NAN}, "noise", "nan"),
+    (EngineOptions, {"noise": INF}, "noise", "inf"),
+    (EngineOptions, {"ig_steps": 0}, "ig_steps", "0"),
+    (RenderOptions, {"colormap": "jett"}, "colormap", "'jett'"),
+    (RenderOptions, {"alpha": 1.5}, "alpha", "1.5"),
+    (RenderOptions, {"alpha": NAN}, "alpha", "nan"),
+    (RenderOptions, {"alpha": -INF}, "alpha", "-inf"),
+    (RenderOptions, {"mean": (0.5, 0.5)}, "mean", "(0.5, 0.5)"),
+    (RenderOptions, {"mean": (0.5, NAN), "std": (1.0, 1.0)}, "mean", "nan"),
+    (RenderOptions, {"mean": (0.5,), "std": (INF,)}, "std", "inf"),
+    (RenderOptions, {"mean": (0.5, 0.5), "std": (1.0, 0.0)}, "std", "(1.0, 0.0)"),
+    (RenderOptions, {"mean": (0.5, 0.5), "std": (1.0,)}, "mean", "(0.5, 0.5)"),
+    (RenderOptions, {"mean": (), "std": ()}, "mean", "empty"),
+    (RenderOptions, {"nrow": 0}, "nrow", "0"),
+    (DriftOptions, {"measures": ["js", "kl"]}, "drift_measures", "'kl'"),
+    (DriftOptions, {"measures": []}, "drift_measures", "js"),
+    (DriftOptions, {"topk": 0}, "topk", "0"),
+    (DriftOptions, {"topk": 1.5}, "topk", "1.5"),
+    (DriftOptions, {"topk": NAN}, "topk", "nan"),
+    (DriftOptions, {"topk": INF}, "topk", "inf"),
+    (DriftOptions, {"pointing_tolerance": -1}, "pointing_tolerance", "-1"),
+    (FilterOptions, {"channels": {"features.3": [-1]}}, "filters", "[-1]"),
+    (FilterOptions, {"channels": {"features.3": []}}, "filters", "[]"),
+    (FilterOptions, {"steps": 0}, "filter_steps", "0"),
+]
+
+
+@pytest.mark.parametrize(("cls", "keyword", "name", "value"), WRONG_TYPES)
+def test_a_wrong_type_is_a_type_error_naming_the_argument(
+    cls: type, keyword: str, name: str, value: object
+) -> None:
+    extra = {"std": (1.0, 1.0, 1.0)} if keyword == "mean" else {}
+    with pytest.raises(TypeError, match=f"`{name}`"):
+        cls(**{keyword: value}, **extra)
+
+
+@pytest.mark.parametrize(("cls", "keywords", "name", "shown"), BAD_VALUES)
+def test_a_bad_value_is_a_value_error_naming_argument_and_value(
+    cls: type, keywords: dict[str, Any], name: str, shown: str
+) -> None:
+    with pytest.raises(ValueError, match=f"`{name}") as info:
+        cls(**keywords)
+    assert shown in str(info.value)
+
+
+def test_defaults_are_valid_and_values_are_normalised() -> None:
+    engine = EngineOptions(methods=["gradcam", "layercam", "gradcam"], noise=1, batch_size=None)
+    assert engine.methods == ("gradcam", "layercam") and engine.noise == 1.0
+    assert isinstance(engine.noise, float)
+    assert EngineOptions(target=torch.tensor([1, 2])).target is not None
+    assert EngineOptions(target="label").target == "label"  # the callback resolves it
+    render = RenderOptions(mean=torch.tensor([0.5, 0.25]), std=[1, 2], class_names=["a", 3])
+    assert render.mean == (0.5, 0.25) and render.std == (1.0, 2.0)
+    assert render.class_names == ("a", "3")
+    assert DriftOptions().measures == MEASURES and DriftOptions(measures="js").measures == ("js",)
+    assert FilterOptions({"a": [2, 0]}).channels == {"a": (2, 0)}
+    with pytest.raises(AttributeError):
+        engine.noise = 0.3  # type: ignore[misc]
+
+
+def test_check_methods_lists_the_unknown_names_and_every_choice() -> None:
+    assert check_methods(["gradcam", "layercam", "gradcam"]) == ("gradcam", "layercam")
+    assert check_methods(list(ALL_METHODS)) == ALL_METHODS
+    assert check_methods("saliency") == ("saliency",)
+    with pytest.raises(ValueError, match="'gradcamm', 'guided-gradcam'") as info:
+        check_methods(["gradcam", "gradcamm", "guided-gradcam"])
+    assert ", ".join(ALL_METHODS) in str(info.value)
+    with pytest.raises(ValueError, match="at least one"):
+        check_methods([])
+
+
+def test_compute_cams_reports_bad_options_in_the_same_words() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2))
+    x = torch.randn(2, 3, 8, 8)
+    for keywords in ({"noise": NAN}, {"smooth": -1}, {"batch_size": 0}, {"methods": "gradcamm"}):
+        with pytest.raises(ValueError) as direct:
+            EngineOptions(**keywords)
+        with pytest.raises(ValueError, match=re.escape(str(direct.value))):
+            compute_cams(net, x, "0", **keywords)
+    with pytest.raises(TypeError, match="`seed`"):
+        compute_cams(net, x, "0", seed=1.5)  # type: ignore[arg-type]
