@@ -76,7 +76,7 @@ _ELLIPSIS = ".."
 
 
 def check_colormap(name: str, *, signed: bool = False) -> str:
-    """Validate a colormap name before drawing (`RenderOptions` checks the callback's at setup).
+    """Validate a colormap name before drawing (`RenderOptions` checks the callback's early).
 
     `signed=True` also accepts "diverging", the default of `colorize_signed`.
 
