@@ -1,36 +1,59 @@
-"""GPU checks CI cannot run (it has no GPU): device placement, autocast, host syncs, a real fit.
+"""GPU checks CI cannot run, and issue 14's GPU measurements, in one run.
 
-    python benchmarks/gpu_check.py            # exits non-zero if a check fails
+    python benchmarks/gpu_check.py --out gpu.json             # on the GPU (about 5 minutes)
+    python benchmarks/gpu_check.py --device cpu --quick       # smoke test of the script here
 
-Prints one line per check and a small timing table (resnet50, 224 px, batch 16).
+Checks (PASS / FAIL; the exit status is 1 if one fails): device placement, no host sync in
+`compute_cams`, autocast, real fits at three precisions, FSDP refused. Measured (printed side by
+side, never asserted; the targets are shown next to them):
+
+- the engine on resnet50, 224 px, batch 32: a plain forward, the floor (see engine.py),
+  1 layer x Grad-CAM and 4 layers x 5 methods, each as a ratio to the floor;
+- issue 14's GPU fit (resnet50, 224 px, batch 64, bf16-mixed, 40 steps x 3 epochs, the
+  monitor on `layer3` + `layer4` with gradcam + gradcam++, TensorBoardLogger) without the
+  monitor, with it, and with it and `crc32c`: whole-fit seconds, in-loop seconds per
+  evaluation, the logger's `close()`; then one evaluation piece by piece (evaluation_cost.py).
+
+`--out PATH` writes every number as JSON. Without the `crc32c` package the crc32c arm is skipped.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import sys
 import tempfile
-import time
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from torchvision.models import resnet18, resnet50
+from torchvision.models import resnet18
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine as engine_bench
+import evaluation_cost
+import harness
+import overhead
+
 from cam_monitor import CamMonitor, compute_cams
 from cam_monitor.history import read_history
 
 CAMS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
-FAILURES: list[str] = []
+CHECKS: list[dict[str, Any]] = []
 
 
-def check(name: str, ok: bool, detail: str = "") -> None:
-    print(f"{'PASS' if ok else 'FAIL'}  {name}  {detail}")
-    if not ok:
-        FAILURES.append(name)
+def check(name: str, ok: bool | None, detail: str = "") -> None:
+    """Print and record one check; `ok=None` means skipped on this device."""
+    word = "SKIP" if ok is None else "PASS" if ok else "FAIL"
+    print(f"{word}  {name}  {detail}", flush=True)
+    CHECKS.append({"check": name, "result": word, "detail": detail})
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,16 +62,20 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)).min())
 
 
-def engine_checks() -> None:
+def engine_checks(device: torch.device) -> None:
     torch.manual_seed(0)
-    model = resnet18(weights=None, num_classes=10).cuda()
-    x = torch.randn(16, 3, 64, 64, device="cuda")
+    model = resnet18(weights=None, num_classes=10).to(device)
+    x = torch.randn(16, 3, 64, 64, device=device)
     layers = ["layer3", "layer4"]
     ref = compute_cams(model, x, layers, CAMS)
     devices = {m.device.type for m in ref.maps.values()}
     finite = all(bool(torch.isfinite(m).all()) for m in ref.maps.values())
-    check("maps stay on the model's device", devices == {"cuda"}, str(devices))
+    check("maps stay on the model's device", devices == {device.type}, str(devices))
     check("maps finite", finite)
+    if device.type != "cuda":
+        check("no host sync inside compute_cams", None, "CUDA only")
+        check("autocast float16 / bfloat16", None, "CUDA only")
+        return
 
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -85,27 +112,32 @@ class Lit(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def fit_checks() -> None:
-    data = TensorDataset(torch.randn(64, 3, 64, 64), torch.randint(0, 5, (64,)))
-    for precision in ("32-true", "16-mixed", "bf16-mixed"):
+def fit_checks(device: torch.device, quick: bool) -> None:
+    gpu = device.type == "cuda"
+    size = 32 if quick else 64
+    data = TensorDataset(torch.randn(64, 3, size, size), torch.randint(0, 5, (64,)))
+    precisions = ("32-true", "16-mixed", "bf16-mixed") if gpu else ("32-true",)
+    for precision in precisions:
         with tempfile.TemporaryDirectory() as tmp:
             monitor = CamMonitor(["net.layer3", "net.layer4"], methods=CAMS, num_probe=8,
                                  save_dir=Path(tmp) / "hist")  # fmt: skip
             trainer = pl.Trainer(
-                accelerator="gpu", devices=1, max_epochs=2, precision=precision, logger=False,
-                callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False,
+                accelerator="gpu" if gpu else "cpu", devices=1, max_epochs=2, precision=precision,
+                logger=False, callbacks=[monitor], enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False,
             )  # fmt: skip
             trainer.fit(Lit(), DataLoader(data, batch_size=16, shuffle=True))
             history = read_history(Path(tmp) / "hist")
             probe_device = next(iter(monitor._probes.values())).inputs.device.type
             finite = all(bool(torch.isfinite(torch.from_numpy(m)).all())
                          for e in history for m in e.maps.values())  # fmt: skip
-            ok = len(history) == 3 and probe_device == "cuda" and finite
-            check(f"fit on GPU, precision={precision}", ok,
+            ok = len(history) == 3 and probe_device == device.type and finite
+            check(f"fit on {device.type}, precision={precision}", ok,
                   f"{len(history)} evaluations, probe on {probe_device}, "
                   f"{history[-1].scalars['cam_monitor/seconds']:.3f} s/evaluation")  # fmt: skip
-
+    if not gpu:
+        check("FSDP refused at setup", None, "needs a GPU")
+        return
     monitor = CamMonitor("net.layer4")
     trainer = pl.Trainer(accelerator="gpu", devices=1, strategy="fsdp", max_epochs=1,
                          logger=False, callbacks=[monitor], enable_progress_bar=False)  # fmt: skip
@@ -116,45 +148,124 @@ def fit_checks() -> None:
         check("FSDP refused at setup", "sharded strategy" in str(err), str(err)[:80])
 
 
-def timed(fn: Callable[[], object], reps: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def engine_timings(
+    device: torch.device, batch: int, size: int, reps: int, warmup: int
+) -> list[dict[str, Any]]:
+    """Plain forward, floor, ours (and captum / torchcam where installed) on resnet50."""
+    setup = engine_bench.build_setup("resnet50", batch, size, device)
+    names = ["forward", "floor", "ours"]
+    names += [p for p in ("captum", "torchcam") if importlib.util.find_spec(p) is not None]
+    rows = []
+    for scenario in ("1x1", "4x5"):
+        layers = setup.layers[scenario]
+        methods = engine_bench.SCENARIO_METHODS[scenario]
+        contenders = {n: engine_bench.FACTORIES[n](setup, layers, methods) for n in names}
+        seconds, _ = harness.interleaved(contenders, reps, warmup, device, progress=False)
+        forward, floor = harness.median(seconds["forward"]), harness.median(seconds["floor"])
+        for name in names:
+            median = harness.median(seconds[name])
+            rows.append(
+                {
+                    "scenario": scenario,
+                    "contender": name,
+                    "ms": 1e3 * median,
+                    "spread": harness.spread(seconds[name]),
+                    "x_forward": median / forward,
+                    "x_floor": median / floor,
+                    "all_seconds": seconds[name],
+                }
+            )
+    print(f"\n## Engine: resnet50, {batch}x3x{size}x{size}, median of {reps}\n")
+    keys = ["scenario", "contender", "ms", "spread", "x_forward", "x_floor"]
+    print(harness.markdown_table(["scenario", "contender", "median ms", "spread", "x forward",
+                                  "x floor"], [[r[k] for k in keys] for r in rows]))  # fmt: skip
+    return rows
 
 
-def timings() -> None:
-    torch.manual_seed(0)
-    model = resnet50(weights=None).cuda().eval()
-    x = torch.randn(16, 3, 224, 224, device="cuda")
-    four = ["layer1", "layer2", "layer3", "layer4"]
+def target_rows(engine: Sequence[dict[str, Any]], fits: Sequence[dict[str, Any]]) -> list[list]:
+    """Issue 14's GPU and engine targets next to what was measured."""
+    out: list[list[Any]] = []
 
-    def plain() -> object:
-        with torch.no_grad():
-            return model(x)
+    def add(target: str, value: float | None, limit: float) -> None:
+        if value is None:
+            out.append([target, None, "not measured"])
+        else:
+            out.append([target, f"{value:.3g}", "yes" if value <= limit else "NO"])
 
-    rows = [
-        ("plain forward, no_grad", timed(plain)),
-        ("compute_cams 1 layer x gradcam", timed(lambda: compute_cams(model, x, "layer4"))),
-        ("compute_cams 4 layers x 5 methods", timed(lambda: compute_cams(model, x, four, CAMS))),
-    ]
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, resnet50, 16x3x224x224")
-    print("| contender | median ms | x plain forward |\n|---|---|---|")
-    for name, seconds in rows:
-        print(f"| {name} | {seconds * 1e3:.2f} | {seconds / rows[0][1]:.2f} |")
+    found = {(r["scenario"], r["contender"]): r for r in engine}
+    for scenario in ("1x1", "4x5"):
+        row = found.get((scenario, "ours"))
+        add(f"engine {scenario}: ours / floor <= 1.10", row and row["x_floor"], 1.10)
+    plain = next((r for r in fits if r["arm"] == "plain"), None)
+    for row in fits:
+        if row["arm"] == "plain" or plain is None:
+            continue
+        arm = row["arm"]
+        add(f"fit, {arm}: in-loop s per evaluation <= 0.1", row["in_loop_per_evaluation_s"], 0.1)
+        add(f"fit, {arm}: logger close() s < 0.5", row["finalize_s"], 0.5)
+        add(f"fit, {arm}: fit / plain fit <= 1.10", row["x_plain"], 1.10)
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    parser.add_argument("--out", type=Path, default=None, help="write every number here (JSON)")
+    parser.add_argument("--reps", type=int, default=None, help="timed fit rounds (2; quick 1)")
+    parser.add_argument("--engine-reps", type=int, default=None, help="engine timings (20)")
+    parser.add_argument("--skip-checks", action="store_true", help="measure only")
+    args = parser.parse_args(argv)
+    args.reps = args.reps or (1 if args.quick else 2)
+    args.engine_reps = args.engine_reps or (2 if args.quick else 20)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_check needs a CUDA device (or --device cpu for a smoke test)")
+    device = torch.device(args.device)
+    overhead.quiet_lightning()
+    setup = evaluation_cost.GPU_SETUP
+    if args.quick:
+        setup = evaluation_cost.quick(setup)
+        if device.type == "cpu":  # bf16 resnet50 fits are slow on a CPU; the code path is the same
+            setup = replace(setup, model="resnet18", precision="32-true")
+    versions = harness.package_versions(
+        ["torch", "pytorch-lightning", "tensorboard", "crc32c", "opencv-python-headless"]
+    )
+    info = harness.print_header(
+        "GPU checks and issue 14's GPU measurements",
+        device,
+        {
+            "packages": ", ".join(f"{k} {v}" for k, v in versions.items()),
+            "fit": setup.describe(),
+        },
+    )
+    payload: dict[str, Any] = {"machine": info, "versions": versions, "checks": CHECKS}
+    if not args.skip_checks:
+        engine_checks(device)
+        fit_checks(device, args.quick)
+    batch, size = (2, 64) if args.quick else (32, 224)
+    warmup = 1 if args.quick else 5
+    payload["engine"] = engine_timings(device, batch, size, args.engine_reps, warmup)
+    harness.write_json(args.out, payload, quiet=True)
+
+    print(f"\n## Issue 14's GPU fit on {info['device_name']}\n")
+    fit_warmup = 0 if args.quick else 1
+    cost = evaluation_cost.measure(setup, device, args.reps, fit_warmup)
+    payload["fit"] = cost
+    targets = target_rows(payload["engine"], cost["fits"])
+    print("\n## Targets (issue 14)\n")
+    print(harness.markdown_table(["target", "measured", "met"], targets))
+    payload["targets"] = targets
+
+    failed = [c["check"] for c in CHECKS if c["result"] == "FAIL"]
+    print(f"\n{len(failed)} checks failed: {failed}" if failed else "\nall checks passed")
+    harness.write_json(args.out, payload)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available():
-        sys.exit("gpu_check needs a CUDA device")
-    engine_checks()
-    fit_checks()
-    timings()
-    print(f"\n{len(FAILURES)} failed: {FAILURES}" if FAILURES else "\nall GPU checks passed")
-    sys.exit(1 if FAILURES else 0)
+    sys.exit(main())

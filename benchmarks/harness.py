@@ -88,8 +88,8 @@ def print_header(title: str, device: torch.device, details: Mapping[str, Any]) -
     print(f"# {title}\n")
     items = {**info, **details}
     print("\n".join(f"- {key}: {value}" for key, value in items.items()))
-    return info
     print()
+    return info
 
 
 def package_versions(names: Iterable[str]) -> dict[str, str]:

@@ -14,7 +14,13 @@ median fit wall time and its ratio to `plain`, the monitor's own `cam_monitor/se
 drawing and scoring, from its history files), and the wall time spent inside its hooks
 (measured by two stopwatch callbacks placed around it, so history and PNG writing count too).
 
+With `--setup issue14`, the fit is issue 14's CPU setup instead (resnet18, 224 px, a 16-image
+probe, 2 layers x 2 methods, TensorBoardLogger, 1 torch thread; see evaluation_cost.py): the fit
+cost of one evaluation against `compute_cams` on the same probe, with TensorBoard's pure-Python
+CRC32C and with `crc32c`, and one evaluation timed piece by piece.
+
     python benchmarks/overhead.py --threads 2
+    python benchmarks/overhead.py --setup issue14
     python benchmarks/overhead.py --quick
 """
 
@@ -27,6 +33,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import dann_shapes
+import evaluation_cost
 import harness
 
 from cam_monitor.history import read_history
@@ -165,7 +173,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="none: PNG files + scalars.csv (default); tensorboard: a TensorBoardLogger per fit",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--setup",
+        choices=["demo", "issue14"],
+        default="demo",
+        help="demo: the DANN demo's fit (default); issue14: resnet18 at 224 px, 1 torch thread, "
+        "fit cost per evaluation against compute_cams, CRC arms and a breakdown",
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="issue14 only (3)")
     args = parser.parse_args(argv)
+    if args.setup == "issue14":
+        return args
     args.reps = args.reps or (1 if args.quick else 5)
     args.steps = args.steps or (5 if args.quick else 200)
     args.batch_size = args.batch_size or (8 if args.quick else demo.batch_size)
@@ -177,6 +195,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Alternate the arms, then print the table and the derived overheads."""
     args = parse_args(argv)
+    if args.setup == "issue14":
+        return issue14(args)
     device = harness.setup_torch(args.device, args.threads)
     quiet_lightning()
     info = harness.print_header(
@@ -205,6 +225,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = summarize(runs)
     print_report(rows, args)
     harness.write_json(args.json, {"machine": info, "args": vars(args), "rows": rows, "runs": runs})
+    return 0
+
+
+def issue14(args: argparse.Namespace) -> int:
+    """Issue 14's CPU setup: fit cost per evaluation, compute_cams, CRC arms, breakdown."""
+    device = harness.setup_torch(args.device, 1 if args.threads is None else args.threads)
+    quiet_lightning()
+    setup = evaluation_cost.CPU_SETUP
+    if args.quick:
+        setup = evaluation_cost.quick(setup)
+    given = {"steps": args.steps, "batch_size": args.batch_size, "epochs": args.epochs}
+    setup = replace(setup, **{k: v for k, v in given.items() if v is not None})
+    if args.num_probe != 16:
+        setup = replace(setup, num_probe=args.num_probe)
+    reps = args.reps or (1 if args.quick else 3)
+    warmup = 0 if args.quick else args.warmup
+    versions = harness.package_versions(["crc32c", "tensorboard", "opencv-python-headless"])
+    info = harness.print_header(
+        "Issue 14: what one evaluation costs a fit, against compute_cams",
+        device,
+        {
+            "setup": setup.describe(),
+            "packages": ", ".join(f"{k} {v}" for k, v in versions.items()),
+            "reps": f"{reps} timed (median), {warmup} warm-up, arms alternated",
+        },
+    )
+    payload = evaluation_cost.measure(setup, device, reps, warmup)
+    harness.write_json(args.json, {"machine": info, "args": vars(args), **payload})
     return 0
 
 
