@@ -7,12 +7,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
-from pytorch_lightning.utilities import rank_zero_warn
+import torch
+from lightning_utilities.core.rank_zero import rank_zero_warn  # what both namespaces re-export
 from torch import Tensor, nn
 
 from .evaluation import explain_first_failure, run_evaluation
@@ -36,21 +34,62 @@ from .options import (
 )
 from .probe import ProbeSet, ProbeSpec, build_probes, check_masks, loader_probe, probe_sets
 from .schema import MEASURES, SECONDS_TAG
-from .sinks import Sink, run_folder, scalar_tags, sinks_for
+from .sinks import Sink, lightning_classes, run_folder, scalar_tags, sinks_for
 from .tracking import AttentionTracker
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from pytorch_lightning.strategies import Strategy
+
+# The families of tags `publish_metrics` puts into `trainer.callback_metrics`.
+MONITORED_PREFIXES = ("cam_drift/", "cam_loc/", "cam_stats/", "cam_monitor/")
 
 
 def check_strategy(strategy: Strategy) -> None:
-    """Refuse sharded strategies: no rank holds whole layers, so there is nothing to hook."""
+    """Refuse sharded strategies of either namespace: no rank holds whole layers to hook."""
     name = type(strategy).__name__
-    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or "DeepSpeed" in name:
+    sharded = lightning_classes("strategies", "FSDPStrategy") + lightning_classes(
+        "strategies", "ModelParallelStrategy"
+    )
+    if isinstance(strategy, sharded) or "DeepSpeed" in name:
         raise ValueError(
             f"CamMonitor does not support the sharded strategy {name}: no rank holds whole "
             "layers to hook. Use ddp, ddp_spawn or a single device for runs you monitor."
         )
 
 
-class CamMonitor(Callback):
+def check_metric_consumers(trainer: pl.Trainer, monitor: CamMonitor) -> None:
+    """Callbacks that monitor one of the monitor's tags (ModelCheckpoint, EarlyStopping) need
+    one process, and must run after the monitor to see the evaluation of the same epoch."""
+    consumers = [
+        cb for cb in trainer.callbacks
+        if cb is not monitor and str(getattr(cb, "monitor", None)).startswith(MONITORED_PREFIXES)
+    ]  # fmt: skip
+    if consumers and trainer.world_size > 1:
+        raise ValueError(
+            f"{type(consumers[0]).__name__}(monitor={consumers[0].monitor!r}) watches a "
+            f"CamMonitor tag in a run of {trainer.world_size} processes, but only rank zero "
+            "evaluates, so the other ranks never have it. Monitor it on a single device."
+        )
+    order = trainer.callbacks.index(monitor) if monitor in trainer.callbacks else -1
+    for cb in consumers:
+        if trainer.callbacks.index(cb) < order:
+            rank_zero_warn(
+                f"CamMonitor: {type(cb).__name__}(monitor={cb.monitor!r}) comes before the "
+                "monitor in `callbacks`, so at each epoch end it sees the previous evaluation. "
+                "List CamMonitor first."
+            )
+
+
+def publish_metrics(trainer: pl.Trainer, scalars: Mapping[str, float]) -> None:
+    """Every scalar the monitor logs into `trainer.callback_metrics` (Lightning keeps that dict
+    between steps), so ModelCheckpoint and EarlyStopping can monitor it."""
+    trainer.callback_metrics.update({tag: torch.tensor(v) for tag, v in scalars.items()})
+
+
+# One class for both namespaces: a subclass of each installed `Callback`, so both Trainers and
+# both LightningCLIs accept it.
+class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[misc]
     """Log Grad-CAM overlays of a fixed probe batch, and how attention drifts, during `fit`.
 
     A baseline evaluation runs at the start of training (attention at initialisation; it also
@@ -215,6 +254,7 @@ class CamMonitor(Callback):
         if stage != "fit":
             return
         check_strategy(trainer.strategy)
+        check_metric_consumers(trainer, self)
         if self.layers is not None:
             resolve_layers(pl_module, self.layers)  # a typo fails here, before any step
         if self.filters.channels:
@@ -317,6 +357,7 @@ class CamMonitor(Callback):
             )
         output.scalars.update(scalars)
         output.scalars[SECONDS_TAG] = time.perf_counter() - start
+        publish_metrics(trainer, scalar_tags(output.scalars))
         try:
             if self.history and self.folder is not None:
                 record = evaluation_record(

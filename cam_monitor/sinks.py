@@ -1,26 +1,88 @@
-"""Where evaluations go: TensorBoard, Weights & Biases, any Lightning logger, or PNGs on disk.
+"""Where evaluations go: TensorBoard, W&B, MLflow, Comet, Neptune, any Lightning logger, or PNGs.
 
 This is the boundary where the structured keys of an evaluation (`schema.MapKey`,
-`schema.ScalarKey`) become the string tags of the README's "What it logs".
+`schema.ScalarKey`) become the string tags of the README's "What it logs", and the one place
+that knows both Lightning namespaces (`pytorch_lightning` and `lightning.pytorch`).
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
+import importlib.util
+import io
 import math
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 from torch import Tensor
 
 from .render import save_png, to_png_bytes
 from .schema import MapKey, ScalarKey, image_tag, probe_hash_tag
 
 if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import Logger
+
     from .evaluation import ImageKey, ScalarName
+
+# The two names under which Lightning ships the same Trainer: the standalone `pytorch-lightning`
+# package and the `lightning` package's `lightning.pytorch`.
+NAMESPACE_PACKAGES = {"pytorch_lightning": "pytorch-lightning", "lightning.pytorch": "lightning"}
+
+
+def installed_namespaces() -> tuple[str, ...]:
+    """The Lightning namespaces that are installed, imported (a broken install raises its own
+    error); ImportError naming what to install if there is none.
+
+    Example:
+        >>> set(installed_namespaces()) <= {"pytorch_lightning", "lightning.pytorch"}
+        True
+    """
+    found = []
+    for name in NAMESPACE_PACKAGES:
+        if importlib.util.find_spec(name.split(".")[0]) is not None:
+            importlib.import_module(name)
+            found.append(name)
+    if not found:
+        raise ImportError(
+            "CamMonitor is a Lightning callback and neither `lightning` nor `pytorch-lightning` "
+            "is installed: pip install 'cam-monitor[lightning]' (for `import lightning`) or "
+            "'cam-monitor[pytorch-lightning]' (for `import pytorch_lightning`). The engine "
+            "(`cam_monitor.compute_cams`) works without either."
+        )
+    return tuple(found)
+
+
+NAMESPACES = installed_namespaces()
+
+
+@cache
+def lightning_classes(module: str, name: str) -> tuple[type, ...]:
+    """The class `name` of `<namespace>.<module>` in every installed namespace (for isinstance
+    checks and base classes); empty where no namespace has it.
+
+    Example:
+        >>> [c.__module__ for c in lightning_classes("callbacks", "Callback")][0].endswith(
+        ...     "callbacks.callback")
+        True
+    """
+    found = []
+    for namespace in NAMESPACES:
+        try:
+            found.append(getattr(importlib.import_module(f"{namespace}.{module}"), name))
+        except (ImportError, AttributeError):  # a logger module whose package is missing
+            continue
+    return tuple(found)
+
+
+def is_logger(logger: Any, name: str) -> bool:
+    """Whether `logger` is Lightning's `name` logger (``"TensorBoardLogger"``...) of either
+    namespace."""
+    module = "loggers.neptune" if name == "NeptuneLogger" else "loggers"
+    return isinstance(logger, lightning_classes(module, name))
 
 
 def image_tags(images: Mapping[ImageKey, Tensor]) -> dict[str, Tensor]:
@@ -59,7 +121,7 @@ class TensorBoardSink(Sink):
     """An image summary per grid (`add_png_image`) and `add_scalar` per number, on the logger's
     SummaryWriter."""
 
-    def __init__(self, logger: TensorBoardLogger) -> None:
+    def __init__(self, logger: Logger) -> None:
         self.logger = logger
 
     def log(
@@ -106,7 +168,7 @@ def add_png_image(writer: Any, tag: str, grid: Tensor, step: int) -> None:
 class WandbSink(Sink):
     """One `wandb.log` call per evaluation: images with captions, scalars, `trainer/global_step`."""
 
-    def __init__(self, logger: WandbLogger) -> None:
+    def __init__(self, logger: Logger) -> None:
         self.logger = logger
 
     def log(
@@ -167,12 +229,57 @@ class MetricsSink(Sink):
         self.logger.log_hyperparams({probe_hash_tag(n): d for n, d in hashes.items()})
 
 
+class MlflowSink(MetricsSink):
+    """Grids through `MlflowClient.log_image(run_id, image, key=tag, step=step)` (the MLflow UI
+    shows a step slider per key); scalars and the probe hash as `MetricsSink`."""
+
+    def log(
+        self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
+    ) -> None:
+        client, run_id = self.logger.experiment, self.logger.run_id
+        for tag, grid in image_tags(images).items():
+            client.log_image(run_id, grid.permute(1, 2, 0).numpy(), key=tag, step=step)
+        super().log(images, scalars, step)
+
+
+class CometSink(MetricsSink):
+    """Grids through Comet's `experiment.log_image(png, name=tag, step=step)` (PNG bytes, so
+    Comet does not rescale them); scalars and the probe hash as `MetricsSink`."""
+
+    def log(
+        self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
+    ) -> None:
+        experiment = self.logger.experiment
+        for tag, grid in image_tags(images).items():
+            experiment.log_image(io.BytesIO(to_png_bytes(grid)), name=tag, step=step)
+        super().log(images, scalars, step)
+
+
+class NeptuneSink(MetricsSink):
+    """Grids appended to a Neptune file series per tag (`run[tag].append(File, step=step)`);
+    scalars and the probe hash as `MetricsSink`."""
+
+    def log(
+        self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
+    ) -> None:
+        from neptune.types import File
+
+        run = self.logger.experiment
+        for tag, grid in image_tags(images).items():
+            run[tag].append(File.from_content(to_png_bytes(grid), extension="png"), step=step)
+        super().log(images, scalars, step)
+
+
 def logger_dir(logger: Logger, fallback: str | Path) -> Path:
-    """The folder a logger writes its run into (no collective calls)."""
-    if isinstance(logger, WandbLogger):
-        return Path(logger.experiment.dir).parent  # wandb/<run>/: one folder per run
-    folder = getattr(logger, "log_dir", None) or logger.save_dir
-    return Path(folder) if folder else Path(fallback)
+    """The folder of this logger's run (no collective calls): TensorBoard's and CSV's version
+    folder, W&B's `files/` (so `wandb sync` uploads what goes there), else
+    `<save_dir>/<name>/<version>` (MLflow: `mlruns/<experiment id>/<run id>`)."""
+    if is_logger(logger, "WandbLogger"):
+        return Path(logger.experiment.dir)  # wandb/<run>/files/
+    if getattr(logger, "log_dir", None):
+        return Path(logger.log_dir)
+    parts = [str(part) for part in (logger.name, logger.version) if part not in (None, "")]
+    return Path(logger.save_dir or fallback).joinpath(*parts)
 
 
 def run_folder(trainer: pl.Trainer, save_dir: str | Path | None) -> Path:
@@ -184,18 +291,35 @@ def run_folder(trainer: pl.Trainer, save_dir: str | Path | None) -> Path:
     return Path(trainer.default_root_dir) / "cam_monitor"
 
 
+# Lightning's logger classes with an image API, in either namespace, and the sink that uses it.
+IMAGE_SINKS: dict[str, type[Sink]] = {
+    "TensorBoardLogger": TensorBoardSink,
+    "WandbLogger": WandbSink,
+    "MLFlowLogger": MlflowSink,
+    "CometLogger": CometSink,
+    "NeptuneLogger": NeptuneSink,
+}
+
+
 def sinks_for(trainer: pl.Trainer, folder: Path) -> list[Sink]:
-    """A sink for every logger on the Trainer; PNGs on disk for loggers that cannot show images."""
+    """A sink for every logger on the Trainer; PNGs on disk, with a warning saying where, for
+    loggers without an image API."""
     sinks: list[Sink] = []
-    needs_files = not trainer.loggers
+    without_images = []
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            sinks.append(TensorBoardSink(logger))
-        elif isinstance(logger, WandbLogger):
-            sinks.append(WandbSink(logger))
-        else:
+        sink = next((s for n, s in IMAGE_SINKS.items() if is_logger(logger, n)), None)
+        if sink is None:
             sinks.append(MetricsSink(logger))
-            needs_files = True
-    if needs_files:
+            without_images.append(type(logger).__name__)
+        else:
+            sinks.append(sink(logger))  # type: ignore[call-arg]
+    if without_images or not trainer.loggers:
         sinks.append(FileSink(folder, write_scalars=not trainer.loggers))
+    if without_images:
+        from lightning_utilities.core.rank_zero import rank_zero_warn
+
+        rank_zero_warn(
+            f"CamMonitor: {', '.join(without_images)} has no image API; the grids go to PNG files "
+            f"under {folder / 'images'} (its scalars go to the logger)."
+        )
     return sinks
