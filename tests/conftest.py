@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+from functools import cache
+from types import ModuleType
 
 import pytest
 import pytorch_lightning as pl
@@ -61,8 +64,9 @@ def images() -> torch.Tensor:
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-class LitClassifier(pl.LightningModule):
-    """A TinyCNN trained with SGD; counts its training steps so tests can see what ran."""
+class ClassifierSteps:
+    """A TinyCNN trained with SGD; counts its training steps so tests can see what ran. Mixed
+    into either namespace's LightningModule (`LitClassifier`, `Lightning.module`)."""
 
     def __init__(self, lr: float = 0.05) -> None:
         super().__init__()
@@ -91,6 +95,10 @@ class LitClassifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class LitClassifier(ClassifierSteps, pl.LightningModule):
+    """`ClassifierSteps` on `pytorch_lightning`."""
+
+
 def shapes_dataset(n: int = 48, size: int = 32, seed: int = 0) -> TensorDataset:
     """Noise images with a bright square whose position decides the class (5 classes)."""
     gen = torch.Generator().manual_seed(seed)
@@ -106,17 +114,55 @@ def shapes_dataset(n: int = 48, size: int = 32, seed: int = 0) -> TensorDataset:
 
 def quiet_trainer(**kwargs: object) -> pl.Trainer:
     """A CPU Trainer without progress bars, summaries or checkpoints unless asked."""
-    options: dict[str, object] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "log_every_n_steps": 1,
-        "max_epochs": 2,
-    }
-    options.update(kwargs)
-    return pl.Trainer(**options)  # type: ignore[arg-type]
+    return Lightning("pytorch_lightning").trainer(**kwargs)
+
+
+class Lightning:
+    """One Lightning namespace (`pytorch_lightning` or `lightning.pytorch`): the package, its
+    loggers, callbacks and strategies, and tests' modules and Trainers built on it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pl: ModuleType = importlib.import_module(name)
+        self.loggers = importlib.import_module(f"{name}.loggers")
+        self.callbacks = importlib.import_module(f"{name}.callbacks")
+        self.strategies = importlib.import_module(f"{name}.strategies")
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def module(self, steps: type = ClassifierSteps) -> type:
+        """`steps` (a mixin such as `ClassifierSteps`) on this namespace's LightningModule."""
+        return lightning_module(steps, self.name)
+
+    def trainer(self, **kwargs: object) -> pl.Trainer:
+        """A CPU Trainer without progress bars, summaries or checkpoints unless asked."""
+        options: dict[str, object] = {
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "enable_checkpointing": False,
+            "log_every_n_steps": 1,
+            "max_epochs": 2,
+        }
+        options.update(kwargs)
+        return self.pl.Trainer(**options)  # type: ignore[no-any-return]
+
+
+@cache
+def lightning_module(steps: type, namespace: str) -> type:
+    base = importlib.import_module(namespace).LightningModule
+    return type(steps.__name__, (steps, base), {"__module__": steps.__module__})
+
+
+NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
+
+
+@pytest.fixture(params=NAMESPACES)
+def lightning(request: pytest.FixtureRequest) -> Lightning:
+    """Each Lightning namespace in turn: tests taking it run against both Trainers."""
+    return Lightning(request.param)
 
 
 def loader(dataset: TensorDataset, shuffle: bool = False, batch_size: int = 16) -> DataLoader:

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cam_monitor.callback import CamMonitor
 from cam_monitor.history import read_history, read_probe
-from tests.conftest import LitClassifier, loader, quiet_trainer, shapes_dataset
+from tests.conftest import Lightning, LitClassifier, loader, quiet_trainer, shapes_dataset
 
 LAYERS = ["net.features.3", "net.features.5"]
 
@@ -63,24 +63,33 @@ def wandb_history(path: Path) -> tuple[list[dict[str, object]], bool]:
     return rows, finished
 
 
-def fit(monitor: CamMonitor | None, tmp_path: Path, **trainer_kwargs: object) -> LitClassifier:
-    pl.seed_everything(0, verbose=False)
-    model = LitClassifier()
+def fit(
+    monitor: CamMonitor | None,
+    tmp_path: Path,
+    lightning: Lightning | None = None,
+    **trainer_kwargs: object,
+) -> LitClassifier:
+    """Train `LitClassifier` on shapes, on `lightning`'s namespace (default pytorch_lightning)."""
+    lightning = lightning or Lightning("pytorch_lightning")
+    lightning.pl.seed_everything(0, verbose=False)
+    model = lightning.module()()
     options: dict[str, object] = {
         "default_root_dir": tmp_path,
         "logger": False,
         "callbacks": [monitor] if monitor else [],
     }
     options.update(trainer_kwargs)
-    trainer = quiet_trainer(**options)
+    trainer = lightning.trainer(**options)
     trainer.fit(model, loader(shapes_dataset(), shuffle=True), loader(shapes_dataset(16, seed=1)))
     return model
 
 
-def test_tensorboard_gets_grids_for_baseline_and_each_epoch(tmp_path: Path) -> None:
+def test_tensorboard_gets_grids_for_baseline_and_each_epoch(
+    tmp_path: Path, lightning: Lightning
+) -> None:
     monitor = CamMonitor(LAYERS, methods=["gradcam", "layercam"], num_probe=6, nrow=3)
-    logger = TensorBoardLogger(tmp_path, name="tb")
-    fit(monitor, tmp_path, logger=logger, max_epochs=2)
+    logger = lightning.loggers.TensorBoardLogger(tmp_path, name="tb")
+    fit(monitor, tmp_path, lightning, logger=logger, max_epochs=2)
     acc = events(logger.log_dir)
     image_tags = sorted(acc.Tags()["images"])
     expected = sorted(f"cam/val/{layer}/{m}" for layer in LAYERS for m in ["gradcam", "layercam"])
@@ -101,13 +110,15 @@ def test_tensorboard_gets_grids_for_baseline_and_each_epoch(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_wandb_offline_run_holds_the_grids_and_metrics(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lightning: Lightning
 ) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monitor = CamMonitor("net.features.5", num_probe=4)
-    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="cam-monitor-test")
-    fit(monitor, tmp_path, logger=logger, max_epochs=2)
+    logger = lightning.loggers.WandbLogger(
+        save_dir=str(tmp_path), offline=True, project="cam-monitor-test"
+    )
+    fit(monitor, tmp_path, lightning, logger=logger, max_epochs=2)
     run_dir = Path(logger.experiment.dir)
     import wandb
 
@@ -130,13 +141,17 @@ def test_wandb_offline_run_holds_the_grids_and_metrics(
     image = "cam/val/net.features.5/gradcam"
     assert logged[0][f"{image}/_type"] == "image-file"
     assert (run_dir / str(logged[0][f"{image}/path"])).is_file()
-    history = read_history(run_dir.parent / "cam_monitor")
+    history = read_history(run_dir / "cam_monitor")  # in files/, so `wandb sync` uploads it
     assert [e.epoch for e in history] == [0, 1, 2]
 
 
-def test_csv_logger_gets_scalars_and_png_files(tmp_path: Path) -> None:
-    logger = CSVLogger(tmp_path, name="csv")
-    fit(CamMonitor("net.features.5", num_probe=4), tmp_path, logger=logger, max_epochs=2)
+def test_csv_logger_gets_scalars_and_png_files(tmp_path: Path, lightning: Lightning) -> None:
+    logger = lightning.loggers.CSVLogger(tmp_path, name="csv")
+    folder = Path(logger.log_dir) / "cam_monitor"
+    with pytest.warns(
+        UserWarning, match=f"CSVLogger has no image API; .* under {re.escape(str(folder))}"
+    ):
+        fit(CamMonitor("net.features.5", num_probe=4), tmp_path, lightning, logger=logger)
     rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
     seconds = [r for r in rows if r.get("cam_monitor/seconds")]
     assert [int(r["step"]) for r in seconds] == [0, 3, 6]
@@ -237,15 +252,15 @@ def test_runtime_failure_warns_and_skips_unless_strict(tmp_path: Path) -> None:
         fit(strict, tmp_path / "strict", max_epochs=2)
 
 
-def test_resume_continues_schedule_history_and_drift(tmp_path: Path) -> None:
+def test_resume_continues_schedule_history_and_drift(tmp_path: Path, lightning: Lightning) -> None:
     def run(root: Path, epochs: int, ckpt: str | None = None) -> pl.Trainer:
-        pl.seed_everything(0, verbose=False)
+        lightning.pl.seed_everything(0, verbose=False)
         monitor = CamMonitor("net.features.5", num_probe=6, save_dir=root / "hist")
-        trainer = quiet_trainer(
+        trainer = lightning.trainer(
             default_root_dir=root, logger=False, max_epochs=epochs, callbacks=[monitor],
             enable_checkpointing=True,
         )  # fmt: skip
-        model = LitClassifier()
+        model = lightning.module()()
         model.net.dropout.p = 0.0  # Lightning does not restore the RNG: keep training RNG-free
         trainer.fit(model, loader(shapes_dataset()), ckpt_path=ckpt)
         return trainer

@@ -16,7 +16,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -28,7 +27,14 @@ from cam_monitor.history import read_history
 from cam_monitor.options import EngineOptions, RenderOptions
 from cam_monitor.probe import make_probe
 from cam_monitor.tracking import AttentionTracker
-from tests.conftest import LitClassifier, TinyCNN, loader, quiet_trainer, shapes_dataset
+from tests.conftest import (
+    Lightning,
+    LitClassifier,
+    TinyCNN,
+    loader,
+    quiet_trainer,
+    shapes_dataset,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,8 +73,9 @@ class FaultyLayer(nn.Module):
         return BackwardFault.apply(x) if self.eval_calls == self.arm_at else x
 
 
-class DannLit(pl.LightningModule):
-    """BatchNorm, Dropout, a label head and a domain head behind gradient reversal; AdamW+StepLR."""
+class DannSteps:
+    """BatchNorm, Dropout, a label head and a domain head behind gradient reversal; AdamW+StepLR.
+    Mixed into either namespace's LightningModule (`DannLit`, `Lightning.module`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -98,6 +105,10 @@ class DannLit(pl.LightningModule):
         return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)]
 
 
+class DannLit(DannSteps, pl.LightningModule):
+    """`DannSteps` on `pytorch_lightning`."""
+
+
 def hook_counts(model: nn.Module) -> list[int]:
     return [
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
@@ -109,11 +120,11 @@ def hook_counts(model: nn.Module) -> list[int]:
 
 
 def dann_fit(
-    tmp_path: Path, callbacks: list[pl.Callback]
+    tmp_path: Path, callbacks: list[pl.Callback], lightning: Lightning
 ) -> tuple[DannLit, pl.Trainer, torch.Tensor]:
-    pl.seed_everything(0, verbose=False)
-    model = DannLit()
-    trainer = quiet_trainer(
+    lightning.pl.seed_everything(0, verbose=False)
+    model = lightning.module(DannSteps)()
+    trainer = lightning.trainer(
         default_root_dir=tmp_path, logger=False, callbacks=callbacks, max_epochs=2,
         accumulate_grad_batches=2,
     )  # fmt: skip
@@ -121,7 +132,7 @@ def dann_fit(
     return model, trainer, torch.get_rng_state()
 
 
-def test_no_trace_on_weights_buffers_optimizer_or_rng(tmp_path: Path) -> None:
+def test_no_trace_on_weights_buffers_optimizer_or_rng(tmp_path: Path, lightning: Lightning) -> None:
     monitors = [
         CamMonitor(
             ["features.2", "features.5"], methods=["gradcam", "gradcam++", "hirescam"],
@@ -130,8 +141,8 @@ def test_no_trace_on_weights_buffers_optimizer_or_rng(tmp_path: Path) -> None:
         CamMonitor("features.3", every_n_steps=1, output_transform=0, num_probe=4,
                    save_dir=tmp_path / "steps"),
     ]  # fmt: skip
-    plain, plain_trainer, plain_rng = dann_fit(tmp_path / "plain", [])
-    watched, watched_trainer, watched_rng = dann_fit(tmp_path / "watched", monitors)
+    plain, plain_trainer, plain_rng = dann_fit(tmp_path / "plain", [], lightning)
+    watched, watched_trainer, watched_rng = dann_fit(tmp_path / "watched", monitors, lightning)
     assert monitors[0].evaluations == 3 and monitors[1].evaluations == 9  # 8 steps + baseline
     for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # weights and BatchNorm buffers
@@ -365,10 +376,13 @@ def test_a_compiled_module_is_monitored_in_eager_mode(tmp_path: Path) -> None:
     assert torch.allclose(torch.from_numpy(last), expected, atol=1e-3 * float(expected.max()))
 
 
-def test_sharded_strategies_are_refused_with_a_clear_message() -> None:
-    with pytest.raises(ValueError, match="does not support the sharded strategy FSDPStrategy"):
-        check_strategy(FSDPStrategy())
-    check_strategy(DDPStrategy())  # plain data parallel is fine
+def test_sharded_strategies_are_refused_with_a_clear_message(lightning: Lightning) -> None:
+    for sharded in (lightning.strategies.FSDPStrategy, lightning.strategies.ModelParallelStrategy):
+        with pytest.raises(
+            ValueError, match=f"does not support the sharded strategy {sharded.__name__}"
+        ):
+            check_strategy(sharded())
+    check_strategy(lightning.strategies.DDPStrategy())  # plain data parallel is fine
 
 
 # -- bad input ---------------------------------------------------------------------------------
