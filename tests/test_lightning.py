@@ -1,0 +1,353 @@
+"""CamMonitor in the Lightning ecosystem: either namespace alone, both LightningCLIs, the MLflow,
+Comet and Neptune image APIs, and metrics that ModelCheckpoint and EarlyStopping can monitor."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+import types
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cam_monitor.callback import CamMonitor, check_metric_consumers
+from cam_monitor.history import read_history
+from cam_monitor.schema import SECONDS_TAG, MapKey
+from cam_monitor.sinks import NeptuneSink
+from tests.conftest import ClassifierSteps, Lightning, loader, shapes_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+ENERGY = "cam_loc/target/net.features.5/gradcam/energy"
+
+
+class ShapesSteps(ClassifierSteps):
+    """`ClassifierSteps` with its own loaders, so a LightningCLI needs only the model class."""
+
+    def train_dataloader(self) -> DataLoader:
+        return loader(shapes_dataset(), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return loader(shapes_dataset(16, seed=1))
+
+
+def call_model(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """A `forward=` for the YAML test, named by its import path."""
+    return module(inputs)
+
+
+def fit(lightning: Lightning, root: Path, callbacks: list[Any], **kwargs: Any) -> Any:
+    lightning.pl.seed_everything(0, verbose=False)
+    trainer = lightning.trainer(default_root_dir=root, callbacks=callbacks, **kwargs)
+    trainer.fit(lightning.module(ShapesSteps)())
+    return trainer
+
+
+# -- either namespace alone, or neither ----------------------------------------------------------
+
+ALONE = """
+import sys
+for blocked in {blocked!r}:
+    sys.modules[blocked] = None  # as if not installed: `import` raises ImportError
+import torch
+import cam_monitor
+from cam_monitor import compute_cams
+from tests.conftest import TinyCNN
+assert compute_cams(TinyCNN(), torch.randn(2, 3, 32, 32), "features.5")  # the engine: no Lightning
+try:
+    from cam_monitor import CamMonitor
+except ImportError as err:
+    print("IMPORT ERROR", err)
+    raise SystemExit(0)
+import {namespace} as L
+from tests.conftest import ClassifierSteps, loader, shapes_dataset
+assert [b.__module__.split(".")[0] for b in CamMonitor.__bases__] == [{namespace!r}.split(".")[0]]
+monitor = CamMonitor("net.features.5", num_probe=4)
+logger = L.loggers.TensorBoardLogger(sys.argv[1], name="tb")
+trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=logger, callbacks=[monitor],
+                    enable_progress_bar=False, enable_checkpointing=False)
+Lit = type("Lit", (ClassifierSteps, L.LightningModule), {{}})
+trainer.fit(Lit(), loader(shapes_dataset(16)))
+print("SINKS", [type(s).__name__ for s in monitor._sinks], "EVALUATIONS", monitor.evaluations)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("namespace", "blocked"),
+    [
+        ("lightning.pytorch", ["pytorch_lightning"]),
+        ("pytorch_lightning", ["lightning", "lightning.pytorch"]),
+        (None, ["lightning", "lightning.pytorch", "pytorch_lightning"]),
+    ],
+    ids=["lightning-alone", "pytorch_lightning-alone", "neither"],
+)
+def test_one_namespace_installed_or_none(
+    namespace: str | None, blocked: list[str], tmp_path: Path
+) -> None:
+    script = ALONE.format(blocked=blocked, namespace=namespace)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+        env=env, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    if namespace is None:
+        assert "IMPORT ERROR" in done.stdout
+        assert "pip install 'cam-monitor[lightning]'" in done.stdout
+        assert "'cam-monitor[pytorch-lightning]'" in done.stdout
+    else:
+        assert "SINKS ['TensorBoardSink'] EVALUATIONS 2" in done.stdout, done.stdout
+
+
+def test_one_class_is_a_callback_of_both_namespaces() -> None:
+    import lightning.pytorch
+    import pytorch_lightning
+
+    monitor = CamMonitor("net.features.5")
+    assert isinstance(monitor, pytorch_lightning.Callback)
+    assert isinstance(monitor, lightning.pytorch.Callback)
+
+
+# -- LightningCLI --------------------------------------------------------------------------------
+
+
+def run_cli(lightning: Lightning, args: list[str]) -> Any:
+    """`LightningCLI(model, args=args)` of `lightning`'s namespace, as if run as `prog args`."""
+    cli = importlib.import_module(f"{lightning.name}.cli").LightningCLI
+    argv, sys.argv = sys.argv, ["prog"]  # the CLI warns when pytest's own arguments are there
+    try:
+        return cli(lightning.module(ShapesSteps), args=args)
+    finally:
+        sys.argv = argv
+
+
+def test_print_config_lists_every_argument_with_its_default(
+    lightning: Lightning, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["fit", "--trainer.callbacks+=cam_monitor.CamMonitor", "--print_config"]
+    with pytest.raises(SystemExit):
+        run_cli(lightning, args)
+    config = yaml.safe_load(capsys.readouterr().out)
+    (callback,) = config["trainer"]["callbacks"]
+    assert callback["class_path"] == "cam_monitor.CamMonitor"
+    listed = callback["init_args"]
+    parameters = inspect.signature(CamMonitor).parameters
+    assert list(listed) == list(parameters)
+    for name, parameter in parameters.items():
+        default = parameter.default
+        assert listed[name] == (list(default) if isinstance(default, tuple) else default), name
+
+
+def test_yaml_sets_every_argument_and_fits(lightning: Lightning, tmp_path: Path) -> None:
+    init_args: dict[str, Any] = {
+        "layer": ["net.features.3", "net.features.5"],
+        "methods": ["gradcam", "layercam"],
+        "every_n_epochs": 2,
+        "every_n_steps": None,
+        "probe": {
+            "class_path": "torchvision.datasets.FakeData",
+            "init_args": {
+                "size": 6,
+                "image_size": [3, 32, 32],
+                "num_classes": 5,
+                "transform": {"class_path": "torchvision.transforms.ToTensor"},
+            },
+        },
+        "num_probe": 4,
+        "target": "label",
+        "output_transform": None,
+        "forward": "tests.test_lightning.call_model",
+        "reshape": None,
+        "masks": None,
+        "input_key": "image",
+        "label_key": "label",
+        "colormap": "turbo",
+        "alpha": 0.3,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "class_names": ["a", "b", "c", "d", "e"],
+        "nrow": 2,
+        "batch_size": 2,
+        "smooth": 0,
+        "noise": 0.1,
+        "cam_head": "net.fc",
+        "ig_steps": 8,
+        "filters": {"net.features.3": [0, 1]},
+        "drift_measures": ["spearman", "js"],
+        "topk": 0.1,
+        "pointing_tolerance": 1,
+        "reference": None,
+        "history": True,
+        "save_dir": str(tmp_path / "history"),
+        "strict": True,
+    }
+    assert set(init_args) == set(inspect.signature(CamMonitor).parameters)  # every one is here
+    config = {
+        "trainer": {
+            "max_epochs": 2, "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+            "enable_checkpointing": False, "enable_model_summary": False,
+            "default_root_dir": str(tmp_path),
+            "callbacks": [{"class_path": "cam_monitor.CamMonitor", "init_args": init_args}],
+        }
+    }  # fmt: skip
+    path = tmp_path / "in" / "config.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(config))
+    cli = run_cli(lightning, ["fit", "--config", str(path)])
+    parsed = cli.config["fit"]["trainer"]["callbacks"][0]["init_args"]
+    for name, value in init_args.items():
+        if name not in ("probe", "forward"):  # a class with its defaults; the function itself
+            assert parsed[name] == value, name
+    (monitor,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, CamMonitor)]
+    assert monitor.methods == ("gradcam", "layercam")
+    forward = monitor.engine.forward
+    assert (forward.__module__, forward.__name__) == ("tests.test_lightning", "call_model")
+    assert monitor.render.colormap == "turbo"
+    history = read_history(tmp_path / "history")
+    assert [e.epoch for e in history] == [0, 2]  # baseline, then every 2nd epoch
+    assert set(history[0].maps) >= {
+        ("probe", layer, method)  # a Dataset probe is the set "probe"
+        for layer in ("net.features.3", "net.features.5")
+        for method in ("gradcam", "layercam")
+    }
+    assert (history[0].targets["probe"] == history[0].labels["probe"]).all()
+
+
+# -- image APIs: MLflow, Comet, Neptune ----------------------------------------------------------
+
+
+def test_mlflow_gets_images_with_steps_and_a_history_per_run(
+    lightning: Lightning, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file:{tmp_path}/mlruns"
+    runs = []
+    for _ in range(2):
+        logger = lightning.loggers.MLFlowLogger(experiment_name="cam", tracking_uri=uri)
+        fit(lightning, tmp_path, [CamMonitor("net.features.5", num_probe=4)], logger=logger)
+        runs.append(logger)
+    client = MlflowClient(uri)
+    run_id = runs[0].run_id
+    images = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    steps = sorted(
+        int(name.split("+")[2]) for name in images if "cam~val~net.features.5~gradcam+" in name
+    )
+    assert steps == [0, 3, 6]
+    seconds = client.get_metric_history(run_id, SECONDS_TAG)
+    assert sorted(m.step for m in seconds) == [0, 3, 6]
+    folders = [tmp_path / "mlruns" / r.experiment_id / r.run_id / "cam_monitor" for r in runs]
+    assert folders[0] != folders[1]
+    assert all([e.index for e in read_history(folder)] == [0, 1, 2] for folder in folders)
+    assert not list(tmp_path.rglob("step-*.png"))  # no PNG fallback: MLflow shows the images
+
+
+@pytest.mark.slow
+def test_comet_offline_experiment_gets_images_with_steps(
+    lightning: Lightning, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COMET_START_ONLINE", "false")  # an OfflineExperiment, written to a zip
+    monkeypatch.setenv("COMET_OFFLINE_DIRECTORY", str(tmp_path / "comet"))
+    logger = lightning.loggers.CometLogger(project="cam-monitor-test")
+    fit(lightning, tmp_path, [CamMonitor("net.features.5", num_probe=4)], logger=logger)
+    key = logger.version
+    logger.experiment.end()
+    (archive,) = (tmp_path / "comet").glob("*.zip")
+    messages = [json.loads(line) for line in zipfile.ZipFile(archive).read("messages.json").split()]
+    figures = [
+        m["payload"]["additional_params"] for m in messages
+        if m.get("type") == "file_upload" and m["payload"].get("upload_type") == "visualization"
+    ]  # fmt: skip
+    grid = [f["step"] for f in figures if f["figName"] == "cam/val/net.features.5/gradcam"]
+    assert grid == [0, 3, 6]
+    metrics = [m["payload"]["metric"] for m in messages if m.get("type") == "metric_msg"]
+    assert [m["step"] for m in metrics if m["metricName"] == SECONDS_TAG] == [0, 3, 6]
+    history = read_history(Path(tmp_path, "cam-monitor-test", key, "cam_monitor"))
+    assert len(history) == 3
+
+
+@pytest.mark.slow
+def test_neptune_offline_run_gets_image_series_with_steps(tmp_path: Path) -> None:
+    """Lightning 2.6 no longer builds a NeptuneLogger (Neptune was sunset): the sink is checked
+    against a real offline Neptune run, behind the two members it uses of the logger."""
+    import neptune
+
+    os.chdir(tmp_path)  # offline runs go to ./.neptune
+    run = neptune.init_run(mode="offline", project="cam/monitor")
+
+    def log_metrics(metrics: dict[str, float], step: int) -> None:
+        for tag, value in metrics.items():
+            run[tag].append(value, step=step)
+
+    sink = NeptuneSink(types.SimpleNamespace(experiment=run, log_metrics=log_metrics))  # type: ignore[arg-type]
+    grid = torch.full((3, 8, 8), 200, dtype=torch.uint8)
+    for step in (0, 3):
+        sink.log({MapKey("val", "features.5", "gradcam"): grid}, {SECONDS_TAG: 0.5}, step)
+    run.stop()
+    (log,) = (tmp_path / ".neptune").rglob("data-1.log")
+    ops = [json.loads(line)["obj"] for line in log.read_text().splitlines()]
+    images = [o for o in ops if o["path"] == ["cam", "val", "features.5", "gradcam"]]
+    assert [o["type"] for o in images] == ["LogImages", "LogImages"]
+    assert [o["values"][0]["step"] for o in images] == [0, 3]
+
+
+# -- metrics for ModelCheckpoint and EarlyStopping -----------------------------------------------
+
+
+def localization_monitor() -> CamMonitor:
+    data = shapes_dataset(8, seed=3)
+    images, labels = data.tensors
+    return CamMonitor(
+        "net.features.5",
+        probe={"target": (images, labels)},
+        masks={"target": images.mean(1) > 0.75},
+    )
+
+
+def test_model_checkpoint_keeps_the_epoch_with_the_highest_energy(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    monitor = localization_monitor()
+    checkpoint = lightning.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor=ENERGY, mode="max", filename="{epoch}"
+    )
+    trainer = fit(
+        lightning, tmp_path, [monitor, checkpoint], logger=False, enable_checkpointing=True,
+        max_epochs=4,
+    )  # fmt: skip
+    energies = [e.scalars[ENERGY] for e in read_history(tmp_path / "cam_monitor")][1:]
+    assert len(set(energies)) > 1  # the choice means something
+    best = max(range(4), key=lambda epoch: energies[epoch])
+    assert float(checkpoint.best_model_score) == pytest.approx(energies[best], rel=1e-6)
+    assert Path(checkpoint.best_model_path).name == f"epoch={best}.ckpt"
+    assert float(trainer.callback_metrics[ENERGY]) == pytest.approx(energies[-1], rel=1e-6)
+
+
+def test_early_stopping_watches_a_monitor_tag(lightning: Lightning, tmp_path: Path) -> None:
+    stop = lightning.callbacks.EarlyStopping(monitor=ENERGY, mode="max", min_delta=1.0, patience=1)
+    trainer = fit(lightning, tmp_path, [localization_monitor(), stop], logger=False, max_epochs=6)
+    assert trainer.current_epoch == 2 and stop.stopped_epoch == 1  # no gain of 1.0 after epoch 0
+
+
+def test_a_consumer_listed_first_warns_and_ddp_is_refused(lightning: Lightning) -> None:
+    monitor = localization_monitor()
+    stop = lightning.callbacks.EarlyStopping(monitor=ENERGY, mode="max")
+    trainer = lightning.trainer(logger=False, callbacks=[stop, monitor])
+    with pytest.warns(UserWarning, match="comes before the monitor in `callbacks`.*CamMonitor fi"):
+        check_metric_consumers(trainer, monitor)
+    ddp = lightning.trainer(
+        logger=False, callbacks=[monitor, stop], strategy="ddp", devices=2
+    )  # built, never launched
+    with pytest.raises(ValueError, match=r"EarlyStopping\(monitor='cam_loc/.*2 processes"):
+        check_metric_consumers(ddp, monitor)
