@@ -153,9 +153,13 @@ def check_probe_name(name: object) -> str:
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"probe set names must be non-empty strings, got {name!r}.")
-    if name != name.strip() or any(ch in "/\\" or ord(ch) < 32 or ord(ch) == 127 for ch in name):
+    if (
+        name != name.strip()
+        or name in (".", "..")  # a folder of PNGs named ".." would sit outside the run
+        or any(ch in "/\\" or ord(ch) < 32 or ord(ch) == 127 for ch in name)
+    ):
         raise ValueError(
             f"probe set name {name!r} cannot be used in a tag or a folder: use letters, digits, "
-            "'.', '-' or '_' (no '/', '\\', control characters or surrounding spaces)."
+            "'.', '-' or '_' (no '/', '\\', control characters, surrounding spaces, '.' or '..')."
         )
     return name

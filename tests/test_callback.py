@@ -267,8 +267,8 @@ def test_resume_continues_schedule_history_and_drift(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"every_n_epochs": 0}, ValueError, r"`every_n_epochs` must be an int >= 1, got 0"),
-        ({"every_n_epochs": 1.0}, TypeError, r"`every_n_epochs` must be an int >= 1, got float"),
+        ({"every_n_epochs": 0}, ValueError, r"`every_n_epochs` must be an int >= 1 or None, got 0"),
+        ({"every_n_epochs": 1.0}, TypeError, r"`every_n_epochs` must be an int >= 1 or None, got float"),
         ({"methods": "gradcamm"}, ValueError, r"`methods` got unknown name\(s\) 'gradcamm'"),
         ({"alpha": 1.5}, ValueError, r"`alpha` must be a finite number in \[0, 1\], got 1.5"),
         ({"alpha": float("inf")}, ValueError, r"`alpha` must be a finite number .*, got inf"),
