@@ -288,6 +288,7 @@ class CamMonitor(Callback):
         self._probes = probes
         if self.layers is None:
             self.layers = [self._default_layer(pl_module)]
+        self._check_shared_tags(trainer, pl_module)
         if self.run_id is None:
             self.run_id = uuid.uuid4().hex[:12]
         self.folder = self._claim_folder(trainer)
@@ -437,6 +438,28 @@ class CamMonitor(Callback):
             f"output). Pass CamMonitor(layer={chosen!r}) to choose it yourself."
         )
         return chosen
+
+    def _groups(self, pl_module: pl.LightningModule) -> set[tuple[str, str, str]]:
+        """The (probe, layer, method) groups this monitor logs once started."""
+        names = [name for name, _ in resolve_layers(unwrap_model(pl_module), self.layers or [])]
+        return {(p, n, m) for p in self._probes for n in names for m in self.methods}
+
+    def _check_shared_tags(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Two monitors logging the same tags to the same loggers would mix their curves."""
+        if not trainer.loggers:
+            return
+        mine = self._groups(pl_module)
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(other, CamMonitor) and other is not self and other._probes:
+                shared = sorted(mine & other._groups(pl_module))
+                if shared:
+                    probe, layer, method = shared[0]
+                    raise ValueError(
+                        f"Two CamMonitors in this Trainer would both log cam/{probe}/{layer}/"
+                        f"{method} ({len(shared)} shared tag group(s)), mixing their curves. Name "
+                        "their probe sets apart (probe={'name': ...}), or monitor other layers "
+                        "or methods."
+                    )
 
     def _claim_folder(self, trainer: pl.Trainer) -> Path:
         """This run's folder: one history per run. An explicit `save_dir` holding another run's
