@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from cam_monitor import ALL_METHODS, CamMonitor
+from cam_monitor.evaluation import view_grids
 from cam_monitor.options import RenderOptions
 from cam_monitor.render import colorize_signed, colorize_view, make_map_grid, make_view_grid
 from cam_monitor.schema import (
@@ -88,6 +89,21 @@ def test_view_options_are_checked_where_they_are_given() -> None:
         CamMonitor("net.features.5", gray_views="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`views` needs at least one of all, pos, neg"):
         CamMonitor("net.features.5", views=[])
+
+
+def test_gray_views_are_gray_and_keyed_by_view() -> None:
+    maps = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(2))
+    options = RenderOptions(views=("neg", "all"), gray_views=True, nrow=2)
+    grids = view_grids("probe", "input", "deconvnet", maps, ["a", "b", "c"], options)
+    assert list(grids) == [
+        MapKey("probe", "input", "deconvnet_neg"),
+        MapKey("probe", "input", "deconvnet"),
+    ]
+    for grid in grids.values():
+        assert grid.dtype == torch.uint8 and (grid == grid[:1]).all()  # R = G = B
+    colour = view_grids("probe", "input", "deconvnet", maps, None, RenderOptions(views="neg"))
+    grid = colour[MapKey("probe", "input", "deconvnet_neg")]
+    assert not (grid == grid[:1]).all()
 
 
 def decode(event_image: object) -> np.ndarray:
