@@ -270,7 +270,8 @@ def relu_rule_gradients(
 ) -> Tensor:
     """Input gradients `[B, C, H, W]` of the scores with every ReLU ruled by `rule`.
 
-    `model` is the module whose `nn.ReLU`s are ruled; `score_fn` runs it.
+    `model` is the module whose `nn.ReLU`s are ruled (functional ReLUs in `score_fn` are too);
+    `score_fn` runs it.
     """
     image = batch.require_image()
     result = torch.zeros_like(image.detach(), dtype=torch.float32)
@@ -292,7 +293,7 @@ def guided_backprop(
 ) -> Tensor:
     """Guided backprop (Springenberg et al. 2015): input gradients `[B, C, H, W]` with guided ReLUs.
 
-    `model` is the module whose `nn.ReLU`s are guided; `score_fn` runs it.
+    `model` is the module whose `nn.ReLU`s are guided; `score_fn` runs it (`ruled_relus`).
     """
     return relu_rule_gradients(model, score_fn, batch, "guided", rows_per_pass)
 
