@@ -92,6 +92,9 @@ class CamMonitor(Callback):
         std: per-channel normalisation std to undo before drawing (with ``mean``).
         class_names: names for the tile captions.
         nrow: tiles per grid row.
+        views: grids per signed map (``integrated_gradients``, ``guided_backprop``,
+            ``deconvnet``, ``guided_gradcam``): any of ``"all"``, ``"pos"``, ``"neg"``.
+        gray_views: draw those views in grays instead of blue-white-red.
         batch_size: probe rows per pass, to bound memory (None: the whole probe at once).
         smooth: noisy copies averaged by the gradient CAMs (Smooth Grad-CAM++ with gradcam++).
         noise: noise std of those copies, as a fraction of each image's value range.
@@ -143,6 +146,8 @@ class CamMonitor(Callback):
         std: Sequence[float] | None = None,
         class_names: Sequence[str] | None = None,
         nrow: int = 8,
+        views: str | Sequence[str] = "all",
+        gray_views: bool = False,
         batch_size: int | None = None,
         smooth: int = 0,
         noise: float = 0.15,
@@ -167,7 +172,9 @@ class CamMonitor(Callback):
             reshape=reshape, batch_size=batch_size, smooth=smooth, noise=noise,
             cam_head=cam_head, ig_steps=ig_steps,
         )  # fmt: skip
-        self.render = RenderOptions(colormap, alpha, mean, std, class_names, nrow)
+        self.render = RenderOptions(
+            colormap, alpha, mean, std, class_names, nrow, views, gray_views
+        )
         self.filters = FilterOptions({} if filters is None else filters)
         drift = DriftOptions(drift_measures, topk, pointing_tolerance)
         self.tracker = AttentionTracker(drift)

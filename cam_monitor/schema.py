@@ -129,6 +129,34 @@ def image_tag(key: MapKey) -> str:
     return f"{IMAGE_PREFIX}/{key.encoded}"
 
 
+#: Views of a signed map: the whole map, its positive part, its negative part.
+ALL_VIEW = "all"
+VIEWS: tuple[str, ...] = (ALL_VIEW, "pos", "neg")
+
+
+def view_method(method: str, view: str) -> str:
+    """The method part of a view's grid key: `method` for the whole map, else ``method_pos``.
+
+    Example:
+        >>> view_method("deconvnet", "all"), view_method("deconvnet", "neg")
+        ('deconvnet', 'deconvnet_neg')
+    """
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {view!r}.")
+    return method if view == ALL_VIEW else f"{method}_{view}"
+
+
+def parse_view_method(name: str) -> tuple[str, str]:
+    """(method, view) of a grid's method part: the inverse of `view_method`.
+
+    Example:
+        >>> parse_view_method("guided_backprop_pos"), parse_view_method("gradcam")
+        (('guided_backprop', 'pos'), ('gradcam', 'all'))
+    """
+    method, _, view = name.rpartition("_")
+    return (method, view) if method and view in VIEWS[1:] else (name, ALL_VIEW)
+
+
 def filter_channel_tag(probe: str, layer: str, channel: int) -> str:
     """``filters/<probe>/<layer>/channel_<c>``: one channel's activations on a probe set."""
     return f"{FILTER_PREFIX}/{join(probe, layer)}/channel_{channel}"
