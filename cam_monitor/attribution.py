@@ -1,4 +1,4 @@
-"""Pixel-level attributions: saliency, SmoothGrad, integrated gradients, guided backprop.
+"""Pixel-level attributions: saliency, SmoothGrad, IG, guided backprop, deconvnet.
 
 Each function takes the probe as a `Batch` and feeds the model rows built from it with
 `Batch.with_image` (noisy copies, interpolation steps), in passes of at most `rows_per_pass`
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,11 @@ ScoreFn = Callable[[Batch, Tensor], Tensor]
 SMOOTHGRAD_SAMPLES = 16
 
 _RELU_FUNCTIONS = frozenset([F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_])
+_INPLACE_RELUS = frozenset([F.relu_, torch.relu_, Tensor.relu_])
+
+#: How a ReLU passes gradients back: guided backprop, or the deconvnet.
+ReluRule = Literal["guided", "deconvnet"]
+RELU_RULES: tuple[str, ...] = ("guided", "deconvnet")
 
 
 def pass_ranges(rows: int, rows_per_pass: int | None) -> list[tuple[int, int]]:
@@ -151,54 +156,133 @@ def integrated_gradients(
     return (x - base) * total_grad, base_scores
 
 
-class _FunctionalReluSpy(TorchFunctionMode):
-    """Counts `F.relu` / `torch.relu` / `Tensor.relu` calls made outside `nn.ReLU` modules."""
+class _RuledRelu(torch.autograd.Function):
+    """`max(x, 0)` forward (in place when the ReLU was); the backward follows a `ReluRule`."""
 
-    def __init__(self) -> None:
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, rule: ReluRule, inplace: bool) -> Tensor:
+        if inplace:
+            ctx.mark_dirty(x)
+            out = x.clamp_min_(0)
+        else:
+            out = x.clamp_min(0)
+        ctx.rule = rule
+        if rule == "guided":
+            ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        passed = grad.clamp_min(0)  # both rules pass positive gradients only
+        if ctx.rule == "guided":  # ... and only where the forward input was positive
+            (out,) = ctx.saved_tensors
+            passed = torch.where(out > 0, passed, torch.zeros_like(passed))
+        return passed, None, None
+
+
+class _FunctionalRelus(TorchFunctionMode):
+    """Applies the rule to `F.relu` / `torch.relu` / `Tensor.relu` calls on tensors with grad."""
+
+    def __init__(self, rule: ReluRule) -> None:
         super().__init__()
-        self.module_depth = 0
-        self.functional_calls = 0
+        self.rule = rule
+        self.applied = 0
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
-        if self.module_depth == 0 and func in _RELU_FUNCTIONS:
-            self.functional_calls += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func in _RELU_FUNCTIONS and args and isinstance(args[0], Tensor):
+            x = args[0]
+            if x.requires_grad and torch.is_grad_enabled():
+                flag = kwargs.get("inplace", args[1] if len(args) > 1 else False)
+                self.applied += 1
+                return _RuledRelu.apply(x, self.rule, func in _INPLACE_RELUS or bool(flag))
+        return func(*args, **kwargs)
 
 
 @contextmanager
-def guided_relus(model: nn.Module) -> Iterator[None]:
-    """Guided backprop on every `nn.ReLU` of `model` for the forward run inside the block.
+def ruled_relus(model: nn.Module, rule: ReluRule) -> Iterator[None]:
+    """Every ReLU of the forward run inside the block passes gradients by `rule`.
 
-    A forward hook puts a tensor hook on each ReLU output that keeps only positive gradients;
-    the ReLU's own backward then gates by a positive forward input. Modules, their `inplace`
-    flags and hook dictionaries are left as they were (hooks removed in `finally`). ReLUs
-    applied functionally cannot be reached: they trigger a warning after the forward.
+    `"guided"` (guided backprop) passes a gradient where it and the forward input are
+    positive; `"deconvnet"` where the gradient is positive, whatever the input. `nn.ReLU`
+    modules (in place or not, also one module called several times) and functional ReLUs
+    (`F.relu`, `torch.relu`, `Tensor.relu` and their in-place forms) get the same rule; forward
+    values are unchanged. Hooks and the function mode are removed on every exit path, and
+    modules keep their `inplace` flags. A forward with no ReLU to rule gets a warning.
+
+    Example:
+        >>> x = torch.tensor([-1.0, 2.0], requires_grad=True)
+        >>> with ruled_relus(nn.Identity(), "deconvnet"):
+        ...     (grad,) = torch.autograd.grad((F.relu(x) * torch.tensor([3.0, -1.0])).sum(), x)
+        >>> grad.tolist()  # plain backprop: [0.0, -1.0]; guided: [0.0, 0.0]
+        [3.0, 0.0]
     """
-    spy = _FunctionalReluSpy()
+    if rule not in RELU_RULES:
+        raise ValueError(f"rule must be one of {', '.join(RELU_RULES)}, got {rule!r}.")
+    # The module runs on a detached alias of its input (its own graph is dropped); the hook
+    # after it returns the ruled ReLU of the input itself, in place if the module was.
+    inputs: dict[nn.Module, list[Tensor]] = {}
 
-    def enter(module: nn.Module, args: Any) -> None:
-        spy.module_depth += 1
+    def before(module: nn.Module, args: tuple) -> tuple | None:
+        if not (args and isinstance(args[0], Tensor)):
+            return None
+        if not (args[0].requires_grad and torch.is_grad_enabled()):
+            return None
+        inputs.setdefault(module, []).append(args[0])
+        return (args[0].detach(), *args[1:])
 
-    def leave(module: nn.Module, args: Any, output: Any) -> None:
-        spy.module_depth -= 1
-        if isinstance(output, Tensor) and output.requires_grad:
-            output.register_hook(torch.relu)
+    def after(module: nn.Module, args: tuple, output: Any) -> Tensor | None:
+        pending = inputs.get(module)
+        if not pending:
+            return None
+        functional.applied += 1
+        return _RuledRelu.apply(pending.pop(), rule, bool(getattr(module, "inplace", False)))
 
     relus = [module for module in model.modules() if isinstance(module, nn.ReLU)]
-    hooks: list[Hook] = [(relu, "forward_pre", enter) for relu in relus]
-    hooks += [(relu, "forward", leave) for relu in relus]
-    with scoped_hooks(hooks), spy:
+    hooks: list[Hook] = [(relu, "forward_pre", before) for relu in relus]
+    hooks += [(relu, "forward", after) for relu in relus]
+    functional = _FunctionalRelus(rule)
+    with scoped_hooks(hooks), functional:
         yield
-    if spy.functional_calls:
+    if not functional.applied:
+        name = "guided backprop" if rule == "guided" else "deconvnet"
         warnings.warn(
-            f"{type(model).__name__} applied ReLU functionally (F.relu / torch.relu / "
-            f".relu(), {spy.functional_calls} call(s) in one forward); guided backprop can only "
-            "guide nn.ReLU modules, so gradients pass those ReLUs unguided. Use nn.ReLU modules "
-            "for exact guided backprop and guided Grad-CAM.",
+            f"{type(model).__name__} ran no ReLU on a tensor that needs a gradient, so {name} "
+            "equals the plain input gradient here (GELU, SiLU and other activations have no "
+            f"{name} rule). Use saliency or integrated_gradients for such models.",
             stacklevel=3,
         )
+
+
+def guided_relus(model: nn.Module) -> AbstractContextManager[None]:
+    """Guided backprop on every ReLU of the forward run inside the block (`ruled_relus`)."""
+    return ruled_relus(model, "guided")
+
+
+def relu_rule_gradients(
+    model: nn.Module,
+    score_fn: ScoreFn,
+    batch: Batch,
+    rule: ReluRule,
+    rows_per_pass: int | None = None,
+) -> Tensor:
+    """Input gradients `[B, C, H, W]` of the scores with every ReLU ruled by `rule`.
+
+    `model` is the module whose `nn.ReLU`s are ruled (functional ReLUs in `score_fn` are too);
+    `score_fn` runs it.
+    """
+    image = batch.require_image()
+    result = torch.zeros_like(image.detach(), dtype=torch.float32)
+    with ruled_relus(model, rule):
+        for start, stop in pass_ranges(image.shape[0], rows_per_pass):
+            index = torch.arange(start, stop, device=image.device)
+            rows = image.detach()[index].requires_grad_(True)
+            scores = score_fn(batch.with_image(rows, index), index)
+            (grad,) = torch.autograd.grad(scores.sum(), rows)
+            result[index] = grad.float()
+    return result
 
 
 def guided_backprop(
@@ -209,15 +293,17 @@ def guided_backprop(
 ) -> Tensor:
     """Guided backprop (Springenberg et al. 2015): input gradients `[B, C, H, W]` with guided ReLUs.
 
-    `model` is the module whose `nn.ReLU`s are guided; `score_fn` runs it.
+    `model` is the module whose `nn.ReLU`s are guided; `score_fn` runs it (`ruled_relus`).
     """
-    image = batch.require_image()
-    result = torch.zeros_like(image.detach(), dtype=torch.float32)
-    with guided_relus(model):
-        for start, stop in pass_ranges(image.shape[0], rows_per_pass):
-            index = torch.arange(start, stop, device=image.device)
-            rows = image.detach()[index].requires_grad_(True)
-            scores = score_fn(batch.with_image(rows, index), index)
-            (grad,) = torch.autograd.grad(scores.sum(), rows)
-            result[index] = grad.float()
-    return result
+    return relu_rule_gradients(model, score_fn, batch, "guided", rows_per_pass)
+
+
+def deconvnet(
+    model: nn.Module,
+    score_fn: ScoreFn,
+    batch: Batch,
+    rows_per_pass: int | None = None,
+) -> Tensor:
+    """Deconvnet (Zeiler & Fergus 2014): input gradients `[B, C, H, W]`, each ReLU passing back
+    the positive part of its gradient whatever its forward input."""
+    return relu_rule_gradients(model, score_fn, batch, "deconvnet", rows_per_pass)

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning_utilities.core.rank_zero import rank_zero_warn  # what both namespaces re-export
+from lightning_utilities.core.rank_zero import (  # what both namespaces re-export
+    rank_zero_info,
+    rank_zero_warn,
+)
 from torch import Tensor, nn
 
 from .evaluation import explain_first_failure, run_evaluation
 from .history import (
     evaluation_record,
     find_history,
+    history_runs,
     prune_from,
     read_history,
     write_evaluation,
@@ -32,7 +37,15 @@ from .options import (
     RenderOptions,
     check_int,
 )
-from .probe import ProbeSet, ProbeSpec, build_probes, check_masks, loader_probe, probe_sets
+from .probe import (
+    ProbeSet,
+    ProbeSpec,
+    build_probes,
+    check_masks,
+    content_hash,
+    loader_probe,
+    probe_sets,
+)
 from .schema import MEASURES, SECONDS_TAG
 from .sinks import Sink, lightning_classes, run_folder, scalar_tags, sinks_for
 from .tracking import AttentionTracker
@@ -94,13 +107,16 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
 
     A baseline evaluation runs at the start of training (attention at initialisation; it also
     checks the whole configuration), then one at the end of every `every_n_epochs`-th epoch (or
-    every `every_n_steps` steps), on global rank zero only. The README lists the logged tags.
+    every `every_n_steps` steps), and a final one at the end of `fit` when the schedule left the
+    last step unevaluated; on global rank zero only. The README lists the logged tags. Several
+    monitors in one Trainer must differ in layers, methods, probe, schedule or `save_dir`.
 
     Args:
         layer: a name (``"features.29"``), a glob, a module or a list; None: the last spatial one.
         methods: one or several of ``cam_monitor.ALL_METHODS`` (``"gradcam"``, ``"layercam"``...).
-        every_n_epochs: evaluate at the end of every N-th training epoch.
-        every_n_steps: evaluate every N optimizer steps instead (None: by epoch).
+        every_n_epochs: evaluate at the end of every N-th training epoch (None: 1, unless
+            ``every_n_steps`` is given).
+        every_n_steps: evaluate every N optimizer steps instead (not with ``every_n_epochs``).
         probe: None (samples of the val, else train, dataset), a Tensor, an ``(inputs, labels)``
             tuple, a dict batch, a Dataset, a DataLoader, or a dict of named probe sets.
         num_probe: samples taken from a Dataset or DataLoader probe.
@@ -108,7 +124,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         output_transform: picks the logits from a tuple or dict output: index, key or callable.
         forward: ``forward(module, inputs)``, how the model is called on the probe.
         reshape: turns a layer output into ``[B, C, H, W]`` (square token grids: automatic).
-        masks: bool ``[B, H, W]`` or boxes ``[B, 4]`` for localization scores, or a dict of them.
+        masks: bool ``[B, H, W]`` or boxes ``[B, 4]`` for localization scores, or a dict of them
+            (only with an explicit tensor/tuple probe: dataset items carry their own masks).
         input_key: key of the inputs in dict batches (default: ``image``, ``input``, ``x``...).
         label_key: key of the labels in dict batches (default: ``label``, ``target``, ``y``...).
         colormap: OpenCV colormap of the heat maps (``"jet"``, ``"turbo"``, ``"viridis"``...).
@@ -117,6 +134,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         std: per-channel normalisation std to undo before drawing (with ``mean``).
         class_names: names for the tile captions.
         nrow: tiles per grid row.
+        views: grids per signed map (``integrated_gradients``, ``guided_backprop``,
+            ``deconvnet``, ``guided_gradcam``): any of ``"all"``, ``"pos"``, ``"neg"``.
+        gray_views: draw those views in grays instead of blue-white-red.
         batch_size: probe rows per pass, to bound memory (None: the whole probe at once).
         smooth: noisy copies averaged by the gradient CAMs (Smooth Grad-CAM++ with gradcam++).
         noise: noise std of those copies, as a fraction of each image's value range.
@@ -128,13 +148,15 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         pointing_tolerance: pixels by which a mask is grown for the pointing game.
         reference: a run directory whose first evaluation is the drift reference (``*_ref``).
         history: write the raw maps of every evaluation to disk (for ``cam-monitor show``).
-        save_dir: where history and PNG fallbacks go (default ``<log_dir>/cam_monitor``).
+        save_dir: where history and PNG fallbacks go (default ``<log_dir>/cam_monitor``); it must
+            not hold another run's history.
         strict: re-raise errors inside later evaluations instead of warning and skipping.
 
     Raises:
         TypeError: in the constructor, for an argument of the wrong type.
         ValueError: in the constructor, for a bad value; before the first training step, for a
-            layer, probe, target or masks that do not fit the model, or a sharded strategy.
+            layer, probe, target or masks that do not fit the model, a sharded strategy, an
+            identical second monitor, or a ``save_dir`` holding another run's history.
 
     Example::
 
@@ -149,7 +171,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         layer: LayerSpec | Sequence[LayerSpec] | None = None,
         *,
         methods: str | Sequence[str] = "gradcam",
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = None,
         every_n_steps: int | None = None,
         probe: ProbeSpec = None,
         num_probe: int = 16,
@@ -166,6 +188,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         std: Sequence[float] | None = None,
         class_names: Sequence[str] | None = None,
         nrow: int = 8,
+        views: str | Sequence[str] = "all",
+        gray_views: bool = False,
         batch_size: int | None = None,
         smooth: int = 0,
         noise: float = 0.15,
@@ -182,15 +206,17 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     ) -> None:
         super().__init__()
         self.layers = self.__init_layers(layer)
-        self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, 1)
-        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1, optional=True)
+        self._layer_spec = self.layers  # the layers as given: state_key stays the same after setup
+        self.__init_schedule(every_n_epochs, every_n_steps)
         self.__init_probe(probe, num_probe, masks, input_key, label_key)
         self.engine = EngineOptions(
             methods=methods, target=target, forward=forward, output_transform=output_transform,
             reshape=reshape, batch_size=batch_size, smooth=smooth, noise=noise,
             cam_head=cam_head, ig_steps=ig_steps,
         )  # fmt: skip
-        self.render = RenderOptions(colormap, alpha, mean, std, class_names, nrow)
+        self.render = RenderOptions(
+            colormap, alpha, mean, std, class_names, nrow, views, gray_views
+        )
         self.filters = FilterOptions({} if filters is None else filters)
         drift = DriftOptions(drift_measures, topk, pointing_tolerance)
         self.tracker = AttentionTracker(drift)
@@ -201,6 +227,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self.evaluations = 0
         self._last_step = -1
         self._resumed_hashes: dict[str, str] = {}
+        self.run_id: str | None = None  # set at the start of fit, or by a resumed checkpoint
+        self._idle = False  # fast_dev_run: nothing evaluated, nothing written
 
     def __init_layers(self, layer: Any) -> list[LayerSpec] | None:
         if layer is None:
@@ -215,6 +243,16 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             f"or None, got {type(layer).__name__} {layer!r}."
         )
 
+    def __init_schedule(self, every_n_epochs: Any, every_n_steps: Any) -> None:
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1, optional=True)
+        every = check_int("every_n_epochs", every_n_epochs, 1, optional=True)
+        if every is not None and self.every_n_steps is not None:
+            raise ValueError(
+                f"`every_n_epochs={every}` and `every_n_steps={self.every_n_steps}` are mutually "
+                "exclusive: pass one of them (evaluate by epoch, or every N optimizer steps)."
+            )
+        self.every_n_epochs = 1 if every is None and self.every_n_steps is None else every
+
     def __init_probe(
         self, probe: Any, num_probe: int, masks: Any, input_key: Any, label_key: Any
     ) -> None:
@@ -222,7 +260,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             if key is not None and not isinstance(key, str):
                 raise TypeError(f"`{name}` must be a dict key (str) or None, got {key!r}.")
         self._probe_sets = probe_sets(probe, input_key)  # checks types and set names
-        check_masks(masks)
+        self._probe_ids: dict[str, str] | None = None
+        check_masks(masks, self._probe_sets)
         self.probe, self.masks, self.input_key, self.label_key = probe, masks, input_key, label_key
         self.num_probe = check_int("num_probe", num_probe, 1)
 
@@ -244,9 +283,23 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
 
     @property
     def state_key(self) -> str:
-        layers = self.layers or []
+        """What identifies this monitor among several in one Trainer: its layers and methods, and
+        its probe, schedule and folder where they are not the defaults (so a lone monitor keeps
+        the key older checkpoints were saved under)."""
+        layers = self._layer_spec or []
         names = [layer if isinstance(layer, str) else type(layer).__name__ for layer in layers]
-        return self._generate_state_key(layers=names, methods=list(self.methods))
+        identity: dict[str, Any] = {"layers": names, "methods": list(self.methods)}
+        if self._probe_sets is not None:
+            if self._probe_ids is None:  # hashed once: the key is read at every checkpoint
+                self._probe_ids = {name: _spec_id(s) for name, s in self._probe_sets.items()}
+            identity["probe"] = self._probe_ids
+        if self.every_n_steps is not None:
+            identity["every_n_steps"] = self.every_n_steps
+        elif self.every_n_epochs != 1:
+            identity["every_n_epochs"] = self.every_n_epochs
+        if self.save_dir is not None:
+            identity["save_dir"] = os.fspath(self.save_dir)
+        return self._generate_state_key(**identity)
 
     # -- Lightning hooks ------------------------------------------------------------------------
 
@@ -255,19 +308,40 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             return
         check_strategy(trainer.strategy)
         check_metric_consumers(trainer, self)
+        twins = [
+            cb
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
+            if isinstance(cb, CamMonitor) and cb is not self and cb.state_key == self.state_key
+        ]
+        if twins:
+            raise ValueError(
+                f"Two identical CamMonitors are in this Trainer ({self.state_key}): they would "
+                "write the same tags, folder and checkpoint state. Keep one, or make them differ "
+                "in layers, methods, probe (set names), schedule or save_dir."
+            )
         if self.layers is not None:
             resolve_layers(pl_module, self.layers)  # a typo fails here, before any step
         if self.filters.channels:
             resolve_layers(pl_module, list(self.filters.channels))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._idle = bool(trainer.fast_dev_run)
+        if self._idle:
+            rank_zero_info(
+                "CamMonitor: fast_dev_run is on, so the monitor evaluates nothing and writes "
+                "nothing in this run."
+            )
+            return
         probes = self._build_probes(trainer, pl_module)  # every rank: one fails, all fail
         if not trainer.is_global_zero:
             return
         self._probes = probes
         if self.layers is None:
             self.layers = [self._default_layer(pl_module)]
-        self.folder = run_folder(trainer, self.save_dir)
+        self._check_shared_tags(trainer, pl_module)
+        if self.run_id is None:
+            self.run_id = uuid.uuid4().hex[:12]
+        self.folder = self._claim_folder(trainer)
         self._sinks = sinks_for(trainer, self.folder)
         if not trainer.loggers:
             rank_zero_warn(
@@ -294,17 +368,26 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.every_n_steps is None or not trainer.is_global_zero:
+        if self.every_n_steps is None or self._idle or not trainer.is_global_zero:
             return
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step != self._last_step:
             self._evaluate(trainer, pl_module, epoch=trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_steps is not None or not trainer.is_global_zero:
+        if self.every_n_epochs is None or self._idle or not trainer.is_global_zero:
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._evaluate(trainer, pl_module, epoch=trainer.current_epoch + 1)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The final model is evaluated: one last evaluation, marked final, when the schedule
+        left the last step unevaluated (early stopping, `max_steps`, an epoch count that
+        `every_n_epochs` does not divide)."""
+        if self._idle or not trainer.is_global_zero or not self._probes:
+            return
+        if trainer.global_step != self._last_step:
+            self._evaluate(trainer, pl_module, epoch=trainer.current_epoch, final=True)
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run one evaluation now, from any hook after training started (even under inference
@@ -318,6 +401,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             "last_step": self._last_step,
             "probe_hashes": {name: probe.digest for name, probe in self._probes.items()},
             "tracker": self.tracker.state_dict(),
+            "run_id": self.run_id,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -325,11 +409,18 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self._last_step = int(state_dict.get("last_step", -1))
         self._resumed_hashes = dict(state_dict.get("probe_hashes", {}))
         self.tracker.load_state_dict(state_dict.get("tracker", {}))
+        run_id = state_dict.get("run_id")  # checkpoints from before run ids: the unnamed run ""
+        self.run_id = str(run_id) if run_id is not None else ("" if self.evaluations else None)
 
     # -- internals ------------------------------------------------------------------------------
 
     def _evaluate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, baseline: bool = False
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        epoch: int,
+        baseline: bool = False,
+        final: bool = False,
     ) -> None:
         """Compute, draw, score and log one evaluation; failures warn and skip unless strict.
 
@@ -362,7 +453,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             if self.history and self.folder is not None:
                 record = evaluation_record(
                     self.evaluations, epoch, step, self._probes, output.results,
-                    scalar_tags(output.scalars),
+                    scalar_tags(output.scalars), run=self.run_id or "", final=final,
                 )  # fmt: skip
                 write_evaluation(self.folder, record)
             for sink in self._sinks:
@@ -378,7 +469,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     ) -> dict[str, ProbeSet]:
         """The probe sets, on the module's device and in the precision the Trainer feeds it."""
         specs = self._probe_sets or loader_probe(
-            [("val", trainer.val_dataloaders), ("train", trainer.train_dataloader)]
+            [("val", trainer.val_dataloaders), ("train", trainer.train_dataloader)],
+            rank_zero_warn,
         )
         probes = build_probes(
             specs, self.num_probe, self.masks, self.input_key, self.label_key, rank_zero_warn
@@ -398,10 +490,59 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         )
         return chosen
 
+    def _groups(self, pl_module: pl.LightningModule) -> set[tuple[str, str, str]]:
+        """The (probe, layer, method) groups this monitor logs once started."""
+        names = [name for name, _ in resolve_layers(unwrap_model(pl_module), self.layers or [])]
+        return {(p, n, m) for p in self._probes for n in names for m in self.methods}
+
+    def _check_shared_tags(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Two monitors logging the same tags to the same loggers would mix their curves."""
+        if not trainer.loggers:
+            return
+        mine = self._groups(pl_module)
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(other, CamMonitor) and other is not self and other._probes:
+                shared = sorted(mine & other._groups(pl_module))
+                if shared:
+                    probe, layer, method = shared[0]
+                    raise ValueError(
+                        f"Two CamMonitors in this Trainer would both log cam/{probe}/{layer}/"
+                        f"{method} ({len(shared)} shared tag group(s)), mixing their curves. Name "
+                        "their probe sets apart (probe={'name': ...}), or monitor other layers "
+                        "or methods."
+                    )
+
+    def _claim_folder(self, trainer: pl.Trainer) -> Path:
+        """This run's folder: one history per run. An explicit `save_dir` holding another run's
+        history is refused; a default folder that does gives way to `cam_monitor-<run id>`
+        beside it (a fixed logger version, a second monitor). Resuming this run is allowed."""
+        folder = run_folder(trainer, self.save_dir)
+        if not self.history:
+            return folder
+        others = {run: ix for run, ix in history_runs(folder).items() if run != self.run_id}
+        if not others:
+            return folder
+        found = "; ".join(
+            f"run {run or '(no id)'}: {len(ix)} evaluation(s)" for run, ix in others.items()
+        )
+        if self.save_dir is not None:
+            raise ValueError(
+                f"save_dir={os.fspath(self.save_dir)!r} already holds the cam-monitor history of "
+                f"another run ({found}); one folder holds one run. Pass a new save_dir, delete "
+                "that folder, or resume that run from its checkpoint (trainer.fit(..., "
+                "ckpt_path=...))."
+            )
+        own = folder.with_name(f"{folder.name}-{self.run_id or 'legacy'}")
+        rank_zero_warn(
+            f"CamMonitor: {folder} already holds another run's history ({found}); this run's "
+            f"goes to {own}. Give each run its own logger version or save_dir to avoid this."
+        )
+        return own
+
     def _write_probe(self) -> None:
         """Store the probe once per run so reports can draw overlays; failure only warns."""
         try:
-            write_probe_sets(self.folder, self._probes)
+            write_probe_sets(self.folder, self._probes, run=self.run_id or "")
         except Exception as err:
             if self.strict:
                 raise
@@ -422,3 +563,14 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             f"{trainer.global_step}: {type(err).__name__}: {err}. Training continues; pass "
             "strict=True to raise instead."
         )
+
+
+def _spec_id(spec: Any) -> str:
+    """A probe set in `CamMonitor.state_key`: the content hash of a batch, else its type."""
+    if isinstance(spec, (Tensor, tuple, list, Mapping)):
+        return content_hash(spec)
+    try:
+        size = str(len(spec))
+    except TypeError:  # an IterableDataset
+        size = "?"
+    return f"{type(spec).__name__}[{size}]"

@@ -27,6 +27,7 @@ __all__ = [
     "Group",
     "ReportError",
     "Run",
+    "check_one_run",
     "check_probes",
     "common",
     "common_epochs",
@@ -130,6 +131,7 @@ class EpochComparison:
 def load_run(run_dir: str | Path, *, strict: bool = False, name: str | None = None) -> Run:
     """Find and read a run's history and probe; unreadable eval files warn and are skipped
     unless ``strict``. A corrupt ``probe.npz`` warns and is ignored (maps are shown alone).
+    A folder whose evaluations were written by different runs is a `HistoryError`.
     """
     folder = find_history(run_dir)
     evaluations = read_history(folder, strict=strict)
@@ -140,8 +142,27 @@ def load_run(run_dir: str | Path, *, strict: bool = False, name: str | None = No
             raise
         warnings.warn(str(exc), stacklevel=2)
         probe = None
+    check_one_run(folder, evaluations)
     label = name if name is not None else (Path(run_dir).resolve().name or str(run_dir))
     return Run(name=label, folder=folder, evaluations=evaluations, probe=probe)
+
+
+def check_one_run(folder: Path, evaluations: Sequence[Evaluation]) -> None:
+    """Refuse a history folder holding evaluations of several runs (their run ids differ; files
+    without a run id count as one run): their drift and epochs would be read as one run's."""
+    runs: dict[str, list[int]] = {}
+    for evaluation in evaluations:
+        runs.setdefault(evaluation.run, []).append(evaluation.index)
+    if len(runs) > 1:
+        listing = "; ".join(
+            f"run {run or '(no id)'}: evaluations {', '.join(map(str, indices))}"
+            for run, indices in runs.items()
+        )
+        raise HistoryError(
+            f"{folder} holds the evaluations of {len(runs)} different training runs ({listing}); "
+            "they cannot be read as one history. Move each run's eval-*.npz files into a folder "
+            "of its own (or delete the older run's), then pass that folder."
+        )
 
 
 def run_labels(a: Path | str, b: Path | str) -> tuple[str, str]:

@@ -20,6 +20,7 @@ from .attribution import (
     ScoreFn,
     add_rows,
     channel_sum,
+    deconvnet,
     guided_backprop,
     integrated_gradients,
     noise_scale,
@@ -109,7 +110,7 @@ def compute_cams(
 
     The gradient CAMs (`gradcam`, `gradcam++`, `xgradcam`, `layercam`, `hirescam`), `cam` and
     `saliency` share one forward and one `torch.autograd.grad` per chunk; `smooth`,
-    `smoothgrad`, `integrated_gradients` and `guided_backprop` add batched passes of at most
+    `smoothgrad`, `integrated_gradients`, `guided_backprop` and `deconvnet` add passes of at most
     `batch_size` rows (unbounded when None). The model runs in eval mode under a forked RNG;
     gradients are taken w.r.t. activations and inputs only, so parameter `.grad` is untouched.
 
@@ -125,8 +126,8 @@ def compute_cams(
 
     Pixel maps are `[B, H, W]` at input resolution: `saliency` is max over channels of
     |dS/dx| and `smoothgrad` max over channels of its mean over noisy copies (both >= 0);
-    `integrated_gradients`, `guided_backprop` and `guided_gradcam` (guided backprop times
-    the upsampled Grad-CAM of each layer) are signed sums over channels.
+    `integrated_gradients`, `guided_backprop`, `deconvnet` and `guided_gradcam` (guided backprop
+    times the upsampled Grad-CAM of each layer) are signed sums over channels.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
@@ -356,6 +357,9 @@ def _explain_chunk(
         guided = guided_backprop(module, score_fn, chunk, options.batch_size)
         if "guided_backprop" in options.methods:
             input_maps["guided_backprop"] = channel_sum(guided)
+    if "deconvnet" in options.methods:
+        deconv = deconvnet(module, score_fn, chunk, options.batch_size)
+        input_maps["deconvnet"] = channel_sum(deconv)
 
     maps: dict[tuple[str, str], Tensor] = {}
     for name in plan.layers:

@@ -20,8 +20,15 @@ from .layers import LayerSpec
 from .methods import PIXEL_METHODS, SIGNED_METHODS
 from .options import EngineOptions, FilterOptions, RenderOptions
 from .probe import ProbeSet
-from .render import caption_text, choose_captions, make_map_grid, make_overlay_grid, to_uint8_images
-from .schema import MapKey, ScalarKey, filter_channel_tag, filter_maximised_tag
+from .render import (
+    caption_text,
+    choose_captions,
+    make_map_grid,
+    make_overlay_grid,
+    make_view_grid,
+    to_uint8_images,
+)
+from .schema import MapKey, ScalarKey, filter_channel_tag, filter_maximised_tag, view_method
 
 #: An image's key: a `MapKey` for an overlay grid, or a filter-view tag built by `schema`.
 ImageKey = MapKey | str
@@ -78,7 +85,9 @@ def render_probe(
     grids: dict[MapKey, Tensor] = {}
     for (layer, method), maps in result.maps.items():
         key = MapKey(probe.name, layer, method)
-        if method in PIXEL_METHODS:
+        if method in SIGNED_METHODS:
+            grids.update(view_grids(probe.name, layer, method, maps, captions, options))
+        elif method in PIXEL_METHODS:
             grids[key] = make_map_grid(
                 maps, signed=method in SIGNED_METHODS, captions=captions, nrow=options.nrow
             )
@@ -88,6 +97,23 @@ def render_probe(
                 alpha=options.alpha, mean=options.mean, std=options.std, nrow=options.nrow,
             )  # fmt: skip
     return grids
+
+
+def view_grids(
+    probe: str,
+    layer: str,
+    method: str,
+    maps: Tensor,
+    captions: Sequence[str] | None,
+    options: RenderOptions,
+) -> dict[MapKey, Tensor]:
+    """One grid per view of a signed method's maps, keyed by `schema.view_method`."""
+    return {
+        MapKey(probe, layer, view_method(method, view)): make_view_grid(
+            maps, view, gray=options.gray_views, captions=captions, nrow=options.nrow
+        )
+        for view in options.views
+    }
 
 
 def filter_grids(

@@ -105,14 +105,21 @@ CAM_METHODS: frozenset[str] = frozenset([*GRADIENT_METHODS, "cam"])
 #: Maps at input resolution `[B, H, W]`, keyed `("input", method)` except `guided_gradcam`,
 #: which is computed for every layer and keyed `(layer, "guided_gradcam")`.
 PIXEL_METHODS: frozenset[str] = frozenset(
-    ["saliency", "smoothgrad", "integrated_gradients", "guided_backprop", "guided_gradcam"]
+    [
+        "saliency",
+        "smoothgrad",
+        "integrated_gradients",
+        "guided_backprop",
+        "guided_gradcam",
+        "deconvnet",
+    ]
 )
 #: Pixel methods keyed by `"input"` rather than by a layer.
 INPUT_METHODS: frozenset[str] = PIXEL_METHODS - {"guided_gradcam"}
 #: Methods whose maps keep their sign (channel sums of signed attributions); draw them with a
 #: diverging colormap. Every other map is non-negative.
 SIGNED_METHODS: frozenset[str] = frozenset(
-    ["integrated_gradients", "guided_backprop", "guided_gradcam"]
+    ["integrated_gradients", "guided_backprop", "guided_gradcam", "deconvnet"]
 )
 #: Every method name, in the order error messages list them.
 ALL_METHODS: tuple[str, ...] = (
@@ -123,6 +130,7 @@ ALL_METHODS: tuple[str, ...] = (
     "integrated_gradients",
     "guided_backprop",
     "guided_gradcam",
+    "deconvnet",
 )
 
 

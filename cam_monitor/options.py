@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .layers import Reshape
 from .methods import ALL_METHODS
 from .render import COLORMAPS
-from .schema import MEASURES
+from .schema import MEASURES, VIEWS
 
 Target = str | int | Tensor | Callable[[Tensor], Tensor]
 OutputTransform = int | str | Callable[[Any], Tensor] | None
@@ -204,7 +204,12 @@ class EngineOptions:
 
 @dataclass(frozen=True)
 class RenderOptions:
-    """How grids are drawn: colormap, heat-map opacity, de-normalisation, captions, columns."""
+    """How grids are drawn: colormap, heat-map opacity, de-normalisation, captions, columns.
+
+    `views` of signed maps (`SIGNED_METHODS`), one grid each: "all" (the whole map), "pos" (its
+    positive part), "neg" (its negative part), each rescaled to its own max; `gray_views` draws
+    them in grays instead of blue-white-red.
+    """
 
     colormap: str = "jet"
     alpha: float = 0.5
@@ -212,6 +217,8 @@ class RenderOptions:
     std: tuple[float, ...] | None = None
     class_names: tuple[str, ...] | None = None
     nrow: int = 8
+    views: tuple[str, ...] = ("all",)
+    gray_views: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.colormap, str):
@@ -246,6 +253,9 @@ class RenderOptions:
                 )
             object.__setattr__(self, "class_names", tuple(str(name) for name in names))
         check_int("nrow", self.nrow, 1, why="tiles per grid row")
+        object.__setattr__(self, "views", check_choices("views", self.views, VIEWS))
+        if not isinstance(self.gray_views, bool):
+            raise TypeError(f"`gray_views` must be True or False, got {self.gray_views!r}.")
 
 
 def _number_tuple(name: str, values: object) -> tuple[float, ...]:

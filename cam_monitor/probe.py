@@ -24,7 +24,8 @@ ProbeSpec = Any
 
 INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
-MASK_KEYS = ("mask", "masks", "segmentation")
+#: The only dict keys read as masks; boxes come only through `masks=`.
+MASK_KEYS = ("mask", "masks")
 
 
 @dataclass(frozen=True)
@@ -108,13 +109,31 @@ def _pick_key(batch: Mapping[str, Any], key: str | None, defaults: Sequence[str]
     return None
 
 
+def looks_like_masks(value: Any, images: Any) -> bool:
+    """Whether `value` is shaped like masks of `images`: `[B, H, W]` or `[B, 1, H, W]` with the
+    images' batch size and size. Anything else after `(x, y)` (an index, a weight, a second view,
+    soft labels `[B, 4]`) is not a mask.
+
+    Example:
+        >>> x = torch.zeros(4, 3, 8, 8)
+        >>> [looks_like_masks(v, x) for v in (torch.zeros(4, 8, 8), torch.arange(4), x)]
+        [True, False, False]
+    """
+    if not isinstance(value, Tensor) or not isinstance(images, Tensor) or images.dim() < 3:
+        return False
+    shape = tuple(value.shape)
+    size = (images.shape[0], *images.shape[-2:])
+    return shape == size or shape == (size[0], 1, *size[1:])
+
+
 def split_batch(
     batch: Any, input_key: str | None = None, label_key: str | None = None
 ) -> tuple[Any, Tensor | None, Tensor | None]:
     """Split a collated batch into `(inputs, labels, masks)`: tuples/lists or dicts.
 
-    A tuple is `(inputs, labels[, masks])`; a dict is read with `input_key`/`label_key`,
-    else the usual names (`image`, `input`, `x`, ... and `label`, `target`, `y`, ...).
+    A tuple is `(inputs, labels, ...)`; its third element is masks only when `looks_like_masks`.
+    A dict is read with `input_key`/`label_key`, else the usual names (`image`, `input`, `x`, ...
+    and `label`, `target`, `y`, ...); only a `mask` or `masks` key holds masks.
     """
     if isinstance(batch, Tensor):
         return batch, None, None
@@ -130,7 +149,8 @@ def split_batch(
         return inputs, labels, masks
     if isinstance(batch, (list, tuple)) and batch:
         labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
-        masks = batch[2] if len(batch) > 2 and isinstance(batch[2], Tensor) else None
+        third = batch[2] if len(batch) > 2 else None
+        masks = third if looks_like_masks(third, batch[0]) else None
         return batch[0], labels, masks
     raise ValueError(
         f"A probe batch must be a tensor, an (inputs, labels) tuple or a dict, got "
@@ -229,12 +249,33 @@ def first_loader(loaders: Any) -> DataLoader | None:
     return None
 
 
-def loader_probe(candidates: Iterable[tuple[str, Any]]) -> dict[str, ProbeSpec]:
+def count_loaders(loaders: Any) -> int:
+    """How many DataLoaders are inside what `trainer.*_dataloader(s)` returns."""
+    if isinstance(loaders, DataLoader):
+        return 1
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return sum(count_loaders(item) for item in loaders)
+    return 0
+
+
+def loader_probe(
+    candidates: Iterable[tuple[str, Any]], warn: Callable[[str], None] | None = None
+) -> dict[str, ProbeSpec]:
     """`{name: loader}` for the first `(name, loaders)` candidate holding a DataLoader, e.g.
-    `[("val", trainer.val_dataloaders), ("train", trainer.train_dataloader)]`."""
+    `[("val", trainer.val_dataloaders), ("train", trainer.train_dataloader)]`; with several
+    loaders there, the first is used and `warn` is told so once."""
     for name, loaders in candidates:
         loader = first_loader(loaders)
         if loader is not None:
+            count = count_loaders(loaders)
+            if count > 1 and warn is not None:
+                warn(
+                    f"CamMonitor: the Trainer has {count} {name} dataloaders; the probe comes "
+                    f"from the first. To use another, pass it: CamMonitor(probe=loader) or "
+                    f"probe={{'name': loader, ...}} for several."
+                )
             return {name: loader}
     raise ValueError(
         "CamMonitor found no DataLoader on the Trainer to take a probe from; pass probe= "
@@ -242,37 +283,62 @@ def loader_probe(candidates: Iterable[tuple[str, Any]]) -> dict[str, ProbeSpec]:
     )
 
 
-def check_masks(masks: object) -> None:
-    """`masks=` is None, a Tensor (or boxes) for every probe set, or a dict of them per set."""
-    if masks is not None and not isinstance(masks, (Tensor, Mapping)):
+def check_masks(masks: object, specs: Mapping[str, ProbeSpec] | None = None) -> None:
+    """`masks=` is None, a Tensor (or boxes) for every probe set, or a dict of them per set.
+
+    `specs` are the probe sets of `probe_sets` (None: sampled from the Trainer's loaders).
+    Masks for a set sampled by index from a dataset cannot be aligned with its images: refused.
+    """
+    if masks is None:
+        return
+    if not isinstance(masks, (Tensor, Mapping)):
         raise TypeError(
             "`masks` must be a Tensor, boxes [B, 4], or a dict of those per probe set, got "
             f"{type(masks).__name__}."
+        )
+    if specs is None:
+        sampled = ["the Trainer's val/train dataloader (probe=None)"]
+    else:
+        named = specs if not isinstance(masks, Mapping) else {n: specs.get(n) for n in masks}
+        sampled = [
+            f"probe {name!r} (a {type(spec).__name__})"
+            for name, spec in named.items()
+            if isinstance(spec, (Dataset, DataLoader))
+        ]
+    if sampled:
+        raise ValueError(
+            f"`masks` cannot be aligned with {', '.join(sampled)}: that probe is sampled by "
+            "index (num_probe evenly spaced items), so masks given separately would belong to "
+            "other images. Put the masks inside the dataset's items (a third element [H, W] or a "
+            "'mask' key), or pass the probe explicitly, e.g. probe=(images, labels), masks=masks."
         )
 
 
 def attach_masks(probe: ProbeSet, masks: Any) -> ProbeSet:
     """`probe` with `masks` (else the masks found in its batch) as bool `[B, H, W]`; boxes
-    `[B, 4]` (x0, y0, x1, y1 in pixels) become masks; a shape that cannot fit is a ValueError.
+    `[B, 4]` (x0, y0, x1, y1 in pixels) given as `masks` become masks (a batch's `[B, 4]` never
+    does); a shape that cannot fit is a ValueError.
 
     Example:
         >>> probe = ProbeSet("p", torch.zeros(1, 3, 4, 4))
         >>> attach_masks(probe, torch.tensor([[0, 0, 2, 2]])).masks[0].int().tolist()
         [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     """
-    masks = probe.masks if masks is None else masks
+    given = masks is not None
+    masks = masks if given else probe.masks
     if masks is None:
         return probe
     masks = torch.as_tensor(masks)
     batch, size = probe.inputs.shape[0], tuple(probe.inputs.shape[-2:])
-    if masks.shape == (batch, 4) and masks.dtype != torch.bool:
-        masks = boxes_to_masks(masks.float(), size)
+    if given and masks.shape == (batch, 4) and masks.dtype != torch.bool:
+        masks = boxes_to_masks(masks.float(), size)  # boxes only through masks=, never a batch
     if masks.dim() == 4 and masks.shape[1] == 1:
         masks = masks[:, 0]
     if tuple(masks.shape) != (batch, *size):
         raise ValueError(
             f"masks for probe {probe.name!r} have shape {tuple(masks.shape)}; expected "
-            f"[B, H, W] = {(batch, *size)} like the probe images, or boxes [B, 4]."
+            f"[B, H, W] = {(batch, *size)} like the probe images, or boxes [B, 4] (through "
+            "masks= only)."
         )
     return replace(probe, masks=masks if masks.dtype == torch.bool else masks > 0.5)
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from cam_monitor.methods import normalize_maps, upsample_maps
+from cam_monitor.schema import ALL_VIEW, VIEWS
 
 __all__ = [
     "COLORMAPS",
@@ -30,8 +31,10 @@ __all__ = [
     "choose_captions",
     "colorize",
     "colorize_signed",
+    "colorize_view",
     "make_map_grid",
     "make_overlay_grid",
+    "make_view_grid",
     "overlay",
     "save_png",
     "to_jpeg_bytes",
@@ -462,6 +465,68 @@ def make_map_grid(
     else:
         colours = colorize(normalize_maps(maps), colormap or "jet")
     factor = _upscale_factor(maps.shape[1], maps.shape[2], min_tile)
+    return _grid(_repeat_pixels(colours, factor), captions, nrow, padding)
+
+
+def _scaled_by_max(values: Tensor) -> Tensor:
+    """Each map of `[B, H, W]` divided by its own max (an all-zero map stays zero)."""
+    scale = values.flatten(1).amax(dim=1).view(-1, 1, 1)
+    return values / torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def colorize_view(maps: Tensor, view: str = ALL_VIEW, *, gray: bool = False) -> Tensor:
+    """Colour one view of signed maps `[B, H, W]`, each rescaled to its own max: uint8 RGB.
+
+    "all": the whole map by max |value| (blue-white-red; gray: black, mid-gray at 0, white).
+    "pos" / "neg": the positive part, or the negative part's magnitude, by its own max (white
+    to red / white to blue; gray: black to white). A view with nothing in it is all white
+    (colour) or all black (gray).
+
+    Example:
+        >>> maps = torch.tensor([[[-2.0, 0.0, 1.0, 4.0]]])
+        >>> colorize_view(maps, "pos", gray=True)[0, 0, 0].tolist()  # 1 / 4 of the max
+        [0, 0, 64, 255]
+        >>> colorize_view(maps, "neg", gray=True)[0, 0, 0].tolist()  # -2 is the largest
+        [255, 0, 0, 0]
+    """
+    if view not in VIEWS:
+        raise ValueError(f"`view` must be one of {', '.join(VIEWS)}, got {view!r}.")
+    maps = _check_maps(maps)
+    if view == ALL_VIEW:
+        if not gray:
+            return colorize_signed(maps, DIVERGING)
+        signed = _scaled_by_max(maps.abs()) * maps.sign()
+        return colorize((signed + 1) / 2, "gray")
+    part = _scaled_by_max((maps if view == "pos" else -maps).clamp_min(0))
+    if gray:
+        return colorize(part, "gray")
+    step = (part.clamp(0.0, 1.0) * _DIVERGING_HALF).round().long()
+    index = _DIVERGING_HALF + step if view == "pos" else _DIVERGING_HALF - step
+    return _lut(DIVERGING, maps.device)[index].permute(0, 3, 1, 2).contiguous()
+
+
+def make_view_grid(
+    maps: Tensor,
+    view: str = ALL_VIEW,
+    *,
+    gray: bool = False,
+    captions: Sequence[str] | None = None,
+    nrow: int = 8,
+    min_tile: int = 96,
+    padding: int = 2,
+) -> Tensor:
+    """One uint8 [3, H', W'] CPU grid of one view of signed pixel maps (see `colorize_view`).
+
+    The "all" view in colour is the grid `make_map_grid(maps, signed=True)` draws.
+
+    Example:
+        >>> make_view_grid(torch.randn(2, 4, 4), "neg", min_tile=0, padding=1).shape
+        torch.Size([3, 6, 11])
+    """
+    colours = colorize_view(maps, view, gray=gray)
+    if colours.shape[0] == 0:
+        raise ValueError("maps must hold at least one map, got an empty batch.")
+    factor = _upscale_factor(colours.shape[2], colours.shape[3], min_tile)
     return _grid(_repeat_pixels(colours, factor), captions, nrow, padding)
 
 

@@ -129,6 +129,34 @@ def image_tag(key: MapKey) -> str:
     return f"{IMAGE_PREFIX}/{key.encoded}"
 
 
+#: Views of a signed map: the whole map, its positive part, its negative part.
+ALL_VIEW = "all"
+VIEWS: tuple[str, ...] = (ALL_VIEW, "pos", "neg")
+
+
+def view_method(method: str, view: str) -> str:
+    """The method part of a view's grid key: `method` for the whole map, else ``method_pos``.
+
+    Example:
+        >>> view_method("deconvnet", "all"), view_method("deconvnet", "neg")
+        ('deconvnet', 'deconvnet_neg')
+    """
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {view!r}.")
+    return method if view == ALL_VIEW else f"{method}_{view}"
+
+
+def parse_view_method(name: str) -> tuple[str, str]:
+    """(method, view) of a grid's method part: the inverse of `view_method`.
+
+    Example:
+        >>> parse_view_method("guided_backprop_pos"), parse_view_method("gradcam")
+        (('guided_backprop', 'pos'), ('gradcam', 'all'))
+    """
+    method, _, view = name.rpartition("_")
+    return (method, view) if method and view in VIEWS[1:] else (name, ALL_VIEW)
+
+
 def filter_channel_tag(probe: str, layer: str, channel: int) -> str:
     """``filters/<probe>/<layer>/channel_<c>``: one channel's activations on a probe set."""
     return f"{FILTER_PREFIX}/{join(probe, layer)}/channel_{channel}"
@@ -153,9 +181,13 @@ def check_probe_name(name: object) -> str:
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"probe set names must be non-empty strings, got {name!r}.")
-    if name != name.strip() or any(ch in "/\\" or ord(ch) < 32 or ord(ch) == 127 for ch in name):
+    if (
+        name != name.strip()
+        or name in (".", "..")  # a folder of PNGs named ".." would sit outside the run
+        or any(ch in "/\\" or ord(ch) < 32 or ord(ch) == 127 for ch in name)
+    ):
         raise ValueError(
             f"probe set name {name!r} cannot be used in a tag or a folder: use letters, digits, "
-            "'.', '-' or '_' (no '/', '\\', control characters or surrounding spaces)."
+            "'.', '-' or '_' (no '/', '\\', control characters, surrounding spaces, '.' or '..')."
         )
     return name

@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from captum.attr import GuidedBackprop, GuidedGradCam, IntegratedGradients
+import torchvision
+from captum.attr import Deconvolution, GuidedBackprop, GuidedGradCam, IntegratedGradients
 from torch import nn
 
 from cam_monitor import (
@@ -17,6 +18,7 @@ from cam_monitor import (
     SIGNED_METHODS,
     compute_cams,
 )
+from cam_monitor.attribution import RELU_RULES, ReluRule, ruled_relus
 from cam_monitor.methods import gradcam, gradcam_plus_plus
 from tests.conftest import TinyCNN
 
@@ -157,7 +159,8 @@ def test_guided_gradcam_matches_captum(images: torch.Tensor) -> None:
         assert close(ours[name, "guided_gradcam"], ref.sum(dim=1)), name
 
 
-def test_a_relu_module_used_twice_is_guided_at_both_calls(images: torch.Tensor) -> None:
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet"])
+def test_a_relu_module_used_twice_is_ruled_at_both_calls(images: torch.Tensor, method: str) -> None:
     class Shared(nn.Module):
         def __init__(self, separate: bool) -> None:
             super().__init__()
@@ -171,25 +174,143 @@ def test_a_relu_module_used_twice_is_guided_at_both_calls(images: torch.Tensor) 
             x = self.relu2(self.conv2(self.relu(self.conv1(x))))
             return self.fc(x.mean(dim=(2, 3)))
 
-    shared = compute_cams(Shared(False), images, None, "guided_backprop", target=TARGETS)
-    separate = compute_cams(Shared(True), images, None, "guided_backprop", target=TARGETS)
-    key = ("input", "guided_backprop")
+    shared = compute_cams(Shared(False), images, None, method, target=TARGETS)
+    separate = compute_cams(Shared(True), images, None, method, target=TARGETS)
+    key = ("input", method)
     assert close(shared[key], separate[key], 1e-6)
 
 
-def test_functional_relu_gets_a_warning(images: torch.Tensor) -> None:
-    class Functional(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+class FunctionalRelus(nn.Module):
+    """`relu_net`'s layers with every kind of functional ReLU instead of nn.ReLU modules."""
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(F.relu(self.conv(x)).mean(dim=(2, 3)))
+    def __init__(self) -> None:
+        super().__init__()
+        net = relu_net()
+        self.c1, self.c2, self.c3, self.fc = net[0], net[2], net[5], net[9]
 
-    model = Functional()
-    with pytest.warns(UserWarning, match=r"applied ReLU functionally.*1 call"):
-        compute_cams(model, images, "conv", ["guided_backprop", "guided_gradcam"])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.c1(x), inplace=True)
+        x = F.max_pool2d(torch.relu(self.c2(x)), 2)
+        x = self.c3(x).relu_()
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet"])
+def test_functional_relus_get_the_same_rule_as_relu_modules(
+    images: torch.Tensor, method: str
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        functional = compute_cams(FunctionalRelus(), images, None, method, target=TARGETS)
+        modules = compute_cams(relu_net(inplace=True), images, None, method, target=TARGETS)
+    assert close(functional["input", method], modules["input", method], 1e-6)
     assert torch._C._len_torch_function_stack() == 0
+
+
+def two_layer_net() -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.ReLU(inplace=True), nn.Linear(10, 3))
+
+
+def test_each_relu_rule_against_its_formula() -> None:
+    net, x = two_layer_net(), torch.randn(5, 3, 2, 2, generator=torch.Generator().manual_seed(5))
+    targets = torch.tensor([0, 1, 2, 0, 1])
+    w1, w2 = net[1].weight.detach(), net[3].weight.detach()[targets]  # [10, 12], [5, 10]
+    active = (x.flatten(1) @ w1.T + net[1].bias.detach()) > 0  # [5, 10]
+    formulas = {  # the gradient each ReLU passes back, then through the first Linear
+        "saliency": w2 * active,
+        "guided_backprop": w2.clamp_min(0) * active,
+        "deconvnet": w2.clamp_min(0),
+    }
+    methods = ["saliency", "guided_backprop", "deconvnet"]
+    result = compute_cams(net, x, None, methods, target=targets)
+    for method, passed in formulas.items():
+        expected = (passed @ w1).view(5, 3, 2, 2)
+        expected = expected.abs().amax(1) if method == "saliency" else expected.sum(1)
+        assert torch.allclose(result["input", method], expected, atol=1e-6), method
+    # the rules differ on this net: deconvnet ignores the forward sign, guided backprop not
+    assert not torch.allclose(formulas["deconvnet"], formulas["guided_backprop"])
+    assert (~active).any() and (w2 > 0).any() and (w2 < 0).any()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11"])
+def test_deconvnet_matches_captum_on_torchvision_models(name: str) -> None:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None, num_classes=5).eval()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    targets = torch.tensor([1, 4])
+    flags = [m.inplace for m in model.modules() if isinstance(m, nn.ReLU)]
+    assert all(flags)  # torchvision's ReLUs run in place (resnet18 calls each one twice)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # captum announces its own backward hooks
+        ref = Deconvolution(model).attribute(x, target=targets).sum(dim=1)
+        guided = GuidedBackprop(model).attribute(x, target=targets).sum(dim=1)
+    ours = compute_cams(model, x, None, ["deconvnet", "guided_backprop"], target=targets)
+    assert close(ours["input", "deconvnet"], ref)
+    assert close(ours["input", "guided_backprop"], guided)
+    assert not close(ref, guided, 0.1)  # the two rules give different maps here
+    assert [m.inplace for m in model.modules() if isinstance(m, nn.ReLU)] == flags
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class InplaceSideEffects(nn.Module):
+    """ReLUs used for their in-place side effect (`self.relu(x)`, `F.relu_(y)`), or assigned."""
+
+    def __init__(self, assign: bool = False, fail: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+        self.relu, self.fc = nn.ReLU(inplace=True), nn.Linear(4, 2)
+        self.assign, self.fail = assign, fail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        if self.assign:
+            x = self.relu(x)
+        else:
+            self.relu(x)
+        y = self.conv2(x)
+        if self.assign:
+            y = F.relu(y)
+        else:
+            F.relu_(y)
+        if self.fail:
+            raise RuntimeError("forward broke")
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("rule", RELU_RULES)
+def test_ruled_relus_keep_in_place_semantics_and_leave_no_trace(
+    images: torch.Tensor, rule: ReluRule
+) -> None:
+    model = InplaceSideEffects()
+    model.relu.register_forward_hook(lambda *a: None)  # the user's own hook stays
+    before = (dict(model.relu._forward_hooks), dict(model.relu._forward_pre_hooks))
+    x = images.clone().requires_grad_(True)
+    with ruled_relus(model, rule):
+        ruled = model(x)
+        (grad,) = torch.autograd.grad(ruled[:, 0].sum(), x)
+    assert torch.equal(ruled, model(x))  # the same values, side effects included
+    model.assign = True  # ... and the same gradients as with assigned ReLUs
+    with ruled_relus(model, rule):
+        (assigned,) = torch.autograd.grad(model(x)[:, 0].sum(), x)
+    assert close(grad, assigned, 1e-6)
+    model.fail = True
+    with pytest.raises(RuntimeError, match="forward broke"), ruled_relus(model, rule):
+        model(x)
+    assert (dict(model.relu._forward_hooks), dict(model.relu._forward_pre_hooks)) == before
+    assert model.relu.inplace and torch._C._len_torch_function_stack() == 0
+    with pytest.raises(ValueError, match="rule must be one of guided, deconvnet, got 'plain'"):
+        with ruled_relus(model, "plain"):  # type: ignore[arg-type]
+            pass
+
+
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet"])
+def test_a_model_without_relu_gets_a_warning(images: torch.Tensor, method: str) -> None:
+    gelu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Flatten(), nn.LazyLinear(2))
+    gelu(images)
+    with pytest.warns(UserWarning, match=r"Sequential ran no ReLU.*plain input gradient"):
+        compute_cams(gelu, images, None, method)
 
 
 def test_smoothgrad_is_reproducible_and_leaves_the_global_rng_alone(
@@ -278,7 +399,7 @@ def test_keys_shapes_and_signs_of_a_mixed_request(tiny_cnn: TinyCNN, images: tor
 
 def test_pixel_maps_of_a_chunked_probe_equal_one_batch(tiny_cnn: TinyCNN) -> None:
     x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    methods = ["saliency", "integrated_gradients", "guided_backprop", "guided_gradcam"]
+    methods = ["saliency", "integrated_gradients", "guided_backprop", "guided_gradcam", "deconvnet"]
     whole = compute_cams(tiny_cnn, x, "features.3", methods, ig_steps=6)
     chunked = compute_cams(tiny_cnn, x, "features.3", methods, ig_steps=6, batch_size=3)
     for key, value in whole.maps.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import logging
 import re
 import time
 import warnings
@@ -13,11 +14,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import TensorDataset
 
 from cam_monitor.callback import CamMonitor
-from cam_monitor.history import read_history, read_probe
+from cam_monitor.history import history_runs, read_history, read_probe
 from tests.conftest import Lightning, LitClassifier, loader, quiet_trainer, shapes_dataset
 
 LAYERS = ["net.features.3", "net.features.5"]
@@ -274,6 +277,7 @@ def test_resume_continues_schedule_history_and_drift(tmp_path: Path, lightning: 
     resumed = read_history(tmp_path / "resumed" / "hist")
     assert [e.index for e in resumed] == [0, 1, 2, 3, 4]
     assert [e.epoch for e in resumed] == [e.epoch for e in straight] == [0, 1, 2, 3, 4]
+    assert resumed[0].run and {e.run for e in resumed} == {resumed[0].run}  # one run, resumed
     for a, b in zip(straight[3:], resumed[3:], strict=True):
         drift = {k: v for k, v in a.scalars.items() if k.startswith("cam_drift/")}
         assert drift and drift == {k: b.scalars[k] for k in drift}
@@ -282,8 +286,12 @@ def test_resume_continues_schedule_history_and_drift(tmp_path: Path, lightning: 
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"every_n_epochs": 0}, ValueError, r"`every_n_epochs` must be an int >= 1, got 0"),
-        ({"every_n_epochs": 1.0}, TypeError, r"`every_n_epochs` must be an int >= 1, got float"),
+        ({"every_n_epochs": 0}, ValueError, r"`every_n_epochs` must be an int >= 1 or None, got 0"),
+        (
+            {"every_n_epochs": 1.0},
+            TypeError,
+            r"`every_n_epochs` must be an int >= 1 or None, got float",
+        ),
         ({"methods": "gradcamm"}, ValueError, r"`methods` got unknown name\(s\) 'gradcamm'"),
         ({"alpha": 1.5}, ValueError, r"`alpha` must be a finite number in \[0, 1\], got 1.5"),
         ({"alpha": float("inf")}, ValueError, r"`alpha` must be a finite number .*, got inf"),
@@ -426,3 +434,243 @@ def test_every_argument_is_documented_in_help_and_in_the_readme() -> None:
     rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
     in_readme = {name for row in rows for name in re.findall(r"`(\w+)`", row)}
     assert in_readme == params, (params - in_readme, in_readme - params)
+
+
+# -- issue 12: setups that were silently wrong ---------------------------------------------------
+
+
+class ExtrasClassifier(LitClassifier):
+    """Takes `(x, y, extra...)` batches, as datasets returning an index or a weight do."""
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        return super().training_step(tuple(batch[:2]), batch_idx)  # type: ignore[arg-type]
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        super().validation_step(tuple(batch[:2]), batch_idx)  # type: ignore[arg-type]
+
+
+def fit_extras(monitor: CamMonitor, root: Path, third: torch.Tensor, **kwargs: object) -> None:
+    images, labels = shapes_dataset(16).tensors
+    data = TensorDataset(images, labels, third)
+    options: dict[str, object] = {"default_root_dir": root, "logger": False, "max_epochs": 1}
+    options.update(kwargs)
+    quiet_trainer(callbacks=[monitor], **options).fit(
+        ExtrasClassifier(), loader(data), loader(data)
+    )
+
+
+@pytest.mark.parametrize(
+    "third",
+    [
+        torch.arange(16),  # (x, y, index)
+        torch.rand(16),  # (x, y, weight)
+        shapes_dataset(16, seed=5).tensors[0],  # (x, y, second_view)
+        torch.softmax(torch.randn(16, 4), 1),  # soft labels [B, 4]: never boxes
+    ],
+    ids=["index", "weight", "second_view", "soft_labels"],
+)
+def test_a_third_batch_element_is_masks_only_when_shaped_like_masks(
+    tmp_path: Path, third: torch.Tensor
+) -> None:
+    monitor = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "h")
+    fit_extras(monitor, tmp_path, third)
+    history = read_history(tmp_path / "h")
+    assert len(history) == 2
+    assert not any(tag.startswith("cam_loc/") for ev in history for tag in ev.scalars)
+    stored = read_probe(tmp_path / "h")
+    assert stored is not None and not stored.masks
+
+
+def test_a_third_batch_element_shaped_like_masks_gives_localization(tmp_path: Path) -> None:
+    images = shapes_dataset(16).tensors[0]
+    monitor = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "h")
+    fit_extras(monitor, tmp_path, (images.mean(1, keepdim=True) > 0.75))  # [B, 1, H, W]
+    assert "cam_loc/val/net.features.5/gradcam/energy" in read_history(tmp_path / "h")[0].scalars
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [None, shapes_dataset(16), loader(shapes_dataset(16)), {"a": shapes_dataset(16)}],
+    ids=["none", "dataset", "loader", "named_dataset"],
+)
+def test_masks_for_a_sampled_probe_are_refused(probe: object) -> None:
+    masks = torch.zeros(16, 32, 32, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"`masks` cannot be aligned.*inside the dataset's items"):
+        named = isinstance(probe, dict)
+        CamMonitor("net.features.5", probe=probe, masks={"a": masks} if named else masks)
+
+
+def test_an_explicit_save_dir_holding_another_run_is_refused(tmp_path: Path) -> None:
+    fit(CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "h"), tmp_path / "a")
+    (first_run,) = history_runs(tmp_path / "h")
+    assert first_run and history_runs(tmp_path / "h")[first_run] == [0, 1, 2]
+    model = LitClassifier()
+    monitor = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "h")
+    trainer = quiet_trainer(default_root_dir=tmp_path / "b", logger=False, callbacks=[monitor])
+    with pytest.raises(
+        ValueError, match=rf"save_dir='{tmp_path / 'h'}' already holds .*{first_run}"
+    ):
+        trainer.fit(model, loader(shapes_dataset(16)))
+    assert model.steps_run == 0
+    assert history_runs(tmp_path / "h") == {first_run: [0, 1, 2]}
+
+
+def test_a_fixed_logger_version_gives_each_run_its_own_history(tmp_path: Path) -> None:
+    folders = []
+    for epochs in (3, 1):
+        logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+        monitor = CamMonitor("net.features.5", num_probe=4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(monitor, tmp_path, logger=logger, max_epochs=epochs)
+        folders.append(monitor.folder)
+    assert folders[0] == Path(logger.log_dir) / "cam_monitor"
+    assert folders[1] == Path(logger.log_dir) / f"cam_monitor-{monitor.run_id}"
+    assert any("already holds another run's history" in str(w.message) for w in caught)
+    assert [len(read_history(folder)) for folder in folders] == [4, 2]  # first run intact
+    assert [len(history_runs(folder)) for folder in folders] == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "epochs", "steps"),
+    [
+        ({"every_n_epochs": 2, "max_epochs": 3}, [0, 2, 3], [0, 6, 9]),
+        ({"every_n_epochs": 3, "max_epochs": 5, "max_steps": 4}, [0, 2], [0, 4]),
+        ({"every_n_epochs": 4, "max_epochs": 8, "early_stop": True}, [0, 1], [0, 3]),
+    ],
+    ids=["every_n_epochs", "max_steps", "early_stopping"],
+)
+def test_the_final_model_is_evaluated_once_marked_final(
+    tmp_path: Path, kwargs: dict, epochs: list[int], steps: list[int]
+) -> None:
+    every = kwargs.pop("every_n_epochs", None)
+    if kwargs.pop("early_stop", False):  # stops after the first validation
+        kwargs["callbacks"] = [EarlyStopping("val_loss", stopping_threshold=1e9)]
+    monitor = CamMonitor("net.features.5", num_probe=4, every_n_epochs=every, save_dir=tmp_path)
+    kwargs["callbacks"] = [monitor, *kwargs.get("callbacks", [])]
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fit(None, tmp_path, logger=logger, **kwargs)
+    history = read_history(tmp_path)
+    assert [e.epoch for e in history] == epochs and [e.step for e in history] == steps
+    assert [e.final for e in history] == [False] * (len(history) - 1) + [True]
+    grids = events(logger.log_dir).Images("cam/val/net.features.5/gradcam")
+    assert [s.step for s in grids] == steps  # the same step axis on the dashboard
+
+
+def test_a_schedule_that_ends_on_an_evaluation_adds_no_final_one(tmp_path: Path) -> None:
+    monitor = CamMonitor("net.features.5", num_probe=4, every_n_steps=3, save_dir=tmp_path / "h")
+    fit(monitor, tmp_path, max_epochs=2)
+    assert [(e.step, e.final) for e in read_history(tmp_path / "h")] == [
+        (0, False), (3, False), (6, False),
+    ]  # fmt: skip
+
+
+def test_monitors_that_differ_in_probe_share_a_trainer(tmp_path: Path) -> None:
+    a, b = (shapes_dataset(4, seed=s).tensors for s in (6, 7))
+    monitors = [CamMonitor("net.features.5", probe={n: p}) for n, p in (("a", a), ("b", b))]
+    assert monitors[0].state_key != monitors[1].state_key
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fit(None, tmp_path, logger=logger, max_epochs=1, callbacks=monitors)
+    tags = set(events(logger.log_dir).Tags()["images"])
+    assert tags == {"cam/a/net.features.5/gradcam", "cam/b/net.features.5/gradcam"}
+    first, second = (read_history(m.folder) for m in monitors)
+    assert monitors[0].folder != monitors[1].folder
+    assert [e.probes for e in first + second] == [("a",), ("a",), ("b",), ("b",)]
+
+
+def test_two_identical_monitors_are_refused_at_setup(tmp_path: Path) -> None:
+    class WithMonitors(LitClassifier):
+        def configure_callbacks(self) -> list[CamMonitor]:
+            return [CamMonitor("net.features.5"), CamMonitor("net.features.5")]
+
+    model = WithMonitors()
+    trainer = quiet_trainer(default_root_dir=tmp_path, logger=False)
+    with pytest.raises(ValueError, match="Two identical CamMonitors"):
+        trainer.fit(model, loader(shapes_dataset(16)))
+    assert model.steps_run == 0
+    same_tags = [
+        CamMonitor("net.features.5", probe=shapes_dataset(4, seed=s).tensors) for s in (1, 2)
+    ]
+    model = LitClassifier()
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = quiet_trainer(default_root_dir=tmp_path, logger=logger, callbacks=same_tags)
+    with pytest.raises(ValueError, match=r"would both log cam/probe/net.features.5/gradcam"):
+        trainer.fit(model, loader(shapes_dataset(16)))
+    assert model.steps_run == 0
+
+
+def test_the_state_key_stays_the_same_when_the_layer_is_chosen_for_you(tmp_path: Path) -> None:
+    monitor = CamMonitor(num_probe=4)
+    before = monitor.state_key
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(monitor, tmp_path, max_epochs=1)
+    assert monitor.layers == ["net.features"] and monitor.state_key == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"every_n_epochs": 2, "every_n_steps": 5}, ValueError, r"mutually exclusive"),
+        ({"every_n_epochs": 1, "every_n_steps": 1}, ValueError, r"mutually exclusive"),
+        ({"every_n_steps": float("nan")}, TypeError, r"`every_n_steps` must be an int"),
+        ({"num_probe": "16"}, TypeError, r"`num_probe` must be an int >= 1, got str"),
+        ({"nrow": float("nan")}, TypeError, r"`nrow` must be an int"),
+        ({"batch_size": "8"}, TypeError, r"`batch_size` must be an int"),
+        ({"smooth": float("nan")}, TypeError, r"`smooth` must be an int"),
+        ({"ig_steps": "32"}, TypeError, r"`ig_steps` must be an int"),
+        ({"alpha": float("nan")}, ValueError, r"`alpha` must be a finite number.*got nan"),
+        ({"alpha": "0.5"}, TypeError, r"`alpha` must be a finite number.*got str"),
+        ({"noise": "0.1"}, TypeError, r"`noise` must be a finite number.*got str"),
+        ({"topk": float("nan")}, ValueError, r"`topk` must be a finite number.*got nan"),
+        ({"pointing_tolerance": 1.5}, TypeError, r"`pointing_tolerance` must be an int"),
+        ({"mean": [0.5, "a"], "std": [1, 1]}, TypeError, r"`mean\[1\]` must be a finite number"),
+        ({"mean": [0, 0], "std": [1, float("nan")]}, ValueError, r"`std\[1\]` must be a finite"),
+        ({"target": float("nan")}, TypeError, r"`target` can be 'predicted'"),
+        ({"probe": {"..": torch.zeros(2, 3, 8, 8)}}, ValueError, r"probe set name '\.\.' cannot"),
+        ({"probe": {"a\tb": torch.zeros(2, 3, 8, 8)}}, ValueError, r"probe set name 'a\\tb'"),
+    ],
+)
+def test_constructor_gaps_are_closed(kwargs: dict, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        CamMonitor("net.features.5", **kwargs)
+
+
+def test_every_n_epochs_defaults_to_one_unless_steps_are_given() -> None:
+    assert CamMonitor().every_n_epochs == 1
+    by_steps = CamMonitor(every_n_steps=4)
+    assert (by_steps.every_n_epochs, by_steps.every_n_steps) == (None, 4)
+
+
+def test_several_val_loaders_take_the_probe_from_the_first_and_say_so(tmp_path: Path) -> None:
+    class TwoValLoaders(LitClassifier):
+        def validation_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> None:
+            super().validation_step(batch, batch_idx)
+
+    first, second = shapes_dataset(16, seed=1), shapes_dataset(16, seed=2)
+    monitor = CamMonitor("net.features.5", num_probe=4)
+    trainer = quiet_trainer(default_root_dir=tmp_path, logger=False, callbacks=[monitor])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TwoValLoaders(), loader(shapes_dataset()), [loader(first), loader(second)])
+    said = [str(w.message) for w in caught if "dataloaders" in str(w.message)]
+    assert len(said) == 1 and "has 2 val dataloaders; the probe comes from the first" in said[0]
+    assert "probe=" in said[0]
+    assert torch.equal(monitor._probes["val"].inputs, first.tensors[0][[0, 5, 10, 15]])
+
+
+def test_fast_dev_run_evaluates_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monitor = CamMonitor("net.features.5", num_probe=4)
+    trainer = quiet_trainer(callbacks=[monitor], fast_dev_run=True)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(LitClassifier(), loader(shapes_dataset()), loader(shapes_dataset(16)))
+    assert monitor.evaluations == 0 and monitor.folder is None
+    assert list(tmp_path.rglob("*")) == []
+    said = [r.getMessage() for r in caplog.records if "CamMonitor" in r.getMessage()]
+    assert said == [
+        "CamMonitor: fast_dev_run is on, so the monitor evaluates nothing and writes nothing "
+        "in this run."
+    ]

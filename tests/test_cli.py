@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 import re
 import subprocess
@@ -470,3 +471,26 @@ def test_module_runs_as_a_script() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: cam-monitor")
     assert "show" in result.stdout and "compare" in result.stdout
+
+
+def test_show_and_compare_refuse_a_folder_holding_two_runs(
+    tmp_path: Path, runs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    mixed = make_run(tmp_path / "mixed", "a", probe_inputs(0))
+    history = mixed / "lightning_logs" / "version_0" / "cam_monitor"
+    for path in sorted(history.glob("eval-*.npz")):  # the old files carry no run id: one run
+        with np.load(path) as npz:
+            arrays = dict(npz)
+        meta = json.loads(str(arrays["meta"]))
+        if meta["index"] < 2:  # a second run that overwrote eval 0-1 and left eval 2
+            meta["run"] = "secondrun001"
+            arrays["meta"] = np.array(json.dumps(meta))
+            np.savez_compressed(path, **arrays)
+    code, out, err = run_main(["show", str(mixed)], capsys)
+    assert code == 2 and not out
+    assert "holds the evaluations of 2 different training runs" in err
+    assert "run secondrun001: evaluations 0, 1; run (no id): evaluations 2" in err
+    code, out, err = run_main(["compare", str(runs[0]), str(mixed)], capsys)
+    assert code == 2 and "2 different training runs" in err
+    code, _, _ = run_main(["show", str(runs[0])], capsys)  # one run without ids: readable
+    assert code == 0

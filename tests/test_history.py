@@ -23,6 +23,7 @@ from cam_monitor.history import (
     evaluation_path,
     evaluation_record,
     find_history,
+    history_runs,
     prune_from,
     read_evaluation,
     read_history,
@@ -643,3 +644,22 @@ def test_write_probe_sets_stores_tensor_probes_with_their_hashes(tmp_path: Path)
     with pytest.raises(TypeError, match=r"probes\['source'\] must be a ProbeSet"):
         write_probe_sets(tmp_path / "other", bad)  # type: ignore[arg-type]
     assert not (tmp_path / "other").exists()
+
+
+def test_run_id_and_final_flag_round_trip_and_old_files_have_none(tmp_path: Path) -> None:
+    def evaluation(index: int, **extra: object) -> Evaluation:
+        maps = {("p", "l", "gradcam"): np.ones((1, 2, 2), np.float32)}
+        targets, logits = {"p": np.zeros(1, np.int64)}, {"p": np.zeros((1, 3), np.float32)}
+        return Evaluation(index, index, 10 * index, {}, maps, targets, logits, **extra)  # type: ignore[arg-type]
+
+    write_evaluation(tmp_path, evaluation(0))  # as written before run ids
+    write_evaluation(tmp_path, evaluation(1, run="abc123", final=True))
+    old, new = read_history(tmp_path)
+    assert (old.run, old.final, new.run, new.final) == ("", False, "abc123", True)
+    with np.load(tmp_path / "eval-00000.npz") as npz:
+        assert not {"run", "final"} & set(json.loads(str(npz["meta"])))
+    assert history_runs(tmp_path) == {"": [0], "abc123": [1]}
+    assert history_runs(tmp_path / "missing") == {}
+    write_probe(tmp_path, {"p": np.zeros((1, 3, 2, 2))}, {}, {}, {"p": "x"}, run="abc123")
+    record = read_probe(tmp_path)
+    assert record is not None and record.run == "abc123"

@@ -190,6 +190,8 @@ def test_yaml_sets_every_argument_and_fits(lightning: Lightning, tmp_path: Path)
         "std": [0.25, 0.25, 0.25],
         "class_names": ["a", "b", "c", "d", "e"],
         "nrow": 2,
+        "views": ["pos", "neg"],
+        "gray_views": True,
         "batch_size": 2,
         "smooth": 0,
         "noise": 0.1,

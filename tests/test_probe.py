@@ -16,6 +16,7 @@ from cam_monitor.probe import (
     build_probes,
     first_loader,
     loader_probe,
+    looks_like_masks,
     probe_sets,
 )
 
@@ -95,3 +96,25 @@ def test_probe_set_to_moves_nested_inputs_and_keeps_their_type() -> None:
     moved = ProbeSet("p", Pair(torch.zeros(2, 3), torch.arange(2)), torch.ones(2)).to("meta")
     assert type(moved.inputs) is Pair
     assert moved.inputs.pixels.is_meta and moved.inputs.ids.is_meta and moved.labels.is_meta
+
+
+def test_only_mask_keys_hold_masks_and_a_batch_never_holds_boxes() -> None:
+    images = torch.zeros(2, 3, 8, 8)
+    segmentation = {"image": images, "segmentation": torch.ones(2, 8, 8)}
+    (probe,) = build_probes(probe_sets(segmentation), 2).values()
+    assert probe.masks is None
+    (probe,) = build_probes({"p": (images, torch.tensor([0, 1]), torch.rand(2, 4))}, 2).values()
+    assert probe.masks is None  # soft labels [B, 4], not boxes
+    with pytest.raises(ValueError, match=r"shape \(2, 4\).*boxes \[B, 4\] \(through masks= only"):
+        build_probes(probe_sets({"image": images, "mask": torch.tensor([[0, 0, 4, 4]] * 2)}), 2)
+    assert looks_like_masks(torch.zeros(2, 1, 8, 8), images)
+    assert not looks_like_masks(torch.zeros(2, 8, 4), images)
+
+
+def test_several_loaders_say_the_first_is_used() -> None:
+    a = DataLoader(TensorDataset(torch.zeros(4, 1)))
+    b = DataLoader(TensorDataset(torch.ones(4, 1)))
+    said: list[str] = []
+    assert loader_probe([("val", [a, b])], said.append) == {"val": a}
+    assert loader_probe([("val", a)], said.append) == {"val": a}
+    assert len(said) == 1 and "2 val dataloaders; the probe comes from the first" in said[0]

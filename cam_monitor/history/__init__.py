@@ -9,6 +9,7 @@ from .records import evaluation_record as evaluation_record
 from .records import write_probe_sets as write_probe_sets
 from .store import evaluation_path as evaluation_path
 from .store import find_history as find_history
+from .store import history_runs as history_runs
 from .store import prune_from as prune_from
 from .store import read_evaluation as read_evaluation
 from .store import read_history as read_history
@@ -25,6 +26,7 @@ __all__ = [
     "evaluation_path",
     "evaluation_record",
     "find_history",
+    "history_runs",
     "prune_from",
     "read_evaluation",
     "read_history",

@@ -21,13 +21,18 @@ Arrays in each file, keyed by name (``np.load(path)[key]``):
 
       {"format": 1, "index": int, "epoch": int, "step": int,
        "probe_hashes": {probe: str}, "probes": [...], "layers": [...], "methods": [...],
-       "scalars": {name: float | null | "inf" | "-inf"}, "time": ISO-8601 UTC string}
+       "scalars": {name: float | null | "inf" | "-inf"}, "time": ISO-8601 UTC string,
+       "run": str, "final": true}
 
   ``probes``, ``layers`` and ``methods`` are in first-appearance order (the order the caller
   inserted the maps). Non-finite scalars are not valid JSON numbers, so NaN is written as
   ``null`` and +-inf as the strings ``"inf"`` / ``"-inf"`` (``float(x)`` reads both back).
   Scalar names are the tags the monitor logs (`cam_monitor.schema`). ``probe_hashes`` are
-  `cam_monitor.probe.content_hash` digests of each probe's inputs.
+  `cam_monitor.probe.content_hash` digests of each probe's inputs. ``run`` identifies the
+  training run that wrote the file (one folder holds one run's history; files without it, as
+  written before run ids existed, count as one run). ``final`` is true for the evaluation the
+  monitor adds at the end of ``fit`` when the schedule left the end unevaluated. Both keys are
+  optional: absent, the run is unnamed (``""``) and the evaluation not final.
 
 Key encoding (`cam_monitor.schema.encode`): each name component (probe, layer, method) is stored
 verbatim, except that the characters ``%``, ``/``, ``\\`` and ASCII control characters are
@@ -43,7 +48,8 @@ draw overlays, written atomically in the same way (`write_probe`, `read_probe`):
 - ``labels/{probe}``: int64 ``[B]``, only for probes that have labels.
 - ``masks/{probe}``: bool ``[B, H, W]``, only for probes that have localization masks.
 - ``meta``: JSON ``{"format": 1, "kind": "probe", "probes": [...], "hashes": {probe: str},
-  "time": ISO-8601 UTC string}``; ``hashes`` are the `Evaluation.probe_hashes` of the run.
+  "time": ISO-8601 UTC string, "run": str}``; ``hashes`` are the `Evaluation.probe_hashes` of
+  the run, ``run`` its run id (optional, as in the evaluations).
 
 Example (reading with numpy alone):
     >>> import json, tempfile
@@ -89,6 +95,8 @@ __all__ = [
     "evaluation_to_arrays",
     "probe_from_arrays",
     "probe_to_arrays",
+    "read_meta",
+    "run_of",
 ]
 
 FORMAT_VERSION = 1
@@ -109,7 +117,9 @@ class NewerFormatError(Exception):
 class Evaluation:
     """Everything one evaluation produced: raw maps keyed by `MapKey` (probe, layer, method),
     targets, logits, optional labels and scalar curves. ``time`` (ISO-8601) is stamped at write
-    if None. Compared by identity (``eq=False``): its fields hold numpy arrays.
+    if None. ``run`` is the id of the run that wrote it (``""``: unknown, an older file);
+    ``final`` marks the evaluation added at the end of ``fit``. Compared by identity
+    (``eq=False``): its fields hold numpy arrays.
     """
 
     index: int
@@ -122,6 +132,8 @@ class Evaluation:
     labels: dict[str, np.ndarray] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
     time: str | None = None
+    run: str = ""
+    final: bool = False
 
     def __post_init__(self) -> None:
         # Plain (probe, layer, method) tuples become MapKeys; anything else is left for the
@@ -158,13 +170,15 @@ class Evaluation:
 @dataclass(frozen=True, eq=False)
 class ProbeRecord:
     """A run's probe as stored in ``probe.npz``: inputs, labels and masks per probe name, and
-    the probe hashes. Compared by identity (``eq=False``): its fields hold numpy arrays.
+    the probe hashes, and the id of the run that wrote it (``""``: unknown). Compared by identity
+    (``eq=False``): its fields hold numpy arrays.
     """
 
     inputs: dict[str, np.ndarray]
     labels: dict[str, np.ndarray] = field(default_factory=dict)
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
+    run: str = ""
 
     @property
     def probes(self) -> tuple[str, ...]:
@@ -233,13 +247,17 @@ def evaluation_to_arrays(ev: Evaluation) -> dict[str, np.ndarray]:
         "scalars": scalars,
         "time": ev.time or _now(),
     }
+    if ev.run:
+        meta["run"] = str(ev.run)
+    if ev.final:
+        meta["final"] = True
     arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
     return arrays
 
 
 def evaluation_from_arrays(contents: Mapping[str, np.ndarray]) -> Evaluation:
     """Rebuild an Evaluation from a file's arrays; malformed content raises ValueError."""
-    meta = _read_meta(contents)
+    meta = read_meta(contents)
     maps: dict[MapKey, np.ndarray] = {}
     tables: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in _KINDS}
     for key, array in contents.items():
@@ -264,7 +282,15 @@ def evaluation_from_arrays(contents: Mapping[str, np.ndarray]) -> Evaluation:
         labels=tables["labels"],
         scalars={str(k): _scalar_from_json(v) for k, v in meta["scalars"].items()},
         time=str(meta["time"]),
+        run=run_of(meta),
+        final=meta.get("final") is True,
     )
+
+
+def run_of(meta: Mapping[str, Any]) -> str:
+    """The run id in a file's `meta` (``""`` when it has none: written before run ids)."""
+    run = meta.get("run", "")
+    return run if isinstance(run, str) else str(run)
 
 
 # ----------------------------------------------------------------------------- the probe
@@ -275,6 +301,7 @@ def probe_to_arrays(
     labels: Mapping[str, Any],
     masks: Mapping[str, Any],
     hashes: Mapping[str, str],
+    run: str = "",
 ) -> dict[str, np.ndarray]:
     """Validate a probe and turn it into the named arrays of ``probe.npz`` (``meta`` last).
 
@@ -309,13 +336,15 @@ def probe_to_arrays(
         "hashes": {_check_name(p, "Probe"): str(h) for p, h in hashes.items()},
         "time": _now(),
     }
+    if run:
+        meta["run"] = str(run)
     arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
     return arrays
 
 
 def probe_from_arrays(contents: Mapping[str, np.ndarray]) -> ProbeRecord:
     """Rebuild a ProbeRecord from ``probe.npz`` arrays; malformed content raises ValueError."""
-    meta = _read_meta(contents)
+    meta = read_meta(contents)
     if meta.get("kind") != "probe":
         raise ValueError("'meta' is not a probe description")
     tables: dict[str, dict[str, np.ndarray]] = {"inputs": {}, "labels": {}, "masks": {}}
@@ -331,6 +360,7 @@ def probe_from_arrays(contents: Mapping[str, np.ndarray]) -> ProbeRecord:
         labels={p: a.astype(np.int64) for p, a in tables["labels"].items()},
         masks={p: a.astype(bool) for p, a in tables["masks"].items()},
         hashes={str(k): str(v) for k, v in meta["hashes"].items()},
+        run=run_of(meta),
     )
 
 
@@ -392,7 +422,7 @@ def _scalar_from_json(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _read_meta(contents: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def read_meta(contents: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """The JSON `meta` entry of a history file, checked for a format this version reads."""
     if "meta" not in contents:
         raise ValueError("no 'meta' entry")

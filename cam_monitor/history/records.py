@@ -25,12 +25,15 @@ def evaluation_record(
     probes: Mapping[str, ProbeSet],
     results: Mapping[str, CamResult],
     scalars: Mapping[str, float],
+    run: str = "",
+    final: bool = False,
 ) -> Evaluation:
     """The history entry of one evaluation: every map as float32 numpy on the CPU, keyed by
     `MapKey`, with targets, logits, labels (for probes that have them) and the probes'
     `ProbeSet.digest` (an empty digest is left out: it identifies nothing).
 
     ``scalars`` are keyed by tag; `ScalarKey` keys are accepted and written as their tag.
+    ``run`` is the id of the writing run; ``final`` marks the evaluation added at the end of fit.
     """
     _check_table("probes", probes, ProbeSet)
     _check_table("results", results, CamResult)
@@ -53,12 +56,17 @@ def evaluation_record(
             if probe.labels is not None and name in results
         },
         scalars={_tag(key): value for key, value in scalars.items()},
+        run=run,
+        final=final,
     )
 
 
-def write_probe_sets(folder: str | os.PathLike[str], probes: Mapping[str, ProbeSet]) -> Path:
-    """Store the probe sets whose inputs are one tensor in ``folder/probe.npz``, so reports can
-    draw overlays; raises on failure (the caller decides whether that only warns).
+def write_probe_sets(
+    folder: str | os.PathLike[str], probes: Mapping[str, ProbeSet], run: str = ""
+) -> Path:
+    """Store the probe sets whose inputs are one tensor in ``folder/probe.npz`` (with the id of
+    the ``run``), so reports can draw overlays; raises on failure (the caller decides whether
+    that only warns).
     """
     _check_table("probes", probes, ProbeSet)
     stored = {name: probe for name, probe in probes.items() if isinstance(probe.inputs, Tensor)}
@@ -68,6 +76,7 @@ def write_probe_sets(folder: str | os.PathLike[str], probes: Mapping[str, ProbeS
         labels={n: _numpy(p.labels) for n, p in stored.items() if p.labels is not None},
         masks={n: _numpy(p.masks) for n, p in stored.items() if p.masks is not None},
         hashes={name: probe.digest for name, probe in stored.items() if probe.digest},
+        run=run,
     )
 
 

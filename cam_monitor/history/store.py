@@ -31,11 +31,14 @@ from .format import (
     evaluation_to_arrays,
     probe_from_arrays,
     probe_to_arrays,
+    read_meta,
+    run_of,
 )
 
 __all__ = [
     "evaluation_path",
     "find_history",
+    "history_runs",
     "prune_from",
     "read_evaluation",
     "read_history",
@@ -200,12 +203,35 @@ def prune_from(folder: str | os.PathLike[str], index: int) -> list[Path]:
     return deleted
 
 
+def history_runs(folder: str | os.PathLike[str]) -> dict[str, list[int]]:
+    """The evaluation indices in ``folder`` by the id of the run that wrote them (``""`` for
+    files written before run ids existed; unreadable files are left out). Reads only each
+    file's metadata. A missing folder holds no run.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     history_runs(folder)
+        {}
+    """
+    runs: dict[str, list[int]] = {}
+    for index, path in _eval_files(Path(folder)):
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                run = run_of(read_meta({"meta": npz["meta"]}))
+        except (NewerFormatError, *_CORRUPT):
+            continue
+        runs.setdefault(run, []).append(index)
+    return runs
+
+
 def write_probe(
     folder: str | os.PathLike[str],
     inputs: Mapping[str, Any],
     labels: Mapping[str, Any],
     masks: Mapping[str, Any],
     hashes: Mapping[str, str],
+    run: str = "",
 ) -> Path:
     """Write the probe atomically to ``folder/probe.npz`` (replacing it) and return the path.
 
@@ -221,7 +247,7 @@ def write_probe(
         >>> path.name, record.inputs["val"].dtype, record.labels["val"].tolist(), record.hashes
         ('probe.npz', dtype('float32'), [1, 0], {'val': 'ab'})
     """
-    arrays = probe_to_arrays(inputs, labels, masks, hashes)
+    arrays = probe_to_arrays(inputs, labels, masks, hashes, run)
     return _write_npz_atomically(Path(folder) / PROBE_FILE, arrays)
 
 
