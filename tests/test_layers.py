@@ -93,12 +93,12 @@ def test_first_spatial_layer_takes_any_nested_batch_and_restores_the_model(
 ) -> None:
     x = torch.randn(2, 3, 32, 32)
     tiny_cnn.train()
-    assert first_spatial_layer(tiny_cnn, x, None) == "features"
+    assert first_spatial_layer(tiny_cnn, x, None) == "features.5"
     as_dict = first_spatial_layer(tiny_cnn, {"x": x}, lambda model, batch: model(batch["x"]))
     as_tuple = first_spatial_layer(
         tiny_cnn, Named(x, torch.arange(2)), lambda model, batch: model(batch.pixels)
     )
-    assert as_dict == as_tuple == "features"
+    assert as_dict == as_tuple == "features.5"
     assert all(m.training for m in tiny_cnn.modules())
     assert all(not (m._forward_hooks or m._forward_pre_hooks) for m in tiny_cnn.modules())
     flat = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
