@@ -131,7 +131,7 @@ class CamMonitor(Callback):
         smooth: int = 0,
         noise: float = 0.15,
         cam_head: str | None = None,
-        ig_steps: int = 32,
+        ig_steps: int = 256,
         filters: Mapping[str, Sequence[int]] | None = None,
         drift_measures: Sequence[str] = MEASURES,
         topk: float = 0.2,

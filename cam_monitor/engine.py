@@ -107,7 +107,7 @@ def compute_cams(
     noise: float = 0.15,
     seed: int = 0,
     cam_head: LayerSpec | None = None,
-    ig_steps: int = 32,
+    ig_steps: int = 256,
     ig_baseline: float | Tensor | None = None,
 ) -> CamResult:
     """CAMs and attributions of `inputs` for every layer and method, batched and side-effect free.

@@ -150,13 +150,16 @@ def resolve_layers(
 
 
 def _fits(rows: int, cols: int, size: tuple[int, int]) -> bool:
-    """Whether a `rows x cols` grid is the input `size` downsampled, up to one cell of rounding."""
+    """Whether a `rows x cols` grid is the input `size` downsampled by one stride `s`, each side
+    within one cell of `H / s` and `W / s` (padding and rounding)."""
     height, width = size
     if rows < 1 or cols < 1:
         return False
-    low = (rows - 1) * width <= height * (cols + 1)
-    high = cols <= 1 or height * (cols - 1) <= (rows + 1) * width
-    return low and high
+    low = max(height / (rows + 1), width / (cols + 1))
+    high = min(
+        height / (rows - 1) if rows > 1 else math.inf, width / (cols - 1) if cols > 1 else math.inf
+    )
+    return low < high
 
 
 def _acts_on_last_dim(module: nn.Module | None, channels: int) -> bool | None:
@@ -215,18 +218,18 @@ def _token_grid(tokens: int, size: tuple[int, int] | None) -> tuple[int, int, in
 
 
 def _token_grid_like(tokens: int, size: tuple[int, int]) -> tuple[int, int, int] | None:
-    """`(skip, rows, cols)` with `rows x cols` the input's shape downsampled, if any."""
-    for skip in (0, 1):
-        count = tokens - skip
-        if count <= 0:
-            continue
-        ratio = size[0] / size[1]
-        shapes = [(r, count // r) for r in range(1, count + 1) if count % r == 0]
-        shapes = [(r, c) for r, c in shapes if _fits(r, c, size)]
-        if shapes:
-            rows, cols = min(shapes, key=lambda rc: abs(math.log(rc[0] / rc[1] / ratio)))
-            return skip, rows, cols
-    return None
+    """`(skip, rows, cols)` with `rows x cols` the input's shape downsampled, the closest in
+    aspect over 0 or 1 leading tokens, if any."""
+    ratio = size[0] / size[1]
+    found = [
+        (skip, rows, (tokens - skip) // rows)
+        for skip in (0, 1)
+        for rows in range(1, tokens - skip + 1)
+        if (tokens - skip) % rows == 0 and _fits(rows, (tokens - skip) // rows, size)
+    ]
+    if not found:
+        return None
+    return min(found, key=lambda grid: abs(math.log(grid[1] / grid[2] / ratio)))
 
 
 def as_spatial(
