@@ -350,10 +350,13 @@ class CamMonitor(Callback):
 
     def _default_layer(self, pl_module: pl.LightningModule) -> str:
         first = next(iter(self._probes.values()))
-        chosen = first_spatial_layer(unwrap_model(pl_module), first.inputs, self.engine.forward)
+        engine = self.engine
+        chosen = first_spatial_layer(
+            unwrap_model(pl_module), first.inputs, engine.forward, engine.output_transform
+        )
         rank_zero_warn(
-            f"CamMonitor: no layer given, using {chosen!r} (the last layer with a spatial "
-            f"output). Pass CamMonitor(layer={chosen!r}) to choose it yourself."
+            f"CamMonitor: no layer given, using {chosen!r} (the last spatial block that the "
+            f"class score reaches). Pass CamMonitor(layer={chosen!r}) to choose it yourself."
         )
         return chosen
 
