@@ -118,7 +118,9 @@ def compute_cams(
     `batch_size` rows (unbounded when None). The model runs in eval mode under a forked RNG;
     gradients are taken w.r.t. activations and inputs only, so parameter `.grad` is untouched.
 
-    - `layers`: names, globs or modules; None (or `[]`) when every method is input-level.
+    - `layers`: names, globs or modules; None (or `[]`) when every method is input-level. A
+      layer (or, for pixel methods, the input) that no gradient reaches raises
+      `NoGradientError` (a `ValueError`) naming it and the likely cause.
     - `smooth=n`: gradient CAMs use the mean of G (and of G^2, G^3 for Smooth Grad-CAM++)
       over `n` noisy copies, with activations of the clean input; `smoothgrad` uses `n` copies
       (16 when `smooth=0`). Noise std is `noise` times each image's value range, drawn from a
