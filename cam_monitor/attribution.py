@@ -156,6 +156,26 @@ def integrated_gradients(
     return (x - base) * total_grad, base_scores
 
 
+def completeness_warning(gap: Tensor, delta: Tensor, steps: int) -> str | None:
+    """The warning when some image's |completeness gap| exceeds 10% of its score difference.
+
+    Example:
+        >>> completeness_warning(torch.tensor([0.01, 0.5]), torch.tensor([1.0, 2.0]), 32)[:40]
+        'integrated_gradients: for 1 of 2 images '
+    """
+    relative = gap.abs().float() / delta.abs().float().clamp_min(1e-12)
+    relative = torch.where(delta.abs() > 1e-6, relative, torch.zeros_like(relative))
+    over = relative > 0.1
+    if not bool(over.any()):
+        return None
+    return (
+        f"integrated_gradients: for {int(over.sum())} of {gap.numel()} images the attributions "
+        f"miss the score difference to the baseline by more than 10% (worst "
+        f"{float(relative.max()):.0%}): ig_steps={steps} steps are too few for this model's "
+        f"curvature. Pass more, e.g. ig_steps={4 * steps}; CamResult.extras holds the gaps."
+    )
+
+
 class _RuledRelu(torch.autograd.Function):
     """`max(x, 0)` forward (in place when the ReLU was); the backward follows a `ReluRule`."""
 

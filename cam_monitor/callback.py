@@ -194,7 +194,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         smooth: int = 0,
         noise: float = 0.15,
         cam_head: str | None = None,
-        ig_steps: int = 32,
+        ig_steps: int = 256,
         filters: Mapping[str, Sequence[int]] | None = None,
         drift_measures: Sequence[str] = MEASURES,
         topk: float = 0.2,
@@ -483,10 +483,13 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
 
     def _default_layer(self, pl_module: pl.LightningModule) -> str:
         first = next(iter(self._probes.values()))
-        chosen = first_spatial_layer(unwrap_model(pl_module), first.inputs, self.engine.forward)
+        engine = self.engine
+        chosen = first_spatial_layer(
+            unwrap_model(pl_module), first.inputs, engine.forward, engine.output_transform
+        )
         rank_zero_warn(
-            f"CamMonitor: no layer given, using {chosen!r} (the last layer with a spatial "
-            f"output). Pass CamMonitor(layer={chosen!r}) to choose it yourself."
+            f"CamMonitor: no layer given, using {chosen!r} (the last spatial block that the "
+            f"class score reaches). Pass CamMonitor(layer={chosen!r}) to choose it yourself."
         )
         return chosen
 

@@ -72,6 +72,34 @@ def did_not_run(names: list[str]) -> LayerCaptureError:
     )
 
 
+class NoGradientError(LayerCaptureError):
+    """No gradient reaches a chosen layer (or the input) from the class score: the model cuts it
+    off from autograd, so every gradient map there would be zero."""
+
+
+def no_gradient(names: list[str], reentrant: bool = False) -> NoGradientError:
+    """The error for layers (or `"the input"`) that get no gradient from the class score."""
+    if reentrant:
+        cause = (
+            "the model uses reentrant activation checkpointing (torch.utils.checkpoint with "
+            "use_reentrant=True), which cannot give gradients w.r.t. a layer or the input; "
+            "pass use_reentrant=False to checkpoint()"
+        )
+    else:
+        cause = (
+            "likely causes: the model runs the layer under torch.no_grad() or "
+            "torch.inference_mode() inside forward (to freeze a backbone, set requires_grad_("
+            "False) on its parameters instead); reentrant activation checkpointing "
+            "(torch.utils.checkpoint with use_reentrant=True: pass use_reentrant=False); or a "
+            ".detach() between the layer and the logits"
+        )
+    return NoGradientError(
+        f"No gradient reaches {', '.join(repr(n) for n in names)} from the class score, so "
+        f"gradient maps there would be all zero; {cause}. Remove the cut, or pick a layer "
+        "after it."
+    )
+
+
 @contextmanager
 def capture_outputs(
     layers: Mapping[str, nn.Module], graph_from_first: bool = False

@@ -7,6 +7,8 @@ chunks of `batch_size`) works on that `Batch`.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from .attribution import (
     ScoreFn,
     add_rows,
     channel_sum,
+    completeness_warning,
     deconvnet,
     guided_backprop,
     integrated_gradients,
@@ -30,13 +33,15 @@ from .attribution import (
     saliency_map,
 )
 from .batch import Batch
-from .capture import capture_outputs, did_not_run, scoped_hooks
+from .capture import capture_outputs, did_not_run, no_gradient, scoped_hooks
 from .isolation import isolated
 from .layers import LayerSpec, Reshape, as_spatial, resolve_layers, unwrap_model
 from .methods import (
+    CAM_METHODS,
     GRADIENT_METHODS,
     INPUT_KEY,
     INPUT_METHODS,
+    SIGN_SENSITIVE_METHODS,
     apply_method,
     class_activation_map,
     normalize_maps,
@@ -103,7 +108,7 @@ def compute_cams(
     noise: float = 0.15,
     seed: int = 0,
     cam_head: LayerSpec | None = None,
-    ig_steps: int = 32,
+    ig_steps: int = 256,
     ig_baseline: float | Tensor | None = None,
 ) -> CamResult:
     """CAMs and attributions of `inputs` for every layer and method, batched and side-effect free.
@@ -114,7 +119,9 @@ def compute_cams(
     `batch_size` rows (unbounded when None). The model runs in eval mode under a forked RNG;
     gradients are taken w.r.t. activations and inputs only, so parameter `.grad` is untouched.
 
-    - `layers`: names, globs or modules; None (or `[]`) when every method is input-level.
+    - `layers`: names, globs or modules; None (or `[]`) when every method is input-level. A
+      layer (or, for pixel methods, the input) that no gradient reaches raises
+      `NoGradientError` (a `ValueError`) naming it and the likely cause.
     - `smooth=n`: gradient CAMs use the mean of G (and of G^2, G^3 for Smooth Grad-CAM++)
       over `n` noisy copies, with activations of the clean input; `smoothgrad` uses `n` copies
       (16 when `smooth=0`). Noise std is `noise` times each image's value range, drawn from a
@@ -217,8 +224,10 @@ def compute(
                 per_map.setdefault(key, []).append(value)
             for key, value in extras.items():
                 per_extra.setdefault(key, []).append(value)
+    maps = {key: torch.cat(parts) for key, parts in per_map.items()}
+    _warn_if_all_zero(module, maps, plan)
     return CamResult(
-        maps={key: torch.cat(parts) for key, parts in per_map.items()},
+        maps=maps,
         targets=torch.cat(all_targets),
         logits=torch.cat(all_logits),
         input_size=batch.image_size,
@@ -226,6 +235,58 @@ def compute(
         methods=options.methods,
         extras={key: torch.cat(parts) for key, parts in per_extra.items()},
     )
+
+
+# What each model has been checked for (keys such as `("ill-posed", layer, method)`), so a
+# check that needs a host sync runs on its first call only, and a warning is given once.
+_SEEN: weakref.WeakKeyDictionary[nn.Module, set[tuple[str, ...]]] = weakref.WeakKeyDictionary()
+
+
+def _first_time(module: nn.Module, key: tuple[str, ...]) -> bool:
+    """True the first time `key` is asked about for `module`; records it."""
+    seen = _SEEN.setdefault(module, set())
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
+def _warn_if_all_zero(module: nn.Module, maps: dict[tuple[str, str], Tensor], plan: _Plan) -> None:
+    """One warning per layer whose CAMs are exactly zero for every image (first call only)."""
+    for name in plan.layers:
+        if not _first_time(module, ("all-zero", name)):
+            continue
+        zero = [m for (layer, m), v in maps.items() if layer == name and m in CAM_METHODS
+                and not bool(v.any())]  # fmt: skip
+        if zero:
+            warnings.warn(
+                f"The {', '.join(zero)} maps at layer {name!r} are exactly zero for every probe "
+                "image: its activations are all zero (dead ReLUs?), no gradient reaches it "
+                "(a multiplication by zero, a rounding op or a constant head between the layer "
+                "and the logits), or every channel weight is negative. Pick another layer, or "
+                "try layercam / hirescam.",
+                stacklevel=3,
+            )
+
+
+def _warn_if_ill_posed(module: nn.Module, name: str, activation: Tensor, method: str) -> None:
+    """Warn once per layer and method when Grad-CAM++ / XGrad-CAM meet signed activations."""
+    if method not in SIGN_SENSITIVE_METHODS or not _first_time(module, ("ill-posed", name, method)):
+        return
+    share = float((activation < 0).float().mean())
+    if share > NEGATIVE_SHARE_LIMIT:
+        warnings.warn(
+            f"{method} at layer {name!r}: {share:.0%} of its activations are negative (a "
+            f"BatchNorm, LayerNorm, GELU or Hardswish output?). {method} divides by "
+            "per-channel activation sums, which signed activations bring near zero, so its "
+            "weights can explode and the map is ill-posed there. Use gradcam, layercam or "
+            "hirescam at this layer, or pick a layer after a ReLU.",
+            stacklevel=4,
+        )
+
+
+#: Share of negative activations above which Grad-CAM++ and XGrad-CAM warn (post-ReLU: 0).
+NEGATIVE_SHARE_LIMIT = 0.01
 
 
 def _resolve_layer_arg(
@@ -351,7 +412,13 @@ def _explain_chunk(
         input_maps["integrated_gradients"] = channel_sum(attributions)
         delta = clean.scores - base_scores
         extras["integrated_gradients.score_delta"] = delta
-        extras["integrated_gradients.completeness_gap"] = attributions.flatten(1).sum(dim=1) - delta
+        gap = attributions.flatten(1).sum(dim=1) - delta
+        extras["integrated_gradients.completeness_gap"] = gap
+        if ("ig-steps",) not in _SEEN.get(module, ()):
+            message = completeness_warning(gap, delta, options.ig_steps)
+            if message is not None:
+                _first_time(module, ("ig-steps",))
+                warnings.warn(message, stacklevel=4)
     guided = None
     if "guided_backprop" in options.methods or "guided_gradcam" in options.methods:
         guided = guided_backprop(module, score_fn, chunk, options.batch_size)
@@ -365,6 +432,7 @@ def _explain_chunk(
     for name in plan.layers:
         activation = clean.activations[name]
         for method in options.methods:
+            _warn_if_ill_posed(module, name, activation, method)
             if method in GRADIENT_METHODS:
                 grad, moments = layer_grads[name]
                 maps[name, method] = apply_method(method, activation, grad, moments)
@@ -417,29 +485,24 @@ def _clean_pass(
         prune = False
     warn_if_probabilities(module, logits)
     names = list(plan.layers)
-    spatial = {name: as_spatial(name, recorded[name].detach(), options.reshape) for name in names}
+    size = chunk.image_size
+    spatial = {
+        name: as_spatial(name, recorded[name].detach(), options.reshape, size, plan.layers[name])
+        for name in names
+    }
     if plan.layer_gradients and not scores.requires_grad:
-        raise ValueError(
-            f"The class score does not depend on the layers {names}; pick layers that feed "
-            "the class logits (or check output_transform=)."
-        )
+        raise no_gradient(names)
     wrt = [recorded[n] for n in names] if plan.layer_gradients and not plan.smooth_layers else []
     if image is not None:
         wrt.append(image)
-    grads: tuple[Tensor | None, ...] = ()
-    if wrt:
-        grads = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
-    gradients: dict[str, Tensor] = {}
-    for name, grad in zip(names, grads[: len(wrt) - (image is not None)], strict=False):
-        activation = spatial[name]
-        gradients[name] = (
-            torch.zeros_like(activation)
-            if grad is None
-            else as_spatial(name, grad, options.reshape)
-        )
-    input_gradients = None
-    if image is not None:
-        input_gradients = grads[-1] if grads[-1] is not None else torch.zeros_like(image)
+    with_input = image is not None
+    wrt_names = names[: len(wrt) - with_input] + (["the input"] if with_input else [])
+    grads = _gradients(scores, wrt, wrt_names)
+    gradients: dict[str, Tensor] = {
+        name: as_spatial(name, grad, options.reshape, size, plan.layers[name])
+        for name, grad in zip(names, grads[: len(wrt) - with_input], strict=False)
+    }
+    input_gradients = grads[-1] if image is not None else None
     return _CleanPass(
         indices=indices,
         logits=logits.detach().float(),
@@ -449,6 +512,23 @@ def _clean_pass(
         input_gradients=input_gradients,
         head_inputs=head_inputs,
     )
+
+
+def _gradients(scores: Tensor, wrt: list[Tensor], names: list[str]) -> list[Tensor]:
+    """`autograd.grad` of the summed scores w.r.t. `wrt`; `NoGradientError` naming the layers
+    (or "the input") that no gradient reaches, where a map would otherwise be silently zero."""
+    if not wrt:
+        return []
+    try:
+        grads = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
+    except RuntimeError as err:
+        if "checkpoint" in str(err):
+            raise no_gradient(names, reentrant=True) from err
+        raise
+    missing = [name for name, grad in zip(names, grads, strict=True) if grad is None]
+    if missing:
+        raise no_gradient(missing)
+    return [grad for grad in grads if grad is not None]
 
 
 @contextmanager
@@ -508,6 +588,7 @@ def _noisy_passes(
     }
     input_sum = torch.zeros(image.shape, device=image.device) if want_input else None
     sigma = noise_scale(image, options.noise)
+    size = chunk.image_size
     for start, stop in pass_ranges(image.shape[0] * copies, options.batch_size):
         index = torch.arange(start, stop, device=image.device) // copies
         rows = noisy_rows(image, index, sigma, generator)
@@ -516,14 +597,12 @@ def _noisy_passes(
         with capture_outputs(layers, graph_from_first=not want_input) as recorded:
             scores = score_fn(chunk.with_image(rows, index), index)
         wrt = [recorded[name] for name in names] + ([rows] if want_input else [])
-        grads = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
+        grads = _gradients(scores, wrt, names + (["the input"] if want_input else []))
         for name, grad in zip(names, grads, strict=False):
-            if grad is None:
-                continue
-            value = as_spatial(name, grad, options.reshape).float()
+            value = as_spatial(name, grad, options.reshape, size, layers[name]).float()
             for power, total in enumerate(sums[name], start=1):
                 add_rows(total, index, value if power == 1 else value.pow(power))
-        if input_sum is not None and grads[-1] is not None:
+        if input_sum is not None:
             add_rows(input_sum, index, grads[-1].float().abs())
     layer_means: dict[str, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {}
     for name, parts in sums.items():

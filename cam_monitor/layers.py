@@ -7,6 +7,7 @@ spatial maps `[B, C, h, w]` here too.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ from .capture import Hook, scoped_hooks
 from .isolation import isolated
 
 if TYPE_CHECKING:
-    from .options import ForwardFn
+    from .options import ForwardFn, OutputTransform
 
 LayerSpec = str | nn.Module
 Reshape = Callable[[Tensor], Tensor]
@@ -148,16 +149,112 @@ def resolve_layers(
     return list(found.items())
 
 
-def as_spatial(name: str, output: Tensor, reshape: Reshape | None = None) -> Tensor:
-    """View a layer output as `[B, C, h, w]`: as is, via `reshape`, or from square-grid tokens.
+def _fits(rows: int, cols: int, size: tuple[int, int]) -> bool:
+    """Whether a `rows x cols` grid is the input `size` downsampled by one stride `s`, each side
+    within one cell of `H / s` and `W / s` (padding and rounding)."""
+    height, width = size
+    if rows < 1 or cols < 1:
+        return False
+    low = max(height / (rows + 1), width / (cols + 1))
+    high = min(
+        height / (rows - 1) if rows > 1 else math.inf, width / (cols - 1) if cols > 1 else math.inf
+    )
+    return low < high
 
-    Tokens `[B, N, C]` are accepted when `N` is a square, or a square plus one leading
-    class token, which is dropped.
+
+def _acts_on_last_dim(module: nn.Module | None, channels: int) -> bool | None:
+    """Whether `module` works on the last axis: True for a plain LayerNorm or Linear over
+    `channels`, False for a module holding neither (or no module), None when unknown."""
+    if module is None:
+        return False
+    if type(module) is nn.LayerNorm:
+        return tuple(module.normalized_shape) == (channels,)
+    if type(module) is nn.Linear:
+        return module.out_features == channels
+    if any(isinstance(m, (nn.LayerNorm, nn.Linear)) for m in module.modules()):
+        return None
+    return False
+
+
+def _channels_last(
+    name: str, output: Tensor, size: tuple[int, int] | None, module: nn.Module | None
+) -> bool:
+    """Whether a 4-D output is `[B, h, w, C]`: only where its shape and the input say so."""
+    if size is None:
+        return False
+    _, first, second, last = output.shape
+    as_first, as_last = _fits(second, last, size), _fits(first, second, size)
+    if as_last and not as_first:
+        return True
+    if not (as_first and as_last):
+        return False
+    evidence = _acts_on_last_dim(module, last)
+    if evidence is None:
+        raise ValueError(
+            f"Layer {name!r} outputs {tuple(output.shape)} for a {size[0]}x{size[1]} input: it "
+            f"reads both as channels-first [B, C, H, W] and as channels-last [B, H, W, C]. "
+            "Pass reshape= to say which, e.g. reshape=lambda t: t.permute(0, 3, 1, 2) for "
+            "channels-last, or reshape=lambda t: t for channels-first."
+        )
+    return evidence
+
+
+def _token_grid(tokens: int, size: tuple[int, int] | None) -> tuple[int, int, int] | None:
+    """`(skip, rows, cols)`: tokens on a grid after `skip` leading tokens, shaped like the input.
+
+    A grid of the input's aspect is preferred; a square one is the fallback (a model that
+    resizes its input, or no input size known).
+    """
+    if size is not None:
+        shaped = _token_grid_like(tokens, size)
+        if shaped is not None:
+            return shaped
+    for skip in (0, 1):
+        count = tokens - skip
+        side = round(count**0.5) if count > 0 else 0
+        if side > 0 and side * side == count:
+            return skip, side, side
+    return None
+
+
+def _token_grid_like(tokens: int, size: tuple[int, int]) -> tuple[int, int, int] | None:
+    """`(skip, rows, cols)` with `rows x cols` the input's shape downsampled, the closest in
+    aspect over 0 or 1 leading tokens, if any."""
+    ratio = size[0] / size[1]
+    found = [
+        (skip, rows, (tokens - skip) // rows)
+        for skip in (0, 1)
+        for rows in range(1, tokens - skip + 1)
+        if (tokens - skip) % rows == 0 and _fits(rows, (tokens - skip) // rows, size)
+    ]
+    if not found:
+        return None
+    return min(found, key=lambda grid: abs(math.log(grid[1] / grid[2] / ratio)))
+
+
+def as_spatial(
+    name: str,
+    output: Tensor,
+    reshape: Reshape | None = None,
+    input_size: tuple[int, int] | None = None,
+    module: nn.Module | None = None,
+) -> Tensor:
+    """View a layer output as `[B, C, h, w]`: via `reshape`, as is, from channels-last, or tokens.
+
+    With `input_size` (the probe's `(H, W)`), a 4-D output whose last three sizes read as an
+    `h x w` grid of the input's shape followed by channels (`[B, h, w, C]`: Swin stages,
+    ConvNeXt's inner blocks) is permuted; where both layouts fit the input (C equal to the grid
+    side), a `module` that is a LayerNorm or Linear over C says channels-last, one without those
+    channels-first, and otherwise a `ValueError` asks for `reshape=`. Tokens `[B, N, C]` are
+    accepted on a grid of the input's shape (square without `input_size`), optionally after one
+    leading class token, which is dropped.
 
     Example:
         >>> import torch
         >>> as_spatial("blocks.0", torch.zeros(2, 1 + 16, 8)).shape
         torch.Size([2, 8, 4, 4])
+        >>> as_spatial("stage.1", torch.zeros(2, 4, 6, 96), input_size=(32, 48)).shape
+        torch.Size([2, 96, 4, 6])
     """
     if reshape is not None:
         output = reshape(output)
@@ -168,18 +265,20 @@ def as_spatial(name: str, output: Tensor, reshape: Reshape | None = None) -> Ten
             )
         return output
     if output.dim() == 4:
+        if _channels_last(name, output, input_size, module):
+            return output.permute(0, 3, 1, 2)
         return output
     if output.dim() == 3:
         batch, tokens, channels = output.shape
-        for skip in (0, 1):
-            side = round((tokens - skip) ** 0.5)
-            if side > 0 and side * side == tokens - skip:
-                grid = output[:, skip:, :]
-                return grid.transpose(1, 2).reshape(batch, channels, side, side)
+        grid = _token_grid(tokens, input_size)
+        if grid is not None:
+            skip, rows, cols = grid
+            return output[:, skip:, :].transpose(1, 2).reshape(batch, channels, rows, cols)
     raise ValueError(
         f"Layer {name!r} outputs shape {tuple(output.shape)}; a CAM needs a spatial map "
-        "[B, C, H, W] or tokens [B, N, C] on a square grid (optionally after one class token). "
-        "Pick a convolutional layer, or pass reshape= to turn this output into [B, C, H, W]."
+        "[B, C, H, W] (or [B, H, W, C]) or tokens [B, N, C] on a grid of the input's shape "
+        "(optionally after one class token). Pick a convolutional layer, or pass reshape= to "
+        "turn this output into [B, C, H, W]."
     )
 
 
@@ -189,11 +288,21 @@ _POOLING = (
 )  # fmt: skip
 
 
-def first_spatial_layer(module: nn.Module, inputs: Any, forward: ForwardFn | None) -> str:
-    """Name of the last module (run once, not a pooling layer) whose output is `[B, C, h, w]`.
+def first_spatial_layer(
+    module: nn.Module,
+    inputs: Any,
+    forward: ForwardFn | None,
+    output_transform: OutputTransform = None,
+) -> str:
+    """The layer an expert would pick for a CAM when none is configured (see the README).
 
-    Used when no layer is configured: one isolated no-grad forward on `inputs` (any nested
-    batch), with scoped hooks on every submodule.
+    One isolated forward and backward of (up to 4 rows of) `inputs`, any nested batch, with
+    scoped hooks on every submodule. Of the modules that ran once and have a spatial output
+    (`[B, C, h, w]`, channels-last, or tokens on a grid) of more than one cell, it skips pooling
+    layers, modules that hand on a pooling layer's output or only view an earlier output,
+    containers holding the model's first spatial layer (a whole backbone such as `features`),
+    and outputs whose grid gets no gradient from the predicted class score (a ViT's tokens
+    after its last attention); it returns the last one to finish.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
@@ -202,28 +311,94 @@ def first_spatial_layer(module: nn.Module, inputs: Any, forward: ForwardFn | Non
         >>> first_spatial_layer(net, batch, lambda model, b: model(b["pixels"]))
         '1'
     """
-    seen: dict[str, int] = {}
+    named = {name: layer for name, layer in module.named_modules() if name}
+    runs: dict[str, int] = {}
     order: list[str] = []
-    spatial: set[str] = set()
+    outputs: dict[str, Tensor] = {}
+    pooled: dict[int, Tensor] = {}  # kept alive so that ids stay unique
 
     def make_hook(name: str, layer: nn.Module) -> Callable[[nn.Module, Any, Any], None]:
         def hook(_: nn.Module, __: Any, output: Any) -> None:
-            seen[name] = seen.get(name, 0) + 1
+            runs[name] = runs.get(name, 0) + 1
             order.append(name)
-            if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1:
-                if not isinstance(layer, _POOLING):
-                    spatial.add(name)
+            if not isinstance(output, Tensor):
+                return
+            if isinstance(layer, _POOLING) or id(output) in pooled:
+                pooled[id(output)] = output
+                return
+            if output._base is not None and any(output._base is t for t in outputs.values()):
+                return  # only a view of an earlier output (a permute, a flatten)
+            outputs[name] = output
 
         return hook
 
-    data = Batch.of(inputs).data
-    hooks: list[Hook] = [(m, "forward", make_hook(n, m)) for n, m in module.named_modules() if n]
-    with scoped_hooks(hooks), isolated(module), torch.no_grad():
-        module(data) if forward is None else forward(module, data)
-    candidates = [n for n in order if n in spatial and seen[n] == 1]
-    if not candidates:
-        raise ValueError(
-            f"{type(module).__name__} has no layer with a spatial [B, C, H, W] output; pass "
-            "layer= explicitly (with reshape= for token outputs)."
-        )
-    return candidates[-1]
+    batch = Batch.of(inputs)
+    if batch.length:
+        batch = batch.slice(0, min(batch.length, 4))
+    size = batch.image_size
+    hooks: list[Hook] = [(m, "forward", make_hook(n, m)) for n, m in named.items()]
+    with scoped_hooks(hooks), isolated(module), torch.enable_grad():
+        batch = batch.usable()
+        if batch.image is not None and batch.image.is_floating_point():
+            # Gradients reach every layer, also in a frozen backbone.
+            batch = batch.with_image(batch.image.detach().requires_grad_(True))
+        output = module(batch.data) if forward is None else forward(module, batch.data)
+        grids: dict[str, Tensor] = {}
+        for name in order:
+            if runs[name] != 1 or name not in outputs or name in grids:
+                continue
+            grid = _grid_or_none(name, outputs[name], size, named[name])
+            if grid is not None:
+                grids[name] = grid
+        if not grids:
+            raise ValueError(
+                f"{type(module).__name__} has no layer with a spatial [B, C, H, W] output; pass "
+                "layer= explicitly (with reshape= for token outputs)."
+            )
+        stem = next(iter(grids))
+        candidates = [n for n in grids if not stem.startswith(n + ".")] or list(grids)
+        layers = {n: named[n] for n in candidates}
+        reached = _reached_by_gradient(layers, outputs, size, output, output_transform)
+    return ([n for n in candidates if n in reached] or candidates)[-1]
+
+
+def _grid_or_none(
+    name: str, output: Tensor, size: tuple[int, int] | None, layer: nn.Module
+) -> Tensor | None:
+    """The output's spatial view if it has one of more than one cell, else None."""
+    if output.dim() not in (3, 4):
+        return None
+    try:
+        grid = as_spatial(name, output, None, size, layer)
+    except ValueError:
+        return None
+    return grid if grid.shape[-2:].numel() > 1 else None
+
+
+def _reached_by_gradient(
+    layers: dict[str, nn.Module],
+    outputs: dict[str, Tensor],
+    size: tuple[int, int] | None,
+    output: Any,
+    output_transform: OutputTransform,
+) -> set[str]:
+    """The layers whose spatial grid gets a non-zero gradient from the predicted class scores;
+    every layer when the output gives no logits or no gradient (the engine will say why)."""
+    from .targets import pick_logits  # targets -> options -> layers: imported when used
+
+    try:
+        logits = pick_logits(output, output_transform)
+    except (TypeError, ValueError):
+        return set(layers)
+    wanted = [n for n in layers if outputs[n].requires_grad]
+    if not logits.requires_grad or not wanted:
+        return set(layers)
+    tensors = list({id(outputs[n]): outputs[n] for n in wanted}.values())
+    grads = torch.autograd.grad(logits.float().amax(dim=1).sum(), tensors, allow_unused=True)
+    by_id = {id(t): g for t, g in zip(tensors, grads, strict=True)}
+    reached = set()
+    for name in wanted:
+        grad = by_id[id(outputs[name])]
+        if grad is not None and bool(as_spatial(name, grad, None, size, layers[name]).any()):
+            reached.add(name)
+    return reached or set(layers)

@@ -100,6 +100,8 @@ GRADIENT_METHODS: dict[str, CamFormula] = {
 #: Key standing in for a layer name for maps at input resolution: `result["input", "saliency"]`.
 INPUT_KEY = "input"
 
+#: Methods that divide by per-channel activation sums: ill-posed on signed activations.
+SIGN_SENSITIVE_METHODS: frozenset[str] = frozenset(["gradcam++", "xgradcam"])
 #: Maps at layer resolution `[B, h, w]`, non-negative, keyed `(layer, method)`.
 CAM_METHODS: frozenset[str] = frozenset([*GRADIENT_METHODS, "cam"])
 #: Maps at input resolution `[B, H, W]`, keyed `("input", method)` except `guided_gradcam`,

@@ -173,7 +173,7 @@ class EngineOptions:
     noise: float = 0.15
     seed: int = 0
     cam_head: Any = None
-    ig_steps: int = 32
+    ig_steps: int = 256
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", check_methods(self.methods))

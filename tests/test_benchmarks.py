@@ -64,3 +64,12 @@ def test_scaling_quick_sweeps_one_thing_at_a_time(
     varying = {key: len({r[key] for r in rows}) for key in ("images", "layers", "methods")}
     assert varying[sweep] == len(rows) and sum(varying.values()) == len(rows) + 2
     assert all(r["evaluation_s"] > 0 for r in rows)
+
+
+def test_fidelity_quick_measures_ig_gaps_and_bf16_correlations(tmp_path: Path) -> None:
+    payload, stdout = run_script("fidelity", tmp_path)
+    as_built = [r for r in payload["ig"] if r["state"] == "as built"]
+    assert as_built and all(r["max"] < 1e-3 for r in as_built), "homogeneous: IG is exact"
+    assert all(len(r["relative_gaps"]) == 2 for r in payload["ig"])
+    assert {r["method"] for r in payload["bf16"]} >= {"gradcam", "saliency"}
+    assert "## CPU bf16 autocast vs float32" in stdout

@@ -348,8 +348,8 @@ def test_default_layer_is_chosen_with_a_warning(tmp_path: Path) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(monitor, tmp_path, max_epochs=1)
-    assert monitor.layers == ["net.features"]
-    assert any("no layer given, using 'net.features'" in str(w.message) for w in caught)
+    assert monitor.layers == ["net.features.5"]
+    assert any("no layer given, using 'net.features.5'" in str(w.message) for w in caught)
 
 
 def test_pixel_methods_filters_and_boxes_reach_the_dashboard(tmp_path: Path) -> None:
@@ -605,7 +605,7 @@ def test_the_state_key_stays_the_same_when_the_layer_is_chosen_for_you(tmp_path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit(monitor, tmp_path, max_epochs=1)
-    assert monitor.layers == ["net.features"] and monitor.state_key == before
+    assert monitor.layers == ["net.features.5"] and monitor.state_key == before
 
 
 @pytest.mark.parametrize(

@@ -153,7 +153,7 @@ def _filter_site(model: nn.Module, x: torch.Tensor, failing: bool) -> None:
 
 
 def _first_spatial_site(model: nn.Module, x: torch.Tensor, failing: bool) -> None:
-    assert first_spatial_layer(model, x, _forward(failing, "")) == "features"
+    assert first_spatial_layer(model, x, _forward(failing, "")) == "features.5"
 
 
 HOOK_SITES = {

@@ -93,12 +93,12 @@ def test_first_spatial_layer_takes_any_nested_batch_and_restores_the_model(
 ) -> None:
     x = torch.randn(2, 3, 32, 32)
     tiny_cnn.train()
-    assert first_spatial_layer(tiny_cnn, x, None) == "features"
+    assert first_spatial_layer(tiny_cnn, x, None) == "features.5"
     as_dict = first_spatial_layer(tiny_cnn, {"x": x}, lambda model, batch: model(batch["x"]))
     as_tuple = first_spatial_layer(
         tiny_cnn, Named(x, torch.arange(2)), lambda model, batch: model(batch.pixels)
     )
-    assert as_dict == as_tuple == "features"
+    assert as_dict == as_tuple == "features.5"
     assert all(m.training for m in tiny_cnn.modules())
     assert all(not (m._forward_hooks or m._forward_pre_hooks) for m in tiny_cnn.modules())
     flat = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
@@ -111,3 +111,33 @@ def test_first_spatial_layer_skips_shared_modules_and_refuses_flat_models() -> N
     assert first_spatial_layer(twice, torch.randn(1, 3, 8, 8), None) == "0"
     with pytest.raises(ValueError, match=r"Linear has no layer with a spatial \[B, C, H, W\]"):
         first_spatial_layer(nn.Linear(3, 2), torch.randn(4, 3), None)
+
+
+def test_channels_last_outputs_are_permuted_where_the_input_says_so() -> None:
+    nhwc = torch.randn(2, 4, 6, 96)  # a Swin stage on a 32x48 input: 4x6 cells, 96 channels
+    grid = as_spatial("stage", nhwc, input_size=(32, 48))
+    assert grid.shape == (2, 96, 4, 6)
+    assert torch.equal(grid[1, 5, 3, 2], nhwc[1, 3, 2, 5])
+    assert as_spatial("stage", nhwc).shape == (2, 4, 6, 96), "no input size: read as it comes"
+    conv = torch.randn(2, 96, 4, 6)
+    assert as_spatial("conv", conv, input_size=(32, 48)) is conv
+    valid = torch.randn(2, 6, 28, 44)  # LeNet-style valid convolutions on 32x48
+    assert as_spatial("conv", valid, input_size=(32, 48)) is valid
+
+
+def test_a_shape_that_reads_both_ways_is_decided_by_the_module_or_refused() -> None:
+    cube = torch.randn(2, 8, 8, 8)  # 8 channels on an 8x8 grid of a 32 px input, or the reverse
+    conv = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.BatchNorm2d(8), nn.ReLU())
+    assert as_spatial("conv", cube, input_size=(32, 32), module=conv) is cube
+    norm = as_spatial("norm", cube, input_size=(32, 32), module=nn.LayerNorm(8))
+    assert torch.equal(norm, cube.permute(0, 3, 1, 2))
+    block = nn.Sequential(nn.Conv2d(8, 8, 1), nn.LayerNorm(8), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"'block'.*\(2, 8, 8, 8\).*32x32.*reshape="):
+        as_spatial("block", cube, input_size=(32, 32), module=block)
+
+
+def test_tokens_follow_the_input_aspect() -> None:
+    tokens = torch.randn(2, 1 + 4 * 6, 3)  # class token + patches of a 64x96 input
+    grid = as_spatial("blocks", tokens, input_size=(64, 96))
+    assert grid.shape == (2, 3, 4, 6)
+    assert torch.equal(grid[0, 1, 2, 5], tokens[0, 1 + 2 * 6 + 5, 1])

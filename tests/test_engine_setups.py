@@ -1,0 +1,255 @@
+"""Setups real users have, where a map could be silently wrong (issue 12, engine side).
+
+Real torchvision models (`weights=None`) at 64 px and a real Lightning Trainer: the engine is
+right, or it says why it cannot be.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torchvision
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cam_monitor import CamMonitor, compute_cams
+from cam_monitor.capture import NoGradientError
+from cam_monitor.layers import first_spatial_layer
+from cam_monitor.options import EngineOptions
+from tests.conftest import TinyCNN, loader, quiet_trainer, shapes_dataset
+
+# -- 1. a layer cut off from autograd ----------------------------------------------------------
+
+
+class CutNet(nn.Module):
+    """TinyCNN whose features are cut off from the logits in one of the ways users do it."""
+
+    def __init__(self, cut: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.cut = TinyCNN(), cut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.body.features
+        if self.cut == "no_grad":
+            with torch.no_grad():
+                z = features(x)
+        elif self.cut == "checkpoint":
+            z = checkpoint(features, x, use_reentrant=True)
+        elif self.cut == "detach":
+            z = features(x).detach()
+        else:
+            z = features(x)
+        return self.body.fc(self.body.pool(z).flatten(1))
+
+
+CUT_CAUSES = {
+    "no_grad": r"torch\.no_grad\(\)",
+    "checkpoint": r"use_reentrant=False",
+    "detach": r"\.detach\(\)",
+}
+
+
+@pytest.mark.parametrize("methods", [["gradcam"], ["gradcam", "saliency"]], ids=["cam", "pixel"])
+@pytest.mark.parametrize("cut", list(CUT_CAUSES))
+def test_a_layer_cut_off_from_autograd_is_an_error_naming_it(cut: str, methods: list[str]) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # checkpoint's own "None of the inputs" warning
+        with pytest.raises(NoGradientError, match=rf"'body\.features\.5'.*{CUT_CAUSES[cut]}"):
+            compute_cams(CutNet(cut), x, "body.features.5", methods)
+    assert compute_cams(CutNet("none"), x, "body.features.5", methods).maps  # the control
+
+
+def test_maps_exactly_zero_everywhere_warn_once_naming_the_layer() -> None:
+    class ZeroGain(TinyCNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.pool(self.features(x) * 0.0).flatten(1))
+
+    model, x = ZeroGain(), torch.randn(3, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"gradcam, layercam maps at layer 'features\.5' are exac"):
+        result = compute_cams(model, x, "features.5", ["gradcam", "layercam"])
+    assert not result["features.5", "gradcam"].any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compute_cams(model, x, "features.5", "gradcam")  # said once per model and layer
+
+
+class LitCut(pl.LightningModule):
+    """Trains a TinyCNN; from `cut_from_epoch` on, its forward runs the features under no_grad."""
+
+    def __init__(self, cut_from_epoch: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net, self.cut_from_epoch, self.steps_run = TinyCNN(), cut_from_epoch, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.current_epoch >= self.cut_from_epoch:
+            with torch.no_grad():
+                z = self.net.features(x)
+        else:
+            z = self.net.features(x)
+        return self.net.fc(self.net.pool(z).flatten(1))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        self.steps_run += 1
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def fit_cut(tmp_path: Path, cut_from_epoch: int, strict: bool = False) -> LitCut:
+    model = LitCut(cut_from_epoch)
+    monitor = CamMonitor("net.features.5", num_probe=4, strict=strict, save_dir=tmp_path / "h")
+    trainer = quiet_trainer(default_root_dir=tmp_path, logger=False, callbacks=[monitor])
+    trainer.fit(model, loader(shapes_dataset(16)))
+    return model
+
+
+@pytest.mark.slow
+def test_a_cut_layer_fails_at_setup_then_warns_and_skips_later_in_a_real_fit(
+    tmp_path: Path,
+) -> None:
+    model = LitCut(0)
+    with pytest.raises(ValueError, match=r"No gradient reaches 'net\.features\.5'.*no_grad"):
+        fit_cut(tmp_path / "a", cut_from_epoch=0)
+    with pytest.warns(UserWarning, match=r"skipped its evaluation.*NoGradientError.*no_grad"):
+        model = fit_cut(tmp_path / "b", cut_from_epoch=1)
+    assert model.steps_run == 2, "training finished"
+    with pytest.raises(NoGradientError):
+        fit_cut(tmp_path / "c", cut_from_epoch=1, strict=True)
+
+
+# -- 2. channels-last outputs ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [(64, 64), (64, 96)], ids=["square", "wide"])
+def test_swin_and_convnext_channels_last_outputs_give_maps_of_the_input_shape(
+    size: tuple[int, int],
+) -> None:
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    swin = torchvision.models.swin_t(weights=None).eval()
+    stages = ["features.1", "features.3", "features.5", "features.7"]
+    result = compute_cams(swin, x, stages, ["gradcam", "layercam"])
+    for stride, name in zip((4, 8, 16, 32), stages, strict=True):
+        expected = (-(-size[0] // stride), -(-size[1] // stride))
+        assert tuple(result[name, "gradcam"].shape) == (2, *expected), name
+        assert result[name, "layercam"].amax(dim=(1, 2)).min() > 0, name
+    convnext = torchvision.models.convnext_tiny(weights=None).eval()
+    inner = "features.1.0.block.2"  # the LayerNorm between the two Permutes of a CNBlock
+    maps = compute_cams(convnext, x, inner, "layercam")[inner, "layercam"]
+    assert tuple(maps.shape) == (2, size[0] // 4, size[1] // 4)
+
+
+def test_a_cube_output_of_a_block_with_linear_layers_asks_for_reshape() -> None:
+    class Mixer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Conv2d(3, 8, 4, stride=4)
+            self.block = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = self.block(self.embed(x).permute(0, 2, 3, 1))  # [B, 8, 8, 8], channels-last
+            return self.head(z.mean(dim=(1, 2)))
+
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"'block' outputs \(2, 8, 8, 8\).*reshape="):
+        compute_cams(Mixer(), x, "block")
+    to_nchw = compute_cams(Mixer(), x, "block", reshape=lambda t: t.permute(0, 3, 1, 2))
+    assert to_nchw["block", "gradcam"].shape == (2, 8, 8)
+
+
+# -- 3. automatic layer choice -----------------------------------------------------------------
+
+
+def random_head_vit() -> nn.Module:
+    """A torchvision ViT at 64 px; its head is zero at init, so every CAM would be zero."""
+    torch.manual_seed(0)
+    vit = torchvision.models.vit_b_16(weights=None, image_size=64)
+    nn.init.normal_(vit.heads.head.weight, std=0.02)
+    return vit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        (torchvision.models.resnet18, "layer4"),
+        (torchvision.models.vgg11, "features.19"),
+        (torchvision.models.mobilenet_v3_small, "features.12"),
+        (torchvision.models.convnext_tiny, "features.7"),
+        (random_head_vit, "encoder.layers.encoder_layer_11.ln_1"),
+    ],
+    ids=["resnet18", "vgg11", "mobilenet_v3_small", "convnext_tiny", "vit_b_16"],
+)
+def test_the_automatic_layer_is_the_one_an_expert_picks(build: object, expected: str) -> None:
+    torch.manual_seed(0)
+    model = build() if build is random_head_vit else build(weights=None)  # type: ignore[operator]
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    chosen = first_spatial_layer(model, x, None)
+    assert chosen == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a random ViT's maps may be all zero after the ReLU
+        maps = compute_cams(model, x, chosen, "gradcam")[chosen, "gradcam"]
+    assert build is random_head_vit or maps.amax(dim=(1, 2)).min() > 0, "the layer gives a map"
+
+
+# -- 7. Grad-CAM++ and XGrad-CAM on signed activations -------------------------------------
+
+
+def test_ill_posed_methods_warn_once_per_layer_and_method_with_the_negative_share() -> None:
+    torch.manual_seed(0)
+    model, x = TinyCNN(), torch.randn(4, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compute_cams(model, x, ["features.4", "features.5"], ["gradcam", "gradcam++", "xgradcam"])
+        compute_cams(model, x, ["features.4"], ["gradcam++", "xgradcam"])
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2, messages  # BatchNorm output only; once per method; not post-ReLU
+    for method, message in zip(["gradcam++", "xgradcam"], messages, strict=True):
+        assert message.startswith(f"{method} at layer 'features.4': ")
+        share = float(message.split(": ")[1].split("%")[0]) / 100
+        measured = float((model.features[:5].eval()(x) < 0).float().mean())
+        assert abs(share - measured) < 0.01
+        assert "gradcam, layercam or hirescam" in message and "after a ReLU" in message
+
+
+@pytest.mark.slow
+def test_mobilenet_hardswish_layer_warns_for_gradcam_plus_plus() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(weights=None)
+    x = torch.rand(2, 3, 64, 64)
+    with pytest.warns(UserWarning, match=r"gradcam\+\+ at layer 'features\.12': \d+% of its"):
+        compute_cams(model, x, "features.12", "gradcam++")
+
+
+# -- 13. integrated gradients: completeness ----------------------------------------------------
+
+
+def test_integrated_gradients_warn_once_when_steps_are_too_few() -> None:
+    torch.manual_seed(0)
+    model, x = TinyCNN(), torch.rand(3, 3, 32, 32)  # conv biases: IG is not exact at one step
+    with pytest.warns(UserWarning, match=r"integrated_gradients: for \d of 3 images.*ig_steps=4"):
+        coarse = compute_cams(model, x, None, "integrated_gradients", ig_steps=1)
+    gap = coarse.extras["integrated_gradients.completeness_gap"].abs()
+    assert (gap > 0.1 * coarse.extras["integrated_gradients.score_delta"].abs()).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compute_cams(model, x, None, "integrated_gradients", ig_steps=1)  # once per model
+        compute_cams(TinyCNN(), x, None, "integrated_gradients")  # the default meets it here
+
+
+def test_the_ig_steps_default_is_one_number_everywhere() -> None:
+    default = EngineOptions().ig_steps
+    assert default == 256
+    assert inspect.signature(compute_cams).parameters["ig_steps"].default == default
+    assert inspect.signature(CamMonitor).parameters["ig_steps"].default == default
