@@ -45,16 +45,26 @@ def map_tensors(value: Any, fn: Callable[[Tensor], Any]) -> Any:
     return value
 
 
-def tensors(value: Any) -> Iterator[Tensor]:
-    """Every tensor inside `value`, depth first, in container order."""
-    if isinstance(value, Tensor):
+def leaves(value: Any, kind: type | tuple[type, ...] = Tensor) -> Iterator[Any]:
+    """Every instance of `kind` inside `value` (tuples, lists, dicts), depth first, in order.
+
+    Example:
+        >>> list(leaves({"a": [1, "x"], "b": (2,)}, int))
+        [1, 2]
+    """
+    if isinstance(value, kind):
         yield value
     elif isinstance(value, Mapping):
         for item in value.values():
-            yield from tensors(item)
+            yield from leaves(item, kind)
     elif isinstance(value, (list, tuple)):
         for item in value:
-            yield from tensors(item)
+            yield from leaves(item, kind)
+
+
+def tensors(value: Any) -> Iterator[Tensor]:
+    """Every tensor inside `value`, depth first, in container order."""
+    return leaves(value, Tensor)
 
 
 def move_to(value: Any, device: torch.device | str) -> Any:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .schema import INPUT_LAYER
+
 CamFormula = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -98,7 +100,7 @@ GRADIENT_METHODS: dict[str, CamFormula] = {
 }
 
 #: Key standing in for a layer name for maps at input resolution: `result["input", "saliency"]`.
-INPUT_KEY = "input"
+INPUT_KEY = INPUT_LAYER
 
 #: Methods that divide by per-channel activation sums: ill-posed on signed activations.
 SIGN_SENSITIVE_METHODS: frozenset[str] = frozenset(["gradcam++", "xgradcam"])
@@ -106,16 +108,15 @@ SIGN_SENSITIVE_METHODS: frozenset[str] = frozenset(["gradcam++", "xgradcam"])
 CAM_METHODS: frozenset[str] = frozenset([*GRADIENT_METHODS, "cam"])
 #: Maps at input resolution `[B, H, W]`, keyed `("input", method)` except `guided_gradcam`,
 #: which is computed for every layer and keyed `(layer, "guided_gradcam")`.
-PIXEL_METHODS: frozenset[str] = frozenset(
-    [
-        "saliency",
-        "smoothgrad",
-        "integrated_gradients",
-        "guided_backprop",
-        "guided_gradcam",
-        "deconvnet",
-    ]
+_PIXEL_ORDER = (
+    "saliency",
+    "smoothgrad",
+    "integrated_gradients",
+    "guided_backprop",
+    "guided_gradcam",
+    "deconvnet",
 )
+PIXEL_METHODS: frozenset[str] = frozenset(_PIXEL_ORDER)
 #: Pixel methods keyed by `"input"` rather than by a layer.
 INPUT_METHODS: frozenset[str] = PIXEL_METHODS - {"guided_gradcam"}
 #: Methods whose maps keep their sign (channel sums of signed attributions); draw them with a
@@ -124,16 +125,7 @@ SIGNED_METHODS: frozenset[str] = frozenset(
     ["integrated_gradients", "guided_backprop", "guided_gradcam", "deconvnet"]
 )
 #: Every method name, in the order error messages list them.
-ALL_METHODS: tuple[str, ...] = (
-    *GRADIENT_METHODS,
-    "cam",
-    "saliency",
-    "smoothgrad",
-    "integrated_gradients",
-    "guided_backprop",
-    "guided_gradcam",
-    "deconvnet",
-)
+ALL_METHODS: tuple[str, ...] = (*GRADIENT_METHODS, "cam", *_PIXEL_ORDER)
 
 
 def apply_method(

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from .batch import move_to
+from .batch import leaves, move_to
 from .drift import boxes_to_masks
 from .schema import check_probe_name
 
@@ -76,23 +76,12 @@ def content_hash(value: Any) -> str:
         True
     """
     digest = hashlib.sha256()
-
-    def feed(item: Any) -> None:
+    for item in leaves(value, (Tensor, np.ndarray)):
         if isinstance(item, np.ndarray):
             item = torch.from_numpy(np.ascontiguousarray(item, item.dtype.newbyteorder("=")))
-        if isinstance(item, Tensor):
-            data = item.detach().cpu().contiguous()
-            digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
-            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-        elif isinstance(item, Mapping):
-            for key in sorted(item, key=str):
-                digest.update(str(key).encode())
-                feed(item[key])
-        elif isinstance(item, (list, tuple)):
-            for sub in item:
-                feed(sub)
-
-    feed(value)
+        data = item.detach().cpu().contiguous()
+        digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()[:12]
 
 
@@ -237,27 +226,12 @@ def probe_sets(probe: Any, input_key: str | None = None) -> dict[str, ProbeSpec]
 
 def first_loader(loaders: Any) -> DataLoader | None:
     """The first DataLoader inside what `trainer.*_dataloader(s)` returns (one, a list, a dict)."""
-    if isinstance(loaders, DataLoader):
-        return loaders
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        for item in loaders:
-            found = first_loader(item)
-            if found is not None:
-                return found
-    return None
+    return next(leaves(loaders, DataLoader), None)
 
 
 def count_loaders(loaders: Any) -> int:
     """How many DataLoaders are inside what `trainer.*_dataloader(s)` returns."""
-    if isinstance(loaders, DataLoader):
-        return 1
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        return sum(count_loaders(item) for item in loaders)
-    return 0
+    return sum(1 for _ in leaves(loaders, DataLoader))
 
 
 def loader_probe(
