@@ -2,6 +2,8 @@
 
 from typing import TYPE_CHECKING, Any
 
+from .capture import LayerCaptureError as LayerCaptureError
+from .capture import NoGradientError as NoGradientError
 from .engine import CamResult as CamResult
 from .engine import compute_cams as compute_cams
 from .filters import filter_activations as filter_activations
@@ -37,6 +39,8 @@ __all__ = [
     "SIGNED_METHODS",
     "CamMonitor",
     "CamResult",
+    "LayerCaptureError",
+    "NoGradientError",
     "__version__",
     "compute_cams",
     "filter_activations",
