@@ -321,7 +321,7 @@ class CamMonitor(Callback):
             if self.history and self.folder is not None:
                 record = evaluation_record(
                     self.evaluations, epoch, step, self._probes, output.results,
-                    scalar_tags(output.scalars),
+                    scalar_tags(output.scalars), class_names=self.render.class_names,
                 )  # fmt: skip
                 write_evaluation(self.folder, record)
             for sink in self._sinks:

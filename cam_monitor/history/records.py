@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +25,14 @@ def evaluation_record(
     probes: Mapping[str, ProbeSet],
     results: Mapping[str, CamResult],
     scalars: Mapping[str, float],
+    class_names: Sequence[str] | None = None,
 ) -> Evaluation:
     """The history entry of one evaluation: every map as float32 numpy on the CPU, keyed by
     `MapKey`, with targets, logits, labels (for probes that have them) and the probes'
     `ProbeSet.digest` (an empty digest is left out: it identifies nothing).
 
-    ``scalars`` are keyed by tag; `ScalarKey` keys are accepted and written as their tag.
+    ``scalars`` are keyed by tag; `ScalarKey` keys are accepted and written as their tag;
+    ``class_names`` are stored for captions in reports and `cam-monitor show`.
     """
     _check_table("probes", probes, ProbeSet)
     _check_table("results", results, CamResult)
@@ -53,6 +55,7 @@ def evaluation_record(
             if probe.labels is not None and name in results
         },
         scalars={_tag(key): value for key, value in scalars.items()},
+        class_names=None if class_names is None else tuple(class_names),
     )
 
 
