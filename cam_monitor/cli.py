@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+import numpy as np
 import torch
 
 from .compare import (
@@ -328,6 +329,7 @@ def _show(args: argparse.Namespace) -> int:
         for ev in evaluations
     ]
     _print(format_table(headers, rows, keep=2))
+    _print(_predictions(run, list(dict.fromkeys(g.probe for g in groups))))
     for group in groups:
         columns = _group_columns(group, present)
         _print(["", " / ".join(group)])
@@ -346,6 +348,39 @@ def _show(args: argparse.Namespace) -> int:
             rows.append(cells)
         _print(format_table(["index", "epoch", *(key.stat for key in columns)], rows, keep=2))
     return 0
+
+
+def _predictions(run: Run, probes: Sequence[str]) -> list[str]:
+    """What the model predicted on each probe at the last evaluation, by class name where the
+    history stores the names (CamMonitor's ``class_names``)."""
+    if not run.evaluations:
+        return []
+    last = run.evaluations[-1]
+    names = last.class_names
+    lines = ["", f"predictions at the last evaluation (index {last.index}, epoch {last.epoch})"]
+    if names is None:
+        lines[-1] += "; classes by index (no class_names in the history)"
+    for probe in probes:
+        logits = last.logits.get(probe)
+        if logits is None or logits.ndim != 2:
+            continue
+        predicted = np.argmax(logits, axis=1)
+        counts = np.bincount(predicted, minlength=logits.shape[1])
+        order = sorted(np.flatnonzero(counts).tolist(), key=lambda c: (-counts[c], c))
+        shown = [f"{_class(c, names)} x{counts[c]}" for c in order[:8]]
+        if len(order) > 8:
+            shown.append(f"... ({len(order)} classes)")
+        text = f"  {probe}: predicted {', '.join(shown)}"
+        labels = last.labels.get(probe)
+        if labels is not None and len(labels) == len(predicted):
+            text += f"; {int((labels == predicted).sum())}/{len(labels)} correct"
+        lines.append(text)
+    return lines
+
+
+def _class(index: int, names: Sequence[str] | None) -> str:
+    """A class by name when known, else by index."""
+    return names[index] if names is not None and 0 <= index < len(names) else str(index)
 
 
 def _group_columns(group: Group, present: dict[ScalarKey, str]) -> list[ScalarKey]:

@@ -39,7 +39,7 @@ from .compare import (
     summarize_groups,
     summary_stats,
 )
-from .history import ProbeRecord
+from .history import Evaluation, ProbeRecord
 from .render import (
     caption_text,
     choose_captions,
@@ -474,33 +474,43 @@ def _img(image: bytes, alt: str, kind: str = "png") -> str:
     return f"<img alt='{_e(alt)}' src='data:image/{kind};base64,{data}'>"
 
 
+def _captions(
+    evaluation: Evaluation, probe: str, labels: np.ndarray | None, height: int, width: int
+) -> list[str] | None:
+    """Tile captions of one probe: predicted and true class, by name when the history stores
+    class names and they fit the tiles; None without logits."""
+    logits = evaluation.logits.get(probe)
+    if logits is None or logits.ndim != 2:
+        return None
+    count = len(logits)
+    true = labels.tolist() if labels is not None and len(labels) == count else None
+    predicted = np.argmax(logits, axis=1).tolist()
+    names = evaluation.class_names
+    candidates = [caption_text(predicted, true, names, compact=True)]
+    if names is not None:
+        candidates.insert(0, caption_text(predicted, true, names))
+    return choose_captions(candidates, height, width, _TILE)
+
+
 def _grid_jpeg(run: Run, probe_record: ProbeRecord | None, group: Group, epoch: int) -> bytes:
-    """Overlay grid of one run's maps at ``epoch`` as a small JPEG, captioned with class
-    names when the history has them; maps alone when the probe images are missing."""
+    """Overlay grid of one run's maps at ``epoch`` as a small JPEG (about square, 64 px tiles);
+    maps alone when the probe images are missing."""
     evaluation = run.by_epoch[epoch]
     maps = torch.from_numpy(evaluation.maps[group])
     probe = group.probe
-    logits = evaluation.logits.get(probe)
+    count = maps.shape[0]
+    nrow = max(1, math.ceil(math.sqrt(count)))
     labels = evaluation.labels.get(probe)
     if labels is None and probe_record is not None:
         labels = probe_record.labels.get(probe)
-    count = maps.shape[0]
-    nrow = max(1, math.ceil(math.sqrt(count)))
-    captions = None
-    if logits is not None and len(logits) == count:
-        true = labels.tolist() if labels is not None and len(labels) == count else None
-        predicted = np.argmax(logits, axis=1).tolist()
-        names = evaluation.class_names
-        candidates = [caption_text(predicted, true, names, compact=True)]
-        if names is not None:
-            candidates.insert(0, caption_text(predicted, true, names))
-        size = maps.shape[-2:]
-        inputs = None if probe_record is None else probe_record.inputs.get(probe)
-        if inputs is not None:
-            size = inputs.shape[-2:]
-        captions = choose_captions(candidates, int(size[0]), int(size[1]), _TILE)
     inputs = None if probe_record is None else probe_record.inputs.get(probe)
-    if inputs is not None and inputs.shape[0] == count:
+    if inputs is not None and inputs.shape[0] != count:
+        inputs = None
+    height, width = (inputs if inputs is not None else evaluation.maps[group]).shape[-2:]
+    captions = _captions(evaluation, probe, labels, int(height), int(width))
+    if captions is not None and len(captions) != count:
+        captions = None
+    if inputs is not None:
         try:
             grid = make_overlay_grid(
                 torch.from_numpy(inputs), maps, captions=captions, nrow=nrow, min_tile=_TILE
