@@ -359,7 +359,7 @@ def _predictions(run: Run, probes: Sequence[str]) -> list[str]:
     names = last.class_names
     lines = ["", f"predictions at the last evaluation (index {last.index}, epoch {last.epoch})"]
     if names is None:
-        lines[-1] += "; classes by index (no class_names in the history)"
+        lines[-1] += ", classes by index (no names stored)"
     for probe in probes:
         logits = last.logits.get(probe)
         if logits is None or logits.ndim != 2:
@@ -436,9 +436,10 @@ def _compare(args: argparse.Namespace) -> int:
     last = epochs[-1]
     lines += [
         f"common epochs: {_span(epochs)}",
-        f"Summary at epoch {last} (the last common epoch): localization (1 = all on the mask) "
-        "and drift from each run's first",
-        "evaluation (0 = unchanged); difference = each group's mean minus the first group's.",
+        f"Summary at epoch {last} (the last common epoch): localization (1 = all on the mask)",
+        "and drift from each run's first evaluation (0 = unchanged); difference = each group's "
+        "mean minus",
+        "the first group's; higher = the group with the higher mean ('overlap': ranges overlap).",
     ]
     _print(lines)
     rows = summarize_groups(groups, keys, last)
