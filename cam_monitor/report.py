@@ -159,9 +159,11 @@ td small { color: #666; }
 td.best { font-weight: bold; background: #eef6ee; }
 td.path { word-break: break-all; max-width: 36em; }
 table.overlays { table-layout: fixed; width: 100%; }
+table.overlays th { text-align: center; }
 td.overlay { vertical-align: top; text-align: center; }
 img { max-width: 100%; }
 section { border-top: 1px solid #888; margin-top: 1.5em; }
+p { max-width: 78em; }
 .note { color: #a40; }
 code { background: #f3f3f3; padding: 0 0.2em; }
 """

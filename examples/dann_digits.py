@@ -183,7 +183,7 @@ def make_digits() -> dict[str, Any]:
 
 
 def build_loaders(
-    data: dict[str, Any], batch_size: int = 64, steps_per_epoch: int = 40, seed: int = 0
+    data: dict[str, Any], batch_size: int = 64, steps_per_epoch: int = 50, seed: int = 0
 ) -> tuple[DataLoader, DataLoader]:
     """``(train_loader, val_loader)``: train batches ``(source x, source y, target x)``,
     `steps_per_epoch` of them per epoch in a `seed`-dependent order; val ``(x, y, domain)``."""
@@ -199,7 +199,7 @@ def build_loaders(
     return train_loader, val_loader
 
 
-def build_module(adapt: bool, seed: int = 0, lr: float = 0.01) -> ShapesDANN:
+def build_module(adapt: bool, seed: int = 0, lr: float = 0.03) -> ShapesDANN:
     """The shapes demo's four-block CNN with ten classes, initialised from `seed` without
     touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
@@ -234,11 +234,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "backgrounds), with Grad-CAM monitoring and stroke masks.",
     )
     parser.add_argument("--adapt", action="store_true", help="train DANN (default: source only)")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--steps-per-epoch", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--steps-per-epoch", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64, help="images per domain per step")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
-    parser.add_argument("--lr", type=float, default=0.01, help="initial SGD learning rate")
+    parser.add_argument("--lr", type=float, default=0.03, help="initial SGD learning rate")
     parser.add_argument(
         "--log-dir", type=Path, default=None, help="default: runs/digits/<dann|source_only>"
     )
