@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs",
         type=_epoch_list,
         metavar="E1,E2,...",
-        help="only these common epochs in the printed table, and the report's overlays at these "
-        "epochs (default: every common epoch; overlays at the first, middle and last)",
+        help="the report's overlays at these common epochs (default: the first and the last); "
+        "with two runs, also the only epochs in the printed table (default: every common epoch)",
     )
     _add_filters(compare)
     compare.set_defaults(handler=_compare)

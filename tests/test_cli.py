@@ -414,6 +414,30 @@ def test_compare_groups_print_a_summary_of_means_and_ranges(
     assert all(len(line) <= 100 for line in out.splitlines())
 
 
+def test_compare_groups_write_a_report_with_overlays_at_the_chosen_epochs(
+    runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    second = make_run(tmp_path / "dann_s1", "b", probe_inputs(0), offset=0.1)
+    out_file = tmp_path / "groups.html"
+    args = ["compare", str(runs[0]), "--group", f"dann={runs[1]},{second}", "--layer", "f*"]
+    code, out, err = run_main([*args, "--epochs", "1", "--out", str(out_file)], capsys)
+    assert code == 0, err
+    assert f"report written to {out_file}" in out
+    page = out_file.read_text(encoding="utf-8")
+    # One (probe, layer, method) per probe; each group's first run at epoch 1 only.
+    assert (
+        re.findall(r"alt='(\w+) epoch (\d+)'", page)
+        == [
+            ("source_only", "1"),
+            ("dann", "1"),
+        ]
+        * 2
+    )
+    assert "0.3500<br><small>[0.3000, 0.4000]</small>" in page  # energy at epoch 2, in dann
+    code, _, err = run_main([*args, "--epochs", "7"], capsys)
+    assert code == 2 and "--epochs 7 not evaluated in every run" in err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
