@@ -1,4 +1,5 @@
-"""The HTML view of a comparison of two runs: tables, curves and overlay grids in one file.
+"""The HTML view of a comparison of runs or groups of runs: the summary table first, then epoch
+tables and curves, then overlay grids, in one self-contained file.
 
 The numbers come from `cam_monitor.compare`; this module only lays them out. matplotlib (the
 ``report`` extra) is imported only inside the functions that draw figures.
