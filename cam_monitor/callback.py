@@ -454,6 +454,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 record = evaluation_record(
                     self.evaluations, epoch, step, self._probes, output.results,
                     scalar_tags(output.scalars), run=self.run_id or "", final=final,
+                    class_names=self.render.class_names,
                 )  # fmt: skip
                 write_evaluation(self.folder, record)
             for sink in self._sinks:

@@ -1,7 +1,8 @@
-"""The `cam-monitor` command line: the text view of one run's CAM history or of two runs compared.
+"""The `cam-monitor` command line: the text view of one run's CAM history or of runs compared.
 
   cam-monitor show RUN_DIR [--probe P] [--layer L] [--method M] [--strict]
-  cam-monitor compare RUN_A RUN_B [--out report.html] [--epochs 0,5,10] [filters, --strict]
+  cam-monitor compare RUN [RUN ...] [--group NAME=RUN,RUN ...]... [--out report.html]
+                      [--epochs 0,5,10] [filters, --strict]
 
 Exit status: 0 on success; 2 for a usage error or input that cannot be used (a missing, empty
 or unreadable history, runs whose probes differ), with a one-line "cam-monitor: error:" message.
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+import numpy as np
 import torch
 
 from .compare import (
@@ -28,6 +30,7 @@ from .compare import (
     Group,
     ReportError,
     Run,
+    RunGroup,
     check_probes,
     common,
     common_epochs,
@@ -35,6 +38,7 @@ from .compare import (
     format_number,
     load_run,
     run_labels,
+    summarize_groups,
 )
 from .history import HistoryError
 from .report import require_matplotlib, write_report
@@ -121,13 +125,27 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=_show)
     compare = commands.add_parser(
         "compare",
-        help="compare two runs' maps epoch by epoch, optionally as an HTML report",
-        description="For every epoch evaluated in both runs, print the similarity between the "
-        "runs' maps (spearman and topk_iou: 1 = same attention; js: 0 = same) and both runs' "
-        "localization scores. The runs must have used the same probe data.",
+        help="compare runs, or groups of runs (seeds), optionally as an HTML report",
+        description="Two runs: for every epoch evaluated in both, print the similarity between "
+        "the runs' maps (spearman and topk_iou: 1 = same attention; js: 0 = same) and both "
+        "runs' localization scores. More runs, or --group: print a summary at the last common "
+        "epoch, each group's mean and min-max over its runs. The runs must have used the same "
+        "probe data.",
     )
-    compare.add_argument("run_a", metavar="RUN_A", help="first run directory (A)")
-    compare.add_argument("run_b", metavar="RUN_B", help="second run directory (B)")
+    compare.add_argument(
+        "runs",
+        nargs="*",
+        metavar="RUN",
+        help="run directories, each compared as a group of its own",
+    )
+    compare.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        type=_group_spec,
+        metavar="NAME=RUN,RUN",
+        help="runs of one recipe (seeds) compared as one group named NAME; repeat per group",
+    )
     compare.add_argument(
         "--out",
         metavar="REPORT.html",
@@ -139,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs",
         type=_epoch_list,
         metavar="E1,E2,...",
-        help="only these common epochs in the printed table, and the report's overlays at these "
-        "epochs (default: every common epoch; overlays at the first, middle and last)",
+        help="the report's overlays at these common epochs (default: the first and the last); "
+        "with two runs, also the only epochs in the printed table (default: every common epoch)",
     )
     _add_filters(compare)
     compare.set_defaults(handler=_compare)
@@ -159,6 +177,17 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fail on an unreadable eval-*.npz file instead of skipping it with a warning",
     )
+
+
+def _group_spec(text: str) -> tuple[str, list[str]]:
+    """Parse "dann=runs/s0,runs/s1" into ("dann", ["runs/s0", "runs/s1"]) (argparse `type`)."""
+    name, sep, runs = text.partition("=")
+    paths = [part for part in runs.split(",") if part.strip()]
+    if not sep or not name.strip() or not paths:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=RUN,RUN such as dann=runs/dann_s0,runs/dann_s1, got {text!r}"
+        )
+    return name.strip(), paths
 
 
 def _epoch_list(text: str) -> list[int]:
@@ -300,6 +329,7 @@ def _show(args: argparse.Namespace) -> int:
         for ev in evaluations
     ]
     _print(format_table(headers, rows, keep=2))
+    _print(_predictions(run, list(dict.fromkeys(g.probe for g in groups))))
     for group in groups:
         columns = _group_columns(group, present)
         _print(["", " / ".join(group)])
@@ -318,6 +348,39 @@ def _show(args: argparse.Namespace) -> int:
             rows.append(cells)
         _print(format_table(["index", "epoch", *(key.stat for key in columns)], rows, keep=2))
     return 0
+
+
+def _predictions(run: Run, probes: Sequence[str]) -> list[str]:
+    """What the model predicted on each probe at the last evaluation, by class name where the
+    history stores the names (CamMonitor's ``class_names``)."""
+    if not run.evaluations:
+        return []
+    last = run.evaluations[-1]
+    names = last.class_names
+    lines = ["", f"predictions at the last evaluation (index {last.index}, epoch {last.epoch})"]
+    if names is None:
+        lines[-1] += ", classes by index (no names stored)"
+    for probe in probes:
+        logits = last.logits.get(probe)
+        if logits is None or logits.ndim != 2:
+            continue
+        predicted = np.argmax(logits, axis=1)
+        counts = np.bincount(predicted, minlength=logits.shape[1])
+        order = sorted(np.flatnonzero(counts).tolist(), key=lambda c: (-counts[c], c))
+        shown = [f"{_class(c, names)} x{counts[c]}" for c in order[:8]]
+        if len(order) > 8:
+            shown.append(f"... ({len(order)} classes)")
+        text = f"  {probe}: predicted {', '.join(shown)}"
+        labels = last.labels.get(probe)
+        if labels is not None and len(labels) == len(predicted):
+            text += f"; {int((labels == predicted).sum())}/{len(labels)} correct"
+        lines.append(text)
+    return lines
+
+
+def _class(index: int, names: Sequence[str] | None) -> str:
+    """A class by name when known, else by index."""
+    return names[index] if names is not None and 0 <= index < len(names) else str(index)
 
 
 def _group_columns(group: Group, present: dict[ScalarKey, str]) -> list[ScalarKey]:
@@ -343,16 +406,125 @@ def _compare(args: argparse.Namespace) -> int:
         if args.out.is_dir():
             raise CliError(f"--out {args.out} is a folder; give a file name such as report.html")
         require_matplotlib()  # fail before the work, not after it
-    label_a, label_b = run_labels(Path(args.run_a).resolve(), Path(args.run_b).resolve())
-    a = _load(args.run_a, args.strict, name=label_a)
-    b = _load(args.run_b, args.strict, name=label_b)
+    if not args.group and len(args.runs) == 2:
+        return _compare_two(args)
+    groups = _load_groups(args)
+    every = [run for group in groups for run in group.runs]
+    notes = check_probes(*every)
+    notes.extend(_repeated(every))
+    for note in notes:
+        print(f"cam-monitor: warning: {note}", file=sys.stderr)
+    keys = groups[0].keys
+    for group in groups[1:]:
+        keys = common(keys, group.keys)
+    keys = _select(keys, args, "every run")
+    if not keys:
+        raise CliError(
+            "the runs have no (probe, layer, method) in common: "
+            + "; ".join(f"{run.name} has {_names(run.groups)}" for run in every)
+        )
+    epochs = common_epochs(*every)
+    if not epochs:
+        raise CliError(
+            "the runs have no evaluated epoch in common: "
+            + "; ".join(f"{run.name} has {_span(list(run.by_epoch))}" for run in every)
+        )
+    overlays = _chosen_epochs(args, epochs, "every run")
+    lines = ["Groups (each number: the mean over a group's runs, [min, max] when they differ):"]
+    for group in groups:
+        lines.append(f"  {group.name}: {', '.join(run.name for run in group.runs)}")
+    last = epochs[-1]
+    lines += [
+        f"common epochs: {_span(epochs)}",
+        f"Summary at epoch {last} (the last common epoch): localization (1 = all on the mask)",
+        "and drift from each run's first evaluation (0 = unchanged); difference = each group's "
+        "mean minus",
+        "the first group's; higher = the group with the higher mean ('overlap': ranges overlap).",
+    ]
+    _print(lines)
+    rows = summarize_groups(groups, keys, last)
+    headers = ["probe / layer / method", "measure", *(g.name for g in groups)]
+    headers += [f"{g.name}-{groups[0].name}" for g in groups[1:]]
+    headers.append("higher")
+    table = []
+    for row in rows:
+        best = row.highest
+        higher = "-" if best is None else groups[best].name
+        if best is not None and row.overlaps and any(len(g.runs) > 1 for g in groups):
+            higher += " (overlap)"
+        table.append(
+            [
+                " / ".join(row.key.maps),
+                row.key.stat,
+                *(value.text() for value in row.values),
+                *(format_number(d) for d in row.differences),
+                higher,
+            ]
+        )
+    _print([""])
+    _print(format_table(headers, table, keep=2))
+    if args.out is not None:
+        path = write_report(args.out, groups, keys=keys, epochs=epochs, overlays=overlays,
+                            notes=notes)  # fmt: skip
+        _print(["", f"report written to {path}"])
+    return 0
+
+
+def _load_groups(args: argparse.Namespace) -> list[RunGroup]:
+    """The runs of ``--group`` options and the lone positional runs, as `RunGroup`s."""
+    specs: list[tuple[str | None, list[str]]] = [(None, [path]) for path in args.runs]
+    specs += [(name, paths) for name, paths in args.group]
+    paths = [path for _, group in specs for path in group]
+    if len(paths) < 2 or len(specs) < 2:
+        raise CliError(
+            "compare needs at least two runs, or two groups (--group NAME=RUN,RUN), got "
+            f"{len(paths)} run(s) in {len(specs)} group(s)"
+        )
+    resolved = [Path(path).resolve() for path in paths]
+    twice = [str(p) for p in dict.fromkeys(resolved) if resolved.count(p) > 1]
+    if twice:
+        raise CliError(f"run {twice[0]} is given twice; name each run once")
+    labels = iter(run_labels(*resolved))
+    groups: list[RunGroup] = []
+    for name, group in specs:
+        runs = tuple(_load(path, args.strict, name=next(labels)) for path in group)
+        groups.append(RunGroup(runs[0].name if name is None else name, runs))
+    names = [group.name for group in groups]
+    clash = [name for name in dict.fromkeys(names) if names.count(name) > 1]
+    if clash:
+        raise CliError(f"group name {clash[0]!r} is used twice; give each group its own name")
+    return groups
+
+
+def _repeated(runs: Sequence[Run]) -> list[str]:
+    return [
+        f"{run.name} has several evaluations at epoch(s) {_span(run.repeated_epochs)}; "
+        "the first of each epoch is compared"
+        for run in runs
+        if run.repeated_epochs
+    ]
+
+
+def _chosen_epochs(args: argparse.Namespace, epochs: list[int], where: str) -> list[int] | None:
+    """The --epochs list, checked against the common epochs; None without it."""
+    if args.epochs is None:
+        return None
+    missing = [e for e in args.epochs if e not in epochs]
+    if missing:
+        raise CliError(
+            f"--epochs {','.join(map(str, missing))} not evaluated in {where}; common "
+            f"epochs: {_span(epochs)}"
+        )
+    return sorted(args.epochs)
+
+
+def _compare_two(args: argparse.Namespace) -> int:
+    """Two runs: the epoch-by-epoch comparison of their maps, as before groups existed."""
+    label_a, label_b = run_labels(*(Path(path).resolve() for path in args.runs))
+    a = _load(args.runs[0], args.strict, name=label_a)
+    b = _load(args.runs[1], args.strict, name=label_b)
     notes = check_probes(a, b)
-    for run in (a, b):
-        if run.repeated_epochs:
-            notes.append(
-                f"{run.name} has several evaluations at epoch(s) {_span(run.repeated_epochs)}; "
-                "the first of each epoch is compared"
-            )
+    notes.extend(_repeated([a, b]))
     for note in notes:
         print(f"cam-monitor: warning: {note}", file=sys.stderr)
     groups = _select(common(a.groups, b.groups), args, "both runs")
@@ -367,15 +539,8 @@ def _compare(args: argparse.Namespace) -> int:
             f"runs {a.name} and {b.name} have no evaluated epoch in common: A has epochs "
             f"{_span(list(a.by_epoch))}, B has {_span(list(b.by_epoch))}"
         )
-    shown = epochs
-    if args.epochs is not None:
-        missing = [e for e in args.epochs if e not in epochs]
-        if missing:
-            raise CliError(
-                f"--epochs {','.join(map(str, missing))} not evaluated in both runs; common "
-                f"epochs: {_span(epochs)}"
-            )
-        shown = sorted(args.epochs)
+    chosen = _chosen_epochs(args, epochs, "both runs")
+    shown = epochs if chosen is None else chosen
     _print(
         [
             f"A: {a.name}  ({a.folder}, {len(a.evaluations)} evaluations)",
@@ -396,9 +561,8 @@ def _compare(args: argparse.Namespace) -> int:
         if alone:
             _print(["", f"only in {run.name} (not compared): {_names(alone)}"])
     if args.out is not None:
-        path = write_report(
-            args.out, a, b, groups=groups, epochs=epochs, overlays=args.epochs, notes=notes
-        )
+        path = write_report(args.out, [a, b], keys=groups, epochs=epochs, overlays=chosen,
+                            notes=notes)  # fmt: skip
         _print(["", f"report written to {path}"])
     return 0
 

@@ -1,4 +1,5 @@
-"""Runs compared by the numbers: loading runs, joining them on epochs, between-run map similarity.
+"""Runs compared by the numbers: loading runs, joining them on epochs, between-run map
+similarity, and groups of runs (seeds of one recipe) summarised by their mean and min-max.
 
 The runs are joined on the epoch (epochs completed; the baseline is epoch 0). Nothing here draws
 or prints: `cam_monitor.report` turns a comparison into HTML, `cam_monitor.cli` into text.
@@ -19,26 +20,44 @@ import torch
 
 from .drift import js_divergence, spearman, summarize, topk_iou
 from .history import Evaluation, HistoryError, ProbeRecord, find_history, read_history, read_probe
-from .schema import LOCALIZATION, LOCALIZATION_SCORES, MapKey, ScalarKey, parse_scalar_tag
+from .schema import (
+    DRIFT,
+    LOCALIZATION,
+    LOCALIZATION_SCORES,
+    MEASURES,
+    REF,
+    MapKey,
+    ScalarKey,
+    drift_stat,
+    parse_scalar_tag,
+)
 
 __all__ = [
     "SIMILARITIES",
+    "SPREAD",
     "EpochComparison",
     "Group",
     "ReportError",
     "Run",
+    "RunGroup",
+    "Spread",
+    "SummaryRow",
     "check_one_run",
     "check_probes",
     "common",
     "common_epochs",
     "compare_group",
     "format_number",
+    "group_values",
     "load_run",
     "localization",
     "map_similarity",
     "overlay_epochs",
     "run_labels",
     "scalar_series",
+    "spread_series",
+    "summarize_groups",
+    "summary_stats",
 ]
 
 #: (probe, layer, method): the unit that maps, curves and tables are made of.
@@ -165,23 +184,28 @@ def check_one_run(folder: Path, evaluations: Sequence[Evaluation]) -> None:
         )
 
 
-def run_labels(a: Path | str, b: Path | str) -> tuple[str, str]:
-    """Short names for two run folders: their last parts, with parents added until they differ.
+def run_labels(*paths: Path | str) -> tuple[str, ...]:
+    """Short names for run folders: their last parts, with parents added until all differ.
 
     Example:
         >>> run_labels("runs/dann/version_0", "runs/source_only/version_0")
         ('dann/version_0', 'source_only/version_0')
-        >>> run_labels("runs/dann", "runs/source_only")
-        ('dann', 'source_only')
+        >>> run_labels("runs/dann", "runs/source_only", "runs/dann_s1")
+        ('dann', 'source_only', 'dann_s1')
         >>> run_labels("runs/dann", "runs/dann")
         ('dann (A)', 'dann (B)')
     """
-    parts_a, parts_b = Path(a).parts, Path(b).parts
-    for depth in range(1, max(len(parts_a), len(parts_b)) + 1):
-        label_a, label_b = "/".join(parts_a[-depth:]), "/".join(parts_b[-depth:])
-        if label_a != label_b:
-            return label_a, label_b
-    return f"{Path(a).name or a} (A)", f"{Path(b).name or b} (B)"
+    parts = [Path(p).parts for p in paths]
+    for depth in range(1, max((len(p) for p in parts), default=0) + 1):
+        labels = tuple("/".join(p[-depth:]) for p in parts)
+        if len(set(labels)) == len(labels):
+            return labels
+    return tuple(f"{Path(p).name or p} ({_letter(i)})" for i, p in enumerate(paths))
+
+
+def _letter(index: int) -> str:
+    """A, B, ..., Z, then numbers."""
+    return chr(ord("A") + index) if index < 26 else str(index + 1)
 
 
 def format_number(value: float | None) -> str:
@@ -220,35 +244,38 @@ def map_similarity(a: np.ndarray, b: np.ndarray, k: float = 0.2) -> dict[str, tu
     }
 
 
-def check_probes(a: Run, b: Run) -> list[str]:
-    """Raise `ReportError` when a probe present in both runs has different data (hashes).
+def check_probes(*runs: Run) -> list[str]:
+    """Raise `ReportError` when a probe present in two of ``runs`` has different data (hashes).
 
     Returns warnings: a probe whose hash changed within a run, or has no hash in one run.
     """
-    hashes_a, hashes_b = a.hashes(), b.hashes()
+    hashes = [run.hashes() for run in runs]
     notes: list[str] = []
-    for run, hashes in ((a, hashes_a), (b, hashes_b)):
-        for probe, digests in hashes.items():
+    for run, table in zip(runs, hashes, strict=True):
+        for probe, digests in table.items():
             if len(digests) > 1:
                 notes.append(
                     f"probe {probe!r} changed within run {run.name} (hashes "
                     f"{', '.join(digests)}): its maps before and after are not comparable"
                 )
-    for probe in common(a.probes, b.probes):
-        digests_a, digests_b = hashes_a.get(probe, []), hashes_b.get(probe, [])
-        if not digests_a or not digests_b:
-            missing = a.name if not digests_a else b.name
-            notes.append(
-                f"cannot check that probe {probe!r} holds the same data in both runs: "
-                f"{missing} recorded no hash for it"
-            )
-        elif not set(digests_a) & set(digests_b):
-            raise ReportError(
-                f"probe {probe!r} differs between the runs: {a.name} has hash "
-                f"{', '.join(digests_a)}, {b.name} has hash {', '.join(digests_b)}. Both runs "
-                "must use the same probe data for a comparison of their maps to mean anything."
-            )
-    return notes
+    first, hashes_a = runs[0], hashes[0]
+    for b, hashes_b in zip(runs[1:], hashes[1:], strict=True):
+        for probe in common(first.probes, b.probes):
+            digests_a, digests_b = hashes_a.get(probe, []), hashes_b.get(probe, [])
+            if not digests_a or not digests_b:
+                missing = first.name if not digests_a else b.name
+                notes.append(
+                    f"cannot check that probe {probe!r} holds the same data in both runs: "
+                    f"{missing} recorded no hash for it"
+                )
+            elif not set(digests_a) & set(digests_b):
+                raise ReportError(
+                    f"probe {probe!r} differs between the runs: {first.name} has hash "
+                    f"{', '.join(digests_a)}, {b.name} has hash {', '.join(digests_b)}. All runs "
+                    "must use the same probe data for a comparison of their maps to mean "
+                    "anything."
+                )
+    return list(dict.fromkeys(notes))
 
 
 def common(a: Sequence[Any], b: Sequence[Any]) -> list[Any]:
@@ -262,8 +289,8 @@ def common(a: Sequence[Any], b: Sequence[Any]) -> list[Any]:
     return [item for item in a if item in members]
 
 
-def common_epochs(a: Run, b: Run) -> list[int]:
-    """Sorted epochs evaluated in both runs.
+def common_epochs(*runs: Run) -> list[int]:
+    """Sorted epochs evaluated in every run.
 
     Example:
         >>> ev = lambda i, e: Evaluation(i, e, 0, {}, {}, {}, {})
@@ -271,7 +298,9 @@ def common_epochs(a: Run, b: Run) -> list[int]:
         ...               Run("b", Path("b"), [ev(0, 0), ev(1, 1), ev(2, 2)]))
         [0, 2]
     """
-    return sorted(set(a.by_epoch) & set(b.by_epoch))
+    if not runs:
+        return []
+    return sorted(set(runs[0].by_epoch).intersection(*(run.by_epoch for run in runs[1:])))
 
 
 def overlay_epochs(epochs: Sequence[int], count: int = 3) -> list[int]:
@@ -346,4 +375,161 @@ def compare_group(a: Run, b: Run, group: Group, epochs: Sequence[int]) -> list[E
                 note=note,
             )
         )
+    return rows
+
+
+# ----------------------------------------------------------------------------- groups of runs
+
+#: How a group's spread over its runs is given, wherever a group's number is shown.
+SPREAD = "min-max over the group's runs"
+
+
+@dataclass(frozen=True, eq=False)
+class RunGroup:
+    """Runs of one recipe (seeds, say), compared as one: a display name and its runs."""
+
+    name: str
+    runs: tuple[Run, ...]
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise ValueError(f"run group {self.name!r} has no runs; give it at least one")
+        object.__setattr__(self, "runs", tuple(self.runs))
+
+    @classmethod
+    def single(cls, run: Run) -> RunGroup:
+        """A group of one run, named after it."""
+        return cls(run.name, (run,))
+
+    @cached_property
+    def keys(self) -> list[Group]:
+        """The (probe, layer, method) present in every run, in the first run's order."""
+        found = self.runs[0].groups
+        for run in self.runs[1:]:
+            found = common(found, run.groups)
+        return found
+
+    @cached_property
+    def epochs(self) -> list[int]:
+        """Epochs evaluated in every run of the group."""
+        return common_epochs(*self.runs)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One number over a group's runs: the mean and min-max of the finite values, and counts.
+
+    Example:
+        >>> s = Spread.of([0.2, 0.4, float("nan")])
+        >>> round(s.mean, 6), s.low, s.high, s.finite, s.total
+        (0.3, 0.2, 0.4, 2, 3)
+        >>> s.text(), Spread.of([0.25]).text(), Spread.of([]).text()
+        ('0.3000 [0.2000, 0.4000]', '0.2500', '-')
+    """
+
+    mean: float
+    low: float
+    high: float
+    finite: int
+    total: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        """The spread of ``values``; NaN (undefined or not recorded) values are left out."""
+        finite = [v for v in values if not math.isnan(v)]
+        if not finite:
+            return cls(math.nan, math.nan, math.nan, 0, len(values))
+        return cls(sum(finite) / len(finite), min(finite), max(finite), len(finite), len(values))
+
+    def text(self) -> str:
+        """ "mean [min, max]" for several runs, the value alone for one, "-" for none, "nan"
+        when every value is undefined."""
+        if self.total == 0:
+            return "-"
+        if self.finite <= 1 or self.low == self.high:
+            return format_number(self.mean)
+        return f"{format_number(self.mean)} [{format_number(self.low)}, {format_number(self.high)}]"
+
+
+def group_values(group: RunGroup, key: ScalarKey, epoch: int) -> list[float]:
+    """Each run's value of one scalar at ``epoch``; NaN where a run did not record it."""
+    values = []
+    for run in group.runs:
+        evaluation = run.by_epoch.get(epoch)
+        values.append(math.nan if evaluation is None else evaluation.scalars.get(key.tag, math.nan))
+    return values
+
+
+def spread_series(group: RunGroup, key: ScalarKey, epochs: Sequence[int]) -> list[Spread]:
+    """The group's `Spread` of one scalar at each of ``epochs``."""
+    return [Spread.of(group_values(group, key, epoch)) for epoch in epochs]
+
+
+def summary_stats(groups: Sequence[RunGroup], key: Group) -> list[ScalarKey]:
+    """The scalars a summary shows for one (probe, layer, method): the localization scores
+    recorded by some run, then the drift from the baseline (1 - Spearman, else the first
+    drift measure recorded)."""
+    key = MapKey(*key)
+    recorded = {tag for group in groups for run in group.runs for ev in run.evaluations
+                for tag in ev.scalars}  # fmt: skip
+    wanted = [ScalarKey(LOCALIZATION, key, score) for score in LOCALIZATION_SCORES]
+    chosen = [k for k in wanted if k.tag in recorded]
+    for measure in MEASURES:
+        drift = ScalarKey(DRIFT, key, drift_stat(measure, REF))
+        if drift.tag in recorded:
+            chosen.append(drift)
+            break
+    return chosen
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """One scalar of one (probe, layer, method) at one epoch, across groups.
+
+    ``values`` holds each group's `Spread`, ``runs`` each group's single-run values (NaN where
+    missing); ``differences`` are each later group's mean minus the first group's.
+    """
+
+    key: ScalarKey
+    epoch: int
+    values: tuple[Spread, ...]
+    runs: tuple[tuple[float, ...], ...]
+
+    @property
+    def differences(self) -> tuple[float, ...]:
+        first = self.values[0].mean
+        return tuple(value.mean - first for value in self.values[1:])
+
+    @property
+    def highest(self) -> int | None:
+        """Index of the group with the highest mean; None when no mean is defined or the
+        highest is tied."""
+        means = [(v.mean, i) for i, v in enumerate(self.values) if not math.isnan(v.mean)]
+        if not means:
+            return None
+        best = max(means)
+        return None if sum(m == best[0] for m, _ in means) > 1 else best[1]
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether the highest group's min-max range overlaps another group's (with several
+        runs, a higher mean whose range overlaps is not a clear difference)."""
+        best = self.highest
+        if best is None:
+            return False
+        low = self.values[best].low
+        return any(v.high >= low for i, v in enumerate(self.values) if i != best and v.finite)
+
+
+def summarize_groups(
+    groups: Sequence[RunGroup], keys: Sequence[Group], epoch: int
+) -> list[SummaryRow]:
+    """The summary table: for each (probe, layer, method) in ``keys`` and each of its
+    `summary_stats`, every group's value at ``epoch`` (mean and min-max over its runs)."""
+    rows = []
+    for key in keys:
+        for stat in summary_stats(groups, key):
+            runs = tuple(tuple(group_values(group, stat, epoch)) for group in groups)
+            values = tuple(Spread.of(list(values)) for values in runs)
+            rows.append(SummaryRow(stat, epoch, values, runs))
     return rows

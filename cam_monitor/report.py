@@ -1,4 +1,5 @@
-"""The HTML view of a comparison of two runs: tables, curves and overlay grids in one file.
+"""The HTML view of a comparison of runs or groups of runs: the summary table first, then epoch
+tables and curves, then overlay grids, in one self-contained file.
 
 The numbers come from `cam_monitor.compare`; this module only lays them out. matplotlib (the
 ``report`` extra) is imported only inside the functions that draw figures.
@@ -21,65 +22,105 @@ import torch
 
 from .compare import (
     SIMILARITIES,
+    SPREAD,
     EpochComparison,
     Group,
     ReportError,
     Run,
+    RunGroup,
+    Spread,
+    SummaryRow,
     check_probes,
     common,
     common_epochs,
     compare_group,
     format_number,
     overlay_epochs,
-    scalar_series,
+    spread_series,
+    summarize_groups,
+    summary_stats,
 )
-from .history import ProbeRecord
-from .render import caption_text, make_map_grid, make_overlay_grid, to_jpeg_bytes
-from .schema import DRIFT, LOCALIZATION, LOCALIZATION_SCORES, REF, MapKey, ScalarKey, drift_stat
+from .history import Evaluation, ProbeRecord
+from .render import (
+    caption_text,
+    choose_captions,
+    make_map_grid,
+    make_overlay_grid,
+    to_jpeg_bytes,
+)
+from .schema import DRIFT, LOCALIZATION, REF, MapKey, ScalarKey, drift_stat
 
 __all__ = ["require_matplotlib", "write_report"]
 
 _REPORT_HINT = "the HTML report needs matplotlib: pip install cam-monitor[report]"
+#: Overlay tiles in the report: smaller than the dashboard's and JPEG, to keep reports small.
+_TILE, _JPEG_QUALITY = 64, 80
 
 
 def write_report(
     path: str | Path,
-    a: Run,
-    b: Run,
+    runs: Sequence[Run | RunGroup],
     *,
-    groups: Sequence[Group] | None = None,
+    keys: Sequence[Group] | None = None,
     epochs: Sequence[int] | None = None,
     overlays: Sequence[int] | None = None,
     notes: Sequence[str] = (),
 ) -> Path:
-    """Write a self-contained HTML report comparing runs ``a`` and ``b``; return its path.
+    """Write a self-contained HTML report comparing ``runs`` (single runs or `RunGroup`s of
+    seeds); return its path.
 
-    Per group: a table of between-run similarity and localization, a figure of drift against
-    the first evaluation and localization over epochs (both runs), and overlay grids (run A |
-    run B) at the ``overlays`` epochs (default: first, middle and last common epoch).
-    Raises `ReportError` if matplotlib is missing or the runs share no epoch or group.
+    First a summary table (per probe, layer and method: each group's last common-epoch
+    localization and drift from its baseline, mean and min-max over its runs, the difference
+    to the first group and which is higher), then per (probe, layer, method) an epoch table
+    and curves, then overlay grids at the ``overlays`` epochs (default: first and last).
+    Two single runs also get their between-run map similarity. Raises `ReportError` if
+    matplotlib is missing, the probes differ, or the runs share no epoch or map.
     """
     matplotlib_classes = require_matplotlib()
-    notes = list(dict.fromkeys([*notes, *check_probes(a, b)]))  # the caller may have them
-    groups = common(a.groups, b.groups) if groups is None else [MapKey(*g) for g in groups]
-    if epochs is None:
-        epochs = common_epochs(a, b)
-    if not groups or not epochs:
-        raise ReportError(f"runs {a.name} and {b.name} share no epoch or (probe, layer, method)")
-    if overlays is None:
-        overlays = overlay_epochs(epochs)
-    body = [_header(a, b, epochs, notes), _contents(groups)]
-    for group in groups:
-        rows = compare_group(a, b, group, epochs)
-        panels = _panels(a, b, group, rows)
+    groups = [r if isinstance(r, RunGroup) else RunGroup.single(r) for r in runs]
+    if len(groups) < 2:
+        raise ReportError(f"a report compares at least two runs or groups, got {len(groups)}")
+    every = [run for group in groups for run in group.runs]
+    notes = list(dict.fromkeys([*notes, *check_probes(*every)]))  # the caller may have them
+    if keys is None:
+        keys = groups[0].keys
+        for group in groups[1:]:
+            keys = common(keys, group.keys)
+    keys = [MapKey(*key) for key in keys]
+    epochs = common_epochs(*every) if epochs is None else list(epochs)
+    names = " vs ".join(group.name for group in groups)
+    if not keys or not epochs:
+        raise ReportError(f"runs {names} share no epoch or (probe, layer, method)")
+    overlays = overlay_epochs(epochs, 2) if overlays is None else list(overlays)
+    pair = (groups[0].runs[0], groups[1].runs[0]) if _pairwise(groups) else None
+    last = epochs[-1]
+    rows = summarize_groups(groups, keys, last)
+    later = [f"{run.name} (to epoch {max(run.by_epoch)})" for run in every
+             if max(run.by_epoch) > last]  # fmt: skip
+    if later:
+        notes.append(
+            f"the summary is at epoch {last}, the last one every run evaluated; "
+            f"{', '.join(later)} went on"
+        )
+    body = [_summary(groups, rows, last), _runs_table(groups, epochs, notes)]
+    body.append("<h2 id='curves'>Curves</h2>")
+    body.append(_contents(keys))
+    for key in keys:
+        comparison = compare_group(*pair, key, epochs) if pair is not None else None
+        panels = _panels(groups, key, epochs, comparison)
         figure = _figure_png(matplotlib_classes, panels) if panels else None
-        body.append(_section(a, b, group, rows, figure, overlays))
-    title = f"cam-monitor: {a.name} vs {b.name}"
-    page = _PAGE.format(title=_e(title), style=_STYLE, body="\n".join(body))
+        body.append(_curves(groups, key, epochs, comparison, figure))
+    body.append(_overlays(groups, keys, overlays))
+    page = _PAGE.format(title=_e(f"cam-monitor: {names}"), style=_STYLE, body="\n".join(body))
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(page, encoding="utf-8")
     return target
+
+
+def _pairwise(groups: Sequence[RunGroup]) -> bool:
+    """Two single runs: their maps can be compared image by image."""
+    return len(groups) == 2 and all(len(group.runs) == 1 for group in groups)
 
 
 def require_matplotlib() -> tuple[Any, Any, Any]:
@@ -109,17 +150,40 @@ _PAGE = """<!DOCTYPE html>
 """
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 1.2em; color: #222; max-width: 1400px;
+       font-size: 14px; }
 table { border-collapse: collapse; margin: 0.6em 0; }
-th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }
+th, td { border: 1px solid #ccc; padding: 0.15em 0.5em; text-align: right; }
 th { background: #f3f3f3; }
 td.l, th.l { text-align: left; }
+td small { color: #666; }
+td.best { font-weight: bold; background: #eef6ee; }
+td.path { word-break: break-all; max-width: 36em; }
+table.overlays { table-layout: fixed; width: 100%; }
+table.overlays th { text-align: center; }
 td.overlay { vertical-align: top; text-align: center; }
 img { max-width: 100%; }
-section { border-top: 2px solid #888; margin-top: 2em; }
+section { border-top: 1px solid #888; margin-top: 1.5em; }
+p { max-width: 78em; }
 .note { color: #a40; }
 code { background: #f3f3f3; padding: 0 0.2em; }
 """
+
+#: What each drift measure against the baseline is, in words.
+_DRIFT_TEXT: dict[str, str] = {
+    "spearman": "1 - Spearman",
+    "pearson": "1 - Pearson",
+    "topk_iou": "1 - top-k IoU",
+    "js": "JS divergence",
+    "com_shift": "centre shift",
+}
+#: What each summarised statistic means, for the tables.
+_STAT_LABELS: dict[str, str] = {
+    "energy": "energy in mask",
+    "pointing": "pointing game",
+    "mask_iou": "top-k IoU with mask",
+    **{drift_stat(m, REF): f"drift from baseline ({text})" for m, text in _DRIFT_TEXT.items()},
+}
 
 
 def _e(text: object) -> str:
@@ -133,116 +197,270 @@ def _anchor(group: Group) -> str:
     )
 
 
-def _header(a: Run, b: Run, epochs: Sequence[int], notes: Sequence[str]) -> str:
+def _label(key: ScalarKey) -> str:
+    return _STAT_LABELS.get(key.stat, key.stat)
+
+
+def _cell(spread: Spread, best: bool = False) -> str:
+    """A table cell: the mean, with the min-max range in small type below when it has one."""
+    css = " class='best'" if best else ""
+    text = spread.text()
+    if " [" in text:
+        mean, spread_text = text.split(" [", 1)
+        return f"<td{css}>{mean}<br><small>[{spread_text}</small></td>"
+    return f"<td{css}>{text}</td>"
+
+
+def _group_head(group: RunGroup) -> str:
+    runs = len(group.runs)
+    return f"<th>{_e(group.name)}<br><small>{runs} run{'s' if runs > 1 else ''}</small></th>"
+
+
+def _summary(groups: Sequence[RunGroup], rows: Sequence[SummaryRow], epoch: int) -> str:
+    """The answer first: every group's localization and drift at the last common epoch."""
+    first = groups[0].name
+    diffs = "".join(f"<th>{_e(g.name)}<br>&minus; {_e(first)}</th>" for g in groups[1:])
+    several = any(len(group.runs) > 1 for group in groups)
+    lines = [
+        f"<h2 id='summary'>Summary at epoch {epoch}</h2>",
+        "<p>Per probe set (domain), layer and method, each group's value at the last epoch "
+        "every run evaluated: localization against the masks (<b>energy</b>: share of the CAM "
+        "inside the mask; <b>pointing</b>: share of images whose CAM peak is in the mask; "
+        "<b>top-k IoU</b>: overlap of the top 20% pixels with the mask; 1 = all on the object) "
+        "and drift from each run's own first evaluation (0 = unchanged). "
+        + (
+            f"A group's cell is the mean of its runs, with the {SPREAD} below it. "
+            if several
+            else ""
+        )
+        + "<b>Higher</b> names the group with the higher mean"
+        + (", and says when the ranges overlap (no clear difference)." if several else ".")
+        + "</p>",
+        "<table><tr><th class='l'>probe</th><th class='l'>layer / method</th>"
+        f"<th class='l'>measure</th>{''.join(_group_head(g) for g in groups)}{diffs}"
+        "<th class='l'>higher</th></tr>",
+    ]
+    spans: dict[tuple[str, ...], int] = {}
+    for row in rows:
+        maps = row.key.maps
+        spans[(maps.probe,)] = spans.get((maps.probe,), 0) + 1
+        spans[tuple(maps)] = spans.get(tuple(maps), 0) + 1
+    seen: set[tuple[str, ...]] = set()
+    for row in rows:
+        maps = row.key.maps
+        cells = ""
+        for span_key, text in (((maps.probe,), maps.probe), (tuple(maps), maps.layer + " / "
+                                                            + maps.method)):  # fmt: skip
+            if span_key not in seen:
+                seen.add(span_key)
+                cells += f"<td class='l' rowspan='{spans[span_key]}'>{_e(text)}</td>"
+        best = row.highest
+        cells += f"<td class='l'>{_e(_label(row.key))}</td>"
+        cells += "".join(_cell(v, best == i) for i, v in enumerate(row.values))
+        cells += "".join(f"<td>{_signed(d)}</td>" for d in row.differences)
+        higher = "-" if best is None else groups[best].name
+        if best is not None and several and row.overlaps:
+            higher += " (ranges overlap)"
+        cells += f"<td class='l'>{_e(higher)}</td>"
+        lines.append(f"<tr>{cells}</tr>")
+    lines.append("</table>")
+    if several:
+        lines.append(_single_runs(groups, rows))
+    return "\n".join(lines)
+
+
+def _signed(value: float) -> str:
+    text = format_number(value)
+    return f"+{text}" if not math.isnan(value) and value > 0 else text
+
+
+def _single_runs(groups: Sequence[RunGroup], rows: Sequence[SummaryRow]) -> str:
+    """The summary's numbers run by run, folded away."""
+    heads = "".join(
+        f"<th>{_e(group.name)}<br><small>{_e(run.name)}</small></th>"
+        for group in groups
+        for run in group.runs
+    )
+    lines = [
+        "<details><summary>Single runs</summary>",
+        f"<table><tr><th class='l'>probe / layer / method</th><th class='l'>measure</th>{heads}"
+        "</tr>",
+    ]
+    for row in rows:
+        values = "".join(f"<td>{format_number(v)}</td>" for run in row.runs for v in run)
+        lines.append(
+            f"<tr><td class='l'>{_e(' / '.join(row.key.maps))}</td>"
+            f"<td class='l'>{_e(_label(row.key))}</td>{values}</tr>"
+        )
+    lines.append("</table></details>")
+    return "\n".join(lines)
+
+
+def _runs_table(groups: Sequence[RunGroup], epochs: Sequence[int], notes: Sequence[str]) -> str:
     from . import __version__  # here, not at the top: the package may import this module
 
     rows = []
-    for letter, run in (("A", a), ("B", b)):
-        hashes = ", ".join(f"{p}: {'/'.join(d)}" for p, d in run.hashes().items()) or "-"
-        probe = "yes" if run.probe is not None else "no"
-        rows.append(
-            f"<tr><td class='l'>{letter}</td><td class='l'>{_e(run.name)}</td>"
-            f"<td class='l'><code>{_e(run.folder)}</code></td><td>{len(run.evaluations)}</td>"
-            f"<td class='l'>{_e(hashes)}</td><td class='l'>{probe}</td></tr>"
-        )
+    for group in groups:
+        for run in group.runs:
+            hashes = ", ".join(f"{p}: {'/'.join(d)}" for p, d in run.hashes().items()) or "-"
+            probe = "yes" if run.probe is not None else "no"
+            rows.append(
+                f"<tr><td class='l'>{_e(group.name)}</td><td class='l'>{_e(run.name)}</td>"
+                f"<td class='l path'><code>{_e(run.folder)}</code></td>"
+                f"<td>{len(run.evaluations)}</td><td class='l'>{_e(hashes)}</td>"
+                f"<td class='l'>{probe}</td></tr>"
+            )
     made = datetime.now(timezone.utc).isoformat(timespec="seconds")
     lines = [
-        "<table><tr><th class='l'>run</th><th class='l'>name</th><th class='l'>history</th>"
+        "<h2 id='runs'>Runs</h2>",
+        "<table><tr><th class='l'>group</th><th class='l'>run</th><th class='l'>history</th>"
         "<th>evaluations</th><th class='l'>probe hashes</th><th class='l'>probe.npz</th></tr>",
         *rows,
         "</table>",
         f"<p>Common epochs (epochs completed; 0 = before training): "
         f"{_e(', '.join(map(str, epochs)))}. Made by cam-monitor {_e(__version__)} at {made}.</p>",
-        "<p>Between-run similarity of the maps at the same epoch, averaged over the probe images "
-        "where it is defined: <b>spearman</b> (rank correlation) and <b>topk_iou</b> (overlap of "
-        "the top 20% pixels), 1 = same attention; <b>js</b> (Jensen-Shannon divergence), "
-        "0 = same attention. Drift curves are distances to each run's first evaluation "
-        "(0 = unchanged).</p>",
     ]
     lines.extend(f"<p class='note'>Note: {_e(note)}</p>" for note in notes)
     return "\n".join(lines)
 
 
-def _contents(groups: Sequence[Group]) -> str:
-    items = "".join(f"<li><a href='#{_anchor(g)}'>{_e(' / '.join(g))}</a></li>" for g in groups)
+def _contents(keys: Sequence[Group]) -> str:
+    items = "".join(f"<li><a href='#{_anchor(g)}'>{_e(' / '.join(g))}</a></li>" for g in keys)
     return f"<ul>{items}</ul>"
 
 
-def _table(a: Run, b: Run, rows: Sequence[EpochComparison]) -> str:
-    scores = [
-        s
-        for s in LOCALIZATION_SCORES
-        if any(s in r.localization_a or s in r.localization_b for r in rows)
-    ]
-    head = "".join(f"<th>{m}</th>" for m in SIMILARITIES)
-    for score in scores:
-        head += f"<th>{score}<br>{_e(a.name)}</th><th>{score}<br>{_e(b.name)}</th>"
-    lines = [f"<table><tr><th>epoch</th>{head}<th class='l'>note</th></tr>"]
-    for row in rows:
+def _curves(
+    groups: Sequence[RunGroup],
+    key: Group,
+    epochs: Sequence[int],
+    comparison: Sequence[EpochComparison] | None,
+    figure: bytes | None,
+) -> str:
+    """One (probe, layer, method): its epoch table and its figure."""
+    title = " / ".join(key)
+    stats = summary_stats(groups, key)
+    head = "".join(
+        f"<th>{_e(_label(stat))}<br><small>{_e(group.name)}</small></th>"
+        for stat in stats
+        for group in groups
+    )
+    if comparison is not None:
+        head += "".join(f"<th>{m}<br><small>between runs</small></th>" for m in SIMILARITIES)
+        head += "<th class='l'>note</th>"
+    series = {
+        (stat, index): spread_series(group, stat, epochs)
+        for stat in stats
+        for index, group in enumerate(groups)
+    }
+    lines = [f"<section id='{_anchor(key)}'>", f"<h3>{_e(title)}</h3>"]
+    lines.append(f"<table><tr><th>epoch</th>{head}</tr>")
+    for position, epoch in enumerate(epochs):
         cells = "".join(
-            f"<td>{format_number(row.similarity[m][0]) if m in row.similarity else '-'}</td>"
-            for m in SIMILARITIES
+            _cell(series[stat, index][position]) for stat in stats for index in range(len(groups))
         )
-        for score in scores:
-            cells += f"<td>{format_number(row.localization_a.get(score))}</td>"
-            cells += f"<td>{format_number(row.localization_b.get(score))}</td>"
-        left_out = max((n for _, n in row.similarity.values()), default=0)
-        note = row.note or (f"{left_out} of {row.images} images undefined" if left_out else "")
-        lines.append(f"<tr><td>{row.epoch}</td>{cells}<td class='l'>{_e(note)}</td></tr>")
+        if comparison is not None:
+            row = comparison[position]
+            cells += "".join(
+                f"<td>{format_number(row.similarity[m][0]) if m in row.similarity else '-'}</td>"
+                for m in SIMILARITIES
+            )
+            left_out = max((n for _, n in row.similarity.values()), default=0)
+            note = row.note or (f"{left_out} of {row.images} images undefined" if left_out else "")
+            cells += f"<td class='l'>{_e(note)}</td>"
+        lines.append(f"<tr><td>{epoch}</td>{cells}</tr>")
     lines.append("</table>")
+    if figure is not None:
+        lines.append(_img(figure, f"curves for {title}"))
+    lines.append("</section>")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Line:
+    label: str
+    epochs: list[int]
+    spreads: list[Spread]
+    runs: list[list[float]]  # single runs of a group of several, drawn thin
 
 
 @dataclass(frozen=True)
 class _Panel:
     title: str
-    lines: list[tuple[str, list[int], list[float]]]
+    lines: list[_Line]
 
 
-def _panels(a: Run, b: Run, group: Group, rows: Sequence[EpochComparison]) -> list[_Panel]:
-    """Drift vs reference, localization and between-run similarity: panels with data only."""
+def _panels(
+    groups: Sequence[RunGroup],
+    key: Group,
+    epochs: Sequence[int],
+    comparison: Sequence[EpochComparison] | None,
+) -> list[_Panel]:
+    """Drift vs reference, localization and (two single runs) map similarity: panels with data."""
+    key = MapKey(*key)
     wanted = [
-        (DRIFT, drift_stat("spearman", REF), "drift vs first evaluation: 1 - spearman"),
-        (DRIFT, drift_stat("topk_iou", REF), "drift vs first evaluation: 1 - top-k IoU"),
-        (DRIFT, drift_stat("js", REF), "drift vs first evaluation: JS divergence"),
-        (LOCALIZATION, "energy", "localization: energy inside mask"),
+        *(
+            (DRIFT, drift_stat(m, REF), f"drift from baseline: {_DRIFT_TEXT[m]}")
+            for m in ("spearman", "topk_iou", "js")
+        ),
+        (LOCALIZATION, "energy", "localization: energy in mask"),
         (LOCALIZATION, "pointing", "localization: pointing game"),
         (LOCALIZATION, "mask_iou", "localization: top-k IoU with mask"),
     ]
     panels = []
     for kind, stat, title in wanted:
-        key = ScalarKey(kind, group, stat)
-        lines = [(run.name, *scalar_series(run, key)) for run in (a, b)]
-        if any(math.isfinite(v) for _, _, values in lines for v in values):
+        scalar = ScalarKey(kind, key, stat)
+        lines = []
+        for group in groups:
+            spreads = spread_series(group, scalar, epochs)
+            runs = []
+            if len(group.runs) > 1:
+                runs = [[v.mean for v in spread_series(RunGroup.single(run), scalar, epochs)]
+                        for run in group.runs]  # fmt: skip
+            lines.append(_Line(group.name, list(epochs), spreads, runs))
+        if any(s.finite for line in lines for s in line.spreads):
             panels.append(_Panel(title, lines))
-    between = [
-        (
-            measure,
-            [r.epoch for r in rows],
-            [r.similarity.get(measure, (math.nan, 0))[0] for r in rows],
-        )
-        for measure in ("spearman", "topk_iou")
-    ]
-    if any(math.isfinite(v) for _, _, values in between for v in values):
-        panels.append(_Panel(f"{a.name} vs {b.name}: map similarity (1 = same)", between))
+    if comparison is not None:
+        between = [
+            _Line(
+                measure,
+                [r.epoch for r in comparison],
+                [Spread.of([r.similarity.get(measure, (math.nan, 0))[0]]) for r in comparison],
+                [],
+            )
+            for measure in ("spearman", "topk_iou")
+        ]
+        if any(s.finite for line in between for s in line.spreads):
+            names = " vs ".join(g.name for g in groups)
+            panels.append(_Panel(f"{names}: map similarity (1 = same)", between))
     return panels
 
 
 def _figure_png(matplotlib_classes: tuple[Any, Any, Any], panels: Sequence[_Panel]) -> bytes:
-    """One PNG with a small line chart per panel, three to a row."""
+    """One PNG with a small line chart per panel, three to a row: each group's mean, its
+    min-max band and its single runs (thin) when it has several."""
     figure_class, canvas_class, integer_locator = matplotlib_classes
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
-    figure = figure_class(figsize=(4.4 * columns, 3.2 * rows), dpi=80)
+    figure = figure_class(figsize=(4.4 * columns, 3.0 * rows), dpi=80)
     # Fixed margins: constrained layout costs more than drawing these small charts.
     figure.subplots_adjust(left=0.07, right=0.98, bottom=0.12 / rows, top=1 - 0.08 / rows)
     figure.subplots_adjust(wspace=0.25, hspace=0.45)
     canvas_class(figure)
-    styles = [{"marker": "o", "linestyle": "-"}, {"marker": "s", "linestyle": "--"}]
+    markers = ["o", "s", "^", "D", "v", "P"]
     for number, panel in enumerate(panels):
         axes = figure.add_subplot(rows, columns, number + 1)
-        for (label, xs, ys), style in zip(panel.lines, styles, strict=False):
-            axes.plot(xs, ys, label=label, markersize=4, **style)
+        for index, line in enumerate(panel.lines):
+            colour = f"C{index}"
+            marker = markers[index % len(markers)]
+            means = [s.mean for s in line.spreads]
+            label = line.label
+            if line.runs:
+                low, high = [s.low for s in line.spreads], [s.high for s in line.spreads]
+                axes.fill_between(line.epochs, low, high, color=colour, alpha=0.18, linewidth=0)
+                for values in line.runs:
+                    axes.plot(line.epochs, values, color=colour, alpha=0.45, linewidth=0.7)
+                label = f"{label} (mean, min-max of {len(line.runs)})"
+            axes.plot(line.epochs, means, color=colour, marker=marker, markersize=4, label=label)
         axes.set_title(panel.title, fontsize=9)
         axes.set_xlabel("epoch", fontsize=8)
         axes.xaxis.set_major_locator(integer_locator(integer=True))
@@ -259,57 +477,92 @@ def _img(image: bytes, alt: str, kind: str = "png") -> str:
     return f"<img alt='{_e(alt)}' src='data:image/{kind};base64,{data}'>"
 
 
+def _captions(
+    evaluation: Evaluation, probe: str, labels: np.ndarray | None, height: int, width: int
+) -> list[str] | None:
+    """Tile captions of one probe: predicted and true class, by name when the history stores
+    class names and they fit the tiles; None without logits."""
+    logits = evaluation.logits.get(probe)
+    if logits is None or logits.ndim != 2:
+        return None
+    count = len(logits)
+    true = labels.tolist() if labels is not None and len(labels) == count else None
+    predicted = np.argmax(logits, axis=1).tolist()
+    names = evaluation.class_names
+    candidates = [caption_text(predicted, true, names, compact=True)]
+    if names is not None:
+        candidates.insert(0, caption_text(predicted, true, names))
+    return choose_captions(candidates, height, width, _TILE)
+
+
 def _grid_jpeg(run: Run, probe_record: ProbeRecord | None, group: Group, epoch: int) -> bytes:
-    """Overlay grid of one run's maps at ``epoch`` as JPEG (a PNG per grid made reports of
-    15 MB); maps alone when the probe images are missing."""
+    """Overlay grid of one run's maps at ``epoch`` as a small JPEG (about square, 64 px tiles);
+    maps alone when the probe images are missing."""
     evaluation = run.by_epoch[epoch]
     maps = torch.from_numpy(evaluation.maps[group])
     probe = group.probe
-    logits = evaluation.logits.get(probe)
+    count = maps.shape[0]
+    nrow = max(1, math.ceil(math.sqrt(count)))
     labels = evaluation.labels.get(probe)
     if labels is None and probe_record is not None:
         labels = probe_record.labels.get(probe)
-    captions = None
-    if logits is not None and len(logits) == maps.shape[0]:
-        true = labels if labels is not None and len(labels) == maps.shape[0] else None
-        captions = caption_text(np.argmax(logits, axis=1).tolist(), true, compact=True)
     inputs = None if probe_record is None else probe_record.inputs.get(probe)
-    if inputs is not None and inputs.shape[0] == maps.shape[0]:
+    if inputs is not None and inputs.shape[0] != count:
+        inputs = None
+    height, width = (inputs if inputs is not None else evaluation.maps[group]).shape[-2:]
+    captions = _captions(evaluation, probe, labels, int(height), int(width))
+    if captions is not None and len(captions) != count:
+        captions = None
+    if inputs is not None:
         try:
-            grid = make_overlay_grid(torch.from_numpy(inputs), maps, captions=captions, nrow=4)
-            return to_jpeg_bytes(grid)
+            grid = make_overlay_grid(
+                torch.from_numpy(inputs), maps, captions=captions, nrow=nrow, min_tile=_TILE
+            )
+            return to_jpeg_bytes(grid, _JPEG_QUALITY)
         except ValueError:
             pass  # e.g. inputs that are not 1- or 3-channel images: show the maps alone
-    return to_jpeg_bytes(make_map_grid(maps, signed=False, captions=captions, nrow=4))
+    grid = make_map_grid(maps, signed=False, captions=captions, nrow=nrow, min_tile=_TILE)
+    return to_jpeg_bytes(grid, _JPEG_QUALITY)
 
 
-def _section(
-    a: Run,
-    b: Run,
-    group: Group,
-    rows: Sequence[EpochComparison],
-    figure: bytes | None,
-    overlays: Sequence[int],
-) -> str:
-    title = " / ".join(group)
-    parts = [f"<section id='{_anchor(group)}'>", f"<h2>{_e(title)}</h2>", _table(a, b, rows)]
-    if figure is not None:
-        parts.append(_img(figure, f"curves for {title}"))
-    probe_record = a.probe if a.probe is not None and group.probe in a.probe.inputs else b.probe
-    has_images = probe_record is not None and group.probe in probe_record.inputs
-    what = "CAMs over the probe images" if has_images else "CAMs alone (no probe.npz images)"
-    parts.append(f"<h3>{what}, min-max normalised per image; captions p: predicted, t: true</h3>")
-    parts.append(f"<table><tr><th>epoch</th><th>{_e(a.name)}</th><th>{_e(b.name)}</th></tr>")
-    for epoch in overlays:
-        cells = []
-        for run in (a, b):
-            evaluation = run.by_epoch.get(epoch)
-            if evaluation is None or group not in evaluation.maps:
-                cells.append("<td class='overlay'>no maps</td>")
-                continue
-            jpeg = _grid_jpeg(run, probe_record, group, epoch)
-            image = _img(jpeg, f"{run.name} epoch {epoch}", "jpeg")
-            cells.append(f"<td class='overlay'>{image}</td>")
-        parts.append(f"<tr><td>{epoch}</td>{''.join(cells)}</tr>")
-    parts.append("</table></section>")
-    return "\n".join(parts)
+def _overlays(groups: Sequence[RunGroup], keys: Sequence[Group], epochs: Sequence[int]) -> str:
+    """Overlay grids per (probe, layer, method): a row per epoch, a column per group (its first
+    run)."""
+    several = any(len(group.runs) > 1 for group in groups)
+    lines = [
+        "<h2 id='overlays'>Overlays</h2>",
+        f"<p>CAMs at epochs {_e(', '.join(map(str, epochs)))}, min-max normalised per image; "
+        "captions: ok/x, p: predicted, t: true class"
+        + ("; for a group of several runs, its first run is shown" if several else "")
+        + ".</p>",
+    ]
+    heads = "".join(
+        f"<th>{_e(g.name)}"
+        + (f"<br><small>{_e(g.runs[0].name)}</small>" if several else "")
+        + "</th>"
+        for g in groups
+    )
+    for key in keys:
+        title = " / ".join(key)
+        shown = [group.runs[0] for group in groups]
+        record = next(
+            (r.probe for r in shown if r.probe is not None and key.probe in r.probe.inputs),
+            None,
+        )
+        what = "over the probe images" if record is not None else "alone (no probe.npz images)"
+        lines.append(f"<h3>{_e(title)}: CAMs {what}</h3>")
+        lines.append(f"<table class='overlays'><tr><th style='width:4em'>epoch</th>{heads}</tr>")
+        for epoch in epochs:
+            cells = []
+            for run in shown:
+                evaluation = run.by_epoch.get(epoch)
+                if evaluation is None or key not in evaluation.maps:
+                    cells.append("<td class='overlay'>no maps</td>")
+                    continue
+                jpeg = _grid_jpeg(run, record, key, epoch)
+                cells.append(
+                    f"<td class='overlay'>{_img(jpeg, f'{run.name} epoch {epoch}', 'jpeg')}</td>"
+                )
+            lines.append(f"<tr><td>{epoch}</td>{''.join(cells)}</tr>")
+        lines.append("</table>")
+    return "\n".join(lines)

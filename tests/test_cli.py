@@ -54,9 +54,15 @@ def tag(kind: str, group: MapKey, stat: str) -> str:
     return ScalarKey(kind, group, stat).tag
 
 
-def make_run(folder: Path, which: str, inputs: dict[str, np.ndarray], probe: bool = True) -> Path:
+def make_run(
+    folder: Path,
+    which: str,
+    inputs: dict[str, np.ndarray],
+    probe: bool = True,
+    offset: float = 0.0,
+) -> Path:
     """Three evaluations (epochs 0, 1, 2) of each probe in `inputs` x 2 layers x gradcam, maps
-    4x4, scalars tagged by the schema."""
+    4x4, scalars tagged by the schema; ``offset`` is added to the energy."""
     probes = list(inputs)
     hashes = {p: content_hash(x) for p, x in inputs.items()}
     masks = {p: np.zeros((BATCH, 16, 16), bool) for p in probes}
@@ -73,7 +79,7 @@ def make_run(folder: Path, which: str, inputs: dict[str, np.ndarray], probe: boo
                 maps[p, layer, METHOD] = a if which == "a" else run_b_maps(a, epoch)
                 group = MapKey(p, layer, METHOD)
                 sign = 1 if which == "a" else -1
-                scalars[tag("cam_loc", group, "energy")] = 0.5 + sign * 0.1 * epoch
+                scalars[tag("cam_loc", group, "energy")] = 0.5 + sign * 0.1 * epoch + offset
                 scalars[tag("cam_loc", group, "pointing")] = 0.25 * (epoch + 1)
                 scalars[tag("cam_stats", group, "entropy")] = 0.9
                 scalars[tag("cam_drift", group, "spearman_ref")] = 0.1 * epoch
@@ -267,11 +273,12 @@ def test_compare_writes_a_self_contained_html_report(
     assert code == 0, err
     assert f"report written to {out_file}" in out
     page = out_file.read_text(encoding="utf-8")
-    # Per group (source x 2 layers): one PNG figure of curves + run A | run B at 3 epochs (JPEG).
+    # Per group (source x 2 layers): one PNG figure of curves + run A | run B at the first and
+    # last epoch (JPEG).
     figures = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
     grids = re.findall(r"data:image/jpeg;base64,([A-Za-z0-9+/=]+)", page)
     assert len(figures) == page.count("data:image/") - len(grids) == 2
-    assert len(grids) == 2 * 2 * 3
+    assert len(grids) == 2 * 2 * 2
     assert all(base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n") for data in figures)
     assert all(base64.b64decode(data).startswith(b"\xff\xd8\xff") for data in grids)
     assert "<script" not in page and "http" not in page  # no external files or libraries
@@ -374,9 +381,101 @@ def test_probe_named_with_a_slash_survives_write_read_show_and_compare(
         assert rows["0"]["spearman"] == "1.0000" and rows["2"]["spearman"] == "-1.0000"
         assert [rows[e]["energy_B"] for e in "012"] == ["0.5000", "0.4000", "0.3000"]
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
-    assert "<h2>domain/a / features.29 / gradcam</h2>" in page
+    assert "<h3>domain/a / features.29 / gradcam</h3>" in page
     assert "CAMs over the probe images" in page  # probe.npz found under the encoded name
-    assert page.count("data:image/jpeg;base64") == 2 * 2 * 3
+    assert page.count("data:image/jpeg;base64") == 2 * 2 * 2
+
+
+def test_compare_groups_print_a_summary_of_means_and_ranges(
+    runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = probe_inputs(0)
+    second = make_run(tmp_path / "dann_s1", "b", inputs, offset=0.1)
+    third = make_run(tmp_path / "extra", "a", inputs, offset=-0.2)
+    group = f"--group=dann={runs[1]},{second}"
+    code, out, err = run_main(
+        ["compare", str(runs[0]), str(third), group, "--probe", "source"], capsys
+    )
+    assert code == 0, err
+    assert "  dann: dann, dann_s1" in out and "  source_only: source_only" in out
+    assert "Summary at epoch 2 (the last common epoch)" in out
+    chunks: dict[tuple[str, str], list[str]] = {}
+    for line in out.splitlines():
+        cells = line.split()
+        if cells[:2] == ["source", "/"]:
+            chunks.setdefault((cells[2], cells[5]), []).extend(cells[6:])
+    # Energy at epoch 2: source_only 0.7, extra 0.5, dann 0.3 and 0.4 (mean 0.35); then the
+    # differences to the first group and the higher one.
+    assert chunks["features.29", "energy"] == [
+        *("0.7000", "0.5000", "0.3500", "[0.3000,", "0.4000]"),
+        *("-0.2000", "-0.3500", "source_only"),
+    ]
+    assert chunks["layer4.1.conv2", "pointing"][-1] == "-"  # a tie names no group
+    assert "target / " not in out
+    assert all(len(line) <= 100 for line in out.splitlines())
+
+
+def test_compare_groups_write_a_report_with_overlays_at_the_chosen_epochs(
+    runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    second = make_run(tmp_path / "dann_s1", "b", probe_inputs(0), offset=0.1)
+    out_file = tmp_path / "groups.html"
+    args = ["compare", str(runs[0]), "--group", f"dann={runs[1]},{second}", "--layer", "f*"]
+    code, out, err = run_main([*args, "--epochs", "1", "--out", str(out_file)], capsys)
+    assert code == 0, err
+    assert f"report written to {out_file}" in out
+    page = out_file.read_text(encoding="utf-8")
+    # One (probe, layer, method) per probe; each group's first run at epoch 1 only.
+    assert (
+        re.findall(r"alt='(\w+) epoch (\d+)'", page)
+        == [
+            ("source_only", "1"),
+            ("dann", "1"),
+        ]
+        * 2
+    )
+    assert "0.3500<br><small>[0.3000, 0.4000]</small>" in page  # energy at epoch 2, in dann
+    code, _, err = run_main([*args, "--epochs", "7"], capsys)
+    assert code == 2 and "--epochs 7 not evaluated in every run" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--group", "dann"], "expected NAME=RUN,RUN"),
+        (["--group", "=a,b"], "expected NAME=RUN,RUN"),
+        (["a", "--group", "g=a,b"], "is given twice"),
+        (["--group", "g=a", "--group", "g=b"], "group name 'g' is used twice"),
+        (["--group", "g=a,b"], "got 2 run(s) in 1 group(s)"),
+    ],
+)
+def test_compare_group_usage_errors(
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inputs = probe_inputs(0)
+    for name in "ab":
+        make_run(tmp_path / name, "a", inputs)
+    monkeypatch.chdir(tmp_path)  # the runs are named a and b
+    code, out, err = run_main(["compare", *args], capsys)
+    assert code == 2 and out == ""
+    assert message in err and err.count("cam-monitor: error:") == 1
+
+
+def test_compare_groups_refuse_a_run_with_other_probe_data(
+    runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = probe_inputs(0)
+    inputs["target"] = inputs["target"] + 1.0
+    other = make_run(tmp_path / "other", "b", inputs)
+    code, out, err = run_main(
+        ["compare", str(runs[0]), "--group", f"dann={runs[1]},{other}"], capsys
+    )
+    assert code == 2 and out == ""
+    assert "probe 'target' differs between the runs" in err and "other" in err
 
 
 # --------------------------------------------------------------------------- errors
@@ -442,7 +541,7 @@ def test_usage_errors_exit_2_and_help_exits_0(capsys: pytest.CaptureFixture[str]
     code, _, err = run_main([], capsys)
     assert code == 2 and "cam-monitor: error:" in err
     code, _, err = run_main(["compare", "only-one"], capsys)
-    assert code == 2 and "RUN_B" in err
+    assert code == 2 and "needs at least two runs" in err and "got 1 run(s)" in err
     code, out, _ = run_main(["compare", "--help"], capsys)
     assert code == 0 and "--epochs" in out and "--out" in out
 

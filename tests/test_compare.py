@@ -1,13 +1,17 @@
 """Comparing runs by the numbers: groups from maps and tags, probe checks, between-run similarity
-against scipy, localization and series read through the schema, loading runs from disk."""
+against scipy, localization and series read through the schema, loading runs from disk, and
+groups of runs (seeds) summarised by mean and min-max, also on histories written by real fits."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from pytorch_lightning.loggers import CSVLogger
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import spearmanr
 
@@ -15,6 +19,8 @@ from cam_monitor.compare import (
     SIMILARITIES,
     ReportError,
     Run,
+    RunGroup,
+    Spread,
     check_probes,
     common_epochs,
     compare_group,
@@ -22,11 +28,16 @@ from cam_monitor.compare import (
     load_run,
     localization,
     map_similarity,
+    run_labels,
     scalar_series,
+    spread_series,
+    summarize_groups,
+    summary_stats,
 )
 from cam_monitor.history import Evaluation, write_evaluation, write_probe
 from cam_monitor.probe import content_hash
 from cam_monitor.schema import DRIFT, LOCALIZATION, SECONDS_TAG, MapKey, ScalarKey
+from tests.conftest import LitClassifier, loader, quiet_trainer
 
 GROUP = MapKey("dom/ain", "features.29", "gradcam")
 
@@ -194,3 +205,198 @@ def test_load_run_reads_history_and_probe_and_survives_a_corrupt_probe(tmp_path:
 def test_one_number_formatter_for_terminal_and_report() -> None:
     values = (1 / 3, -2.0, float("nan"), None, float("-inf"))
     assert [format_number(v) for v in values] == ["0.3333", "-2.0000", "nan", "-", "-inf"]
+
+
+# --------------------------------------------------------------------------- groups of runs
+
+ENERGY = ScalarKey(LOCALIZATION, GROUP, "energy")
+DRIFT_REF = ScalarKey(DRIFT, GROUP, "spearman_ref")
+
+
+def scored_run(name: str, energies: list[float], drift: float | None = 0.1) -> Run:
+    """A run with one evaluation per epoch and the given energy at each."""
+    maps = {GROUP: np.ones((2, 3, 3), np.float32)}
+    evaluations = []
+    for epoch, value in enumerate(energies):
+        scalars = {ENERGY.tag: value}
+        if drift is not None:
+            scalars[DRIFT_REF.tag] = drift * epoch
+        evaluations.append(evaluation(epoch, epoch, maps, scalars))
+    return Run(name, Path(name), evaluations)
+
+
+def test_spread_is_mean_and_min_max_of_the_defined_values() -> None:
+    spread = Spread.of([0.1, float("nan"), 0.5, 0.3])
+    assert spread.mean == pytest.approx(0.3) and (spread.low, spread.high) == (0.1, 0.5)
+    assert (spread.finite, spread.total) == (3, 4)
+    assert spread.text() == "0.3000 [0.1000, 0.5000]"
+    undefined = Spread.of([float("nan"), float("nan")])
+    assert math.isnan(undefined.mean) and undefined.finite == 0 and undefined.text() == "nan"
+    assert Spread.of([0.2, 0.2]).text() == "0.2000"  # no range where the runs agree
+
+
+def test_summarize_groups_gives_each_group_its_mean_range_difference_and_the_higher() -> None:
+    baseline = RunGroup("source_only", (scored_run("s0", [0.3, 0.2]), scored_run("s1", [0.3, 0.4])))
+    adapted = RunGroup("dann", (scored_run("d0", [0.3, 0.5]), scored_run("d1", [0.3, 0.7])))
+    assert baseline.keys == [GROUP] and baseline.epochs == [0, 1]
+    rows = summarize_groups([baseline, adapted], [GROUP], epoch=1)
+    assert [row.key for row in rows] == [ENERGY, DRIFT_REF]  # localization, then drift
+    energy = rows[0]
+    assert energy.values[0] == Spread(pytest.approx(0.3), 0.2, 0.4, 2, 2)
+    assert energy.values[1] == Spread(pytest.approx(0.6), 0.5, 0.7, 2, 2)
+    assert energy.runs == ((0.2, 0.4), (0.5, 0.7))
+    assert energy.differences == (pytest.approx(0.3),)
+    assert energy.highest == 1 and not energy.overlaps  # 0.5-0.7 lies above 0.2-0.4
+    close = RunGroup("close", (scored_run("c0", [0.3, 0.35]), scored_run("c1", [0.3, 0.39])))
+    (row, _) = summarize_groups([baseline, close], [GROUP], epoch=1)
+    assert row.highest == 1 and row.overlaps  # 0.37 > 0.3 but 0.35-0.39 is inside 0.2-0.4
+    drift = rows[1]
+    assert drift.highest is None  # both groups drifted 0.1: a tie names no one
+    series = spread_series(adapted, ENERGY, [0, 1])
+    assert [s.mean for s in series] == [pytest.approx(0.3), pytest.approx(0.6)]
+
+
+def test_summary_stats_fall_back_to_a_recorded_drift_measure() -> None:
+    run = scored_run("a", [0.3], drift=None)
+    js = ScalarKey(DRIFT, GROUP, "js_ref")
+    run.evaluations[0].scalars[js.tag] = 0.2
+    assert summary_stats([RunGroup.single(run)], GROUP) == [ENERGY, js]
+    with pytest.raises(ValueError, match="no runs"):
+        RunGroup("empty", ())
+
+
+def test_check_probes_compares_every_run_with_the_first() -> None:
+    maps = {GROUP: np.ones((2, 3, 3))}
+    runs = [Run(n, Path(n), [evaluation(0, 0, maps)]) for n in "abc"]
+    assert check_probes(*runs) == []
+    odd = Run("d", Path("d"), [evaluation(0, 0, maps, hashes={"dom/ain": "dddddddddddd"})])
+    with pytest.raises(ReportError, match=r"a has hash aaaaaaaaaaaa, d has hash dddddddddddd"):
+        check_probes(*runs, odd)
+    assert run_labels("x/s0/run", "x/s1/run", "y/s0/run") == ("x/s0/run", "x/s1/run", "y/s0/run")
+
+
+# -- on histories written by real fits ------------------------------------------------------
+
+CLASS_NAMES = ("north-west", "north-east", "south-west", "south-east", "centre")
+FIT_PROBES = ("target", "source")
+
+
+def square_images(
+    n: int, domain: str, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A bright square whose place is the class (5 places); ``target`` adds a bright, noisy
+    background. Returns images, labels and the squares' masks."""
+    gen = torch.Generator().manual_seed(seed)
+    size, half = 32, 16
+    noise, background = (0.3, 0.0) if domain == "source" else (0.8, 0.6)
+    images = background + noise * torch.randn(n, 3, size, size, generator=gen)
+    labels = torch.arange(n) % 5
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    corners = [(0, 0), (0, half), (half, 0), (half, half), (half // 2, half // 2)]
+    for i in range(n):
+        r, c = corners[int(labels[i])]
+        masks[i, r : r + half, c : c + half] = True
+    return images + 1.5 * masks[:, None].float(), labels, masks
+
+
+def fit(root: Path, name: str, seed: int, lr: float) -> Path:
+    """One real `Trainer.fit` (2 epochs) with a CamMonitor on two probes with masks."""
+    from cam_monitor import CamMonitor
+
+    probes = {p: square_images(10, p, seed=50 + i) for i, p in enumerate(FIT_PROBES)}
+    monitor = CamMonitor(
+        "net.features.5",
+        probe={p: (x, y) for p, (x, y, _) in probes.items()},
+        masks={p: m for p, (_, _, m) in probes.items()},
+        class_names=list(CLASS_NAMES),
+        save_dir=root / name / "cam_monitor",
+    )
+    torch.manual_seed(seed)
+    module = LitClassifier(lr=lr)
+    images, labels, _ = square_images(48, "source", seed=seed)
+    logger = CSVLogger(root, name=name, version="")
+    trainer = quiet_trainer(default_root_dir=root / name, logger=logger, callbacks=[monitor])
+    trainer.fit(module, loader(torch.utils.data.TensorDataset(images, labels), shuffle=True))
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """Two recipes x two seeds, each a real fit."""
+    root = tmp_path_factory.mktemp("fits")
+    return {
+        recipe: [fit(root, f"{recipe}_s{seed}", seed, lr) for seed in (0, 1)]
+        for recipe, lr in (("slow", 0.01), ("fast", 0.2))
+    }
+
+
+def read_scalar(folder: Path, epoch: int, tag: str) -> float:
+    """A scalar straight from an eval file's JSON meta, with numpy alone."""
+    for path in sorted((folder / "cam_monitor").glob("eval-*.npz")):
+        with np.load(path) as npz:
+            meta = json.loads(str(npz["meta"]))
+        if meta["epoch"] == epoch:
+            value = meta["scalars"][tag]
+            return math.nan if value is None else float(value)
+    raise AssertionError(f"no evaluation at epoch {epoch} in {folder}")
+
+
+@pytest.mark.slow
+def test_grouped_comparison_on_real_fits_matches_the_files(fitted: dict[str, list[Path]]) -> None:
+    groups = [
+        RunGroup(recipe, tuple(load_run(path) for path in paths))
+        for recipe, paths in fitted.items()
+    ]
+    run = groups[0].runs[0]
+    assert run.evaluations[-1].class_names == CLASS_NAMES  # stored by the callback
+    assert check_probes(*(r for g in groups for r in g.runs)) == []  # same probes everywhere
+    keys = groups[0].keys
+    assert keys == [MapKey(p, "net.features.5", "gradcam") for p in FIT_PROBES]
+    epochs = common_epochs(*(r for g in groups for r in g.runs))
+    assert epochs == [0, 1, 2]
+    rows = summarize_groups(groups, keys, epochs[-1])
+    stats = [(row.key.maps.probe, row.key.kind, row.key.stat) for row in rows]
+    assert stats == [
+        (p, kind, stat)
+        for p in FIT_PROBES
+        for kind, stat in [(LOCALIZATION, s) for s in ("energy", "pointing", "mask_iou")]
+        + [(DRIFT, "spearman_ref")]
+    ]
+    for row in rows:
+        for group, spread, singles in zip(groups, row.values, row.runs, strict=True):
+            paths = fitted[group.name]
+            expected = [read_scalar(path, epochs[-1], row.key.tag) for path in paths]
+            assert singles == pytest.approx(expected, nan_ok=True)
+            finite = [v for v in expected if not math.isnan(v)]
+            assert spread.finite == len(finite)
+            if finite:
+                assert spread.mean == pytest.approx(np.mean(finite))
+                assert (spread.low, spread.high) == (min(finite), max(finite))
+        difference = row.values[1].mean - row.values[0].mean
+        assert row.differences == (pytest.approx(difference, nan_ok=True),)
+
+
+@pytest.mark.slow
+def test_cli_compares_groups_of_real_fits_and_shows_class_names(
+    fitted: dict[str, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cam_monitor.cli import main
+
+    report = tmp_path / "report.html"
+    groups = [f"{recipe}={','.join(map(str, paths))}" for recipe, paths in fitted.items()]
+    args = ["compare", "--group", groups[0], "--group", groups[1], "--out", str(report)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "slow: slow_s0, slow_s1" in out and "fast: fast_s0, fast_s1" in out
+    assert "Summary at epoch 2" in out and "fast-slow" in out
+    page = report.read_text(encoding="utf-8")
+    # The answer first: the summary table, then the runs, the curves, the overlays.
+    order = [page.index(h) for h in ("Summary at epoch 2", "id='runs'", "id='curves'",
+                                     "id='overlays'")]  # fmt: skip
+    assert order == sorted(order) and page.index("<table") > order[0]
+    assert "2 runs" in page and "Single runs" in page and "min-max" in page
+
+    assert main(["show", str(fitted["fast"][0])]) == 0
+    out = capsys.readouterr().out
+    predicted = next(line for line in out.splitlines() if line.startswith("  target: predicted"))
+    assert any(name in predicted for name in CLASS_NAMES) and "/10 correct" in predicted

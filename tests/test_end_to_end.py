@@ -189,18 +189,18 @@ def check_compare(out: str, groups: list[tuple[str, str, str]]) -> None:
 
 def check_report(report: Path, groups: list[tuple[str, str, str]]) -> None:
     """The HTML report has a section per group with both runs' overlay grids as JPEGs at the
-    first, middle and last common epoch (all three here)."""
+    first and last common epoch."""
     html = report.read_text()
     for group in groups:
-        assert f"<h2>{' / '.join(group)}</h2>" in html
+        assert f"<h3>{' / '.join(group)}</h3>" in html
     found = re.findall(r"<img alt='([^']*) epoch (\d+)' src='data:image/jpeg;base64,([^']*)'", html)
     assert {(name, epoch) for name, epoch, _ in found} == {
-        (name, str(epoch)) for name in ("source_only", "dann") for epoch in range(EVALUATIONS)
+        (name, str(epoch)) for name in ("source_only", "dann") for epoch in (0, EVALUATIONS - 1)
     }
-    assert len(found) == len(groups) * 2 * EVALUATIONS  # every group, both runs, each epoch
+    assert len(found) == len(groups) * 2 * 2  # every group, both runs, first and last epoch
     for _, _, data in found[:4]:
         grid = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
-        # 4 tiles a row, drawn larger than the 32 px probe images, and not a blank image.
+        # Tiles drawn larger than the 32 px probe images, and not a blank image.
         assert grid is not None and grid.shape[1] > 4 * SIZE and grid.std() > 10
 
 

@@ -1,7 +1,9 @@
-"""The examples: the synthetic shapes domains, the DANN pieces, and a tiny real demo run."""
+"""The examples: the synthetic shapes domains, the real-digits domains, the DANN pieces, and tiny
+real demo runs."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import sys
 from pathlib import Path
@@ -11,9 +13,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+import dann_digits
 import dann_shapes
 import demo_figure
 import shapes
+
+#: The digits demo reads scikit-learn's bundled digits (the [demo] and [dev] extras).
+needs_sklearn = pytest.mark.skipif(
+    importlib.util.find_spec("sklearn") is None, reason="needs scikit-learn: the [demo] extra"
+)
 
 
 def _rgb(images: torch.Tensor) -> torch.Tensor:
@@ -197,3 +205,84 @@ def test_demo_main_runs_and_logs_cam_images(
     assert image is not None and image.shape[1] == 400 * len(demo_figure.PANELS)
     energy = demo_figure.series(demo_figure.load_run(log_dir), "target", *demo_figure.PANELS[0][:3])
     assert energy[0] == [0, 1] and all(0 <= v <= 1 for v in energy[1])
+
+
+# -- real digits ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict:
+    pytest.importorskip("sklearn", reason="needs scikit-learn: the [demo] extra")
+    return dann_digits.make_digits()
+
+
+def _digits_rgb(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(dann_digits.MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(dann_digits.STD).view(1, 3, 1, 1)
+    return images * std + mean
+
+
+def test_digits_split_is_disjoint_and_covers_the_bundled_set(digits: dict) -> None:
+    scans, _ = dann_digits.load_scans()
+    assert scans.shape == (1797, 8, 8) and 0 <= scans.min() and scans.max() <= 1
+    xs, _ = digits["train_source"]
+    xt = digits["train_target"]
+    vx, _, domain = digits["val"]
+    probe_x, probe_y = digits["probe"]["source"]
+    assert len(xs) + len(xt) + len(vx) // 2 + len(probe_x) == 1797
+    assert len(vx) == 2 * dann_digits.NUM_VAL and domain.tolist().count(1) == dann_digits.NUM_VAL
+    assert probe_y.tolist() == sorted(probe_y.tolist())
+    assert torch.bincount(probe_y).tolist() == [dann_digits.PER_CLASS] * 10
+    assert list(digits["probe"]) == ["target", "source"]  # the report's summary opens on target
+    # Same digits, same places, in both domains: one mask set fits both.
+    assert torch.equal(digits["probe"]["target"][1], probe_y)
+    assert torch.equal(digits["masks"]["target"], digits["masks"]["source"])
+    for x in (xs, xt, vx, probe_x):
+        assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32
+    again = dann_digits.make_digits()
+    assert torch.equal(again["probe"]["target"][0], digits["probe"]["target"][0])
+
+
+def test_digit_masks_are_the_strokes_and_the_domains_differ(digits: dict) -> None:
+    masks = digits["masks"]["source"]
+    source = _digits_rgb(digits["probe"]["source"][0])
+    target = _digits_rgb(digits["probe"]["target"][0])
+    area = masks.flatten(1).float().mean(1)
+    assert (area > 0.05).all() and (area < 0.5).all()  # strokes, not the frame
+    brightness = source.mean(1)
+    assert brightness[masks].mean() > 0.6 and brightness[~masks].mean() < 0.1  # light on dark
+    # The target background is a textured colour photo, not a dark plain frame.
+    background = target.permute(1, 0, 2, 3)[:, ~masks]
+    assert background.mean() > 0.2 and background.std(dim=1).mean() > 0.1
+    # |photo - stroke|: at the strokes, the target differs from its own background pattern.
+    inside = target.permute(1, 0, 2, 3)[:, masks]
+    assert (inside.mean(1) - background.mean(1)).abs().max() > 0.05
+    mixed = _digits_rgb(torch.cat([digits["train_source"][0], digits["train_target"]]))
+    assert (mixed.mean(dim=(0, 2, 3)) - torch.tensor(dann_digits.MEAN)).abs().max() < 0.05
+
+
+def test_digits_render_rejects_an_unknown_domain() -> None:
+    with pytest.raises(ValueError, match="domain"):
+        dann_digits.render(torch.zeros(1, 32, 32), "mnist", seed=0)
+
+
+@pytest.mark.slow
+@needs_sklearn
+def test_digits_demo_runs_and_stores_class_names_and_stroke_masks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cam_monitor.compare import load_run
+
+    log_dir = tmp_path / "dann"
+    argv = ["--adapt", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8"]
+    argv += ["--log-dir", str(log_dir), "--logger", "csv", "--no-progress-bar"]
+    assert dann_digits.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "dann (seed 0): target accuracy" in out and "s CPU" in out
+    run = load_run(log_dir)
+    assert [ev.epoch for ev in run.evaluations] == [0, 1]
+    assert run.evaluations[-1].class_names == dann_digits.CLASSES
+    assert run.probe is not None and set(run.probe.masks) == {"target", "source"}
+    assert [tuple(g) for g in run.groups] == [
+        (p, layer, "gradcam") for p in ("target", "source") for layer in dann_digits.CAM_LAYERS
+    ]

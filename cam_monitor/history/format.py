@@ -22,7 +22,10 @@ Arrays in each file, keyed by name (``np.load(path)[key]``):
       {"format": 1, "index": int, "epoch": int, "step": int,
        "probe_hashes": {probe: str}, "probes": [...], "layers": [...], "methods": [...],
        "scalars": {name: float | null | "inf" | "-inf"}, "time": ISO-8601 UTC string,
-       "run": str, "final": true}
+       "run": str, "final": true, "class_names": [str, ...]}
+
+  ``class_names`` (the names of the logits' classes, for captions) is optional: files written
+  without class names, or by an earlier cam-monitor, leave it out and read back as None.
 
   ``probes``, ``layers`` and ``methods`` are in first-appearance order (the order the caller
   inserted the maps). Non-finite scalars are not valid JSON numbers, so NaN is written as
@@ -134,12 +137,15 @@ class Evaluation:
     time: str | None = None
     run: str = ""
     final: bool = False
+    class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Plain (probe, layer, method) tuples become MapKeys; anything else is left for the
         # writer to refuse with a message that names it.
         maps = {_map_key(key): array for key, array in self.maps.items()}
         object.__setattr__(self, "maps", maps)
+        if self.class_names is not None and not isinstance(self.class_names, tuple):
+            object.__setattr__(self, "class_names", tuple(self.class_names))
 
     @property
     def probes(self) -> tuple[str, ...]:
@@ -251,6 +257,8 @@ def evaluation_to_arrays(ev: Evaluation) -> dict[str, np.ndarray]:
         meta["run"] = str(ev.run)
     if ev.final:
         meta["final"] = True
+    if ev.class_names is not None:
+        meta["class_names"] = [str(name) for name in ev.class_names]
     arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
     return arrays
 
@@ -284,6 +292,7 @@ def evaluation_from_arrays(contents: Mapping[str, np.ndarray]) -> Evaluation:
         time=str(meta["time"]),
         run=run_of(meta),
         final=meta.get("final") is True,
+        class_names=_class_names(meta.get("class_names")),
     )
 
 
@@ -416,6 +425,13 @@ def _scalar_to_json(value: object, name: str) -> float | str | None:
     if math.isinf(number):
         return "inf" if number > 0 else "-inf"
     return number
+
+
+def _class_names(value: Any) -> tuple[str, ...] | None:
+    """``meta["class_names"]`` as a tuple; None when absent (older files) or not a name list."""
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        return None
+    return tuple(value)
 
 
 def _scalar_from_json(value: Any) -> float:

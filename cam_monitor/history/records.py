@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ def evaluation_record(
     scalars: Mapping[str, float],
     run: str = "",
     final: bool = False,
+    class_names: Sequence[str] | None = None,
 ) -> Evaluation:
     """The history entry of one evaluation: every map as float32 numpy on the CPU, keyed by
     `MapKey`, with targets, logits, labels (for probes that have them) and the probes'
@@ -34,6 +35,7 @@ def evaluation_record(
 
     ``scalars`` are keyed by tag; `ScalarKey` keys are accepted and written as their tag.
     ``run`` is the id of the writing run; ``final`` marks the evaluation added at the end of fit.
+    ``class_names`` are stored for captions in reports and `cam-monitor show`.
     """
     _check_table("probes", probes, ProbeSet)
     _check_table("results", results, CamResult)
@@ -58,6 +60,7 @@ def evaluation_record(
         scalars={_tag(key): value for key, value in scalars.items()},
         run=run,
         final=final,
+        class_names=None if class_names is None else tuple(class_names),
     )
 
 

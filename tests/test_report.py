@@ -1,0 +1,177 @@
+"""The HTML report: the summary first, groups with mean and min-max, widths that fit 1400 px,
+class-name captions, and a demo-sized report under 2 MB; histories written to disk and read back."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cam_monitor.compare import Run, RunGroup, load_run
+from cam_monitor.history import Evaluation, write_evaluation, write_probe
+from cam_monitor.probe import content_hash
+from cam_monitor.report import _captions, write_report
+from cam_monitor.schema import DRIFT, LOCALIZATION, MapKey, ScalarKey
+
+PROBES = ("target", "source")
+LAYERS = ("features.conv4", "features.conv2")
+NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+BATCH, SIZE, EPOCHS = 20, 32, 7
+PAGE_WIDTH = 1400
+
+
+def probe_data() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Inputs, labels and masks of two probes: a bright blob (the mask) on noise."""
+    rng = np.random.default_rng(0)
+    inputs, labels, masks = {}, {}, {}
+    for probe in PROBES:
+        mask = np.zeros((BATCH, SIZE, SIZE), bool)
+        for i in range(BATCH):
+            r, c = rng.integers(4, 20, size=2)
+            mask[i, r : r + 10, c : c + 8] = True
+        noise = rng.normal(0, 0.3, (BATCH, 3, SIZE, SIZE))
+        inputs[probe] = (noise + 1.5 * mask[:, None]).astype(np.float32)
+        labels[probe] = np.arange(BATCH) % 10
+        masks[probe] = mask
+    return inputs, labels, masks
+
+
+def write_run(folder: Path, energy: float, seed: int, class_names: bool = True) -> Path:
+    """A run with EPOCHS + 1 evaluations of 2 probes x 2 layers, smooth maps, and scalars whose
+    energy at the last epoch is ``energy``."""
+    inputs, labels, masks = probe_data()
+    hashes = {p: content_hash(x) for p, x in inputs.items()}
+    rng = np.random.default_rng(seed)
+    history = folder / "cam_monitor"
+    for epoch in range(EPOCHS + 1):
+        maps, scalars = {}, {}
+        for probe in PROBES:
+            for layer, side in zip(LAYERS, (8, 16), strict=True):
+                key = MapKey(probe, layer, "gradcam")
+                ys, xs = np.mgrid[0:side, 0:side]
+                centre = rng.uniform(2, side - 2, size=(BATCH, 2, 1, 1))
+                blobs = np.exp(-((ys - centre[:, 0]) ** 2 + (xs - centre[:, 1]) ** 2) / side)
+                maps[key] = blobs.astype(np.float32)
+                value = energy * epoch / EPOCHS
+                scalars[ScalarKey(LOCALIZATION, key, "energy").tag] = value
+                scalars[ScalarKey(LOCALIZATION, key, "pointing").tag] = value / 2
+                scalars[ScalarKey(DRIFT, key, "spearman_ref").tag] = 0.05 * epoch
+        logits = rng.normal(size=(BATCH, 10)).astype(np.float32)
+        logits[np.arange(BATCH), np.arange(BATCH) % 10] += 3.0  # mostly right
+        write_evaluation(
+            history,
+            Evaluation(
+                index=epoch,
+                epoch=epoch,
+                step=10 * epoch,
+                probe_hashes=hashes,
+                maps=maps,
+                targets={p: logits.argmax(1) for p in PROBES},
+                logits={p: logits for p in PROBES},
+                labels=labels,
+                scalars=scalars,
+                class_names=NAMES if class_names else None,
+            ),
+        )
+    write_probe(history, inputs, labels, masks, hashes)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
+    root = tmp_path_factory.mktemp("report_runs")
+    specs = {"so_s0": (0.2, 0), "so_s1": (0.3, 1), "dann_s0": (0.5, 2), "dann_s1": (0.6, 3)}
+    return {name: load_run(write_run(root / name, *spec)) for name, spec in specs.items()}
+
+
+def images(page: str) -> list[tuple[str, np.ndarray]]:
+    """Every embedded image: its kind (png or jpeg) and the decoded pixels."""
+    found = re.findall(r"data:image/(png|jpeg);base64,([A-Za-z0-9+/=]+)", page)
+    decoded = []
+    for kind, data in found:
+        pixels = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
+        assert pixels is not None
+        decoded.append((kind, pixels))
+    return decoded
+
+
+@pytest.mark.slow
+def test_report_opens_with_the_summary_of_groups_then_curves_then_overlays(
+    runs: dict[str, Run], tmp_path: Path
+) -> None:
+    groups = [
+        RunGroup("source_only", (runs["so_s0"], runs["so_s1"])),
+        RunGroup("dann", (runs["dann_s0"], runs["dann_s1"])),
+    ]
+    page = write_report(tmp_path / "r.html", groups).read_text(encoding="utf-8")
+    heads = re.findall(r"<h2 id='(\w+)'>", page)
+    assert heads == ["summary", "runs", "curves", "overlays"]
+    summary = page[page.index("id='summary'") : page.index("id='runs'")]
+    assert page.index("<table") > page.index("id='summary'")  # the first table is the summary
+    assert "Summary at epoch 7" in summary and "min-max" in summary
+    # target first (the probes' order), energy as mean [min, max] over the two seeds.
+    rows = re.findall(r"<tr>(.*?)</tr>", summary)
+    first = rows[1]  # after the header row
+    assert ">target<" in first and "features.conv4 / gradcam" in first and "energy" in first
+    assert "0.2500<br><small>[0.2000, 0.3000]</small>" in first
+    assert "0.5500<br><small>[0.5000, 0.6000]</small>" in first
+    assert "+0.3000" in first and "<td class='l'>dann</td>" in first  # no overlap: clear
+    assert "Single runs" in summary and summary.count("dann_s") >= 2
+    # Curves: one figure per (probe, layer, method); overlays: each group's first run, at the
+    # first and last epoch.
+    kinds = [kind for kind, _ in images(page)]
+    assert kinds.count("png") == 4 and kinds.count("jpeg") == 4 * 2 * 2
+    assert re.findall(r"alt='(\w+) epoch (\d+)'", page)[:4] == [
+        ("so_s0", "0"),
+        ("dann_s0", "0"),
+        ("so_s0", "7"),
+        ("dann_s0", "7"),
+    ]
+    assert "between runs" not in page  # map similarity is for two single runs only
+
+
+@pytest.mark.slow
+def test_report_fits_1400_px_and_a_demo_sized_report_stays_under_2_mb(
+    runs: dict[str, Run], tmp_path: Path
+) -> None:
+    path = write_report(tmp_path / "r.html", [runs["so_s0"], runs["dann_s0"]])
+    page = path.read_text(encoding="utf-8")
+    assert path.stat().st_size < 2_000_000
+    assert f"max-width: {PAGE_WIDTH}px" in page
+    decoded = images(page)
+    figures = [pixels.shape[1] for kind, pixels in decoded if kind == "png"]
+    grids = [pixels.shape[1] for kind, pixels in decoded if kind == "jpeg"]
+    assert max(figures) <= PAGE_WIDTH - 100
+    assert 2 * max(grids) + 200 <= PAGE_WIDTH  # two runs side by side, with the epoch column
+    # Two single runs: the epoch tables also give the between-run similarity of the maps.
+    assert "spearman<br><small>between runs</small>" in page
+    # Fewer than 16 columns in the summary: it fits without horizontal scrolling.
+    summary = page[page.index("id='summary'") : page.index("id='runs'")]
+    header = re.search(r"<table><tr>(.*?)</tr>", summary)
+    assert header is not None and header.group(1).count("<th") <= 8
+
+
+def test_captions_use_the_class_names_stored_in_the_history(runs: dict[str, Run]) -> None:
+    evaluation = runs["so_s0"].evaluations[-1]
+    assert evaluation.class_names == NAMES
+    labels = np.arange(BATCH) % 10
+    captions = _captions(evaluation, "target", labels, SIZE, SIZE)
+    assert captions is not None and len(captions) == BATCH
+    assert any(caption.startswith("ok") and "seven" in caption for caption in captions)
+    unnamed = Evaluation(
+        evaluation.index, evaluation.epoch, evaluation.step, {}, {}, {}, evaluation.logits
+    )
+    plain = _captions(unnamed, "target", labels, SIZE, SIZE)
+    assert plain is not None and not any("seven" in caption for caption in plain)
+    assert "p:7 t:7" in " ".join(plain)
+
+
+def test_history_without_class_names_reads_back_as_none(tmp_path: Path) -> None:
+    run = load_run(write_run(tmp_path / "old", 0.4, 0, class_names=False))
+    assert all(ev.class_names is None for ev in run.evaluations)
+    with np.load(run.folder / "eval-00000.npz") as npz:
+        assert "class_names" not in str(npz["meta"])  # older files look exactly like this
