@@ -3,7 +3,6 @@ real demo runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import sys
 from pathlib import Path
@@ -17,11 +16,6 @@ import dann_digits
 import dann_shapes
 import demo_figure
 import shapes
-
-#: The digits demo reads scikit-learn's bundled digits (the [demo] and [dev] extras).
-needs_sklearn = pytest.mark.skipif(
-    importlib.util.find_spec("sklearn") is None, reason="needs scikit-learn: the [demo] extra"
-)
 
 
 def _rgb(images: torch.Tensor) -> torch.Tensor:
@@ -212,7 +206,6 @@ def test_demo_main_runs_and_logs_cam_images(
 
 @pytest.fixture(scope="module")
 def digits() -> dict:
-    pytest.importorskip("sklearn", reason="needs scikit-learn: the [demo] extra")
     return dann_digits.make_digits()
 
 
@@ -267,7 +260,6 @@ def test_digits_render_rejects_an_unknown_domain() -> None:
 
 
 @pytest.mark.slow
-@needs_sklearn
 def test_digits_demo_runs_and_stores_class_names_and_stroke_masks(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

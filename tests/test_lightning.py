@@ -244,7 +244,8 @@ def test_yaml_sets_every_argument_and_fits(lightning: Lightning, tmp_path: Path)
 def test_mlflow_gets_images_with_steps_and_a_history_per_run(
     lightning: Lightning, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    MlflowClient = pytest.importorskip("mlflow").MlflowClient
+    from mlflow import MlflowClient
+
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = f"file:{tmp_path}/mlruns"
     runs = []
@@ -271,7 +272,6 @@ def test_mlflow_gets_images_with_steps_and_a_history_per_run(
 def test_comet_offline_experiment_gets_images_with_steps(
     lightning: Lightning, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("comet_ml")
     monkeypatch.setenv("COMET_START_ONLINE", "false")  # an OfflineExperiment, written to a zip
     monkeypatch.setenv("COMET_OFFLINE_DIRECTORY", str(tmp_path / "comet"))
     monkeypatch.setenv("COMET_ERROR_TRACKING_ENABLE", "false")  # no network here
@@ -301,7 +301,8 @@ def test_neptune_offline_run_gets_image_series_with_steps(
 ) -> None:
     """Lightning 2.6 no longer builds a NeptuneLogger (Neptune was sunset): the sink is checked
     against a real offline Neptune run, behind the two members it uses of the logger."""
-    neptune = pytest.importorskip("neptune")
+    import neptune
+
     monkeypatch.chdir(tmp_path)  # offline runs go to ./.neptune
     run = neptune.init_run(mode="offline", project="cam/monitor")
 

@@ -11,9 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-pytest.importorskip("tensorboard")
-
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
 from tensorboard.summary.writer import record_writer
@@ -88,7 +85,6 @@ def image() -> torch.Tensor:
 
 
 def test_the_real_crc32c_package_is_installed_and_agrees_with_tensorboard() -> None:
-    pytest.importorskip("crc32c")
     assert install_fast_crc() is True
     fast = record_writer.masked_crc32c
     assert fast is not ORIGINAL
@@ -101,7 +97,6 @@ def test_the_real_crc32c_package_is_installed_and_agrees_with_tensorboard() -> N
 def test_event_files_written_after_install_read_back_identically(
     tmp_path: Path, image: torch.Tensor
 ) -> None:
-    pytest.importorskip("crc32c")
     slow_file = write_run(tmp_path / "slow", image)
     assert install_fast_crc()
     fast_file = write_run(tmp_path / "fast", image)
@@ -130,7 +125,6 @@ def test_the_checks_above_catch_a_wrong_checksum(tmp_path: Path, image: torch.Te
 
 
 def test_install_is_idempotent_and_thread_safe() -> None:
-    pytest.importorskip("crc32c")
     results: list[bool] = []
     barrier = threading.Barrier(8)
 
