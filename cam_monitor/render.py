@@ -25,6 +25,7 @@ from cam_monitor.schema import ALL_VIEW, VIEWS
 
 __all__ = [
     "COLORMAPS",
+    "GRID_COLUMNS",
     "caption_text",
     "caption_tiles",
     "check_colormap",
@@ -76,6 +77,9 @@ _MAX_FONT_SCALE = 1.0
 _CAPTION_MARGIN = 3
 _BAND_GRAY = 24
 _ELLIPSIS = ".."
+#: Tiles per grid row by default: 16 probe images make a 4 x 4 grid of 96 px tiles (394 px),
+#: which TensorBoard's image card (about 350 px wide) shows at 0.9x, captions legible.
+GRID_COLUMNS = 4
 
 
 def check_colormap(name: str, *, signed: bool = False) -> str:
@@ -410,7 +414,7 @@ def make_overlay_grid(
     alpha: float = 0.5,
     mean: Sequence[float] | Tensor | None = None,
     std: Sequence[float] | Tensor | None = None,
-    nrow: int = 8,
+    nrow: int = GRID_COLUMNS,
     min_tile: int = 96,
     padding: int = 2,
 ) -> Tensor:
@@ -444,7 +448,7 @@ def make_map_grid(
     signed: bool,
     colormap: str | None = None,
     captions: Sequence[str] | None = None,
-    nrow: int = 8,
+    nrow: int = GRID_COLUMNS,
     min_tile: int = 96,
     padding: int = 2,
 ) -> Tensor:
@@ -511,7 +515,7 @@ def make_view_grid(
     *,
     gray: bool = False,
     captions: Sequence[str] | None = None,
-    nrow: int = 8,
+    nrow: int = GRID_COLUMNS,
     min_tile: int = 96,
     padding: int = 2,
 ) -> Tensor:
