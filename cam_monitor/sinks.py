@@ -186,6 +186,7 @@ def add_described_scalar(
     described.add(tag)
     try:
         from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.plugins.scalar.metadata import PLUGIN_NAME
         from torch.utils.tensorboard import SummaryWriter
 
         native = isinstance(writer, SummaryWriter)
@@ -194,7 +195,8 @@ def add_described_scalar(
     if not description or not native:
         writer.add_scalar(tag, value, global_step=step)
         return
-    metadata = SummaryMetadata(summary_description=description)
+    plugin = SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME)
+    metadata = SummaryMetadata(plugin_data=plugin, summary_description=description)
     scalar = Summary.Value(tag=tag, simple_value=float(value), metadata=metadata)
     writer._get_file_writer().add_summary(Summary(value=[scalar]), step)
 
@@ -250,12 +252,13 @@ class WandbSink(Sink):
         self.logger.experiment.config.update(config, allow_val_change=True)
 
     def record_dashboard(self, charts: Sequence[Chart]) -> None:
-        """`define_metric`: every monitor key is charted against `trainer/global_step`, and the
-        run summary holds its last value."""
+        """`define_metric`: every monitor key is charted against `trainer/global_step`; the run
+        summary keeps W&B's default, the last value (``summary="last"`` would nest it as
+        ``{"last": value}``)."""
         run = self.logger.experiment
         run.define_metric(WANDB_STEP)
         for prefix in WANDB_GLOBS:
-            run.define_metric(prefix, step_metric=WANDB_STEP, summary="last")
+            run.define_metric(prefix, step_metric=WANDB_STEP)
 
 
 #: The step key of every `wandb.log` call, and the keys charted against it.
