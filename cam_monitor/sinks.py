@@ -185,7 +185,7 @@ def add_described_scalar(
     description = "" if tag in described else describe(tag)
     described.add(tag)
     try:
-        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.compat.proto.summary_pb2 import DataClass, Summary, SummaryMetadata
         from tensorboard.plugins.scalar.metadata import PLUGIN_NAME
         from torch.utils.tensorboard import SummaryWriter
 
@@ -196,7 +196,9 @@ def add_described_scalar(
         writer.add_scalar(tag, value, global_step=step)
         return
     plugin = SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME)
-    metadata = SummaryMetadata(plugin_data=plugin, summary_description=description)
+    metadata = SummaryMetadata(  # a data class, so TensorBoard's Rust loader keeps the text too
+        plugin_data=plugin, summary_description=description, data_class=DataClass.DATA_CLASS_SCALAR
+    )
     scalar = Summary.Value(tag=tag, simple_value=float(value), metadata=metadata)
     writer._get_file_writer().add_summary(Summary(value=[scalar]), step)
 

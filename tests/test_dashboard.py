@@ -14,6 +14,8 @@ import torch
 from tensorboard.backend.event_processing import plugin_event_multiplexer
 from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.compat.proto.summary_pb2 import DataClass
 from tensorboard.context import RequestContext
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalars_metadata
@@ -134,6 +136,17 @@ def test_tensorboard_serves_a_description_with_every_monitor_scalar(
             assert "a distance, 0 = the same" in time_series.description
         if key is not None and key.kind == LOCALIZATION and not key.stat.endswith("_excluded"):
             assert "a score, 1 = " in time_series.description
+    # TensorBoard's default (Rust) loader keeps the metadata of a simple value only when it names
+    # its data class; once per tag, on the first value
+    (events,) = log_dir.glob("events.out.tfevents.*")
+    described = [
+        value
+        for event in EventFileLoader(str(events)).Load()
+        for value in event.summary.value
+        if value.tag in ours and value.metadata.summary_description
+    ]
+    assert sorted(v.tag for v in described) == sorted(ours)
+    assert all(v.metadata.data_class == DataClass.DATA_CLASS_SCALAR for v in described)
     acc = accumulator(log_dir)  # the described first write is a data point like the others
     assert [e.step for e in acc.Scalars(SECONDS_TAG)] == [0, 3, 6]
     drift = acc.Scalars(f"cam_drift/target/{LAYERS[1]}/gradcam/spearman_ref")
