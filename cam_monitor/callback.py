@@ -46,7 +46,8 @@ from .probe import (
     loader_probe,
     probe_sets,
 )
-from .schema import MEASURES, SECONDS_TAG
+from .render import GRID_COLUMNS
+from .schema import DEFAULT_MEASURES, SECONDS_TAG, dashboard_charts
 from .sinks import Sink, lightning_classes, run_folder, scalar_tags, sinks_for
 from .tracking import AttentionTracker
 
@@ -133,7 +134,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         mean: per-channel normalisation mean to undo before drawing (with ``std``).
         std: per-channel normalisation std to undo before drawing (with ``mean``).
         class_names: names for the tile captions.
-        nrow: tiles per grid row.
+        nrow: tiles per grid row (4: a 16-image probe reads at TensorBoard's card size).
         views: grids per signed map (``integrated_gradients``, ``guided_backprop``,
             ``deconvnet``, ``guided_gradcam``): any of ``"all"``, ``"pos"``, ``"neg"``.
         gray_views: draw those views in grays instead of blue-white-red.
@@ -143,7 +144,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         cam_head: for ``cam``: the Linear classifier after global pooling (default: the last).
         ig_steps: Riemann steps of ``integrated_gradients``.
         filters: ``{"features.28": [0, 5]}``: channel activations and inputs that excite them.
-        drift_measures: any of ``spearman``, ``pearson``, ``topk_iou``, ``js``, ``com_shift``.
+        drift_measures: any of ``spearman``, ``pearson``, ``topk_iou``, ``js``, ``com_shift``
+            (default: ``spearman`` and ``topk_iou``).
         topk: fraction of pixels for ``topk_iou`` and the mask IoU.
         pointing_tolerance: pixels by which a mask is grown for the pointing game.
         reference: a run directory whose first evaluation is the drift reference (``*_ref``).
@@ -187,7 +189,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         class_names: Sequence[str] | None = None,
-        nrow: int = 8,
+        nrow: int = GRID_COLUMNS,
         views: str | Sequence[str] = "all",
         gray_views: bool = False,
         batch_size: int | None = None,
@@ -196,7 +198,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         cam_head: str | None = None,
         ig_steps: int = 256,
         filters: Mapping[str, Sequence[int]] | None = None,
-        drift_measures: Sequence[str] = MEASURES,
+        drift_measures: Sequence[str] = DEFAULT_MEASURES,
         topk: float = 0.2,
         pointing_tolerance: int = 0,
         reference: str | Path | None = None,
@@ -347,8 +349,13 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             rank_zero_warn(
                 f"CamMonitor: the Trainer has no logger; PNG grids and scalars go to {self.folder}."
             )
+        charts = dashboard_charts(
+            {name: probe.masks is not None for name, probe in probes.items()},
+            self.tracker.options.measures,
+        )
         for sink in self._sinks:
             sink.record_probe({name: probe.digest for name, probe in probes.items()})
+            sink.record_dashboard(charts)
         self._check_resumed_probe(probes)
         if self.reference is not None and not self.tracker.reference:
             first = read_history(find_history(self.reference))[0]

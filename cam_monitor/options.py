@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from .layers import Reshape
 from .methods import ALL_METHODS
-from .render import COLORMAPS
-from .schema import MEASURES, VIEWS
+from .render import COLORMAPS, GRID_COLUMNS
+from .schema import DEFAULT_MEASURES, MEASURES, VIEWS
 
 Target = str | int | Tensor | Callable[[Tensor], Tensor]
 OutputTransform = int | str | Callable[[Any], Tensor] | None
@@ -216,7 +216,7 @@ class RenderOptions:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     class_names: tuple[str, ...] | None = None
-    nrow: int = 8
+    nrow: int = GRID_COLUMNS
     views: tuple[str, ...] = ("all",)
     gray_views: bool = False
 
@@ -269,9 +269,13 @@ def _number_tuple(name: str, values: object) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class DriftOptions:
-    """How attention is scored: drift measures, top-k fraction, pointing-game tolerance."""
+    """How attention is scored: drift measures, top-k fraction, pointing-game tolerance.
 
-    measures: tuple[str, ...] = MEASURES
+    `measures` defaults to `DEFAULT_MEASURES` (Spearman and top-k IoU); any of `MEASURES` can be
+    chosen.
+    """
+
+    measures: tuple[str, ...] = DEFAULT_MEASURES
     topk: float = 0.2
     pointing_tolerance: int = 0
 

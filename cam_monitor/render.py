@@ -25,6 +25,7 @@ from cam_monitor.schema import ALL_VIEW, VIEWS
 
 __all__ = [
     "COLORMAPS",
+    "GRID_COLUMNS",
     "caption_text",
     "caption_tiles",
     "check_colormap",
@@ -76,6 +77,11 @@ _MAX_FONT_SCALE = 1.0
 _CAPTION_MARGIN = 3
 _BAND_GRAY = 24
 _ELLIPSIS = ".."
+#: Tiles per grid row by default: 16 probe images make a 4 x 4 grid of 96 px tiles (394 px),
+#: which TensorBoard's image card (about 350 px wide) shows at 0.9x, captions legible.
+GRID_COLUMNS = 4
+#: Tile width (px) whose captions are drawn at font scale 1: a 96 px tile gets 0.5 (13 px text).
+_CAPTION_WIDTH = 192
 
 
 def check_colormap(name: str, *, signed: bool = False) -> str:
@@ -289,7 +295,7 @@ def choose_captions(
         >>> long = caption_text([0], [0], ["triangle"])
         >>> short = caption_text([0], [0], ["triangle"], compact=True)
         >>> choose_captions([long, short], 32, 32), choose_captions([long, short], 256, 256)
-        (['ok p:triangle t:triangle'], ['ok pred triangle / true triangle'])
+        (['ok triangle'], ['ok pred triangle / true triangle'])
     """
     if not options:
         raise ValueError("choose_captions needs at least one list of captions.")
@@ -314,7 +320,7 @@ def caption_tiles(tiles: Tensor, captions: Sequence[str]) -> Tensor:
     texts = [_ascii(str(c)).strip() for c in captions]
     margin = _CAPTION_MARGIN
     room = max(width - 2 * margin, 1)
-    scale = min(max(width / 256, _MIN_FONT_SCALE), _MAX_FONT_SCALE)
+    scale = min(max(width / _CAPTION_WIDTH, _MIN_FONT_SCALE), _MAX_FONT_SCALE)
     widest = max((_text_width(t, 1.0) for t in texts if t), default=0)
     if widest:
         scale = max(min(scale, room / widest), _MIN_FONT_SCALE)
@@ -351,13 +357,14 @@ def caption_text(
     """Per-image captions "ok pred cat / true dog" (or "x p:3 t:5" with `compact=True`).
 
     The leading "ok"/"x" marks right/wrong predictions (ASCII: OpenCV fonts have no check
-    mark); it is left out when either class is unknown (index -1, shown as '-').
+    mark); it is left out when either class is unknown (index -1, shown as '-'). A compact
+    right prediction names its class once ("ok cat"), so it reads at TensorBoard's card size.
 
     Example:
         >>> caption_text([0, 1], [0, 2], ["cat", "dog", "owl"])
         ['ok pred cat / true cat', 'x pred dog / true owl']
-        >>> caption_text([3, -1], None, compact=True)
-        ['p:3', 'p:-']
+        >>> caption_text([3, -1], None, compact=True), caption_text([2, 1], [2, 0], compact=True)
+        (['p:3', 'p:-'], ['ok 2', 'x p:1 t:0'])
     """
     preds = [int(p) for p in predicted]
     trues = None if true is None else [int(t) for t in true]
@@ -369,6 +376,9 @@ def caption_text(
         text = pred_word + _label(p, class_names)
         if trues is not None:
             t = trues[i]
+            if compact and p == t and p >= 0:
+                texts.append("ok " + _label(p, class_names))
+                continue
             text += sep + true_word + _label(t, class_names)
             if p >= 0 and t >= 0:
                 text = ("ok " if p == t else "x ") + text
@@ -410,7 +420,7 @@ def make_overlay_grid(
     alpha: float = 0.5,
     mean: Sequence[float] | Tensor | None = None,
     std: Sequence[float] | Tensor | None = None,
-    nrow: int = 8,
+    nrow: int = GRID_COLUMNS,
     min_tile: int = 96,
     padding: int = 2,
 ) -> Tensor:
@@ -444,7 +454,7 @@ def make_map_grid(
     signed: bool,
     colormap: str | None = None,
     captions: Sequence[str] | None = None,
-    nrow: int = 8,
+    nrow: int = GRID_COLUMNS,
     min_tile: int = 96,
     padding: int = 2,
 ) -> Tensor:
@@ -511,7 +521,7 @@ def make_view_grid(
     *,
     gray: bool = False,
     captions: Sequence[str] | None = None,
-    nrow: int = 8,
+    nrow: int = GRID_COLUMNS,
     min_tile: int = 96,
     padding: int = 2,
 ) -> Tensor:

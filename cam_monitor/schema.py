@@ -17,11 +17,16 @@ Example:
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 from urllib.parse import unquote
 
 #: Drift measures, each logged as a distance (0 = the same attention).
 MEASURES: tuple[str, ...] = ("spearman", "pearson", "topk_iou", "js", "com_shift")
+#: The measures logged by default (`drift_measures=`): rank agreement over the whole map, and
+#: whether the hot spot stayed put. The others repeat them for the question "did it move?".
+DEFAULT_MEASURES: tuple[str, ...] = ("spearman", "topk_iou")
 #: Localization scores against ground-truth masks (1 = all attention on the object).
 LOCALIZATION_SCORES: tuple[str, ...] = ("energy", "pointing", "mask_iou")
 #: Per-map statistics.
@@ -191,3 +196,132 @@ def check_probe_name(name: object) -> str:
             "'.', '-' or '_' (no '/', '\\', control characters, surrounding spaces, '.' or '..')."
         )
     return name
+
+
+# --------------------------------------------------------------------------- what each tag means
+
+#: Each drift measure as a distance: what it computes, and its range (0 = the same attention).
+MEASURE_DESCRIPTIONS: dict[str, str] = {
+    "spearman": "1 - Spearman rank correlation of the two maps: a distance, 0 = the same ranking "
+    "of pixels, 1 = unrelated, 2 = reversed",
+    "pearson": "1 - Pearson correlation of the two maps: a distance, 0 = the same up to scale, "
+    "1 = unrelated, 2 = inverted",
+    "topk_iou": "1 - IoU of the two maps' hottest pixels (the top `topk` fraction): a distance, "
+    "0 = the same hot spot, 1 = disjoint hot spots",
+    "js": "Jensen-Shannon divergence of the maps as distributions (natural log): a distance, "
+    "0 = the same, ln 2 = 0.69 = disjoint",
+    "com_shift": "shift of the maps' centre of mass, as a fraction of the map diagonal: a "
+    "distance, 0 = the same place, 1 = opposite corners",
+}
+#: Each localization score against the ground-truth masks (1 = all attention on the object).
+LOCALIZATION_DESCRIPTIONS: dict[str, str] = {
+    "energy": "share of the map's energy inside the mask: a score, 1 = all attention on the "
+    "object, 0 = none",
+    "pointing": "pointing game: share of images whose hottest pixel lies in the mask (grown by "
+    "`pointing_tolerance`): a score, 1 = all hit",
+    "mask_iou": "IoU of the map's top `topk` pixels with the mask: a score, 1 = they coincide",
+}
+#: Each per-map statistic.
+STAT_DESCRIPTIONS: dict[str, str] = {
+    "entropy": "entropy of the map as a distribution, over its maximum ln(h*w): 1 = uniform "
+    "(diffuse) attention, 0 = one hot pixel",
+}
+_AGAINST_WORDS = {
+    PREVIOUS: "against the previous evaluation",
+    REF: "against the reference (the first evaluation, or `reference=`)",
+}
+_FAMILY_WORDS = {
+    DRIFT: "Attention drift",
+    LOCALIZATION: "Localization",
+    STATISTICS: "Map statistic",
+}
+
+
+def describe(name: ScalarKey | str) -> str:
+    """What a logged scalar means, its direction and range, in a sentence ('' if unknown).
+
+    Example:
+        >>> describe(ScalarKey(DRIFT, MapKey("target", "conv4", "gradcam"), "topk_iou_prev"))[:71]
+        'Attention drift of gradcam at conv4 on the target probe set against the'
+        >>> "0 = the same hot spot" in describe("cam_drift/target/conv4/gradcam/topk_iou_ref")
+        True
+    """
+    if isinstance(name, str):
+        if name == SECONDS_TAG:
+            return "Seconds the monitor spent on this evaluation (compute, draw, score, log)."
+        parsed = parse_scalar_tag(name)
+        if parsed is None:
+            return ""
+        name = parsed
+    stat, excluded = name.stat, name.stat.endswith(EXCLUDED_SUFFIX)
+    if excluded:
+        stat = stat[: -len(EXCLUDED_SUFFIX)]
+    what, against = "", ""
+    if name.kind == DRIFT and parse_drift_stat(stat) is not None:
+        measure, side = parse_drift_stat(stat)  # type: ignore[misc]
+        what, against = MEASURE_DESCRIPTIONS[measure], " " + _AGAINST_WORDS[side]
+    elif name.kind == LOCALIZATION:
+        what = LOCALIZATION_DESCRIPTIONS.get(stat, "")
+    elif name.kind == STATISTICS:
+        what = STAT_DESCRIPTIONS.get(stat, "")
+    if not what:
+        return ""
+    probe, layer, method = name.maps
+    subject = f"{_FAMILY_WORDS[name.kind]} of {method} at {layer} on the {probe} probe set{against}"
+    if excluded:
+        return (
+            f"Images left out of the mean of '{stat}' ({subject}): their map was all zero, "
+            "constant or non-finite, so the measure is undefined for them."
+        )
+    return f"{subject}: {what}. Mean over the probe images."
+
+
+# --------------------------------------------------------------------------- dashboard layout
+
+#: Chart titles of the measures, with their direction (the legend names each layer and method).
+MEASURE_TITLES: dict[str, str] = {
+    "spearman": "1 - Spearman rank corr. (distance, 0 = same)",
+    "pearson": "1 - Pearson corr. (distance, 0 = same)",
+    "topk_iou": "1 - top-k IoU (distance, 0 = same hot spot)",
+    "js": "Jensen-Shannon divergence (distance, 0 = same)",
+    "com_shift": "centre-of-mass shift / diagonal (distance, 0 = same)",
+}
+
+
+class Chart(NamedTuple):
+    """One dashboard chart: its section (`category`), its `title`, and a regular expression
+    matching the tags drawn in it, one line each."""
+
+    category: str
+    title: str
+    pattern: str
+
+
+def dashboard_charts(probes: Mapping[str, bool], measures: Sequence[str]) -> list[Chart]:
+    """The charts that answer "is attention moving, and is it on the object?" per probe set.
+
+    `probes` maps each probe-set name to whether it has masks. Per probe set, in order: drift
+    from the baseline and from the previous evaluation per measure (every layer and method a
+    line), then the energy inside the masks where there are masks.
+
+    Example:
+        >>> for chart in dashboard_charts({"target": True}, ["spearman"]):
+        ...     print(chart.title)
+        drift from baseline: 1 - Spearman rank corr. (distance, 0 = same)
+        drift from previous: 1 - Spearman rank corr. (distance, 0 = same)
+        localization: energy inside the mask (score, 1 = on the object)
+        >>> dashboard_charts({"target": True}, ["spearman"])[0].pattern
+        '^cam_drift/target/[^/]+/[^/]+/spearman_ref$'
+    """
+    charts = []
+    for probe, has_masks in probes.items():
+        category = f"cam-monitor: {probe}"
+        groups = f"/{re.escape(encode(probe))}/[^/]+/[^/]+/"  # any layer, any method
+        for against, words in ((REF, "drift from baseline"), (PREVIOUS, "drift from previous")):
+            for measure in measures:
+                pattern = f"^{DRIFT}{groups}{re.escape(drift_stat(measure, against))}$"
+                charts.append(Chart(category, f"{words}: {MEASURE_TITLES[measure]}", pattern))
+        if has_masks:
+            title = "localization: energy inside the mask (score, 1 = on the object)"
+            charts.append(Chart(category, title, f"^{LOCALIZATION}{groups}energy$"))
+    return charts

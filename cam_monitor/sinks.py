@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +20,20 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from .render import save_png, to_png_bytes
-from .schema import MapKey, ScalarKey, image_tag, probe_hash_tag
+from .schema import (
+    DRIFT,
+    FILTER_PREFIX,
+    IMAGE_PREFIX,
+    LOCALIZATION,
+    SECONDS_TAG,
+    STATISTICS,
+    Chart,
+    MapKey,
+    ScalarKey,
+    describe,
+    image_tag,
+    probe_hash_tag,
+)
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -108,6 +121,9 @@ class Sink:
     def record_probe(self, hashes: Mapping[str, str]) -> None:
         """Note each probe set's content hash once, so runs can be checked to share a probe."""
 
+    def record_dashboard(self, charts: Sequence[Chart]) -> None:
+        """Lay out the dashboard once per run (`schema.dashboard_charts`), where the logger can."""
+
 
 def png_path(folder: Path, key: ImageKey, step: int) -> Path:
     """`<folder>/images/<probe>/<layer>/<method>/step-00000120.png` for an overlay grid's
@@ -119,10 +135,12 @@ def png_path(folder: Path, key: ImageKey, step: int) -> Path:
 
 class TensorBoardSink(Sink):
     """An image summary per grid (`add_png_image`) and `add_scalar` per number, on the logger's
-    SummaryWriter."""
+    SummaryWriter; each scalar tag's first value carries its `schema.describe` text, and the
+    custom-scalars page gets one chart per question (`record_dashboard`)."""
 
     def __init__(self, logger: Logger) -> None:
         self.logger = logger
+        self.described: set[str] = set()  # tags whose description is written
 
     def log(
         self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
@@ -131,11 +149,58 @@ class TensorBoardSink(Sink):
         for tag, grid in image_tags(images).items():
             add_png_image(writer, tag, grid, step)
         for tag, value in scalar_tags(scalars).items():
-            writer.add_scalar(tag, value, global_step=step)
+            add_described_scalar(writer, tag, value, step, self.described)
 
     def record_probe(self, hashes: Mapping[str, str]) -> None:
         for name, digest in hashes.items():
             self.logger.experiment.add_text(probe_hash_tag(name), digest, 0)
+
+    def record_dashboard(self, charts: Sequence[Chart]) -> None:
+        """The custom-scalars layout: a section per probe set, a multi-line chart per question."""
+        self.logger.experiment.add_custom_scalars(custom_scalars_layout(charts))
+
+
+def custom_scalars_layout(charts: Sequence[Chart]) -> dict[str, dict[str, list[Any]]]:
+    """`{section: {title: ["Multiline", [tag regex]]}}`, as `SummaryWriter.add_custom_scalars`
+    takes it.
+
+    Example:
+        >>> from cam_monitor.schema import dashboard_charts
+        >>> layout = custom_scalars_layout(dashboard_charts({"target": False}, ["js"]))
+        >>> section = layout["cam-monitor: target"]
+        >>> section["drift from previous: Jensen-Shannon divergence (distance, 0 = same)"]
+        ['Multiline', ['^cam_drift/target/[^/]+/[^/]+/js_prev$']]
+    """
+    layout: dict[str, dict[str, list[Any]]] = {}
+    for chart in charts:
+        layout.setdefault(chart.category, {})[chart.title] = ["Multiline", [chart.pattern]]
+    return layout
+
+
+def add_described_scalar(
+    writer: Any, tag: str, value: float, step: int, described: set[str]
+) -> None:
+    """`writer.add_scalar(tag, value, step)`; the first time a tag is seen (`described`), with
+    TensorBoard's description field holding `schema.describe(tag)` (shown beside its chart)."""
+    description = "" if tag in described else describe(tag)
+    described.add(tag)
+    try:
+        from tensorboard.compat.proto.summary_pb2 import DataClass, Summary, SummaryMetadata
+        from tensorboard.plugins.scalar.metadata import PLUGIN_NAME
+        from torch.utils.tensorboard import SummaryWriter
+
+        native = isinstance(writer, SummaryWriter)
+    except ImportError:  # tensorboardX alone
+        native = False
+    if not description or not native:
+        writer.add_scalar(tag, value, global_step=step)
+        return
+    plugin = SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME)
+    metadata = SummaryMetadata(  # a data class, so TensorBoard's Rust loader keeps the text too
+        plugin_data=plugin, summary_description=description, data_class=DataClass.DATA_CLASS_SCALAR
+    )
+    scalar = Summary.Value(tag=tag, simple_value=float(value), metadata=metadata)
+    writer._get_file_writer().add_summary(Summary(value=[scalar]), step)
 
 
 def add_png_image(writer: Any, tag: str, grid: Tensor, step: int) -> None:
@@ -181,12 +246,29 @@ class WandbSink(Sink):
             for tag, grid in image_tags(images).items()
         }
         payload.update({k: v for k, v in scalar_tags(scalars).items() if not math.isnan(v)})
-        payload["trainer/global_step"] = step
+        payload[WANDB_STEP] = step
         self.logger.experiment.log(payload)
 
     def record_probe(self, hashes: Mapping[str, str]) -> None:
         config = {probe_hash_tag(name): digest for name, digest in hashes.items()}
         self.logger.experiment.config.update(config, allow_val_change=True)
+
+    def record_dashboard(self, charts: Sequence[Chart]) -> None:
+        """`define_metric`: every monitor key is charted against `trainer/global_step`; the run
+        summary keeps W&B's default, the last value (``summary="last"`` would nest it as
+        ``{"last": value}``)."""
+        run = self.logger.experiment
+        run.define_metric(WANDB_STEP)
+        for prefix in WANDB_GLOBS:
+            run.define_metric(prefix, step_metric=WANDB_STEP)
+
+
+#: The step key of every `wandb.log` call, and the keys charted against it.
+WANDB_STEP = "trainer/global_step"
+WANDB_GLOBS: tuple[str, ...] = (
+    *(f"{prefix}/*" for prefix in (DRIFT, LOCALIZATION, STATISTICS, IMAGE_PREFIX, FILTER_PREFIX)),
+    SECONDS_TAG,
+)
 
 
 class FileSink(Sink):

@@ -222,7 +222,7 @@ def test_probe_grids_use_compact_class_names_on_small_tiles() -> None:
         maps={("features.3", "gradcam"): maps}, targets=torch.zeros(2), logits=logits
     )
     expected = {  # written out: small tiles get the compact form, large ones the long one
-        32: ["ok p:square t:square", "x p:circle t:triangle"],
+        32: ["ok square", "x p:circle t:triangle"],
         192: ["ok pred square / true square", "x pred circle / true triangle"],
     }
     for size, captions in expected.items():
@@ -249,7 +249,7 @@ def test_caption_text_marks_right_and_wrong_and_unknown() -> None:
     ]
     assert caption_text(torch.tensor([3, 4]), torch.tensor([5, 4]), compact=True) == [
         "x p:3 t:5",
-        "ok p:4 t:4",
+        "ok 4",
     ]
     assert caption_text([2]) == ["pred 2"]
     assert all(text.isascii() for text in caption_text([0, 1], [1, 1], names))

@@ -93,7 +93,7 @@ def test_use_reference_loads_maps_and_refuses_another_probe() -> None:
         index=0, epoch=0, step=0, probe_hashes={"val": ours.digest},
         maps={("val", "l", "gradcam"): maps}, targets={}, logits={},
     )  # fmt: skip
-    tracker = AttentionTracker()
+    tracker = AttentionTracker(DriftOptions(measures=("pearson",)))
     tracker.use_reference(other_run, {"val": ours})
     np.testing.assert_array_equal(tracker.reference[MapKey("val", "l", "gradcam")].numpy(), maps)
     scalars, _ = tracker.score({"val": result(torch.from_numpy(maps))}, {"val": ours})
