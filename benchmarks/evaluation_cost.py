@@ -43,33 +43,26 @@ import harness
 # -- every cam_monitor name this file times, in one place: update these after the refactor ---
 from cam_monitor import CamMonitor, compute_cams, tensorboard_crc
 from cam_monitor.engine import CamResult
-from cam_monitor.evaluation import AttentionTracker, CamSettings, render_probe
-from cam_monitor.history import Evaluation, write_evaluation
+from cam_monitor.evaluation import render_probe
+from cam_monitor.history import Evaluation, evaluation_record, write_evaluation
+from cam_monitor.options import DriftOptions, RenderOptions
 from cam_monitor.probe import ProbeSet, content_hash
 from cam_monitor.render import to_jpeg_bytes, to_png_bytes
+from cam_monitor.schema import MapKey, image_tag
+from cam_monitor.sinks import scalar_tags
+from cam_monitor.tracking import AttentionTracker
 
 
-def draw_grids(probe: ProbeSet, result: CamResult, setup: FitSetup) -> dict[str, Tensor]:
-    """The monitor's overlay grids (uint8 CHW, CPU), captions included."""
-    settings = CamSettings(layers=list(setup.monitor_layers), methods=setup.methods)
-    return render_probe(probe, result, settings)
+def draw_grids(probe: ProbeSet, result: CamResult, setup: FitSetup) -> dict[MapKey, Tensor]:
+    """The monitor's overlay grids (uint8 CHW, CPU), captions included, with its defaults."""
+    return render_probe(probe, result, RenderOptions())
 
 
-def history_entry(index: int, probe: ProbeSet, result: CamResult, scalars: dict[str, float]) -> Any:
+def history_entry(
+    index: int, probe: ProbeSet, result: CamResult, scalars: dict[Any, float]
+) -> Evaluation:
     """What the monitor writes to its history for one probe (maps moved to numpy here)."""
-    return Evaluation(
-        index=index,
-        epoch=0,
-        step=0,
-        probe_hashes={probe.name: probe.digest},
-        maps={
-            (probe.name, layer, method): m.cpu().numpy()
-            for (layer, method), m in result.maps.items()
-        },
-        targets={probe.name: result.targets.cpu().numpy()},
-        logits={probe.name: result.logits.cpu().numpy()},
-        scalars=dict(scalars),
-    )
+    return evaluation_record(index, 0, 0, {probe.name: probe}, {probe.name: result}, scalars)
 
 
 @contextmanager
@@ -422,7 +415,7 @@ def breakdown(
     grids = draw_grids(probe, result, setup)
     pngs = {tag: to_png_bytes(g) for tag, g in grids.items()}
     jpegs = {tag: to_jpeg_bytes(g, 90) for tag, g in grids.items()}
-    tracker = AttentionTracker()
+    tracker = AttentionTracker(DriftOptions())
     scalars, _ = tracker.score({"probe": result}, {"probe": probe})
     scalars, _ = tracker.score({"probe": result}, {"probe": probe})  # now with prev and ref
     counter = iter(range(10**9))
@@ -439,9 +432,9 @@ def breakdown(
             def run() -> None:
                 with writer_using(crcs[fast]):
                     writer, step = writers[fast], next(counter)
-                    for tag, data in pngs.items():
-                        encoded_summary(writer, tag, grids[tag], data, step)
-                    for tag, value in scalars.items():
+                    for key, data in pngs.items():
+                        encoded_summary(writer, image_tag(key), grids[key], data, step)
+                    for tag, value in scalar_tags(scalars).items():
                         writer.add_scalar(tag, value, global_step=step)
                     writer.flush()  # waits for the writer thread: CRC and file write
 
