@@ -95,6 +95,8 @@ class CamMonitor(Callback):
         views: grids per signed map (``integrated_gradients``, ``guided_backprop``,
             ``deconvnet``, ``guided_gradcam``): any of ``"all"``, ``"pos"``, ``"neg"``.
         gray_views: draw those views in grays instead of blue-white-red.
+        image_format: ``"jpeg"`` (quality 90) or ``"png"`` (lossless, several times larger and
+            slower to encode): how overlay grids are logged and saved; pixel-level maps are PNG.
         batch_size: probe rows per pass, to bound memory (None: the whole probe at once).
         smooth: noisy copies averaged by the gradient CAMs (Smooth Grad-CAM++ with gradcam++).
         noise: noise std of those copies, as a fraction of each image's value range.
@@ -148,6 +150,7 @@ class CamMonitor(Callback):
         nrow: int = 8,
         views: str | Sequence[str] = "all",
         gray_views: bool = False,
+        image_format: str = "jpeg",
         batch_size: int | None = None,
         smooth: int = 0,
         noise: float = 0.15,
@@ -173,7 +176,7 @@ class CamMonitor(Callback):
             cam_head=cam_head, ig_steps=ig_steps,
         )  # fmt: skip
         self.render = RenderOptions(
-            colormap, alpha, mean, std, class_names, nrow, views, gray_views
+            colormap, alpha, mean, std, class_names, nrow, views, gray_views, image_format
         )
         self.filters = FilterOptions({} if filters is None else filters)
         drift = DriftOptions(drift_measures, topk, pointing_tolerance)
@@ -299,10 +302,10 @@ class CamMonitor(Callback):
         if self.run_id is None:
             self.run_id = uuid.uuid4().hex[:12]
         self.folder = self._claim_folder(trainer)
-        self._sinks = sinks_for(trainer, self.folder)
+        self._sinks = sinks_for(trainer, self.folder, self.render.image_format)
         if not trainer.loggers:
             rank_zero_warn(
-                f"CamMonitor: the Trainer has no logger; PNG grids and scalars go to {self.folder}."
+                f"CamMonitor: the Trainer has no logger; grids and scalars go to {self.folder}."
             )
         for sink in self._sinks:
             sink.record_probe({name: probe.digest for name, probe in probes.items()})

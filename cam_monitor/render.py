@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from cam_monitor.methods import normalize_maps, upsample_maps
-from cam_monitor.schema import ALL_VIEW, VIEWS
+from cam_monitor.methods import CAM_METHODS, normalize_maps, upsample_maps
+from cam_monitor.schema import ALL_VIEW, VIEWS, MapKey
 
 __all__ = [
     "COLORMAPS",
+    "IMAGE_FORMATS",
     "caption_text",
     "caption_tiles",
     "check_colormap",
@@ -33,11 +34,14 @@ __all__ = [
     "colorize",
     "colorize_signed",
     "colorize_view",
+    "encode_grid",
+    "grid_format",
     "make_map_grid",
     "make_overlay_grid",
     "make_overlay_grids",
     "make_view_grid",
     "overlay",
+    "save_grid",
     "save_png",
     "to_jpeg_bytes",
     "to_png_bytes",
@@ -641,13 +645,17 @@ def to_png_bytes(grid: Tensor) -> bytes:
 def to_jpeg_bytes(grid: Tensor, quality: int = 90) -> bytes:
     """Encode a uint8 RGB [3, H, W] grid as JPEG bytes: about 3x smaller than PNG for overlays.
 
+    Colour is kept at full resolution (4:4:4, no chroma subsampling): a heat map's colours are
+    its message. At quality 90 that halves the error of the default 4:2:0 for 40-85% more bytes.
+
     Example:
         >>> to_jpeg_bytes(torch.zeros(3, 4, 4, dtype=torch.uint8))[:3]
         b'\\xff\\xd8\\xff'
     """
     if not 1 <= quality <= 100:
         raise ValueError(f"JPEG quality must be in 1..100, got {quality}.")
-    return _encode(grid, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, quality])
+    full_colour = [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+    return _encode(grid, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, quality, *full_colour])
 
 
 def _encode(grid: Tensor, extension: str, params: list[int]) -> bytes:
@@ -665,10 +673,54 @@ def _encode(grid: Tensor, extension: str, params: list[int]) -> bytes:
     return encoded.tobytes()
 
 
-def save_png(grid: Tensor, path: str | os.PathLike[str]) -> Path:
-    """Write a uint8 RGB [3, H, W] grid to `path` as PNG, creating parent folders; returns it."""
+#: Encodings of logged grids; `RenderOptions.image_format` picks one for the overlay grids.
+IMAGE_FORMATS: tuple[str, ...] = ("jpeg", "png")
+#: File suffix of each encoding.
+IMAGE_SUFFIXES: dict[str, str] = {"jpeg": ".jpg", "png": ".png"}
+#: JPEG quality of logged grids: blocking and ringing stay invisible on CAM overlays.
+JPEG_QUALITY = 90
+
+
+def encode_grid(grid: Tensor, image_format: str) -> bytes:
+    """Encode a uint8 RGB [3, H, W] grid as `image_format` ("jpeg", quality 90, or "png").
+
+    Example:
+        >>> encode_grid(torch.zeros(3, 4, 4, dtype=torch.uint8), "jpeg")[:3]
+        b'\\xff\\xd8\\xff'
+    """
+    if image_format == "jpeg":
+        return to_jpeg_bytes(grid, JPEG_QUALITY)
+    if image_format == "png":
+        return to_png_bytes(grid)
+    raise ValueError(
+        f"image_format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}."
+    )
+
+
+def grid_format(key: object, image_format: str) -> str:
+    """How the grid logged under `key` is encoded: `image_format` for CAM overlays (a `MapKey`
+    of a CAM method), PNG for the rest (pixel-level maps, their views and filter views, whose
+    single-pixel detail JPEG's 8x8 blocks would smear).
+
+    Example:
+        >>> grid_format(MapKey("val", "layer4", "gradcam"), "jpeg")
+        'jpeg'
+        >>> grid_format(MapKey("val", "input", "saliency"), "jpeg")
+        'png'
+    """
+    overlay = isinstance(key, MapKey) and key.method in CAM_METHODS
+    return image_format if overlay else "png"
+
+
+def save_grid(grid: Tensor, path: str | os.PathLike[str], image_format: str = "png") -> Path:
+    """Write a uint8 RGB [3, H, W] grid to `path` as `image_format`, creating parent folders."""
     target = Path(path)
-    data = to_png_bytes(grid)
+    data = encode_grid(grid, image_format)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
     return target
+
+
+def save_png(grid: Tensor, path: str | os.PathLike[str]) -> Path:
+    """Write a uint8 RGB [3, H, W] grid to `path` as PNG, creating parent folders; returns it."""
+    return save_grid(grid, path, "png")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,8 +17,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 from torch import Tensor
 
-from .render import save_png, to_png_bytes
+from .render import IMAGE_SUFFIXES, encode_grid, grid_format, save_grid
 from .schema import MapKey, ScalarKey, image_tag, probe_hash_tag
+from .tensorboard_crc import install_fast_crc
 
 if TYPE_CHECKING:
     from .evaluation import ImageKey, ScalarName
@@ -47,27 +49,30 @@ class Sink:
         """Note each probe set's content hash once, so runs can be checked to share a probe."""
 
 
-def png_path(folder: Path, key: ImageKey, step: int) -> Path:
+def png_path(folder: Path, key: ImageKey, step: int, suffix: str = ".png") -> Path:
     """`<folder>/images/<probe>/<layer>/<method>/step-00000120.png` for an overlay grid's
     `MapKey` (each name encoded as in its tag, so a '/' in a name stays in one folder);
-    `<folder>/images/filters/.../step-...png` for a filter tag."""
+    `<folder>/images/filters/.../step-...png` for a filter tag; `suffix` for other formats."""
     parts = key.encoded.split("/") if isinstance(key, MapKey) else key.split("/")
-    return folder.joinpath("images", *parts, f"step-{step:08d}.png")
+    return folder.joinpath("images", *parts, f"step-{step:08d}{suffix}")
 
 
 class TensorBoardSink(Sink):
     """An image summary per grid (`add_png_image`) and `add_scalar` per number, on the logger's
-    SummaryWriter."""
+    SummaryWriter. Creating one installs the C CRC32C in TensorBoard's writer where it checks
+    out (`tensorboard_crc.install_fast_crc`)."""
 
-    def __init__(self, logger: TensorBoardLogger) -> None:
+    def __init__(self, logger: TensorBoardLogger, image_format: str = "png") -> None:
         self.logger = logger
+        self.image_format = image_format
+        install_fast_crc()
 
     def log(
         self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
     ) -> None:
         writer = self.logger.experiment
-        for tag, grid in image_tags(images).items():
-            add_png_image(writer, tag, grid, step)
+        for key, (tag, grid) in zip(images, image_tags(images).items(), strict=True):
+            add_png_image(writer, tag, grid, step, grid_format(key, self.image_format))
         for tag, value in scalar_tags(scalars).items():
             writer.add_scalar(tag, value, global_step=step)
 
@@ -76,8 +81,11 @@ class TensorBoardSink(Sink):
             self.logger.experiment.add_text(probe_hash_tag(name), digest, 0)
 
 
-def add_png_image(writer: Any, tag: str, grid: Tensor, step: int) -> None:
-    """What `writer.add_image(tag, grid, step)` records, with the PNG encoded by OpenCV.
+def add_png_image(
+    writer: Any, tag: str, grid: Tensor, step: int, image_format: str = "png"
+) -> None:
+    """What `writer.add_image(tag, grid, step)` records, with the PNG (or JPEG: `image_format`)
+    encoded by OpenCV.
 
     TensorBoard's own encoder (PIL, zlib level 6) took 32 ms for a 16-tile demo grid, OpenCV
     9 ms for a file 27% larger. Writers other than torch's `SummaryWriter` get `add_image`.
@@ -96,7 +104,7 @@ def add_png_image(writer: Any, tag: str, grid: Tensor, step: int) -> None:
         height=grid.shape[1],
         width=grid.shape[2],
         colorspace=3,
-        encoded_image_string=to_png_bytes(grid),
+        encoded_image_string=encode_grid(grid, image_format),
     )
     writer._get_file_writer().add_summary(
         Summary(value=[Summary.Value(tag=tag, image=image)]), step
@@ -106,21 +114,27 @@ def add_png_image(writer: Any, tag: str, grid: Tensor, step: int) -> None:
 class WandbSink(Sink):
     """One `wandb.log` call per evaluation: images with captions, scalars, `trainer/global_step`."""
 
-    def __init__(self, logger: WandbLogger) -> None:
+    def __init__(self, logger: WandbLogger, image_format: str = "png") -> None:
         self.logger = logger
+        self.image_format = image_format
 
     def log(
         self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
     ) -> None:
         import wandb
 
-        payload: dict[str, Any] = {
-            tag: wandb.Image(grid.permute(1, 2, 0).numpy(), caption=f"{tag} @ step {step}")
-            for tag, grid in image_tags(images).items()
-        }
-        payload.update({k: v for k, v in scalar_tags(scalars).items() if not math.isnan(v)})
-        payload["trainer/global_step"] = step
-        self.logger.experiment.log(payload)
+        with tempfile.TemporaryDirectory(prefix="cam-monitor-") as folder:
+            payload: dict[str, Any] = {}
+            tagged = zip(images, image_tags(images).items(), strict=True)
+            for index, (key, (tag, grid)) in enumerate(tagged):
+                # Encoded here (OpenCV; JPEG at quality 90), passed to W&B as a file it copies.
+                image_format = grid_format(key, self.image_format)
+                name = f"{index}{IMAGE_SUFFIXES[image_format]}"
+                path = save_grid(grid, Path(folder, name), image_format)
+                payload[tag] = wandb.Image(str(path), caption=f"{tag} @ step {step}")
+            payload.update({k: v for k, v in scalar_tags(scalars).items() if not math.isnan(v)})
+            payload["trainer/global_step"] = step
+            self.logger.experiment.log(payload)
 
     def record_probe(self, hashes: Mapping[str, str]) -> None:
         config = {probe_hash_tag(name): digest for name, digest in hashes.items()}
@@ -128,17 +142,21 @@ class WandbSink(Sink):
 
 
 class FileSink(Sink):
-    """Grids as PNG files under `folder/images/`; scalars into `folder/scalars.csv` if asked."""
+    """Grids as image files (PNG, or JPEG for overlays: `image_format`) under `folder/images/`;
+    scalars into `folder/scalars.csv` if asked."""
 
-    def __init__(self, folder: Path, write_scalars: bool) -> None:
+    def __init__(self, folder: Path, write_scalars: bool, image_format: str = "png") -> None:
         self.folder = folder
         self.write_scalars = write_scalars
+        self.image_format = image_format
 
     def log(
         self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
     ) -> None:
         for key, grid in images.items():  # paths from the keys, not from parsed tags
-            save_png(grid, png_path(self.folder, key, step))
+            image_format = grid_format(key, self.image_format)
+            path = png_path(self.folder, key, step, IMAGE_SUFFIXES[image_format])
+            save_grid(grid, path, image_format)
         if self.write_scalars and scalars:
             path = self.folder / "scalars.csv"
             new = not path.exists()
@@ -184,18 +202,19 @@ def run_folder(trainer: pl.Trainer, save_dir: str | Path | None) -> Path:
     return Path(trainer.default_root_dir) / "cam_monitor"
 
 
-def sinks_for(trainer: pl.Trainer, folder: Path) -> list[Sink]:
-    """A sink for every logger on the Trainer; PNGs on disk for loggers that cannot show images."""
+def sinks_for(trainer: pl.Trainer, folder: Path, image_format: str = "png") -> list[Sink]:
+    """A sink for every logger on the Trainer; image files for loggers that cannot show images.
+    Overlay grids are encoded as `image_format` ("jpeg" or "png")."""
     sinks: list[Sink] = []
     needs_files = not trainer.loggers
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            sinks.append(TensorBoardSink(logger))
+            sinks.append(TensorBoardSink(logger, image_format))
         elif isinstance(logger, WandbLogger):
-            sinks.append(WandbSink(logger))
+            sinks.append(WandbSink(logger, image_format))
         else:
             sinks.append(MetricsSink(logger))
             needs_files = True
     if needs_files:
-        sinks.append(FileSink(folder, write_scalars=not trainer.loggers))
+        sinks.append(FileSink(folder, write_scalars=not trainer.loggers, image_format=image_format))
     return sinks

@@ -115,9 +115,9 @@ def test_wandb_offline_run_holds_the_grids_and_metrics(
     import wandb
 
     wandb.finish()
-    pngs = sorted(run_dir.glob("media/images/cam/val/net.features.5/gradcam*.png"))
-    assert len(pngs) == 3  # baseline and two epochs
-    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    jpegs = sorted(run_dir.glob("media/images/cam/val/net.features.5/gradcam*.jpg"))
+    assert len(jpegs) == 3  # baseline and two epochs, as JPEG (image_format's default)
+    assert all(p.read_bytes()[:3] == b"\xff\xd8\xff" for p in jpegs)
     record_log = next(run_dir.parent.glob("run-*.wandb"))
     deadline = time.monotonic() + 60  # wandb's writer may still be flushing after finish()
     rows, finished = wandb_history(record_log)
@@ -137,23 +137,25 @@ def test_wandb_offline_run_holds_the_grids_and_metrics(
     assert [e.epoch for e in history] == [0, 1, 2]
 
 
-def test_csv_logger_gets_scalars_and_png_files(tmp_path: Path) -> None:
+def test_csv_logger_gets_scalars_and_image_files(tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path, name="csv")
     fit(CamMonitor("net.features.5", num_probe=4), tmp_path, logger=logger, max_epochs=2)
     rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
     seconds = [r for r in rows if r.get("cam_monitor/seconds")]
     assert [int(r["step"]) for r in seconds] == [0, 3, 6]
     folder = Path(logger.log_dir) / "cam_monitor" / "images" / "val" / "net.features.5" / "gradcam"
-    assert sorted(p.name for p in folder.glob("*.png")) == [
-        "step-00000000.png",
-        "step-00000003.png",
-        "step-00000006.png",
+    assert sorted(p.name for p in folder.glob("*")) == [
+        "step-00000000.jpg",
+        "step-00000003.jpg",
+        "step-00000006.jpg",
     ]
+    assert all(p.read_bytes()[:3] == b"\xff\xd8\xff" for p in folder.glob("*"))
 
 
 def test_without_a_logger_pngs_and_scalars_go_to_the_root_dir(tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match=r"no logger; PNG grids and scalars go to .*cam_monitor"):
-        fit(CamMonitor("net.features.5", num_probe=4), tmp_path, logger=False, max_epochs=1)
+    monitor = CamMonitor("net.features.5", num_probe=4, image_format="png")
+    with pytest.warns(UserWarning, match=r"no logger; grids and scalars go to .*cam_monitor"):
+        fit(monitor, tmp_path, logger=False, max_epochs=1)
     folder = tmp_path / "cam_monitor"
     assert len(list((folder / "images").rglob("*.png"))) == 2
     rows = list(csv.DictReader(open(folder / "scalars.csv")))

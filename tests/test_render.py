@@ -400,7 +400,8 @@ def test_jpeg_keeps_the_colours_of_a_smooth_overlay_and_refuses_bad_quality() ->
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
     error = np.abs(decoded.astype(int) - grid.permute(1, 2, 0).numpy().astype(int))
     assert decoded.shape == (48, 64, 3) and error.mean() < 3
-    photo_like = make_overlay_grid(torch.rand(4, 3, 32, 32, generator=GEN), torch.rand(4, 4, 4))
+    smooth = (torch.linspace(0, 1, 64)[:, None] * torch.linspace(0, 1, 64)).expand(4, 3, 64, 64)
+    photo_like = make_overlay_grid(smooth.contiguous(), torch.rand(4, 4, 4, generator=GEN))
     assert len(to_jpeg_bytes(photo_like)) < len(to_png_bytes(photo_like))
     with pytest.raises(ValueError, match="quality"):
         to_jpeg_bytes(grid, quality=0)
