@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from .evaluation import explain_first_failure, run_evaluation
 from .history import (
+    BackgroundWriter,
     evaluation_record,
     find_history,
     history_runs,
@@ -26,6 +28,7 @@ from .history import (
     write_evaluation,
     write_probe_sets,
 )
+from .history.background import WriteError
 from .layers import LayerSpec, Reshape, first_spatial_layer, resolve_layers, unwrap_model
 from .options import (
     DriftOptions,
@@ -190,6 +193,7 @@ class CamMonitor(Callback):
         self._resumed_hashes: dict[str, str] = {}
         self.run_id: str | None = None  # set at the start of fit, or by a resumed checkpoint
         self._idle = False  # fast_dev_run: nothing evaluated, nothing written
+        self._writer = BackgroundWriter()  # history files, written off the training thread
 
     def __init_layers(self, layer: Any) -> list[LayerSpec] | None:
         if layer is None:
@@ -349,6 +353,19 @@ class CamMonitor(Callback):
         if trainer.global_step != self._last_step:
             self._evaluate(trainer, pl_module, epoch=trainer.current_epoch, final=True)
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every history file is on disk when `fit` returns."""
+        self._report_writes(self._writer.close())
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._report_writes(self._writer.close())
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        for failure in self._writer.close():  # warn only: the exception is what the user sees
+            rank_zero_warn(f"CamMonitor could not write {failure.what}: {failure.error}")
+
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run one evaluation now, from any hook after training started (even under inference
         mode, e.g. in `on_validation_epoch_end`); rank zero only, like the scheduled ones."""
@@ -414,7 +431,9 @@ class CamMonitor(Callback):
                     self.evaluations, epoch, step, self._probes, output.results,
                     scalar_tags(output.scalars), run=self.run_id or "", final=final,
                 )  # fmt: skip
-                write_evaluation(self.folder, record)
+                what = f"evaluation {record.index}"
+                self._writer.submit(partial(write_evaluation, self.folder, record), what)
+                self._report_writes(self._writer.errors())
             for sink in self._sinks:
                 sink.log(output.images, output.scalars, step)
         except Exception as err:
@@ -500,12 +519,19 @@ class CamMonitor(Callback):
 
     def _write_probe(self) -> None:
         """Store the probe once per run so reports can draw overlays; failure only warns."""
-        try:
-            write_probe_sets(self.folder, self._probes, run=self.run_id or "")
-        except Exception as err:
+        write = partial(write_probe_sets, self.folder, self._probes, run=self.run_id or "")
+        self._writer.submit(write, "the probe")
+
+    def _report_writes(self, failed: Sequence[WriteError]) -> None:
+        """History writes that failed in the background: raised with strict, else warned."""
+        for failure in failed:
             if self.strict:
-                raise
-            rank_zero_warn(f"CamMonitor could not save the probe to {self.folder}: {err}")
+                raise failure.error
+            rank_zero_warn(
+                f"CamMonitor could not write {failure.what} to {self.folder}: "
+                f"{type(failure.error).__name__}: {failure.error}. Training continues; pass "
+                "strict=True to raise instead."
+            )
 
     def _check_resumed_probe(self, probes: Mapping[str, ProbeSet]) -> None:
         for name, digest in self._resumed_hashes.items():

@@ -661,3 +661,30 @@ def test_fast_dev_run_evaluates_and_writes_nothing(
         "CamMonitor: fast_dev_run is on, so the monitor evaluates nothing and writes nothing "
         "in this run."
     ]
+
+
+def test_the_history_is_complete_when_fit_returns(tmp_path: Path) -> None:
+    import threading
+
+    monitor = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "h")
+    fit(monitor, tmp_path, logger=False, max_epochs=3)
+    # written in the background, flushed at the end of fit: everything is there at once
+    assert [e.epoch for e in read_history(tmp_path / "h")] == [0, 1, 2, 3]
+    assert read_probe(tmp_path / "h") is not None
+    assert not list((tmp_path / "h").glob(".*.tmp"))
+    assert not any(t.name == "cam-monitor-history" for t in threading.enumerate())
+
+
+def test_a_failed_history_write_warns_and_strict_raises(tmp_path: Path) -> None:
+    for strict in (False, True):
+        folder = tmp_path / f"strict-{strict}"
+        (folder / "eval-00001.npz").mkdir(parents=True)  # a folder where the file must go
+        monitor = CamMonitor("net.features.5", num_probe=4, save_dir=folder, strict=strict)
+        if strict:
+            with pytest.raises(OSError):
+                fit(monitor, tmp_path, logger=False, max_epochs=2)
+            continue
+        with pytest.warns(UserWarning, match=r"could not write evaluation 1 to .*Training contin"):
+            model = fit(monitor, tmp_path, logger=False, max_epochs=2)
+        assert model.trainer.current_epoch == 2  # training finished
+        assert [e.index for e in read_history(folder)] == [0, 2]
