@@ -122,8 +122,9 @@ def _cpu_lut(name: str) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(bgr[:, ::-1]))
 
 
+@lru_cache(maxsize=64)
 def _lut(name: str, device: torch.device) -> Tensor:
-    """The lookup table of `name` on `device` (768 bytes: copying it is free)."""
+    """The lookup table of `name` on `device`, copied there once (no transfer per grid)."""
     return _cpu_lut(name).to(device)
 
 
