@@ -497,6 +497,9 @@ class CamMonitor(Callback):
         folder = run_folder(trainer, self.save_dir)
         if not self.history:
             return folder
+        for monitor in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(monitor, CamMonitor):
+                monitor._writer.wait()  # another monitor's files, still queued, count too
         others = {run: ix for run, ix in history_runs(folder).items() if run != self.run_id}
         if not others:
             return folder

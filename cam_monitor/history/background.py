@@ -66,10 +66,14 @@ class BackgroundWriter:
             errors, self._errors = self._errors, []
         return errors
 
-    def flush(self) -> list[WriteError]:
-        """Wait until every queued write has run; the writes that failed since the last call."""
+    def wait(self) -> None:
+        """Wait until every queued write has run (its errors stay for `errors` / `flush`)."""
         if self._thread is not None and self._thread.is_alive():
             self._queue.join()
+
+    def flush(self) -> list[WriteError]:
+        """Wait until every queued write has run; the writes that failed since the last call."""
+        self.wait()
         return self.errors()
 
     def close(self) -> list[WriteError]:
