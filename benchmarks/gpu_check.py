@@ -4,7 +4,8 @@
     python benchmarks/gpu_check.py --device cpu --quick       # smoke test of the script here
 
 Checks (PASS / FAIL; the exit status is 1 if one fails): device placement, no host sync in
-`compute_cams`, autocast, real fits at three precisions, FSDP refused. Measured (printed side by
+`compute_cams`, one host transfer for scoring an evaluation and one per grid drawn, autocast,
+real fits at three precisions, FSDP refused. Measured (printed side by
 side, never asserted; the targets are shown next to them):
 
 - the engine on resnet50, 224 px, batch 32: a plain forward, the floor (see engine.py),
@@ -23,6 +24,7 @@ import argparse
 import importlib.util
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +45,11 @@ import harness
 import overhead
 
 from cam_monitor import CamMonitor, compute_cams
+from cam_monitor.evaluation import render_probe
 from cam_monitor.history import read_history
+from cam_monitor.options import DriftOptions, RenderOptions
+from cam_monitor.probe import ProbeSet
+from cam_monitor.tracking import AttentionTracker
 
 CAMS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
 CHECKS: list[dict[str, Any]] = []
@@ -94,6 +100,44 @@ def engine_checks(device: torch.device) -> None:
         dtypes = {m.dtype for m in mixed.maps.values()}
         ok = worst > 0.99 and dtypes == {torch.float32}
         check(f"autocast {dtype}: float32 maps, min per-image pearson vs fp32", ok, f"{worst:.4f}")
+
+
+def host_syncs(run: Any) -> int:
+    """How many synchronising CUDA operations (host transfers, `.item()`) `run()` makes."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def evaluation_sync_checks(device: torch.device) -> None:
+    """Scoring (drift and localization) costs one host transfer per evaluation; drawing one
+    per grid, plus the captions' predicted and true classes."""
+    if device.type != "cuda":
+        check("scoring: one host transfer per evaluation", None, "CUDA only")
+        check("drawing: one host transfer per grid", None, "CUDA only")
+        return
+    torch.manual_seed(0)
+    model = resnet18(weights=None, num_classes=10).to(device)
+    x = torch.randn(16, 3, 64, 64, device=device)
+    masks = torch.rand(16, 64, 64, device=device) > 0.5
+    labels = torch.randint(0, 10, (16,), device=device)
+    probe = ProbeSet("probe", x, labels=labels, masks=masks)
+    result = compute_cams(model, x, ["layer3", "layer4"], ["gradcam", "gradcam++"])
+    tracker = AttentionTracker(DriftOptions())
+    tracker.score({"probe": result}, {"probe": probe})  # the first: no drift yet
+    syncs = host_syncs(lambda: tracker.score({"probe": result}, {"probe": probe}))
+    check("scoring: one host transfer per evaluation (drift, localization, entropy)",
+          syncs == 1, f"{syncs} synchronising operations")  # fmt: skip
+    grids: dict[Any, torch.Tensor] = {}
+    syncs = host_syncs(lambda: grids.update(render_probe(probe, result, RenderOptions())))
+    check("drawing: one host transfer per grid (+2: predicted and true classes)",
+          syncs <= len(grids) + 2, f"{syncs} for {len(grids)} grids")  # fmt: skip
 
 
 class Lit(pl.LightningModule):
@@ -246,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload: dict[str, Any] = {"machine": info, "versions": versions, "checks": CHECKS}
     if not args.skip_checks:
         engine_checks(device)
+        evaluation_sync_checks(device)
         fit_checks(device, args.quick)
     batch, size = (2, 64) if args.quick else (32, 224)
     warmup = 1 if args.quick else 5

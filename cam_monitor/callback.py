@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from .evaluation import explain_first_failure, run_evaluation
 from .history import (
+    BackgroundWriter,
     evaluation_record,
     find_history,
     history_runs,
@@ -27,6 +29,7 @@ from .history import (
     write_evaluation,
     write_probe_sets,
 )
+from .history.background import WriteError
 from .layers import LayerSpec, Reshape, first_spatial_layer, resolve_layers, unwrap_model
 from .options import (
     DriftOptions,
@@ -138,6 +141,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         views: grids per signed map (``integrated_gradients``, ``guided_backprop``,
             ``deconvnet``, ``guided_gradcam``): any of ``"all"``, ``"pos"``, ``"neg"``.
         gray_views: draw those views in grays instead of blue-white-red.
+        image_format: ``"jpeg"`` (quality 90) or ``"png"`` (lossless, several times larger and
+            slower to encode): how overlay grids are logged and saved; pixel-level maps are PNG.
         batch_size: probe rows per pass, to bound memory (None: the whole probe at once).
         smooth: noisy copies averaged by the gradient CAMs (Smooth Grad-CAM++ with gradcam++).
         noise: noise std of those copies, as a fraction of each image's value range.
@@ -150,8 +155,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         pointing_tolerance: pixels by which a mask is grown for the pointing game.
         reference: a run directory whose first evaluation is the drift reference (``*_ref``).
         history: write the raw maps of every evaluation to disk (for ``cam-monitor show``).
-        save_dir: where history and PNG fallbacks go (default ``<log_dir>/cam_monitor``); it must
-            not hold another run's history.
+        save_dir: where history and image-file fallbacks go (default
+            ``<log_dir>/cam_monitor``); it must not hold another run's history.
         strict: re-raise errors inside later evaluations instead of warning and skipping.
 
     Raises:
@@ -192,6 +197,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         nrow: int = GRID_COLUMNS,
         views: str | Sequence[str] = "all",
         gray_views: bool = False,
+        image_format: str = "jpeg",
         batch_size: int | None = None,
         smooth: int = 0,
         noise: float = 0.15,
@@ -217,7 +223,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             cam_head=cam_head, ig_steps=ig_steps,
         )  # fmt: skip
         self.render = RenderOptions(
-            colormap, alpha, mean, std, class_names, nrow, views, gray_views
+            colormap, alpha, mean, std, class_names, nrow, views, gray_views, image_format
         )
         self.filters = FilterOptions({} if filters is None else filters)
         drift = DriftOptions(drift_measures, topk, pointing_tolerance)
@@ -231,6 +237,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self._resumed_hashes: dict[str, str] = {}
         self.run_id: str | None = None  # set at the start of fit, or by a resumed checkpoint
         self._idle = False  # fast_dev_run: nothing evaluated, nothing written
+        self._writer = BackgroundWriter()  # history files, written off the training thread
 
     def __init_layers(self, layer: Any) -> list[LayerSpec] | None:
         if layer is None:
@@ -344,10 +351,10 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         if self.run_id is None:
             self.run_id = uuid.uuid4().hex[:12]
         self.folder = self._claim_folder(trainer)
-        self._sinks = sinks_for(trainer, self.folder)
+        self._sinks = sinks_for(trainer, self.folder, self.render.image_format)
         if not trainer.loggers:
             rank_zero_warn(
-                f"CamMonitor: the Trainer has no logger; PNG grids and scalars go to {self.folder}."
+                f"CamMonitor: the Trainer has no logger; grids and scalars go to {self.folder}."
             )
         charts = dashboard_charts(
             {name: probe.masks is not None for name, probe in probes.items()},
@@ -395,6 +402,19 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             return
         if trainer.global_step != self._last_step:
             self._evaluate(trainer, pl_module, epoch=trainer.current_epoch, final=True)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every history file is on disk when `fit` returns."""
+        self._report_writes(self._writer.close())
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._report_writes(self._writer.close())
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        for failure in self._writer.close():  # warn only: the exception is what the user sees
+            rank_zero_warn(f"CamMonitor could not write {failure.what}: {failure.error}")
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run one evaluation now, from any hook after training started (even under inference
@@ -463,7 +483,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                     scalar_tags(output.scalars), run=self.run_id or "", final=final,
                     class_names=self.render.class_names,
                 )  # fmt: skip
-                write_evaluation(self.folder, record)
+                what = f"evaluation {record.index}"
+                self._writer.submit(partial(write_evaluation, self.folder, record), what)
+                self._report_writes(self._writer.errors())
             for sink in self._sinks:
                 sink.log(output.images, output.scalars, step)
         except Exception as err:
@@ -530,6 +552,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         folder = run_folder(trainer, self.save_dir)
         if not self.history:
             return folder
+        for monitor in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(monitor, CamMonitor):
+                monitor._writer.wait()  # another monitor's files, still queued, count too
         others = {run: ix for run, ix in history_runs(folder).items() if run != self.run_id}
         if not others:
             return folder
@@ -552,12 +577,19 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
 
     def _write_probe(self) -> None:
         """Store the probe once per run so reports can draw overlays; failure only warns."""
-        try:
-            write_probe_sets(self.folder, self._probes, run=self.run_id or "")
-        except Exception as err:
+        write = partial(write_probe_sets, self.folder, self._probes, run=self.run_id or "")
+        self._writer.submit(write, "the probe")
+
+    def _report_writes(self, failed: Sequence[WriteError]) -> None:
+        """History writes that failed in the background: raised with strict, else warned."""
+        for failure in failed:
             if self.strict:
-                raise
-            rank_zero_warn(f"CamMonitor could not save the probe to {self.folder}: {err}")
+                raise failure.error
+            rank_zero_warn(
+                f"CamMonitor could not write {failure.what} to {self.folder}: "
+                f"{type(failure.error).__name__}: {failure.error}. Training continues; pass "
+                "strict=True to raise instead."
+            )
 
     def _check_resumed_probe(self, probes: Mapping[str, ProbeSet]) -> None:
         for name, digest in self._resumed_hashes.items():

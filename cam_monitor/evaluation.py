@@ -24,7 +24,7 @@ from .render import (
     caption_text,
     choose_captions,
     make_map_grid,
-    make_overlay_grid,
+    make_overlay_grids,
     make_view_grid,
     to_uint8_images,
 )
@@ -83,6 +83,7 @@ def render_probe(
         candidates.insert(0, caption_text(predicted, true, names))
     captions = choose_captions(candidates, images.shape[-2], images.shape[-1])
     grids: dict[MapKey, Tensor] = {}
+    overlays: dict[MapKey, Tensor] = {}  # drawn together: the images are prepared once
     for (layer, method), maps in result.maps.items():
         key = MapKey(probe.name, layer, method)
         if method in SIGNED_METHODS:
@@ -92,10 +93,12 @@ def render_probe(
                 maps, signed=method in SIGNED_METHODS, captions=captions, nrow=options.nrow
             )
         else:
-            grids[key] = make_overlay_grid(
-                images.detach(), maps, captions=captions, colormap=options.colormap,
-                alpha=options.alpha, mean=options.mean, std=options.std, nrow=options.nrow,
-            )  # fmt: skip
+            grids[key] = overlays[key] = maps  # a placeholder keeping the key's place
+    if overlays:
+        grids.update(make_overlay_grids(
+            images.detach(), overlays, captions=captions, colormap=options.colormap,
+            alpha=options.alpha, mean=options.mean, std=options.std, nrow=options.nrow,
+        ))  # fmt: skip
     return grids
 
 

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import io
 import math
+import tempfile
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from .render import save_png, to_png_bytes
+from .render import IMAGE_SUFFIXES, encode_grid, grid_format, save_grid
 from .schema import (
     DRIFT,
     FILTER_PREFIX,
@@ -34,6 +35,7 @@ from .schema import (
     image_tag,
     probe_hash_tag,
 )
+from .tensorboard_crc import install_fast_crc
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -111,7 +113,8 @@ def scalar_tags(scalars: Mapping[ScalarName, float]) -> dict[str, float]:
 
 class Sink:
     """Receives the grids (uint8 CHW, CPU) and scalars of one evaluation at a global step, by
-    the evaluation's keys (`image_tags` and `scalar_tags` turn them into the logged tags)."""
+    the evaluation's keys (`image_tags` and `scalar_tags` turn them into the logged tags).
+    Overlay grids are encoded as `image_format` ("jpeg" or "png"; `render.grid_format`)."""
 
     def log(
         self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
@@ -125,29 +128,32 @@ class Sink:
         """Lay out the dashboard once per run (`schema.dashboard_charts`), where the logger can."""
 
 
-def png_path(folder: Path, key: ImageKey, step: int) -> Path:
+def png_path(folder: Path, key: ImageKey, step: int, suffix: str = ".png") -> Path:
     """`<folder>/images/<probe>/<layer>/<method>/step-00000120.png` for an overlay grid's
     `MapKey` (each name encoded as in its tag, so a '/' in a name stays in one folder);
-    `<folder>/images/filters/.../step-...png` for a filter tag."""
+    `<folder>/images/filters/.../step-...png` for a filter tag; `suffix` for other formats."""
     parts = key.encoded.split("/") if isinstance(key, MapKey) else key.split("/")
-    return folder.joinpath("images", *parts, f"step-{step:08d}.png")
+    return folder.joinpath("images", *parts, f"step-{step:08d}{suffix}")
 
 
 class TensorBoardSink(Sink):
     """An image summary per grid (`add_png_image`) and `add_scalar` per number, on the logger's
     SummaryWriter; each scalar tag's first value carries its `schema.describe` text, and the
-    custom-scalars page gets one chart per question (`record_dashboard`)."""
+    custom-scalars page gets one chart per question (`record_dashboard`). Creating one installs
+    the C CRC32C in TensorBoard's writer where it checks out (`tensorboard_crc`)."""
 
-    def __init__(self, logger: Logger) -> None:
+    def __init__(self, logger: Logger, image_format: str = "png") -> None:
         self.logger = logger
+        self.image_format = image_format
         self.described: set[str] = set()  # tags whose description is written
+        install_fast_crc()
 
     def log(
         self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
     ) -> None:
         writer = self.logger.experiment
-        for tag, grid in image_tags(images).items():
-            add_png_image(writer, tag, grid, step)
+        for key, (tag, grid) in zip(images, image_tags(images).items(), strict=True):
+            add_png_image(writer, tag, grid, step, grid_format(key, self.image_format))
         for tag, value in scalar_tags(scalars).items():
             add_described_scalar(writer, tag, value, step, self.described)
 
@@ -203,8 +209,11 @@ def add_described_scalar(
     writer._get_file_writer().add_summary(Summary(value=[scalar]), step)
 
 
-def add_png_image(writer: Any, tag: str, grid: Tensor, step: int) -> None:
-    """What `writer.add_image(tag, grid, step)` records, with the PNG encoded by OpenCV.
+def add_png_image(
+    writer: Any, tag: str, grid: Tensor, step: int, image_format: str = "png"
+) -> None:
+    """What `writer.add_image(tag, grid, step)` records, with the PNG (or JPEG: `image_format`)
+    encoded by OpenCV.
 
     TensorBoard's own encoder (PIL, zlib level 6) took 32 ms for a 16-tile demo grid, OpenCV
     9 ms for a file 27% larger. Writers other than torch's `SummaryWriter` get `add_image`.
@@ -223,7 +232,7 @@ def add_png_image(writer: Any, tag: str, grid: Tensor, step: int) -> None:
         height=grid.shape[1],
         width=grid.shape[2],
         colorspace=3,
-        encoded_image_string=to_png_bytes(grid),
+        encoded_image_string=encode_grid(grid, image_format),
     )
     writer._get_file_writer().add_summary(
         Summary(value=[Summary.Value(tag=tag, image=image)]), step
@@ -233,21 +242,27 @@ def add_png_image(writer: Any, tag: str, grid: Tensor, step: int) -> None:
 class WandbSink(Sink):
     """One `wandb.log` call per evaluation: images with captions, scalars, `trainer/global_step`."""
 
-    def __init__(self, logger: Logger) -> None:
+    def __init__(self, logger: Logger, image_format: str = "png") -> None:
         self.logger = logger
+        self.image_format = image_format
 
     def log(
         self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
     ) -> None:
         import wandb
 
-        payload: dict[str, Any] = {
-            tag: wandb.Image(grid.permute(1, 2, 0).numpy(), caption=f"{tag} @ step {step}")
-            for tag, grid in image_tags(images).items()
-        }
-        payload.update({k: v for k, v in scalar_tags(scalars).items() if not math.isnan(v)})
-        payload[WANDB_STEP] = step
-        self.logger.experiment.log(payload)
+        with tempfile.TemporaryDirectory(prefix="cam-monitor-") as folder:
+            payload: dict[str, Any] = {}
+            tagged = zip(images, image_tags(images).items(), strict=True)
+            for index, (key, (tag, grid)) in enumerate(tagged):
+                # Encoded here (OpenCV; JPEG at quality 90), passed to W&B as a file it copies.
+                image_format = grid_format(key, self.image_format)
+                name = f"{index}{IMAGE_SUFFIXES[image_format]}"
+                path = save_grid(grid, Path(folder, name), image_format)
+                payload[tag] = wandb.Image(str(path), caption=f"{tag} @ step {step}")
+            payload.update({k: v for k, v in scalar_tags(scalars).items() if not math.isnan(v)})
+            payload[WANDB_STEP] = step
+            self.logger.experiment.log(payload)
 
     def record_probe(self, hashes: Mapping[str, str]) -> None:
         config = {probe_hash_tag(name): digest for name, digest in hashes.items()}
@@ -272,17 +287,21 @@ WANDB_GLOBS: tuple[str, ...] = (
 
 
 class FileSink(Sink):
-    """Grids as PNG files under `folder/images/`; scalars into `folder/scalars.csv` if asked."""
+    """Grids as image files (PNG, or JPEG for overlays: `image_format`) under `folder/images/`;
+    scalars into `folder/scalars.csv` if asked."""
 
-    def __init__(self, folder: Path, write_scalars: bool) -> None:
+    def __init__(self, folder: Path, write_scalars: bool, image_format: str = "png") -> None:
         self.folder = folder
         self.write_scalars = write_scalars
+        self.image_format = image_format
 
     def log(
         self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
     ) -> None:
         for key, grid in images.items():  # paths from the keys, not from parsed tags
-            save_png(grid, png_path(self.folder, key, step))
+            image_format = grid_format(key, self.image_format)
+            path = png_path(self.folder, key, step, IMAGE_SUFFIXES[image_format])
+            save_grid(grid, path, image_format)
         if self.write_scalars and scalars:
             path = self.folder / "scalars.csv"
             new = not path.exists()
@@ -298,8 +317,9 @@ class FileSink(Sink):
 class MetricsSink(Sink):
     """Scalars through any Lightning logger's `log_metrics` (CSVLogger, MLflow, ...)."""
 
-    def __init__(self, logger: Logger) -> None:
+    def __init__(self, logger: Logger, image_format: str = "png") -> None:
         self.logger = logger
+        self.image_format = image_format
 
     def log(
         self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
@@ -325,15 +345,16 @@ class MlflowSink(MetricsSink):
 
 
 class CometSink(MetricsSink):
-    """Grids through Comet's `experiment.log_image(png, name=tag, step=step)` (PNG bytes, so
-    Comet does not rescale them); scalars and the probe hash as `MetricsSink`."""
+    """Grids through Comet's `experiment.log_image(file, name=tag, step=step)` (encoded bytes,
+    so Comet does not re-encode them); scalars and the probe hash as `MetricsSink`."""
 
     def log(
         self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
     ) -> None:
         experiment = self.logger.experiment
-        for tag, grid in image_tags(images).items():
-            experiment.log_image(io.BytesIO(to_png_bytes(grid)), name=tag, step=step)
+        for key, (tag, grid) in zip(images, image_tags(images).items(), strict=True):
+            encoded = encode_grid(grid, grid_format(key, self.image_format))
+            experiment.log_image(io.BytesIO(encoded), name=tag, step=step)
         super().log(images, scalars, step)
 
 
@@ -347,8 +368,10 @@ class NeptuneSink(MetricsSink):
         from neptune.types import File
 
         run = self.logger.experiment
-        for tag, grid in image_tags(images).items():
-            run[tag].append(File.from_content(to_png_bytes(grid), extension="png"), step=step)
+        for key, (tag, grid) in zip(images, image_tags(images).items(), strict=True):
+            image_format = grid_format(key, self.image_format)
+            encoded = File.from_content(encode_grid(grid, image_format), extension=image_format)
+            run[tag].append(encoded, step=step)
         super().log(images, scalars, step)
 
 
@@ -383,25 +406,25 @@ IMAGE_SINKS: dict[str, type[Sink]] = {
 }
 
 
-def sinks_for(trainer: pl.Trainer, folder: Path) -> list[Sink]:
-    """A sink for every logger on the Trainer; PNGs on disk, with a warning saying where, for
-    loggers without an image API."""
+def sinks_for(trainer: pl.Trainer, folder: Path, image_format: str = "png") -> list[Sink]:
+    """A sink for every logger on the Trainer; image files on disk, with a warning saying where,
+    for loggers without an image API. Overlay grids are encoded as `image_format`."""
     sinks: list[Sink] = []
     without_images = []
     for logger in trainer.loggers:
         sink = next((s for n, s in IMAGE_SINKS.items() if is_logger(logger, n)), None)
         if sink is None:
-            sinks.append(MetricsSink(logger))
+            sinks.append(MetricsSink(logger, image_format))
             without_images.append(type(logger).__name__)
         else:
-            sinks.append(sink(logger))  # type: ignore[call-arg]
+            sinks.append(sink(logger, image_format))  # type: ignore[call-arg]
     if without_images or not trainer.loggers:
-        sinks.append(FileSink(folder, write_scalars=not trainer.loggers))
+        sinks.append(FileSink(folder, write_scalars=not trainer.loggers, image_format=image_format))
     if without_images:
         from lightning_utilities.core.rank_zero import rank_zero_warn
 
         rank_zero_warn(
-            f"CamMonitor: {', '.join(without_images)} has no image API; the grids go to PNG files "
-            f"under {folder / 'images'} (its scalars go to the logger)."
+            f"CamMonitor: {', '.join(without_images)} has no image API; the grids go to image "
+            f"files under {folder / 'images'} (its scalars go to the logger)."
         )
     return sinks

@@ -51,9 +51,10 @@ def masked_from(crc32c: Callable[[bytes], int]) -> Callable[[bytes], int]:
 
 
 def check_vectors() -> list[bytes | memoryview]:
-    """Inputs the fast CRC must agree on: empty, short, header-like, 1 MiB random, unaligned."""
+    """Inputs the fast CRC must agree on: empty, short, header-like, 128 KiB random, unaligned
+    (checking them with TensorBoard's pure-Python CRC takes about 25 ms, once per process)."""
     generator = random.Random(20240614)
-    big = generator.randbytes(1 << 20)
+    big = generator.randbytes(1 << 17)
     return [
         b"",
         b"a",

@@ -126,9 +126,9 @@ def test_wandb_offline_run_holds_the_grids_and_metrics(
     import wandb
 
     wandb.finish()
-    pngs = sorted(run_dir.glob("media/images/cam/val/net.features.5/gradcam*.png"))
-    assert len(pngs) == 3  # baseline and two epochs
-    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    jpegs = sorted(run_dir.glob("media/images/cam/val/net.features.5/gradcam*.jpg"))
+    assert len(jpegs) == 3  # baseline and two epochs, as JPEG (image_format's default)
+    assert all(p.read_bytes()[:3] == b"\xff\xd8\xff" for p in jpegs)
     record_log = next(run_dir.parent.glob("run-*.wandb"))
     deadline = time.monotonic() + 60  # wandb's writer may still be flushing after finish()
     rows, finished = wandb_history(record_log)
@@ -148,27 +148,35 @@ def test_wandb_offline_run_holds_the_grids_and_metrics(
     assert [e.epoch for e in history] == [0, 1, 2]
 
 
-def test_csv_logger_gets_scalars_and_png_files(tmp_path: Path, lightning: Lightning) -> None:
+def test_csv_logger_gets_scalars_and_image_files(tmp_path: Path, lightning: Lightning) -> None:
     logger = lightning.loggers.CSVLogger(tmp_path, name="csv")
     folder = Path(logger.log_dir) / "cam_monitor"
     with pytest.warns(
         UserWarning, match=f"CSVLogger has no image API; .* under {re.escape(str(folder))}"
     ):
-        fit(CamMonitor("net.features.5", num_probe=4), tmp_path, lightning, logger=logger)
+        fit(
+            CamMonitor("net.features.5", num_probe=4),
+            tmp_path,
+            lightning,
+            logger=logger,
+            max_epochs=2,
+        )
     rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
     seconds = [r for r in rows if r.get("cam_monitor/seconds")]
     assert [int(r["step"]) for r in seconds] == [0, 3, 6]
     folder = Path(logger.log_dir) / "cam_monitor" / "images" / "val" / "net.features.5" / "gradcam"
-    assert sorted(p.name for p in folder.glob("*.png")) == [
-        "step-00000000.png",
-        "step-00000003.png",
-        "step-00000006.png",
+    assert sorted(p.name for p in folder.glob("*")) == [
+        "step-00000000.jpg",
+        "step-00000003.jpg",
+        "step-00000006.jpg",
     ]
+    assert all(p.read_bytes()[:3] == b"\xff\xd8\xff" for p in folder.glob("*"))
 
 
 def test_without_a_logger_pngs_and_scalars_go_to_the_root_dir(tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match=r"no logger; PNG grids and scalars go to .*cam_monitor"):
-        fit(CamMonitor("net.features.5", num_probe=4), tmp_path, logger=False, max_epochs=1)
+    monitor = CamMonitor("net.features.5", num_probe=4, image_format="png")
+    with pytest.warns(UserWarning, match=r"no logger; grids and scalars go to .*cam_monitor"):
+        fit(monitor, tmp_path, logger=False, max_epochs=1)
     folder = tmp_path / "cam_monitor"
     assert len(list((folder / "images").rglob("*.png"))) == 2
     rows = list(csv.DictReader(open(folder / "scalars.csv")))
@@ -674,3 +682,30 @@ def test_fast_dev_run_evaluates_and_writes_nothing(
         "CamMonitor: fast_dev_run is on, so the monitor evaluates nothing and writes nothing "
         "in this run."
     ]
+
+
+def test_the_history_is_complete_when_fit_returns(tmp_path: Path) -> None:
+    import threading
+
+    monitor = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "h")
+    fit(monitor, tmp_path, logger=False, max_epochs=3)
+    # written in the background, flushed at the end of fit: everything is there at once
+    assert [e.epoch for e in read_history(tmp_path / "h")] == [0, 1, 2, 3]
+    assert read_probe(tmp_path / "h") is not None
+    assert not list((tmp_path / "h").glob(".*.tmp"))
+    assert not any(t.name == "cam-monitor-history" for t in threading.enumerate())
+
+
+def test_a_failed_history_write_warns_and_strict_raises(tmp_path: Path) -> None:
+    for strict in (False, True):
+        folder = tmp_path / f"strict-{strict}"
+        (folder / "eval-00001.npz").mkdir(parents=True)  # a folder where the file must go
+        monitor = CamMonitor("net.features.5", num_probe=4, save_dir=folder, strict=strict)
+        if strict:
+            with pytest.raises(OSError):
+                fit(monitor, tmp_path, logger=False, max_epochs=2)
+            continue
+        with pytest.warns(UserWarning, match=r"could not write evaluation 1 to .*Training contin"):
+            model = fit(monitor, tmp_path, logger=False, max_epochs=2)
+        assert model.trainer.current_epoch == 2  # training finished
+        assert [e.index for e in read_history(folder)] == [0, 2]

@@ -216,16 +216,16 @@ def faulty_setup(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     elif kind == "backward":
         model.net.features.append(FaultyLayer(arm_at=2))
     elif kind == "render":
-        real = evaluation_module.make_overlay_grid
+        real = evaluation_module.make_overlay_grids
         calls = {"n": 0}
 
-        def render(*args: Any, **kw: Any) -> torch.Tensor:
+        def render(*args: Any, **kw: Any) -> dict[Any, torch.Tensor]:
             calls["n"] += 1
             if calls["n"] == 2:
                 raise RuntimeError("render fault injected")
             return real(*args, **kw)
 
-        monkeypatch.setattr(evaluation_module, "make_overlay_grid", render)
+        monkeypatch.setattr(evaluation_module, "make_overlay_grids", render)
     elif kind == "sink":
         logger = TensorBoardLogger(tmp_path, name="tb")
         writer = logger.experiment
@@ -436,7 +436,7 @@ def test_non_finite_probe_warns_and_logs_nothing_broken(tmp_path: Path) -> None:
     last = read_history(tmp_path / "h")[-1]
     assert last.scalars["cam_drift/probe/net.features.5/gradcam/spearman_ref_excluded"] == 1
     assert np.isfinite(last.scalars["cam_drift/probe/net.features.5/gradcam/spearman_ref"])
-    assert len(list((tmp_path / "h" / "images").rglob("*.png"))) == 3
+    assert len(list((tmp_path / "h" / "images").rglob("step-*.jpg"))) == 3
 
 
 def test_all_zero_maps_are_excluded_not_fatal(tmp_path: Path) -> None:

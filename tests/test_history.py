@@ -663,3 +663,23 @@ def test_run_id_and_final_flag_round_trip_and_old_files_have_none(tmp_path: Path
     write_probe(tmp_path, {"p": np.zeros((1, 3, 2, 2))}, {}, {}, {"p": "x"}, run="abc123")
     record = read_probe(tmp_path)
     assert record is not None and record.run == "abc123"
+
+
+def test_background_writer_keeps_order_reports_errors_and_pickles() -> None:
+    import copy
+    import pickle
+
+    from cam_monitor.history import BackgroundWriter
+
+    writer, done = BackgroundWriter(maxsize=2), []
+    for i in range(20):  # more than the queue holds: submit waits instead of dropping
+        writer.submit(lambda i=i: done.append(i), f"write {i}")
+    writer.submit(lambda: open("/nonexistent/dir/file", "w"), "the probe")
+    clone = copy.deepcopy(writer)  # a live thread and lock do not travel (ddp_spawn pickles)
+    failed = writer.flush()
+    assert done == list(range(20))
+    assert [(f.what, type(f.error)) for f in failed] == [("the probe", FileNotFoundError)]
+    assert writer.flush() == [] and writer.close() == []
+    restored = pickle.loads(pickle.dumps(clone))
+    restored.submit(lambda: done.append("again"), "one more")
+    assert restored.close() == [] and done[-1] == "again"

@@ -192,6 +192,7 @@ def test_yaml_sets_every_argument_and_fits(lightning: Lightning, tmp_path: Path)
         "nrow": 2,
         "views": ["pos", "neg"],
         "gray_views": True,
+        "image_format": "png",
         "batch_size": 2,
         "smooth": 0,
         "noise": 0.1,

@@ -142,3 +142,14 @@ def test_compute_cams_reports_bad_options_in_the_same_words() -> None:
             compute_cams(net, x, "0", **keywords)
     with pytest.raises(TypeError, match="`seed`"):
         compute_cams(net, x, "0", seed=1.5)  # type: ignore[arg-type]
+
+
+def test_image_format_is_jpeg_or_png() -> None:
+    from cam_monitor.options import RenderOptions
+
+    assert RenderOptions().image_format == "jpeg"
+    assert RenderOptions(image_format="png").image_format == "png"
+    with pytest.raises(ValueError, match="`image_format` must be one of 'jpeg', 'png', got 'jpg'"):
+        RenderOptions(image_format="jpg")
+    with pytest.raises(TypeError, match="`image_format` must be 'jpeg' or 'png', got int"):
+        RenderOptions(image_format=1)  # type: ignore[arg-type]

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from cam_monitor import render
+from cam_monitor.methods import normalize_maps, upsample_maps
 from cam_monitor.render import (
     COLORMAPS,
     caption_text,
@@ -18,6 +20,7 @@ from cam_monitor.render import (
     colorize_signed,
     make_map_grid,
     make_overlay_grid,
+    make_overlay_grids,
     overlay,
     save_png,
     to_jpeg_bytes,
@@ -235,6 +238,26 @@ def test_probe_grids_use_compact_class_names_on_small_tiles() -> None:
         assert not torch.equal(grid, make_overlay_grid(images, maps, captions=other))
 
 
+@pytest.mark.parametrize("width", [40, 96, 224])
+def test_captions_from_the_glyph_atlas_match_one_opencv_call(width: int) -> None:
+    texts = ["ok pred cat / true cat", "x p:3 t:5", "Ag_j/|}{~ il1 WMW", ""]
+    out = caption_tiles(random_u8(len(texts), 3, 8, width), texts)[:, :, 8:]
+    for band, text in zip(out, texts, strict=True):
+        # the reference: the caption drawn by one cv2.putText call, as caption_tiles did before
+        scale = min(max(width / 256, 0.35), 1.0)
+        widest = max(cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1)[0][0] for t in texts)
+        scale = max(min(scale, (width - 6) / widest), 0.35)
+        (_, height), _ = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        fitted = render._fit(text, scale, width - 6)
+        reference = np.full(tuple(band.shape[1:]), 24, np.uint8)
+        cv2.putText(reference, fitted, (3, 3 + height), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, 1,
+                    cv2.LINE_AA)  # fmt: skip
+        assert torch.equal(band[0], band[1]) and torch.equal(band[0], band[2])  # white on gray
+        differ = (band[0].numpy().astype(int) - reference).__abs__() > 32
+        assert differ.mean() < 0.01, text  # the same text at the same places
+        assert (reference > 128).sum() == 0 or (band[0].numpy() > 128).sum() > 0
+
+
 def test_caption_count_must_match_tiles() -> None:
     with pytest.raises(ValueError, match="Got 1 captions for 2 tiles"):
         caption_tiles(random_u8(2, 3, 8, 8), ["only one"])
@@ -294,6 +317,20 @@ def test_overlay_grid_content_alpha_zero_is_the_image_alpha_one_is_the_heat() ->
     heat = make_overlay_grid(image, cam, alpha=1.0, min_tile=0, padding=0).int()
     assert heat[0, 0, 0] > heat[2, 0, 0]  # red where the CAM is hot
     assert heat[2, -1, -1] > heat[0, -1, -1]  # blue where it is cold
+
+
+def test_overlay_grids_of_one_probe_equal_the_step_by_step_overlay() -> None:
+    images = torch.randn(3, 3, 20, 20, generator=GEN)
+    maps = {"a": torch.rand(3, 5, 5, generator=GEN), "b": torch.rand(3, 2, 2, generator=GEN) * 9}
+    grids = make_overlay_grids(images, maps, colormap="turbo", alpha=0.3, min_tile=40, nrow=3)
+    assert list(grids) == ["a", "b"]
+    pictures = to_uint8_images(images).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    for key, cams in maps.items():
+        one = make_overlay_grid(images, cams, colormap="turbo", alpha=0.3, min_tile=40, nrow=3)
+        assert torch.equal(grids[key], one)
+        heat = colorize(normalize_maps(upsample_maps(cams, (40, 40))), "turbo")
+        by_steps = overlay(pictures, heat, 0.3)
+        assert torch.equal(grids[key][:, 2:42, 2:42], by_steps[0])  # the first tile, exactly
 
 
 def test_overlay_grid_denormalises_with_mean_and_std() -> None:
@@ -363,7 +400,8 @@ def test_jpeg_keeps_the_colours_of_a_smooth_overlay_and_refuses_bad_quality() ->
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
     error = np.abs(decoded.astype(int) - grid.permute(1, 2, 0).numpy().astype(int))
     assert decoded.shape == (48, 64, 3) and error.mean() < 3
-    photo_like = make_overlay_grid(torch.rand(4, 3, 32, 32, generator=GEN), torch.rand(4, 4, 4))
+    smooth = (torch.linspace(0, 1, 64)[:, None] * torch.linspace(0, 1, 64)).expand(4, 3, 64, 64)
+    photo_like = make_overlay_grid(smooth.contiguous(), torch.rand(4, 4, 4, generator=GEN))
     assert len(to_jpeg_bytes(photo_like)) < len(to_png_bytes(photo_like))
     with pytest.raises(ValueError, match="quality"):
         to_jpeg_bytes(grid, quality=0)

@@ -95,3 +95,56 @@ def test_png_files_go_one_folder_per_name(tmp_path: Path) -> None:
         "step,tag,value",
         "7,cam_monitor/seconds,0.25",
     ]
+
+
+def smooth_overlay_grid() -> torch.Tensor:
+    """A photo-like overlay grid: smooth images under smooth maps (what JPEG is made for)."""
+    ramp = torch.linspace(0, 1, 48)
+    images = (ramp[None, None, :, None] * ramp[None, None, None, :]).expand(4, 3, 48, 48)
+    return make_overlay_grid(images.contiguous(), torch.rand(4, 3, 3), nrow=2, min_tile=0)
+
+
+def test_tensorboard_sink_logs_overlays_as_jpeg_and_pixel_maps_as_png(tmp_path: Path) -> None:
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.summary.writer import record_writer
+
+    from cam_monitor import tensorboard_crc
+    from cam_monitor.sinks import TensorBoardSink
+
+    grid = smooth_overlay_grid()
+    overlay_key, pixel_key = MapKey("val", "l4", "gradcam"), MapKey("val", "input", "saliency")
+    images = {overlay_key: grid, pixel_key: grid, filter_maximised_tag("l4"): grid}
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    tensorboard_crc.uninstall_fast_crc()
+    original = record_writer.masked_crc32c
+    try:
+        sink = TensorBoardSink(logger, "jpeg")
+        if tensorboard_crc._candidate() is not None:  # crc32c installed: the sink swaps it in
+            assert record_writer.masked_crc32c is not original
+        sink.log(images, {SECONDS_TAG: 0.5}, 4)
+        logger.finalize("success")
+    finally:
+        tensorboard_crc.uninstall_fast_crc()
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()  # TensorBoard's reader checks every record's CRC with its own function
+    by_tag = {tag: events.Images(tag)[0].encoded_image_string for tag in image_tags(images)}
+    jpeg = by_tag["cam/val/l4/gradcam"]
+    assert jpeg[:3] == b"\xff\xd8\xff"
+    error = np.abs(decode(jpeg).astype(int) - grid.permute(1, 2, 0).numpy()).mean()
+    assert error < 3  # quality 90: close to the pixels
+    for tag in ("cam/val/input/saliency", "filters/l4/maximised"):  # lossless where it matters
+        np.testing.assert_array_equal(decode(by_tag[tag]), grid.permute(1, 2, 0).numpy())
+    assert [s.value for s in events.Scalars(SECONDS_TAG)] == [0.5]
+
+
+def test_file_sink_writes_jpeg_overlays_and_png_pixel_maps(tmp_path: Path) -> None:
+    grid = smooth_overlay_grid()
+    overlay_key, pixel_key = MapKey("val", "l4", "gradcam"), MapKey("val", "input", "saliency")
+    FileSink(tmp_path, write_scalars=False, image_format="jpeg").log(
+        {overlay_key: grid, pixel_key: grid}, {}, 2
+    )
+    jpeg = png_path(tmp_path, overlay_key, 2, ".jpg")
+    assert jpeg.read_bytes()[:3] == b"\xff\xd8\xff"
+    png = png_path(tmp_path, pixel_key, 2)
+    np.testing.assert_array_equal(decode(png.read_bytes()), grid.permute(1, 2, 0).numpy())
+    assert sorted(p.name for p in tmp_path.rglob("step-*")) == [jpeg.name, png.name]

@@ -158,7 +158,7 @@ def fails_on_memoryview(data: bytes) -> int:
 def test_install_declines_a_candidate_that_disagrees(
     monkeypatch: pytest.MonkeyPatch, candidate: Callable[[bytes], int]
 ) -> None:
-    """Fault injection in place of the package: CRC-32 (not -32C), a CRC wrong on 1 MiB, and
+    """Fault injection in place of the package: CRC-32 (not -32C), a CRC wrong on long input, and
     one that cannot read an unaligned buffer are all refused, with a warning."""
     monkeypatch.setattr(tensorboard_crc, "_candidate", lambda: candidate)
     with pytest.warns(RuntimeWarning, match="other checksums than TensorBoard"):

@@ -1,5 +1,7 @@
-"""A run's CAM history: its on-disk `format`, the `store` on disk, and the monitor's `records`."""
+"""A run's CAM history: its on-disk `format`, the `store` on disk, the monitor's `records`, and
+the `background` thread that writes them."""
 
+from .background import BackgroundWriter as BackgroundWriter
 from .format import FORMAT_VERSION as FORMAT_VERSION
 from .format import PROBE_FILE as PROBE_FILE
 from .format import Evaluation as Evaluation
@@ -20,6 +22,7 @@ from .store import write_probe as write_probe
 __all__ = [
     "FORMAT_VERSION",
     "PROBE_FILE",
+    "BackgroundWriter",
     "Evaluation",
     "HistoryError",
     "ProbeRecord",

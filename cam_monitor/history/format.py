@@ -2,7 +2,8 @@
 
 A history is one folder (the run's ``cam_monitor/`` folder) holding one file per evaluation,
 ``eval-{index:05d}.npz`` (``eval-00000.npz``, ``eval-00001.npz``, ...; an index above 99999
-simply gets more digits), written with ``np.savez_compressed``, and readable with numpy and the
+simply gets more digits), written with ``np.savez`` (uncompressed; files written compressed by
+earlier versions read the same), and readable with numpy and the
 standard library alone. Any other file in the folder is ignored by the readers, in particular
 the hidden temporary files ``.eval-*.npz.*.tmp`` that a write killed half-way leaves behind
 (files are written to a temporary name, fsynced, then renamed with ``os.replace``, so a file
@@ -13,7 +14,7 @@ Arrays in each file, keyed by name (``np.load(path)[key]``):
 - ``maps/{probe}/{layer}/{method}``: float32 ``[B, h, w]``, the raw CAM at layer resolution
   (not normalised), NaN and +-inf kept. Raw Grad-CAM values are often 1e-4 or smaller, where
   float16 would lose most of its precision, so maps stay float32 (they are small at layer
-  resolution, and compressed).
+  resolution).
 - ``targets/{probe}``: int64 ``[B]``, the class each CAM explains.
 - ``logits/{probe}``: float32 ``[B, C]``, the model's logits on the probe.
 - ``labels/{probe}``: int64 ``[B]``, the ground-truth labels, only for probes that have them.

@@ -286,7 +286,11 @@ def _load_npz(path: Path, parse: Callable[[dict[str, np.ndarray]], T], what: str
 
 
 def _write_npz_atomically(final: Path, arrays: Mapping[str, np.ndarray]) -> Path:
-    """Write ``arrays`` compressed to a hidden temporary file, fsync, then rename to ``final``."""
+    """Write ``arrays`` to a hidden temporary file, fsync, then rename to ``final``.
+
+    Uncompressed: float32 maps and probe images shrink by only 5-20% with zlib, which took 20x
+    the time of the write (1 s for a 16-image 224-px probe, on the training thread's CPU).
+    """
     folder = final.parent
     folder.mkdir(parents=True, exist_ok=True)
     temp = folder / f".{final.name}.{secrets.token_hex(6)}.tmp"
@@ -294,7 +298,7 @@ def _write_npz_atomically(final: Path, arrays: Mapping[str, np.ndarray]) -> Path
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+            np.savez(fh, **arrays)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(temp, final)
