@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 
-def model_devices(model: nn.Module) -> list[torch.device]:
-    """Every device the model's parameters and buffers live on."""
-    devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
+def model_devices(
+    model: nn.Module, modules: Sequence[nn.Module] | None = None
+) -> list[torch.device]:
+    """Every device the model's parameters and buffers live on (`modules`: its modules, when
+    the caller has listed them already)."""
+    devices = {
+        tensor.device
+        for module in (model.modules() if modules is None else modules)
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+    }
     return sorted(devices, key=str)
 
 
@@ -33,13 +40,16 @@ def isolated(model: nn.Module) -> Iterator[None]:
         >>> net.training, net[0].training, net[1].training
         (True, True, False)
     """
-    flags = [(module, module.training) for module in model.modules()]
-    cuda = [d.index or 0 for d in model_devices(model) if d.type == "cuda"]
+    modules = list(model.modules())
+    flags = [module.training for module in modules]
+    cuda = [d.index or 0 for d in model_devices(model, modules) if d.type == "cuda"]
     try:
         with torch.random.fork_rng(devices=cuda), torch.inference_mode(False):
             with torch.enable_grad():
-                model.eval()
+                if any(flags):  # `eval()` walks every module: skip it where nothing trains
+                    model.eval()
                 yield
     finally:
-        for module, flag in flags:
-            module.training = flag
+        for module, flag in zip(modules, flags, strict=True):
+            if module.training != flag:  # only what changed: setattr on a Module is not free
+                module.training = flag
