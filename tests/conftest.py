@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 from functools import cache
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -167,3 +168,31 @@ def lightning(request: pytest.FixtureRequest) -> Lightning:
 
 def loader(dataset: TensorDataset, shuffle: bool = False, batch_size: int = 16) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+def wandb_records(path: Path) -> tuple[list[object], bool]:
+    """Every record of an offline `.wandb` file (a LevelDB-style log of protobuf records), and
+    whether the writer's final `exit` record is there yet."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, offset, pending, records = 32768, 7, b"", []
+    while offset + 7 <= len(data):
+        room = block - offset % block
+        if room < 7:  # the tail of a block too small for a header is padding
+            offset += room
+            continue
+        length = int.from_bytes(data[offset + 4 : offset + 6], "little")
+        kind = data[offset + 6]
+        if offset + 7 + length > len(data):  # a record still being written
+            break
+        pending += data[offset + 7 : offset + 7 + length]
+        offset += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            records.append(record)
+    finished = any(r.WhichOneof("record_type") == "exit" for r in records)
+    return records, finished

@@ -21,7 +21,14 @@ from torch.utils.data import TensorDataset
 
 from cam_monitor.callback import CamMonitor
 from cam_monitor.history import history_runs, read_history, read_probe
-from tests.conftest import Lightning, LitClassifier, loader, quiet_trainer, shapes_dataset
+from tests.conftest import (
+    Lightning,
+    LitClassifier,
+    loader,
+    quiet_trainer,
+    shapes_dataset,
+    wandb_records,
+)
 
 LAYERS = ["net.features.3", "net.features.5"]
 
@@ -35,34 +42,14 @@ def events(log_dir: str | Path) -> EventAccumulator:
 
 
 def wandb_history(path: Path) -> tuple[list[dict[str, object]], bool]:
-    """The `history` rows of an offline `.wandb` file (a LevelDB-style log of protobuf records),
-    and whether the writer's final `exit` record is there yet."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    block, offset, pending, rows, finished = 32768, 7, b"", [], False
-    while offset + 7 <= len(data):
-        room = block - offset % block
-        if room < 7:  # the tail of a block too small for a header is padding
-            offset += room
-            continue
-        length = int.from_bytes(data[offset + 4 : offset + 6], "little")
-        kind = data[offset + 6]
-        if offset + 7 + length > len(data):  # a record still being written
-            break
-        pending += data[offset + 7 : offset + 7 + length]
-        offset += 7 + length
-        if kind in (1, 4):  # a full record, or the last piece of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            finished = finished or record.WhichOneof("record_type") == "exit"
-            if record.WhichOneof("record_type") == "history":
-                rows.append(
-                    {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                     for item in record.history.item}
-                )  # fmt: skip
+    """The `history` rows of an offline `.wandb` file, and whether its `exit` record is there."""
+    records, finished = wandb_records(path)
+    rows = [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+         for item in record.history.item}
+        for record in records
+        if record.WhichOneof("record_type") == "history"
+    ]  # fmt: skip
     return rows, finished
 
 

@@ -41,7 +41,7 @@ from cam_monitor.schema import (
     parse_scalar_tag,
 )
 from cam_monitor.sinks import WANDB_GLOBS, WANDB_STEP
-from tests.conftest import Lightning, loader, shapes_dataset
+from tests.conftest import Lightning, loader, shapes_dataset, wandb_records
 
 LAYERS = ["net.features.3", "net.features.5"]
 
@@ -192,34 +192,6 @@ def test_default_grid_of_sixteen_fits_a_tensorboard_card() -> None:
     assert grid.shape[2] == 4 * (96 + 2) + 2
     rows = (grid.shape[1] - 2) / 4
     assert rows > 96 + 2 and rows.is_integer()  # four rows of captioned tiles
-
-
-def wandb_records(path: Path) -> tuple[list[object], bool]:
-    """Every record of an offline `.wandb` file (a LevelDB-style log of protobuf records), and
-    whether the writer's final `exit` record is there yet."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    block, offset, pending, records = 32768, 7, b"", []
-    while offset + 7 <= len(data):
-        room = block - offset % block
-        if room < 7:  # the tail of a block too small for a header is padding
-            offset += room
-            continue
-        length = int.from_bytes(data[offset + 4 : offset + 6], "little")
-        kind = data[offset + 6]
-        if offset + 7 + length > len(data):  # a record still being written
-            break
-        pending += data[offset + 7 : offset + 7 + length]
-        offset += 7 + length
-        if kind in (1, 4):  # a full record, or the last piece of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            records.append(record)
-    finished = any(r.WhichOneof("record_type") == "exit" for r in records)
-    return records, finished
 
 
 @pytest.mark.slow
