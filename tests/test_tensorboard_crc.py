@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import sys
 import threading
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -166,10 +167,17 @@ def test_install_declines_a_candidate_that_disagrees(
     assert record_writer.masked_crc32c is ORIGINAL
 
 
-def test_install_declines_quietly_without_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_install_declines_without_the_package_and_says_so_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setitem(sys.modules, "crc32c", None)  # import crc32c -> ImportError
-    assert install_fast_crc() is False
+    monkeypatch.setattr(tensorboard_crc, "_missing_reported", False)
+    with pytest.warns(RuntimeWarning, match="pip install crc32c"):
+        assert install_fast_crc() is False
     assert record_writer.masked_crc32c is ORIGINAL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call is silent
+        assert install_fast_crc() is False
 
 
 def test_masked_from_applies_tensorboards_mask() -> None:
