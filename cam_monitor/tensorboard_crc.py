@@ -121,8 +121,8 @@ def install_fast_crc() -> bool:
                 warnings.warn(
                     "cam_monitor: the crc32c package is not installed, so TensorBoard checksums "
                     "its event records in pure Python (about 0.2 s per MB of images, on the "
-                    "training thread). pip install crc32c (or cam-monitor[tensorboard]) to make "
-                    "image logging about 1000x cheaper.",
+                    "training thread). pip install crc32c (or cam-monitor[tensorboard]) to compute "
+                    "them about 1000x faster.",
                     RuntimeWarning,
                     stacklevel=2,
                 )
