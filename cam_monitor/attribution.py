@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -274,11 +274,6 @@ def ruled_relus(model: nn.Module, rule: ReluRule) -> Iterator[None]:
             f"{name} rule). Use saliency or integrated_gradients for such models.",
             stacklevel=3,
         )
-
-
-def guided_relus(model: nn.Module) -> AbstractContextManager[None]:
-    """Guided backprop on every ReLU of the forward run inside the block (`ruled_relus`)."""
-    return ruled_relus(model, "guided")
 
 
 def relu_rule_gradients(

@@ -43,7 +43,6 @@ __all__ = [
     "make_view_grid",
     "overlay",
     "save_grid",
-    "save_png",
     "to_jpeg_bytes",
     "to_png_bytes",
     "to_uint8_images",
@@ -730,8 +729,3 @@ def save_grid(grid: Tensor, path: str | os.PathLike[str], image_format: str = "p
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
     return target
-
-
-def save_png(grid: Tensor, path: str | os.PathLike[str]) -> Path:
-    """Write a uint8 RGB [3, H, W] grid to `path` as PNG, creating parent folders; returns it."""
-    return save_grid(grid, path, "png")

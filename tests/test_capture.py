@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cam_monitor import compute_cams, filter_activations
-from cam_monitor.attribution import guided_relus
+from cam_monitor.attribution import ruled_relus
 from cam_monitor.capture import LayerCaptureError, capture_outputs, scoped_hooks
 from cam_monitor.layers import first_spatial_layer
 
@@ -144,7 +144,7 @@ def _record_inputs_site(model: nn.Module, x: torch.Tensor, failing: bool) -> Non
 
 
 def _guided_relus_site(model: nn.Module, x: torch.Tensor, failing: bool) -> None:
-    with guided_relus(model):
+    with ruled_relus(model, "guided"):
         _forward(failing, "")(model, x)
 
 
@@ -159,7 +159,7 @@ def _first_spatial_site(model: nn.Module, x: torch.Tensor, failing: bool) -> Non
 HOOK_SITES = {
     "capture_outputs": _capture_site,
     "engine._record_inputs": _record_inputs_site,
-    "attribution.guided_relus": _guided_relus_site,
+    "attribution.ruled_relus": _guided_relus_site,
     "filters._layer_output": _filter_site,
     "layers.first_spatial_layer": _first_spatial_site,
 }

@@ -219,30 +219,27 @@ def test_compare_prints_both_runs_and_writes_a_report_with_overlays(
     check_report(report, chosen)
 
 
+def run_cli_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m cam_monitor.cli ARGS` in a subprocess, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "cam_monitor.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=False,
+    )
+
+
 @pytest.mark.slow
 def test_the_installed_command_runs_show_and_compare(
     runs: tuple[Path, Path], tmp_path: Path
 ) -> None:
     report = tmp_path / "report.html"
-    command = [sys.executable, "-m", "cam_monitor.cli"]
-    show = subprocess.run(
-        [*command, "show", str(runs[1]), "--probe", "target", "--method", "layercam"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        check=False,
-    )
+    show = run_cli_process("show", str(runs[1]), "--probe", "target", "--method", "layercam")
     assert show.returncode == 0, show.stderr
     assert set(tables(show.stdout)) == {f"target / {layer} / layercam" for layer in LAYERS}
-    compare = subprocess.run(
-        [*command, "compare", *map(str, runs), "--out", str(report)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        check=False,
-    )
+    compare = run_cli_process("compare", *map(str, runs), "--out", str(report))
     assert compare.returncode == 0, compare.stderr
     check_compare(compare.stdout, GROUPS)
     check_report(report, GROUPS)

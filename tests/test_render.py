@@ -22,7 +22,7 @@ from cam_monitor.render import (
     make_overlay_grid,
     make_overlay_grids,
     overlay,
-    save_png,
+    save_grid,
     to_jpeg_bytes,
     to_png_bytes,
     to_uint8_images,
@@ -377,7 +377,7 @@ def test_png_round_trip_gives_back_the_pixels(tmp_path: Path) -> None:
     grid = random_u8(3, 21, 34)
     decoded = cv2.imdecode(np.frombuffer(to_png_bytes(grid), np.uint8), cv2.IMREAD_COLOR)
     np.testing.assert_array_equal(decoded[:, :, ::-1], grid.permute(1, 2, 0).numpy())
-    path = save_png(grid, tmp_path / "sub" / "grid.png")
+    path = save_grid(grid, tmp_path / "sub" / "grid.png", "png")
     from_disk = cv2.imread(str(path), cv2.IMREAD_COLOR)
     np.testing.assert_array_equal(from_disk[:, :, ::-1], grid.permute(1, 2, 0).numpy())
 
