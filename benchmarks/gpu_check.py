@@ -83,15 +83,25 @@ def engine_checks(device: torch.device) -> None:
         check("autocast float16 / bfloat16", None, "CUDA only")
         return
 
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        compute_cams(model, x, layers, CAMS)
-        check("no host sync inside compute_cams (second call, target='predicted')", True)
-    except RuntimeError as err:
-        check("no host sync inside compute_cams", False, str(err).splitlines()[0])
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    labels = torch.arange(16, device=device) % 10
+    # The probe's labels (the callback's target="label") are read back once, at the first call.
+    for name, target, chunk in (
+        ("'predicted'", "predicted", None),
+        ("labels on the GPU", labels, None),
+        ("labels on the GPU, batch_size=8", labels, 8),
+        ("an int", 3, None),
+    ):
+        compute_cams(model, x, layers, CAMS, target=target, batch_size=chunk)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        what = f"no host sync inside compute_cams (second call, target={name})"
+        try:
+            compute_cams(model, x, layers, CAMS, target=target, batch_size=chunk)
+            check(what, True)
+        except RuntimeError as err:
+            check(what, False, str(err).splitlines()[0])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
 
     for dtype in (torch.float16, torch.bfloat16):
         with torch.autocast("cuda", dtype=dtype):

@@ -7,6 +7,7 @@ chunks of `batch_size`) works on that `Batch`.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -44,6 +45,7 @@ from .methods import (
     SIGN_SENSITIVE_METHODS,
     apply_method,
     class_activation_map,
+    gradient_maps,
     normalize_maps,
     upsample_maps,
 )
@@ -224,17 +226,22 @@ def compute(
                 per_map.setdefault(key, []).append(value)
             for key, value in extras.items():
                 per_extra.setdefault(key, []).append(value)
-    maps = {key: torch.cat(parts) for key, parts in per_map.items()}
+    maps = {key: _joined(parts) for key, parts in per_map.items()}
     _warn_if_all_zero(module, maps, plan)
     return CamResult(
         maps=maps,
-        targets=torch.cat(all_targets),
-        logits=torch.cat(all_logits),
+        targets=_joined(all_targets),
+        logits=_joined(all_logits),
         input_size=batch.image_size,
         layers=tuple(plan.layers),
         methods=options.methods,
-        extras={key: torch.cat(parts) for key, parts in per_extra.items()},
+        extras={key: _joined(parts) for key, parts in per_extra.items()},
     )
+
+
+def _joined(parts: list[Tensor]) -> Tensor:
+    """The chunks' rows in order (one chunk as it is: a `cat` per map is not free on a GPU)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 # What each model has been checked for (keys such as `("ill-posed", layer, method)`), so a
@@ -429,13 +436,18 @@ def _explain_chunk(
         input_maps["deconvnet"] = channel_sum(deconv)
 
     maps: dict[tuple[str, str], Tensor] = {}
+    gradient_methods = [m for m in options.methods if m in GRADIENT_METHODS]
     for name in plan.layers:
         activation = clean.activations[name]
-        for method in options.methods:
+        for method in gradient_methods:
             _warn_if_ill_posed(module, name, activation, method)
-            if method in GRADIENT_METHODS:
-                grad, moments = layer_grads[name]
-                maps[name, method] = apply_method(method, activation, grad, moments)
+        computed: dict[str, Tensor] = {}
+        if gradient_methods:
+            grad, moments = layer_grads[name]
+            computed = gradient_maps(gradient_methods, activation, grad, moments)
+        for method in options.methods:
+            if method in computed:
+                maps[name, method] = computed[method]
             elif method == "cam":
                 maps[name, method] = _cam_map(name, activation, clean, plan)
             elif method == "guided_gradcam":
@@ -479,7 +491,8 @@ def _clean_pass(
         missing = [name for name in plan.layers if name not in recorded]
         if missing:
             raise did_not_run(missing)
-        indices, scores = resolve_targets(target, logits)
+        whole = options.target if isinstance(options.target, Tensor) else None
+        indices, scores = resolve_targets(target, logits, whole)
         if not (prune and plan.layer_gradients and not scores.requires_grad):
             break
         prune = False
@@ -546,11 +559,14 @@ def _record_inputs(head: tuple[str, nn.Linear] | None, into: list[Tensor]) -> It
 def _scorer(module: nn.Module, options: EngineOptions, target: Target, indices: Tensor) -> ScoreFn:
     """Run the model on rows and return, per row, the score of its probe image's class."""
 
+    # Indices are -1 only where a callable target returned scores, and then all of them are:
+    # only such a callable makes this read the indices back (once, at the first extra pass).
+    by_score = functools.cache(lambda: callable(target) and bool((indices < 0).any()))
+
     def score(rows: Batch, image_index: Tensor) -> Tensor:
         logits = pick_logits(_run(module, options, rows), options.output_transform)
-        chosen = indices[image_index]
-        if bool((chosen >= 0).all()):
-            return logits.gather(1, chosen[:, None])[:, 0]
+        if not by_score():
+            return logits.gather(1, indices[image_index][:, None])[:, 0]
         assert callable(target)
         scores = target(logits)
         if not isinstance(scores, Tensor) or scores.shape != (logits.shape[0],):

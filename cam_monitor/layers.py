@@ -113,10 +113,13 @@ def resolve_layers(
         ['0', '1', '2']
     """
     model = unwrap_model(model)
+    specs: Iterable[LayerSpec] = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
+    exact = _exact_names(model, specs)
+    if exact is not None:
+        return exact
     named = {name: module for name, module in model.named_modules() if name}
     names = list(named)
     by_identity = {id(module): name for name, module in named.items()}
-    specs: Iterable[LayerSpec] = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
     found: dict[str, nn.Module] = {}
     for spec in specs:
         if isinstance(spec, nn.Module):
@@ -147,6 +150,22 @@ def resolve_layers(
     if not found:
         raise ValueError("No layer given: pass at least one layer name, glob or module.")
     return list(found.items())
+
+
+def _exact_names(
+    model: nn.Module, specs: Iterable[LayerSpec]
+) -> list[tuple[str, nn.Module]] | None:
+    """The layers when every spec is a full dotted name (no walk over the whole model: a
+    CAM call on a GPU is bound by such host work); None when one is anything else."""
+    found: dict[str, nn.Module] = {}
+    for spec in specs:
+        if not isinstance(spec, str) or not spec or _GLOB_CHARS.search(spec):
+            return None
+        try:
+            found.setdefault(spec, model.get_submodule(spec))
+        except AttributeError:
+            return None
+    return list(found.items()) or None
 
 
 def _fits(rows: int, cols: int, size: tuple[int, int]) -> bool:

@@ -8,7 +8,7 @@ where a denominator is zero, the corresponding weight is zero.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -20,13 +20,60 @@ CamFormula = Callable[[Tensor, Tensor], Tensor]
 
 def _weighted_sum(weights: Tensor, activations: Tensor) -> Tensor:
     """relu(sum_c w[b, c] * A[b, c]) for channel weights `[B, C]`."""
-    return torch.relu(torch.einsum("bc,bchw->bhw", weights, activations))
+    return _weighted_sums([weights], activations)[0]
 
 
 def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
     """numerator / denominator, and 0 wherever the denominator is 0."""
-    nonzero = denominator != 0
-    return torch.where(nonzero, numerator / torch.where(nonzero, denominator, 1.0), 0.0)
+    # Where the denominator is 0 the quotient is inf or NaN, and `where` drops it.
+    return torch.where(denominator != 0, numerator / denominator, 0.0)
+
+
+def gradcam_weights(activations: Tensor, gradients: Tensor) -> Tensor:
+    """Grad-CAM's channel weights `[B, C]`: the spatially averaged gradient."""
+    return gradients.mean(dim=(2, 3))
+
+
+def gradcam_plus_plus_weights(
+    activations: Tensor,
+    gradients: Tensor,
+    second: Tensor | None = None,
+    third: Tensor | None = None,
+    spatial_sum: Tensor | None = None,
+) -> Tensor:
+    """Grad-CAM++'s channel weights `[B, C]` (closed form under an exponential score).
+
+    alpha = G^2 / (2 G^2 + sum_ab(A) G^3); weights = sum_ab(alpha * relu(G)). Smooth
+    Grad-CAM++ passes the means of G^2 and G^3 over noisy copies; `spatial_sum`, sum_ab(A)
+    `[B, C]`, when the caller has it already.
+    """
+    if spatial_sum is None:
+        spatial_sum = activations.sum(dim=(2, 3))
+    total = spatial_sum[:, :, None, None]
+    if second is None and third is None:
+        # With G^2 and G^3 of one pass, alpha * relu(G) = relu(G) / (2 + sum_ab(A) G): the same
+        # value in a third of the passes, and no G^3 to underflow.
+        weighted = _safe_divide(torch.relu(gradients), 2 + total * gradients)
+    else:
+        g2 = gradients.pow(2) if second is None else second
+        g3 = g2 * gradients if third is None else third
+        weighted = _safe_divide(g2, 2 * g2 + total * g3) * torch.relu(gradients)
+    return weighted.sum(dim=(2, 3))
+
+
+def xgradcam_weights(
+    activations: Tensor,
+    gradients: Tensor,
+    spatial_sum: Tensor | None = None,
+    product: Tensor | None = None,
+) -> Tensor:
+    """XGrad-CAM's channel weights `[B, C]`: gradients averaged with the activations as weights
+    (`spatial_sum` = sum_ab(A) `[B, C]` and `product` = G * A when the caller has them)."""
+    if spatial_sum is None:
+        spatial_sum = activations.sum(dim=(2, 3))
+    if product is None:
+        product = gradients * activations
+    return _safe_divide(product.sum(dim=(2, 3)), spatial_sum)
 
 
 def gradcam(activations: Tensor, gradients: Tensor) -> Tensor:
@@ -37,7 +84,7 @@ def gradcam(activations: Tensor, gradients: Tensor) -> Tensor:
         >>> gradcam(A, 2 * G).sum().item()  # weights +2 and -2 cancel
         0.0
     """
-    return _weighted_sum(gradients.mean(dim=(2, 3)), activations)
+    return _weighted_sum(gradcam_weights(activations, gradients), activations)
 
 
 def gradcam_plus_plus(
@@ -46,28 +93,15 @@ def gradcam_plus_plus(
     second: Tensor | None = None,
     third: Tensor | None = None,
 ) -> Tensor:
-    """Grad-CAM++ (Chattopadhay et al. 2018), closed form under an exponential score.
-
-    alpha = G^2 / (2 G^2 + sum_ab(A) G^3); weights = sum_ab(alpha * relu(G)). Smooth
-    Grad-CAM++ (Omeiza et al. 2019) passes the means of G^2 and G^3 over noisy copies.
-    """
-    spatial_sum = activations.sum(dim=(2, 3), keepdim=True)
-    if second is None and third is None:
-        # With G^2 and G^3 of one pass, alpha * relu(G) = relu(G) / (2 + sum_ab(A) G): the same
-        # value in a third of the passes, and no G^3 to underflow.
-        weighted = _safe_divide(torch.relu(gradients), 2 + spatial_sum * gradients)
-    else:
-        g2 = gradients.pow(2) if second is None else second
-        g3 = g2 * gradients if third is None else third
-        weighted = _safe_divide(g2, 2 * g2 + spatial_sum * g3) * torch.relu(gradients)
-    return _weighted_sum(weighted.sum(dim=(2, 3)), activations)
+    """Grad-CAM++ (Chattopadhay et al. 2018); Smooth Grad-CAM++ (Omeiza et al. 2019) with the
+    means of G^2 and G^3 over noisy copies as `second` and `third`."""
+    weights = gradcam_plus_plus_weights(activations, gradients, second, third)
+    return _weighted_sum(weights, activations)
 
 
 def xgradcam(activations: Tensor, gradients: Tensor) -> Tensor:
     """XGrad-CAM (Fu et al. 2020): gradients averaged with the activations as weights."""
-    spatial_sum = activations.sum(dim=(2, 3))
-    weights = _safe_divide((gradients * activations).sum(dim=(2, 3)), spatial_sum)
-    return _weighted_sum(weights, activations)
+    return _weighted_sum(xgradcam_weights(activations, gradients), activations)
 
 
 def layercam(activations: Tensor, gradients: Tensor) -> Tensor:
@@ -140,14 +174,69 @@ def apply_method(
     `gradients` is the mean of G. Only `gradcam++` uses them, the other formulas are linear
     in G or use only its mean.
     """
-    # A caller's autocast would otherwise recast the einsum to half precision.
+    return gradient_maps((name,), activations, gradients, moments)[name]
+
+
+def gradient_maps(
+    methods: Sequence[str],
+    activations: Tensor,
+    gradients: Tensor,
+    moments: tuple[Tensor, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Every gradient CAM in `methods` for one layer, in float32, as `apply_method` gives each.
+
+    The methods share what they can (sum_ab(A), G * A, relu(G)), and the channel-weight
+    methods (gradcam, gradcam++, xgradcam) share one batched weighted sum: on a GPU, where a
+    CAM call is bound by kernel launches, the number of ops is what costs.
+
+    Example:
+        >>> A, G = torch.rand(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+        >>> maps = gradient_maps(["gradcam", "hirescam"], A, G)
+        >>> torch.allclose(maps["gradcam"], gradcam(A, G), atol=1e-6), maps["hirescam"].shape
+        (True, torch.Size([2, 4, 4]))
+    """
+    unknown = [m for m in methods if m not in GRADIENT_METHODS]
+    if unknown:
+        raise ValueError(f"Not gradient methods: {unknown}; known: {list(GRADIENT_METHODS)}.")
+    # A caller's autocast would otherwise recast the products to half precision.
     with torch.autocast(device_type=activations.device.type, enabled=False):
-        if name == "gradcam++" and moments is not None:
-            second, third = moments
-            return gradcam_plus_plus(
-                activations.float(), gradients.float(), second.float(), third.float()
-            )
-        return GRADIENT_METHODS[name](activations.float(), gradients.float())
+        a, g = _float32(activations), _float32(gradients)
+        wanted = set(methods)
+        spatial_sum = a.sum(dim=(2, 3)) if wanted & {"gradcam++", "xgradcam"} else None
+        product = g * a if wanted & {"xgradcam", "hirescam"} else None
+        weights: dict[str, Tensor] = {}
+        if "gradcam" in wanted:
+            weights["gradcam"] = gradcam_weights(a, g)
+        if "gradcam++" in wanted:
+            second, third = (None, None) if moments is None else map(_float32, moments)
+            weights["gradcam++"] = gradcam_plus_plus_weights(a, g, second, third, spatial_sum)
+        if "xgradcam" in wanted:
+            weights["xgradcam"] = xgradcam_weights(a, g, spatial_sum, product)
+        maps = dict(zip(weights, _weighted_sums(list(weights.values()), a), strict=True))
+        if "layercam" in wanted:
+            maps["layercam"] = torch.relu((torch.relu(g) * a).sum(dim=1))
+        if "hirescam" in wanted:
+            assert product is not None
+            maps["hirescam"] = torch.relu(product.sum(dim=1))
+    return {method: maps[method] for method in methods}
+
+
+def _float32(tensor: Tensor) -> Tensor:
+    """`tensor` in float32, without a dispatched no-op where it is float32 already."""
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
+
+
+def _weighted_sums(weights: list[Tensor], activations: Tensor) -> list[Tensor]:
+    """`_weighted_sum` of each of several `[B, C]` weights in one batched matrix product; each
+    result is a contiguous `[B, h, w]`."""
+    if not weights:
+        return []
+    batch, _, height, width = activations.shape
+    stacked = torch.stack(weights, dim=1) if len(weights) > 1 else weights[0][:, None]
+    sums = torch.relu(torch.bmm(stacked, activations.flatten(2)))  # [B, M, h * w]
+    if len(weights) > 1:
+        sums = sums.transpose(0, 1).contiguous()
+    return list(sums.view(len(weights), batch, height, width))
 
 
 def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .options import OutputTransform, Target
 
@@ -72,13 +73,26 @@ def warn_if_probabilities(module: nn.Module, logits: Tensor) -> None:
         )
 
 
-def _check_indices(indices: Tensor, num_classes: int) -> None:
+#: Target tensors already checked, with the `(version, classes)` they were checked at: the
+#: check reads the values back (a host sync on a GPU), so the probe's labels, passed again at
+#: every evaluation, are read once, and again only after an in-place change.
+_CHECKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _check_indices(indices: Tensor, num_classes: int, source: Tensor | None = None) -> None:
+    """Refuse class indices outside `[0, num_classes)` (a GPU gather would abort the process);
+    `source`, the caller's tensor they come from, is remembered as checked."""
+    stamp = None if source is None else (source._version, num_classes)
+    if stamp is not None and _CHECKED.get(source) == stamp:
+        return
     if indices.numel() and bool((indices < 0).any() | (indices >= num_classes).any()):
         bad = indices[(indices < 0) | (indices >= num_classes)][0].item()
         raise ValueError(
             f"Target index {bad} is outside the logits' {num_classes} classes "
             f"(valid: 0..{num_classes - 1}). Check target= or output_transform=."
         )
+    if stamp is not None:
+        _CHECKED[source] = stamp
 
 
 def check_engine_target(target: Target) -> None:
@@ -91,10 +105,13 @@ def check_engine_target(target: Target) -> None:
         )
 
 
-def resolve_targets(target: Target, logits: Tensor) -> tuple[Tensor, Tensor]:
+def resolve_targets(
+    target: Target, logits: Tensor, whole: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Return `(class indices [B], scores [B])`; indices are -1 where a callable gave scores.
 
-    `target` has been validated by `EngineOptions`; what needs the logits is checked here.
+    `target` has been validated by `EngineOptions`; what needs the logits is checked here. A
+    tensor `target` that is a chunk of `whole` is checked through `whole`, once per tensor.
 
     Example:
         >>> indices, scores = resolve_targets("predicted", torch.tensor([[0.0, 2.0], [3.0, 1.0]]))
@@ -115,16 +132,18 @@ def resolve_targets(target: Target, logits: Tensor) -> tuple[Tensor, Tensor]:
             "`target` must be 'predicted', an int, a LongTensor or a callable, got bool."
         )
     elif isinstance(target, int):
+        if not 0 <= target < num_classes:
+            _check_indices(torch.tensor([target]), num_classes)  # the same message
         indices = torch.full((batch,), target, dtype=torch.long, device=logits.device)
-        _check_indices(indices, num_classes)
     elif isinstance(target, Tensor):
         if target.is_floating_point() or target.dim() > 1:
             raise ValueError(
                 "`target` as a tensor must hold integer class indices of shape [B], got dtype "
                 f"{target.dtype} and shape {tuple(target.shape)}."
             )
+        checked = target if whole is None else whole
+        _check_indices(checked, num_classes, source=checked)
         indices = target.to(logits.device, torch.long).expand(batch)
-        _check_indices(indices, num_classes)
     elif callable(target):
         returned = target(logits)
         if not isinstance(returned, Tensor) or returned.shape != (batch,):

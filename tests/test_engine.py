@@ -437,3 +437,35 @@ def test_target_type_aliases_still_come_from_the_engine() -> None:
 
     assert engine.Target is options.Target and engine.ForwardFn is options.ForwardFn
     assert engine.OutputTransform is options.OutputTransform
+
+
+def test_a_target_tensor_is_checked_once_but_again_after_an_in_place_change(
+    tiny_cnn: TinyCNN, images: torch.Tensor
+) -> None:
+    # The check reads the labels back (a host sync on a GPU), so it is remembered per tensor;
+    # the memory must not let a changed or different tensor through.
+    labels = torch.tensor([0, 1, 2, 3])
+    compute_cams(tiny_cnn, images, "features.3", target=labels)
+    labels[2] = 7  # in place: the tensor's version moves on
+    with pytest.raises(ValueError, match=r"Target index 7 is outside the logits' 5 classes"):
+        compute_cams(tiny_cnn, images, "features.3", target=labels)
+    with pytest.raises(ValueError, match=r"Target index -1 is outside"):
+        compute_cams(tiny_cnn, images, "features.3", target=torch.tensor([0, 1, 2, -1]))
+    with pytest.raises(ValueError, match=r"Target index 6 is outside"):
+        compute_cams(tiny_cnn, images, "features.3", target=torch.tensor(6))
+    five = nn.Sequential(tiny_cnn, nn.Linear(5, 3))  # the same labels, fewer classes
+    labels[2] = 4
+    compute_cams(tiny_cnn, images, "features.3", target=labels)
+    with pytest.raises(ValueError, match=r"Target index 4 is outside the logits' 3 classes"):
+        compute_cams(five, images, "0.features.3", target=labels)
+
+
+def test_chunked_labels_are_checked_whole_and_a_failed_check_is_not_remembered(
+    tiny_cnn: TinyCNN, images: torch.Tensor
+) -> None:
+    labels = torch.tensor([0, 1, 2, 9])
+    with pytest.raises(ValueError, match=r"Target index 9 is outside"):
+        compute_cams(tiny_cnn, images, "features.3", target=labels, batch_size=2)
+    labels[3] = 4
+    chunked = compute_cams(tiny_cnn, images, "features.3", target=labels, batch_size=2)
+    assert torch.equal(chunked.targets, labels)

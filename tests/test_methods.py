@@ -8,6 +8,7 @@ from cam_monitor.methods import (
     apply_method,
     class_activation_map,
     gradcam_plus_plus,
+    gradient_maps,
     normalize_maps,
 )
 
@@ -111,3 +112,39 @@ def test_normalize_is_per_image_and_safe_on_constant_maps() -> None:
     out = normalize_maps(maps)
     assert torch.allclose(out[0], torch.arange(4.0).view(2, 2) / 3)
     assert torch.equal(out[1], torch.zeros(2, 2))
+
+
+def subsets() -> list[tuple[str, ...]]:
+    names = list(GRADIENT_METHODS)
+    return [tuple(n for i, n in enumerate(names) if mask >> i & 1) for mask in range(1, 32)]
+
+
+@pytest.mark.parametrize("methods", subsets())
+def test_gradient_maps_of_any_subset_equal_each_formula_alone(methods: tuple[str, ...]) -> None:
+    gen = torch.Generator().manual_seed(len(methods))
+    acts = torch.relu(torch.randn(3, 8, 5, 6, generator=gen))
+    grads = torch.randn(3, 8, 5, 6, generator=gen)
+    grads[0, 1] = 0.0  # a dead channel: the safe divisions
+    acts[1, 2] = 0.0
+    maps = gradient_maps(methods, acts, grads)
+    assert list(maps) == list(methods)
+    for name in methods:
+        alone = GRADIENT_METHODS[name](acts, grads)
+        assert maps[name].shape == (3, 5, 6) and maps[name].is_contiguous(), name
+        assert torch.allclose(maps[name], alone, rtol=1e-5, atol=1e-6), name
+
+
+def test_gradient_maps_takes_smoothing_moments_half_precision_and_channels_last() -> None:
+    gen = torch.Generator().manual_seed(3)
+    acts = torch.relu(torch.randn(2, 4, 6, 6, generator=gen))
+    grads = torch.randn(2, 4, 6, 6, generator=gen)
+    moments = (grads.pow(2) * 1.5, grads.pow(3) * 0.5)
+    maps = gradient_maps(["gradcam", "gradcam++"], acts, grads, moments)
+    assert torch.allclose(maps["gradcam++"], gradcam_plus_plus(acts, grads, *moments), atol=1e-6)
+    half = gradient_maps(list(GRADIENT_METHODS), acts.half(), grads.half())
+    assert all(m.dtype == torch.float32 for m in half.values())
+    last = acts.to(memory_format=torch.channels_last)
+    for name, value in gradient_maps(list(GRADIENT_METHODS), last, grads).items():
+        assert torch.allclose(value, GRADIENT_METHODS[name](acts, grads), atol=1e-6), name
+    with pytest.raises(ValueError, match=r"Not gradient methods: \['cam'\]"):
+        gradient_maps(["gradcam", "cam"], acts, grads)
