@@ -414,6 +414,22 @@ def memory_in_subprocess(
     return mib
 
 
+def dispatched_ops(run: Callable[[], Maps]) -> int:
+    """Top-level ATen ops one call dispatches (nested ones not counted): the host's share of a
+    call, which on a GPU each costs a kernel launch and some Python, whatever the card."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(
+        1
+        for event in prof.events()
+        if event.name.startswith("aten::")
+        and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))
+    )
+
+
 def run_scenario(s: Setup, scenario: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Time every contender of one model and scenario, interleaved; check maps against ours."""
     layers, methods = s.layers[scenario], SCENARIO_METHODS[scenario]
@@ -429,6 +445,7 @@ def run_scenario(s: Setup, scenario: str, args: argparse.Namespace) -> list[dict
     forward = harness.median(seconds["forward"])
     least = harness.median(seconds["floor"]) if "floor" in seconds else float("nan")
     mine = outputs.get("ours") or ours(s, layers, methods)()
+    ops = {name: dispatched_ops(fn) for name, fn in contenders.items()}
     rows = []
     for name in args.contenders:
         diffs = agreement(mine, outputs[name]) if name in (*PEERS, "floor") else {}
@@ -444,6 +461,7 @@ def run_scenario(s: Setup, scenario: str, args: argparse.Namespace) -> list[dict
                 "spread": harness.spread(seconds[name]),
                 "x_forward": median / forward,
                 "x_floor": median / least,
+                "aten_ops": ops[name],
                 "max_abs_diff": max(diffs.values()) if diffs else None,
                 "diff_per_method": diffs,
                 "all_seconds": seconds[name],
@@ -567,6 +585,7 @@ def untimed_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             "spread": None,
             "x_forward": None,
             "x_floor": None,
+            "aten_ops": None,
             "max_abs_diff": None,
             "diff_per_method": {},
             "all_seconds": [],
@@ -580,7 +599,7 @@ def untimed_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 def print_tables(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> None:
     """The timing/memory table, the agreement per method, and what each contender did."""
     headers = ["model", "scenario", "contender", "maps", "median s", "spread", "x forward"]
-    headers.append("x floor")
+    headers += ["x floor", "aten ops"]
     if args.memory:
         headers += ["peak extra MiB", "x train step"]
     headers.append("max abs diff")
@@ -595,6 +614,7 @@ def print_tables(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace) ->
             row["spread"],
             row["x_forward"],
             row["x_floor"],
+            row.get("aten_ops"),
         ]
         if args.memory:
             line += [row["peak_mib"], row["peak_mib"] / row["train_step_mib"]]
@@ -616,7 +636,9 @@ def print_tables(rows: Sequence[Mapping[str, Any]], args: argparse.Namespace) ->
             ".grad its backward allocates."
         )
     print(
-        "\nspread = (max - min) / median over the timed repetitions. max abs diff: peer maps "
+        "\nspread = (max - min) / median over the timed repetitions. aten ops: top-level ATen "
+        "ops one call dispatches (torch.profiler), the host work a GPU call waits on. "
+        "max abs diff: peer maps "
         "against ours, both min-max normalised per image (ours upsampled bilinearly where the "
         "peer returns input-size maps).\n"
     )

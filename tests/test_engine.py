@@ -3,11 +3,13 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import namedtuple
+from typing import Any
 
 import pytest
 import torch
 from captum.attr import LayerGradCam
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import resnet18
 
 from cam_monitor import CamResult, compute_cams
@@ -469,3 +471,43 @@ def test_chunked_labels_are_checked_whole_and_a_failed_check_is_not_remembered(
     labels[3] = 4
     chunked = compute_cams(tiny_cnn, images, "features.3", target=labels, batch_size=2)
     assert torch.equal(chunked.targets, labels)
+
+
+class ReadBacks(TorchDispatchMode):
+    """Counts values read back to Python (`bool()`, `.item()`): on a GPU each is a host sync."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("target", "batch_size"),
+    [("predicted", None), ("labels", None), ("labels", 2), (3, None)],
+)
+def test_a_repeated_call_reads_nothing_back_to_the_host(
+    tiny_cnn: TinyCNN, images: torch.Tensor, target: object, batch_size: int | None
+) -> None:
+    # The callback calls the engine with the same probe labels at every evaluation; a read-back
+    # there would stall a GPU between the forward and the backward each time.
+    labels = torch.tensor([0, 1, 2, 3])
+    chosen = labels if target == "labels" else target
+    methods = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
+    compute_cams(tiny_cnn, images, "features.3", methods, target=chosen, batch_size=batch_size)
+    with ReadBacks() as reads:
+        result = compute_cams(
+            tiny_cnn, images, "features.3", methods, target=chosen, batch_size=batch_size
+        )
+    assert reads.count == 0
+    assert len(result.maps) == 5
+    fresh = torch.tensor([0, 1, 2, 3])  # another tensor is checked: one read-back
+    with ReadBacks() as reads:
+        compute_cams(tiny_cnn, images, "features.3", methods, target=fresh)
+    assert reads.count == 1
