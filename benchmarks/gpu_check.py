@@ -13,7 +13,9 @@ side, never asserted; the targets are shown next to them):
 - issue 14's GPU fit (resnet50, 224 px, batch 64, bf16-mixed, 40 steps x 3 epochs, the
   monitor on `layer3` + `layer4` with gradcam + gradcam++, TensorBoardLogger) without the
   monitor, with it, and with it and `crc32c`: whole-fit seconds, in-loop seconds per
-  evaluation, the logger's `close()`; then one evaluation piece by piece (evaluation_cost.py).
+  evaluation, the logger's `close()`; then one evaluation piece by piece (evaluation_cost.py),
+  with the monitor's in-loop path: the grids encoded once on its encoder's threads while drift
+  is scored.
 
 `--out PATH` writes every number as JSON. Without the `crc32c` package the crc32c arm is skipped.
 """

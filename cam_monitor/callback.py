@@ -18,7 +18,8 @@ from lightning_utilities.core.rank_zero import (  # what both namespaces re-expo
 )
 from torch import Tensor, nn
 
-from .evaluation import explain_first_failure, run_evaluation
+from .encoding import GridEncoder, PendingGrids
+from .evaluation import ImageKey, explain_first_failure, run_evaluation
 from .history import (
     BackgroundWriter,
     evaluation_record,
@@ -238,6 +239,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self.run_id: str | None = None  # set at the start of fit, or by a resumed checkpoint
         self._idle = False  # fast_dev_run: nothing evaluated, nothing written
         self._writer = BackgroundWriter()  # history files, written off the training thread
+        self._encoder = GridEncoder()  # grids, encoded while drift is scored
 
     def __init_layers(self, layer: Any) -> list[LayerSpec] | None:
         if layer is None:
@@ -351,7 +353,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         if self.run_id is None:
             self.run_id = uuid.uuid4().hex[:12]
         self.folder = self._claim_folder(trainer)
-        self._sinks = sinks_for(trainer, self.folder, self.render.image_format)
+        self._sinks = sinks_for(trainer, self.folder)
         if not trainer.loggers:
             rank_zero_warn(
                 f"CamMonitor: the Trainer has no logger; grids and scalars go to {self.folder}."
@@ -404,15 +406,18 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             self._evaluate(trainer, pl_module, epoch=trainer.current_epoch, final=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Every history file is on disk when `fit` returns."""
+        """Every history file is on disk when `fit` returns, and no encoding thread is left."""
+        self._encoder.close()
         self._report_writes(self._writer.close())
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._encoder.close()
         self._report_writes(self._writer.close())
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        self._encoder.close()
         for failure in self._writer.close():  # warn only: the exception is what the user sees
             rank_zero_warn(f"CamMonitor could not write {failure.what}: {failure.error}")
 
@@ -451,17 +456,24 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     ) -> None:
         """Compute, draw, score and log one evaluation; failures warn and skip unless strict.
 
-        The baseline is also the configuration check: any error computing it is raised.
+        The grids are encoded on the encoder's threads while drift is scored here, once for
+        every sink. The baseline is also the configuration check: any error computing it is
+        raised.
         """
         start = time.perf_counter()
         step = self._last_step = trainer.global_step
+        encoding: PendingGrids[ImageKey] | None = None
         try:
             module = unwrap_model(pl_module)
             output = run_evaluation(
                 module, self._probes, self.layers or [], self.engine, self.render, self.filters
             )
+            if self._sinks:
+                encoding = self._encoder.submit(output.images, self.render.image_format)
             scalars, non_finite = self.tracker.score(output.results, self._probes)
         except Exception as err:
+            if encoding is not None:
+                encoding.cancel()
             if baseline and not isinstance(err, ValueError):
                 raise ValueError(explain_first_failure(self._probes, err)) from err
             if self.strict or baseline:
@@ -486,8 +498,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 what = f"evaluation {record.index}"
                 self._writer.submit(partial(write_evaluation, self.folder, record), what)
                 self._report_writes(self._writer.errors())
+            images = encoding.result() if encoding is not None else {}
             for sink in self._sinks:
-                sink.log(output.images, output.scalars, step)
+                sink.log(images, output.scalars, step)
         except Exception as err:
             if self.strict:
                 raise

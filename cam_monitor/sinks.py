@@ -16,11 +16,8 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from torch import Tensor
-
-from .render import IMAGE_SUFFIXES, encode_grid, grid_format, save_grid
 from .schema import (
     DRIFT,
     FILTER_PREFIX,
@@ -41,6 +38,7 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import Logger
 
+    from .encoding import EncodedGrid
     from .evaluation import ImageKey, ScalarName
 
 # The two names under which Lightning ships the same Trainer: the standalone `pytorch-lightning`
@@ -72,6 +70,7 @@ def installed_namespaces() -> tuple[str, ...]:
 
 
 NAMESPACES = installed_namespaces()
+T = TypeVar("T")
 
 
 @cache
@@ -100,7 +99,7 @@ def is_logger(logger: Any, name: str) -> bool:
     return isinstance(logger, lightning_classes(module, name))
 
 
-def image_tags(images: Mapping[ImageKey, Tensor]) -> dict[str, Tensor]:
+def image_tags(images: Mapping[ImageKey, T]) -> dict[str, T]:
     """Grids by tag: `cam/<probe>/<layer>/<method>` for a `MapKey`; filter tags as they are."""
     return {image_tag(k) if isinstance(k, MapKey) else k: grid for k, grid in images.items()}
 
@@ -112,12 +111,13 @@ def scalar_tags(scalars: Mapping[ScalarName, float]) -> dict[str, float]:
 
 
 class Sink:
-    """Receives the grids (uint8 CHW, CPU) and scalars of one evaluation at a global step, by
-    the evaluation's keys (`image_tags` and `scalar_tags` turn them into the logged tags).
-    Overlay grids are encoded as `image_format` ("jpeg" or "png"; `render.grid_format`)."""
+    """Receives the grids and scalars of one evaluation at a global step, by the evaluation's
+    keys (`image_tags` and `scalar_tags` turn them into the logged tags). Each grid comes
+    encoded once for every sink (`encoding.EncodedGrid`: the bytes, their format and the
+    pixels); a sink writes those bytes and never encodes again."""
 
     def log(
-        self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
+        self, images: Mapping[ImageKey, EncodedGrid], scalars: Mapping[ScalarName, float], step: int
     ) -> None:
         raise NotImplementedError
 
@@ -137,23 +137,22 @@ def png_path(folder: Path, key: ImageKey, step: int, suffix: str = ".png") -> Pa
 
 
 class TensorBoardSink(Sink):
-    """An image summary per grid (`add_png_image`) and `add_scalar` per number, on the logger's
+    """An image summary per grid (`add_encoded_image`) and `add_scalar` per number, on the logger's
     SummaryWriter; each scalar tag's first value carries its `schema.describe` text, and the
     custom-scalars page gets one chart per question (`record_dashboard`). Creating one installs
     the C CRC32C in TensorBoard's writer where it checks out (`tensorboard_crc`)."""
 
-    def __init__(self, logger: Logger, image_format: str = "png") -> None:
+    def __init__(self, logger: Logger) -> None:
         self.logger = logger
-        self.image_format = image_format
         self.described: set[str] = set()  # tags whose description is written
         install_fast_crc()
 
     def log(
-        self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
+        self, images: Mapping[ImageKey, EncodedGrid], scalars: Mapping[ScalarName, float], step: int
     ) -> None:
         writer = self.logger.experiment
-        for key, (tag, grid) in zip(images, image_tags(images).items(), strict=True):
-            add_png_image(writer, tag, grid, step, grid_format(key, self.image_format))
+        for tag, image in image_tags(images).items():
+            add_encoded_image(writer, tag, image, step)
         for tag, value in scalar_tags(scalars).items():
             add_described_scalar(writer, tag, value, step, self.described)
 
@@ -209,14 +208,13 @@ def add_described_scalar(
     writer._get_file_writer().add_summary(Summary(value=[scalar]), step)
 
 
-def add_png_image(
-    writer: Any, tag: str, grid: Tensor, step: int, image_format: str = "png"
-) -> None:
-    """What `writer.add_image(tag, grid, step)` records, with the PNG (or JPEG: `image_format`)
-    encoded by OpenCV.
+def add_encoded_image(writer: Any, tag: str, image: EncodedGrid, step: int) -> None:
+    """What `writer.add_image(tag, grid, step)` records, with the bytes already encoded (PNG or
+    JPEG, by OpenCV: `encoding`).
 
     TensorBoard's own encoder (PIL, zlib level 6) took 32 ms for a 16-tile demo grid, OpenCV
-    9 ms for a file 27% larger. Writers other than torch's `SummaryWriter` get `add_image`.
+    9 ms for a file 27% larger. Writers other than torch's `SummaryWriter` get `add_image` of
+    the pixels.
     """
     try:
         from tensorboard.compat.proto.summary_pb2 import Summary
@@ -226,39 +224,32 @@ def add_png_image(
     except ImportError:  # tensorboardX alone
         native = False
     if not native:
-        writer.add_image(tag, grid, global_step=step, dataformats="CHW")
+        writer.add_image(tag, image.grid, global_step=step, dataformats="CHW")
         return
-    image = Summary.Image(
-        height=grid.shape[1],
-        width=grid.shape[2],
-        colorspace=3,
-        encoded_image_string=encode_grid(grid, image_format),
+    summary = Summary.Image(
+        height=image.height, width=image.width, colorspace=3, encoded_image_string=image.data
     )
     writer._get_file_writer().add_summary(
-        Summary(value=[Summary.Value(tag=tag, image=image)]), step
+        Summary(value=[Summary.Value(tag=tag, image=summary)]), step
     )
 
 
 class WandbSink(Sink):
     """One `wandb.log` call per evaluation: images with captions, scalars, `trainer/global_step`."""
 
-    def __init__(self, logger: Logger, image_format: str = "png") -> None:
+    def __init__(self, logger: Logger) -> None:
         self.logger = logger
-        self.image_format = image_format
 
     def log(
-        self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
+        self, images: Mapping[ImageKey, EncodedGrid], scalars: Mapping[ScalarName, float], step: int
     ) -> None:
         import wandb
 
         with tempfile.TemporaryDirectory(prefix="cam-monitor-") as folder:
             payload: dict[str, Any] = {}
-            tagged = zip(images, image_tags(images).items(), strict=True)
-            for index, (key, (tag, grid)) in enumerate(tagged):
-                # Encoded here (OpenCV; JPEG at quality 90), passed to W&B as a file it copies.
-                image_format = grid_format(key, self.image_format)
-                name = f"{index}{IMAGE_SUFFIXES[image_format]}"
-                path = save_grid(grid, Path(folder, name), image_format)
+            for index, (tag, image) in enumerate(image_tags(images).items()):
+                path = Path(folder, f"{index}{image.suffix}")  # a file W&B copies as it is
+                path.write_bytes(image.data)
                 payload[tag] = wandb.Image(str(path), caption=f"{tag} @ step {step}")
             payload.update({k: v for k, v in scalar_tags(scalars).items() if not math.isnan(v)})
             payload[WANDB_STEP] = step
@@ -287,21 +278,20 @@ WANDB_GLOBS: tuple[str, ...] = (
 
 
 class FileSink(Sink):
-    """Grids as image files (PNG, or JPEG for overlays: `image_format`) under `folder/images/`;
-    scalars into `folder/scalars.csv` if asked."""
+    """Grids as image files (PNG, or JPEG for overlays with `image_format="jpeg"`) under
+    `folder/images/`; scalars into `folder/scalars.csv` if asked."""
 
-    def __init__(self, folder: Path, write_scalars: bool, image_format: str = "png") -> None:
+    def __init__(self, folder: Path, write_scalars: bool) -> None:
         self.folder = folder
         self.write_scalars = write_scalars
-        self.image_format = image_format
 
     def log(
-        self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
+        self, images: Mapping[ImageKey, EncodedGrid], scalars: Mapping[ScalarName, float], step: int
     ) -> None:
-        for key, grid in images.items():  # paths from the keys, not from parsed tags
-            image_format = grid_format(key, self.image_format)
-            path = png_path(self.folder, key, step, IMAGE_SUFFIXES[image_format])
-            save_grid(grid, path, image_format)
+        for key, image in images.items():  # paths from the keys, not from parsed tags
+            path = png_path(self.folder, key, step, image.suffix)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(image.data)
         if self.write_scalars and scalars:
             path = self.folder / "scalars.csv"
             new = not path.exists()
@@ -317,12 +307,11 @@ class FileSink(Sink):
 class MetricsSink(Sink):
     """Scalars through any Lightning logger's `log_metrics` (CSVLogger, MLflow, ...)."""
 
-    def __init__(self, logger: Logger, image_format: str = "png") -> None:
+    def __init__(self, logger: Logger) -> None:
         self.logger = logger
-        self.image_format = image_format
 
     def log(
-        self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
+        self, images: Mapping[ImageKey, EncodedGrid], scalars: Mapping[ScalarName, float], step: int
     ) -> None:
         if scalars:
             self.logger.log_metrics(scalar_tags(scalars), step=step)
@@ -333,14 +322,17 @@ class MetricsSink(Sink):
 
 class MlflowSink(MetricsSink):
     """Grids through `MlflowClient.log_image(run_id, image, key=tag, step=step)` (the MLflow UI
-    shows a step slider per key); scalars and the probe hash as `MetricsSink`."""
+    shows a step slider per key); scalars and the probe hash as `MetricsSink`.
+
+    `log_image` takes pixels (an array or a PIL image), never encoded bytes, and writes its own
+    PNG: this sink passes the pixels and leaves the encoded bytes unused."""
 
     def log(
-        self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
+        self, images: Mapping[ImageKey, EncodedGrid], scalars: Mapping[ScalarName, float], step: int
     ) -> None:
         client, run_id = self.logger.experiment, self.logger.run_id
-        for tag, grid in image_tags(images).items():
-            client.log_image(run_id, grid.permute(1, 2, 0).numpy(), key=tag, step=step)
+        for tag, image in image_tags(images).items():
+            client.log_image(run_id, image.grid.permute(1, 2, 0).numpy(), key=tag, step=step)
         super().log(images, scalars, step)
 
 
@@ -349,12 +341,11 @@ class CometSink(MetricsSink):
     so Comet does not re-encode them); scalars and the probe hash as `MetricsSink`."""
 
     def log(
-        self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
+        self, images: Mapping[ImageKey, EncodedGrid], scalars: Mapping[ScalarName, float], step: int
     ) -> None:
         experiment = self.logger.experiment
-        for key, (tag, grid) in zip(images, image_tags(images).items(), strict=True):
-            encoded = encode_grid(grid, grid_format(key, self.image_format))
-            experiment.log_image(io.BytesIO(encoded), name=tag, step=step)
+        for tag, image in image_tags(images).items():
+            experiment.log_image(io.BytesIO(image.data), name=tag, step=step)
         super().log(images, scalars, step)
 
 
@@ -363,14 +354,13 @@ class NeptuneSink(MetricsSink):
     scalars and the probe hash as `MetricsSink`."""
 
     def log(
-        self, images: Mapping[ImageKey, Tensor], scalars: Mapping[ScalarName, float], step: int
+        self, images: Mapping[ImageKey, EncodedGrid], scalars: Mapping[ScalarName, float], step: int
     ) -> None:
         from neptune.types import File
 
         run = self.logger.experiment
-        for key, (tag, grid) in zip(images, image_tags(images).items(), strict=True):
-            image_format = grid_format(key, self.image_format)
-            encoded = File.from_content(encode_grid(grid, image_format), extension=image_format)
+        for tag, image in image_tags(images).items():
+            encoded = File.from_content(image.data, extension=image.image_format)
             run[tag].append(encoded, step=step)
         super().log(images, scalars, step)
 
@@ -406,20 +396,20 @@ IMAGE_SINKS: dict[str, type[Sink]] = {
 }
 
 
-def sinks_for(trainer: pl.Trainer, folder: Path, image_format: str = "png") -> list[Sink]:
+def sinks_for(trainer: pl.Trainer, folder: Path) -> list[Sink]:
     """A sink for every logger on the Trainer; image files on disk, with a warning saying where,
-    for loggers without an image API. Overlay grids are encoded as `image_format`."""
+    for loggers without an image API."""
     sinks: list[Sink] = []
     without_images = []
     for logger in trainer.loggers:
         sink = next((s for n, s in IMAGE_SINKS.items() if is_logger(logger, n)), None)
         if sink is None:
-            sinks.append(MetricsSink(logger, image_format))
+            sinks.append(MetricsSink(logger))
             without_images.append(type(logger).__name__)
         else:
-            sinks.append(sink(logger, image_format))  # type: ignore[call-arg]
+            sinks.append(sink(logger))  # type: ignore[call-arg]
     if without_images or not trainer.loggers:
-        sinks.append(FileSink(folder, write_scalars=not trainer.loggers, image_format=image_format))
+        sinks.append(FileSink(folder, write_scalars=not trainer.loggers))
     if without_images:
         from lightning_utilities.core.rank_zero import rank_zero_warn
 

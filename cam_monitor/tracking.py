@@ -9,6 +9,7 @@ survives a resume).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,36 +55,94 @@ class AttentionTracker:
     def score(
         self, results: Mapping[str, CamResult], probes: Mapping[str, ProbeSet]
     ) -> tuple[dict[ScalarKey, float], int]:
-        """Drift, localization and entropy scalars; also the number of non-finite maps seen."""
+        """Drift, localization and entropy scalars; also the number of non-finite maps seen.
+
+        Maps of one shape on one device are scored together: each measure runs once per shape
+        (on every map of that shape, against its previous and its reference map at once), not
+        once per map, so an evaluation dispatches a few hundred small ops instead of thousands.
+        """
         options = self.options
-        per_image: dict[ScalarKey, Tensor] = {}
-        non_finite: list[Tensor] = []
+        current: dict[MapKey, Tensor] = {}
         for probe_name, result in results.items():
-            masks = probes[probe_name].masks
-            for (layer, method), raw in result.maps.items():
-                maps = raw.abs() if method in SIGNED_METHODS else raw  # measures need mass >= 0
-                key = MapKey(probe_name, layer, method)
-                non_finite.append((~torch.isfinite(maps)).flatten(1).any(1))
-                earlier = {PREVIOUS: self.previous.get(key), REF: self.reference.get(key)}
-                for against, other in earlier.items():
-                    if other is None or other.shape != maps.shape:
-                        continue
-                    for measure in options.measures:
-                        stat = drift_stat(measure, against)
-                        values = drift(other.to(maps.device), maps, measure, k=options.topk)
-                        per_image[ScalarKey(DRIFT, key, stat)] = values
-                per_image[ScalarKey(STATISTICS, key, "entropy")] = entropy(maps)
-                if masks is not None:
-                    loc = {
-                        "energy": energy_inside(maps, masks),
-                        "pointing": pointing_game(maps, masks, options.pointing_tolerance),
-                        "mask_iou": mask_iou(maps, masks, options.topk),
-                    }
-                    per_image.update({ScalarKey(LOCALIZATION, key, s): v for s, v in loc.items()})
-                self.previous[key] = maps
-                self.reference.setdefault(key, maps)
+            for (layer, method), raw in result.maps.items():  # measures need mass >= 0
+                maps = raw.abs() if method in SIGNED_METHODS else raw
+                current[MapKey(probe_name, layer, method)] = maps
+        order: list[ScalarKey] = []  # the scalars in the order of the maps, as they are logged
+        blocks: list[_Block] = []
+        non_finite: list[Tensor] = []
+        for keys in _same_shape(current).values():
+            stacked = torch.cat([current[key] for key in keys])
+            non_finite.append((~torch.isfinite(stacked)).flatten(1).any(1))
+            blocks += self._drift_blocks(keys, current)
+            entropies = [ScalarKey(STATISTICS, key, "entropy") for key in keys]
+            blocks.append(_Block(entropies, _sizes(current, keys), entropy(stacked)))
+        for keys in _same_shape(current, by_probe=True).values():
+            blocks += self._localization_blocks(keys, current, probes[keys[0].probe].masks)
+        for key, maps in current.items():
+            for against in (PREVIOUS, REF):
+                if self._earlier(key, against, maps) is not None:
+                    order += [
+                        ScalarKey(DRIFT, key, drift_stat(m, against)) for m in options.measures
+                    ]
+            order.append(ScalarKey(STATISTICS, key, "entropy"))
+            if probes[key.probe].masks is not None:
+                order += [ScalarKey(LOCALIZATION, key, stat) for stat in LOCALIZATION_STATS]
+        for key, maps in current.items():
+            self.previous[key] = maps
+            self.reference.setdefault(key, maps)
         count = torch.cat(non_finite).sum(dim=0, keepdim=True).float() if non_finite else None
-        return _summaries(per_image, count)
+        scalars, bad = _summaries(blocks, count)
+        return {k: scalars[k] for k in _with_excluded(order, scalars)}, bad
+
+    def _earlier(self, key: MapKey, against: str, maps: Tensor) -> Tensor | None:
+        """The previous or reference map of `key`, where it has the shape of `maps`."""
+        other = (self.previous if against == PREVIOUS else self.reference).get(key)
+        return other if other is not None and other.shape == maps.shape else None
+
+    def _drift_blocks(self, keys: list[MapKey], current: Mapping[MapKey, Tensor]) -> list[_Block]:
+        """Every measure of maps of one shape against their previous and reference maps: one
+        call per measure on all the pairs stacked."""
+        pairs = [
+            (key, against, other)
+            for key in keys
+            for against in (PREVIOUS, REF)
+            if (other := self._earlier(key, against, current[key])) is not None
+        ]
+        if not pairs:
+            return []
+        device = current[keys[0]].device
+        before = torch.cat([other.to(device) for _, _, other in pairs])
+        now = torch.cat([current[key] for key, _, _ in pairs])
+        sizes = [current[key].shape[0] for key, _, _ in pairs]
+        topk = self.options.topk
+        return [
+            _Block(
+                [ScalarKey(DRIFT, key, drift_stat(measure, against)) for key, against, _ in pairs],
+                sizes,
+                drift(before, now, measure, k=topk),
+            )
+            for measure in self.options.measures
+        ]
+
+    def _localization_blocks(
+        self, keys: list[MapKey], current: Mapping[MapKey, Tensor], masks: Tensor | None
+    ) -> list[_Block]:
+        """Energy, pointing game and mask IoU of maps of one shape of one probe set, stacked."""
+        if masks is None:
+            return []
+        stacked = torch.cat([current[key] for key in keys])
+        tiled = masks.repeat(len(keys), *([1] * (masks.dim() - 1)))
+        options = self.options
+        values = {
+            "energy": energy_inside(stacked, tiled),
+            "pointing": pointing_game(stacked, tiled, options.pointing_tolerance),
+            "mask_iou": mask_iou(stacked, tiled, options.topk),
+        }
+        sizes = _sizes(current, keys)
+        return [
+            _Block([ScalarKey(LOCALIZATION, key, stat) for key in keys], sizes, values[stat])
+            for stat in LOCALIZATION_STATS
+        ]
 
     def use_reference(
         self, evaluation: Evaluation, probes: Mapping[str, ProbeSet], *, source: str = ""
@@ -137,23 +196,65 @@ def _device_of(probe: ProbeSet | None) -> torch.device:
     return torch.device("cpu") if found is None else found.device
 
 
+#: The localization scalars of a map, in the order they are logged.
+LOCALIZATION_STATS: tuple[str, ...] = ("energy", "pointing", "mask_iou")
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Per-image values `[sum(sizes)]` of several scalars computed in one call: `sizes[i]`
+    values for `keys[i]`, in order."""
+
+    keys: list[ScalarKey]
+    sizes: list[int]
+    values: Tensor
+
+
+def _sizes(current: Mapping[MapKey, Tensor], keys: list[MapKey]) -> list[int]:
+    return [current[key].shape[0] for key in keys]
+
+
+def _same_shape(
+    current: Mapping[MapKey, Tensor], by_probe: bool = False
+) -> dict[tuple[Any, ...], list[MapKey]]:
+    """The keys of maps that can be stacked: same `[h, w]` and device (and probe set, for
+    localization against its masks), in their order."""
+    groups: dict[tuple[Any, ...], list[MapKey]] = {}
+    for key, maps in current.items():
+        group = (tuple(maps.shape[1:]), maps.device, key.probe if by_probe else None)
+        groups.setdefault(group, []).append(key)
+    return groups
+
+
+def _with_excluded(order: list[ScalarKey], scalars: Mapping[ScalarKey, float]) -> list[ScalarKey]:
+    """`order` with each key's `excluded` count right after it, where there is one."""
+    return [k for key in order for k in (key, key.excluded) if k in scalars]
+
+
 def _summaries(
-    per_image: Mapping[ScalarKey, Tensor], non_finite: Tensor | None
+    blocks: list[_Block], non_finite: Tensor | None
 ) -> tuple[dict[ScalarKey, float], int]:
     """Mean over finite values per key, plus `excluded` counts where some were not finite, and
     the count of non-finite maps, which rides along in the one host transfer."""
-    chunks = [v.detach().float().flatten() for v in per_image.values()]
+    chunks = [block.values.detach().float().flatten() for block in blocks]
     if non_finite is not None:
         chunks.append(non_finite.detach().float().flatten())
     if not chunks:
         return {}, 0
-    sizes = [chunk.numel() for chunk in chunks]
-    parts = torch.cat(chunks).cpu().split(sizes)
+    host = torch.cat(chunks).cpu()
+    keys = [key for block in blocks for key in block.keys]
+    sizes = [size for block in blocks for size in block.sizes]
+    parts = host.split([*sizes, host.numel() - sum(sizes)])
     scalars: dict[ScalarKey, float] = {}
-    for key, chunk in zip(per_image, parts, strict=False):
-        mean, excluded = summarize(chunk)
-        scalars[key] = mean
-        if excluded:
-            scalars[key.excluded] = float(excluded)
+    for size in dict.fromkeys(sizes):  # keys with as many values summarised together
+        rows = [i for i, s in enumerate(sizes) if s == size]
+        values = torch.stack([parts[i] for i in rows])
+        excluded = (~torch.isfinite(values)).sum(dim=1).tolist()
+        means = values.double().mean(dim=1).tolist()
+        for i, mean, bad in zip(rows, means, excluded, strict=True):
+            if bad:  # the mean of the finite ones only
+                mean, bad = summarize(parts[i])
+                scalars[keys[i].excluded] = float(bad)
+            scalars[keys[i]] = mean
     count = round(float(parts[-1].item())) if non_finite is not None else 0
     return scalars, count

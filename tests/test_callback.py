@@ -108,7 +108,9 @@ def test_wandb_offline_run_holds_the_grids_and_metrics(
     logger = lightning.loggers.WandbLogger(
         save_dir=str(tmp_path), offline=True, project="cam-monitor-test"
     )
-    fit(monitor, tmp_path, lightning, logger=logger, max_epochs=2)
+    table = lightning.loggers.CSVLogger(tmp_path, name="csv")  # image files beside W&B
+    with pytest.warns(UserWarning, match="CSVLogger has no image API"):
+        fit(monitor, tmp_path, lightning, logger=[logger, table], max_epochs=2)
     run_dir = Path(logger.experiment.dir)
     import wandb
 
@@ -116,6 +118,9 @@ def test_wandb_offline_run_holds_the_grids_and_metrics(
     jpegs = sorted(run_dir.glob("media/images/cam/val/net.features.5/gradcam*.jpg"))
     assert len(jpegs) == 3  # baseline and two epochs, as JPEG (image_format's default)
     assert all(p.read_bytes()[:3] == b"\xff\xd8\xff" for p in jpegs)
+    files = sorted((run_dir / "cam_monitor" / "images").rglob("step-*.jpg"))
+    assert len(files) == 3  # W&B copied the very bytes the file sink wrote: one encoding
+    assert {p.read_bytes() for p in jpegs} == {p.read_bytes() for p in files}
     record_log = next(run_dir.parent.glob("run-*.wandb"))
     deadline = time.monotonic() + 60  # wandb's writer may still be flushing after finish()
     rows, finished = wandb_history(record_log)
@@ -696,3 +701,44 @@ def test_a_failed_history_write_warns_and_strict_raises(tmp_path: Path) -> None:
             model = fit(monitor, tmp_path, logger=False, max_epochs=2)
         assert model.trainer.current_epoch == 2  # training finished
         assert [e.index for e in read_history(folder)] == [0, 2]
+
+
+def test_image_sinks_share_one_encoding_and_no_encoder_thread_outlives_fit(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    """TensorBoard and the image files of a CSVLogger get the same bytes: each grid is encoded
+    once (on the encoder's threads, while drift is scored) and handed to every sink."""
+    import threading
+
+    from cam_monitor.encoding import THREAD_PREFIX
+
+    board = lightning.loggers.TensorBoardLogger(tmp_path, name="tb")
+    table = lightning.loggers.CSVLogger(tmp_path, name="csv")
+    monitor = CamMonitor(LAYERS, methods=["gradcam", "gradcam++"], num_probe=4)
+    with pytest.warns(UserWarning, match="CSVLogger has no image API"):
+        fit(monitor, tmp_path, lightning, logger=[board, table], max_epochs=1)
+    assert not [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+    acc = events(board.log_dir)
+    files = Path(board.log_dir) / "cam_monitor" / "images"
+    compared = 0
+    for tag in acc.Tags()["images"]:
+        for shot in acc.Images(tag):
+            _, probe, layer, method = tag.split("/")
+            path = files / probe / layer / method / f"step-{shot.step:08d}.jpg"
+            assert path.read_bytes() == shot.encoded_image_string, (tag, shot.step)
+            compared += 1
+    assert compared == 2 * 2 * 2  # 2 layers x 2 methods, at the baseline and the epoch end
+
+
+def test_a_grid_that_cannot_be_encoded_warns_and_skips_unless_strict(tmp_path: Path) -> None:
+    """An encoding error (a grid taller than JPEG allows) is reported like a sink error."""
+    images = torch.rand(680, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    probe = (images, torch.zeros(680, dtype=torch.long))
+    monitor = CamMonitor("net.features.5", probe=probe, nrow=1, save_dir=tmp_path / "h")
+    with pytest.warns(UserWarning, match="skipped its evaluation.*could not encode a grid"):
+        fit(monitor, tmp_path, max_epochs=1, limit_train_batches=1)
+    assert [e.epoch for e in read_history(tmp_path / "h")] == [0, 1]  # scored and recorded
+    assert not list((tmp_path / "h").rglob("step-*"))  # nothing logged
+    strict = CamMonitor("net.features.5", probe=probe, nrow=1, strict=True, history=False)
+    with pytest.raises(RuntimeError, match="could not encode a grid of shape"):
+        fit(strict, tmp_path / "strict", max_epochs=1, limit_train_batches=1)

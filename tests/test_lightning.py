@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cam_monitor.callback import CamMonitor, check_metric_consumers
+from cam_monitor.encoding import encode_grids
 from cam_monitor.history import read_history
 from cam_monitor.schema import SECONDS_TAG, MapKey
 from cam_monitor.sinks import NeptuneSink
@@ -314,7 +315,8 @@ def test_neptune_offline_run_gets_image_series_with_steps(
     sink = NeptuneSink(types.SimpleNamespace(experiment=run, log_metrics=log_metrics))  # type: ignore[arg-type]
     grid = torch.full((3, 8, 8), 200, dtype=torch.uint8)
     for step in (0, 3):
-        sink.log({MapKey("val", "features.5", "gradcam"): grid}, {SECONDS_TAG: 0.5}, step)
+        images = encode_grids({MapKey("val", "features.5", "gradcam"): grid}, "jpeg")
+        sink.log(images, {SECONDS_TAG: 0.5}, step)
     run.stop()
     (log,) = (tmp_path / ".neptune").rglob("data-1.log")
     ops = [json.loads(line)["obj"] for line in log.read_text().splitlines()]

@@ -1,4 +1,5 @@
-"""The TensorBoard image path: OpenCV-encoded PNG summaries read back by TensorBoard itself."""
+"""The sinks write the bytes encoded once per evaluation: TensorBoard summaries read back by
+TensorBoard itself, and files on disk, byte for byte what `render.encode_grid` gives."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from cam_monitor.render import make_overlay_grid
+from cam_monitor.encoding import EncodedGrid, encode_grids
+from cam_monitor.render import encode_grid, make_overlay_grid
 from cam_monitor.schema import (
     SECONDS_TAG,
     MapKey,
@@ -18,7 +20,7 @@ from cam_monitor.schema import (
     filter_maximised_tag,
     parse_scalar_tag,
 )
-from cam_monitor.sinks import FileSink, add_png_image, image_tags, png_path, scalar_tags
+from cam_monitor.sinks import FileSink, add_encoded_image, image_tags, png_path, scalar_tags
 
 
 def decode(png: bytes) -> np.ndarray:
@@ -29,7 +31,7 @@ def test_png_summary_reads_back_like_add_image(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     grid = make_overlay_grid(torch.rand(6, 3, 32, 32, generator=gen), torch.rand(6, 4, 4), nrow=3)
     writer = SummaryWriter(str(tmp_path))
-    add_png_image(writer, "cam/ours", grid, 7)
+    add_encoded_image(writer, "cam/ours", EncodedGrid(grid, encode_grid(grid, "png"), "png"), 7)
     writer.add_image("cam/theirs", grid, global_step=7, dataformats="CHW")
     writer.close()
     events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
@@ -55,7 +57,9 @@ class OtherWriter:
 
 def test_other_writers_get_add_image() -> None:
     writer = OtherWriter()
-    add_png_image(writer, "cam/x", torch.zeros(3, 4, 4, dtype=torch.uint8), 3)
+    add_encoded_image(
+        writer, "cam/x", EncodedGrid(torch.zeros(3, 4, 4, dtype=torch.uint8), b"", "png"), 3
+    )
     assert writer.calls == [("cam/x", 3, "CHW")]
 
 
@@ -85,7 +89,9 @@ def test_png_files_go_one_folder_per_name(tmp_path: Path) -> None:
         tmp_path / "images" / "val" / "features.5" / "gradcam" / "step-00000003.png"
     )
     key = MapKey("domain/a", "features.5", "gradcam")
-    FileSink(tmp_path, write_scalars=True).log({key: grid}, {SECONDS_TAG: 0.25}, 7)
+    FileSink(tmp_path, write_scalars=True).log(
+        encode_grids({key: grid}, "png"), {SECONDS_TAG: 0.25}, 7
+    )
     (png,) = (tmp_path / "images").rglob("*.png")
     assert png.relative_to(tmp_path).parts == (
         "images", "domain%2Fa", "features.5", "gradcam", "step-00000007.png"
@@ -118,10 +124,10 @@ def test_tensorboard_sink_logs_overlays_as_jpeg_and_pixel_maps_as_png(tmp_path: 
     tensorboard_crc.uninstall_fast_crc()
     original = record_writer.masked_crc32c
     try:
-        sink = TensorBoardSink(logger, "jpeg")
+        sink = TensorBoardSink(logger)
         if tensorboard_crc._candidate() is not None:  # crc32c installed: the sink swaps it in
             assert record_writer.masked_crc32c is not original
-        sink.log(images, {SECONDS_TAG: 0.5}, 4)
+        sink.log(encode_grids(images, "jpeg"), {SECONDS_TAG: 0.5}, 4)
         logger.finalize("success")
     finally:
         tensorboard_crc.uninstall_fast_crc()
@@ -135,16 +141,18 @@ def test_tensorboard_sink_logs_overlays_as_jpeg_and_pixel_maps_as_png(tmp_path: 
     for tag in ("cam/val/input/saliency", "filters/l4/maximised"):  # lossless where it matters
         np.testing.assert_array_equal(decode(by_tag[tag]), grid.permute(1, 2, 0).numpy())
     assert [s.value for s in events.Scalars(SECONDS_TAG)] == [0.5]
+    for key, tag in zip(images, by_tag, strict=True):  # the bytes each grid was encoded to
+        assert by_tag[tag] == encode_grid(grid, "jpeg" if key == overlay_key else "png")
 
 
 def test_file_sink_writes_jpeg_overlays_and_png_pixel_maps(tmp_path: Path) -> None:
     grid = smooth_overlay_grid()
     overlay_key, pixel_key = MapKey("val", "l4", "gradcam"), MapKey("val", "input", "saliency")
-    FileSink(tmp_path, write_scalars=False, image_format="jpeg").log(
-        {overlay_key: grid, pixel_key: grid}, {}, 2
+    FileSink(tmp_path, write_scalars=False).log(
+        encode_grids({overlay_key: grid, pixel_key: grid}, "jpeg"), {}, 2
     )
     jpeg = png_path(tmp_path, overlay_key, 2, ".jpg")
-    assert jpeg.read_bytes()[:3] == b"\xff\xd8\xff"
+    assert jpeg.read_bytes() == encode_grid(grid, "jpeg")
     png = png_path(tmp_path, pixel_key, 2)
     np.testing.assert_array_equal(decode(png.read_bytes()), grid.permute(1, 2, 0).numpy())
     assert sorted(p.name for p in tmp_path.rglob("step-*")) == [jpeg.name, png.name]

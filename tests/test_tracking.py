@@ -8,11 +8,19 @@ import numpy as np
 import pytest
 import torch
 
+from cam_monitor.drift import (
+    drift,
+    energy_inside,
+    entropy,
+    mask_iou,
+    pointing_game,
+    summarize,
+)
 from cam_monitor.engine import CamResult, compute_cams
 from cam_monitor.history import Evaluation
 from cam_monitor.options import DriftOptions
 from cam_monitor.probe import ProbeSet, content_hash
-from cam_monitor.schema import MapKey, ScalarKey
+from cam_monitor.schema import MEASURES, MapKey, ScalarKey, drift_stat
 from cam_monitor.tracking import AttentionTracker
 from tests.conftest import TinyCNN
 
@@ -118,3 +126,90 @@ def test_non_finite_maps_are_counted_and_excluded() -> None:
 def test_options_must_be_drift_options() -> None:
     with pytest.raises(TypeError, match="`options` must be a DriftOptions or None, got dict"):
         AttentionTracker({"topk": 0.2})  # type: ignore[arg-type]
+
+
+def one_by_one(
+    maps: dict[MapKey, torch.Tensor],
+    earlier: dict[str, dict[MapKey, torch.Tensor]],
+    masks: dict[str, torch.Tensor | None],
+    options: DriftOptions,
+) -> dict[ScalarKey, float]:
+    """The scalars as the tracker computed them before it batched: one call per map and pair."""
+    per_image: dict[ScalarKey, torch.Tensor] = {}
+    for key, current in maps.items():
+        for against, found in earlier.items():
+            other = found.get(key)
+            if other is not None and other.shape == current.shape:
+                for measure in options.measures:
+                    stat = drift_stat(measure, against)
+                    per_image[ScalarKey("cam_drift", key, stat)] = drift(
+                        other, current, measure, k=options.topk
+                    )
+        per_image[ScalarKey("cam_stats", key, "entropy")] = entropy(current)
+        mask = masks[key.probe]
+        if mask is not None:
+            per_image[ScalarKey("cam_loc", key, "energy")] = energy_inside(current, mask)
+            tolerance = options.pointing_tolerance
+            per_image[ScalarKey("cam_loc", key, "pointing")] = pointing_game(
+                current, mask, tolerance
+            )
+            per_image[ScalarKey("cam_loc", key, "mask_iou")] = mask_iou(current, mask, options.topk)
+    scalars: dict[ScalarKey, float] = {}
+    for key, values in per_image.items():
+        scalars[key], excluded = summarize(values)
+        if excluded:
+            scalars[key.excluded] = float(excluded)
+    return scalars
+
+
+def awkward_maps(batch: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """ReLU'd noise on a few levels (ties, exact zeros), with an all-zero map, a constant one,
+    a NaN and an Inf."""
+    maps = (torch.randn(batch, *size, generator=generator).clamp_min(0) * 4).round() / 4
+    maps[0], maps[1] = 0.0, 0.5
+    maps[2, 0, 0], maps[3, -1, -1] = math.nan, math.inf
+    return maps
+
+
+def test_batched_scores_equal_one_call_per_map_and_pair() -> None:
+    """Maps of equal shape are scored in one call per measure: the scalars, their order and the
+    excluded counts are those of scoring each map and pair on its own."""
+    generator = torch.Generator().manual_seed(3)
+    options = DriftOptions(measures=MEASURES, topk=0.3, pointing_tolerance=1)
+    masks = torch.rand(6, 16, 16, generator=generator) > 0.6
+    masks[5] = False  # an empty mask: localization is undefined for that image
+    probes = {"src": probe("src", 6, masks=masks), "tgt": probe("tgt", 5)}
+    shapes = {"layer3": (8, 8), "layer4": (4, 4), "layer4.1": (4, 4)}
+    methods = ("gradcam", "gradcam++", "integrated_gradients")  # the last one keeps its sign
+    tracker = AttentionTracker(options)
+    earlier: dict[str, dict[MapKey, torch.Tensor]] = {"prev": {}, "ref": {}}
+    for evaluation in range(3):
+        results, scored = {}, {}
+        for name, probe_set in probes.items():
+            batch = probe_set.inputs.shape[0]
+            raw = {
+                (layer, method): awkward_maps(batch, size, generator)
+                for layer, size in shapes.items()
+                for method in methods
+            }
+            if evaluation == 2:  # a map whose shape changed is not compared
+                raw["layer4", "gradcam"] = awkward_maps(batch, (2, 2), generator)
+            sign = torch.randn(batch, 8, 8, generator=generator).sign()
+            raw["layer3", "integrated_gradients"] *= sign
+            results[name] = CamResult(
+                maps=raw, targets=torch.zeros(batch, dtype=torch.long), logits=torch.zeros(batch, 3)
+            )
+            scored.update({MapKey(name, *layer_method): v.abs() for layer_method, v in raw.items()})
+        masks_by_probe = {name: p.masks for name, p in probes.items()}
+        expected = one_by_one(scored, earlier, masks_by_probe, options)
+        scalars, non_finite = tracker.score(results, probes)
+        assert list(scalars) == list(expected)  # the same keys, in the same order
+        for key, value in expected.items():  # bit for bit, but for com_shift's matmul
+            close = 1e-6 if key.stat.startswith("com_shift") else 0.0
+            assert scalars[key] == pytest.approx(value, rel=0, abs=close, nan_ok=True), key.tag
+        assert non_finite == 2 * len(scored)  # a NaN and an Inf map each time
+        earlier = {"prev": scored, "ref": earlier["ref"] or scored}
+    assert any(k.kind == "cam_drift" and k.stat == "spearman_prev" for k in scalars)
+    assert any(k.kind == "cam_loc" for k in scalars) and any(
+        k.stat.endswith("_excluded") for k in scalars
+    )
