@@ -82,7 +82,10 @@ _CHECKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 def _check_indices(indices: Tensor, num_classes: int, source: Tensor | None = None) -> None:
     """Refuse class indices outside `[0, num_classes)` (a GPU gather would abort the process);
     `source`, the caller's tensor they come from, is remembered as checked."""
-    stamp = None if source is None else (source._version, num_classes)
+    # An inference tensor keeps no version counter: it is checked at every call.
+    stamp = None
+    if source is not None and not source.is_inference():
+        stamp = (source._version, num_classes)
     if stamp is not None and _CHECKED.get(source) == stamp:
         return
     if indices.numel() and bool((indices < 0).any() | (indices >= num_classes).any()):
@@ -143,7 +146,10 @@ def resolve_targets(
             )
         checked = target if whole is None else whole
         _check_indices(checked, num_classes, source=checked)
-        indices = target.to(logits.device, torch.long).expand(batch)
+        indices = target.to(logits.device, torch.long)
+        if indices.is_inference():  # labels of a batch moved under inference mode: autograd
+            indices = indices.clone()  # refuses them, a copy made here is a normal tensor
+        indices = indices.expand(batch)
     elif callable(target):
         returned = target(logits)
         if not isinstance(returned, Tensor) or returned.shape != (batch,):

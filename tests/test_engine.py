@@ -511,3 +511,19 @@ def test_a_repeated_call_reads_nothing_back_to_the_host(
     with ReadBacks() as reads:
         compute_cams(tiny_cnn, images, "features.3", methods, target=fresh)
     assert reads.count == 1
+
+
+def test_labels_made_under_inference_mode_work_and_are_checked_at_every_call(
+    tiny_cnn: TinyCNN, images: torch.Tensor
+) -> None:
+    # Such tensors have no version counter to tell an in-place change by.
+    with torch.inference_mode():
+        labels = torch.tensor([0, 1, 2, 3])
+    first = compute_cams(tiny_cnn, images, "features.3", target=labels)
+    assert torch.equal(first.targets, labels)
+    with torch.inference_mode():  # as from a validation step, on its own batch's labels
+        inside = compute_cams(tiny_cnn, images, "features.3", target=labels)
+        labels[1] = 8
+    assert torch.allclose(inside["features.3", "gradcam"], first["features.3", "gradcam"])
+    with pytest.raises(ValueError, match=r"Target index 8 is outside"):
+        compute_cams(tiny_cnn, images, "features.3", target=labels)
