@@ -146,10 +146,9 @@ def resolve_targets(
             )
         checked = target if whole is None else whole
         _check_indices(checked, num_classes, source=checked)
-        indices = target.to(logits.device, torch.long)
-        if indices.is_inference():  # labels of a batch moved under inference mode: autograd
-            indices = indices.clone()  # refuses them, a copy made here is a normal tensor
-        indices = indices.expand(batch)
+        # A copy: the result never aliases the caller's labels, and labels moved to the device
+        # under inference mode (a validation batch's), which autograd refuses, become normal.
+        indices = target.to(logits.device, torch.long, copy=True).expand(batch).contiguous()
     elif callable(target):
         returned = target(logits)
         if not isinstance(returned, Tensor) or returned.shape != (batch,):

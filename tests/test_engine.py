@@ -527,3 +527,15 @@ def test_labels_made_under_inference_mode_work_and_are_checked_at_every_call(
     assert torch.allclose(inside["features.3", "gradcam"], first["features.3", "gradcam"])
     with pytest.raises(ValueError, match=r"Target index 8 is outside"):
         compute_cams(tiny_cnn, images, "features.3", target=labels)
+
+
+def test_the_result_never_aliases_the_callers_labels(
+    tiny_cnn: TinyCNN, images: torch.Tensor
+) -> None:
+    labels = torch.tensor([0, 1, 2, 3])
+    result = compute_cams(tiny_cnn, images, "features.3", target=labels)
+    labels[0] = 4
+    assert result.targets.tolist() == [0, 1, 2, 3]
+    one = compute_cams(tiny_cnn, images, "features.3", target=torch.tensor(2))
+    one.targets[0] = 1  # one index for all images, yet each row its own
+    assert one.targets.tolist() == [1, 2, 2, 2]
