@@ -109,9 +109,12 @@ def layercam(activations: Tensor, gradients: Tensor) -> Tensor:
     return torch.relu((torch.relu(gradients) * activations).sum(dim=1))
 
 
-def hirescam(activations: Tensor, gradients: Tensor) -> Tensor:
-    """HiResCAM (Draelos & Carin 2020): element-wise gradient times activation, summed."""
-    return torch.relu((gradients * activations).sum(dim=1))
+def hirescam(activations: Tensor, gradients: Tensor, product: Tensor | None = None) -> Tensor:
+    """HiResCAM (Draelos & Carin 2020): element-wise gradient times activation, summed
+    (`product` = G * A when the caller has it)."""
+    if product is None:
+        product = gradients * activations
+    return torch.relu(product.sum(dim=1))
 
 
 def class_activation_map(activations: Tensor, class_weights: Tensor) -> Tensor:
@@ -185,7 +188,7 @@ def gradient_maps(
 ) -> dict[str, Tensor]:
     """Every gradient CAM in `methods` for one layer, in float32, as `apply_method` gives each.
 
-    The methods share what they can (sum_ab(A), G * A, relu(G)), and the channel-weight
+    The methods share sum_ab(A) and G * A, and the channel-weight
     methods (gradcam, gradcam++, xgradcam) share one batched weighted sum: on a GPU, where a
     CAM call is bound by kernel launches, the number of ops is what costs.
 
@@ -214,10 +217,9 @@ def gradient_maps(
             weights["xgradcam"] = xgradcam_weights(a, g, spatial_sum, product)
         maps = dict(zip(weights, _weighted_sums(list(weights.values()), a), strict=True))
         if "layercam" in wanted:
-            maps["layercam"] = torch.relu((torch.relu(g) * a).sum(dim=1))
+            maps["layercam"] = layercam(a, g)
         if "hirescam" in wanted:
-            assert product is not None
-            maps["hirescam"] = torch.relu(product.sum(dim=1))
+            maps["hirescam"] = hirescam(a, g, product)
     return {method: maps[method] for method in methods}
 
 
