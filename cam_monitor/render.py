@@ -7,11 +7,9 @@ tensor ops on the input's device; the only per-image loop draws caption text wit
 from __future__ import annotations
 
 import math
-import os
 import unicodedata
 from collections.abc import Mapping, Sequence
 from functools import cache, lru_cache
-from pathlib import Path
 from typing import TypeVar
 
 import cv2
@@ -42,7 +40,6 @@ __all__ = [
     "make_overlay_grids",
     "make_view_grid",
     "overlay",
-    "save_grid",
     "to_jpeg_bytes",
     "to_png_bytes",
     "to_uint8_images",
@@ -720,12 +717,3 @@ def grid_format(key: object, image_format: str) -> str:
     """
     overlay = isinstance(key, MapKey) and key.method in CAM_METHODS
     return image_format if overlay else "png"
-
-
-def save_grid(grid: Tensor, path: str | os.PathLike[str], image_format: str = "png") -> Path:
-    """Write a uint8 RGB [3, H, W] grid to `path` as `image_format`, creating parent folders."""
-    target = Path(path)
-    data = encode_grid(grid, image_format)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
-    return target
