@@ -74,3 +74,28 @@ def test_fidelity_quick_measures_ig_gaps_and_bf16_correlations(tmp_path: Path) -
     assert all(len(r["relative_gaps"]) == 2 for r in payload["ig"])
     assert {r["method"] for r in payload["bf16"]} >= {"gradcam", "saliency"}
     assert "## CPU bf16 autocast vs float32" in stdout
+
+
+def test_gpu_check_runs_on_cpu_and_reports_every_target(tmp_path: Path) -> None:
+    # The one script a session with a GPU runs: it must still start, check and report here.
+    out = tmp_path / "gpu.json"
+    script = BENCHMARKS / "gpu_check.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    results = {c["check"]: c["result"] for c in payload["checks"]}
+    assert "FAIL" not in results.values(), payload["checks"]
+    assert results["maps stay on the model's device"] == "PASS"
+    assert any(name.startswith("fit on cpu") and r == "PASS" for name, r in results.items())
+    targets = [row[0] for row in payload["targets"]]
+    for target in ("engine 1x1", "engine 4x5", "in-loop s per evaluation", "close()", "plain fit"):
+        assert any(target in name for name in targets), (target, targets)
+    contenders = {(r["scenario"], r["contender"]) for r in payload["engine"]}
+    assert {("1x1", "floor"), ("1x1", "ours"), ("4x5", "floor"), ("4x5", "ours")} <= contenders
+    assert "all checks passed" in done.stdout
