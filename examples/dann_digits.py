@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,13 +31,12 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dann_shapes import ShapesDANN, SourceTargetPairs, _EpochPrinter, make_logger
+from dann_shapes import ShapesDANN, SourceTargetPairs, fit_run, make_logger
 
 from cam_monitor import CamMonitor
 
@@ -266,37 +264,7 @@ def train(args: argparse.Namespace, data: dict[str, Any] | None = None) -> dict[
     train_loader, val_loader = build_loaders(data, args.batch_size, args.steps_per_epoch, args.seed)
     monitor = build_monitor(data)
     logger = make_logger(args.logger, log_dir, name)
-    progress = sys.stderr.isatty() if args.progress_bar is None else args.progress_bar
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=logger,
-        callbacks=[monitor, _EpochPrinter()],
-        enable_checkpointing=False,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=min(10, args.steps_per_epoch),
-        deterministic=True,
-    )
-    start, cpu = time.perf_counter(), time.process_time()
-    trainer.fit(module, train_loader, val_loader)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-    metrics = trainer.callback_metrics
-    if isinstance(logger, WandbLogger):
-        import wandb
-
-        wandb.finish()
-    return {
-        "run": name,
-        "source_acc": float(metrics["val/source_acc"]),
-        "target_acc": float(metrics["val/target_acc"]),
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
-        "log_dir": log_dir,
-        "monitor_dir": monitor.folder,
-    }
+    return fit_run(args, module, monitor, logger, (train_loader, val_loader), name, log_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

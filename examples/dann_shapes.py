@@ -369,6 +369,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     train_loader, val_loader = build_loaders(args.batch_size, args.steps_per_epoch, args.seed)
     monitor = build_monitor(16, args.seed)
     logger = make_logger(args.logger, log_dir, name)
+    return fit_run(args, module, monitor, logger, (train_loader, val_loader), name, log_dir)
+
+
+def fit_run(
+    args: argparse.Namespace,
+    module: pl.LightningModule,
+    monitor: CamMonitor,
+    logger: Logger,
+    loaders: tuple[DataLoader, DataLoader],
+    name: str,
+    log_dir: Path,
+) -> dict[str, Any]:
+    """Fit one DANN or source-only run (shared by both DANN examples); returns its results."""
     progress = sys.stderr.isatty() if args.progress_bar is None else args.progress_bar
     trainer = pl.Trainer(
         max_epochs=args.epochs,
@@ -383,9 +396,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         log_every_n_steps=min(10, args.steps_per_epoch),
         deterministic=True,
     )
-    start = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader)
-    seconds = time.perf_counter() - start
+    start, cpu = time.perf_counter(), time.process_time()
+    trainer.fit(module, *loaders)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     metrics = trainer.callback_metrics
     if isinstance(logger, WandbLogger):
         import wandb
@@ -396,6 +409,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "source_acc": float(metrics["val/source_acc"]),
         "target_acc": float(metrics["val/target_acc"]),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "log_dir": log_dir,
         "monitor_dir": monitor.folder,
     }
