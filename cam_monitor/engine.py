@@ -50,7 +50,13 @@ from .methods import (
     upsample_maps,
 )
 from .options import EngineOptions, ForwardFn, OutputTransform, Target
-from .targets import check_engine_target, pick_logits, resolve_targets, warn_if_probabilities
+from .targets import (
+    check_engine_target,
+    class_scores,
+    pick_logits,
+    resolve_targets,
+    warn_if_probabilities,
+)
 
 __all__ = ["CamResult", "ForwardFn", "OutputTransform", "Target", "compute", "compute_cams"]
 
@@ -63,9 +69,10 @@ class CamResult:
     resolution, keyed `("input", method)` (`guided_gradcam`: `(layer, "guided_gradcam")`);
     those in `SIGNED_METHODS` keep their sign. `targets` holds the class index each map
     explains (-1 where a callable returned scores), `logits` the model's detached float32
-    logits, `input_size` the probe's `(H, W)`, `extras` per-image numbers such as
-    `"integrated_gradients.completeness_gap"` (sum of attributions minus the score difference
-    to the baseline) and `"integrated_gradients.score_delta"` (that difference), each `[B]`.
+    logits (for one logit z per image, the two class scores (-z, z)), `input_size` the probe's
+    `(H, W)`, `extras` per-image numbers such as `"integrated_gradients.completeness_gap"`
+    (sum of attributions minus the score difference to the baseline) and
+    `"integrated_gradients.score_delta"` (that difference), each `[B]`.
     """
 
     maps: dict[tuple[str, str], Tensor]
@@ -488,6 +495,13 @@ def _clean_pass(
         ):
             output = _run(module, options, chunk)
         logits = pick_logits(output, options.output_transform)
+        if chunk.length is not None and logits.shape[0] != chunk.length:
+            raise ValueError(
+                f"The logits have {logits.shape[0]} rows for {chunk.length} input images; a "
+                "map explains each image's own class score, so the logits need one row per "
+                "image ([B, C]). A squeeze() in forward drops the batch axis of a batch of one: "
+                "use squeeze(-1) or flatten(1)."
+            )
         missing = [name for name in plan.layers if name not in recorded]
         if missing:
             raise did_not_run(missing)
@@ -518,7 +532,7 @@ def _clean_pass(
     input_gradients = grads[-1] if image is not None else None
     return _CleanPass(
         indices=indices,
-        logits=logits.detach().float(),
+        logits=class_scores(logits).detach().float(),
         scores=scores.detach().float(),
         activations=spatial,
         gradients=gradients,
@@ -566,7 +580,7 @@ def _scorer(module: nn.Module, options: EngineOptions, target: Target, indices: 
     def score(rows: Batch, image_index: Tensor) -> Tensor:
         logits = pick_logits(_run(module, options, rows), options.output_transform)
         if not by_score():
-            return logits.gather(1, indices[image_index][:, None])[:, 0]
+            return class_scores(logits).gather(1, indices[image_index][:, None])[:, 0]
         assert callable(target)
         scores = target(logits)
         if not isinstance(scores, Tensor) or scores.shape != (logits.shape[0],):
@@ -637,7 +651,10 @@ def _cam_map(name: str, activation: Tensor, clean: _CleanPass, plan: _Plan) -> T
             "needs the linear classifier that produces the logits once. Pass cam_head= "
             "the name of that nn.Linear."
         )
-    if head.out_features != clean.logits.shape[1]:
+    rows = head.weight.detach()
+    if head.out_features == 1:
+        rows = class_scores(rows.T).T  # class 0 of one logit z is -z: its row is -w
+    if rows.shape[0] != clean.logits.shape[1]:
         raise ValueError(
             f"cam_head {head_name!r} has {head.out_features} outputs but the logits have "
             f"{clean.logits.shape[1]} classes; pass cam_head= the nn.Linear producing the logits."
@@ -665,5 +682,5 @@ def _cam_map(name: str, activation: Tensor, clean: _CleanPass, plan: _Plan) -> T
             f"average pool of {name!r}'s output, so CAM is undefined there. Pass layers= the "
             "layer right before the pooling (after its activation function), or use 'gradcam'."
         )
-    weights = head.weight.detach()[clean.indices.to(head.weight.device)]
+    weights = rows[clean.indices.to(rows.device)]
     return class_activation_map(activation, weights)
