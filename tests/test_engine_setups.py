@@ -435,3 +435,20 @@ def test_outputs_that_are_not_class_logits_name_the_fix() -> None:
     # The fix the message gives works: the mean score of each class over the image.
     fixed = compute_cams(Segmenter(), x, "body", output_transform=lambda out: out.mean(dim=(2, 3)))
     assert fixed["body", "gradcam"].shape == (2, 16, 16)
+
+
+def test_logits_without_one_row_per_image_are_refused() -> None:
+    class Squeezing(TinyCNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).squeeze()  # [C] for a batch of one
+
+    class BatchPooled(TinyCNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).mean(dim=0, keepdim=True)
+
+    torch.manual_seed(0)
+    assert compute_cams(Squeezing(), torch.randn(2, 3, 16, 16), "features.5").targets.shape == (2,)
+    with pytest.raises(ValueError, match=r"5 rows for 1 input images.*squeeze\(-1\)"):
+        compute_cams(Squeezing(), torch.randn(1, 3, 16, 16), "features.5")
+    with pytest.raises(ValueError, match=r"1 rows for 3 input images"):
+        compute_cams(BatchPooled(), torch.randn(3, 3, 16, 16), "features.5")
