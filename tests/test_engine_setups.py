@@ -452,3 +452,19 @@ def test_logits_without_one_row_per_image_are_refused() -> None:
         compute_cams(Squeezing(), torch.randn(1, 3, 16, 16), "features.5")
     with pytest.raises(ValueError, match=r"1 rows for 3 input images"):
         compute_cams(BatchPooled(), torch.randn(3, 3, 16, 16), "features.5")
+
+
+# -- audit A: a module called more than once ----------------------------------------------------
+
+
+def test_a_relu_reused_in_a_resnet_block_is_refused_naming_the_block() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=4)
+    x = torch.randn(2, 3, 64, 64)
+    # BasicBlock calls its one `relu` twice: which call's map would be ambiguous.
+    with pytest.raises(ValueError, match=r"'layer4\.1\.relu' ran more than once.*'layer4\.1'"):
+        compute_cams(model, x, "layer4.1.relu")
+    assert all(not m._forward_hooks for m in model.modules())
+    # The block, whose output is that ReLU's last call, is read once and is right.
+    block = compute_cams(model, x, "layer4.1")["layer4.1", "gradcam"]
+    torch.testing.assert_close(block, hooked_gradcam(model, x, "layer4.1", predicted_logit))
