@@ -125,7 +125,9 @@ def class_activation_map(activations: Tensor, class_weights: Tensor) -> Tensor:
         >>> class_activation_map(A, torch.tensor([[1.0, -2.0]])).tolist()
         [[[0.0, 1.0], [1.0, 0.0]]]
     """
-    return _weighted_sum(class_weights.float(), activations.float())
+    # A caller's autocast would otherwise run the weighted sum in half precision.
+    with torch.autocast(device_type=activations.device.type, enabled=False):
+        return _weighted_sum(class_weights.float(), activations.float())
 
 
 GRADIENT_METHODS: dict[str, CamFormula] = {

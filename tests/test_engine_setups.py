@@ -468,3 +468,26 @@ def test_a_relu_reused_in_a_resnet_block_is_refused_naming_the_block() -> None:
     # The block, whose output is that ReLU's last call, is read once and is right.
     block = compute_cams(model, x, "layer4.1")["layer4.1", "gradcam"]
     torch.testing.assert_close(block, hooked_gradcam(model, x, "layer4.1", predicted_logit))
+
+
+# -- audit A: CAM in low precision --------------------------------------------------------------
+
+
+def test_cam_in_bf16_is_computed_and_still_refuses_a_layer_that_is_not_pooled() -> None:
+    torch.manual_seed(0)
+    model = TinyCNN()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    exact = compute_cams(model, x, "features.5", "cam")["features.5", "cam"]
+    low = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what precision="bf16-mixed" runs
+        low["autocast"] = compute_cams(model, x, "features.5", "cam")["features.5", "cam"]
+    bf16 = TinyCNN().bfloat16()
+    bf16.load_state_dict(model.state_dict())
+    low["bf16 model"] = compute_cams(bf16, x.bfloat16(), "features.5", "cam")["features.5", "cam"]
+    for name, maps in low.items():
+        assert maps.dtype == torch.float32
+        r = torch.corrcoef(torch.stack([maps.flatten(), exact.flatten()]))[0, 1]
+        assert r > 0.99, name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match=r"'features\.4'.*not the global average pool"):
+            compute_cams(model, x, "features.4", "cam")  # before the ReLU the pooling reads
