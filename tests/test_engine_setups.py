@@ -21,7 +21,7 @@ from cam_monitor import CamMonitor, compute_cams
 from cam_monitor.capture import NoGradientError
 from cam_monitor.layers import first_spatial_layer
 from cam_monitor.options import EngineOptions
-from tests.conftest import TinyCNN, loader, quiet_trainer, shapes_dataset
+from tests.conftest import Lightning, TinyCNN, loader, quiet_trainer, shapes_dataset
 
 # -- 1. a layer cut off from autograd ----------------------------------------------------------
 
@@ -315,6 +315,7 @@ ZOO = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ZOO))
 def test_the_model_zoo_agrees_with_a_grad_cam_from_plain_hooks(name: str) -> None:
     layer, reshape = ZOO[name]
@@ -491,3 +492,48 @@ def test_cam_in_bf16_is_computed_and_still_refuses_a_layer_that_is_not_pooled() 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with pytest.raises(ValueError, match=r"'features\.4'.*not the global average pool"):
             compute_cams(model, x, "features.4", "cam")  # before the ReLU the pooling reads
+
+
+class BinarySteps:
+    """A one-logit binary classifier trained with BCEWithLogitsLoss on float labels `[B, 1]`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyCNN(num_classes=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], index: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.binary_cross_entropy_with_logits(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.slow
+def test_a_bce_binary_classifier_trains_with_its_float_labels_as_the_target(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    from cam_monitor.history.store import read_history
+
+    images, classes = shapes_dataset(32).tensors
+    labels = (classes % 2).float()[:, None]  # what BCEWithLogitsLoss takes: float [B, 1]
+    data = torch.utils.data.TensorDataset(images, labels)
+    torch.manual_seed(0)
+    monitor = CamMonitor(
+        "net.features.5", probe=data, num_probe=8, target="label", save_dir=tmp_path,
+        class_names=["even", "odd"],
+    )  # fmt: skip
+    trainer = lightning.trainer(max_epochs=1, logger=False, callbacks=[monitor])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(lightning.module(BinarySteps)(), loader(data, batch_size=8))
+    history = read_history(tmp_path)
+    assert len(history) == 2
+    last = history[-1]
+    picked = (classes[torch.linspace(0, 31, 8).round().long()] % 2).numpy()
+    assert (last.labels["probe"] == picked).all() and (last.targets["probe"] == picked).all()
+    z = last.logits["probe"]
+    assert z.shape == (8, 2) and (z[:, 0] == -z[:, 1]).all()
