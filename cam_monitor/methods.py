@@ -244,7 +244,8 @@ def _weighted_sums(weights: list[Tensor], activations: Tensor) -> list[Tensor]:
 
 
 def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of `[B, h, w]` maps to `size`, clamped back to non-negative.
+    """Bilinear resize of `[B, h, w]` maps to `size`: a convex mix of neighbours, so a
+    non-negative map stays non-negative and a signed one (integrated gradients) keeps its sign.
 
     Example:
         >>> upsample_maps(torch.ones(2, 3, 3), (8, 8)).shape
@@ -255,7 +256,7 @@ def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
     resized = torch.nn.functional.interpolate(
         maps[:, None].float(), size=size, mode="bilinear", align_corners=False
     )
-    return resized[:, 0].clamp_min(0)
+    return resized[:, 0]
 
 
 def normalize_maps(maps: Tensor, eps: float = 1e-7) -> Tensor:

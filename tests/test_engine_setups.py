@@ -537,3 +537,42 @@ def test_a_bce_binary_classifier_trains_with_its_float_labels_as_the_target(
     assert (last.labels["probe"] == picked).all() and (last.targets["probe"] == picked).all()
     z = last.logits["probe"]
     assert z.shape == (8, 2) and (z[:, 0] == -z[:, 1]).all()
+
+
+# -- audit A: result helpers on non-square inputs and signed maps -------------------------------
+
+
+class CornerNet(nn.Module):
+    """Scores the input's first channel: every map is the image itself, coarser at `pooled`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full, self.pooled = nn.Identity(), nn.AvgPool2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.pooled(self.full(x[:, :1])).sum(dim=(1, 2, 3))
+        return torch.stack([total, -total], dim=1)
+
+
+def test_maps_keep_their_orientation_on_a_wide_input_at_every_resolution() -> None:
+    x = torch.zeros(1, 3, 48, 64)
+    x[0, 0, 4:12, 44:60] = 1.0  # a blob in the top right corner
+    result = compute_cams(CornerNet(), x, ["full", "pooled"], ["gradcam", "layercam"])
+    assert result["full", "gradcam"].shape == (1, 48, 64)
+    assert result["pooled", "gradcam"].shape == (1, 12, 16)
+    for layer in ("full", "pooled"):
+        heat = result.normalized(layer, "gradcam")
+        assert heat.shape == (1, 48, 64)
+        assert heat[0, :16, 40:].sum() > 0.99 * heat[0].sum(), layer
+        assert heat[0, 8, 52] == 1.0
+
+
+def test_upsampling_a_signed_map_keeps_its_sign() -> None:
+    torch.manual_seed(0)
+    result = compute_cams(TinyCNN(), torch.randn(2, 3, 32, 32), None, "integrated_gradients")
+    signed = result["input", "integrated_gradients"]
+    assert signed.min() < 0 < signed.max()
+    smaller = result.upsampled("input", "integrated_gradients", size=(16, 16))
+    expected = nn.functional.interpolate(signed[:, None], (16, 16), mode="bilinear")[:, 0]
+    torch.testing.assert_close(smaller, expected)
+    assert smaller.min() < 0
