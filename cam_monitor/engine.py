@@ -235,6 +235,7 @@ def compute(
                 per_extra.setdefault(key, []).append(value)
     maps = {key: _joined(parts) for key, parts in per_map.items()}
     _warn_if_all_zero(module, maps, plan)
+    _warn_if_one_cell(module, maps, plan, batch.image_size)
     return CamResult(
         maps=maps,
         targets=_joined(all_targets),
@@ -281,6 +282,28 @@ def _warn_if_all_zero(module: nn.Module, maps: dict[tuple[str, str], Tensor], pl
                 "try layercam / hirescam.",
                 stacklevel=3,
             )
+
+
+def _warn_if_one_cell(
+    module: nn.Module,
+    maps: dict[tuple[str, str], Tensor],
+    plan: _Plan,
+    size: tuple[int, int] | None,
+) -> None:
+    """One warning per layer whose maps are a single cell (resnet's layer4 at 32 px)."""
+    for name in plan.layers:
+        shapes = [
+            v.shape[-2:] for (layer, m), v in maps.items() if layer == name and m in CAM_METHODS
+        ]
+        if not shapes or shapes[0].numel() != 1 or not _first_time(module, ("one-cell", name)):
+            continue
+        where = f" for a {size[0]}x{size[1]} input" if size is not None else ""
+        warnings.warn(
+            f"Layer {name!r} gives a 1x1 map{where}: one cell holds no spatial information, so "
+            "its CAM is flat and drawn without heat. Pick an earlier layer with a larger grid, "
+            "or feed larger images.",
+            stacklevel=3,
+        )
 
 
 def _warn_if_ill_posed(module: nn.Module, name: str, activation: Tensor, method: str) -> None:

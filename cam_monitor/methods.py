@@ -8,6 +8,7 @@ where a denominator is zero, the corresponding weight is zero.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -262,11 +263,20 @@ def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
 def normalize_maps(maps: Tensor, eps: float = 1e-7) -> Tensor:
     """Min-max normalise each map of `[B, h, w]` to [0, 1]; a constant map becomes all zeros.
 
+    A map whose range is within `eps`, or within float32 rounding of its magnitude (a 1x1
+    map upsampled), counts as constant: its rounding noise is no structure to draw.
+
     Example:
         >>> normalize_maps(torch.tensor([[[0.0, 2.0]], [[3.0, 3.0]]])).tolist()
         [[[0.0, 1.0]], [[0.0, 0.0]]]
     """
     flat = maps.flatten(1).float()
-    low = flat.amin(dim=1, keepdim=True)
-    span = (flat.amax(dim=1, keepdim=True) - low).clamp_min(eps)
+    low, high = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
+    span = high - low
+    flat_enough = span <= torch.maximum(high.abs(), low.abs()) * _ROUNDING
+    span = torch.where(flat_enough, math.inf, span.clamp_min(eps))
     return ((flat - low) / span).view_as(maps)
+
+
+#: Range, relative to a map's magnitude, within which it is flat: about 100 float32 ulps.
+_ROUNDING = 1e-5

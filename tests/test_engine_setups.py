@@ -576,3 +576,20 @@ def test_upsampling_a_signed_map_keeps_its_sign() -> None:
     expected = nn.functional.interpolate(signed[:, None], (16, 16), mode="bilinear")[:, 0]
     torch.testing.assert_close(smaller, expected)
     assert smaller.min() < 0
+
+
+def test_a_one_cell_layer_warns_and_its_flat_map_is_drawn_flat() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)  # CIFAR-sized: layer4 is 1 x 1
+    with pytest.warns(
+        UserWarning, match=r"'layer4' gives a 1x1 map for a 32x32 input.*earlier layer"
+    ):
+        result = compute_cams(model, x, ["layer3", "layer4"], "gradcam")
+    assert result["layer4", "gradcam"].shape == (2, 1, 1)
+    assert result["layer4", "gradcam"].amax() > 0
+    # Upsampling one cell rounds differently across pixels; that is no structure to draw.
+    assert not result.normalized("layer4", "gradcam").any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compute_cams(model, x, ["layer3", "layer4"], "gradcam")  # once per model and layer
