@@ -170,9 +170,12 @@ def _exact_names(
 
 def _fits(rows: int, cols: int, size: tuple[int, int]) -> bool:
     """Whether a `rows x cols` grid is the input `size` downsampled by one stride `s`, each side
-    within one cell of `H / s` and `W / s` (padding and rounding)."""
+    within one cell of `H / s` and `W / s` (padding and rounding), the longer side of the input
+    giving the longer side of the grid (one kernel and stride for both: equal on a square)."""
     height, width = size
     if rows < 1 or cols < 1:
+        return False
+    if (height == width and rows != cols) or (rows - cols) * (height - width) < 0:
         return False
     low = max(height / (rows + 1), width / (cols + 1))
     high = min(
