@@ -707,7 +707,9 @@ def _cam_map(name: str, activation: Tensor, clean: _CleanPass, plan: _Plan) -> T
         raise ValueError(
             f"'cam' at layer {name!r}: the input of the head {head_name!r} is not the global "
             f"average pool of {name!r}'s output, so CAM is undefined there. Pass layers= the "
-            "layer right before the pooling (after its activation function), or use 'gradcam'."
+            "layer whose output is pooled straight into the head (after its activation function "
+            "or norm), or use 'gradcam'; a norm between the pooling and the head (ConvNeXt's "
+            "classifier) leaves no layer for CAM."
         )
     weights = rows[clean.indices.to(rows.device)]
     return class_activation_map(activation, weights)

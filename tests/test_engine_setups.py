@@ -593,3 +593,16 @@ def test_a_one_cell_layer_warns_and_its_flat_map_is_drawn_flat() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compute_cams(model, x, ["layer3", "layer4"], "gradcam")  # once per model and layer
+
+
+def test_cam_where_a_norm_sits_between_the_pooling_and_the_head_says_so() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    convnext = torchvision.models.convnext_tiny(weights=None, num_classes=3)  # pool, norm, linear
+    with pytest.raises(ValueError, match=r"'features\.7'.*not the global average pool.*norm"):
+        compute_cams(convnext, x, "features.7", "cam")
+    swin = torchvision.models.swin_t(weights=None, num_classes=3)  # norm, permute, pool, linear
+    result = compute_cams(swin, x, "norm", ["gradcam", "cam"])
+    on = result["norm", "gradcam"] > 1e-6
+    ratio = result["norm", "cam"][on] / result["norm", "gradcam"][on]
+    torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio))
