@@ -99,11 +99,13 @@ def warn_if_probabilities(module: nn.Module, logits: Tensor) -> None:
         return
     inside = ((logits >= 0) & (logits <= 1)).all()
     sums_to_one = (logits.sum(dim=1) - 1).abs().amax() < 1e-3
-    if bool(inside & sums_to_one):
+    # Rows summing to 1 are a softmax; 8 values or more all in [0, 1] a sigmoid (multi-label).
+    if bool(inside & (sums_to_one | (logits.numel() >= 8))):
         warnings.warn(
-            "The model output looks like probabilities (rows in [0, 1] summing to 1). Gradients "
-            "of a saturated softmax vanish and CAMs turn to noise; explain the logits instead "
-            "(remove the softmax, or use output_transform= to return pre-softmax scores).",
+            "The model output looks like probabilities (every value in [0, 1]: a softmax or a "
+            "sigmoid). Gradients of a saturated softmax or sigmoid vanish and CAMs turn to "
+            "noise; explain the logits instead (remove the softmax or sigmoid, or use "
+            "output_transform= to return the scores before it).",
             stacklevel=3,
         )
 

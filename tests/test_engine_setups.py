@@ -606,3 +606,13 @@ def test_cam_where_a_norm_sits_between_the_pooling_and_the_head_says_so() -> Non
     on = result["norm", "gradcam"] > 1e-6
     ratio = result["norm", "cam"][on] / result["norm", "gradcam"][on]
     torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio))
+
+
+def test_a_multi_label_sigmoid_output_warns_like_a_softmax() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(TinyCNN(num_classes=5), nn.Sigmoid())  # rows do not sum to 1
+    with pytest.warns(UserWarning, match=r"looks like probabilities.*sigmoid"):
+        compute_cams(model, torch.randn(4, 3, 32, 32), "0.features.5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compute_cams(TinyCNN(num_classes=5), torch.randn(4, 3, 32, 32), "features.5")
