@@ -64,6 +64,20 @@ def not_a_tensor(name: str, output: object) -> LayerCaptureError:
     )
 
 
+def ran_twice(name: str) -> LayerCaptureError:
+    """The error for a layer called more than once in one forward."""
+    parent = name.rpartition(".")[0]
+    caller = ""
+    if parent:
+        caller = f"the module calling it ({parent!r}), whose output may be its last call's, or "
+    return LayerCaptureError(
+        f"Layer {name!r} ran more than once in one forward (a shared or reused module, such as "
+        "the one `relu` a torchvision ResNet block calls after each conv), so its CAM is "
+        f"ambiguous; pick a layer that runs once: {caller}the layer right before the call you "
+        "mean."
+    )
+
+
 def did_not_run(names: list[str]) -> LayerCaptureError:
     """The error for layers that never ran during the forward."""
     return LayerCaptureError(
@@ -130,10 +144,7 @@ def capture_outputs(
             if not isinstance(output, Tensor):
                 raise not_a_tensor(name, output)
             if name in recorded:
-                raise LayerCaptureError(
-                    f"Layer {name!r} ran more than once in one forward (a shared or reused "
-                    "module), so its CAM is ambiguous; pick a layer that runs once."
-                )
+                raise ran_twice(name)
             if graph_from_first:
                 torch.set_grad_enabled(True)
             node = output if output.requires_grad else output.detach().requires_grad_(True)

@@ -50,7 +50,13 @@ from .methods import (
     upsample_maps,
 )
 from .options import EngineOptions, ForwardFn, OutputTransform, Target
-from .targets import check_engine_target, pick_logits, resolve_targets, warn_if_probabilities
+from .targets import (
+    check_engine_target,
+    class_scores,
+    pick_logits,
+    resolve_targets,
+    warn_if_probabilities,
+)
 
 __all__ = ["CamResult", "ForwardFn", "OutputTransform", "Target", "compute", "compute_cams"]
 
@@ -63,9 +69,10 @@ class CamResult:
     resolution, keyed `("input", method)` (`guided_gradcam`: `(layer, "guided_gradcam")`);
     those in `SIGNED_METHODS` keep their sign. `targets` holds the class index each map
     explains (-1 where a callable returned scores), `logits` the model's detached float32
-    logits, `input_size` the probe's `(H, W)`, `extras` per-image numbers such as
-    `"integrated_gradients.completeness_gap"` (sum of attributions minus the score difference
-    to the baseline) and `"integrated_gradients.score_delta"` (that difference), each `[B]`.
+    logits (for one logit z per image, the two class scores (-z, z)), `input_size` the probe's
+    `(H, W)`, `extras` per-image numbers such as `"integrated_gradients.completeness_gap"`
+    (sum of attributions minus the score difference to the baseline) and
+    `"integrated_gradients.score_delta"` (that difference), each `[B]`.
     """
 
     maps: dict[tuple[str, str], Tensor]
@@ -228,6 +235,7 @@ def compute(
                 per_extra.setdefault(key, []).append(value)
     maps = {key: _joined(parts) for key, parts in per_map.items()}
     _warn_if_all_zero(module, maps, plan)
+    _warn_if_one_cell(module, maps, plan, batch.image_size)
     return CamResult(
         maps=maps,
         targets=_joined(all_targets),
@@ -274,6 +282,28 @@ def _warn_if_all_zero(module: nn.Module, maps: dict[tuple[str, str], Tensor], pl
                 "try layercam / hirescam.",
                 stacklevel=3,
             )
+
+
+def _warn_if_one_cell(
+    module: nn.Module,
+    maps: dict[tuple[str, str], Tensor],
+    plan: _Plan,
+    size: tuple[int, int] | None,
+) -> None:
+    """One warning per layer whose maps are a single cell (resnet's layer4 at 32 px)."""
+    for name in plan.layers:
+        shapes = [
+            v.shape[-2:] for (layer, m), v in maps.items() if layer == name and m in CAM_METHODS
+        ]
+        if not shapes or shapes[0].numel() != 1 or not _first_time(module, ("one-cell", name)):
+            continue
+        where = f" for a {size[0]}x{size[1]} input" if size is not None else ""
+        warnings.warn(
+            f"Layer {name!r} gives a 1x1 map{where}: one cell holds no spatial information, so "
+            "its CAM is flat and drawn without heat. Pick an earlier layer with a larger grid, "
+            "or feed larger images.",
+            stacklevel=3,
+        )
 
 
 def _warn_if_ill_posed(module: nn.Module, name: str, activation: Tensor, method: str) -> None:
@@ -488,6 +518,13 @@ def _clean_pass(
         ):
             output = _run(module, options, chunk)
         logits = pick_logits(output, options.output_transform)
+        if chunk.length is not None and logits.shape[0] != chunk.length:
+            raise ValueError(
+                f"The logits have {logits.shape[0]} rows for {chunk.length} input images; a "
+                "map explains each image's own class score, so the logits need one row per "
+                "image ([B, C]). A squeeze() in forward drops the batch axis of a batch of one: "
+                "use squeeze(-1) or flatten(1)."
+            )
         missing = [name for name in plan.layers if name not in recorded]
         if missing:
             raise did_not_run(missing)
@@ -518,7 +555,7 @@ def _clean_pass(
     input_gradients = grads[-1] if image is not None else None
     return _CleanPass(
         indices=indices,
-        logits=logits.detach().float(),
+        logits=class_scores(logits).detach().float(),
         scores=scores.detach().float(),
         activations=spatial,
         gradients=gradients,
@@ -566,7 +603,7 @@ def _scorer(module: nn.Module, options: EngineOptions, target: Target, indices: 
     def score(rows: Batch, image_index: Tensor) -> Tensor:
         logits = pick_logits(_run(module, options, rows), options.output_transform)
         if not by_score():
-            return logits.gather(1, indices[image_index][:, None])[:, 0]
+            return class_scores(logits).gather(1, indices[image_index][:, None])[:, 0]
         assert callable(target)
         scores = target(logits)
         if not isinstance(scores, Tensor) or scores.shape != (logits.shape[0],):
@@ -637,7 +674,10 @@ def _cam_map(name: str, activation: Tensor, clean: _CleanPass, plan: _Plan) -> T
             "needs the linear classifier that produces the logits once. Pass cam_head= "
             "the name of that nn.Linear."
         )
-    if head.out_features != clean.logits.shape[1]:
+    rows = head.weight.detach()
+    if head.out_features == 1:
+        rows = class_scores(rows.T).T  # class 0 of one logit z is -z: its row is -w
+    if rows.shape[0] != clean.logits.shape[1]:
         raise ValueError(
             f"cam_head {head_name!r} has {head.out_features} outputs but the logits have "
             f"{clean.logits.shape[1]} classes; pass cam_head= the nn.Linear producing the logits."
@@ -659,11 +699,17 @@ def _cam_map(name: str, activation: Tensor, clean: _CleanPass, plan: _Plan) -> T
     head_in = clean.head_inputs[0].float()
     head_in = head_in.flatten(1) if head_in.dim() > 1 else head_in
     scale = float(pooled.abs().amax()) + 1e-6
-    if head_in.shape != pooled.shape or float((head_in - pooled).abs().amax()) > 1e-3 * scale:
+    # A pool rounded to bfloat16 (a bf16 model, bf16 autocast) is off by up to eps/2 of it.
+    dtypes = [activation.dtype, clean.head_inputs[0].dtype]
+    eps = max(torch.finfo(d).eps if d.is_floating_point else 0.0 for d in dtypes)
+    tolerance = max(1e-3, 2 * eps) * scale
+    if head_in.shape != pooled.shape or float((head_in - pooled).abs().amax()) > tolerance:
         raise ValueError(
             f"'cam' at layer {name!r}: the input of the head {head_name!r} is not the global "
             f"average pool of {name!r}'s output, so CAM is undefined there. Pass layers= the "
-            "layer right before the pooling (after its activation function), or use 'gradcam'."
+            "layer whose output is pooled straight into the head (after its activation function "
+            "or norm), or use 'gradcam'; a norm between the pooling and the head (ConvNeXt's "
+            "classifier) leaves no layer for CAM."
         )
-    weights = head.weight.detach()[clean.indices.to(head.weight.device)]
+    weights = rows[clean.indices.to(rows.device)]
     return class_activation_map(activation, weights)

@@ -39,8 +39,10 @@ def _layer_output(
     layer: nn.Module,
     forward: ForwardFn | None,
     reshape: Reshape | None,
+    size: tuple[int, int] | None,
 ) -> Tensor:
-    """The layer's output as `[B, C, h, w]`; the forward stops right after the layer."""
+    """The layer's output as `[B, C, h, w]` for an input of `size` (read as the engine reads
+    it: channels-last and token outputs too); the forward stops right after the layer."""
     recorded: list[Tensor] = []
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -56,7 +58,7 @@ def _layer_output(
             pass
     if not recorded:
         raise did_not_run([name])
-    return as_spatial(name, recorded[0], reshape)
+    return as_spatial(name, recorded[0], reshape, size, layer)
 
 
 def _channel_list(channels: int | Sequence[int], available: int, name: str) -> list[int]:
@@ -95,8 +97,8 @@ def filter_activations(
     module = unwrap_model(model)
     name, target = _one_layer(module, layer)
     with isolated(module), torch.no_grad():
-        data = Batch.of(inputs).usable().data
-        output = _layer_output(module, data, name, target, forward, reshape)
+        batch = Batch.of(inputs).usable()
+        output = _layer_output(module, batch.data, name, target, forward, reshape, batch.image_size)
         chosen = _channel_list(channels, output.shape[1], name)
         index = torch.tensor(chosen, device=output.device)
         return output.index_select(1, index).float()
@@ -146,12 +148,12 @@ def visualize_filter(
     optimizer = torch.optim.Adam([image], lr=lr)
     with isolated(module):
         with torch.no_grad():
-            probe = _layer_output(module, image, name, target, forward, reshape)
+            probe = _layer_output(module, image, name, target, forward, reshape, size)
         chosen = _channel_list(channel, probe.shape[1], name)
         rows = torch.arange(len(chosen), device=device)
         index = torch.tensor(chosen, device=device)
         for _ in range(steps):
-            activation = _layer_output(module, image, name, target, forward, reshape)
+            activation = _layer_output(module, image, name, target, forward, reshape, size)
             objective = activation[rows, index].float().mean(dim=(1, 2)).sum()
             (grad,) = torch.autograd.grad(-objective, image)
             image.grad = grad

@@ -238,13 +238,20 @@ def _token_grid(tokens: int, size: tuple[int, int] | None) -> tuple[int, int, in
 
 def _token_grid_like(tokens: int, size: tuple[int, int]) -> tuple[int, int, int] | None:
     """`(skip, rows, cols)` with `rows x cols` the input's shape downsampled, the closest in
-    aspect over 0 or 1 leading tokens, if any."""
+    aspect over 0 or 1 leading tokens, if any. One patch size for both sides makes the grid
+    square on a square input and no taller than wide on a wide one."""
     ratio = size[0] / size[1]
+    height, width = size
     found = [
         (skip, rows, (tokens - skip) // rows)
         for skip in (0, 1)
         for rows in range(1, tokens - skip + 1)
         if (tokens - skip) % rows == 0 and _fits(rows, (tokens - skip) // rows, size)
+    ]
+    found = [
+        (skip, rows, cols)
+        for skip, rows, cols in found
+        if not (height == width and rows != cols) and (rows - cols) * (height - width) >= 0
     ]
     if not found:
         return None

@@ -8,6 +8,7 @@ where a denominator is zero, the corresponding weight is zero.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -125,7 +126,9 @@ def class_activation_map(activations: Tensor, class_weights: Tensor) -> Tensor:
         >>> class_activation_map(A, torch.tensor([[1.0, -2.0]])).tolist()
         [[[0.0, 1.0], [1.0, 0.0]]]
     """
-    return _weighted_sum(class_weights.float(), activations.float())
+    # A caller's autocast would otherwise run the weighted sum in half precision.
+    with torch.autocast(device_type=activations.device.type, enabled=False):
+        return _weighted_sum(class_weights.float(), activations.float())
 
 
 GRADIENT_METHODS: dict[str, CamFormula] = {
@@ -242,7 +245,8 @@ def _weighted_sums(weights: list[Tensor], activations: Tensor) -> list[Tensor]:
 
 
 def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of `[B, h, w]` maps to `size`, clamped back to non-negative.
+    """Bilinear resize of `[B, h, w]` maps to `size`: a convex mix of neighbours, so a
+    non-negative map stays non-negative and a signed one (integrated gradients) keeps its sign.
 
     Example:
         >>> upsample_maps(torch.ones(2, 3, 3), (8, 8)).shape
@@ -253,17 +257,26 @@ def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
     resized = torch.nn.functional.interpolate(
         maps[:, None].float(), size=size, mode="bilinear", align_corners=False
     )
-    return resized[:, 0].clamp_min(0)
+    return resized[:, 0]
 
 
 def normalize_maps(maps: Tensor, eps: float = 1e-7) -> Tensor:
     """Min-max normalise each map of `[B, h, w]` to [0, 1]; a constant map becomes all zeros.
+
+    A map whose range is within `eps`, or within float32 rounding of its magnitude (a 1x1
+    map upsampled), counts as constant: its rounding noise is no structure to draw.
 
     Example:
         >>> normalize_maps(torch.tensor([[[0.0, 2.0]], [[3.0, 3.0]]])).tolist()
         [[[0.0, 1.0]], [[0.0, 0.0]]]
     """
     flat = maps.flatten(1).float()
-    low = flat.amin(dim=1, keepdim=True)
-    span = (flat.amax(dim=1, keepdim=True) - low).clamp_min(eps)
+    low, high = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
+    span = high - low
+    flat_enough = span <= torch.maximum(high.abs(), low.abs()) * _ROUNDING
+    span = torch.where(flat_enough, math.inf, span.clamp_min(eps))
     return ((flat - low) / span).view_as(maps)
+
+
+#: Range, relative to a map's magnitude, within which it is flat: about 100 float32 ulps.
+_ROUNDING = 1e-5

@@ -164,6 +164,23 @@ def sample_dataset(
     return (collate_fn or default_collate)([dataset[i] for i in indices]), length
 
 
+def _class_labels(labels: Tensor, count: int) -> Tensor | None:
+    """Class indices `[B]` from a probe's labels, or None for regression targets or one-hot.
+
+    Labels a one-logit binary classifier trains on (`BCEWithLogitsLoss` takes floats, `[B]` or
+    `[B, 1]`) are class indices stored as floats: whole numbers >= 0 become a LongTensor.
+    """
+    if labels.shape == (count, 1):
+        labels = labels[:, 0]
+    if labels.shape != (count,):
+        return None
+    if labels.is_floating_point():
+        if not bool(((labels == labels.round()) & (labels >= 0)).all()):
+            return None
+        labels = labels.long()
+    return labels
+
+
 def make_probe(
     name: str,
     spec: Any,
@@ -192,9 +209,7 @@ def make_probe(
     if inputs.dim() == 0 or inputs.shape[0] == 0:
         raise ValueError(f"probe {name!r} is empty: shape {tuple(inputs.shape)}.")
     if labels is not None:
-        labels = torch.as_tensor(labels)
-        if labels.is_floating_point() or labels.shape != (inputs.shape[0],):
-            labels = None  # regression targets or one-hot: no class label to caption
+        labels = _class_labels(torch.as_tensor(labels), inputs.shape[0])
     return ProbeSet(name, inputs, labels, masks, content_hash(inputs))
 
 

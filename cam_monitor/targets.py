@@ -49,26 +49,63 @@ def pick_logits(output: Any, output_transform: OutputTransform) -> Tensor:
             "pick the class head: an index (output_transform=0 for (class_logits, domain_logits)),"
             " a dict key, or a callable returning logits [B, C]."
         )
+    if picked.dim() == 1:
+        return picked[:, None]  # one logit per image (BCEWithLogitsLoss): see `class_scores`
     if picked.dim() != 2:
+        hint = ""
+        if picked.dim() == 4:
+            hint = (
+                " This looks like per-pixel scores [B, C, H, W] (segmentation): explain the "
+                "mean score of each class over the image with output_transform=lambda out: "
+                "out.mean(dim=(2, 3)), or over a region of interest with your own callable."
+            )
         raise ValueError(
             f"Class logits must have shape [B, C], got {tuple(picked.shape)}. Pass "
-            "output_transform= to return [B, C] logits."
+            f"output_transform= to return [B, C] logits.{hint}"
         )
     return picked
 
 
+def class_scores(logits: Tensor) -> Tensor:
+    """The score of each class `[B, C]`: the logits, or `(-z, z)` for one logit `z` per image.
+
+    A binary classifier with one logit (sigmoid, `BCEWithLogitsLoss`) predicts class 1 where
+    z > 0; the evidence for class 0 is the evidence against class 1, -z (the convention of
+    pytorch-grad-cam's `BinaryClassifierOutputTarget`), so its argmax is the prediction.
+
+    Example:
+        >>> class_scores(torch.tensor([[2.0], [-1.0]])).tolist()
+        [[-2.0, 2.0], [1.0, -1.0]]
+    """
+    return torch.cat([-logits, logits], dim=1) if logits.shape[1] == 1 else logits
+
+
 def warn_if_probabilities(module: nn.Module, logits: Tensor) -> None:
     """Warn when a model's outputs look like probabilities; checked on its first call only."""
-    if module in _PROBABILITY_CHECKED or logits.shape[1] < 2:
+    if module in _PROBABILITY_CHECKED:
         return
     _PROBABILITY_CHECKED.add(module)
+    if logits.shape[1] == 1:
+        # Logits of a binary classifier fall on both sides of 0; 8 images all in [0, 1] are
+        # sigmoid outputs, read as "class 1" every time (a chance of 2^-8 for symmetric logits).
+        if logits.shape[0] >= 8 and bool(((logits >= 0) & (logits <= 1)).all()):
+            warnings.warn(
+                "The model's one output per image looks like sigmoid probabilities (all in "
+                "[0, 1]). One output is read as a logit z, class 1 where z > 0, so every image "
+                "reads as class 1 and the maps explain a saturated sigmoid; return the logit "
+                "(remove the sigmoid, or use output_transform= to return the pre-sigmoid score).",
+                stacklevel=3,
+            )
+        return
     inside = ((logits >= 0) & (logits <= 1)).all()
     sums_to_one = (logits.sum(dim=1) - 1).abs().amax() < 1e-3
-    if bool(inside & sums_to_one):
+    # Rows summing to 1 are a softmax; 8 values or more all in [0, 1] a sigmoid (multi-label).
+    if bool(inside & (sums_to_one | (logits.numel() >= 8))):
         warnings.warn(
-            "The model output looks like probabilities (rows in [0, 1] summing to 1). Gradients "
-            "of a saturated softmax vanish and CAMs turn to noise; explain the logits instead "
-            "(remove the softmax, or use output_transform= to return pre-softmax scores).",
+            "The model output looks like probabilities (every value in [0, 1]: a softmax or a "
+            "sigmoid). Gradients of a saturated softmax or sigmoid vanish and CAMs turn to "
+            "noise; explain the logits instead (remove the softmax or sigmoid, or use "
+            "output_transform= to return the scores before it).",
             stacklevel=3,
         )
 
@@ -115,13 +152,15 @@ def resolve_targets(
 
     `target` has been validated by `EngineOptions`; what needs the logits is checked here. A
     tensor `target` that is a chunk of `whole` is checked through `whole`, once per tensor.
+    Logits `[B, 1]` are two classes (see `class_scores`); a callable gets the logits as they are.
 
     Example:
         >>> indices, scores = resolve_targets("predicted", torch.tensor([[0.0, 2.0], [3.0, 1.0]]))
         >>> indices.tolist(), scores.tolist()
         ([1, 0], [2.0, 3.0])
     """
-    batch, num_classes = logits.shape
+    table = class_scores(logits)
+    batch, num_classes = table.shape
     check_engine_target(target)
     if isinstance(target, str):
         if target != "predicted":
@@ -129,7 +168,7 @@ def resolve_targets(
                 f"`target`={target!r} is not understood; use 'predicted', an int, a "
                 "LongTensor[B] or a callable."
             )
-        indices = logits.detach().argmax(dim=1)
+        indices = table.detach().argmax(dim=1)
     elif isinstance(target, bool):
         raise TypeError(
             "`target` must be 'predicted', an int, a LongTensor or a callable, got bool."
@@ -166,4 +205,4 @@ def resolve_targets(
             "`target` must be 'predicted', an int, a LongTensor[B] or a callable, got "
             f"{type(target).__name__}."
         )
-    return indices, logits.gather(1, indices[:, None])[:, 0]
+    return indices, table.gather(1, indices[:, None])[:, 0]

@@ -21,7 +21,7 @@ from cam_monitor import CamMonitor, compute_cams
 from cam_monitor.capture import NoGradientError
 from cam_monitor.layers import first_spatial_layer
 from cam_monitor.options import EngineOptions
-from tests.conftest import TinyCNN, loader, quiet_trainer, shapes_dataset
+from tests.conftest import Lightning, TinyCNN, loader, quiet_trainer, shapes_dataset
 
 # -- 1. a layer cut off from autograd ----------------------------------------------------------
 
@@ -253,3 +253,366 @@ def test_the_ig_steps_default_is_one_number_everywhere() -> None:
     assert default == 256
     assert inspect.signature(compute_cams).parameters["ig_steps"].default == default
     assert inspect.signature(CamMonitor).parameters["ig_steps"].default == default
+
+
+# -- audit A: an independent Grad-CAM from plain module hooks -----------------------------------
+
+
+def hooked_gradcam(
+    model: nn.Module, x: torch.Tensor, layer: str, score: object, reshape: object = None
+) -> torch.Tensor:
+    """Grad-CAM written out: A from a forward hook (which hands on a copy, so in-place ops
+    downstream leave A alone), dS/dA by autograd, relu(sum_c mean_hw(dS/dA_c) A_c);
+    `score(output) -> [B]` is the explained score."""
+    seen = {}
+
+    def keep_output(_: nn.Module, __: object, out: torch.Tensor) -> torch.Tensor:
+        seen["a"] = out
+        return out.clone()
+
+    model.eval()
+    handle = model.get_submodule(layer).register_forward_hook(keep_output)
+    try:
+        x = x.clone().requires_grad_(True)  # a graph even through a frozen model
+        (g,) = torch.autograd.grad(score(model(x)).sum(), seen["a"])  # type: ignore[operator]
+    finally:
+        handle.remove()
+    a = seen["a"].detach()
+    if reshape is not None:
+        a, g = reshape(a), reshape(g)  # type: ignore[operator]
+    return torch.relu((g.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1))
+
+
+def predicted_logit(out: torch.Tensor) -> torch.Tensor:
+    return out.gather(1, out.argmax(dim=1, keepdim=True))[:, 0]
+
+
+def tokens_4x4(t: torch.Tensor) -> torch.Tensor:
+    return t[:, 1:].transpose(1, 2).reshape(t.shape[0], t.shape[2], 4, 4)
+
+
+def small_vit() -> nn.Module:
+    vit = torchvision.models.VisionTransformer(64, 16, 2, 2, 32, 64)
+    nn.init.normal_(vit.heads.head.weight)  # torchvision starts its head at zero
+    return vit
+
+
+def channels_first(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 3, 1, 2)
+
+
+#: torchvision builder (weights=None), layer, and how the reference reads its output as a grid.
+ZOO = {
+    "vgg11_bn": ("features.27", None),
+    "densenet121": ("features.denseblock4", None),
+    "efficientnet_b0": ("features.8", None),
+    "regnet_y_400mf": ("trunk_output", None),
+    "shufflenet_v2_x0_5": ("conv5", None),
+    "squeezenet1_1": ("features.12", None),
+    "googlenet": ("inception5b", None),
+    "swin_t": ("features.7", channels_first),
+    "vit": ("encoder.layers.encoder_layer_1.ln_1", tokens_4x4),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ZOO))
+def test_the_model_zoo_agrees_with_a_grad_cam_from_plain_hooks(name: str) -> None:
+    layer, reshape = ZOO[name]
+    torch.manual_seed(0)
+    if name == "vit":
+        model = small_vit()
+    elif name == "googlenet":
+        model = torchvision.models.googlenet(weights=None, init_weights=True)
+    else:
+        model = getattr(torchvision.models, name)(weights=None)
+    model.train()  # the engine switches to eval (dropout, BatchNorm) and back
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # signed activations for gradcam++ at some layers
+        ours = compute_cams(model, x, layer, ["gradcam", "gradcam++", "layercam"])
+    assert model.training
+    ref = hooked_gradcam(model, x, layer, predicted_logit, reshape)
+    assert ref.amax() > 0
+    got = ours[layer, "gradcam"]
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * float(ref.amax()))
+    assert all(bool(torch.isfinite(m).all()) for m in ours.maps.values())
+
+
+# -- audit A: a binary classifier with one logit ------------------------------------------------
+
+
+class Squeezed(nn.Module):
+    """A binary classifier returning one logit per image as `[B]` (for BCEWithLogitsLoss)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[:, 0]
+
+
+def binary_cnn(x: torch.Tensor) -> TinyCNN:
+    """A TinyCNN with one logit whose bias splits `x` into both predictions."""
+    torch.manual_seed(3)
+    model = TinyCNN(num_classes=1).eval()
+    with torch.no_grad():
+        model.fc.bias -= model(x)[:, 0].median() + 1e-3
+    return model
+
+
+def test_a_single_logit_binary_classifier_explains_the_class_it_predicts() -> None:
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    model = binary_cnn(x)  # logits [B, 1]: z > 0 is class 1
+    with torch.no_grad():
+        z = model(x)[:, 0]
+    assert (z > 0).any() and (z < 0).any(), "the probe holds both predictions"
+    result = compute_cams(model, x, "features.5", ["gradcam", "layercam"])
+    assert torch.equal(result.targets, (z > 0).long())
+    assert torch.equal(result.logits.argmax(dim=1), result.targets), "captions read argmax"
+    sign = torch.where(z > 0, 1.0, -1.0)
+    evidence = hooked_gradcam(model, x, "features.5", lambda out: sign * out[:, 0])
+    torch.testing.assert_close(result["features.5", "gradcam"], evidence)
+    positive = hooked_gradcam(model, x, "features.5", lambda out: out[:, 0])
+    negative = hooked_gradcam(model, x, "features.5", lambda out: -out[:, 0])
+    assert not torch.allclose(positive, negative)
+    for label, expected in [(1, positive), (0, negative)]:
+        forced = compute_cams(model, x, "features.5", "gradcam", target=label)
+        torch.testing.assert_close(forced["features.5", "gradcam"], expected)
+    labels = (torch.arange(8) % 2).long()
+    by_label = compute_cams(model, x, "features.5", "gradcam", target=labels)
+    assert torch.equal(by_label.targets, labels)
+    with pytest.raises(ValueError, match=r"Target index 2 is outside the logits' 2 classes"):
+        compute_cams(model, x, "features.5", "gradcam", target=2)
+    # A callable gets the model's own logit, so the scores it returns keep their meaning.
+    own = compute_cams(model, x, "features.5", "gradcam", target=lambda logits: logits[:, 0])
+    torch.testing.assert_close(own["features.5", "gradcam"], positive)
+
+
+def test_one_logit_as_b_or_b1_and_two_explicit_classes_give_the_same_maps() -> None:
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    net = binary_cnn(x)
+    methods = ["gradcam", "gradcam++", "cam", "saliency", "smoothgrad", "guided_gradcam"]
+    kwargs = {"smooth": 2, "batch_size": 3}
+    column = compute_cams(net, x, "features.5", methods, **kwargs)
+    flat = compute_cams(Squeezed(net), x, "net.features.5", methods, **kwargs)
+    two = compute_cams(
+        net, x, "features.5", [m for m in methods if m != "cam"],
+        output_transform=lambda z: torch.cat([-z, z], dim=1), **kwargs,
+    )  # fmt: skip
+    for (layer, method), value in two.maps.items():
+        torch.testing.assert_close(column[layer, method], value)
+        wrapped = layer if layer == "input" else "net." + layer
+        torch.testing.assert_close(flat[wrapped, method], value)
+    torch.testing.assert_close(column.logits, two.logits)
+    # CAM reads the head's one row as class 1 and its negation as class 0.
+    ratio = column["features.5", "cam"] / column["features.5", "gradcam"].clamp_min(1e-12)
+    on = column["features.5", "gradcam"] > 1e-6
+    assert torch.allclose(ratio[on], ratio[on].flatten()[0].expand(int(on.sum())), rtol=1e-3)
+
+
+def test_a_sigmoid_output_warns_that_every_image_reads_as_class_one() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(TinyCNN(num_classes=1), nn.Sigmoid())
+    x = torch.randn(8, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"sigmoid probabilities.*return the logit"):
+        compute_cams(model, x, "0.features.5")
+
+
+def test_outputs_that_are_not_class_logits_name_the_fix() -> None:
+    class Segmenter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.body(x)))
+
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"\(2, 4, 16, 16\).*per-pixel.*mean"):
+        compute_cams(Segmenter(), x, "body")
+    # The fix the message gives works: the mean score of each class over the image.
+    fixed = compute_cams(Segmenter(), x, "body", output_transform=lambda out: out.mean(dim=(2, 3)))
+    assert fixed["body", "gradcam"].shape == (2, 16, 16)
+
+
+def test_logits_without_one_row_per_image_are_refused() -> None:
+    class Squeezing(TinyCNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).squeeze()  # [C] for a batch of one
+
+    class BatchPooled(TinyCNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).mean(dim=0, keepdim=True)
+
+    torch.manual_seed(0)
+    assert compute_cams(Squeezing(), torch.randn(2, 3, 16, 16), "features.5").targets.shape == (2,)
+    with pytest.raises(ValueError, match=r"5 rows for 1 input images.*squeeze\(-1\)"):
+        compute_cams(Squeezing(), torch.randn(1, 3, 16, 16), "features.5")
+    with pytest.raises(ValueError, match=r"1 rows for 3 input images"):
+        compute_cams(BatchPooled(), torch.randn(3, 3, 16, 16), "features.5")
+
+
+# -- audit A: a module called more than once ----------------------------------------------------
+
+
+def test_a_relu_reused_in_a_resnet_block_is_refused_naming_the_block() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=4)
+    x = torch.randn(2, 3, 64, 64)
+    # BasicBlock calls its one `relu` twice: which call's map would be ambiguous.
+    with pytest.raises(ValueError, match=r"'layer4\.1\.relu' ran more than once.*'layer4\.1'"):
+        compute_cams(model, x, "layer4.1.relu")
+    assert all(not m._forward_hooks for m in model.modules())
+    # The block, whose output is that ReLU's last call, is read once and is right.
+    block = compute_cams(model, x, "layer4.1")["layer4.1", "gradcam"]
+    torch.testing.assert_close(block, hooked_gradcam(model, x, "layer4.1", predicted_logit))
+
+
+# -- audit A: CAM in low precision --------------------------------------------------------------
+
+
+def test_cam_in_bf16_is_computed_and_still_refuses_a_layer_that_is_not_pooled() -> None:
+    torch.manual_seed(0)
+    model = TinyCNN()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    exact = compute_cams(model, x, "features.5", "cam")["features.5", "cam"]
+    low = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what precision="bf16-mixed" runs
+        low["autocast"] = compute_cams(model, x, "features.5", "cam")["features.5", "cam"]
+    bf16 = TinyCNN().bfloat16()
+    bf16.load_state_dict(model.state_dict())
+    low["bf16 model"] = compute_cams(bf16, x.bfloat16(), "features.5", "cam")["features.5", "cam"]
+    for name, maps in low.items():
+        assert maps.dtype == torch.float32
+        r = torch.corrcoef(torch.stack([maps.flatten(), exact.flatten()]))[0, 1]
+        assert r > 0.99, name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match=r"'features\.4'.*not the global average pool"):
+            compute_cams(model, x, "features.4", "cam")  # before the ReLU the pooling reads
+
+
+class BinarySteps:
+    """A one-logit binary classifier trained with BCEWithLogitsLoss on float labels `[B, 1]`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyCNN(num_classes=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], index: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.binary_cross_entropy_with_logits(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.slow
+def test_a_bce_binary_classifier_trains_with_its_float_labels_as_the_target(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    from cam_monitor.history.store import read_history
+
+    images, classes = shapes_dataset(32).tensors
+    labels = (classes % 2).float()[:, None]  # what BCEWithLogitsLoss takes: float [B, 1]
+    data = torch.utils.data.TensorDataset(images, labels)
+    torch.manual_seed(0)
+    monitor = CamMonitor(
+        "net.features.5", probe=data, num_probe=8, target="label", save_dir=tmp_path,
+        class_names=["even", "odd"],
+    )  # fmt: skip
+    trainer = lightning.trainer(max_epochs=1, logger=False, callbacks=[monitor])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(lightning.module(BinarySteps)(), loader(data, batch_size=8))
+    history = read_history(tmp_path)
+    assert len(history) == 2
+    last = history[-1]
+    picked = (classes[torch.linspace(0, 31, 8).round().long()] % 2).numpy()
+    assert (last.labels["probe"] == picked).all() and (last.targets["probe"] == picked).all()
+    z = last.logits["probe"]
+    assert z.shape == (8, 2) and (z[:, 0] == -z[:, 1]).all()
+
+
+# -- audit A: result helpers on non-square inputs and signed maps -------------------------------
+
+
+class CornerNet(nn.Module):
+    """Scores the input's first channel: every map is the image itself, coarser at `pooled`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full, self.pooled = nn.Identity(), nn.AvgPool2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.pooled(self.full(x[:, :1])).sum(dim=(1, 2, 3))
+        return torch.stack([total, -total], dim=1)
+
+
+def test_maps_keep_their_orientation_on_a_wide_input_at_every_resolution() -> None:
+    x = torch.zeros(1, 3, 48, 64)
+    x[0, 0, 4:12, 44:60] = 1.0  # a blob in the top right corner
+    result = compute_cams(CornerNet(), x, ["full", "pooled"], ["gradcam", "layercam"])
+    assert result["full", "gradcam"].shape == (1, 48, 64)
+    assert result["pooled", "gradcam"].shape == (1, 12, 16)
+    for layer in ("full", "pooled"):
+        heat = result.normalized(layer, "gradcam")
+        assert heat.shape == (1, 48, 64)
+        assert heat[0, :16, 40:].sum() > 0.99 * heat[0].sum(), layer
+        assert heat[0, 8, 52] == 1.0
+
+
+def test_upsampling_a_signed_map_keeps_its_sign() -> None:
+    torch.manual_seed(0)
+    result = compute_cams(TinyCNN(), torch.randn(2, 3, 32, 32), None, "integrated_gradients")
+    signed = result["input", "integrated_gradients"]
+    assert signed.min() < 0 < signed.max()
+    smaller = result.upsampled("input", "integrated_gradients", size=(16, 16))
+    expected = nn.functional.interpolate(signed[:, None], (16, 16), mode="bilinear")[:, 0]
+    torch.testing.assert_close(smaller, expected)
+    assert smaller.min() < 0
+
+
+def test_a_one_cell_layer_warns_and_its_flat_map_is_drawn_flat() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)  # CIFAR-sized: layer4 is 1 x 1
+    with pytest.warns(
+        UserWarning, match=r"'layer4' gives a 1x1 map for a 32x32 input.*earlier layer"
+    ):
+        result = compute_cams(model, x, ["layer3", "layer4"], "gradcam")
+    assert result["layer4", "gradcam"].shape == (2, 1, 1)
+    assert result["layer4", "gradcam"].amax() > 0
+    # Upsampling one cell rounds differently across pixels; that is no structure to draw.
+    assert not result.normalized("layer4", "gradcam").any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compute_cams(model, x, ["layer3", "layer4"], "gradcam")  # once per model and layer
+
+
+def test_cam_where_a_norm_sits_between_the_pooling_and_the_head_says_so() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    convnext = torchvision.models.convnext_tiny(weights=None, num_classes=3)  # pool, norm, linear
+    with pytest.raises(ValueError, match=r"'features\.7'.*not the global average pool.*norm"):
+        compute_cams(convnext, x, "features.7", "cam")
+    swin = torchvision.models.swin_t(weights=None, num_classes=3)  # norm, permute, pool, linear
+    result = compute_cams(swin, x, "norm", ["gradcam", "cam"])
+    on = result["norm", "gradcam"] > 1e-6
+    ratio = result["norm", "cam"][on] / result["norm", "gradcam"][on]
+    torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio))
+
+
+def test_a_multi_label_sigmoid_output_warns_like_a_softmax() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(TinyCNN(num_classes=5), nn.Sigmoid())  # rows do not sum to 1
+    with pytest.warns(UserWarning, match=r"looks like probabilities.*sigmoid"):
+        compute_cams(model, torch.randn(4, 3, 32, 32), "0.features.5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compute_cams(TinyCNN(num_classes=5), torch.randn(4, 3, 32, 32), "features.5")

@@ -115,3 +115,32 @@ def test_filter_views_clean_up_when_the_forward_raises(tiny_cnn: TinyCNN) -> Non
         visualize_filter(tiny_cnn, "features.3", 0, steps=-1)
     with pytest.raises(ValueError, match=r"Channel 9 is outside"):
         visualize_filter(tiny_cnn, "features.3", 9, steps=1)
+
+
+def test_channels_last_and_token_layers_give_their_channels() -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    swin = torchvision.models.swin_t(weights=None).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        stage = swin.features(x)  # [B, h, w, C]: channels last
+    assert stage.shape == (2, 2, 3, 768)
+    acts = filter_activations(swin, x, "features.7", [0, 5])
+    assert torch.equal(acts, stage.permute(0, 3, 1, 2)[:, [0, 5]])
+    images = visualize_filter(swin, "features.7", [5, 700], steps=1, size=(64, 96))
+    assert images.shape == (2, 3, 64, 96)
+
+    class Tokens(nn.Module):  # a class token and a 3 x 4 grid of patches: a wide input
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.block = nn.Conv2d(3, 6, 16, 16), nn.Identity()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            patches = self.embed(x).flatten(2).transpose(1, 2)
+            return self.block(torch.cat([patches.mean(1, keepdim=True), patches], dim=1))
+
+    model, wide = Tokens(), torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        grid = model.embed(wide)
+    torch.testing.assert_close(filter_activations(model, wide, "block", [1, 4]), grid[:, [1, 4]])

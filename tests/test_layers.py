@@ -141,3 +141,17 @@ def test_tokens_follow_the_input_aspect() -> None:
     grid = as_spatial("blocks", tokens, input_size=(64, 96))
     assert grid.shape == (2, 3, 4, 6)
     assert torch.equal(grid[0, 1, 2, 5], tokens[0, 1 + 2 * 6 + 5, 1])
+
+
+def test_tokens_with_more_leading_tokens_than_a_class_token_ask_for_reshape() -> None:
+    # A class token and 4 registers (DINOv2-style) before a 4x4 grid of a 64 px input: the 20
+    # tokens after the class token fit a 4x5 grid within a cell, which would misplace them all.
+    tokens = torch.randn(2, 1 + 4 + 16, 8)
+    with pytest.raises(ValueError, match=r"\(2, 21, 8\).*reshape="):
+        as_spatial("blocks.1", tokens, input_size=(64, 64))
+    grid = as_spatial("blocks.1", tokens[:, 4:], input_size=(64, 64))  # registers dropped
+    assert grid.shape == (2, 8, 4, 4)
+    wide = as_spatial("blocks.1", torch.randn(2, 1 + 3 * 4, 8), input_size=(48, 64))
+    assert wide.shape == (2, 8, 3, 4)
+    nearly_square = as_spatial("blocks.1", torch.randn(2, 1 + 4 * 4, 8), input_size=(60, 64))
+    assert nearly_square.shape == (2, 8, 4, 4)  # 60 / 16 rounds up

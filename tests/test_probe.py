@@ -17,6 +17,7 @@ from cam_monitor.probe import (
     first_loader,
     loader_probe,
     looks_like_masks,
+    make_probe,
     probe_sets,
 )
 
@@ -118,3 +119,14 @@ def test_several_loaders_say_the_first_is_used() -> None:
     assert loader_probe([("val", [a, b])], said.append) == {"val": a}
     assert loader_probe([("val", a)], said.append) == {"val": a}
     assert len(said) == 1 and "2 val dataloaders; the probe comes from the first" in said[0]
+
+
+def test_float_labels_of_a_binary_classifier_are_class_indices() -> None:
+    x = torch.zeros(4, 3, 8, 8)
+    bce = torch.tensor([0.0, 1.0, 1.0, 0.0])  # what BCEWithLogitsLoss trains on
+    for labels in (bce, bce[:, None]):
+        probe = make_probe("p", (x, labels), 4)
+        assert probe.labels is not None and probe.labels.dtype == torch.long
+        assert probe.labels.tolist() == [0, 1, 1, 0]
+    for not_classes in (torch.rand(4), torch.eye(4), -bce):  # regression, one-hot, negative
+        assert make_probe("p", (x, not_classes), 4).labels is None
