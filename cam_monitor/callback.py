@@ -388,7 +388,10 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             return
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step != self._last_step:
-            self._evaluate(trainer, pl_module, epoch=trainer.current_epoch)
+            # After an epoch's last batch that epoch is complete (`current_epoch` still counts
+            # it as running): the same weights as the epoch-end evaluation, the same epoch.
+            epoch = trainer.current_epoch + int(bool(trainer.is_last_batch))
+            self._evaluate(trainer, pl_module, epoch=epoch)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs is None or self._idle or not trainer.is_global_zero:

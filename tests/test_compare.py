@@ -37,7 +37,7 @@ from cam_monitor.compare import (
 from cam_monitor.history import Evaluation, write_evaluation, write_probe
 from cam_monitor.probe import content_hash
 from cam_monitor.schema import DRIFT, LOCALIZATION, SECONDS_TAG, MapKey, ScalarKey
-from tests.conftest import LitClassifier, loader, quiet_trainer
+from tests.conftest import Lightning, LitClassifier, loader, quiet_trainer
 
 GROUP = MapKey("dom/ain", "features.29", "gradcam")
 
@@ -400,3 +400,35 @@ def test_cli_compares_groups_of_real_fits_and_shows_class_names(
     out = capsys.readouterr().out
     predicted = next(line for line in out.splitlines() if line.startswith("  target: predicted"))
     assert any(name in predicted for name in CLASS_NAMES) and "/10 correct" in predicted
+
+
+def schedule_fit(root: Path, name: str, lightning: Lightning, **schedule: int) -> Run:
+    """Seed 0, 2 epochs of 3 steps, the same probe: only the monitor's schedule differs."""
+    from cam_monitor import CamMonitor
+
+    images, labels, _ = square_images(12, "source", seed=3)
+    monitor = CamMonitor("net.features.5", probe=(images[:4], labels[:4]),
+                         save_dir=root / name, **schedule)  # fmt: skip
+    torch.manual_seed(0)
+    trainer = lightning.trainer(logger=False, callbacks=[monitor])
+    trainer.fit(
+        lightning.module()(), loader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+    )
+    return load_run(root / name, name=name)
+
+
+def test_a_step_schedule_labels_each_evaluation_with_the_epochs_completed(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    """An evaluation after an epoch's last step has completed that epoch, like the epoch-end one
+    on the same weights: the same training evaluated by steps and by epochs compares as
+    identical at every epoch, not epoch 1 of one run against epoch 2 of the other."""
+    by_steps = schedule_fit(tmp_path, "steps", lightning, every_n_steps=3)
+    by_epochs = schedule_fit(tmp_path, "epochs", lightning, every_n_epochs=1)
+    assert [(e.epoch, e.step) for e in by_steps.evaluations] == [(0, 0), (1, 3), (2, 6)]
+    assert [(e.epoch, e.step) for e in by_epochs.evaluations] == [(0, 0), (1, 3), (2, 6)]
+    assert by_steps.repeated_epochs == []
+    key = MapKey("probe", "net.features.5", "gradcam")
+    for row in compare_group(by_steps, by_epochs, key, common_epochs(by_steps, by_epochs)):
+        assert row.index_a == row.index_b
+        assert row.similarity["spearman"][0] == pytest.approx(1.0)
