@@ -41,6 +41,7 @@ from .compare import (
     summarize_groups,
 )
 from .history import HistoryError
+from .render import predicted_classes
 from .report import require_matplotlib, write_report
 from .schema import (
     DRIFT,
@@ -364,12 +365,15 @@ def _predictions(run: Run, probes: Sequence[str]) -> list[str]:
         logits = last.logits.get(probe)
         if logits is None or logits.ndim != 2:
             continue
-        predicted = np.argmax(logits, axis=1)
-        counts = np.bincount(predicted, minlength=logits.shape[1])
+        predicted = np.array(predicted_classes(logits), dtype=np.int64)
+        known = predicted[predicted >= 0]  # rows of NaN/inf logits predict no class
+        counts = np.bincount(known, minlength=logits.shape[1])
         order = sorted(np.flatnonzero(counts).tolist(), key=lambda c: (-counts[c], c))
         shown = [f"{_class(c, names)} x{counts[c]}" for c in order[:8]]
         if len(order) > 8:
             shown.append(f"... ({len(order)} classes)")
+        if len(known) < len(predicted):
+            shown.append(f"none x{len(predicted) - len(known)} (NaN or inf logits)")
         text = f"  {probe}: predicted {', '.join(shown)}"
         labels = last.labels.get(probe)
         if labels is not None and len(labels) == len(predicted):

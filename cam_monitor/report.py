@@ -46,6 +46,7 @@ from .render import (
     choose_captions,
     make_map_grid,
     make_overlay_grid,
+    predicted_classes,
     to_jpeg_bytes,
 )
 from .schema import DRIFT, LOCALIZATION, REF, MapKey, ScalarKey, drift_stat
@@ -487,7 +488,7 @@ def _captions(
         return None
     count = len(logits)
     true = labels.tolist() if labels is not None and len(labels) == count else None
-    predicted = np.argmax(logits, axis=1).tolist()
+    predicted = predicted_classes(logits)
     names = evaluation.class_names
     candidates = [caption_text(predicted, true, names, compact=True)]
     if names is not None:

@@ -593,3 +593,28 @@ def test_show_and_compare_refuse_a_folder_holding_two_runs(
     assert code == 2 and "2 different training runs" in err
     code, _, _ = run_main(["show", str(runs[0])], capsys)  # one run without ids: readable
     assert code == 0
+
+
+def test_show_counts_no_class_for_an_image_with_nan_logits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A NaN probe image gives NaN logits; argmax would call them class 0 and, with label 0,
+    count the image as correct. It predicts no class, and the captions say '-'."""
+    logits = np.array([[np.nan] * 3, [0.0, 2.0, 1.0], [3.0, 0.0, 0.0]], np.float32)
+    write_evaluation(
+        tmp_path,
+        Evaluation(0, 0, 0, {"val": "a" * 12}, {("val", "conv", "gradcam"): np.ones((3, 2, 2))},
+                   targets={"val": np.zeros(3, np.int64)}, logits={"val": logits},
+                   labels={"val": np.array([0, 1, 2])}, class_names=("cat", "dog", "owl")),
+    )  # fmt: skip
+    code, out, _ = run_main(["show", str(tmp_path)], capsys)
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.startswith("  val: predicted"))
+    assert line == "  val: predicted cat x1, dog x1, none x1 (NaN or inf logits); 1/3 correct"
+
+    from cam_monitor.render import caption_text, predicted_classes
+
+    assert predicted_classes(logits) == [-1, 1, 0]
+    assert caption_text(predicted_classes(logits), [0, 1, 2], compact=True) == [
+        "p:- t:0", "ok 1", "x p:0 t:2"
+    ]  # fmt: skip
