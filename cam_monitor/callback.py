@@ -18,7 +18,7 @@ from lightning_utilities.core.rank_zero import (  # what both namespaces re-expo
 )
 from torch import Tensor, nn
 
-from .encoding import GridEncoder, PendingGrids
+from .encoding import EncodedGrid, GridEncoder, PendingGrids
 from .evaluation import ImageKey, explain_first_failure, run_evaluation
 from .history import (
     BackgroundWriter,
@@ -501,7 +501,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 what = f"evaluation {record.index}"
                 self._writer.submit(partial(write_evaluation, self.folder, record), what)
                 self._report_writes(self._writer.errors())
-            images = encoding.result() if encoding is not None else {}
+            images = self._encoded(trainer, encoding)
             for sink in self._sinks:
                 sink.log(images, output.scalars, step)
         except Exception as err:
@@ -509,6 +509,24 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 raise
             self._skip(trainer, err)
         self.evaluations += 1
+
+    def _encoded(
+        self, trainer: pl.Trainer, encoding: PendingGrids[ImageKey] | None
+    ) -> Mapping[ImageKey, EncodedGrid]:
+        """The encoded grids; when one cannot be encoded, this evaluation's images are skipped
+        with a warning and its scalars are still logged (`strict=True` raises)."""
+        try:
+            return encoding.result() if encoding is not None else {}
+        except Exception as err:
+            if self.strict:
+                raise
+            rank_zero_warn(
+                f"CamMonitor skipped the images of its evaluation at epoch "
+                f"{trainer.current_epoch}, step {trainer.global_step}: {type(err).__name__}: "
+                f"{str(err).rstrip('.')}. Its scalars are logged; training continues; pass "
+                "strict=True to raise instead."
+            )
+            return {}
 
     def _build_probes(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
