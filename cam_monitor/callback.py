@@ -472,7 +472,10 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 module, self._probes, self.layers or [], self.engine, self.render, self.filters
             )
             if self._sinks:
-                encoding = self._encoder.submit(output.images, self.render.image_format)
+                encode = any(sink.needs_bytes for sink in self._sinks)  # MLflow takes pixels
+                encoding = self._encoder.submit(
+                    output.images, self.render.image_format, encode=encode
+                )
             scalars, non_finite = self.tracker.score(output.results, self._probes)
         except Exception as err:
             if encoding is not None:
