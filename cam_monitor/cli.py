@@ -64,6 +64,7 @@ __all__ = ["build_parser", "format_table", "main"]
 WIDTH = 100
 _LIBRARY_HINT = " Delete the file, or pass strict=False to read_history to skip it."
 _CLI_HINT = " Delete or restore the file to silence this warning; --strict makes it an error."
+_STRICT_HINT = " Delete or restore the file, or leave out --strict to skip it with a warning."
 
 
 class CliError(Exception):
@@ -89,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     except (HistoryError, ReportError, CliError, OSError) as exc:
-        print(f"cam-monitor: error: {_one_line(str(exc))}", file=sys.stderr)
+        text = _one_line(str(exc)).replace(_LIBRARY_HINT, _STRICT_HINT)
+        print(f"cam-monitor: error: {text}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)

@@ -522,6 +522,7 @@ def test_truncated_eval_file_is_skipped_with_a_warning_naming_it(
     assert code == 2 and out == ""
     assert err.startswith("cam-monitor: error: Cannot read cam-monitor evaluation ")
     assert str(broken) in err and err.count("\n") == 1
+    assert "leave out --strict" in err and "read_history" not in err  # the command's own fix
 
 
 def test_corrupt_probe_file_is_a_warning_naming_it(
