@@ -592,6 +592,13 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         for monitor in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(monitor, CamMonitor):
                 monitor._writer.wait()  # another monitor's files, still queued, count too
+                if monitor is not self and monitor.history and monitor.folder == folder:
+                    if self.save_dir is not None:
+                        raise ValueError(
+                            f"Two CamMonitors in this Trainer have save_dir="
+                            f"{os.fspath(self.save_dir)!r}; one folder holds one monitor's "
+                            "history. Give each monitor its own save_dir."
+                        )
         others = {run: ix for run, ix in history_runs(folder).items() if run != self.run_id}
         if not others:
             return folder

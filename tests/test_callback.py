@@ -515,6 +515,19 @@ def test_an_explicit_save_dir_holding_another_run_is_refused(tmp_path: Path) -> 
     assert history_runs(tmp_path / "h") == {first_run: [0, 1, 2]}
 
 
+def test_two_monitors_of_one_trainer_with_one_save_dir_are_refused_naming_both(
+    tmp_path: Path,
+) -> None:
+    """Not "another run's history": the message says two monitors share the folder, before
+    the first training step."""
+    model = LitClassifier()
+    monitors = [CamMonitor(layer, num_probe=4, save_dir=tmp_path / "h") for layer in LAYERS]
+    trainer = quiet_trainer(default_root_dir=tmp_path, logger=False, callbacks=monitors)
+    with pytest.raises(ValueError, match=r"Two CamMonitors in this Trainer have save_dir=.*own"):
+        trainer.fit(model, loader(shapes_dataset(16)))
+    assert model.steps_run == 0
+
+
 def test_a_fixed_logger_version_gives_each_run_its_own_history(tmp_path: Path) -> None:
     folders = []
     for epochs in (3, 1):
