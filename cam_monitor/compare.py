@@ -417,13 +417,14 @@ class RunGroup:
 
 @dataclass(frozen=True)
 class Spread:
-    """One number over a group's runs: the mean and min-max of the finite values, and counts.
+    """One number over a group's runs: the mean and min-max of the finite values, and counts
+    (``total``: the runs that recorded it; None marks a run that did not).
 
     Example:
-        >>> s = Spread.of([0.2, 0.4, float("nan")])
+        >>> s = Spread.of([0.2, 0.4, float("nan"), None])
         >>> round(s.mean, 6), s.low, s.high, s.finite, s.total
         (0.3, 0.2, 0.4, 2, 3)
-        >>> s.text(), Spread.of([0.25]).text(), Spread.of([]).text()
+        >>> s.text(), Spread.of([0.25]).text(), Spread.of([None, None]).text()
         ('0.3000 [0.2000, 0.4000]', '0.2500', '-')
     """
 
@@ -434,16 +435,17 @@ class Spread:
     total: int
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> Spread:
-        """The spread of ``values``; NaN (undefined or not recorded) values are left out."""
-        finite = [v for v in values if not math.isnan(v)]
+    def of(cls, values: Sequence[float | None]) -> Spread:
+        """The spread of ``values``; NaN (undefined) and None (not recorded) are left out."""
+        recorded = [v for v in values if v is not None]
+        finite = [v for v in recorded if not math.isnan(v)]
         if not finite:
-            return cls(math.nan, math.nan, math.nan, 0, len(values))
-        return cls(sum(finite) / len(finite), min(finite), max(finite), len(finite), len(values))
+            return cls(math.nan, math.nan, math.nan, 0, len(recorded))
+        return cls(sum(finite) / len(finite), min(finite), max(finite), len(finite), len(recorded))
 
     def text(self) -> str:
-        """ "mean [min, max]" for several runs, the value alone for one, "-" for none, "nan"
-        when every value is undefined."""
+        """ "mean [min, max]" for several runs, the value alone for one, "-" when no run
+        recorded it, "nan" when every recorded value is undefined."""
         if self.total == 0:
             return "-"
         if self.finite <= 1 or self.low == self.high:
@@ -451,12 +453,13 @@ class Spread:
         return f"{format_number(self.mean)} [{format_number(self.low)}, {format_number(self.high)}]"
 
 
-def group_values(group: RunGroup, key: ScalarKey, epoch: int) -> list[float]:
-    """Each run's value of one scalar at ``epoch``; NaN where a run did not record it."""
-    values = []
+def group_values(group: RunGroup, key: ScalarKey, epoch: int) -> list[float | None]:
+    """Each run's value of one scalar at ``epoch``; None where a run did not record it (NaN:
+    recorded, but undefined)."""
+    values: list[float | None] = []
     for run in group.runs:
         evaluation = run.by_epoch.get(epoch)
-        values.append(math.nan if evaluation is None else evaluation.scalars.get(key.tag, math.nan))
+        values.append(None if evaluation is None else evaluation.scalars.get(key.tag))
     return values
 
 
@@ -486,14 +489,14 @@ def summary_stats(groups: Sequence[RunGroup], key: Group) -> list[ScalarKey]:
 class SummaryRow:
     """One scalar of one (probe, layer, method) at one epoch, across groups.
 
-    ``values`` holds each group's `Spread`, ``runs`` each group's single-run values (NaN where
-    missing); ``differences`` are each later group's mean minus the first group's.
+    ``values`` holds each group's `Spread`, ``runs`` each group's single-run values (None where
+    not recorded); ``differences`` are each later group's mean minus the first group's.
     """
 
     key: ScalarKey
     epoch: int
     values: tuple[Spread, ...]
-    runs: tuple[tuple[float, ...], ...]
+    runs: tuple[tuple[float | None, ...], ...]
 
     @property
     def differences(self) -> tuple[float, ...]:

@@ -236,7 +236,7 @@ def _summary(groups: Sequence[RunGroup], rows: Sequence[SummaryRow], epoch: int)
         )
         + "<b>Higher</b> names the group with the higher mean"
         + (", and says when the ranges overlap (no clear difference)." if several else ".")
-        + "</p>",
+        + " nan = undefined, - = not recorded (e.g. drift at the baseline).</p>",
         "<table><tr><th class='l'>probe</th><th class='l'>layer / method</th>"
         f"<th class='l'>measure</th>{''.join(_group_head(g) for g in groups)}{diffs}"
         "<th class='l'>higher</th></tr>",

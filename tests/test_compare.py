@@ -256,6 +256,23 @@ def test_summarize_groups_gives_each_group_its_mean_range_difference_and_the_hig
     assert [s.mean for s in series] == [pytest.approx(0.3), pytest.approx(0.6)]
 
 
+def test_a_value_no_run_recorded_reads_as_missing_not_as_undefined() -> None:
+    """'-' = not recorded, 'nan' = undefined, as in `show`: the baseline has no drift (no
+    earlier map), which is not the drift of a constant map."""
+    runs = [scored_run("s0", [0.3, 0.2]), scored_run("s1", [0.3, 0.4])]
+    del runs[1].evaluations[1].scalars[DRIFT_REF.tag]
+    runs[0].evaluations[1].scalars[DRIFT_REF.tag] = math.nan
+    for run in runs:
+        del run.evaluations[0].scalars[DRIFT_REF.tag]  # as the monitor writes a baseline
+    group = RunGroup("g", tuple(runs))
+    (_, at_baseline) = summarize_groups([group, group], [GROUP], epoch=0)
+    assert at_baseline.values[0].text() == "-" and at_baseline.runs[0] == (None, None)
+    (_, later) = summarize_groups([group, group], [GROUP], epoch=1)
+    assert later.values[0].text() == "nan" and later.values[0].total == 1
+    assert later.runs[0][1] is None and math.isnan(later.runs[0][0])
+    assert [s.text() for s in spread_series(group, DRIFT_REF, [0, 1])] == ["-", "nan"]
+
+
 def test_summary_stats_fall_back_to_a_recorded_drift_measure() -> None:
     run = scored_run("a", [0.3], drift=None)
     js = ScalarKey(DRIFT, GROUP, "js_ref")
