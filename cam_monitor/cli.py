@@ -16,6 +16,7 @@ import argparse
 import fnmatch
 import os
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -423,6 +424,12 @@ def _compare(args: argparse.Namespace) -> int:
     keys = groups[0].keys
     for group in groups[1:]:
         keys = common(keys, group.keys)
+    shared = set(keys)
+    left_out = [  # what is not compared, as `only in` says for two runs
+        f"only in {run.name}, not in every run (not compared): {_names(alone)}"
+        for run in every
+        if (alone := [g for g in run.groups if g not in shared])
+    ]
     keys = _select(keys, args, "every run")
     if not keys:
         raise CliError(
@@ -470,9 +477,11 @@ def _compare(args: argparse.Namespace) -> int:
         )
     _print([""])
     _print(format_table(headers, table, keep=2))
+    for note in left_out:
+        _print(["", *textwrap.wrap(note, WIDTH, subsequent_indent="  ")])
     if args.out is not None:
         path = write_report(args.out, groups, keys=keys, epochs=epochs, overlays=overlays,
-                            notes=notes)  # fmt: skip
+                            notes=[*notes, *left_out])  # fmt: skip
         _print(["", f"report written to {path}"])
     return 0
 

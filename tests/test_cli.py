@@ -415,6 +415,26 @@ def test_compare_groups_print_a_summary_of_means_and_ranges(
     assert all(len(line) <= 100 for line in out.splitlines())
 
 
+def test_compare_groups_say_what_is_not_in_every_run(
+    runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A probe set one run lacks is left out of the summary, and the output says so (as
+    `only in` does for two runs), in the terminal and in the report."""
+    lone = make_run(tmp_path / "lone", "b", probe_inputs(0, probes=("source",)))
+    report = tmp_path / "report.html"
+    args = ["compare", str(runs[0]), f"--group=dann={runs[1]},{lone}", "--out", str(report)]
+    code, out, err = run_main(args, capsys)
+    assert code == 0, err
+    assert all(len(line) <= 100 for line in out.splitlines())
+    assert not [line for line in out.splitlines() if line.startswith("target / ")]
+    text = " ".join(out.split())
+    left = "target / features.29 / gradcam, target / layer4.1.conv2 / gradcam"
+    for run in ("source_only", "dann"):
+        assert f"only in {run}, not in every run (not compared): {left}" in text
+    assert "only in lone" not in text
+    assert f"Note: only in dann, not in every run (not compared): {left}" in report.read_text()
+
+
 def test_compare_groups_write_a_report_with_overlays_at_the_chosen_epochs(
     runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
