@@ -505,11 +505,25 @@ def _load_groups(args: argparse.Namespace) -> list[RunGroup]:
     for name, group in specs:
         runs = tuple(_load(path, args.strict, name=next(labels)) for path in group)
         groups.append(RunGroup(runs[0].name if name is None else name, runs))
+    _check_distinct([run for group in groups for run in group.runs])
     names = [group.name for group in groups]
     clash = [name for name in dict.fromkeys(names) if names.count(name) > 1]
     if clash:
         raise CliError(f"group name {clash[0]!r} is used twice; give each group its own name")
     return groups
+
+
+def _check_distinct(runs: Sequence[Run]) -> None:
+    """Two paths to one history (a run folder and its cam_monitor/ folder) are one run: counted
+    twice, it would be a seed of its own, or a run compared with itself."""
+    seen: dict[Path, Run] = {}
+    for run in runs:
+        first = seen.setdefault(run.folder.resolve(), run)
+        if first is not run:
+            raise CliError(
+                f"{first.name} and {run.name} are the same run (history {run.folder}); name "
+                "each run once"
+            )
 
 
 def _repeated(runs: Sequence[Run]) -> list[str]:
@@ -539,6 +553,7 @@ def _compare_two(args: argparse.Namespace) -> int:
     label_a, label_b = run_labels(*(Path(path).resolve() for path in args.runs))
     a = _load(args.runs[0], args.strict, name=label_a)
     b = _load(args.runs[1], args.strict, name=label_b)
+    _check_distinct([a, b])
     notes = check_probes(a, b)
     notes.extend(_repeated([a, b]))
     for note in notes:

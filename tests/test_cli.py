@@ -485,6 +485,20 @@ def test_compare_group_usage_errors(
     assert message in err and err.count("cam-monitor: error:") == 1
 
 
+def test_compare_refuses_one_run_given_twice_by_two_paths(
+    runs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run folder and its history folder are one run: not two seeds, not two runs."""
+    history = runs[1] / "lightning_logs" / "version_0" / "cam_monitor"
+    for args in (
+        [str(runs[0]), f"--group=dann={runs[1]},{history}"],
+        [str(runs[1]), str(history)],
+    ):
+        code, out, err = run_main(["compare", *args], capsys)
+        assert code == 2 and out == ""
+        assert "are the same run (history " in err and "name each run once" in err
+
+
 def test_compare_groups_refuse_a_run_with_other_probe_data(
     runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
