@@ -453,7 +453,8 @@ def _compare(args: argparse.Namespace) -> int:
         "and drift from each run's first evaluation (0 = unchanged); difference = each group's "
         "mean minus",
         "the first group's; higher = the group with the higher mean ('overlap': ranges overlap).",
-        "'nan' = undefined, '-' = not recorded (e.g. drift at the baseline).",
+        "'nan' = undefined, '-' = not recorded (e.g. drift at the baseline);",
+        "'(k of n runs)': only k of the group's runs have a defined value.",
     ]
     _print(lines)
     rows = summarize_groups(groups, keys, last)

@@ -425,7 +425,7 @@ class Spread:
         >>> round(s.mean, 6), s.low, s.high, s.finite, s.total
         (0.3, 0.2, 0.4, 2, 3)
         >>> s.text(), Spread.of([0.25]).text(), Spread.of([None, None]).text()
-        ('0.3000 [0.2000, 0.4000]', '0.2500', '-')
+        ('0.3000 [0.2000, 0.4000] (2 of 3 runs)', '0.2500', '-')
     """
 
     mean: float
@@ -445,12 +445,16 @@ class Spread:
 
     def text(self) -> str:
         """ "mean [min, max]" for several runs, the value alone for one, "-" when no run
-        recorded it, "nan" when every recorded value is undefined."""
+        recorded it, "nan" when every recorded value is undefined; "(k of n runs)" when only
+        k of the n runs that recorded it have a defined value (a diverged seed, say)."""
         if self.total == 0:
             return "-"
-        if self.finite <= 1 or self.low == self.high:
-            return format_number(self.mean)
-        return f"{format_number(self.mean)} [{format_number(self.low)}, {format_number(self.high)}]"
+        text = format_number(self.mean)
+        if self.finite > 1 and self.low != self.high:
+            text += f" [{format_number(self.low)}, {format_number(self.high)}]"
+        if 0 < self.finite < self.total:
+            text += f" ({self.finite} of {self.total} runs)"
+        return text
 
 
 def group_values(group: RunGroup, key: ScalarKey, epoch: int) -> list[float | None]:

@@ -229,7 +229,9 @@ def test_spread_is_mean_and_min_max_of_the_defined_values() -> None:
     spread = Spread.of([0.1, float("nan"), 0.5, 0.3])
     assert spread.mean == pytest.approx(0.3) and (spread.low, spread.high) == (0.1, 0.5)
     assert (spread.finite, spread.total) == (3, 4)
-    assert spread.text() == "0.3000 [0.1000, 0.5000]"
+    assert spread.text() == "0.3000 [0.1000, 0.5000] (3 of 4 runs)"  # one run undefined
+    assert Spread.of([0.1, float("nan"), None]).text() == "0.1000 (1 of 2 runs)"
+    assert Spread.of([0.1, 0.5, None]).text() == "0.3000 [0.1000, 0.5000]"  # one not recorded
     undefined = Spread.of([float("nan"), float("nan")])
     assert math.isnan(undefined.mean) and undefined.finite == 0 and undefined.text() == "nan"
     assert Spread.of([0.2, 0.2]).text() == "0.2000"  # no range where the runs agree
