@@ -73,12 +73,34 @@ def evaluation_path(folder: str | os.PathLike[str], index: int) -> Path:
 def write_evaluation(folder: str | os.PathLike[str], evaluation: Evaluation) -> Path:
     """Write ``evaluation`` atomically to ``folder/eval-{index:05d}.npz`` and return the path.
 
-    Creates the folder; replaces an existing file with the same index. The data goes to a hidden
+    Creates the folder; replaces an existing file with the same index written by the same run
+    (a resumed run rewrites what came after its checkpoint). A file of another run is never
+    replaced: two runs writing into one folder at once raise a `HistoryError` naming both,
+    instead of one run's history silently taking the other's place. The data goes to a hidden
     temporary file in the same folder, is fsynced, then renamed, so a crash never leaves a
     partial file under the final name.
     """
     arrays = evaluation_to_arrays(evaluation)
-    return _write_npz_atomically(evaluation_path(Path(folder), evaluation.index), arrays)
+    path = evaluation_path(Path(folder), evaluation.index)
+    other = _run_in(path)
+    if other is not None and other != evaluation.run:
+        raise HistoryError(
+            f"{path} was written by run {other or '(no id)'}, not by this run "
+            f"{evaluation.run or '(no id)'}: two training runs are writing into {path.parent}. "
+            "Give each run its own save_dir (or logger version)."
+        )
+    return _write_npz_atomically(path, arrays)
+
+
+def _run_in(path: Path) -> str | None:
+    """The run id of an existing, readable history file; None where there is none."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return run_of(read_meta({"meta": npz["meta"]}))
+    except (NewerFormatError, *_CORRUPT):
+        return None
 
 
 def read_evaluation(path: str | os.PathLike[str]) -> Evaluation:
@@ -216,12 +238,9 @@ def history_runs(folder: str | os.PathLike[str]) -> dict[str, list[int]]:
     """
     runs: dict[str, list[int]] = {}
     for index, path in _eval_files(Path(folder)):
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                run = run_of(read_meta({"meta": npz["meta"]}))
-        except (NewerFormatError, *_CORRUPT):
-            continue
-        runs.setdefault(run, []).append(index)
+        run = _run_in(path)
+        if run is not None:
+            runs.setdefault(run, []).append(index)
     return runs
 
 
