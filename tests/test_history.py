@@ -163,6 +163,12 @@ def test_a_file_of_another_run_is_never_replaced(tmp_path: Path) -> None:
     np.testing.assert_array_equal(back.logits["target"], make_evaluation(seed=0).logits["target"])
     write_evaluation(tmp_path, replace(make_evaluation(index=0, seed=5), run="aaaa"))  # resumed
     assert history_runs(tmp_path) == {"aaaa": [0]} and len(names(tmp_path)) == 1
+    inputs = {"p": np.zeros((1, 3, 2, 2))}
+    write_probe(tmp_path, inputs, {}, {}, {"p": "x"}, run="aaaa")
+    with pytest.raises(HistoryError, match=r"probe.npz was written by run aaaa"):
+        write_probe(tmp_path, {"p": np.ones((1, 3, 2, 2))}, {}, {}, {"p": "y"}, run="bbbb")
+    record = read_probe(tmp_path)
+    assert record is not None and record.run == "aaaa" and record.hashes == {"p": "x"}
 
 
 def test_failed_write_cleans_up_its_temp_file(tmp_path: Path) -> None:

@@ -82,14 +82,19 @@ def write_evaluation(folder: str | os.PathLike[str], evaluation: Evaluation) -> 
     """
     arrays = evaluation_to_arrays(evaluation)
     path = evaluation_path(Path(folder), evaluation.index)
+    _check_own(path, evaluation.run)
+    return _write_npz_atomically(path, arrays)
+
+
+def _check_own(path: Path, run: str) -> None:
+    """Raise `HistoryError` where ``path`` exists and was written by another run than ``run``."""
     other = _run_in(path)
-    if other is not None and other != evaluation.run:
+    if other is not None and other != run:
         raise HistoryError(
             f"{path} was written by run {other or '(no id)'}, not by this run "
-            f"{evaluation.run or '(no id)'}: two training runs are writing into {path.parent}. "
+            f"{run or '(no id)'}: two training runs are writing into {path.parent}. "
             "Give each run its own save_dir (or logger version)."
         )
-    return _write_npz_atomically(path, arrays)
 
 
 def _run_in(path: Path) -> str | None:
@@ -252,7 +257,8 @@ def write_probe(
     hashes: Mapping[str, str],
     run: str = "",
 ) -> Path:
-    """Write the probe atomically to ``folder/probe.npz`` (replacing it) and return the path.
+    """Write the probe atomically to ``folder/probe.npz`` (replacing that of the same run; that
+    of another run raises a `HistoryError`, as `write_evaluation` does) and return the path.
 
     Inputs become float32 ``[B, C, H, W]``, labels int64 ``[B]``, masks bool ``[B, H, W]``
     (non-bool masks are thresholded at 0.5, as the localization scores do).
@@ -267,7 +273,9 @@ def write_probe(
         ('probe.npz', dtype('float32'), [1, 0], {'val': 'ab'})
     """
     arrays = probe_to_arrays(inputs, labels, masks, hashes, run)
-    return _write_npz_atomically(Path(folder) / PROBE_FILE, arrays)
+    path = Path(folder) / PROBE_FILE
+    _check_own(path, run)
+    return _write_npz_atomically(path, arrays)
 
 
 def read_probe(folder: str | os.PathLike[str]) -> ProbeRecord | None:
