@@ -41,6 +41,7 @@ from .compare import (
     summary_stats,
 )
 from .history import Evaluation, ProbeRecord
+from .methods import PIXEL_METHODS, SIGNED_METHODS
 from .render import (
     caption_text,
     choose_captions,
@@ -498,7 +499,9 @@ def _captions(
 
 def _grid_jpeg(run: Run, probe_record: ProbeRecord | None, group: Group, epoch: int) -> bytes:
     """Overlay grid of one run's maps at ``epoch`` as a small JPEG (about square, 64 px tiles);
-    maps alone when the probe images are missing."""
+    maps alone when the probe images are missing. Pixel-level maps are drawn on their own, and
+    signed ones (integrated gradients, guided backprop, ...) in the dashboard's diverging
+    colours: min-max would paint zero attribution as a mid heat."""
     evaluation = run.by_epoch[epoch]
     maps = torch.from_numpy(evaluation.maps[group])
     probe = group.probe
@@ -514,6 +517,10 @@ def _grid_jpeg(run: Run, probe_record: ProbeRecord | None, group: Group, epoch: 
     captions = _captions(evaluation, probe, labels, int(height), int(width))
     if captions is not None and len(captions) != count:
         captions = None
+    if group.method in PIXEL_METHODS:
+        signed = group.method in SIGNED_METHODS
+        grid = make_map_grid(maps, signed=signed, captions=captions, nrow=nrow, min_tile=_TILE)
+        return to_jpeg_bytes(grid, _JPEG_QUALITY)
     if inputs is not None:
         try:
             grid = make_overlay_grid(
@@ -550,8 +557,17 @@ def _overlays(groups: Sequence[RunGroup], keys: Sequence[Group], epochs: Sequenc
             (r.probe for r in shown if r.probe is not None and key.probe in r.probe.inputs),
             None,
         )
-        what = "over the probe images" if record is not None else "alone (no probe.npz images)"
-        lines.append(f"<h3>{_e(title)}: CAMs {what}</h3>")
+        if key.method in PIXEL_METHODS:
+            what = "maps on their own" + (
+                " (blue: negative, white: 0, red: positive; each scaled to its largest |value|)"
+                if key.method in SIGNED_METHODS
+                else ""
+            )
+        elif record is not None:
+            what = "CAMs over the probe images"
+        else:
+            what = "CAMs alone (no probe.npz images)"
+        lines.append(f"<h3>{_e(title)}: {what}</h3>")
         lines.append(f"<table class='overlays'><tr><th style='width:4em'>epoch</th>{heads}</tr>")
         for epoch in epochs:
             cells = []
