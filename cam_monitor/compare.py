@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .drift import js_divergence, spearman, summarize, topk_iou
+from .drift import as_measured, js_divergence, spearman, summarize, topk_iou
 from .history import Evaluation, HistoryError, ProbeRecord, find_history, read_history, read_probe
 from .schema import (
     DRIFT,
@@ -360,8 +360,9 @@ def compare_group(a: Run, b: Run, group: Group, epochs: Sequence[int]) -> list[E
             note = f"no maps in {a.name if maps_a is None else b.name}"
         elif maps_a.shape != maps_b.shape:
             note = f"maps differ in shape: {tuple(maps_a.shape)} vs {tuple(maps_b.shape)}"
-        else:
-            similarity = map_similarity(maps_a, maps_b)
+        else:  # signed maps by their size, as drift scores them
+            measured = [as_measured(torch.from_numpy(m), group.method) for m in (maps_a, maps_b)]
+            similarity = map_similarity(*(m.numpy() for m in measured))
             images = maps_a.shape[0]
         rows.append(
             EpochComparison(

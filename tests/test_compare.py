@@ -451,3 +451,18 @@ def test_a_step_schedule_labels_each_evaluation_with_the_epochs_completed(
     for row in compare_group(by_steps, by_epochs, key, common_epochs(by_steps, by_epochs)):
         assert row.index_a == row.index_b
         assert row.similarity["spearman"][0] == pytest.approx(1.0)
+
+
+def test_signed_maps_are_compared_by_their_size_as_drift_scores_them() -> None:
+    """Integrated gradients of opposite sign put the same weight on the same pixels: between
+    runs they compare as drift would (on |map|), not as anti-correlated with JS undefined."""
+    rng = np.random.default_rng(4)
+    maps = rng.standard_normal((3, 6, 6)).astype(np.float32)
+    key = MapKey("val", "input", "integrated_gradients")
+    a = Run("a", Path("a"), [evaluation(0, 0, {key: maps})])
+    b = Run("b", Path("b"), [evaluation(0, 0, {key: -maps})])
+    (row,) = compare_group(a, b, key, [0])
+    assert row.similarity["spearman"] == (pytest.approx(1.0), 0)
+    assert row.similarity["topk_iou"] == (pytest.approx(1.0), 0)
+    assert row.similarity["js"] == (pytest.approx(0.0, abs=1e-6), 0)
+    assert np.array_equal(a.evaluations[0].maps[key], maps)  # the history is left as it is
