@@ -320,7 +320,8 @@ def _show(args: argparse.Namespace) -> int:
         ]
     )
     other = [tag for tag in tags if tag != SECONDS_TAG and keys[tag] is None]
-    headers = ["index", "epoch", "step", "seconds", *other, "time"]
+    final = any(ev.final for ev in evaluations)  # the one added at the end of fit
+    headers = ["index", "epoch", "step", "seconds", *other, "time", *(["final"] if final else [])]
     rows = [
         [
             str(ev.index),
@@ -329,6 +330,7 @@ def _show(args: argparse.Namespace) -> int:
             format_number(ev.scalars.get(SECONDS_TAG)),
             *(format_number(ev.scalars.get(name)) for name in other),
             ev.time or "-",
+            *([("yes" if ev.final else "")] if final else []),
         ]
         for ev in evaluations
     ]

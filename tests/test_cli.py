@@ -653,3 +653,27 @@ def test_show_counts_no_class_for_an_image_with_nan_logits(
     assert caption_text(predicted_classes(logits), [0, 1, 2], compact=True) == [
         "p:- t:0", "ok 1", "x p:0 t:2"
     ]  # fmt: skip
+
+
+def test_show_marks_the_final_evaluation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The evaluation added at the end of fit (an epoch count the schedule does not divide) is
+    marked, as the history marks it; histories without one get no such column."""
+    for index, epoch in enumerate((0, 2, 3)):
+        maps = {("val", "conv", "gradcam"): np.ones((1, 2, 2), np.float32)}
+        write_evaluation(
+            tmp_path,
+            Evaluation(index, epoch, 4 * epoch, {"val": "a" * 12}, maps,
+                       {"val": np.zeros(1, np.int64)}, {"val": np.zeros((1, 2), np.float32)},
+                       final=index == 2),
+        )  # fmt: skip
+    code, out, _ = run_main(["show", str(tmp_path)], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("index"))
+    assert lines[head].split()[-1] == "final"
+    assert [line.split()[-1] == "yes" for line in lines[head + 1 : head + 4]] == [0, 0, 1]
+    (tmp_path / "eval-00002.npz").unlink()
+    code, out, _ = run_main(["show", str(tmp_path)], capsys)
+    assert next(line for line in out.splitlines() if line.startswith("index")).endswith("time")
