@@ -589,7 +589,7 @@ def _compare_two(args: argparse.Namespace) -> int:
         ]
     )
     for group in groups:
-        _print_comparison(group, compare_group(a, b, group, shown))
+        _print_comparison(group, compare_group(a, b, group, shown), (a, b))
     for run, other in ((a, set(b.groups)), (b, set(a.groups))):
         alone = [g for g in run.groups if g not in other]
         if alone:
@@ -601,7 +601,7 @@ def _compare_two(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_comparison(group: Group, rows: Sequence[EpochComparison]) -> None:
+def _print_comparison(group: Group, rows: Sequence[EpochComparison], runs: tuple[Run, Run]) -> None:
     images = max((r.images for r in rows), default=0)
     scores = [
         s
@@ -617,9 +617,15 @@ def _print_comparison(group: Group, rows: Sequence[EpochComparison]) -> None:
         for measure in SIMILARITIES:
             mean, left_out = row.similarity.get(measure, (None, 0))
             cells.append(format_number(mean) + ("*" if left_out else ""))
+        excluded = {}  # localization means over fewer images, as `show` marks them
         for score in scores:
-            cells.append(format_number(row.localization_a.get(score)))
-            cells.append(format_number(row.localization_b.get(score)))
+            for side, run, values in (("A", runs[0], row.localization_a),
+                                      ("B", runs[1], row.localization_b)):  # fmt: skip
+                tag = ScalarKey(LOCALIZATION, group, score).excluded.tag
+                count = run.by_epoch[row.epoch].scalars.get(tag, 0)
+                cells.append(format_number(values.get(score)) + ("*" if count > 0 else ""))
+                if count > 0:
+                    excluded[f"{score}_{side}"] = int(count)
         table.append(cells)
         left = {m: n for m, (_, n) in row.similarity.items() if n}
         if row.note:
@@ -630,6 +636,9 @@ def _print_comparison(group: Group, rows: Sequence[EpochComparison]) -> None:
                 f"epoch {row.epoch}: images left out (measure undefined, e.g. a constant map): "
                 f"{counts} of {row.images}"
             )
+        if excluded:
+            counts = ", ".join(f"{name} {n}" for name, n in excluded.items())
+            notes.append(f"epoch {row.epoch}: images left out of a run's localization: {counts}")
     _print(["", f"{' / '.join(group)}  ({images} images)"])
     _print(format_table(headers, table, keep=1))
     if notes:

@@ -677,3 +677,27 @@ def test_show_marks_the_final_evaluation(
     (tmp_path / "eval-00002.npz").unlink()
     code, out, _ = run_main(["show", str(tmp_path)], capsys)
     assert next(line for line in out.splitlines() if line.startswith("index")).endswith("time")
+
+
+def test_compare_marks_localization_means_that_left_images_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As `show` does: a run's energy over 6 of 8 images (two constant maps) is marked '*' and
+    the note says how many images its mean left out."""
+    group = MapKey("val", "conv", "gradcam")
+    energy = ScalarKey("cam_loc", group, "energy")
+    for name, scalars in (("a", {energy.tag: 0.5, energy.excluded.tag: 2.0}),
+                          ("b", {energy.tag: 0.4})):  # fmt: skip
+        maps = {group: np.arange(32, dtype=np.float32).reshape(2, 4, 4)}
+        write_evaluation(
+            tmp_path / name,
+            Evaluation(0, 0, 0, {"val": "a" * 12}, maps, {"val": np.zeros(2, np.int64)},
+                       {"val": np.zeros((2, 3), np.float32)}, scalars=scalars),
+        )  # fmt: skip
+    code, out, err = run_main(["compare", str(tmp_path / "a"), str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("epoch  spearman"))
+    row = dict(zip(lines[head].split(), lines[head + 1].split(), strict=True))
+    assert (row["energy_A"], row["energy_B"]) == ("0.5000*", "0.4000")
+    assert "* epoch 0: images left out of a run's localization: energy_A 2" in out
