@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cam-monitor",
         description="Look at the Grad-CAM history CamMonitor wrote during training, or compare "
-        "two runs.",
+        "runs and groups of runs (seeds).",
     )
     commands = parser.add_subparsers(
         title="commands", metavar="COMMAND", required=True, parser_class=_Parser
