@@ -277,14 +277,19 @@ def _load(run_dir: str, strict: bool, name: str | None = None) -> Run:
     return run
 
 
-def _select(groups: Sequence[Group], args: argparse.Namespace, where: str) -> list[Group]:
-    """Groups matching --probe/--layer/--method; none matching is a `CliError` listing choices."""
+def _matching(groups: Sequence[Group], args: argparse.Namespace) -> list[Group]:
+    """Groups matching --probe/--layer/--method."""
     patterns = (args.probe, args.layer, args.method)
-    chosen = [
+    return [
         g
         for g in groups
         if all(p is None or fnmatch.fnmatchcase(n, p) for n, p in zip(g, patterns, strict=True))
     ]
+
+
+def _select(groups: Sequence[Group], args: argparse.Namespace, where: str) -> list[Group]:
+    """Groups matching --probe/--layer/--method; none matching is a `CliError` listing choices."""
+    chosen = _matching(groups, args)
     if groups and not chosen:
         available = "; ".join(
             f"{kind}s: {', '.join(dict.fromkeys(g[i] for g in groups))}"
@@ -430,7 +435,7 @@ def _compare(args: argparse.Namespace) -> int:
     left_out = [  # what is not compared, as `only in` says for two runs
         f"only in {run.name}, not in every run (not compared): {_names(alone)}"
         for run in every
-        if (alone := [g for g in run.groups if g not in shared])
+        if (alone := [g for g in _matching(run.groups, args) if g not in shared])
     ]
     keys = _select(keys, args, "every run")
     if not keys:

@@ -433,6 +433,8 @@ def test_compare_groups_say_what_is_not_in_every_run(
         assert f"only in {run}, not in every run (not compared): {left}" in text
     assert "only in lone" not in text
     assert f"Note: only in dann, not in every run (not compared): {left}" in report.read_text()
+    code, out, err = run_main([*args[:3], "--probe", "source"], capsys)
+    assert code == 0 and "only in" not in out  # what the filters leave out is not noted
 
 
 def test_compare_groups_write_a_report_with_overlays_at_the_chosen_epochs(
