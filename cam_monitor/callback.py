@@ -238,6 +238,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self._resumed_hashes: dict[str, str] = {}
         self.run_id: str | None = None  # set at the start of fit, or by a resumed checkpoint
         self._idle = False  # fast_dev_run: nothing evaluated, nothing written
+        self._done_epoch = -1  # the last epoch whose last training batch has run
         self._writer = BackgroundWriter()  # history files, written off the training thread
         self._encoder = GridEncoder()  # grids, encoded while drift is scored
 
@@ -384,14 +385,19 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if trainer.is_last_batch:
+            self._done_epoch = trainer.current_epoch
         if self.every_n_steps is None or self._idle or not trainer.is_global_zero:
             return
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step != self._last_step:
-            # After an epoch's last batch that epoch is complete (`current_epoch` still counts
-            # it as running): the same weights as the epoch-end evaluation, the same epoch.
-            epoch = trainer.current_epoch + int(bool(trainer.is_last_batch))
-            self._evaluate(trainer, pl_module, epoch=epoch)
+            self._evaluate(trainer, pl_module, epoch=self._epochs_completed(trainer))
+
+    def _epochs_completed(self, trainer: pl.Trainer) -> int:
+        """Epochs whose training is complete: after an epoch's last batch (in its validation,
+        say) `current_epoch` still counts that epoch as running; an evaluation of those weights
+        belongs to the epoch-end one's epoch."""
+        return trainer.current_epoch + int(self._done_epoch == trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs is None or self._idle or not trainer.is_global_zero:
@@ -428,7 +434,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         """Run one evaluation now, from any hook after training started (even under inference
         mode, e.g. in `on_validation_epoch_end`); rank zero only, like the scheduled ones."""
         if trainer.is_global_zero and self._probes:
-            self._evaluate(trainer, pl_module, epoch=trainer.current_epoch)
+            self._evaluate(trainer, pl_module, epoch=self._epochs_completed(trainer))
 
     def state_dict(self) -> dict[str, Any]:
         return {

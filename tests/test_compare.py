@@ -37,7 +37,7 @@ from cam_monitor.compare import (
 from cam_monitor.history import Evaluation, write_evaluation, write_probe
 from cam_monitor.probe import content_hash
 from cam_monitor.schema import DRIFT, LOCALIZATION, SECONDS_TAG, MapKey, ScalarKey
-from tests.conftest import Lightning, LitClassifier, loader, quiet_trainer
+from tests.conftest import ClassifierSteps, Lightning, LitClassifier, loader, quiet_trainer
 
 GROUP = MapKey("dom/ain", "features.29", "gradcam")
 
@@ -421,7 +421,24 @@ def test_cli_compares_groups_of_real_fits_and_shows_class_names(
     assert any(name in predicted for name in CLASS_NAMES) and "/10 correct" in predicted
 
 
-def schedule_fit(root: Path, name: str, lightning: Lightning, **schedule: int) -> Run:
+class OnDemand:
+    """`ClassifierSteps` that calls `CamMonitor.evaluate` at each validation end, as the README
+    suggests, and once after training."""
+
+    monitor = None
+
+    def on_validation_epoch_end(self) -> None:
+        if self.monitor is not None and not self.trainer.sanity_checking:
+            self.monitor.evaluate(self.trainer, self)
+
+    def on_train_end(self) -> None:
+        if self.monitor is not None:
+            self.monitor.evaluate(self.trainer, self)
+
+
+def schedule_fit(
+    root: Path, name: str, lightning: Lightning, on_demand: bool = False, **schedule: int
+) -> Run:
     """Seed 0, 2 epochs of 3 steps, the same probe: only the monitor's schedule differs."""
     from cam_monitor import CamMonitor
 
@@ -429,10 +446,10 @@ def schedule_fit(root: Path, name: str, lightning: Lightning, **schedule: int) -
     monitor = CamMonitor("net.features.5", probe=(images[:4], labels[:4]),
                          save_dir=root / name, **schedule)  # fmt: skip
     torch.manual_seed(0)
-    trainer = lightning.trainer(logger=False, callbacks=[monitor])
-    trainer.fit(
-        lightning.module()(), loader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
-    )
+    steps = type("Steps", (OnDemand, ClassifierSteps), {"monitor": monitor if on_demand else None})
+    trainer = lightning.trainer(logger=False, callbacks=[monitor], num_sanity_val_steps=0)
+    data = loader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+    trainer.fit(lightning.module(steps)(), data, data)
     return load_run(root / name, name=name)
 
 
@@ -450,6 +467,11 @@ def test_a_step_schedule_labels_each_evaluation_with_the_epochs_completed(
     key = MapKey("probe", "net.features.5", "gradcam")
     for row in compare_group(by_steps, by_epochs, key, common_epochs(by_steps, by_epochs)):
         assert row.index_a == row.index_b
+        assert row.similarity["spearman"][0] == pytest.approx(1.0)
+    # `evaluate()` at the end of each epoch's validation: the epochs completed, as scheduled.
+    on_demand = schedule_fit(tmp_path, "demand", lightning, on_demand=True, every_n_epochs=99)
+    assert [(e.epoch, e.step) for e in on_demand.evaluations] == [(0, 0), (1, 3), (2, 6), (2, 6)]
+    for row in compare_group(on_demand, by_epochs, key, [0, 1, 2]):
         assert row.similarity["spearman"][0] == pytest.approx(1.0)
 
 
