@@ -18,7 +18,7 @@ from lightning_utilities.core.rank_zero import (  # what both namespaces re-expo
 )
 from torch import Tensor, nn
 
-from .encoding import GridEncoder, PendingGrids
+from .encoding import EncodedGrid, GridEncoder, PendingGrids
 from .evaluation import ImageKey, explain_first_failure, run_evaluation
 from .history import (
     BackgroundWriter,
@@ -238,6 +238,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self._resumed_hashes: dict[str, str] = {}
         self.run_id: str | None = None  # set at the start of fit, or by a resumed checkpoint
         self._idle = False  # fast_dev_run: nothing evaluated, nothing written
+        self._done_epoch = -1  # the last epoch whose last training batch has run
         self._writer = BackgroundWriter()  # history files, written off the training thread
         self._encoder = GridEncoder()  # grids, encoded while drift is scored
 
@@ -384,11 +385,19 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if trainer.is_last_batch:
+            self._done_epoch = trainer.current_epoch
         if self.every_n_steps is None or self._idle or not trainer.is_global_zero:
             return
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step != self._last_step:
-            self._evaluate(trainer, pl_module, epoch=trainer.current_epoch)
+            self._evaluate(trainer, pl_module, epoch=self._epochs_completed(trainer))
+
+    def _epochs_completed(self, trainer: pl.Trainer) -> int:
+        """Epochs whose training is complete: after an epoch's last batch (in its validation,
+        say) `current_epoch` still counts that epoch as running; an evaluation of those weights
+        belongs to the epoch-end one's epoch."""
+        return trainer.current_epoch + int(self._done_epoch == trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs is None or self._idle or not trainer.is_global_zero:
@@ -425,7 +434,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         """Run one evaluation now, from any hook after training started (even under inference
         mode, e.g. in `on_validation_epoch_end`); rank zero only, like the scheduled ones."""
         if trainer.is_global_zero and self._probes:
-            self._evaluate(trainer, pl_module, epoch=trainer.current_epoch)
+            self._evaluate(trainer, pl_module, epoch=self._epochs_completed(trainer))
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -469,7 +478,10 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 module, self._probes, self.layers or [], self.engine, self.render, self.filters
             )
             if self._sinks:
-                encoding = self._encoder.submit(output.images, self.render.image_format)
+                encode = any(sink.needs_bytes for sink in self._sinks)  # MLflow takes pixels
+                encoding = self._encoder.submit(
+                    output.images, self.render.image_format, encode=encode
+                )
             scalars, non_finite = self.tracker.score(output.results, self._probes)
         except Exception as err:
             if encoding is not None:
@@ -498,7 +510,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 what = f"evaluation {record.index}"
                 self._writer.submit(partial(write_evaluation, self.folder, record), what)
                 self._report_writes(self._writer.errors())
-            images = encoding.result() if encoding is not None else {}
+            images = self._encoded(trainer, encoding)
             for sink in self._sinks:
                 sink.log(images, output.scalars, step)
         except Exception as err:
@@ -506,6 +518,24 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 raise
             self._skip(trainer, err)
         self.evaluations += 1
+
+    def _encoded(
+        self, trainer: pl.Trainer, encoding: PendingGrids[ImageKey] | None
+    ) -> Mapping[ImageKey, EncodedGrid]:
+        """The encoded grids; when one cannot be encoded, this evaluation's images are skipped
+        with a warning and its scalars are still logged (`strict=True` raises)."""
+        try:
+            return encoding.result() if encoding is not None else {}
+        except Exception as err:
+            if self.strict:
+                raise
+            rank_zero_warn(
+                f"CamMonitor skipped the images of its evaluation at epoch "
+                f"{trainer.current_epoch}, step {trainer.global_step}: {type(err).__name__}: "
+                f"{str(err).rstrip('.')}. Its scalars are logged; training continues; pass "
+                "strict=True to raise instead."
+            )
+            return {}
 
     def _build_probes(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
@@ -568,6 +598,13 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         for monitor in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(monitor, CamMonitor):
                 monitor._writer.wait()  # another monitor's files, still queued, count too
+                if monitor is not self and monitor.history and monitor.folder == folder:
+                    if self.save_dir is not None:
+                        raise ValueError(
+                            f"Two CamMonitors in this Trainer have save_dir="
+                            f"{os.fspath(self.save_dir)!r}; one folder holds one monitor's "
+                            "history. Give each monitor its own save_dir."
+                        )
         others = {run: ix for run, ix in history_runs(folder).items() if run != self.run_id}
         if not others:
             return folder

@@ -16,6 +16,7 @@ import argparse
 import fnmatch
 import os
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ from .compare import (
     summarize_groups,
 )
 from .history import HistoryError
+from .render import predicted_classes
 from .report import require_matplotlib, write_report
 from .schema import (
     DRIFT,
@@ -63,6 +65,7 @@ __all__ = ["build_parser", "format_table", "main"]
 WIDTH = 100
 _LIBRARY_HINT = " Delete the file, or pass strict=False to read_history to skip it."
 _CLI_HINT = " Delete or restore the file to silence this warning; --strict makes it an error."
+_STRICT_HINT = " Delete or restore the file, or leave out --strict to skip it with a warning."
 
 
 class CliError(Exception):
@@ -88,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     except (HistoryError, ReportError, CliError, OSError) as exc:
-        print(f"cam-monitor: error: {_one_line(str(exc))}", file=sys.stderr)
+        text = _one_line(str(exc)).replace(_LIBRARY_HINT, _STRICT_HINT)
+        print(f"cam-monitor: error: {text}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)
@@ -107,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cam-monitor",
         description="Look at the Grad-CAM history CamMonitor wrote during training, or compare "
-        "two runs.",
+        "runs and groups of runs (seeds).",
     )
     commands = parser.add_subparsers(
         title="commands", metavar="COMMAND", required=True, parser_class=_Parser
@@ -273,14 +277,19 @@ def _load(run_dir: str, strict: bool, name: str | None = None) -> Run:
     return run
 
 
-def _select(groups: Sequence[Group], args: argparse.Namespace, where: str) -> list[Group]:
-    """Groups matching --probe/--layer/--method; none matching is a `CliError` listing choices."""
+def _matching(groups: Sequence[Group], args: argparse.Namespace) -> list[Group]:
+    """Groups matching --probe/--layer/--method."""
     patterns = (args.probe, args.layer, args.method)
-    chosen = [
+    return [
         g
         for g in groups
         if all(p is None or fnmatch.fnmatchcase(n, p) for n, p in zip(g, patterns, strict=True))
     ]
+
+
+def _select(groups: Sequence[Group], args: argparse.Namespace, where: str) -> list[Group]:
+    """Groups matching --probe/--layer/--method; none matching is a `CliError` listing choices."""
+    chosen = _matching(groups, args)
     if groups and not chosen:
         available = "; ".join(
             f"{kind}s: {', '.join(dict.fromkeys(g[i] for g in groups))}"
@@ -316,7 +325,8 @@ def _show(args: argparse.Namespace) -> int:
         ]
     )
     other = [tag for tag in tags if tag != SECONDS_TAG and keys[tag] is None]
-    headers = ["index", "epoch", "step", "seconds", *other, "time"]
+    final = any(ev.final for ev in evaluations)  # the one added at the end of fit
+    headers = ["index", "epoch", "step", "seconds", *other, "time", *(["final"] if final else [])]
     rows = [
         [
             str(ev.index),
@@ -325,6 +335,7 @@ def _show(args: argparse.Namespace) -> int:
             format_number(ev.scalars.get(SECONDS_TAG)),
             *(format_number(ev.scalars.get(name)) for name in other),
             ev.time or "-",
+            *([("yes" if ev.final else "")] if final else []),
         ]
         for ev in evaluations
     ]
@@ -364,12 +375,15 @@ def _predictions(run: Run, probes: Sequence[str]) -> list[str]:
         logits = last.logits.get(probe)
         if logits is None or logits.ndim != 2:
             continue
-        predicted = np.argmax(logits, axis=1)
-        counts = np.bincount(predicted, minlength=logits.shape[1])
+        predicted = np.array(predicted_classes(logits), dtype=np.int64)
+        known = predicted[predicted >= 0]  # rows of NaN/inf logits predict no class
+        counts = np.bincount(known, minlength=logits.shape[1])
         order = sorted(np.flatnonzero(counts).tolist(), key=lambda c: (-counts[c], c))
         shown = [f"{_class(c, names)} x{counts[c]}" for c in order[:8]]
         if len(order) > 8:
             shown.append(f"... ({len(order)} classes)")
+        if len(known) < len(predicted):
+            shown.append(f"none x{len(predicted) - len(known)} (NaN or inf logits)")
         text = f"  {probe}: predicted {', '.join(shown)}"
         labels = last.labels.get(probe)
         if labels is not None and len(labels) == len(predicted):
@@ -417,6 +431,12 @@ def _compare(args: argparse.Namespace) -> int:
     keys = groups[0].keys
     for group in groups[1:]:
         keys = common(keys, group.keys)
+    shared = set(keys)
+    left_out = [  # what is not compared, as `only in` says for two runs
+        f"only in {run.name}, not in every run (not compared): {_names(alone)}"
+        for run in every
+        if (alone := [g for g in _matching(run.groups, args) if g not in shared])
+    ]
     keys = _select(keys, args, "every run")
     if not keys:
         raise CliError(
@@ -440,6 +460,8 @@ def _compare(args: argparse.Namespace) -> int:
         "and drift from each run's first evaluation (0 = unchanged); difference = each group's "
         "mean minus",
         "the first group's; higher = the group with the higher mean ('overlap': ranges overlap).",
+        "'nan' = undefined, '-' = not recorded (e.g. drift at the baseline);",
+        "'(k of n runs)': only k of the group's runs have a defined value.",
     ]
     _print(lines)
     rows = summarize_groups(groups, keys, last)
@@ -463,9 +485,11 @@ def _compare(args: argparse.Namespace) -> int:
         )
     _print([""])
     _print(format_table(headers, table, keep=2))
+    for note in left_out:
+        _print(["", *textwrap.wrap(note, WIDTH, subsequent_indent="  ")])
     if args.out is not None:
         path = write_report(args.out, groups, keys=keys, epochs=epochs, overlays=overlays,
-                            notes=notes)  # fmt: skip
+                            notes=[*notes, *left_out])  # fmt: skip
         _print(["", f"report written to {path}"])
     return 0
 
@@ -489,11 +513,25 @@ def _load_groups(args: argparse.Namespace) -> list[RunGroup]:
     for name, group in specs:
         runs = tuple(_load(path, args.strict, name=next(labels)) for path in group)
         groups.append(RunGroup(runs[0].name if name is None else name, runs))
+    _check_distinct([run for group in groups for run in group.runs])
     names = [group.name for group in groups]
     clash = [name for name in dict.fromkeys(names) if names.count(name) > 1]
     if clash:
         raise CliError(f"group name {clash[0]!r} is used twice; give each group its own name")
     return groups
+
+
+def _check_distinct(runs: Sequence[Run]) -> None:
+    """Two paths to one history (a run folder and its cam_monitor/ folder) are one run: counted
+    twice, it would be a seed of its own, or a run compared with itself."""
+    seen: dict[Path, Run] = {}
+    for run in runs:
+        first = seen.setdefault(run.folder.resolve(), run)
+        if first is not run:
+            raise CliError(
+                f"{first.name} and {run.name} are the same run (history {run.folder}); name "
+                "each run once"
+            )
 
 
 def _repeated(runs: Sequence[Run]) -> list[str]:
@@ -523,6 +561,7 @@ def _compare_two(args: argparse.Namespace) -> int:
     label_a, label_b = run_labels(*(Path(path).resolve() for path in args.runs))
     a = _load(args.runs[0], args.strict, name=label_a)
     b = _load(args.runs[1], args.strict, name=label_b)
+    _check_distinct([a, b])
     notes = check_probes(a, b)
     notes.extend(_repeated([a, b]))
     for note in notes:
@@ -555,7 +594,7 @@ def _compare_two(args: argparse.Namespace) -> int:
         ]
     )
     for group in groups:
-        _print_comparison(group, compare_group(a, b, group, shown))
+        _print_comparison(group, compare_group(a, b, group, shown), (a, b))
     for run, other in ((a, set(b.groups)), (b, set(a.groups))):
         alone = [g for g in run.groups if g not in other]
         if alone:
@@ -567,7 +606,7 @@ def _compare_two(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_comparison(group: Group, rows: Sequence[EpochComparison]) -> None:
+def _print_comparison(group: Group, rows: Sequence[EpochComparison], runs: tuple[Run, Run]) -> None:
     images = max((r.images for r in rows), default=0)
     scores = [
         s
@@ -583,9 +622,15 @@ def _print_comparison(group: Group, rows: Sequence[EpochComparison]) -> None:
         for measure in SIMILARITIES:
             mean, left_out = row.similarity.get(measure, (None, 0))
             cells.append(format_number(mean) + ("*" if left_out else ""))
+        excluded = {}  # localization means over fewer images, as `show` marks them
         for score in scores:
-            cells.append(format_number(row.localization_a.get(score)))
-            cells.append(format_number(row.localization_b.get(score)))
+            for side, run, values in (("A", runs[0], row.localization_a),
+                                      ("B", runs[1], row.localization_b)):  # fmt: skip
+                tag = ScalarKey(LOCALIZATION, group, score).excluded.tag
+                count = run.by_epoch[row.epoch].scalars.get(tag, 0)
+                cells.append(format_number(values.get(score)) + ("*" if count > 0 else ""))
+                if count > 0:
+                    excluded[f"{score}_{side}"] = int(count)
         table.append(cells)
         left = {m: n for m, (_, n) in row.similarity.items() if n}
         if row.note:
@@ -596,6 +641,9 @@ def _print_comparison(group: Group, rows: Sequence[EpochComparison]) -> None:
                 f"epoch {row.epoch}: images left out (measure undefined, e.g. a constant map): "
                 f"{counts} of {row.images}"
             )
+        if excluded:
+            counts = ", ".join(f"{name} {n}" for name, n in excluded.items())
+            notes.append(f"epoch {row.epoch}: images left out of a run's localization: {counts}")
     _print(["", f"{' / '.join(group)}  ({images} images)"])
     _print(format_table(headers, table, keep=1))
     if notes:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .drift import js_divergence, spearman, summarize, topk_iou
+from .drift import as_measured, js_divergence, spearman, summarize, topk_iou
 from .history import Evaluation, HistoryError, ProbeRecord, find_history, read_history, read_probe
 from .schema import (
     DRIFT,
@@ -360,8 +360,9 @@ def compare_group(a: Run, b: Run, group: Group, epochs: Sequence[int]) -> list[E
             note = f"no maps in {a.name if maps_a is None else b.name}"
         elif maps_a.shape != maps_b.shape:
             note = f"maps differ in shape: {tuple(maps_a.shape)} vs {tuple(maps_b.shape)}"
-        else:
-            similarity = map_similarity(maps_a, maps_b)
+        else:  # signed maps by their size, as drift scores them
+            measured = [as_measured(torch.from_numpy(m), group.method) for m in (maps_a, maps_b)]
+            similarity = map_similarity(*(m.numpy() for m in measured))
             images = maps_a.shape[0]
         rows.append(
             EpochComparison(
@@ -417,14 +418,15 @@ class RunGroup:
 
 @dataclass(frozen=True)
 class Spread:
-    """One number over a group's runs: the mean and min-max of the finite values, and counts.
+    """One number over a group's runs: the mean and min-max of the finite values, and counts
+    (``total``: the runs that recorded it; None marks a run that did not).
 
     Example:
-        >>> s = Spread.of([0.2, 0.4, float("nan")])
+        >>> s = Spread.of([0.2, 0.4, float("nan"), None])
         >>> round(s.mean, 6), s.low, s.high, s.finite, s.total
         (0.3, 0.2, 0.4, 2, 3)
-        >>> s.text(), Spread.of([0.25]).text(), Spread.of([]).text()
-        ('0.3000 [0.2000, 0.4000]', '0.2500', '-')
+        >>> s.text(), Spread.of([0.25]).text(), Spread.of([None, None]).text()
+        ('0.3000 [0.2000, 0.4000] (2 of 3 runs)', '0.2500', '-')
     """
 
     mean: float
@@ -434,29 +436,35 @@ class Spread:
     total: int
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> Spread:
-        """The spread of ``values``; NaN (undefined or not recorded) values are left out."""
-        finite = [v for v in values if not math.isnan(v)]
+    def of(cls, values: Sequence[float | None]) -> Spread:
+        """The spread of ``values``; NaN (undefined) and None (not recorded) are left out."""
+        recorded = [v for v in values if v is not None]
+        finite = [v for v in recorded if not math.isnan(v)]
         if not finite:
-            return cls(math.nan, math.nan, math.nan, 0, len(values))
-        return cls(sum(finite) / len(finite), min(finite), max(finite), len(finite), len(values))
+            return cls(math.nan, math.nan, math.nan, 0, len(recorded))
+        return cls(sum(finite) / len(finite), min(finite), max(finite), len(finite), len(recorded))
 
     def text(self) -> str:
-        """ "mean [min, max]" for several runs, the value alone for one, "-" for none, "nan"
-        when every value is undefined."""
+        """ "mean [min, max]" for several runs, the value alone for one, "-" when no run
+        recorded it, "nan" when every recorded value is undefined; "(k of n runs)" when only
+        k of the n runs that recorded it have a defined value (a diverged seed, say)."""
         if self.total == 0:
             return "-"
-        if self.finite <= 1 or self.low == self.high:
-            return format_number(self.mean)
-        return f"{format_number(self.mean)} [{format_number(self.low)}, {format_number(self.high)}]"
+        text = format_number(self.mean)
+        if self.finite > 1 and self.low != self.high:
+            text += f" [{format_number(self.low)}, {format_number(self.high)}]"
+        if 0 < self.finite < self.total:
+            text += f" ({self.finite} of {self.total} runs)"
+        return text
 
 
-def group_values(group: RunGroup, key: ScalarKey, epoch: int) -> list[float]:
-    """Each run's value of one scalar at ``epoch``; NaN where a run did not record it."""
-    values = []
+def group_values(group: RunGroup, key: ScalarKey, epoch: int) -> list[float | None]:
+    """Each run's value of one scalar at ``epoch``; None where a run did not record it (NaN:
+    recorded, but undefined)."""
+    values: list[float | None] = []
     for run in group.runs:
         evaluation = run.by_epoch.get(epoch)
-        values.append(math.nan if evaluation is None else evaluation.scalars.get(key.tag, math.nan))
+        values.append(None if evaluation is None else evaluation.scalars.get(key.tag))
     return values
 
 
@@ -486,14 +494,14 @@ def summary_stats(groups: Sequence[RunGroup], key: Group) -> list[ScalarKey]:
 class SummaryRow:
     """One scalar of one (probe, layer, method) at one epoch, across groups.
 
-    ``values`` holds each group's `Spread`, ``runs`` each group's single-run values (NaN where
-    missing); ``differences`` are each later group's mean minus the first group's.
+    ``values`` holds each group's `Spread`, ``runs`` each group's single-run values (None where
+    not recorded); ``differences`` are each later group's mean minus the first group's.
     """
 
     key: ScalarKey
     epoch: int
     values: tuple[Spread, ...]
-    runs: tuple[tuple[float, ...], ...]
+    runs: tuple[tuple[float | None, ...], ...]
 
     @property
     def differences(self) -> tuple[float, ...]:

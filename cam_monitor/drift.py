@@ -14,10 +14,21 @@ import math
 import torch
 from torch import Tensor
 
-from .methods import upsample_maps
+from .methods import SIGNED_METHODS, upsample_maps
 from .schema import MEASURES as MEASURES  # the one definition; importable from here as before
 
 _LN2 = math.log(2.0)
+
+
+def as_measured(maps: Tensor, method: str) -> Tensor:
+    """The maps every measure scores: |map| for a signed method (mass must be >= 0; the sign
+    of an attribution says which way, its size how much), other maps as they are.
+
+    Example:
+        >>> as_measured(torch.tensor([[[-2.0, 1.0]]]), "integrated_gradients").tolist()
+        [[[2.0, 1.0]]]
+    """
+    return maps.abs() if method in SIGNED_METHODS else maps
 
 
 # --------------------------------------------------------------------------- input checks

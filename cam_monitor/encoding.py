@@ -29,11 +29,21 @@ MAX_ENCODERS = 4
 @dataclass(frozen=True)
 class EncodedGrid:
     """One grid as it is logged: its pixels (uint8 RGB `[3, H, W]`, CPU) and those encoded as
-    `image_format` ("jpeg" or "png")."""
+    `image_format` ("jpeg" or "png"). ``encoded`` is None where no sink needs bytes (MLflow
+    takes pixels): `data` then encodes on first use."""
 
     grid: Tensor
-    data: bytes
+    encoded: bytes | None
     image_format: str
+
+    @property
+    def data(self) -> bytes:
+        """The encoded bytes (encoded here, once, if they were not)."""
+        encoded = self.encoded
+        if encoded is None:
+            encoded = encode_grid(self.grid, self.image_format)
+            object.__setattr__(self, "encoded", encoded)
+        return encoded
 
     @property
     def height(self) -> int:
@@ -66,6 +76,13 @@ def encode_grids(grids: Mapping[K, Tensor], image_format: str) -> dict[K, Encode
 
 def _encode(grid: Tensor, image_format: str) -> EncodedGrid:
     return EncodedGrid(grid, encode_grid(grid, image_format), image_format)
+
+
+def _done(grid: Tensor, image_format: str) -> Future[EncodedGrid]:
+    """A finished future holding ``grid`` not encoded (`EncodedGrid.data` encodes on use)."""
+    future: Future[EncodedGrid] = Future()
+    future.set_result(EncodedGrid(grid, None, image_format))
+    return future
 
 
 class PendingGrids(Generic[K]):
@@ -108,9 +125,15 @@ class GridEncoder:
         self.max_workers = max_workers
         self._pool: ThreadPoolExecutor | None = None
 
-    def submit(self, grids: Mapping[K, Tensor], image_format: str) -> PendingGrids[K]:
+    def submit(
+        self, grids: Mapping[K, Tensor], image_format: str, *, encode: bool = True
+    ) -> PendingGrids[K]:
         """Start encoding every grid (overlays as `image_format`, the rest as PNG) and return
-        at once; a thread per grid, up to `max_workers`."""
+        at once; a thread per grid, up to `max_workers`. With ``encode=False`` (no sink needs
+        bytes) nothing is encoded and no thread starts: the grids come back as pixels."""
+        if not encode:
+            return PendingGrids({key: _done(grid, grid_format(key, image_format))
+                                 for key, grid in grids.items()})  # fmt: skip
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.max_workers, thread_name_prefix=THREAD_PREFIX)
         pool = self._pool

@@ -26,6 +26,7 @@ from .render import (
     make_map_grid,
     make_overlay_grids,
     make_view_grid,
+    predicted_classes,
     to_uint8_images,
 )
 from .schema import MapKey, ScalarKey, filter_channel_tag, filter_maximised_tag, view_method
@@ -69,7 +70,7 @@ def render_probe(
     probe: ProbeSet, result: CamResult, options: RenderOptions
 ) -> dict[MapKey, Tensor]:
     """Overlay grids (uint8 CHW on the CPU) for each layer and method of one probe set."""
-    predicted = result.logits.argmax(dim=1).tolist()
+    predicted = predicted_classes(result.logits)
     true = None if probe.labels is None else probe.labels.tolist()
     names = options.class_names
     images = probe.inputs

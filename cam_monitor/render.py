@@ -40,6 +40,7 @@ __all__ = [
     "make_overlay_grids",
     "make_view_grid",
     "overlay",
+    "predicted_classes",
     "to_jpeg_bytes",
     "to_png_bytes",
     "to_uint8_images",
@@ -402,6 +403,21 @@ def _label(index: int, class_names: Sequence[str] | None) -> str:
     if index >= len(class_names):
         raise ValueError(f"Class index {index} is out of range for {len(class_names)} class_names.")
     return str(class_names[index])
+
+
+def predicted_classes(logits: Tensor | np.ndarray) -> list[int]:
+    """The argmax class of each row of ``logits`` ``[B, C]``; -1 (unknown, "-" in captions)
+    for a row with NaN or infinite logits, whose argmax would name a class the model never chose.
+
+    Example:
+        >>> predicted_classes(torch.tensor([[0.1, 0.9], [float("nan"), 0.0]]))
+        [1, -1]
+    """
+    scores = torch.as_tensor(logits).detach()
+    if scores.dim() != 2:
+        raise ValueError(f"logits must have shape [B, C], got {tuple(scores.shape)}")
+    finite = torch.isfinite(scores).all(dim=1)
+    return torch.where(finite, scores.argmax(dim=1), -1).tolist()
 
 
 def caption_text(

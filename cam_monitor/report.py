@@ -41,11 +41,13 @@ from .compare import (
     summary_stats,
 )
 from .history import Evaluation, ProbeRecord
+from .methods import PIXEL_METHODS, SIGNED_METHODS
 from .render import (
     caption_text,
     choose_captions,
     make_map_grid,
     make_overlay_grid,
+    predicted_classes,
     to_jpeg_bytes,
 )
 from .schema import DRIFT, LOCALIZATION, REF, MapKey, ScalarKey, drift_stat
@@ -235,7 +237,7 @@ def _summary(groups: Sequence[RunGroup], rows: Sequence[SummaryRow], epoch: int)
         )
         + "<b>Higher</b> names the group with the higher mean"
         + (", and says when the ranges overlap (no clear difference)." if several else ".")
-        + "</p>",
+        + " nan = undefined, - = not recorded (e.g. drift at the baseline).</p>",
         "<table><tr><th class='l'>probe</th><th class='l'>layer / method</th>"
         f"<th class='l'>measure</th>{''.join(_group_head(g) for g in groups)}{diffs}"
         "<th class='l'>higher</th></tr>",
@@ -487,7 +489,7 @@ def _captions(
         return None
     count = len(logits)
     true = labels.tolist() if labels is not None and len(labels) == count else None
-    predicted = np.argmax(logits, axis=1).tolist()
+    predicted = predicted_classes(logits)
     names = evaluation.class_names
     candidates = [caption_text(predicted, true, names, compact=True)]
     if names is not None:
@@ -497,7 +499,9 @@ def _captions(
 
 def _grid_jpeg(run: Run, probe_record: ProbeRecord | None, group: Group, epoch: int) -> bytes:
     """Overlay grid of one run's maps at ``epoch`` as a small JPEG (about square, 64 px tiles);
-    maps alone when the probe images are missing."""
+    maps alone when the probe images are missing. Pixel-level maps are drawn on their own, and
+    signed ones (integrated gradients, guided backprop, ...) in the dashboard's diverging
+    colours: min-max would paint zero attribution as a mid heat."""
     evaluation = run.by_epoch[epoch]
     maps = torch.from_numpy(evaluation.maps[group])
     probe = group.probe
@@ -513,6 +517,10 @@ def _grid_jpeg(run: Run, probe_record: ProbeRecord | None, group: Group, epoch: 
     captions = _captions(evaluation, probe, labels, int(height), int(width))
     if captions is not None and len(captions) != count:
         captions = None
+    if group.method in PIXEL_METHODS:
+        signed = group.method in SIGNED_METHODS
+        grid = make_map_grid(maps, signed=signed, captions=captions, nrow=nrow, min_tile=_TILE)
+        return to_jpeg_bytes(grid, _JPEG_QUALITY)
     if inputs is not None:
         try:
             grid = make_overlay_grid(
@@ -549,8 +557,17 @@ def _overlays(groups: Sequence[RunGroup], keys: Sequence[Group], epochs: Sequenc
             (r.probe for r in shown if r.probe is not None and key.probe in r.probe.inputs),
             None,
         )
-        what = "over the probe images" if record is not None else "alone (no probe.npz images)"
-        lines.append(f"<h3>{_e(title)}: CAMs {what}</h3>")
+        if key.method in PIXEL_METHODS:
+            what = "maps on their own" + (
+                " (blue: negative, white: 0, red: positive; each scaled to its largest |value|)"
+                if key.method in SIGNED_METHODS
+                else ""
+            )
+        elif record is not None:
+            what = "CAMs over the probe images"
+        else:
+            what = "CAMs alone (no probe.npz images)"
+        lines.append(f"<h3>{_e(title)}: {what}</h3>")
         lines.append(f"<table class='overlays'><tr><th style='width:4em'>epoch</th>{heads}</tr>")
         for epoch in epochs:
             cells = []

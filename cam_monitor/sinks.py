@@ -114,7 +114,11 @@ class Sink:
     """Receives the grids and scalars of one evaluation at a global step, by the evaluation's
     keys (`image_tags` and `scalar_tags` turn them into the logged tags). Each grid comes
     encoded once for every sink (`encoding.EncodedGrid`: the bytes, their format and the
-    pixels); a sink writes those bytes and never encodes again."""
+    pixels); a sink writes those bytes and never encodes again. Grids are encoded only when
+    some sink `needs_bytes`."""
+
+    #: Whether this sink writes the encoded bytes (False: it logs pixels, or no images at all).
+    needs_bytes: bool = True
 
     def log(
         self, images: Mapping[ImageKey, EncodedGrid], scalars: Mapping[ScalarName, float], step: int
@@ -307,6 +311,8 @@ class FileSink(Sink):
 class MetricsSink(Sink):
     """Scalars through any Lightning logger's `log_metrics` (CSVLogger, MLflow, ...)."""
 
+    needs_bytes = False
+
     def __init__(self, logger: Logger) -> None:
         self.logger = logger
 
@@ -325,7 +331,9 @@ class MlflowSink(MetricsSink):
     shows a step slider per key); scalars and the probe hash as `MetricsSink`.
 
     `log_image` takes pixels (an array or a PIL image), never encoded bytes, and writes its own
-    PNG: this sink passes the pixels and leaves the encoded bytes unused."""
+    PNG: this sink passes the pixels, so it needs no encoded bytes."""
+
+    needs_bytes = False
 
     def log(
         self, images: Mapping[ImageKey, EncodedGrid], scalars: Mapping[ScalarName, float], step: int
@@ -340,6 +348,8 @@ class CometSink(MetricsSink):
     """Grids through Comet's `experiment.log_image(file, name=tag, step=step)` (encoded bytes,
     so Comet does not re-encode them); scalars and the probe hash as `MetricsSink`."""
 
+    needs_bytes = True
+
     def log(
         self, images: Mapping[ImageKey, EncodedGrid], scalars: Mapping[ScalarName, float], step: int
     ) -> None:
@@ -352,6 +362,8 @@ class CometSink(MetricsSink):
 class NeptuneSink(MetricsSink):
     """Grids appended to a Neptune file series per tag (`run[tag].append(File, step=step)`);
     scalars and the probe hash as `MetricsSink`."""
+
+    needs_bytes = True
 
     def log(
         self, images: Mapping[ImageKey, EncodedGrid], scalars: Mapping[ScalarName, float], step: int

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from .batch import Batch, tensors
-from .drift import drift, energy_inside, entropy, mask_iou, pointing_game, summarize
-from .methods import SIGNED_METHODS
+from .drift import as_measured, drift, energy_inside, entropy, mask_iou, pointing_game, summarize
 from .options import DriftOptions
 from .schema import DRIFT, LOCALIZATION, PREVIOUS, REF, STATISTICS, MapKey, ScalarKey, drift_stat
 
@@ -64,9 +63,8 @@ class AttentionTracker:
         options = self.options
         current: dict[MapKey, Tensor] = {}
         for probe_name, result in results.items():
-            for (layer, method), raw in result.maps.items():  # measures need mass >= 0
-                maps = raw.abs() if method in SIGNED_METHODS else raw
-                current[MapKey(probe_name, layer, method)] = maps
+            for (layer, method), raw in result.maps.items():
+                current[MapKey(probe_name, layer, method)] = as_measured(raw, method)
         order: list[ScalarKey] = []  # the scalars in the order of the maps, as they are logged
         blocks: list[_Block] = []
         non_finite: list[Tensor] = []

@@ -515,6 +515,19 @@ def test_an_explicit_save_dir_holding_another_run_is_refused(tmp_path: Path) -> 
     assert history_runs(tmp_path / "h") == {first_run: [0, 1, 2]}
 
 
+def test_two_monitors_of_one_trainer_with_one_save_dir_are_refused_naming_both(
+    tmp_path: Path,
+) -> None:
+    """Not "another run's history": the message says two monitors share the folder, before
+    the first training step."""
+    model = LitClassifier()
+    monitors = [CamMonitor(layer, num_probe=4, save_dir=tmp_path / "h") for layer in LAYERS]
+    trainer = quiet_trainer(default_root_dir=tmp_path, logger=False, callbacks=monitors)
+    with pytest.raises(ValueError, match=r"Two CamMonitors in this Trainer have save_dir=.*own"):
+        trainer.fit(model, loader(shapes_dataset(16)))
+    assert model.steps_run == 0
+
+
 def test_a_fixed_logger_version_gives_each_run_its_own_history(tmp_path: Path) -> None:
     folders = []
     for epochs in (3, 1):
@@ -735,10 +748,31 @@ def test_a_grid_that_cannot_be_encoded_warns_and_skips_unless_strict(tmp_path: P
     images = torch.rand(680, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     probe = (images, torch.zeros(680, dtype=torch.long))
     monitor = CamMonitor("net.features.5", probe=probe, nrow=1, save_dir=tmp_path / "h")
-    with pytest.warns(UserWarning, match="skipped its evaluation.*could not encode a grid"):
+    with pytest.warns(UserWarning, match="skipped the images of its evaluation.*could not enco"):
         fit(monitor, tmp_path, max_epochs=1, limit_train_batches=1)
     assert [e.epoch for e in read_history(tmp_path / "h")] == [0, 1]  # scored and recorded
-    assert not list((tmp_path / "h").rglob("step-*"))  # nothing logged
+    assert not list((tmp_path / "h").rglob("step-*"))  # no image logged
     strict = CamMonitor("net.features.5", probe=probe, nrow=1, strict=True, history=False)
     with pytest.raises(RuntimeError, match="could not encode a grid of shape"):
         fit(strict, tmp_path / "strict", max_epochs=1, limit_train_batches=1)
+
+
+def test_a_grid_that_cannot_be_encoded_still_logs_the_scalars(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    """Nothing lost: when a grid cannot be encoded, only that evaluation's images are skipped,
+    with a warning; its drift and entropy reach the logger as they reach the history."""
+    images = torch.rand(680, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    probe = (images, torch.zeros(680, dtype=torch.long))
+    monitor = CamMonitor("net.features.5", probe=probe, nrow=1, save_dir=tmp_path / "h")
+    logger = lightning.loggers.CSVLogger(tmp_path, name="csv")
+    with pytest.warns(UserWarning, match="skipped the images of its evaluation.*scalars are lo"):
+        fit(monitor, tmp_path, lightning, logger=logger, max_epochs=1, limit_train_batches=2)
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    entropy = "cam_stats/probe/net.features.5/gradcam/entropy"
+    logged = {int(r["step"]): float(r[entropy]) for r in rows if r.get(entropy)}
+    recorded = {e.step: e.scalars[entropy] for e in read_history(tmp_path / "h")}
+    assert logged == pytest.approx(recorded) and sorted(logged) == [0, 2]
+    assert "cam_drift/probe/net.features.5/gradcam/spearman_prev" in rows[-1]
+    assert not list((tmp_path / "h").rglob("step-*"))  # the images alone are skipped

@@ -415,6 +415,28 @@ def test_compare_groups_print_a_summary_of_means_and_ranges(
     assert all(len(line) <= 100 for line in out.splitlines())
 
 
+def test_compare_groups_say_what_is_not_in_every_run(
+    runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A probe set one run lacks is left out of the summary, and the output says so (as
+    `only in` does for two runs), in the terminal and in the report."""
+    lone = make_run(tmp_path / "lone", "b", probe_inputs(0, probes=("source",)))
+    report = tmp_path / "report.html"
+    args = ["compare", str(runs[0]), f"--group=dann={runs[1]},{lone}", "--out", str(report)]
+    code, out, err = run_main(args, capsys)
+    assert code == 0, err
+    assert all(len(line) <= 100 for line in out.splitlines())
+    assert not [line for line in out.splitlines() if line.startswith("target / ")]
+    text = " ".join(out.split())
+    left = "target / features.29 / gradcam, target / layer4.1.conv2 / gradcam"
+    for run in ("source_only", "dann"):
+        assert f"only in {run}, not in every run (not compared): {left}" in text
+    assert "only in lone" not in text
+    assert f"Note: only in dann, not in every run (not compared): {left}" in report.read_text()
+    code, out, err = run_main([*args[:3], "--probe", "source"], capsys)
+    assert code == 0 and "only in" not in out  # what the filters leave out is not noted
+
+
 def test_compare_groups_write_a_report_with_overlays_at_the_chosen_epochs(
     runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -463,6 +485,20 @@ def test_compare_group_usage_errors(
     code, out, err = run_main(["compare", *args], capsys)
     assert code == 2 and out == ""
     assert message in err and err.count("cam-monitor: error:") == 1
+
+
+def test_compare_refuses_one_run_given_twice_by_two_paths(
+    runs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run folder and its history folder are one run: not two seeds, not two runs."""
+    history = runs[1] / "lightning_logs" / "version_0" / "cam_monitor"
+    for args in (
+        [str(runs[0]), f"--group=dann={runs[1]},{history}"],
+        [str(runs[1]), str(history)],
+    ):
+        code, out, err = run_main(["compare", *args], capsys)
+        assert code == 2 and out == ""
+        assert "are the same run (history " in err and "name each run once" in err
 
 
 def test_compare_groups_refuse_a_run_with_other_probe_data(
@@ -522,6 +558,7 @@ def test_truncated_eval_file_is_skipped_with_a_warning_naming_it(
     assert code == 2 and out == ""
     assert err.startswith("cam-monitor: error: Cannot read cam-monitor evaluation ")
     assert str(broken) in err and err.count("\n") == 1
+    assert "leave out --strict" in err and "read_history" not in err  # the command's own fix
 
 
 def test_corrupt_probe_file_is_a_warning_naming_it(
@@ -593,3 +630,76 @@ def test_show_and_compare_refuse_a_folder_holding_two_runs(
     assert code == 2 and "2 different training runs" in err
     code, _, _ = run_main(["show", str(runs[0])], capsys)  # one run without ids: readable
     assert code == 0
+
+
+def test_show_counts_no_class_for_an_image_with_nan_logits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A NaN probe image gives NaN logits; argmax would call them class 0 and, with label 0,
+    count the image as correct. It predicts no class, and the captions say '-'."""
+    logits = np.array([[np.nan] * 3, [0.0, 2.0, 1.0], [3.0, 0.0, 0.0]], np.float32)
+    write_evaluation(
+        tmp_path,
+        Evaluation(0, 0, 0, {"val": "a" * 12}, {("val", "conv", "gradcam"): np.ones((3, 2, 2))},
+                   targets={"val": np.zeros(3, np.int64)}, logits={"val": logits},
+                   labels={"val": np.array([0, 1, 2])}, class_names=("cat", "dog", "owl")),
+    )  # fmt: skip
+    code, out, _ = run_main(["show", str(tmp_path)], capsys)
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.startswith("  val: predicted"))
+    assert line == "  val: predicted cat x1, dog x1, none x1 (NaN or inf logits); 1/3 correct"
+
+    from cam_monitor.render import caption_text, predicted_classes
+
+    assert predicted_classes(logits) == [-1, 1, 0]
+    assert caption_text(predicted_classes(logits), [0, 1, 2], compact=True) == [
+        "p:- t:0", "ok 1", "x p:0 t:2"
+    ]  # fmt: skip
+
+
+def test_show_marks_the_final_evaluation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The evaluation added at the end of fit (an epoch count the schedule does not divide) is
+    marked, as the history marks it; histories without one get no such column."""
+    for index, epoch in enumerate((0, 2, 3)):
+        maps = {("val", "conv", "gradcam"): np.ones((1, 2, 2), np.float32)}
+        write_evaluation(
+            tmp_path,
+            Evaluation(index, epoch, 4 * epoch, {"val": "a" * 12}, maps,
+                       {"val": np.zeros(1, np.int64)}, {"val": np.zeros((1, 2), np.float32)},
+                       final=index == 2),
+        )  # fmt: skip
+    code, out, _ = run_main(["show", str(tmp_path)], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("index"))
+    assert lines[head].split()[-1] == "final"
+    assert [line.split()[-1] == "yes" for line in lines[head + 1 : head + 4]] == [0, 0, 1]
+    (tmp_path / "eval-00002.npz").unlink()
+    code, out, _ = run_main(["show", str(tmp_path)], capsys)
+    assert next(line for line in out.splitlines() if line.startswith("index")).endswith("time")
+
+
+def test_compare_marks_localization_means_that_left_images_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As `show` does: a run's energy over 6 of 8 images (two constant maps) is marked '*' and
+    the note says how many images its mean left out."""
+    group = MapKey("val", "conv", "gradcam")
+    energy = ScalarKey("cam_loc", group, "energy")
+    for name, scalars in (("a", {energy.tag: 0.5, energy.excluded.tag: 2.0}),
+                          ("b", {energy.tag: 0.4})):  # fmt: skip
+        maps = {group: np.arange(32, dtype=np.float32).reshape(2, 4, 4)}
+        write_evaluation(
+            tmp_path / name,
+            Evaluation(0, 0, 0, {"val": "a" * 12}, maps, {"val": np.zeros(2, np.int64)},
+                       {"val": np.zeros((2, 3), np.float32)}, scalars=scalars),
+        )  # fmt: skip
+    code, out, err = run_main(["compare", str(tmp_path / "a"), str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("epoch  spearman"))
+    row = dict(zip(lines[head].split(), lines[head + 1].split(), strict=True))
+    assert (row["energy_A"], row["energy_B"]) == ("0.5000*", "0.4000")
+    assert "* epoch 0: images left out of a run's localization: energy_A 2" in out

@@ -37,7 +37,7 @@ from cam_monitor.compare import (
 from cam_monitor.history import Evaluation, write_evaluation, write_probe
 from cam_monitor.probe import content_hash
 from cam_monitor.schema import DRIFT, LOCALIZATION, SECONDS_TAG, MapKey, ScalarKey
-from tests.conftest import LitClassifier, loader, quiet_trainer
+from tests.conftest import ClassifierSteps, Lightning, LitClassifier, loader, quiet_trainer
 
 GROUP = MapKey("dom/ain", "features.29", "gradcam")
 
@@ -229,7 +229,9 @@ def test_spread_is_mean_and_min_max_of_the_defined_values() -> None:
     spread = Spread.of([0.1, float("nan"), 0.5, 0.3])
     assert spread.mean == pytest.approx(0.3) and (spread.low, spread.high) == (0.1, 0.5)
     assert (spread.finite, spread.total) == (3, 4)
-    assert spread.text() == "0.3000 [0.1000, 0.5000]"
+    assert spread.text() == "0.3000 [0.1000, 0.5000] (3 of 4 runs)"  # one run undefined
+    assert Spread.of([0.1, float("nan"), None]).text() == "0.1000 (1 of 2 runs)"
+    assert Spread.of([0.1, 0.5, None]).text() == "0.3000 [0.1000, 0.5000]"  # one not recorded
     undefined = Spread.of([float("nan"), float("nan")])
     assert math.isnan(undefined.mean) and undefined.finite == 0 and undefined.text() == "nan"
     assert Spread.of([0.2, 0.2]).text() == "0.2000"  # no range where the runs agree
@@ -254,6 +256,23 @@ def test_summarize_groups_gives_each_group_its_mean_range_difference_and_the_hig
     assert drift.highest is None  # both groups drifted 0.1: a tie names no one
     series = spread_series(adapted, ENERGY, [0, 1])
     assert [s.mean for s in series] == [pytest.approx(0.3), pytest.approx(0.6)]
+
+
+def test_a_value_no_run_recorded_reads_as_missing_not_as_undefined() -> None:
+    """'-' = not recorded, 'nan' = undefined, as in `show`: the baseline has no drift (no
+    earlier map), which is not the drift of a constant map."""
+    runs = [scored_run("s0", [0.3, 0.2]), scored_run("s1", [0.3, 0.4])]
+    del runs[1].evaluations[1].scalars[DRIFT_REF.tag]
+    runs[0].evaluations[1].scalars[DRIFT_REF.tag] = math.nan
+    for run in runs:
+        del run.evaluations[0].scalars[DRIFT_REF.tag]  # as the monitor writes a baseline
+    group = RunGroup("g", tuple(runs))
+    (_, at_baseline) = summarize_groups([group, group], [GROUP], epoch=0)
+    assert at_baseline.values[0].text() == "-" and at_baseline.runs[0] == (None, None)
+    (_, later) = summarize_groups([group, group], [GROUP], epoch=1)
+    assert later.values[0].text() == "nan" and later.values[0].total == 1
+    assert later.runs[0][1] is None and math.isnan(later.runs[0][0])
+    assert [s.text() for s in spread_series(group, DRIFT_REF, [0, 1])] == ["-", "nan"]
 
 
 def test_summary_stats_fall_back_to_a_recorded_drift_measure() -> None:
@@ -400,3 +419,72 @@ def test_cli_compares_groups_of_real_fits_and_shows_class_names(
     out = capsys.readouterr().out
     predicted = next(line for line in out.splitlines() if line.startswith("  target: predicted"))
     assert any(name in predicted for name in CLASS_NAMES) and "/10 correct" in predicted
+
+
+class OnDemand:
+    """`ClassifierSteps` that calls `CamMonitor.evaluate` at each validation end, as the README
+    suggests, and once after training."""
+
+    monitor = None
+
+    def on_validation_epoch_end(self) -> None:
+        if self.monitor is not None and not self.trainer.sanity_checking:
+            self.monitor.evaluate(self.trainer, self)
+
+    def on_train_end(self) -> None:
+        if self.monitor is not None:
+            self.monitor.evaluate(self.trainer, self)
+
+
+def schedule_fit(
+    root: Path, name: str, lightning: Lightning, on_demand: bool = False, **schedule: int
+) -> Run:
+    """Seed 0, 2 epochs of 3 steps, the same probe: only the monitor's schedule differs."""
+    from cam_monitor import CamMonitor
+
+    images, labels, _ = square_images(12, "source", seed=3)
+    monitor = CamMonitor("net.features.5", probe=(images[:4], labels[:4]),
+                         save_dir=root / name, **schedule)  # fmt: skip
+    torch.manual_seed(0)
+    steps = type("Steps", (OnDemand, ClassifierSteps), {"monitor": monitor if on_demand else None})
+    trainer = lightning.trainer(logger=False, callbacks=[monitor], num_sanity_val_steps=0)
+    data = loader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+    trainer.fit(lightning.module(steps)(), data, data)
+    return load_run(root / name, name=name)
+
+
+def test_a_step_schedule_labels_each_evaluation_with_the_epochs_completed(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    """An evaluation after an epoch's last step has completed that epoch, like the epoch-end one
+    on the same weights: the same training evaluated by steps and by epochs compares as
+    identical at every epoch, not epoch 1 of one run against epoch 2 of the other."""
+    by_steps = schedule_fit(tmp_path, "steps", lightning, every_n_steps=3)
+    by_epochs = schedule_fit(tmp_path, "epochs", lightning, every_n_epochs=1)
+    assert [(e.epoch, e.step) for e in by_steps.evaluations] == [(0, 0), (1, 3), (2, 6)]
+    assert [(e.epoch, e.step) for e in by_epochs.evaluations] == [(0, 0), (1, 3), (2, 6)]
+    assert by_steps.repeated_epochs == []
+    key = MapKey("probe", "net.features.5", "gradcam")
+    for row in compare_group(by_steps, by_epochs, key, common_epochs(by_steps, by_epochs)):
+        assert row.index_a == row.index_b
+        assert row.similarity["spearman"][0] == pytest.approx(1.0)
+    # `evaluate()` at the end of each epoch's validation: the epochs completed, as scheduled.
+    on_demand = schedule_fit(tmp_path, "demand", lightning, on_demand=True, every_n_epochs=99)
+    assert [(e.epoch, e.step) for e in on_demand.evaluations] == [(0, 0), (1, 3), (2, 6), (2, 6)]
+    for row in compare_group(on_demand, by_epochs, key, [0, 1, 2]):
+        assert row.similarity["spearman"][0] == pytest.approx(1.0)
+
+
+def test_signed_maps_are_compared_by_their_size_as_drift_scores_them() -> None:
+    """Integrated gradients of opposite sign put the same weight on the same pixels: between
+    runs they compare as drift would (on |map|), not as anti-correlated with JS undefined."""
+    rng = np.random.default_rng(4)
+    maps = rng.standard_normal((3, 6, 6)).astype(np.float32)
+    key = MapKey("val", "input", "integrated_gradients")
+    a = Run("a", Path("a"), [evaluation(0, 0, {key: maps})])
+    b = Run("b", Path("b"), [evaluation(0, 0, {key: -maps})])
+    (row,) = compare_group(a, b, key, [0])
+    assert row.similarity["spearman"] == (pytest.approx(1.0), 0)
+    assert row.similarity["topk_iou"] == (pytest.approx(1.0), 0)
+    assert row.similarity["js"] == (pytest.approx(0.0, abs=1e-6), 0)
+    assert np.array_equal(a.evaluations[0].maps[key], maps)  # the history is left as it is

@@ -89,3 +89,18 @@ def test_a_copied_or_pickled_encoder_starts_without_threads() -> None:
         clone.close()
     encoder.close()
     assert encoder_threads() == []
+
+
+def test_without_encoding_no_thread_starts_and_bytes_come_on_demand() -> None:
+    """Where no sink needs bytes (MLflow takes pixels) nothing is encoded; a sink that reads
+    `data` anyway gets the bytes `encode_grid` gives, overlays in the chosen format."""
+    drawn = grids()
+    encoder = GridEncoder()
+    plain = encoder.submit(drawn, "jpeg", encode=False).result()
+    assert encoder._pool is None and not encoder_threads()
+    assert all(image.encoded is None for image in plain.values())
+    assert all(plain[key].grid is grid for key, grid in drawn.items())
+    eager = encoder.submit(drawn, "jpeg").result()
+    assert {k: v.data for k, v in plain.items()} == {k: v.data for k, v in eager.items()}
+    assert plain[MapKey("val", "layer3", "gradcam")].data[:3] == b"\xff\xd8\xff"
+    encoder.close()

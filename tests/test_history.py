@@ -9,6 +9,7 @@ import os
 import shutil
 import warnings
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,27 @@ def test_rewrite_replaces_and_leaves_no_temp_file(tmp_path: Path) -> None:
     assert names(tmp_path) == {"eval-00000.npz"}
     back = read_history(tmp_path)[0]
     np.testing.assert_array_equal(back.logits["target"], make_evaluation(seed=5).logits["target"])
+
+
+def test_a_file_of_another_run_is_never_replaced(tmp_path: Path) -> None:
+    """Two runs started at once with one save_dir: the second's write of an index the first
+    already wrote fails naming both runs (the callback warns), instead of taking its place."""
+    write_evaluation(tmp_path, replace(make_evaluation(index=0, seed=0), run="aaaa"))
+    with pytest.raises(HistoryError, match=r"eval-00000.npz was written by run aaaa, not by thi"):
+        write_evaluation(tmp_path, replace(make_evaluation(index=0, seed=5), run="bbbb"))
+    with pytest.raises(HistoryError, match=r"run \(no id\)"):
+        write_evaluation(tmp_path, make_evaluation(index=0, seed=5))
+    assert history_runs(tmp_path) == {"aaaa": [0]}
+    back = read_history(tmp_path)[0]
+    np.testing.assert_array_equal(back.logits["target"], make_evaluation(seed=0).logits["target"])
+    write_evaluation(tmp_path, replace(make_evaluation(index=0, seed=5), run="aaaa"))  # resumed
+    assert history_runs(tmp_path) == {"aaaa": [0]} and len(names(tmp_path)) == 1
+    inputs = {"p": np.zeros((1, 3, 2, 2))}
+    write_probe(tmp_path, inputs, {}, {}, {"p": "x"}, run="aaaa")
+    with pytest.raises(HistoryError, match=r"probe.npz was written by run aaaa"):
+        write_probe(tmp_path, {"p": np.ones((1, 3, 2, 2))}, {}, {}, {"p": "y"}, run="bbbb")
+    record = read_probe(tmp_path)
+    assert record is not None and record.run == "aaaa" and record.hashes == {"p": "x"}
 
 
 def test_failed_write_cleans_up_its_temp_file(tmp_path: Path) -> None:

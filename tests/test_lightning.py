@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import types
 import zipfile
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cam_monitor.callback import CamMonitor, check_metric_consumers
-from cam_monitor.encoding import encode_grids
+from cam_monitor.encoding import THREAD_PREFIX, encode_grids
 from cam_monitor.history import read_history
 from cam_monitor.schema import SECONDS_TAG, MapKey
 from cam_monitor.sinks import NeptuneSink
@@ -251,10 +252,19 @@ def test_mlflow_gets_images_with_steps_and_a_history_per_run(
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = f"file:{tmp_path}/mlruns"
     runs = []
+    seen: set[str] = set()  # threads alive after each epoch-end evaluation
+
+    class Watch(lightning.pl.Callback):  # type: ignore[name-defined, misc]
+        def on_train_epoch_end(self, trainer: object, pl_module: object) -> None:
+            seen.update(t.name for t in threading.enumerate())
+
     for _ in range(2):
         logger = lightning.loggers.MLFlowLogger(experiment_name="cam", tracking_uri=uri)
-        fit(lightning, tmp_path, [CamMonitor("net.features.5", num_probe=4)], logger=logger)
+        monitor = CamMonitor("net.features.5", num_probe=4)
+        fit(lightning, tmp_path, [monitor, Watch()], logger=logger)
         runs.append(logger)
+    # MLflow's log_image takes pixels: nothing is encoded, no encoding thread ever starts.
+    assert seen and not [name for name in seen if name.startswith(THREAD_PREFIX)]
     client = MlflowClient(uri)
     run_id = runs[0].run_id
     images = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]

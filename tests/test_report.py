@@ -175,3 +175,41 @@ def test_history_without_class_names_reads_back_as_none(tmp_path: Path) -> None:
     assert all(ev.class_names is None for ev in run.evaluations)
     with np.load(run.folder / "eval-00000.npz") as npz:
         assert "class_names" not in str(npz["meta"])  # older files look exactly like this
+
+
+def signed_run(folder: Path) -> Run:
+    """One image, a black probe; integrated gradients -1 | 0 | +1 in three vertical bands, and
+    a Grad-CAM of the same layout (non-negative: 0 | 1 | 2)."""
+    bands = np.zeros((1, 32, 32), np.float32)
+    bands[:, :, :10], bands[:, :, 22:] = -1.0, 1.0
+    inputs = {"val": np.zeros((1, 3, 32, 32), np.float32)}
+    hashes = {"val": content_hash(inputs["val"])}
+    maps = {("val", "input", "integrated_gradients"): bands, ("val", "conv", "gradcam"): bands + 1}
+    for epoch in (0, 1):
+        write_evaluation(
+            folder / "cam_monitor",
+            Evaluation(epoch, epoch, epoch, hashes, maps, {"val": np.zeros(1, np.int64)},
+                       {"val": np.zeros((1, 2), np.float32)}),
+        )  # fmt: skip
+    write_probe(folder / "cam_monitor", inputs, {}, {}, hashes)
+    return load_run(folder)
+
+
+def test_signed_maps_are_drawn_with_the_diverging_colours_of_the_dashboard(
+    tmp_path: Path,
+) -> None:
+    """Min-max over a signed map would paint zero attribution as a mid heat (jet's green) and
+    negative evidence as 'cold'; the report draws signed maps as the dashboard does: blue for
+    negative, white for zero, red for positive, on their own."""
+    page = write_report(
+        tmp_path / "r.html", [signed_run(tmp_path / "a"), signed_run(tmp_path / "b")]
+    ).read_text(encoding="utf-8")
+    assert "val / input / integrated_gradients: maps on their own" in page
+    assert "val / conv / gradcam: CAMs over the probe images" in page
+    section = page[page.index("integrated_gradients: maps") :]
+    (_, grid), *_ = images(section)
+    row = grid[8]  # a row of the first tile, above its caption; BGR
+    left, middle, right = row[10], row[grid.shape[1] // 2], row[-10]
+    assert left[0] > 150 and left[2] < 100  # blue
+    assert middle.min() > 200  # white, not a heat colour
+    assert right[2] > 150 and right[0] < 100  # red

@@ -73,12 +73,39 @@ def evaluation_path(folder: str | os.PathLike[str], index: int) -> Path:
 def write_evaluation(folder: str | os.PathLike[str], evaluation: Evaluation) -> Path:
     """Write ``evaluation`` atomically to ``folder/eval-{index:05d}.npz`` and return the path.
 
-    Creates the folder; replaces an existing file with the same index. The data goes to a hidden
+    Creates the folder; replaces an existing file with the same index written by the same run
+    (a resumed run rewrites what came after its checkpoint). A file of another run is never
+    replaced: two runs writing into one folder at once raise a `HistoryError` naming both,
+    instead of one run's history silently taking the other's place. The data goes to a hidden
     temporary file in the same folder, is fsynced, then renamed, so a crash never leaves a
     partial file under the final name.
     """
     arrays = evaluation_to_arrays(evaluation)
-    return _write_npz_atomically(evaluation_path(Path(folder), evaluation.index), arrays)
+    path = evaluation_path(Path(folder), evaluation.index)
+    _check_own(path, evaluation.run)
+    return _write_npz_atomically(path, arrays)
+
+
+def _check_own(path: Path, run: str) -> None:
+    """Raise `HistoryError` where ``path`` exists and was written by another run than ``run``."""
+    other = _run_in(path)
+    if other is not None and other != run:
+        raise HistoryError(
+            f"{path} was written by run {other or '(no id)'}, not by this run "
+            f"{run or '(no id)'}: two training runs are writing into {path.parent}. "
+            "Give each run its own save_dir (or logger version)."
+        )
+
+
+def _run_in(path: Path) -> str | None:
+    """The run id of an existing, readable history file; None where there is none."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return run_of(read_meta({"meta": npz["meta"]}))
+    except (NewerFormatError, *_CORRUPT):
+        return None
 
 
 def read_evaluation(path: str | os.PathLike[str]) -> Evaluation:
@@ -216,12 +243,9 @@ def history_runs(folder: str | os.PathLike[str]) -> dict[str, list[int]]:
     """
     runs: dict[str, list[int]] = {}
     for index, path in _eval_files(Path(folder)):
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                run = run_of(read_meta({"meta": npz["meta"]}))
-        except (NewerFormatError, *_CORRUPT):
-            continue
-        runs.setdefault(run, []).append(index)
+        run = _run_in(path)
+        if run is not None:
+            runs.setdefault(run, []).append(index)
     return runs
 
 
@@ -233,7 +257,8 @@ def write_probe(
     hashes: Mapping[str, str],
     run: str = "",
 ) -> Path:
-    """Write the probe atomically to ``folder/probe.npz`` (replacing it) and return the path.
+    """Write the probe atomically to ``folder/probe.npz`` (replacing that of the same run; that
+    of another run raises a `HistoryError`, as `write_evaluation` does) and return the path.
 
     Inputs become float32 ``[B, C, H, W]``, labels int64 ``[B]``, masks bool ``[B, H, W]``
     (non-bool masks are thresholded at 0.5, as the localization scores do).
@@ -248,7 +273,9 @@ def write_probe(
         ('probe.npz', dtype('float32'), [1, 0], {'val': 'ab'})
     """
     arrays = probe_to_arrays(inputs, labels, masks, hashes, run)
-    return _write_npz_atomically(Path(folder) / PROBE_FILE, arrays)
+    path = Path(folder) / PROBE_FILE
+    _check_own(path, run)
+    return _write_npz_atomically(path, arrays)
 
 
 def read_probe(folder: str | os.PathLike[str]) -> ProbeRecord | None:
