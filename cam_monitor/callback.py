@@ -386,8 +386,13 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     ) -> None:
         if self.every_n_steps is None or self._idle or not trainer.is_global_zero:
             return
+        # The first step at or past each multiple: the global step can jump by more than one
+        # (each optimizer of a manual-optimization step counts) and step over a multiple.
         step = trainer.global_step
-        if step % self.every_n_steps == 0 and step != self._last_step:
+        if (
+            step > self._last_step
+            and step // self.every_n_steps > self._last_step // self.every_n_steps
+        ):
             self._evaluate(trainer, pl_module, epoch=trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

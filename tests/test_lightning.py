@@ -374,3 +374,53 @@ def test_a_consumer_listed_first_warns_and_ddp_is_refused(lightning: Lightning) 
     )  # built, never launched
     with pytest.raises(ValueError, match=r"EarlyStopping\(monitor='cam_loc/.*2 processes"):
         check_metric_consumers(ddp, monitor)
+
+
+# -- training setups: several optimizers, several fits, a forward that is not the classifier -----
+
+
+class TwoOptimizerSteps(ClassifierSteps):
+    """Manual optimization with two optimizers (GAN-style): each `step()` is a global step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(self(x), y))
+            optimizer.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.SGD(self.net.features.parameters(), lr=0.05),
+            torch.optim.SGD(self.net.fc.parameters(), lr=0.05),
+        ]
+
+
+def test_every_n_steps_counts_optimizer_steps_even_when_they_jump(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    # Two optimizers: global_step goes 2, 4, 6...; an evaluation at the first step at or past each
+    # multiple of 3, not only at the multiples of 6 that the global step happens to hit.
+    monitor = CamMonitor("net.features.5", every_n_steps=3, num_probe=4, save_dir=tmp_path / "a")
+    trainer = lightning.trainer(
+        default_root_dir=tmp_path, logger=False, max_epochs=1, callbacks=[monitor]
+    )
+    trainer.fit(lightning.module(TwoOptimizerSteps)(), loader(shapes_dataset(), batch_size=8))
+    assert trainer.global_step == 12
+    assert [e.step for e in read_history(tmp_path / "a")] == [0, 4, 6, 10, 12]
+    # Accumulated batches: one optimizer step per 4 batches, evaluations every 2 of those.
+    monitor = CamMonitor("net.features.5", every_n_steps=2, num_probe=4, save_dir=tmp_path / "b")
+    trainer = lightning.trainer(
+        default_root_dir=tmp_path,
+        logger=False,
+        max_epochs=1,
+        accumulate_grad_batches=4,
+        callbacks=[monitor],
+    )
+    trainer.fit(lightning.module()(), loader(shapes_dataset(64), batch_size=4))
+    assert trainer.global_step == 4
+    assert [e.step for e in read_history(tmp_path / "b")] == [0, 2, 4]
