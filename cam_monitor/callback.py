@@ -238,6 +238,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self._resumed_hashes: dict[str, str] = {}
         self.run_id: str | None = None  # set at the start of fit, or by a resumed checkpoint
         self._idle = False  # fast_dev_run: nothing evaluated, nothing written
+        self._restored = False  # whether this fit resumed the monitor from a checkpoint
         self._writer = BackgroundWriter()  # history files, written off the training thread
         self._encoder = GridEncoder()  # grids, encoded while drift is scored
 
@@ -330,8 +331,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 "write the same tags, folder and checkpoint state. Keep one, or make them differ "
                 "in layers, methods, probe (set names), schedule or save_dir."
             )
-        if self.layers is not None:
-            resolve_layers(pl_module, self.layers)  # a typo fails here, before any step
+        self._restored = False  # until `load_state_dict` restores a checkpoint in this fit
+        if self._layer_spec is not None:
+            resolve_layers(pl_module, self._layer_spec)  # a typo fails here, before any step
         if self.filters.channels:
             resolve_layers(pl_module, list(self.filters.channels))
 
@@ -343,6 +345,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 "nothing in this run."
             )
             return
+        if self.evaluations and trainer.global_step == 0 and not self._restored:
+            self._start_new_run()
         probes = self._build_probes(trainer, pl_module)  # every rank: one fails, all fail
         if not trainer.is_global_zero:
             return
@@ -442,6 +446,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = True
         self.evaluations = int(state_dict.get("evaluations", 0))
         self._last_step = int(state_dict.get("last_step", -1))
         self._resumed_hashes = dict(state_dict.get("probe_hashes", {}))
@@ -592,6 +597,14 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             f"goes to {own}. Give each run its own logger version or save_dir to avoid this."
         )
         return own
+
+    def _start_new_run(self) -> None:
+        """Forget the previous fit's run: a fit from step 0 that restored no checkpoint (the
+        monitor given to a new Trainer) gets its own baseline, drift reference and run id."""
+        self.evaluations, self._last_step, self.run_id = 0, -1, None
+        self._resumed_hashes = {}
+        self.tracker = AttentionTracker(self.tracker.options)
+        self.layers = self._layer_spec  # None: chosen again, for this model
 
     def _write_probe(self) -> None:
         """Store the probe once per run so reports can draw overlays; failure only warns."""

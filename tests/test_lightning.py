@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -424,3 +425,55 @@ def test_every_n_steps_counts_optimizer_steps_even_when_they_jump(
     trainer.fit(lightning.module()(), loader(shapes_dataset(64), batch_size=4))
     assert trainer.global_step == 4
     assert [e.step for e in read_history(tmp_path / "b")] == [0, 2, 4]
+
+
+def test_a_second_trainer_starts_a_new_run_and_the_same_trainer_continues(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    def tensorboard(version: int) -> Any:
+        return lightning.loggers.TensorBoardLogger(tmp_path, name="tb", version=version)
+
+    def grid_steps(logger: Any) -> list[int]:
+        acc = EventAccumulator(str(logger.log_dir), size_guidance={"images": 0})
+        acc.Reload()
+        return [s.step for s in acc.Images("cam/train/net.features.5/gradcam")]
+
+    data = loader(shapes_dataset())
+    monitor = CamMonitor("net.features.5", num_probe=4)
+    first = lightning.trainer(logger=tensorboard(0), max_epochs=1, callbacks=[monitor])
+    lightning.pl.seed_everything(0, verbose=False)
+    first.fit(lightning.module()(), data)
+    first.fit_loop.max_epochs = 2  # the same Trainer, fit again: the run goes on
+    first.fit(first.lightning_module, data)
+    history = read_history(tmp_path / "tb" / "version_0" / "cam_monitor")
+    assert [(e.index, e.step) for e in history] == [(0, 0), (1, 3), (2, 6)]
+    assert len({e.run for e in history}) == 1
+
+    # A new Trainer from step 0 without a checkpoint is a new run: a baseline of its own model,
+    # drift against it, a new run id; as a fresh monitor would log it.
+    lightning.pl.seed_everything(1, verbose=False)
+    second = lightning.trainer(logger=tensorboard(1), max_epochs=1, callbacks=[monitor])
+    second.fit(lightning.module()(), data)
+    fresh = CamMonitor("net.features.5", num_probe=4)
+    lightning.pl.seed_everything(1, verbose=False)
+    lightning.trainer(logger=tensorboard(2), max_epochs=1, callbacks=[fresh]).fit(
+        lightning.module()(), data
+    )
+    reused, expected = (
+        read_history(tmp_path / "tb" / v / "cam_monitor") for v in ("version_1", "version_2")
+    )
+    assert [(e.index, e.step) for e in reused] == [(0, 0), (1, 3)]
+    assert reused[0].run not in (history[0].run, expected[0].run)
+    scores = [
+        [{k: v for k, v in e.scalars.items() if k != SECONDS_TAG} for e in h]
+        for h in (reused, expected)
+    ]
+    assert scores[0] == scores[1] and "cam_drift" in str(scores[0])
+    assert grid_steps(second.logger) == [0, 3]
+
+    # The same monitor with one save_dir for two runs: refused before training, as documented.
+    kept = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "kept")
+    lightning.trainer(logger=False, max_epochs=1, callbacks=[kept]).fit(lightning.module()(), data)
+    again = lightning.trainer(logger=False, max_epochs=1, callbacks=[kept])
+    with pytest.raises(ValueError, match="already holds the cam-monitor history of another run"):
+        again.fit(lightning.module()(), data)
