@@ -476,8 +476,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         try:
             module = unwrap_model(pl_module)
             output = run_evaluation(
-                module, self._probes, self.layers or [], self.engine, self.render, self.filters
-            )
+                module, self._probes, self.layers or [], self.engine, self.render, self.filters,
+                check_scores=baseline,
+            )  # fmt: skip
             if self._sinks:
                 encoding = self._encoder.submit(output.images, self.render.image_format)
             scalars, non_finite = self.tracker.score(output.results, self._probes)

@@ -6,7 +6,8 @@ views); they become strings only in `sinks`. Scoring lives in `tracking`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from .batch import Batch
+from .capture import scoped_hooks
 from .engine import CamResult, compute
 from .filters import filter_activations, visualize_filter
 from .layers import LayerSpec
@@ -153,11 +155,16 @@ def run_evaluation(
     engine: EngineOptions,
     render: RenderOptions,
     filters: FilterOptions | None = None,
+    check_scores: bool = False,
 ) -> EvaluationOutput:
-    """Compute and draw every probe set; raises on failure (the caller decides to warn or not)."""
+    """Compute and draw every probe set; raises on failure (the caller decides to warn or not).
+    With `check_scores` (the first evaluation), logits that look like embeddings are refused."""
     output = EvaluationOutput()
     for name, probe in probes.items():
-        result = compute_probe(module, probe, layers, engine)
+        with class_score_check(module, engine) as check:
+            result = compute_probe(module, probe, layers, engine)
+            if check_scores:
+                check(result)
         output.results[name] = result
         output.images.update(render_probe(probe, result, render))
     if filters is not None and filters.channels:
@@ -180,3 +187,38 @@ def explain_first_failure(probes: Mapping[str, ProbeSet], err: Exception) -> str
         f"({shapes}) must be a batch the model accepts, like a training batch; check probe=, "
         f"input_key=, forward= and output_transform=.{hint}"
     )
+
+
+@contextmanager
+def class_score_check(
+    module: nn.Module, options: EngineOptions
+) -> Iterator[Callable[[CamResult], None]]:
+    """Record which Linear layers run inside the block; the `check(result)` it yields refuses
+    logits that look like embeddings: a Linear layer taking inputs of their width did not run
+    (the classifier that `training_step` calls on `forward`'s output). Off with `forward=`."""
+    linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear) and n}
+    if options.forward is not None:
+        linears = {}
+    ran: set[str] = set()
+
+    def check(result: CamResult) -> None:
+        rows, width = result.logits.shape
+        heads = [n for n, m in linears.items() if n not in ran and m.in_features == width]
+        if not heads:
+            return
+        name, head = heads[0], linears[heads[0]]
+        call = f"module.{name}" if name.isidentifier() else f"module.get_submodule({name!r})"
+        raise ValueError(
+            f"The model's output on the probe has shape [{rows}, {width}], and {name!r} (Linear "
+            f"{head.in_features} -> {head.out_features}) takes inputs of that width but did not "
+            f"run in forward(): the output looks like embeddings that {name!r} turns into class "
+            "scores (in training_step?), so the maps would explain embedding dimensions, not "
+            f"classes. Pass forward= to call the classifier, e.g. CamMonitor(forward=lambda "
+            f"module, x: {call}(module(x))) (a module-level function pickles, for ddp_spawn); if "
+            "this output is what the maps should explain, pass forward=lambda module, x: "
+            "module(x)."
+        )
+
+    hooks = [(m, "forward", lambda *_, name=n: ran.add(name)) for n, m in linears.items()]
+    with scoped_hooks(hooks):  # type: ignore[arg-type]
+        yield check

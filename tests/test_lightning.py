@@ -477,3 +477,37 @@ def test_a_second_trainer_starts_a_new_run_and_the_same_trainer_continues(
     again = lightning.trainer(logger=False, max_epochs=1, callbacks=[kept])
     with pytest.raises(ValueError, match="already holds the cam-monitor history of another run"):
         again.fit(lightning.module()(), data)
+
+
+class EmbeddingSteps(ClassifierSteps):
+    """A common pattern: `forward` returns embeddings, `training_step` calls the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net.fc = nn.Identity()
+        self.head = nn.Linear(8, 5)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self(x)), y)
+
+
+def classify(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """A `forward=` that calls the classifier on the embeddings."""
+    return module.head(module(inputs))
+
+
+def test_a_forward_returning_embeddings_is_refused_before_training(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    model = lightning.module(EmbeddingSteps)()
+    monitor = CamMonitor("net.features.5", num_probe=4, target="label")
+    trainer = lightning.trainer(default_root_dir=tmp_path, logger=False, callbacks=[monitor])
+    with pytest.raises(ValueError, match=r"\[4, 8\].*'head' \(Linear 8 -> 5\).*forward="):
+        trainer.fit(model, loader(shapes_dataset()))
+    assert model.steps_run == 0
+    # The way out the message names: forward= calls the classifier, and the maps explain classes.
+    monitor = CamMonitor("net.features.5", num_probe=4, forward=classify, save_dir=tmp_path / "h")
+    trainer = lightning.trainer(default_root_dir=tmp_path, logger=False, callbacks=[monitor])
+    trainer.fit(model, loader(shapes_dataset()))
+    assert {e.logits["train"].shape for e in read_history(tmp_path / "h")} == {(4, 5)}
