@@ -332,6 +332,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 "in layers, methods, probe (set names), schedule or save_dir."
             )
         self._restored = False  # until `load_state_dict` restores a checkpoint in this fit
+        self._probes, self._sinks = {}, []  # the last fit's: `evaluate()` waits for this fit's
         if self._layer_spec is not None:
             resolve_layers(pl_module, self._layer_spec)  # a typo fails here, before any step
         if self.filters.channels:

@@ -511,3 +511,25 @@ def test_a_forward_returning_embeddings_is_refused_before_training(
     trainer = lightning.trainer(default_root_dir=tmp_path, logger=False, callbacks=[monitor])
     trainer.fit(model, loader(shapes_dataset()))
     assert {e.logits["train"].shape for e in read_history(tmp_path / "h")} == {(4, 5)}
+
+
+def test_evaluate_in_the_sanity_check_of_a_later_fit_touches_no_earlier_run(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    class EvaluateAtValidationEnd(lightning.pl.Callback):  # type: ignore[name-defined,misc]
+        def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            monitor.evaluate(trainer, pl_module)  # the sanity check included, as users write it
+
+    monitor = CamMonitor("net.features.5", num_probe=4, every_n_epochs=100)
+    for version in (0, 1):
+        lightning.pl.seed_everything(version, verbose=False)
+        logger = lightning.loggers.TensorBoardLogger(tmp_path, name="tb", version=version)
+        trainer = lightning.trainer(
+            logger=logger, max_epochs=1, num_sanity_val_steps=1,
+            callbacks=[monitor, EvaluateAtValidationEnd()],
+        )  # fmt: skip
+        trainer.fit(lightning.module()(), loader(shapes_dataset()), loader(shapes_dataset(8)))
+    runs = [read_history(tmp_path / "tb" / f"version_{v}" / "cam_monitor") for v in (0, 1)]
+    for history in runs:  # the baseline, the validation at the end of epoch 0, no more
+        assert [(e.index, e.step) for e in history] == [(0, 0), (1, 3)]
+        assert len({e.run for e in history}) == 1
