@@ -53,7 +53,9 @@ def probe_options(options: EngineOptions, probe: ProbeSet) -> EngineOptions:
         if probe.labels is None:
             raise ValueError(
                 f'target="label" needs labels, but probe {probe.name!r} has none; pass an '
-                '(inputs, labels) tuple as probe=, or use target="predicted".'
+                "(inputs, labels) tuple as probe=, name the labels' key of dict batches with "
+                "label_key= (default: label, labels, target, targets, y), or use "
+                'target="predicted".'
             )
         return replace(options, target=probe.labels)
     return options
