@@ -48,6 +48,7 @@ from .probe import (
     check_masks,
     content_hash,
     loader_probe,
+    preserved_rng,
     probe_sets,
 )
 from .render import GRID_COLUMNS
@@ -97,6 +98,20 @@ def check_metric_consumers(trainer: pl.Trainer, monitor: CamMonitor) -> None:
                 "monitor in `callbacks`, so at each epoch end it sees the previous evaluation. "
                 "List CamMonitor first."
             )
+
+
+def val_dataloaders(trainer: pl.Trainer) -> Any:
+    """The fit's val dataloaders, also where Lightning has not loaded them yet at the start of
+    training (epoch 0 does not validate and there is no sanity check): then asked from their
+    source (the datamodule, the module's hook or the loaders given to `fit`), leaving the
+    random streams as they were and Lightning's own loading to Lightning."""
+    if trainer.val_dataloaders is not None or not trainer.enable_validation:
+        return trainer.val_dataloaders
+    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+    if source is None:  # a Lightning without it: the train set, as before
+        return None
+    with preserved_rng():
+        return source.dataloader()
 
 
 def publish_metrics(trainer: pl.Trainer, scalars: Mapping[str, float]) -> None:
@@ -524,7 +539,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     ) -> dict[str, ProbeSet]:
         """The probe sets, on the module's device and in the precision the Trainer feeds it."""
         specs = self._probe_sets or loader_probe(
-            [("val", trainer.val_dataloaders), ("train", trainer.train_dataloader)],
+            [("val", val_dataloaders(trainer)), ("train", trainer.train_dataloader)],
             rank_zero_warn,
         )
         probes = build_probes(

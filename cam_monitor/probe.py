@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -317,6 +318,19 @@ def attach_masks(probe: ProbeSet, masks: Any) -> ProbeSet:
     return replace(probe, masks=masks if masks.dtype == torch.bool else masks > 0.5)
 
 
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Python's, numpy's and torch's CPU random streams as they were before the block: what
+    picking a probe runs (a dataset's augmentations, a `val_dataloader()` hook) may draw."""
+    state = (random.getstate(), np.random.get_state())
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+
+
 def build_probes(
     specs: Mapping[str, ProbeSpec],
     num_probe: int,
@@ -330,18 +344,11 @@ def build_probes(
 
     `masks` is one tensor for every set or a dict per set name; unknown names are a ValueError.
     """
-    state = (random.getstate(), np.random.get_state())
-    try:
-        with torch.random.fork_rng(devices=[]):
-            probes = {
-                name: make_probe(
-                    check_probe_name(name), spec, num_probe, input_key, label_key, warn
-                )
-                for name, spec in specs.items()
-            }
-    finally:
-        random.setstate(state[0])
-        np.random.set_state(state[1])
+    with preserved_rng():
+        probes = {
+            name: make_probe(check_probe_name(name), spec, num_probe, input_key, label_key, warn)
+            for name, spec in specs.items()
+        }
     if isinstance(masks, Mapping):
         unknown = sorted(set(masks) - set(probes))
         if unknown:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from cam_monitor.callback import CamMonitor, check_metric_consumers
 from cam_monitor.encoding import encode_grids
-from cam_monitor.history import read_history
+from cam_monitor.history import read_history, read_probe
 from cam_monitor.schema import SECONDS_TAG, MapKey
 from cam_monitor.sinks import NeptuneSink
 from tests.conftest import ClassifierSteps, Lightning, loader, shapes_dataset
@@ -533,3 +533,31 @@ def test_evaluate_in_the_sanity_check_of_a_later_fit_touches_no_earlier_run(
     for history in runs:  # the baseline, the validation at the end of epoch 0, no more
         assert [(e.index, e.step) for e in history] == [(0, 0), (1, 3)]
         assert len({e.run for e in history}) == 1
+
+
+def test_the_probe_comes_from_the_val_set_even_when_epoch_0_does_not_validate(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    # Lightning loads the val loaders at the start of training only when epoch 0 validates (or
+    # for the sanity check): the probe must not fall back to the train set otherwise.
+    class Shapes(lightning.pl.LightningDataModule):  # type: ignore[name-defined,misc]
+        def train_dataloader(self) -> DataLoader:
+            return loader(shapes_dataset())
+
+        def val_dataloader(self) -> DataLoader:
+            return loader(shapes_dataset(16, seed=1))
+
+    val_images = shapes_dataset(16, seed=1).tensors[0]
+    for name, data in (("datamodule", {"datamodule": Shapes()}), ("loaders", {
+        "train_dataloaders": loader(shapes_dataset()),
+        "val_dataloaders": loader(shapes_dataset(16, seed=1)),
+    })):  # fmt: skip
+        monitor = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / name)
+        trainer = lightning.trainer(
+            logger=False, max_epochs=2, num_sanity_val_steps=0, check_val_every_n_epoch=2,
+            callbacks=[monitor],
+        )  # fmt: skip
+        trainer.fit(lightning.module()(), **data)
+        probe = read_probe(tmp_path / name)
+        assert probe is not None and probe.probes == ("val",)
+        assert torch.equal(torch.from_numpy(probe.inputs["val"]), val_images[[0, 5, 10, 15]])
