@@ -19,7 +19,7 @@ from lightning_utilities.core.rank_zero import (  # what both namespaces re-expo
 from torch import Tensor, nn
 
 from .encoding import GridEncoder, PendingGrids
-from .evaluation import ImageKey, explain_first_failure, run_evaluation
+from .evaluation import ImageKey, explain_first_failure, normalisation_warning, run_evaluation
 from .history import (
     BackgroundWriter,
     evaluation_record,
@@ -367,6 +367,10 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         if not trainer.is_global_zero:
             return
         self._probes = probes
+        for probe in probes.values():
+            warning = normalisation_warning(probe, self.render)
+            if warning:
+                rank_zero_warn(warning)
         if self.layers is None:
             self.layers = [self._default_layer(pl_module)]
         self._check_shared_tags(trainer, pl_module)

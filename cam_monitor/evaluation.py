@@ -224,3 +224,36 @@ def class_score_check(
     hooks = [(m, "forward", lambda *_, name=n: ran.add(name)) for n, m in linears.items()]
     with scoped_hooks(hooks):  # type: ignore[arg-type]
         yield check
+
+
+def normalisation_warning(probe: ProbeSet, options: RenderOptions) -> str | None:
+    """Why `mean`/`std` cannot be the probe's normalisation, if they cannot: undoing them puts
+    most pixels outside [0, 1] (0-255 values?), or the probe has no negative value at all
+    (un-normalised [0, 1] images, which undoing them would wash out). None when they fit."""
+    image = Batch.of(probe.inputs).image
+    if options.mean is None or options.std is None or image is None:
+        return None
+    if image.shape[1] != len(options.mean) or len(options.mean) != len(options.std):
+        return None  # drawing reports the mismatch
+    x = image.detach().float()
+    mean = torch.tensor(options.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(options.std, device=x.device).view(1, -1, 1, 1)
+    shown = x * std + mean
+    outside, lowest = (((shown < -0.05) | (shown > 1.05)).float().mean(), x.min())
+    outside, lowest = float(outside), float(lowest)  # once per probe, at the start of fit
+    where = f"CamMonitor: probe {probe.name!r} with `mean`/`std`"
+    if outside > 0.2:
+        return (
+            f"{where} = {options.mean}/{options.std}: {outside:.0%} of its pixels fall outside "
+            "[0, 1] once the normalisation is undone (values 0-255?), so the overlays would be "
+            "clipped to white and black. Pass the probe prepared like a training batch, or the "
+            "mean and std it was normalised with."
+        )
+    if lowest >= 0 and any(m > 0 for m in options.mean):
+        return (
+            f"{where} = {options.mean}/{options.std}: the probe has no negative value, so it "
+            "does not look normalised with them (values in [0, 1]?); undoing them would wash "
+            "the overlays out. Drop mean=/std= for an un-normalised probe, or pass it "
+            "normalised like a training batch."
+        )
+    return None

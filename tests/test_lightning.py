@@ -7,9 +7,11 @@ import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import types
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -561,3 +563,29 @@ def test_the_probe_comes_from_the_val_set_even_when_epoch_0_does_not_validate(
         probe = read_probe(tmp_path / name)
         assert probe is not None and probe.probes == ("val",)
         assert torch.equal(torch.from_numpy(probe.inputs["val"]), val_images[[0, 5, 10, 15]])
+
+
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+def test_mean_and_std_that_do_not_fit_the_probe_warn_before_the_overlays_wash_out(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    pictures = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # ToTensor
+    mean, std = (torch.tensor(IMAGENET[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    cases = {
+        "unnormalised": (pictures, "no negative value"),
+        "bytes": (pictures * 255, "outside \\[0, 1\\]"),
+        "normalised": ((pictures - mean) / std, None),
+    }
+    for name, (images, message) in cases.items():
+        monitor = CamMonitor("net.features.5", probe=images, save_dir=tmp_path / name, **IMAGENET)
+        trainer = lightning.trainer(logger=False, max_epochs=1, callbacks=[monitor])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(lightning.module()(), loader(shapes_dataset(16)))
+        said = [str(w.message) for w in caught if "`mean`/`std`" in str(w.message)]
+        if message is None:
+            assert said == []
+        else:
+            assert len(said) == 1 and re.search(message, said[0]), said
