@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler, default_collate
 
 from .batch import leaves, move_to
 from .drift import boxes_to_masks
@@ -149,9 +149,13 @@ def split_batch(
 
 
 def sample_dataset(
-    dataset: Dataset, count: int, collate_fn: Callable[[list[Any]], Any] | None = None
+    dataset: Dataset,
+    count: int,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    subset: Sequence[int] | None = None,
 ) -> tuple[Any, int]:
-    """Collate `count` evenly spaced samples of a map-style dataset; returns `(batch, length)`."""
+    """Collate `count` evenly spaced samples of a map-style dataset, or of its items `subset`
+    (a loader's sampler over part of it); returns `(batch, length)`."""
     try:
         length = len(dataset)  # type: ignore[arg-type]
     except TypeError as err:
@@ -159,10 +163,25 @@ def sample_dataset(
             f"The probe dataset {type(dataset).__name__} has no len() (an IterableDataset?); "
             "pass probe= as a tensor or an (inputs, labels) tuple instead."
         ) from err
-    if length == 0:
+    items = range(length) if subset is None else [int(i) for i in subset]
+    if len(items) == 0:
         raise ValueError(f"The probe dataset {type(dataset).__name__} is empty.")
-    indices = evenly_spaced(length, count)
-    return (collate_fn or default_collate)([dataset[i] for i in indices]), length
+    indices = [items[i] for i in evenly_spaced(len(items), count)]
+    return (collate_fn or default_collate)([dataset[i] for i in indices]), len(items)
+
+
+def sampler_subset(loader: DataLoader) -> Sequence[int] | None:
+    """The dataset items `loader` draws from when its sampler covers a fixed part of the dataset
+    (a `SubsetRandomSampler`, or a list or range of indices, as in a train/val split by
+    samplers); None when it may yield any item."""
+    sampler = loader.sampler
+    if isinstance(sampler, SubsetRandomSampler):
+        return sampler.indices
+    if isinstance(sampler, (list, tuple, range)) or (
+        isinstance(sampler, Tensor) and sampler.dim() == 1 and not sampler.is_floating_point()
+    ):
+        return sampler
+    return None
 
 
 def make_probe(
@@ -175,7 +194,9 @@ def make_probe(
 ) -> ProbeSet:
     """Turn one probe specification (tensor, tuple, Dataset, DataLoader) into a `ProbeSet`."""
     if isinstance(spec, DataLoader):
-        batch, length = sample_dataset(spec.dataset, num_probe, spec.collate_fn)
+        batch, length = sample_dataset(
+            spec.dataset, num_probe, spec.collate_fn, sampler_subset(spec)
+        )
     elif isinstance(spec, Dataset):
         batch, length = sample_dataset(spec, num_probe)
     elif isinstance(spec, (Tensor, tuple, list, Mapping)):

@@ -8,7 +8,7 @@ from collections import namedtuple
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler, TensorDataset
 
 from cam_monitor.probe import (
     ProbeSet,
@@ -17,8 +17,10 @@ from cam_monitor.probe import (
     first_loader,
     loader_probe,
     looks_like_masks,
+    make_probe,
     probe_sets,
 )
+from tests.conftest import shapes_dataset
 
 
 class DrawingDataset(Dataset):
@@ -118,3 +120,17 @@ def test_several_loaders_say_the_first_is_used() -> None:
     assert loader_probe([("val", [a, b])], said.append) == {"val": a}
     assert loader_probe([("val", a)], said.append) == {"val": a}
     assert len(said) == 1 and "2 val dataloaders; the probe comes from the first" in said[0]
+
+
+def test_a_loader_over_a_subset_of_the_dataset_gives_probe_items_of_that_subset() -> None:
+    # One dataset, split by samplers (train 0-31, val 32-47): the val probe must hold val items.
+    data = shapes_dataset(48)
+    for sampler in (SubsetRandomSampler(list(range(32, 48))), range(32, 48)):
+        val = DataLoader(data, batch_size=8, sampler=sampler)  # type: ignore[arg-type]
+        probe = make_probe("val", val, 4)
+        assert torch.equal(probe.inputs, data.tensors[0][[32, 37, 42, 47]])
+        assert probe.labels is not None and torch.equal(
+            probe.labels, data.tensors[1][[32, 37, 42, 47]]
+        )
+    whole = make_probe("val", DataLoader(data, shuffle=True), 4)  # RandomSampler: every item
+    assert torch.equal(whole.inputs, data.tensors[0][[0, 16, 31, 47]])
