@@ -251,6 +251,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self.evaluations = 0
         self._last_step = -1
         self._resumed_hashes: dict[str, str] = {}
+        self._resumed_folder: str | None = None  # where the checkpointed run wrote its history
         self.run_id: str | None = None  # set at the start of fit, or by a resumed checkpoint
         self._idle = False  # fast_dev_run: nothing evaluated, nothing written
         self._restored = False  # whether this fit resumed the monitor from a checkpoint
@@ -395,6 +396,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             self.tracker.use_reference(first, probes, source=str(self.reference))
         if self.history:
             if self.evaluations > 0:
+                self._check_resumed_folder()
                 prune_from(self.folder, self.evaluations)  # a resumed run rewrites what came after
             self._write_probe()
         if self.evaluations == 0:
@@ -463,6 +465,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             "probe_hashes": {name: probe.digest for name, probe in self._probes.items()},
             "tracker": self.tracker.state_dict(),
             "run_id": self.run_id,
+            "folder": None if self.folder is None else os.fspath(self.folder),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -470,6 +473,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self.evaluations = int(state_dict.get("evaluations", 0))
         self._last_step = int(state_dict.get("last_step", -1))
         self._resumed_hashes = dict(state_dict.get("probe_hashes", {}))
+        self._resumed_folder = state_dict.get("folder")
         self.tracker.load_state_dict(state_dict.get("tracker", {}))
         run_id = state_dict.get("run_id")  # checkpoints from before run ids: the unnamed run ""
         self.run_id = str(run_id) if run_id is not None else ("" if self.evaluations else None)
@@ -623,7 +627,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         """Forget the previous fit's run: a fit from step 0 that restored no checkpoint (the
         monitor given to a new Trainer) gets its own baseline, drift reference and run id."""
         self.evaluations, self._last_step, self.run_id = 0, -1, None
-        self._resumed_hashes = {}
+        self._resumed_hashes, self._resumed_folder = {}, None
         self.tracker = AttentionTracker(self.tracker.options)
         self.layers = self._layer_spec  # None: chosen again, for this model
 
@@ -642,6 +646,21 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 f"{type(failure.error).__name__}: {failure.error}. Training continues; pass "
                 "strict=True to raise instead."
             )
+
+    def _check_resumed_folder(self) -> None:
+        """A run resumed into another folder (Lightning's next logger version) leaves its earlier
+        evaluations where they were: say where, since `show`/`compare` read one folder."""
+        before = self._resumed_folder
+        if before is None or self.folder is None or Path(before) == self.folder:
+            return
+        if history_runs(self.folder).get(self.run_id or ""):
+            return
+        rank_zero_warn(
+            f"CamMonitor: this resumed run's earlier evaluations (0-{self.evaluations - 1}) are "
+            f"in {before}; from here on its history goes to {self.folder} (a new logger "
+            "version?), so `cam-monitor show`/`compare` see part of it in each folder. Pass "
+            "save_dir= (or a fixed logger version) to keep a run's history in one folder."
+        )
 
     def _check_resumed_probe(self, probes: Mapping[str, ProbeSet]) -> None:
         for name, digest in self._resumed_hashes.items():

@@ -589,3 +589,27 @@ def test_mean_and_std_that_do_not_fit_the_probe_warn_before_the_overlays_wash_ou
             assert said == []
         else:
             assert len(said) == 1 and re.search(message, said[0]), said
+
+
+def test_a_resume_into_a_new_logger_version_says_where_the_earlier_history_is(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    def run(epochs: int, ckpt: str | None = None) -> Any:
+        lightning.pl.seed_everything(0, verbose=False)
+        monitor = CamMonitor("net.features.5", num_probe=4)
+        trainer = lightning.trainer(
+            default_root_dir=tmp_path, logger=True, enable_checkpointing=True, max_epochs=epochs,
+            callbacks=[monitor],
+        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(lightning.module()(), loader(shapes_dataset()), ckpt_path=ckpt)
+        return trainer, [str(w.message) for w in caught if "earlier evaluations" in str(w.message)]
+
+    first, said = run(1)
+    assert said == []
+    _, said = run(2, first.checkpoint_callback.best_model_path)  # Lightning's next version
+    old, new = (tmp_path / "lightning_logs" / v / "cam_monitor" for v in ("version_0", "version_1"))
+    assert [e.index for e in read_history(old)] == [0, 1]
+    assert [e.index for e in read_history(new)] == [2]
+    assert len(said) == 1 and str(old) in said[0] and str(new) in said[0] and "save_dir=" in said[0]
