@@ -163,10 +163,9 @@ def run_evaluation(
     With `check_scores` (the first evaluation), logits that look like embeddings are refused."""
     output = EvaluationOutput()
     for name, probe in probes.items():
-        with class_score_check(module, engine) as check:
+        with class_score_check(module, engine, check_scores) as check:
             result = compute_probe(module, probe, layers, engine)
-            if check_scores:
-                check(result)
+            check(result)
         output.results[name] = result
         output.images.update(render_probe(probe, result, render))
     if filters is not None and filters.channels:
@@ -193,14 +192,15 @@ def explain_first_failure(probes: Mapping[str, ProbeSet], err: Exception) -> str
 
 @contextmanager
 def class_score_check(
-    module: nn.Module, options: EngineOptions
+    module: nn.Module, options: EngineOptions, enabled: bool = True
 ) -> Iterator[Callable[[CamResult], None]]:
     """Record which Linear layers run inside the block; the `check(result)` it yields refuses
     logits that look like embeddings: a Linear layer taking inputs of their width did not run
-    (the classifier that `training_step` calls on `forward`'s output). Off with `forward=`."""
-    linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear) and n}
-    if options.forward is not None:
-        linears = {}
+    (the classifier that `training_step` calls on `forward`'s output). Off with `forward=`, and
+    without `enabled` (no hooks at all)."""
+    linears: dict[str, nn.Linear] = {}
+    if enabled and options.forward is None:
+        linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear) and n}
     ran: set[str] = set()
 
     def check(result: CamResult) -> None:
