@@ -214,8 +214,13 @@ def make_probe(
     if inputs.dim() == 0 or inputs.shape[0] == 0:
         raise ValueError(f"probe {name!r} is empty: shape {tuple(inputs.shape)}.")
     if labels is not None:
-        labels = torch.as_tensor(labels)
-        if labels.is_floating_point() or labels.shape != (inputs.shape[0],):
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError):  # names, ragged lists: not class indices
+            labels = None
+        if labels is not None and (
+            labels.is_floating_point() or labels.shape != (inputs.shape[0],)
+        ):
             labels = None  # regression targets or one-hot: no class label to caption
     return ProbeSet(name, inputs, labels, masks, content_hash(inputs))
 

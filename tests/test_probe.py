@@ -134,3 +134,12 @@ def test_a_loader_over_a_subset_of_the_dataset_gives_probe_items_of_that_subset(
         )
     whole = make_probe("val", DataLoader(data, shuffle=True), 4)  # RandomSampler: every item
     assert torch.equal(whole.inputs, data.tensors[0][[0, 16, 31, 47]])
+
+
+def test_labels_that_are_not_class_indices_are_left_out_of_a_dict_batch() -> None:
+    images = torch.zeros(2, 3, 8, 8)
+    for labels in (["cat", "dog"], [[1, 2], [3]], torch.tensor([0.5, 1.5]), torch.eye(2)):
+        probe = make_probe("p", {"image": images, "label": labels}, 4)
+        assert probe.labels is None and probe.inputs is images
+    kept = make_probe("p", {"image": images, "label": [1, 0]}, 4).labels
+    assert kept is not None and kept.tolist() == [1, 0]
