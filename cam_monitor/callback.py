@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import uuid
@@ -115,9 +116,13 @@ def val_dataloaders(trainer: pl.Trainer) -> Any:
 
 
 def publish_metrics(trainer: pl.Trainer, scalars: Mapping[str, float]) -> None:
-    """Every scalar the monitor logs into `trainer.callback_metrics` (Lightning keeps that dict
-    between steps), so ModelCheckpoint and EarlyStopping can monitor it."""
-    trainer.callback_metrics.update({tag: torch.tensor(v) for tag, v in scalars.items()})
+    """Every finite scalar the monitor logs into `trainer.callback_metrics` (Lightning keeps that
+    dict between steps), so ModelCheckpoint and EarlyStopping can monitor it. An undefined one
+    (NaN: every map of the probe set all zero or constant) keeps the last value there, since
+    EarlyStopping stops the run on a non-finite value; the loggers and history get the NaN."""
+    trainer.callback_metrics.update(
+        {tag: torch.tensor(v) for tag, v in scalars.items() if math.isfinite(v)}
+    )
 
 
 # One class for both namespaces: a subclass of each installed `Callback`, so both Trainers and

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import subprocess
@@ -613,3 +614,25 @@ def test_a_resume_into_a_new_logger_version_says_where_the_earlier_history_is(
     assert [e.index for e in read_history(old)] == [0, 1]
     assert [e.index for e in read_history(new)] == [2]
     assert len(said) == 1 and str(old) in said[0] and str(new) in said[0] and "save_dir=" in said[0]
+
+
+def test_an_undefined_score_does_not_stop_early_stopping_on_a_monitor_tag(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    calls = {"n": 0}
+
+    def flat_at_epoch_1(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1  # baseline, epoch 0, epoch 1 (all maps zero: energy undefined), ...
+        return module(x) * (0.0 if calls["n"] == 3 else 1.0)
+
+    images, labels = shapes_dataset(8, seed=3).tensors
+    monitor = CamMonitor(
+        "net.features.5", probe={"target": (images, labels)},
+        masks={"target": images.mean(1) > 0.75}, forward=flat_at_epoch_1,
+    )  # fmt: skip
+    stop = lightning.callbacks.EarlyStopping(monitor=ENERGY, mode="max", patience=10)
+    trainer = fit(lightning, tmp_path, [monitor, stop], logger=False, max_epochs=3)
+    history = [e.scalars.get(ENERGY) for e in read_history(tmp_path / "cam_monitor")]
+    assert len(history) == 4 and math.isnan(history[2])  # the undefined score is on record
+    assert trainer.current_epoch == 3 and stop.stopped_epoch == 0  # but stopped nothing
+    assert float(trainer.callback_metrics[ENERGY]) == pytest.approx(history[3], rel=1e-6)
