@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import uuid
@@ -19,7 +20,7 @@ from lightning_utilities.core.rank_zero import (  # what both namespaces re-expo
 from torch import Tensor, nn
 
 from .encoding import EncodedGrid, GridEncoder, PendingGrids
-from .evaluation import ImageKey, explain_first_failure, run_evaluation
+from .evaluation import ImageKey, explain_first_failure, normalisation_warning, run_evaluation
 from .history import (
     BackgroundWriter,
     evaluation_record,
@@ -48,6 +49,7 @@ from .probe import (
     check_masks,
     content_hash,
     loader_probe,
+    preserved_rng,
     probe_sets,
 )
 from .render import GRID_COLUMNS
@@ -99,10 +101,28 @@ def check_metric_consumers(trainer: pl.Trainer, monitor: CamMonitor) -> None:
             )
 
 
+def val_dataloaders(trainer: pl.Trainer) -> Any:
+    """The fit's val dataloaders, also where Lightning has not loaded them yet at the start of
+    training (epoch 0 does not validate and there is no sanity check): then asked from their
+    source (the datamodule, the module's hook or the loaders given to `fit`), leaving the
+    random streams as they were and Lightning's own loading to Lightning."""
+    if trainer.val_dataloaders is not None or not trainer.enable_validation:
+        return trainer.val_dataloaders
+    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+    if source is None:  # a Lightning without it: the train set, as before
+        return None
+    with preserved_rng():
+        return source.dataloader()
+
+
 def publish_metrics(trainer: pl.Trainer, scalars: Mapping[str, float]) -> None:
-    """Every scalar the monitor logs into `trainer.callback_metrics` (Lightning keeps that dict
-    between steps), so ModelCheckpoint and EarlyStopping can monitor it."""
-    trainer.callback_metrics.update({tag: torch.tensor(v) for tag, v in scalars.items()})
+    """Every finite scalar the monitor logs into `trainer.callback_metrics` (Lightning keeps that
+    dict between steps), so ModelCheckpoint and EarlyStopping can monitor it. An undefined one
+    (NaN: every map of the probe set all zero or constant) keeps the last value there, since
+    EarlyStopping stops the run on a non-finite value; the loggers and history get the NaN."""
+    trainer.callback_metrics.update(
+        {tag: torch.tensor(v) for tag, v in scalars.items() if math.isfinite(v)}
+    )
 
 
 # One class for both namespaces: a subclass of each installed `Callback`, so both Trainers and
@@ -236,9 +256,11 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self.evaluations = 0
         self._last_step = -1
         self._resumed_hashes: dict[str, str] = {}
+        self._resumed_folder: str | None = None  # where the checkpointed run wrote its history
         self.run_id: str | None = None  # set at the start of fit, or by a resumed checkpoint
         self._idle = False  # fast_dev_run: nothing evaluated, nothing written
         self._done_epoch = -1  # the last epoch whose last training batch has run
+        self._restored = False  # whether this fit resumed the monitor from a checkpoint
         self._writer = BackgroundWriter()  # history files, written off the training thread
         self._encoder = GridEncoder()  # grids, encoded while drift is scored
 
@@ -331,8 +353,10 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 "write the same tags, folder and checkpoint state. Keep one, or make them differ "
                 "in layers, methods, probe (set names), schedule or save_dir."
             )
-        if self.layers is not None:
-            resolve_layers(pl_module, self.layers)  # a typo fails here, before any step
+        self._restored = False  # until `load_state_dict` restores a checkpoint in this fit
+        self._probes, self._sinks = {}, []  # the last fit's: `evaluate()` waits for this fit's
+        if self._layer_spec is not None:
+            resolve_layers(pl_module, self._layer_spec)  # a typo fails here, before any step
         if self.filters.channels:
             resolve_layers(pl_module, list(self.filters.channels))
 
@@ -344,10 +368,16 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 "nothing in this run."
             )
             return
+        if self.evaluations and trainer.global_step == 0 and not self._restored:
+            self._start_new_run()
         probes = self._build_probes(trainer, pl_module)  # every rank: one fails, all fail
         if not trainer.is_global_zero:
             return
         self._probes = probes
+        for probe in probes.values():
+            warning = normalisation_warning(probe, self.render)
+            if warning:
+                rank_zero_warn(warning)
         if self.layers is None:
             self.layers = [self._default_layer(pl_module)]
         self._check_shared_tags(trainer, pl_module)
@@ -372,6 +402,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             self.tracker.use_reference(first, probes, source=str(self.reference))
         if self.history:
             if self.evaluations > 0:
+                self._check_resumed_folder()
                 prune_from(self.folder, self.evaluations)  # a resumed run rewrites what came after
             self._write_probe()
         if self.evaluations == 0:
@@ -389,8 +420,13 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             self._done_epoch = trainer.current_epoch
         if self.every_n_steps is None or self._idle or not trainer.is_global_zero:
             return
+        # The first step at or past each multiple: the global step can jump by more than one
+        # (each optimizer of a manual-optimization step counts) and step over a multiple.
         step = trainer.global_step
-        if step % self.every_n_steps == 0 and step != self._last_step:
+        if (
+            step > self._last_step
+            and step // self.every_n_steps > self._last_step // self.every_n_steps
+        ):
             self._evaluate(trainer, pl_module, epoch=self._epochs_completed(trainer))
 
     def _epochs_completed(self, trainer: pl.Trainer) -> int:
@@ -443,12 +479,15 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             "probe_hashes": {name: probe.digest for name, probe in self._probes.items()},
             "tracker": self.tracker.state_dict(),
             "run_id": self.run_id,
+            "folder": None if self.folder is None else os.fspath(self.folder),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = True
         self.evaluations = int(state_dict.get("evaluations", 0))
         self._last_step = int(state_dict.get("last_step", -1))
         self._resumed_hashes = dict(state_dict.get("probe_hashes", {}))
+        self._resumed_folder = state_dict.get("folder")
         self.tracker.load_state_dict(state_dict.get("tracker", {}))
         run_id = state_dict.get("run_id")  # checkpoints from before run ids: the unnamed run ""
         self.run_id = str(run_id) if run_id is not None else ("" if self.evaluations else None)
@@ -475,8 +514,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         try:
             module = unwrap_model(pl_module)
             output = run_evaluation(
-                module, self._probes, self.layers or [], self.engine, self.render, self.filters
-            )
+                module, self._probes, self.layers or [], self.engine, self.render, self.filters,
+                check_scores=baseline,
+            )  # fmt: skip
             if self._sinks:
                 encode = any(sink.needs_bytes for sink in self._sinks)  # MLflow takes pixels
                 encoding = self._encoder.submit(
@@ -542,7 +582,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     ) -> dict[str, ProbeSet]:
         """The probe sets, on the module's device and in the precision the Trainer feeds it."""
         specs = self._probe_sets or loader_probe(
-            [("val", trainer.val_dataloaders), ("train", trainer.train_dataloader)],
+            [("val", val_dataloaders(trainer)), ("train", trainer.train_dataloader)],
             rank_zero_warn,
         )
         probes = build_probes(
@@ -625,6 +665,15 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         )
         return own
 
+    def _start_new_run(self) -> None:
+        """Forget the previous fit's run: a fit from step 0 that restored no checkpoint (the
+        monitor given to a new Trainer) gets its own baseline, drift reference and run id."""
+        self.evaluations, self._last_step, self.run_id = 0, -1, None
+        self._done_epoch = -1
+        self._resumed_hashes, self._resumed_folder = {}, None
+        self.tracker = AttentionTracker(self.tracker.options)
+        self.layers = self._layer_spec  # None: chosen again, for this model
+
     def _write_probe(self) -> None:
         """Store the probe once per run so reports can draw overlays; failure only warns."""
         write = partial(write_probe_sets, self.folder, self._probes, run=self.run_id or "")
@@ -640,6 +689,21 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 f"{type(failure.error).__name__}: {failure.error}. Training continues; pass "
                 "strict=True to raise instead."
             )
+
+    def _check_resumed_folder(self) -> None:
+        """A run resumed into another folder (Lightning's next logger version) leaves its earlier
+        evaluations where they were: say where, since `show`/`compare` read one folder."""
+        before = self._resumed_folder
+        if before is None or self.folder is None or Path(before) == self.folder:
+            return
+        if history_runs(self.folder).get(self.run_id or ""):
+            return
+        rank_zero_warn(
+            f"CamMonitor: this resumed run's earlier evaluations (0-{self.evaluations - 1}) are "
+            f"in {before}; from here on its history goes to {self.folder} (a new logger "
+            "version?), so `cam-monitor show`/`compare` see part of it in each folder. Pass "
+            "save_dir= (or a fixed logger version) to keep a run's history in one folder."
+        )
 
     def _check_resumed_probe(self, probes: Mapping[str, ProbeSet]) -> None:
         for name, digest in self._resumed_hashes.items():

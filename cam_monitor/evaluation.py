@@ -6,7 +6,8 @@ views); they become strings only in `sinks`. Scoring lives in `tracking`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from .batch import Batch
+from .capture import scoped_hooks
 from .engine import CamResult, compute
 from .filters import filter_activations, visualize_filter
 from .layers import LayerSpec
@@ -52,7 +54,9 @@ def probe_options(options: EngineOptions, probe: ProbeSet) -> EngineOptions:
         if probe.labels is None:
             raise ValueError(
                 f'target="label" needs labels, but probe {probe.name!r} has none; pass an '
-                '(inputs, labels) tuple as probe=, or use target="predicted".'
+                "(inputs, labels) tuple as probe=, name the labels' key of dict batches with "
+                "label_key= (default: label, labels, target, targets, y), or use "
+                'target="predicted".'
             )
         return replace(options, target=probe.labels)
     return options
@@ -154,11 +158,15 @@ def run_evaluation(
     engine: EngineOptions,
     render: RenderOptions,
     filters: FilterOptions | None = None,
+    check_scores: bool = False,
 ) -> EvaluationOutput:
-    """Compute and draw every probe set; raises on failure (the caller decides to warn or not)."""
+    """Compute and draw every probe set; raises on failure (the caller decides to warn or not).
+    With `check_scores` (the first evaluation), logits that look like embeddings are refused."""
     output = EvaluationOutput()
     for name, probe in probes.items():
-        result = compute_probe(module, probe, layers, engine)
+        with class_score_check(module, engine, check_scores) as check:
+            result = compute_probe(module, probe, layers, engine)
+            check(result)
         output.results[name] = result
         output.images.update(render_probe(probe, result, render))
     if filters is not None and filters.channels:
@@ -181,3 +189,72 @@ def explain_first_failure(probes: Mapping[str, ProbeSet], err: Exception) -> str
         f"({shapes}) must be a batch the model accepts, like a training batch; check probe=, "
         f"input_key=, forward= and output_transform=.{hint}"
     )
+
+
+@contextmanager
+def class_score_check(
+    module: nn.Module, options: EngineOptions, enabled: bool = True
+) -> Iterator[Callable[[CamResult], None]]:
+    """Record which Linear layers run inside the block; the `check(result)` it yields refuses
+    logits that look like embeddings: a Linear layer taking inputs of their width did not run
+    (the classifier that `training_step` calls on `forward`'s output). Off with `forward=`, and
+    without `enabled` (no hooks at all)."""
+    linears: dict[str, nn.Linear] = {}
+    if enabled and options.forward is None:
+        linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear) and n}
+    ran: set[str] = set()
+
+    def check(result: CamResult) -> None:
+        rows, width = result.logits.shape
+        heads = [n for n, m in linears.items() if n not in ran and m.in_features == width]
+        if not heads:
+            return
+        name, head = heads[0], linears[heads[0]]
+        call = f"module.{name}" if name.isidentifier() else f"module.get_submodule({name!r})"
+        raise ValueError(
+            f"The model's output on the probe has shape [{rows}, {width}], and {name!r} (Linear "
+            f"{head.in_features} -> {head.out_features}) takes inputs of that width but did not "
+            f"run in forward(): the output looks like embeddings that {name!r} turns into class "
+            "scores (in training_step?), so the maps would explain embedding dimensions, not "
+            f"classes. Pass forward= to call the classifier, e.g. CamMonitor(forward=lambda "
+            f"module, x: {call}(module(x))) (a module-level function pickles, for ddp_spawn); if "
+            "this output is what the maps should explain, pass forward=lambda module, x: "
+            "module(x)."
+        )
+
+    hooks = [(m, "forward", lambda *_, name=n: ran.add(name)) for n, m in linears.items()]
+    with scoped_hooks(hooks):  # type: ignore[arg-type]
+        yield check
+
+
+def normalisation_warning(probe: ProbeSet, options: RenderOptions) -> str | None:
+    """Why `mean`/`std` cannot be the probe's normalisation, if they cannot: undoing them puts
+    most pixels outside [0, 1] (0-255 values?), or the probe has no negative value at all
+    (un-normalised [0, 1] images, which undoing them would wash out). None when they fit."""
+    image = Batch.of(probe.inputs).image
+    if options.mean is None or options.std is None or image is None:
+        return None
+    if image.shape[1] != len(options.mean) or len(options.mean) != len(options.std):
+        return None  # drawing reports the mismatch
+    x = image.detach().float()
+    mean = torch.tensor(options.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(options.std, device=x.device).view(1, -1, 1, 1)
+    shown = x * std + mean
+    outside, lowest = (((shown < -0.05) | (shown > 1.05)).float().mean(), x.min())
+    outside, lowest = float(outside), float(lowest)  # once per probe, at the start of fit
+    where = f"CamMonitor: probe {probe.name!r} with `mean`/`std`"
+    if outside > 0.2:
+        return (
+            f"{where} = {options.mean}/{options.std}: {outside:.0%} of its pixels fall outside "
+            "[0, 1] once the normalisation is undone (values 0-255?), so the overlays would be "
+            "clipped to white and black. Pass the probe prepared like a training batch, or the "
+            "mean and std it was normalised with."
+        )
+    if lowest >= 0 and any(m > 0 for m in options.mean):
+        return (
+            f"{where} = {options.mean}/{options.std}: the probe has no negative value, so it "
+            "does not look normalised with them (values in [0, 1]?); undoing them would wash "
+            "the overlays out. Drop mean=/std= for an un-normalised probe, or pass it "
+            "normalised like a training batch."
+        )
+    return None

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler, default_collate
 
 from .batch import leaves, move_to
 from .drift import boxes_to_masks
@@ -148,9 +149,13 @@ def split_batch(
 
 
 def sample_dataset(
-    dataset: Dataset, count: int, collate_fn: Callable[[list[Any]], Any] | None = None
+    dataset: Dataset,
+    count: int,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    subset: Sequence[int] | None = None,
 ) -> tuple[Any, int]:
-    """Collate `count` evenly spaced samples of a map-style dataset; returns `(batch, length)`."""
+    """Collate `count` evenly spaced samples of a map-style dataset, or of its items `subset`
+    (a loader's sampler over part of it); returns `(batch, length)`."""
     try:
         length = len(dataset)  # type: ignore[arg-type]
     except TypeError as err:
@@ -158,10 +163,25 @@ def sample_dataset(
             f"The probe dataset {type(dataset).__name__} has no len() (an IterableDataset?); "
             "pass probe= as a tensor or an (inputs, labels) tuple instead."
         ) from err
-    if length == 0:
+    items = range(length) if subset is None else [int(i) for i in subset]
+    if len(items) == 0:
         raise ValueError(f"The probe dataset {type(dataset).__name__} is empty.")
-    indices = evenly_spaced(length, count)
-    return (collate_fn or default_collate)([dataset[i] for i in indices]), length
+    indices = [items[i] for i in evenly_spaced(len(items), count)]
+    return (collate_fn or default_collate)([dataset[i] for i in indices]), len(items)
+
+
+def sampler_subset(loader: DataLoader) -> Sequence[int] | None:
+    """The dataset items `loader` draws from when its sampler covers a fixed part of the dataset
+    (a `SubsetRandomSampler`, or a list or range of indices, as in a train/val split by
+    samplers); None when it may yield any item."""
+    sampler = loader.sampler
+    if isinstance(sampler, SubsetRandomSampler):
+        return sampler.indices
+    if isinstance(sampler, (list, tuple, range)) or (
+        isinstance(sampler, Tensor) and sampler.dim() == 1 and not sampler.is_floating_point()
+    ):
+        return sampler
+    return None
 
 
 def _class_labels(labels: Tensor, count: int) -> Tensor | None:
@@ -191,7 +211,9 @@ def make_probe(
 ) -> ProbeSet:
     """Turn one probe specification (tensor, tuple, Dataset, DataLoader) into a `ProbeSet`."""
     if isinstance(spec, DataLoader):
-        batch, length = sample_dataset(spec.dataset, num_probe, spec.collate_fn)
+        batch, length = sample_dataset(
+            spec.dataset, num_probe, spec.collate_fn, sampler_subset(spec)
+        )
     elif isinstance(spec, Dataset):
         batch, length = sample_dataset(spec, num_probe)
     elif isinstance(spec, (Tensor, tuple, list, Mapping)):
@@ -209,7 +231,12 @@ def make_probe(
     if inputs.dim() == 0 or inputs.shape[0] == 0:
         raise ValueError(f"probe {name!r} is empty: shape {tuple(inputs.shape)}.")
     if labels is not None:
-        labels = _class_labels(torch.as_tensor(labels), inputs.shape[0])
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError):  # names, ragged lists: not class indices
+            labels = None
+        if labels is not None:
+            labels = _class_labels(labels, inputs.shape[0])
     return ProbeSet(name, inputs, labels, masks, content_hash(inputs))
 
 
@@ -332,6 +359,19 @@ def attach_masks(probe: ProbeSet, masks: Any) -> ProbeSet:
     return replace(probe, masks=masks if masks.dtype == torch.bool else masks > 0.5)
 
 
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Python's, numpy's and torch's CPU random streams as they were before the block: what
+    picking a probe runs (a dataset's augmentations, a `val_dataloader()` hook) may draw."""
+    state = (random.getstate(), np.random.get_state())
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+
+
 def build_probes(
     specs: Mapping[str, ProbeSpec],
     num_probe: int,
@@ -345,18 +385,11 @@ def build_probes(
 
     `masks` is one tensor for every set or a dict per set name; unknown names are a ValueError.
     """
-    state = (random.getstate(), np.random.get_state())
-    try:
-        with torch.random.fork_rng(devices=[]):
-            probes = {
-                name: make_probe(
-                    check_probe_name(name), spec, num_probe, input_key, label_key, warn
-                )
-                for name, spec in specs.items()
-            }
-    finally:
-        random.setstate(state[0])
-        np.random.set_state(state[1])
+    with preserved_rng():
+        probes = {
+            name: make_probe(check_probe_name(name), spec, num_probe, input_key, label_key, warn)
+            for name, spec in specs.items()
+        }
     if isinstance(masks, Mapping):
         unknown = sorted(set(masks) - set(probes))
         if unknown:

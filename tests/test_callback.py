@@ -329,6 +329,15 @@ def test_bad_arguments_fail_in_the_constructor(
             {"layer": "net.features.5", "target": "label", "probe": torch.randn(4, 3, 32, 32)},
             r'target="label" needs labels',
         ),
+        (
+            {
+                "layer": "net.features.5",
+                "target": "label",
+                "probe": {"pixels": torch.randn(4, 3, 32, 32), "cls": torch.arange(4)},
+                "input_key": "pixels",
+            },
+            r'target="label" needs labels.*label_key=',
+        ),
     ],
 )
 def test_bad_configuration_fails_before_the_first_training_step(

@@ -6,11 +6,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import threading
 import types
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,12 +21,13 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader
 
 from cam_monitor.callback import CamMonitor, check_metric_consumers
 from cam_monitor.encoding import THREAD_PREFIX, encode_grids
-from cam_monitor.history import read_history
+from cam_monitor.history import read_history, read_probe
 from cam_monitor.schema import SECONDS_TAG, MapKey
 from cam_monitor.sinks import NeptuneSink
 from tests.conftest import ClassifierSteps, Lightning, loader, shapes_dataset
@@ -384,3 +388,261 @@ def test_a_consumer_listed_first_warns_and_ddp_is_refused(lightning: Lightning) 
     )  # built, never launched
     with pytest.raises(ValueError, match=r"EarlyStopping\(monitor='cam_loc/.*2 processes"):
         check_metric_consumers(ddp, monitor)
+
+
+# -- training setups: several optimizers, several fits, a forward that is not the classifier -----
+
+
+class TwoOptimizerSteps(ClassifierSteps):
+    """Manual optimization with two optimizers (GAN-style): each `step()` is a global step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(self(x), y))
+            optimizer.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.SGD(self.net.features.parameters(), lr=0.05),
+            torch.optim.SGD(self.net.fc.parameters(), lr=0.05),
+        ]
+
+
+def test_every_n_steps_counts_optimizer_steps_even_when_they_jump(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    # Two optimizers: global_step goes 2, 4, 6...; an evaluation at the first step at or past each
+    # multiple of 3, not only at the multiples of 6 that the global step happens to hit.
+    monitor = CamMonitor("net.features.5", every_n_steps=3, num_probe=4, save_dir=tmp_path / "a")
+    trainer = lightning.trainer(
+        default_root_dir=tmp_path, logger=False, max_epochs=1, callbacks=[monitor]
+    )
+    trainer.fit(lightning.module(TwoOptimizerSteps)(), loader(shapes_dataset(), batch_size=8))
+    assert trainer.global_step == 12
+    assert [e.step for e in read_history(tmp_path / "a")] == [0, 4, 6, 10, 12]
+    # Accumulated batches: one optimizer step per 4 batches, evaluations every 2 of those.
+    monitor = CamMonitor("net.features.5", every_n_steps=2, num_probe=4, save_dir=tmp_path / "b")
+    trainer = lightning.trainer(
+        default_root_dir=tmp_path,
+        logger=False,
+        max_epochs=1,
+        accumulate_grad_batches=4,
+        callbacks=[monitor],
+    )
+    trainer.fit(lightning.module()(), loader(shapes_dataset(64), batch_size=4))
+    assert trainer.global_step == 4
+    assert [e.step for e in read_history(tmp_path / "b")] == [0, 2, 4]
+
+
+def test_a_second_trainer_starts_a_new_run_and_the_same_trainer_continues(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    def tensorboard(version: int) -> Any:
+        return lightning.loggers.TensorBoardLogger(tmp_path, name="tb", version=version)
+
+    def grid_steps(logger: Any) -> list[int]:
+        acc = EventAccumulator(str(logger.log_dir), size_guidance={"images": 0})
+        acc.Reload()
+        return [s.step for s in acc.Images("cam/train/net.features.5/gradcam")]
+
+    data = loader(shapes_dataset())
+    monitor = CamMonitor("net.features.5", num_probe=4)
+    first = lightning.trainer(logger=tensorboard(0), max_epochs=1, callbacks=[monitor])
+    lightning.pl.seed_everything(0, verbose=False)
+    first.fit(lightning.module()(), data)
+    first.fit_loop.max_epochs = 2  # the same Trainer, fit again: the run goes on
+    first.fit(first.lightning_module, data)
+    history = read_history(tmp_path / "tb" / "version_0" / "cam_monitor")
+    assert [(e.index, e.step) for e in history] == [(0, 0), (1, 3), (2, 6)]
+    assert len({e.run for e in history}) == 1
+
+    # A new Trainer from step 0 without a checkpoint is a new run: a baseline of its own model,
+    # drift against it, a new run id; as a fresh monitor would log it.
+    lightning.pl.seed_everything(1, verbose=False)
+    second = lightning.trainer(logger=tensorboard(1), max_epochs=1, callbacks=[monitor])
+    second.fit(lightning.module()(), data)
+    fresh = CamMonitor("net.features.5", num_probe=4)
+    lightning.pl.seed_everything(1, verbose=False)
+    lightning.trainer(logger=tensorboard(2), max_epochs=1, callbacks=[fresh]).fit(
+        lightning.module()(), data
+    )
+    reused, expected = (
+        read_history(tmp_path / "tb" / v / "cam_monitor") for v in ("version_1", "version_2")
+    )
+    assert [(e.index, e.step) for e in reused] == [(0, 0), (1, 3)]
+    assert reused[0].run not in (history[0].run, expected[0].run)
+    scores = [
+        [{k: v for k, v in e.scalars.items() if k != SECONDS_TAG} for e in h]
+        for h in (reused, expected)
+    ]
+    assert scores[0] == scores[1] and "cam_drift" in str(scores[0])
+    assert grid_steps(second.logger) == [0, 3]
+
+    # The same monitor with one save_dir for two runs: refused before training, as documented.
+    kept = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "kept")
+    lightning.trainer(logger=False, max_epochs=1, callbacks=[kept]).fit(lightning.module()(), data)
+    again = lightning.trainer(logger=False, max_epochs=1, callbacks=[kept])
+    with pytest.raises(ValueError, match="already holds the cam-monitor history of another run"):
+        again.fit(lightning.module()(), data)
+
+
+class EmbeddingSteps(ClassifierSteps):
+    """A common pattern: `forward` returns embeddings, `training_step` calls the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net.fc = nn.Identity()
+        self.head = nn.Linear(8, 5)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self(x)), y)
+
+
+def classify(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """A `forward=` that calls the classifier on the embeddings."""
+    return module.head(module(inputs))
+
+
+def test_a_forward_returning_embeddings_is_refused_before_training(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    model = lightning.module(EmbeddingSteps)()
+    monitor = CamMonitor("net.features.5", num_probe=4, target="label")
+    trainer = lightning.trainer(default_root_dir=tmp_path, logger=False, callbacks=[monitor])
+    with pytest.raises(ValueError, match=r"\[4, 8\].*'head' \(Linear 8 -> 5\).*forward="):
+        trainer.fit(model, loader(shapes_dataset()))
+    assert model.steps_run == 0
+    # The way out the message names: forward= calls the classifier, and the maps explain classes.
+    monitor = CamMonitor("net.features.5", num_probe=4, forward=classify, save_dir=tmp_path / "h")
+    trainer = lightning.trainer(default_root_dir=tmp_path, logger=False, callbacks=[monitor])
+    trainer.fit(model, loader(shapes_dataset()))
+    assert {e.logits["train"].shape for e in read_history(tmp_path / "h")} == {(4, 5)}
+
+
+def test_evaluate_in_the_sanity_check_of_a_later_fit_touches_no_earlier_run(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    class EvaluateAtValidationEnd(lightning.pl.Callback):  # type: ignore[name-defined,misc]
+        def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            monitor.evaluate(trainer, pl_module)  # the sanity check included, as users write it
+
+    monitor = CamMonitor("net.features.5", num_probe=4, every_n_epochs=100)
+    for version in (0, 1):
+        lightning.pl.seed_everything(version, verbose=False)
+        logger = lightning.loggers.TensorBoardLogger(tmp_path, name="tb", version=version)
+        trainer = lightning.trainer(
+            logger=logger, max_epochs=1, num_sanity_val_steps=1,
+            callbacks=[monitor, EvaluateAtValidationEnd()],
+        )  # fmt: skip
+        trainer.fit(lightning.module()(), loader(shapes_dataset()), loader(shapes_dataset(8)))
+    runs = [read_history(tmp_path / "tb" / f"version_{v}" / "cam_monitor") for v in (0, 1)]
+    for history in runs:  # the baseline, the validation at the end of epoch 0, no more
+        assert [(e.index, e.step) for e in history] == [(0, 0), (1, 3)]
+        assert len({e.run for e in history}) == 1
+
+
+def test_the_probe_comes_from_the_val_set_even_when_epoch_0_does_not_validate(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    # Lightning loads the val loaders at the start of training only when epoch 0 validates (or
+    # for the sanity check): the probe must not fall back to the train set otherwise.
+    class Shapes(lightning.pl.LightningDataModule):  # type: ignore[name-defined,misc]
+        def train_dataloader(self) -> DataLoader:
+            return loader(shapes_dataset())
+
+        def val_dataloader(self) -> DataLoader:
+            return loader(shapes_dataset(16, seed=1))
+
+    val_images = shapes_dataset(16, seed=1).tensors[0]
+    for name, data in (("datamodule", {"datamodule": Shapes()}), ("loaders", {
+        "train_dataloaders": loader(shapes_dataset()),
+        "val_dataloaders": loader(shapes_dataset(16, seed=1)),
+    })):  # fmt: skip
+        monitor = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / name)
+        trainer = lightning.trainer(
+            logger=False, max_epochs=2, num_sanity_val_steps=0, check_val_every_n_epoch=2,
+            callbacks=[monitor],
+        )  # fmt: skip
+        trainer.fit(lightning.module()(), **data)
+        probe = read_probe(tmp_path / name)
+        assert probe is not None and probe.probes == ("val",)
+        assert torch.equal(torch.from_numpy(probe.inputs["val"]), val_images[[0, 5, 10, 15]])
+
+
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+def test_mean_and_std_that_do_not_fit_the_probe_warn_before_the_overlays_wash_out(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    pictures = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # ToTensor
+    mean, std = (torch.tensor(IMAGENET[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    cases = {
+        "unnormalised": (pictures, "no negative value"),
+        "bytes": (pictures * 255, "outside \\[0, 1\\]"),
+        "normalised": ((pictures - mean) / std, None),
+    }
+    for name, (images, message) in cases.items():
+        monitor = CamMonitor("net.features.5", probe=images, save_dir=tmp_path / name, **IMAGENET)
+        trainer = lightning.trainer(logger=False, max_epochs=1, callbacks=[monitor])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(lightning.module()(), loader(shapes_dataset(16)))
+        said = [str(w.message) for w in caught if "`mean`/`std`" in str(w.message)]
+        if message is None:
+            assert said == []
+        else:
+            assert len(said) == 1 and re.search(message, said[0]), said
+
+
+def test_a_resume_into_a_new_logger_version_says_where_the_earlier_history_is(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    def run(epochs: int, ckpt: str | None = None) -> Any:
+        lightning.pl.seed_everything(0, verbose=False)
+        monitor = CamMonitor("net.features.5", num_probe=4)
+        trainer = lightning.trainer(
+            default_root_dir=tmp_path, logger=True, enable_checkpointing=True, max_epochs=epochs,
+            callbacks=[monitor],
+        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(lightning.module()(), loader(shapes_dataset()), ckpt_path=ckpt)
+        return trainer, [str(w.message) for w in caught if "earlier evaluations" in str(w.message)]
+
+    first, said = run(1)
+    assert said == []
+    _, said = run(2, first.checkpoint_callback.best_model_path)  # Lightning's next version
+    old, new = (tmp_path / "lightning_logs" / v / "cam_monitor" for v in ("version_0", "version_1"))
+    assert [e.index for e in read_history(old)] == [0, 1]
+    assert [e.index for e in read_history(new)] == [2]
+    assert len(said) == 1 and str(old) in said[0] and str(new) in said[0] and "save_dir=" in said[0]
+
+
+def test_an_undefined_score_does_not_stop_early_stopping_on_a_monitor_tag(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    calls = {"n": 0}
+
+    def flat_at_epoch_1(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1  # baseline, epoch 0, epoch 1 (all maps zero: energy undefined), ...
+        return module(x) * (0.0 if calls["n"] == 3 else 1.0)
+
+    images, labels = shapes_dataset(8, seed=3).tensors
+    monitor = CamMonitor(
+        "net.features.5", probe={"target": (images, labels)},
+        masks={"target": images.mean(1) > 0.75}, forward=flat_at_epoch_1,
+    )  # fmt: skip
+    stop = lightning.callbacks.EarlyStopping(monitor=ENERGY, mode="max", patience=10)
+    trainer = fit(lightning, tmp_path, [monitor, stop], logger=False, max_epochs=3)
+    history = [e.scalars.get(ENERGY) for e in read_history(tmp_path / "cam_monitor")]
+    assert len(history) == 4 and math.isnan(history[2])  # the undefined score is on record
+    assert trainer.current_epoch == 3 and stop.stopped_epoch == 0  # but stopped nothing
+    assert float(trainer.callback_metrics[ENERGY]) == pytest.approx(history[3], rel=1e-6)

@@ -8,7 +8,7 @@ from collections import namedtuple
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler, TensorDataset
 
 from cam_monitor.probe import (
     ProbeSet,
@@ -20,6 +20,7 @@ from cam_monitor.probe import (
     make_probe,
     probe_sets,
 )
+from tests.conftest import shapes_dataset
 
 
 class DrawingDataset(Dataset):
@@ -130,3 +131,26 @@ def test_float_labels_of_a_binary_classifier_are_class_indices() -> None:
         assert probe.labels.tolist() == [0, 1, 1, 0]
     for not_classes in (torch.rand(4), torch.eye(4), -bce):  # regression, one-hot, negative
         assert make_probe("p", (x, not_classes), 4).labels is None
+
+
+def test_a_loader_over_a_subset_of_the_dataset_gives_probe_items_of_that_subset() -> None:
+    # One dataset, split by samplers (train 0-31, val 32-47): the val probe must hold val items.
+    data = shapes_dataset(48)
+    for sampler in (SubsetRandomSampler(list(range(32, 48))), range(32, 48)):
+        val = DataLoader(data, batch_size=8, sampler=sampler)  # type: ignore[arg-type]
+        probe = make_probe("val", val, 4)
+        assert torch.equal(probe.inputs, data.tensors[0][[32, 37, 42, 47]])
+        assert probe.labels is not None and torch.equal(
+            probe.labels, data.tensors[1][[32, 37, 42, 47]]
+        )
+    whole = make_probe("val", DataLoader(data, shuffle=True), 4)  # RandomSampler: every item
+    assert torch.equal(whole.inputs, data.tensors[0][[0, 16, 31, 47]])
+
+
+def test_labels_that_are_not_class_indices_are_left_out_of_a_dict_batch() -> None:
+    images = torch.zeros(2, 3, 8, 8)
+    for labels in (["cat", "dog"], [[1, 2], [3]], torch.tensor([0.5, 1.5]), torch.eye(2)):
+        probe = make_probe("p", {"image": images, "label": labels}, 4)
+        assert probe.labels is None and probe.inputs is images
+    kept = make_probe("p", {"image": images, "label": [1, 0]}, 4).labels
+    assert kept is not None and kept.tolist() == [1, 0]
