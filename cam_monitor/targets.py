@@ -80,15 +80,20 @@ def class_scores(logits: Tensor) -> Tensor:
     return torch.cat([-logits, logits], dim=1) if logits.shape[1] == 1 else logits
 
 
+def _open_unit(values: Tensor) -> Tensor:
+    """Where values lie strictly between 0 and 1, as a sigmoid's outputs do."""
+    return (values > 0) & (values < 1)
+
+
 def warn_if_probabilities(module: nn.Module, logits: Tensor) -> None:
     """Warn when a model's outputs look like probabilities; checked on its first call only."""
     if module in _PROBABILITY_CHECKED:
         return
     _PROBABILITY_CHECKED.add(module)
     if logits.shape[1] == 1:
-        # Logits of a binary classifier fall on both sides of 0; 8 images all in [0, 1] are
+        # Logits of a binary classifier fall on both sides of 0; 8 images all in (0, 1) are
         # sigmoid outputs, read as "class 1" every time (a chance of 2^-8 for symmetric logits).
-        if logits.shape[0] >= 8 and bool(((logits >= 0) & (logits <= 1)).all()):
+        if logits.shape[0] >= 8 and bool(_open_unit(logits).all()):
             warnings.warn(
                 "The model's one output per image looks like sigmoid probabilities (all in "
                 "[0, 1]). One output is read as a logit z, class 1 where z > 0, so every image "
@@ -99,8 +104,11 @@ def warn_if_probabilities(module: nn.Module, logits: Tensor) -> None:
         return
     inside = ((logits >= 0) & (logits <= 1)).all()
     sums_to_one = (logits.sum(dim=1) - 1).abs().amax() < 1e-3
-    # Rows summing to 1 are a softmax; 8 values or more all in [0, 1] a sigmoid (multi-label).
-    if bool(inside & (sums_to_one | (logits.numel() >= 8))):
+    # Rows summing to 1 are a softmax; 8 values or more all strictly inside (0, 1) a sigmoid
+    # (multi-label). A sigmoid never gives an exact 0, which a ReLU head gives (squeezenet's
+    # scores at initialisation are in [0, 1]: they are no probabilities).
+    sigmoid = _open_unit(logits).all() & (logits.numel() >= 8)
+    if bool(inside & sums_to_one | sigmoid):
         warnings.warn(
             "The model output looks like probabilities (every value in [0, 1]: a softmax or a "
             "sigmoid). Gradients of a saturated softmax or sigmoid vanish and CAMs turn to "

@@ -616,3 +616,11 @@ def test_a_multi_label_sigmoid_output_warns_like_a_softmax() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compute_cams(TinyCNN(num_classes=5), torch.randn(4, 3, 32, 32), "features.5")
+        # A ReLU head (squeezenet: conv, ReLU, pool) scores in [0, 1] at initialisation, with
+        # exact zeros no sigmoid gives: no probabilities, no warning.
+        squeeze = torchvision.models.squeezenet1_1(weights=None, num_classes=10).eval()
+        x = torch.randn(16, 3, 64, 64)
+        with torch.no_grad():
+            scores = squeeze(x)
+        assert scores.min() == 0 and scores.max() < 1  # the case the warning must not take
+        compute_cams(squeeze, x, "features.12")
