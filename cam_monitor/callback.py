@@ -550,13 +550,23 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 what = f"evaluation {record.index}"
                 self._writer.submit(partial(write_evaluation, self.folder, record), what)
                 self._report_writes(self._writer.errors())
-            images = self._encoded(trainer, encoding)
-            for sink in self._sinks:
-                sink.log(images, output.scalars, step)
         except Exception as err:
             if self.strict:
                 raise
             self._skip(trainer, err)
+        images = self._encoded(trainer, encoding)
+        for sink in self._sinks:  # one logger that fails costs the others nothing
+            try:
+                sink.log(images, output.scalars, step)
+            except Exception as err:
+                if self.strict:
+                    raise
+                rank_zero_warn(
+                    f"CamMonitor could not log its evaluation at epoch {trainer.current_epoch}, "
+                    f"step {step} to {sink}: {type(err).__name__}: {err}. The "
+                    "other loggers and the history have it; training continues; pass "
+                    "strict=True to raise instead."
+                )
         self.evaluations += 1
 
     def _encoded(

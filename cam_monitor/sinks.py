@@ -125,6 +125,11 @@ class Sink:
     ) -> None:
         raise NotImplementedError
 
+    def __str__(self) -> str:
+        """What a warning names: the logger's class, or where the files go."""
+        logger = getattr(self, "logger", None)
+        return type(logger).__name__ if logger is not None else type(self).__name__
+
     def record_probe(self, hashes: Mapping[str, str]) -> None:
         """Note each probe set's content hash once, so runs can be checked to share a probe."""
 
@@ -288,6 +293,9 @@ class FileSink(Sink):
     def __init__(self, folder: Path, write_scalars: bool) -> None:
         self.folder = folder
         self.write_scalars = write_scalars
+
+    def __str__(self) -> str:
+        return f"the image files under {self.folder / 'images'}"
 
     def log(
         self, images: Mapping[ImageKey, EncodedGrid], scalars: Mapping[ScalarName, float], step: int

@@ -785,3 +785,33 @@ def test_a_grid_that_cannot_be_encoded_still_logs_the_scalars(
     assert logged == pytest.approx(recorded) and sorted(logged) == [0, 2]
     assert "cam_drift/probe/net.features.5/gradcam/spearman_prev" in rows[-1]
     assert not list((tmp_path / "h").rglob("step-*"))  # the images alone are skipped
+
+
+def test_a_logger_that_fails_costs_the_other_loggers_nothing(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    class QuotaCSVLogger(lightning.loggers.CSVLogger):  # type: ignore[name-defined,misc]
+        """A user's logger whose store refuses the monitor's metrics (training's go through)."""
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            if any(tag.startswith("cam") for tag in metrics):
+                raise OSError("disk quota exceeded")
+            super().log_metrics(metrics, step)
+
+    broken = QuotaCSVLogger(tmp_path, name="csv")  # first: the history goes to its folder
+    board = lightning.loggers.TensorBoardLogger(tmp_path, name="tb")
+    monitor = CamMonitor("net.features.5", num_probe=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(monitor, tmp_path, lightning, logger=[broken, board], max_epochs=2)
+    said = [str(w.message) for w in caught if "could not log its evaluation" in str(w.message)]
+    assert len(said) == 3 and all("QuotaCSVLogger" in s and "quota" in s for s in said)
+    acc = events(board.log_dir)
+    assert [s.step for s in acc.Images("cam/val/net.features.5/gradcam")] == [0, 3, 6]
+    assert [s.step for s in acc.Scalars("cam_monitor/seconds")] == [0, 3, 6]
+    assert len(read_history(monitor.folder)) == 3
+    assert len(list(Path(monitor.folder).glob("images/val/*/gradcam/*"))) == 3  # its image files
+    strict = CamMonitor("net.features.5", num_probe=4, strict=True)
+    again = [QuotaCSVLogger(tmp_path / "s", name="csv")]
+    with pytest.raises(OSError, match="disk quota exceeded"):
+        fit(strict, tmp_path / "s", lightning, logger=again, max_epochs=1)
