@@ -553,7 +553,11 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         except Exception as err:
             if self.strict:
                 raise
-            self._skip(trainer, err)
+            rank_zero_warn(
+                f"CamMonitor could not record its evaluation at epoch {trainer.current_epoch}, "
+                f"step {step} in its history ({self.folder}): {type(err).__name__}: {err}. The "
+                "loggers still get it; training continues; pass strict=True to raise instead."
+            )
         images = self._encoded(trainer, encoding)
         for sink in self._sinks:  # one logger that fails costs the others nothing
             try:
