@@ -318,8 +318,8 @@ def _show(args: argparse.Namespace) -> int:
             f"cam-monitor history: {run.folder}",
             f"{len(evaluations)} evaluations; probes: {probes}; layers: {layers}; "
             f"methods: {methods}",
-            "drift columns are distances (0 = unchanged): _ref to the first evaluation, _prev to "
-            "the last one.",
+            "drift columns are distances (0 = unchanged): _ref to the first evaluation",
+            "(or to the run given as reference=), _prev to the last one.",
             "'nan' = undefined, '-' = not recorded, '*' = some images left out of the mean.",
             "",
         ]
@@ -457,9 +457,9 @@ def _compare(args: argparse.Namespace) -> int:
     lines += [
         f"common epochs: {_span(epochs)}",
         f"Summary at epoch {last} (the last common epoch): localization (1 = all on the mask)",
-        "and drift from each run's first evaluation (0 = unchanged); difference = each group's "
-        "mean minus",
-        "the first group's; higher = the group with the higher mean ('overlap': ranges overlap).",
+        "and drift from each run's reference (its first evaluation, or its reference= run;",
+        "0 = unchanged); difference = each group's mean minus the first group's;",
+        "higher = the group with the higher mean ('overlap': ranges overlap).",
         "'nan' = undefined, '-' = not recorded (e.g. drift at the baseline);",
         "'(k of n runs)': only k of the group's runs have a defined value.",
     ]

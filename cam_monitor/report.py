@@ -229,7 +229,8 @@ def _summary(groups: Sequence[RunGroup], rows: Sequence[SummaryRow], epoch: int)
         "every run evaluated: localization against the masks (<b>energy</b>: share of the CAM "
         "inside the mask; <b>pointing</b>: share of images whose CAM peak is in the mask; "
         "<b>top-k IoU</b>: overlap of the top 20% pixels with the mask; 1 = all on the object) "
-        "and drift from each run's own first evaluation (0 = unchanged). "
+        "and drift from each run's reference: its own first evaluation, or the run it named "
+        "as <code>reference=</code> (0 = unchanged). "
         + (
             f"A group's cell is the mean of its runs, with the {SPREAD} below it. "
             if several
