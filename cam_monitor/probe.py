@@ -185,13 +185,20 @@ def sampler_subset(loader: DataLoader) -> Sequence[int] | None:
 
 
 def _class_labels(labels: Tensor, count: int) -> Tensor | None:
-    """Class indices `[B]` from a probe's labels, or None for regression targets or one-hot.
+    """Class indices `[B]` from a probe's labels, or None for regression targets, soft or
+    multi-hot labels.
 
     Labels a one-logit binary classifier trains on (`BCEWithLogitsLoss` takes floats, `[B]` or
-    `[B, 1]`) are class indices stored as floats: whole numbers >= 0 become a LongTensor.
+    `[B, 1]`) are class indices stored as floats: whole numbers >= 0 become a LongTensor. One-hot
+    rows `[B, C]` (exactly one 1, the rest 0) become the index of their 1.
     """
     if labels.shape == (count, 1):
         labels = labels[:, 0]
+    elif labels.dim() == 2 and labels.shape[0] == count and labels.shape[1] > 1:
+        ones, zeros = labels == 1, labels == 0
+        if not bool((ones | zeros).all() & (ones.sum(dim=1) == 1).all()):
+            return None  # soft (mixup, smoothing) or multi-hot: no one class per image
+        return ones.float().argmax(dim=1)
     if labels.shape != (count,):
         return None
     if labels.is_floating_point():

@@ -129,7 +129,9 @@ def test_float_labels_of_a_binary_classifier_are_class_indices() -> None:
         probe = make_probe("p", (x, labels), 4)
         assert probe.labels is not None and probe.labels.dtype == torch.long
         assert probe.labels.tolist() == [0, 1, 1, 0]
-    for not_classes in (torch.rand(4), torch.eye(4), -bce):  # regression, one-hot, negative
+    soft = torch.eye(4) * 0.9 + 0.025  # label smoothing
+    multi_hot = torch.eye(4) + torch.eye(4).roll(1, dims=1)
+    for not_classes in (torch.rand(4), soft, multi_hot, -bce):  # regression, soft, multi, negative
         assert make_probe("p", (x, not_classes), 4).labels is None
 
 
@@ -149,8 +151,19 @@ def test_a_loader_over_a_subset_of_the_dataset_gives_probe_items_of_that_subset(
 
 def test_labels_that_are_not_class_indices_are_left_out_of_a_dict_batch() -> None:
     images = torch.zeros(2, 3, 8, 8)
-    for labels in (["cat", "dog"], [[1, 2], [3]], torch.tensor([0.5, 1.5]), torch.eye(2)):
+    for labels in (["cat", "dog"], [[1, 2], [3]], torch.tensor([0.5, 1.5]), torch.ones(2, 2)):
         probe = make_probe("p", {"image": images, "label": labels}, 4)
         assert probe.labels is None and probe.inputs is images
     kept = make_probe("p", {"image": images, "label": [1, 0]}, 4).labels
     assert kept is not None and kept.tolist() == [1, 0]
+
+
+def test_one_hot_labels_are_class_indices() -> None:
+    x = torch.zeros(4, 3, 8, 8)
+    classes = torch.tensor([2, 0, 3, 2])
+    for one_hot in (torch.nn.functional.one_hot(classes, 5), torch.eye(5)[classes]):  # long, float
+        probe = make_probe("p", (x, one_hot), 4)
+        assert probe.labels is not None and probe.labels.dtype == torch.long
+        assert probe.labels.tolist() == [2, 0, 3, 2]
+    dict_probe = make_probe("p", {"image": x, "label": torch.eye(5)[classes]}, 4)
+    assert dict_probe.labels is not None and dict_probe.labels.tolist() == [2, 0, 3, 2]
