@@ -171,7 +171,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         target: ``"predicted"``, ``"label"``, a class index, a LongTensor [B] or a callable.
         output_transform: picks the logits from a tuple or dict output: index, key or callable.
         forward: ``forward(module, inputs)``, how the model is called on the probe.
-        reshape: turns a layer output into ``[B, C, H, W]`` (square token grids: automatic).
+        reshape: turns a layer output into ``[B, C, H, W]`` (channels-last outputs and token
+            grids of the input's shape: automatic where unambiguous).
         masks: bool ``[B, H, W]`` or boxes ``[B, 4]`` for localization scores, or a dict of them
             (only with an explicit tensor/tuple probe: dataset items carry their own masks).
         input_key: key of the inputs in dict batches (default: ``image``, ``input``, ``x``...).
