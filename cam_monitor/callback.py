@@ -208,7 +208,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         TypeError: in the constructor, for an argument of the wrong type.
         ValueError: in the constructor, for a bad value; before the first training step, for a
             layer, probe, target or masks that do not fit the model, a sharded strategy, an
-            identical second monitor, or a ``save_dir`` holding another run's history.
+            identical second monitor, a ``save_dir`` holding another run's history, or a
+            callback monitoring a tag whose layer is not a full module name.
 
     Example::
 
