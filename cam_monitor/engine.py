@@ -130,8 +130,8 @@ def compute_cams(
 
     Args:
         model: the network; DDP and ``torch.compile`` wrappers are unwrapped.
-        inputs: a Tensor ``[B, C, H, W]`` or any nested batch (tuple, dict, namedtuple) holding
-            one; the model gets it as it is (through ``forward`` when given).
+        inputs: a Tensor ``[B, C, H, W]``, or a nested batch (tuple, dict, namedtuple) holding
+            one, passed whole to the model: give ``forward`` to pick the images out of it.
         layers: names from ``model.named_modules()``, globs or modules, or a list of these;
             None (or ``[]``) when every method is input-level. A layer (or, for pixel methods,
             the input) that no gradient reaches raises `NoGradientError` (a `ValueError`).
