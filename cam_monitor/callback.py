@@ -53,7 +53,7 @@ from .probe import (
     probe_sets,
 )
 from .render import GRID_COLUMNS
-from .schema import DEFAULT_MEASURES, SECONDS_TAG, dashboard_charts
+from .schema import DEFAULT_MEASURES, INPUT_LAYER, SECONDS_TAG, dashboard_charts, parse_scalar_tag
 from .sinks import Sink, lightning_classes, run_folder, scalar_tags, sinks_for
 from .tracking import AttentionTracker
 
@@ -99,6 +99,29 @@ def check_metric_consumers(trainer: pl.Trainer, monitor: CamMonitor) -> None:
                 "monitor in `callbacks`, so at each epoch end it sees the previous evaluation. "
                 "List CamMonitor first."
             )
+
+
+def check_consumer_layers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """A callback monitoring a ``cam_*`` tag whose layer is no module of the LightningModule
+    would wait for a metric that never comes: tags name a layer by its full dotted name."""
+    module = unwrap_model(pl_module)
+    names = [name for name, _ in module.named_modules(remove_duplicate=False) if name]
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        key = parse_scalar_tag(str(getattr(cb, "monitor", None)))
+        if key is None or key.maps.layer == INPUT_LAYER or key.maps.layer in names:
+            continue
+        fuller = [n for n in names if n.endswith("." + key.maps.layer)]
+        hint = (
+            f"monitor {key._replace(maps=key.maps._replace(layer=fuller[0])).tag!r}"
+            if len(fuller) == 1
+            else "monitor the tag with the layer's full name from named_modules()"
+        )
+        raise ValueError(
+            f"{type(cb).__name__}(monitor={cb.monitor!r}) watches layer {key.maps.layer!r}, "
+            f"which is not a module of {type(module).__name__}: CamMonitor tags name a layer by "
+            f"its full dotted name in the LightningModule, so this tag is never logged. Fix: "
+            f"{hint}."
+        )
 
 
 def val_dataloaders(trainer: pl.Trainer) -> Any:
@@ -148,7 +171,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         target: ``"predicted"``, ``"label"``, a class index, a LongTensor [B] or a callable.
         output_transform: picks the logits from a tuple or dict output: index, key or callable.
         forward: ``forward(module, inputs)``, how the model is called on the probe.
-        reshape: turns a layer output into ``[B, C, H, W]`` (square token grids: automatic).
+        reshape: turns a layer output into ``[B, C, H, W]`` (channels-last outputs and token
+            grids of the input's shape: automatic where unambiguous).
         masks: bool ``[B, H, W]`` or boxes ``[B, 4]`` for localization scores, or a dict of them
             (only with an explicit tensor/tuple probe: dataset items carry their own masks).
         input_key: key of the inputs in dict batches (default: ``image``, ``input``, ``x``...).
@@ -184,7 +208,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         TypeError: in the constructor, for an argument of the wrong type.
         ValueError: in the constructor, for a bad value; before the first training step, for a
             layer, probe, target or masks that do not fit the model, a sharded strategy, an
-            identical second monitor, or a ``save_dir`` holding another run's history.
+            identical second monitor, a ``save_dir`` holding another run's history, or a
+            callback monitoring a tag whose layer is not a full module name.
 
     Example::
 
@@ -342,6 +367,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             return
         check_strategy(trainer.strategy)
         check_metric_consumers(trainer, self)
+        check_consumer_layers(trainer, pl_module)
         twins = [
             cb
             for cb in trainer.callbacks  # type: ignore[attr-defined]

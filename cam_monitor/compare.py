@@ -510,10 +510,10 @@ class SummaryRow:
 
     @property
     def highest(self) -> int | None:
-        """Index of the group with the highest mean; None when no mean is defined or the
-        highest is tied."""
+        """Index of the group with the highest mean; None when fewer than two means are
+        defined (nothing to compare) or the highest is tied."""
         means = [(v.mean, i) for i, v in enumerate(self.values) if not math.isnan(v.mean)]
-        if not means:
+        if len(means) < 2:
             return None
         best = max(means)
         return None if sum(m == best[0] for m, _ in means) > 1 else best[1]

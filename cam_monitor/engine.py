@@ -128,17 +128,30 @@ def compute_cams(
     `batch_size` rows (unbounded when None). The model runs in eval mode under a forked RNG;
     gradients are taken w.r.t. activations and inputs only, so parameter `.grad` is untouched.
 
-    - `layers`: names, globs or modules; None (or `[]`) when every method is input-level. A
-      layer (or, for pixel methods, the input) that no gradient reaches raises
-      `NoGradientError` (a `ValueError`) naming it and the likely cause.
-    - `smooth=n`: gradient CAMs use the mean of G (and of G^2, G^3 for Smooth Grad-CAM++)
-      over `n` noisy copies, with activations of the clean input; `smoothgrad` uses `n` copies
-      (16 when `smooth=0`). Noise std is `noise` times each image's value range, drawn from a
-      generator seeded with `seed` (the global RNG is not used). `cam` has no gradient to smooth.
-    - `cam_head`: the `nn.Linear` fed by global average pooling of the layer (default: the
-      model's last `nn.Linear`); `cam` refuses layers that do not feed it that way.
-    - `ig_steps`, `ig_baseline`: midpoint Riemann steps and baseline (default zeros, i.e. black
-      for images in [0, 1]) of `integrated_gradients`.
+    Args:
+        model: the network; DDP and ``torch.compile`` wrappers are unwrapped.
+        inputs: a Tensor ``[B, C, H, W]``, or a nested batch (tuple, dict, namedtuple) holding
+            one, passed whole to the model: give ``forward`` to pick the images out of it.
+        layers: names from ``model.named_modules()``, globs or modules, or a list of these;
+            None (or ``[]``) when every method is input-level. A layer (or, for pixel methods,
+            the input) that no gradient reaches raises `NoGradientError` (a `ValueError`).
+        methods: one or several of `ALL_METHODS`.
+        target: ``"predicted"`` (argmax), a class index, a LongTensor ``[B]`` (e.g. the labels),
+            or a callable ``(logits) -> LongTensor[B]`` or ``-> scores[B]``.
+        forward: ``forward(module, inputs)``: how the (unwrapped) model is called on ``inputs``.
+        output_transform: picks the class logits from a tuple/dict output: index, key or callable.
+        reshape: turns a layer output into ``[B, C, H, W]`` (channels-last and token grids are
+            handled without it where the shape is unambiguous).
+        batch_size: rows per pass, to bound memory (None: the whole batch at once).
+        smooth: gradient CAMs use the mean of G (and of G^2, G^3 for Smooth Grad-CAM++) over
+            ``smooth`` noisy copies, with activations of the clean input; ``smoothgrad`` uses
+            that many copies (16 when 0). ``cam`` has no gradient to smooth.
+        noise: noise std of those copies, as a fraction of each image's value range.
+        seed: seed of the generator drawing that noise (the global RNG is not used).
+        cam_head: for ``cam``: the ``nn.Linear`` fed by global average pooling of the layer
+            (default: the model's last ``nn.Linear``); ``cam`` refuses layers that do not feed it.
+        ig_steps: midpoint Riemann steps of ``integrated_gradients``.
+        ig_baseline: its baseline (default zeros, i.e. black for images in [0, 1]).
 
     Pixel maps are `[B, H, W]` at input resolution: `saliency` is max over channels of
     |dS/dx| and `smoothgrad` max over channels of its mean over noisy copies (both >= 0);

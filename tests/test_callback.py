@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import inspect
 import json
@@ -440,9 +441,16 @@ def test_every_argument_is_documented_in_help_and_in_the_readme() -> None:
     assert documented == params, (params - documented, documented - params)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = readme.split("## Arguments", 1)[1].split("\n## ", 1)[0]
-    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
-    in_readme = {name for row in rows for name in re.findall(r"`(\w+)`", row)}
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `")]
+    in_readme = {name for row, _ in rows for name in re.findall(r"`(\w+)`", row)}
     assert in_readme == params, (params - in_readme, in_readme - params)
+    signature = inspect.signature(CamMonitor.__init__).parameters
+    for names_cell, default_cell in rows:
+        names = re.findall(r"`(\w+)`", names_cell)
+        defaults = [ast.literal_eval(d) for d in re.findall(r"`([^`]*)`", default_cell)]
+        defaults = defaults * len(names) if len(defaults) == 1 else defaults  # `mean`, `std`
+        for name, default in zip(names, defaults, strict=True):
+            assert signature[name].default == default, (name, default)
 
 
 # -- issue 12: setups that were silently wrong ---------------------------------------------------

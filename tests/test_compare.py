@@ -254,6 +254,11 @@ def test_summarize_groups_gives_each_group_its_mean_range_difference_and_the_hig
     assert row.highest == 1 and row.overlaps  # 0.37 > 0.3 but 0.35-0.39 is inside 0.2-0.4
     drift = rows[1]
     assert drift.highest is None  # both groups drifted 0.1: a tie names no one
+    undefined = RunGroup("flat", (scored_run("f0", [0.3, float("nan")]),))
+    (row, _) = summarize_groups([undefined, baseline], [GROUP], epoch=1)
+    assert row.highest is None  # one defined mean: nothing to be higher than
+    (row, _) = summarize_groups([undefined, baseline, adapted], [GROUP], epoch=1)
+    assert row.highest == 2  # still the highest of the groups that have a value
     series = spread_series(adapted, ENERGY, [0, 1])
     assert [s.mean for s in series] == [pytest.approx(0.3), pytest.approx(0.6)]
 

@@ -25,7 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cam_monitor.callback import CamMonitor, check_metric_consumers
+from cam_monitor.callback import CamMonitor, check_consumer_layers, check_metric_consumers
 from cam_monitor.encoding import THREAD_PREFIX, encode_grids
 from cam_monitor.history import read_history, read_probe
 from cam_monitor.schema import SECONDS_TAG, MapKey
@@ -388,6 +388,31 @@ def test_a_consumer_listed_first_warns_and_ddp_is_refused(lightning: Lightning) 
     )  # built, never launched
     with pytest.raises(ValueError, match=r"EarlyStopping\(monitor='cam_loc/.*2 processes"):
         check_metric_consumers(ddp, monitor)
+
+
+def test_a_consumer_of_a_tag_no_monitor_logs_fails_before_training_naming_the_tag(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    # `CamMonitor("features.5")` finds `net.features.5`, and its tags name that full path: a
+    # ModelCheckpoint or EarlyStopping written with the short name would only fail after the
+    # first epoch (Lightning's "metric not available"), so it fails at setup with the right tag.
+    data = shapes_dataset(8, seed=3)
+    monitor = CamMonitor(
+        "features.5", probe={"target": data.tensors}, masks={"target": data.tensors[0][:, 0] > 0}
+    )
+    short = "cam_loc/target/features.5/gradcam/energy"
+    stop = lightning.callbacks.EarlyStopping(monitor=short, mode="max")
+    module = lightning.module(ShapesSteps)()
+    trainer = lightning.trainer(default_root_dir=tmp_path, logger=False, callbacks=[monitor, stop])
+    with pytest.raises(ValueError, match=re.escape(f"monitor {ENERGY!r}")) as err:
+        trainer.fit(module)
+    assert "'features.5'" in str(err.value) and "EarlyStopping" in str(err.value)
+    assert module.steps_run == 0
+    # the full name, or a pixel method's `input`, passes the check
+    for tag in (ENERGY, "cam_drift/target/input/saliency/spearman_ref"):
+        check = lightning.callbacks.EarlyStopping(monitor=tag, mode="max")
+        trainer = lightning.trainer(logger=False, callbacks=[monitor, check])
+        check_consumer_layers(trainer, module)
 
 
 # -- training setups: several optimizers, several fits, a forward that is not the classifier -----
