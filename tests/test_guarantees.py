@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import random
 import resource
 import subprocess
 import sys
@@ -154,6 +155,82 @@ def test_no_trace_on_weights_buffers_optimizer_or_rng(tmp_path: Path, lightning:
             assert torch.equal(value, opt_b["state"][key][field]), (key, field)
     assert torch.equal(plain_rng, watched_rng)
     assert sum(hook_counts(watched)) == 0
+
+
+class Bookkeeper(nn.Module):
+    """Counts its calls in a buffer and draws from numpy's and Python's streams in every mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * (1 + 1e-3 * (float(np.random.rand()) + random.random()))
+
+
+class QuantizationAwareSteps:
+    """A CNN prepared for quantization-aware training: its fake-quantize observers update their
+    statistics in every forward, eval mode included; plus a `Bookkeeper`. Logs its loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torch.ao.quantization as tq
+
+        net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), Bookkeeper(),
+            nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+        )  # fmt: skip
+        net.qconfig = tq.get_default_qat_qconfig("fbgemm")
+        self.net = tq.prepare_qat(net.train())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.losses.append(float(loss))
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def awkward_fit(
+    tmp_path: Path, callbacks: list[pl.Callback], lightning: Lightning
+) -> tuple[pl.LightningModule, pl.Trainer, tuple[Any, ...]]:
+    lightning.pl.seed_everything(0, verbose=False)
+    model = lightning.module(QuantizationAwareSteps)()
+    model.losses = []
+    trainer = lightning.trainer(default_root_dir=tmp_path, logger=False, callbacks=callbacks)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(reduce_range|exactly zero)")
+        trainer.fit(model, loader(shapes_dataset(32), shuffle=True, batch_size=8))
+    streams = (torch.get_rng_state(), np.random.get_state()[1].tolist(), random.getstate())
+    return model, trainer, streams
+
+
+def test_no_trace_on_a_model_whose_forward_updates_state_in_eval_mode(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    """Quantization observers, a counter buffer, numpy and Python draws: bit-identical fits."""
+    monitor = CamMonitor("net.3", every_n_steps=1, num_probe=4, save_dir=tmp_path / "cams")
+    plain, plain_trainer, plain_streams = awkward_fit(tmp_path / "plain", [], lightning)
+    watched, watched_trainer, watched_streams = awkward_fit(
+        tmp_path / "watched", [monitor], lightning
+    )
+    assert monitor.evaluations == 9  # 8 steps + baseline
+    assert watched.losses == plain.losses
+    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # weights, observer statistics, the counter
+    assert int(plain.net[2].calls) == 8
+    momentum = [s["momentum_buffer"] for s in plain_trainer.optimizers[0].state.values()]
+    watched_momentum = [s["momentum_buffer"] for s in watched_trainer.optimizers[0].state.values()]
+    assert all(map(torch.equal, momentum, watched_momentum))
+    assert torch.equal(plain_streams[0], watched_streams[0])
+    assert plain_streams[1:] == watched_streams[1:]
 
 
 @pytest.mark.slow
