@@ -19,6 +19,7 @@ from lightning_utilities.core.rank_zero import (  # what both namespaces re-expo
 )
 from torch import Tensor, nn
 
+from .capture import users_hooks_warning
 from .encoding import EncodedGrid, GridEncoder, PendingGrids
 from .evaluation import ImageKey, explain_first_failure, normalisation_warning, run_evaluation
 from .history import (
@@ -381,6 +382,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         if self.layers is None:
             self.layers = [self._default_layer(pl_module)]
         self._check_shared_tags(trainer, pl_module)
+        hooks = users_hooks_warning(unwrap_model(pl_module))
+        if hooks:
+            rank_zero_warn(hooks)
         if self.run_id is None:
             self.run_id = uuid.uuid4().hex[:12]
         self.folder = self._claim_folder(trainer)

@@ -29,6 +29,7 @@ from cam_monitor.options import EngineOptions, RenderOptions
 from cam_monitor.probe import make_probe
 from cam_monitor.tracking import AttentionTracker
 from tests.conftest import (
+    ClassifierSteps,
     Lightning,
     LitClassifier,
     TinyCNN,
@@ -231,6 +232,32 @@ def test_no_trace_on_a_model_whose_forward_updates_state_in_eval_mode(
     assert all(map(torch.equal, momentum, watched_momentum))
     assert torch.equal(plain_streams[0], watched_streams[0])
     assert plain_streams[1:] == watched_streams[1:]
+
+
+def test_the_users_hooks_stay_run_in_eval_mode_and_are_named_once(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    model = lightning.module(ClassifierSteps)()
+    calls = {True: 0, False: 0}  # by `module.training`: the guard the warning recommends
+
+    def count(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        calls[module.training] += 1
+
+    model.net.features[3].register_forward_hook(count)
+    model.net.fc.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    nn.utils.spectral_norm(model.net.features[0])  # torch's own pre-hook: not named
+    monitor = CamMonitor("net.features.3", num_probe=4, save_dir=tmp_path / "cams")
+    trainer = lightning.trainer(
+        default_root_dir=tmp_path, logger=False, callbacks=[monitor], max_epochs=1,
+        limit_train_batches=2,
+    )  # fmt: skip
+    with pytest.warns(UserWarning) as caught:
+        trainer.fit(model, loader(shapes_dataset(32), batch_size=8))
+    named = [str(w.message) for w in caught if "hooks of yours" in str(w.message)]
+    assert len(named) == 1
+    assert "('net.features.3' (forward hook), 'net.fc' (backward hook))" in named[0]
+    assert calls[True] == 2 and calls[False] >= monitor.evaluations == 2
+    assert len(model.net.features[3]._forward_hooks) == len(model.net.fc._backward_hooks) == 1
 
 
 @pytest.mark.slow
