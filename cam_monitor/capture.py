@@ -64,7 +64,7 @@ _HOOK_TABLES = (
 )  # fmt: skip
 #: Packages whose hooks are how a model computes (spectral and weight norm, pruning,
 #: quantization observers) or Lightning's own: not the user's.
-_LIBRARY_PACKAGES = ("torch", "lightning", "pytorch_lightning")
+_LIBRARY_PACKAGES = ("torch", "lightning", "pytorch_lightning", "lightning_fabric")
 
 
 def users_hooks(model: nn.Module) -> list[str]:
