@@ -260,6 +260,41 @@ def test_the_users_hooks_stay_run_in_eval_mode_and_are_named_once(
     assert len(model.net.features[3]._forward_hooks) == len(model.net.fc._backward_hooks) == 1
 
 
+class LoggingInForward(ClassifierSteps):
+    """Logs from `forward` (an auxiliary quantity, as some models log their side losses)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = self.net(x)
+        self.log("output_mean", output.mean())
+        self.log_dict({"output_max": output.amax()})
+        return output
+
+
+def test_what_the_forward_logs_is_the_training_batches_not_the_probes(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    logged = []
+    for monitor in (None, CamMonitor(every_n_steps=1, num_probe=4, save_dir=tmp_path / "cams")):
+        lightning.pl.seed_everything(0, verbose=False)
+        model = lightning.module(LoggingInForward)()
+        logger = lightning.loggers.CSVLogger(tmp_path / f"csv{len(logged)}")
+        trainer = lightning.trainer(
+            default_root_dir=tmp_path, logger=logger, callbacks=[monitor] if monitor else [],
+            max_epochs=1, limit_train_batches=3,
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*no layer given")
+            trainer.fit(model, loader(shapes_dataset(32), shuffle=True, batch_size=8))
+        rows = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        values = [dict(zip(header, row.split(","), strict=True)) for row in rows[1:]]
+        logged.append([(v["step"], v["output_mean"], v["output_max"]) for v in values
+                       if v["output_mean"]])  # fmt: skip
+        assert "log" not in vars(model) and "log_dict" not in vars(model)
+    assert len(logged[0]) == 3
+    assert logged[1] == logged[0]
+
+
 @pytest.mark.slow
 def test_two_hundred_evaluations_leave_no_growth() -> None:
     torch.manual_seed(0)
