@@ -111,7 +111,9 @@ class TensorState:
                     if type(tensor) not in _PLAIN and is_lazy(tensor):
                         continue  # initialised by its first forward, wherever that runs
                     copy = None
-                    if (self.first and kind == "_buffers") or (
+                    if tensor.layout is not torch.strided or tensor.is_meta:
+                        pass  # checked by its version counter only (no `equal` for sparse)
+                    elif (self.first and kind == "_buffers") or (
                         known and (id(module), kind, name) in known
                     ):
                         copy = tensor.detach().clone()

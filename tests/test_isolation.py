@@ -192,3 +192,30 @@ def test_lazy_modules_initialised_inside_are_not_reported() -> None:
         with isolated(net):
             net(torch.randn(1, 3, 8, 8))
     assert net[0].weight.shape == (4, 3, 3, 3)
+
+
+class SparseMixing(nn.Module):
+    """Mixes channels through a sparse adjacency buffer (as graph models keep theirs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("adjacency", torch.eye(4).to_sparse())
+        self.register_buffer("csr", torch.eye(4).to_sparse_csr())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        mixed = torch.sparse.mm(self.adjacency, x.permute(1, 0, 2, 3).reshape(c, -1))
+        return mixed.reshape(c, b, h, w).permute(1, 0, 2, 3)
+
+
+def test_a_model_with_sparse_buffers_is_explained() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), SparseMixing(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+    )  # fmt: skip
+    adjacency = net[2].adjacency
+    for _ in range(2):
+        result = compute_cams(net, torch.randn(2, 3, 8, 8), "3")
+        assert result["3", "gradcam"].shape == (2, 6, 6)
+    assert net[2].adjacency is adjacency
