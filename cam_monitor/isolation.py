@@ -111,8 +111,8 @@ class TensorState:
                     if type(tensor) not in _PLAIN and is_lazy(tensor):
                         continue  # initialised by its first forward, wherever that runs
                     copy = None
-                    if tensor.layout is not torch.strided or tensor.is_meta:
-                        pass  # checked by its version counter only (no `equal` for sparse)
+                    if type(tensor) not in _PLAIN or tensor.layout is not torch.strided:
+                        pass  # a subclass, sparse: checked by its version counter only
                     elif (self.first and kind == "_buffers") or (
                         known and (id(module), kind, name) in known
                     ):
@@ -129,7 +129,7 @@ class TensorState:
             if not (replaced or changed) and copy is not None:
                 # Writes through `.data` or by some native ops bypass the version counter: the
                 # first block compares, later ones copy the tensors seen changing back anyway.
-                changed = not self.first or not torch.equal(tensor, copy)
+                changed = not self.first or not _equal(tensor, copy)
             if not (replaced or changed):
                 continue
             self.known.add((id(module), "_buffers" if table is module._buffers else "_parameters",
@@ -148,10 +148,20 @@ class TensorState:
         return [".".join(filter(None, (names.get(id(m), "?"), n))) for m, n in lost]
 
 
+def _equal(a: Tensor, b: Tensor) -> bool:
+    """`torch.equal`, or True for the few dtypes and devices it has no kernel for (meta,
+    bit types): those are checked by their version counters only."""
+    try:
+        return torch.equal(a, b)
+    except (RuntimeError, NotImplementedError):
+        return True
+
+
 #: A tensor as found: its module, the module's table holding it, its name, the tensor, its version
 #: counter, and a copy (or None).
 _Entry = tuple[nn.Module, dict[str, Tensor | None], str, Tensor, int, Tensor | None]
-#: Tensor types that cannot be lazy (`is_lazy` is an isinstance check; this skips it).
+#: Plain tensor types: never lazy (this skips `is_lazy`'s isinstance check), and the only ones
+#: copied (a subclass may have no `clone` or `equal`).
 _PLAIN = (Tensor, nn.Parameter)
 
 

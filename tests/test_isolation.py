@@ -201,6 +201,8 @@ class SparseMixing(nn.Module):
         super().__init__()
         self.register_buffer("adjacency", torch.eye(4).to_sparse())
         self.register_buffer("csr", torch.eye(4).to_sparse_csr())
+        self.register_buffer("meta", torch.empty(3, device="meta"))  # no `equal` kernel for
+        self.register_buffer("bits", torch.zeros(3, dtype=torch.uint8).view(torch.bits8))  # these
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -208,7 +210,7 @@ class SparseMixing(nn.Module):
         return mixed.reshape(c, b, h, w).permute(1, 0, 2, 3)
 
 
-def test_a_model_with_sparse_buffers_is_explained() -> None:
+def test_a_model_with_sparse_meta_or_bit_buffers_is_explained() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), SparseMixing(), nn.Conv2d(4, 4, 3), nn.ReLU(),
