@@ -122,13 +122,13 @@ def hook_counts(model: nn.Module) -> list[int]:
 
 
 def dann_fit(
-    tmp_path: Path, callbacks: list[pl.Callback], lightning: Lightning
+    tmp_path: Path, callbacks: list[pl.Callback], lightning: Lightning, accumulate: int = 2
 ) -> tuple[DannLit, pl.Trainer, torch.Tensor]:
     lightning.pl.seed_everything(0, verbose=False)
     model = lightning.module(DannSteps)()
     trainer = lightning.trainer(
         default_root_dir=tmp_path, logger=False, callbacks=callbacks, max_epochs=2,
-        accumulate_grad_batches=2,
+        accumulate_grad_batches=accumulate,
     )  # fmt: skip
     trainer.fit(model, loader(shapes_dataset(64), shuffle=True, batch_size=8))
     return model, trainer, torch.get_rng_state()
@@ -156,6 +156,46 @@ def test_no_trace_on_weights_buffers_optimizer_or_rng(tmp_path: Path, lightning:
             assert torch.equal(value, opt_b["state"][key][field]), (key, field)
     assert torch.equal(plain_rng, watched_rng)
     assert sum(hook_counts(watched)) == 0
+
+
+class EvaluateWithGradients(pl.Callback):
+    """Evaluates between the backward and the optimizer step, and after every batch: in the
+    middle of gradient accumulation, with parameter `.grad` filled."""
+
+    def __init__(self, monitor: CamMonitor) -> None:
+        self.monitor = monitor
+        self.grads_seen = 0
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.grads_seen += any(p.grad is not None for p in pl_module.parameters())
+        self.monitor.evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           *args: Any) -> None:  # fmt: skip
+        self.monitor.evaluate(trainer, pl_module)
+
+
+def test_evaluations_in_the_middle_of_gradient_accumulation_leave_it_alone(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    results = []
+    for watched in (False, True):
+        monitor = CamMonitor("features.3", output_transform=0, num_probe=4, save_dir=tmp_path)
+        callbacks = [monitor, type("Mid", (EvaluateWithGradients, lightning.pl.Callback), {})(
+            monitor)] if watched else []  # fmt: skip
+        results.append(dann_fit(tmp_path / str(watched), callbacks, lightning, accumulate=3))
+    (plain, plain_trainer, plain_rng), (model, trainer, rng) = results
+    assert (
+        trainer.callbacks[1].grads_seen == 16 and trainer.callbacks[0].evaluations == 35
+    )  # + baseline, epochs
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for a, b in zip(plain.parameters(), model.parameters(), strict=True):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+    state = trainer.optimizers[0].state_dict()["state"]
+    for key, fields in plain_trainer.optimizers[0].state_dict()["state"].items():
+        assert all(torch.equal(value, state[key][f]) for f, value in fields.items()), key
+    assert torch.equal(plain_rng, rng)
 
 
 class Bookkeeper(nn.Module):
