@@ -56,10 +56,11 @@ def isolated(model: nn.Module) -> Iterator[None]:
             warnings.warn(
                 f"The model's forward changed {', '.join(lost)} in eval mode, inside a CAM "
                 "computation (an in-place update in forward that does not check "
-                "`self.training`: an EMA teacher, a counter?). It had no copy of them yet, so "
-                "this change stays and training goes on from the changed values; from now on "
-                "they are copied and put back (dense tensors; sparse ones cannot be). Make the "
-                "update only when `self.training` is True, or move it to training_step.",
+                "`self.training`: an EMA teacher, a counter, an Embedding with max_norm?). It "
+                "had no copy of them yet, so this change stays and training goes on from the "
+                "changed values; from now on they are copied and put back (dense tensors; sparse "
+                "ones cannot be). Make the update only when `self.training` is True, or move it "
+                "to training_step.",
                 stacklevel=3,
             )
 
