@@ -105,26 +105,27 @@ class TensorState:
         devices: set[torch.device] = set()
         for module in modules:
             for kind, table in (("_parameters", module._parameters), ("_buffers", module._buffers)):
+                every = self.first and kind == "_buffers"
                 for name, tensor in table.items():
                     if tensor is None:
                         continue
                     devices.add(tensor.device)
-                    if type(tensor) not in _PLAIN and is_lazy(tensor):
+                    plain = type(tensor) in _PLAIN
+                    if not plain and is_lazy(tensor):
                         continue  # initialised by its first forward, wherever that runs
                     copy = None
-                    if type(tensor) not in _PLAIN or tensor.layout is not torch.strided:
-                        pass  # a subclass, sparse: checked by its version counter only
-                    elif (self.first and kind == "_buffers") or (
-                        known and (id(module), kind, name) in known
+                    if (every or (known and (id(module), kind, name) in known)) and (
+                        plain and tensor.layout is torch.strided  # else: the version only
                     ):
                         copy = tensor.detach().clone()
-                    self.entries.append((module, table, name, tensor, tensor._version, copy))
+                    self.entries.append((module, kind, name, tensor, tensor._version, copy))
         self.devices = sorted(devices, key=str)
 
     def restore(self) -> list[str]:
         """Put every changed tensor back; the qualified names of changes without a copy."""
         lost: list[tuple[nn.Module, str]] = []
-        for module, table, name, tensor, version, copy in self.entries:
+        for module, kind, name, tensor, version, copy in self.entries:
+            table = module._parameters if kind == "_parameters" else module._buffers
             replaced = table.get(name) is not tensor
             changed = tensor._version != version
             if not (replaced or changed) and copy is not None:
@@ -133,8 +134,7 @@ class TensorState:
                 changed = not self.first or not _equal(tensor, copy)
             if not (replaced or changed):
                 continue
-            self.known.add((id(module), "_buffers" if table is module._buffers else "_parameters",
-                            name))  # fmt: skip
+            self.known.add((id(module), kind, name))
             if replaced:
                 table[name] = tensor
             if changed and copy is not None and copy.shape == tensor.shape:
@@ -158,9 +158,9 @@ def _equal(a: Tensor, b: Tensor) -> bool:
         return True
 
 
-#: A tensor as found: its module, the module's table holding it, its name, the tensor, its version
-#: counter, and a copy (or None).
-_Entry = tuple[nn.Module, dict[str, Tensor | None], str, Tensor, int, Tensor | None]
+#: A tensor as found: its module, table (`"_parameters"` or `"_buffers"`) and name, the tensor,
+#: its version counter, and a copy (or None).
+_Entry = tuple[nn.Module, str, str, Tensor, int, Tensor | None]
 #: Plain tensor types: never lazy (this skips `is_lazy`'s isinstance check), and the only ones
 #: copied (a subclass may have no `clone` or `equal`).
 _PLAIN = (Tensor, nn.Parameter)
