@@ -104,9 +104,9 @@ def users_hooks_warning(model: nn.Module) -> str | None:
         "model's forward on the probe and a backward from the chosen layers, so they run too: "
         "forward hooks at every evaluation, backward hooks where they sit between a chosen layer "
         "and the output. The monitor leaves them in place and cannot tell what they do; if a hook "
-        "keeps state that training uses (features collected for a loss, counters, gradient "
-        "statistics), make it do nothing when `not module.training`: the monitor runs the model "
-        "in eval mode."
+        "keeps state between calls that training uses (features appended for a loss, counters, "
+        "gradient statistics), skip that bookkeeping when `not module.training`: the monitor "
+        "runs the model in eval mode."
     )
 
 
