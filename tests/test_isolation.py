@@ -221,3 +221,13 @@ def test_a_model_with_sparse_meta_or_bit_buffers_is_explained() -> None:
         result = compute_cams(net, torch.randn(2, 3, 8, 8), "3")
         assert result["3", "gradcam"].shape == (2, 6, 6)
     assert net[2].adjacency is adjacency
+
+
+def test_buffers_come_back_when_the_forward_raises_after_updating_them() -> None:
+    net = bookkeeping_net()
+    before = {name: value.clone() for name, value in net.state_dict().items()}
+    for _ in range(2):  # the first block of a model, and a later one
+        with pytest.raises(RuntimeError, match="late failure"), isolated(net):
+            net(torch.randn(2, 3, 16, 16))
+            raise RuntimeError("late failure")
+        assert all(torch.equal(net.state_dict()[n], v) for n, v in before.items())
