@@ -6,7 +6,8 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,7 @@ from lightning_utilities.core.rank_zero import (  # what both namespaces re-expo
 )
 from torch import Tensor, nn
 
+from .capture import users_hooks_warning
 from .encoding import EncodedGrid, GridEncoder, PendingGrids
 from .evaluation import ImageKey, explain_first_failure, normalisation_warning, run_evaluation
 from .history import (
@@ -146,6 +148,29 @@ def publish_metrics(trainer: pl.Trainer, scalars: Mapping[str, float]) -> None:
     trainer.callback_metrics.update(
         {tag: torch.tensor(v) for tag, v in scalars.items() if math.isfinite(v)}
     )
+
+
+@contextmanager
+def logging_off(module: nn.Module) -> Iterator[None]:
+    """`self.log` / `self.log_dict` calls do nothing inside the block: a model that logs from
+    `forward` would otherwise log the probe's values in place of the training batch's, under
+    the same names. Shadowed on the instance, and removed after."""
+    names = [name for name in ("log", "log_dict") if callable(getattr(module, name, None))]
+    found = {name: vars(module)[name] for name in names if name in vars(module)}
+    for name in names:
+        object.__setattr__(module, name, _ignore)
+    try:
+        yield
+    finally:
+        for name in names:
+            if name in found:
+                object.__setattr__(module, name, found[name])
+            else:
+                vars(module).pop(name, None)
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """Takes a `log` call and does nothing."""
 
 
 # One class for both namespaces: a subclass of each installed `Callback`, so both Trainers and
@@ -407,6 +432,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         if self.layers is None:
             self.layers = [self._default_layer(pl_module)]
         self._check_shared_tags(trainer, pl_module)
+        hooks = users_hooks_warning(unwrap_model(pl_module))
+        if hooks:
+            rank_zero_warn(hooks)
         if self.run_id is None:
             self.run_id = uuid.uuid4().hex[:12]
         self.folder = self._claim_folder(trainer)
@@ -539,10 +567,11 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         encoding: PendingGrids[ImageKey] | None = None
         try:
             module = unwrap_model(pl_module)
-            output = run_evaluation(
-                module, self._probes, self.layers or [], self.engine, self.render, self.filters,
-                check_scores=baseline,
-            )  # fmt: skip
+            with logging_off(module):
+                output = run_evaluation(
+                    module, self._probes, self.layers or [], self.engine, self.render,
+                    self.filters, check_scores=baseline,
+                )  # fmt: skip
             if self._sinks:
                 encode = any(sink.needs_bytes for sink in self._sinks)  # MLflow takes pixels
                 encoding = self._encoder.submit(
@@ -637,9 +666,11 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     def _default_layer(self, pl_module: pl.LightningModule) -> str:
         first = next(iter(self._probes.values()))
         engine = self.engine
-        chosen = first_spatial_layer(
-            unwrap_model(pl_module), first.inputs, engine.forward, engine.output_transform
-        )
+        module = unwrap_model(pl_module)
+        with logging_off(module):
+            chosen = first_spatial_layer(
+                module, first.inputs, engine.forward, engine.output_transform
+            )
         rank_zero_warn(
             f"CamMonitor: no layer given, using {chosen!r} (the last spatial block that the "
             f"class score reaches). Pass CamMonitor(layer={chosen!r}) to choose it yourself."

@@ -6,6 +6,7 @@ every module has exactly the hook dictionaries it had before, also when the forw
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -54,6 +55,67 @@ def scoped_hooks(hooks: Iterable[Hook]) -> Iterator[list[RemovableHandle]]:
     finally:
         for handle in reversed(handles):
             handle.remove()
+
+
+#: A module's hook tables, with the words a message uses for them.
+_HOOK_TABLES = (
+    ("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
+    ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"),
+)  # fmt: skip
+#: Packages whose hooks are how a model computes (spectral and weight norm, pruning,
+#: quantization observers) or Lightning's own: not the user's.
+_LIBRARY_PACKAGES = ("torch", "lightning", "pytorch_lightning", "lightning_fabric")
+
+
+def users_hooks(model: nn.Module) -> list[str]:
+    """`'name' (kind)` for each module hook of the model, and each global module hook, that
+    comes from the user's code rather than from torch or Lightning: hooks that an evaluation's
+    forward (and backward) will call.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU())
+        >>> _ = nn.utils.spectral_norm(net[0])  # torch's own pre-hook: part of the model
+        >>> _ = net[1].register_forward_hook(lambda module, args, output: None)
+        >>> users_hooks(net)
+        ["'1' (forward hook)"]
+    """
+    found = [
+        f"{name!r} ({kind})"
+        for name, module in model.named_modules()
+        for table, kind in _HOOK_TABLES
+        for hook in getattr(module, table).values()
+        if not _from_library(hook)
+    ]
+    tables = torch.nn.modules.module
+    for table, kind in _HOOK_TABLES:
+        hooks = getattr(tables, f"_global{table}", {}).values()
+        found.extend(f"every module (global {kind})" for hook in hooks if not _from_library(hook))
+    return found
+
+
+def users_hooks_warning(model: nn.Module) -> str | None:
+    """What the monitor tells a user whose model carries hooks of their own; None without."""
+    hooks = users_hooks(model)
+    if not hooks:
+        return None
+    shown = ", ".join(hooks[:6]) + (f" and {len(hooks) - 6} more" if len(hooks) > 6 else "")
+    return (
+        f"CamMonitor: the model carries hooks of yours ({shown}). Each evaluation runs the "
+        "model's forward on the probe and a backward from the chosen layers, so they run too: "
+        "forward hooks at every evaluation, backward hooks where they sit between a chosen layer "
+        "and the output. The monitor leaves them in place and cannot tell what they do; if a hook "
+        "keeps state between calls that training uses (features appended for a loss, counters, "
+        "gradient statistics), skip that bookkeeping when `not module.training`: the monitor "
+        "runs the model in eval mode."
+    )
+
+
+def _from_library(hook: Callable[..., Any]) -> bool:
+    """Whether a hook is defined in torch or Lightning."""
+    while isinstance(hook, functools.partial):
+        hook = hook.func
+    package = str(getattr(hook, "__module__", None) or "").partition(".")[0]
+    return package in _LIBRARY_PACKAGES
 
 
 def not_a_tensor(name: str, output: object) -> LayerCaptureError:

@@ -2,37 +2,28 @@
 
 from __future__ import annotations
 
+import random
+import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
-from torch import nn
-
-
-def model_devices(
-    model: nn.Module, modules: Sequence[nn.Module] | None = None
-) -> list[torch.device]:
-    """Every device the model's parameters and buffers live on (`modules`: its modules, when
-    the caller has listed them already)."""
-    # The modules' own tables, not `parameters()` / `buffers()`: a generator per module made
-    # this walk the largest host cost of a CAM call on a GPU-bound resnet50.
-    devices = {
-        tensor.device
-        for module in (model.modules() if modules is None else modules)
-        for table in (module._parameters, module._buffers)
-        for tensor in table.values()
-        if tensor is not None
-    }
-    return sorted(devices, key=str)
+from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 
 @contextmanager
 def isolated(model: nn.Module) -> Iterator[None]:
-    """Eval mode, grad enabled, a forked RNG; every module's `training` flag restored after.
+    """Eval mode, grad enabled, forked random streams; every module's `training` flag, and
+    every parameter and buffer the forward changes, put back after.
 
     Eval mode freezes BatchNorm statistics and silences dropout; the fork means random
-    draws inside the block (CPU and the model's CUDA devices) do not shift the training
-    stream; grad is enabled even when the caller is under `no_grad` or `inference_mode`.
+    draws inside the block (torch's on the CPU and the model's CUDA devices, numpy's and
+    Python's) do not shift the training streams; grad is enabled even when the caller is under
+    `no_grad` or `inference_mode`. Tensors a forward updates whatever the mode (a step counter,
+    a quantization observer, a queue, an EMA teacher) are restored: see `TensorState`.
 
     Example:
         >>> net = nn.Sequential(nn.BatchNorm1d(2), nn.Dropout())
@@ -46,9 +37,11 @@ def isolated(model: nn.Module) -> Iterator[None]:
     """
     modules = list(model.modules())
     flags = [module.training for module in modules]
-    cuda = [d.index or 0 for d in model_devices(model, modules) if d.type == "cuda"]
+    with torch.inference_mode(False):
+        state = TensorState(model, modules)
+    cuda = [d.index or 0 for d in state.devices if d.type == "cuda"]
     try:
-        with torch.random.fork_rng(devices=cuda), torch.inference_mode(False):
+        with preserved_rng(cuda), torch.inference_mode(False):
             with torch.enable_grad():
                 if any(flags):
                     set_training(model, False)
@@ -57,6 +50,120 @@ def isolated(model: nn.Module) -> Iterator[None]:
         for module, flag in zip(modules, flags, strict=True):
             if module.training != flag:
                 _set_flag(module, flag)
+        with torch.inference_mode(False), torch.no_grad():
+            lost = state.restore()
+        if lost:
+            warnings.warn(
+                f"The model's forward changed {', '.join(lost)} in eval mode, inside a CAM "
+                "computation (an in-place update in forward that does not check "
+                "`self.training`: an EMA teacher, a counter, an Embedding with max_norm?). It "
+                "had no copy of them yet, so this change stays and training goes on from the "
+                "changed values; from now on they are copied and put back (dense tensors; sparse "
+                "ones cannot be). Make the update only when `self.training` is True, or move it "
+                "to training_step.",
+                stacklevel=3,
+            )
+
+
+@contextmanager
+def preserved_rng(devices: Sequence[int] = ()) -> Iterator[None]:
+    """Python's, numpy's and torch's random streams (the CPU's and those of the CUDA
+    `devices`) as they were before the block, whatever it draws."""
+    state = (random.getstate(), np.random.get_state())
+    try:
+        with torch.random.fork_rng(devices=list(devices)):
+            yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+
+
+# Per model: the `(id(module), table, name)` of tensors its forward changed inside an earlier
+# `isolated` block, copied before each later one so they can be put back.
+_CHANGING: weakref.WeakKeyDictionary[nn.Module, set[tuple[int, str, str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class TensorState:
+    """Every parameter and buffer of `modules` as found: its object and version counter, and a
+    copy of every buffer at a model's first block (then of the tensors seen changing).
+
+    `restore()` puts back replaced tensors and copies back those changed in place, and returns
+    the names of changes it had no copy for (parameters the forward writes, the first time),
+    learning them. Version counters make the check free; `.data` writes (and some native ops,
+    such as the fused observers of quantization-aware training) bypass them, so the first block
+    compares buffers by value, and later ones copy back every tensor with a copy. Tensors never
+    seen changing are never written.
+    """
+
+    def __init__(self, model: nn.Module, modules: Sequence[nn.Module]) -> None:
+        self.model = model
+        self.first = model not in _CHANGING
+        self.known = known = _CHANGING.setdefault(model, set())
+        self.entries: list[_Entry] = []
+        devices: set[torch.device] = set()
+        for module in modules:
+            for kind, table in (("_parameters", module._parameters), ("_buffers", module._buffers)):
+                every = self.first and kind == "_buffers"
+                for name, tensor in table.items():
+                    if tensor is None:
+                        continue
+                    devices.add(tensor.device)
+                    plain = type(tensor) in _PLAIN
+                    if not plain and is_lazy(tensor):
+                        continue  # initialised by its first forward, wherever that runs
+                    copy = None
+                    if (every or (known and (id(module), kind, name) in known)) and (
+                        plain and tensor.layout is torch.strided  # else: the version only
+                    ):
+                        copy = tensor.detach().clone()
+                    self.entries.append((module, kind, name, tensor, tensor._version, copy))
+        self.devices = sorted(devices, key=str)
+
+    def restore(self) -> list[str]:
+        """Put every changed tensor back; the qualified names of changes without a copy."""
+        lost: list[tuple[nn.Module, str]] = []
+        for module, kind, name, tensor, version, copy in self.entries:
+            table = module._parameters if kind == "_parameters" else module._buffers
+            replaced = table.get(name) is not tensor
+            changed = tensor._version != version
+            if not (replaced or changed) and copy is not None:
+                # Writes through `.data` or by some native ops bypass the version counter: the
+                # first block compares, later ones copy the tensors seen changing back anyway.
+                changed = not self.first or not _equal(tensor, copy)
+            if not (replaced or changed):
+                continue
+            self.known.add((id(module), kind, name))
+            if replaced:
+                table[name] = tensor
+            if changed and copy is not None and copy.shape == tensor.shape:
+                tensor.copy_(copy)
+            elif changed and copy is not None:  # resized through `.data`
+                tensor.data = copy
+            elif changed:
+                lost.append((module, name))
+        if not lost:
+            return []
+        names = {id(m): n for n, m in self.model.named_modules()}
+        return [".".join(filter(None, (names.get(id(m), "?"), n))) for m, n in lost]
+
+
+def _equal(a: Tensor, b: Tensor) -> bool:
+    """`torch.equal`, or True for the few dtypes and devices it has no kernel for (meta,
+    bit types): those are checked by their version counters only."""
+    try:
+        return torch.equal(a, b)
+    except (RuntimeError, NotImplementedError):
+        return True
+
+
+#: A tensor as found: its module, table (`"_parameters"` or `"_buffers"`) and name, the tensor,
+#: its version counter, and a copy (or None).
+_Entry = tuple[nn.Module, str, str, Tensor, int, Tensor | None]
+#: Plain tensor types: never lazy (this skips `is_lazy`'s isinstance check), and the only ones
+#: copied (a subclass may have no `clone` or `equal`).
+_PLAIN = (Tensor, nn.Parameter)
 
 
 def set_training(module: nn.Module, mode: bool) -> None:

@@ -4,9 +4,7 @@ boxes, and the one content hash."""
 from __future__ import annotations
 
 import hashlib
-import random
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler, default_c
 
 from .batch import leaves, move_to
 from .drift import boxes_to_masks
+from .isolation import preserved_rng
 from .schema import check_probe_name
 
 #: What `probe=` may be, per probe set: a Tensor, an (inputs, labels[, masks]) tuple, a dict
@@ -364,19 +363,6 @@ def attach_masks(probe: ProbeSet, masks: Any) -> ProbeSet:
             "masks= only)."
         )
     return replace(probe, masks=masks if masks.dtype == torch.bool else masks > 0.5)
-
-
-@contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Python's, numpy's and torch's CPU random streams as they were before the block: what
-    picking a probe runs (a dataset's augmentations, a `val_dataloader()` hook) may draw."""
-    state = (random.getstate(), np.random.get_state())
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        random.setstate(state[0])
-        np.random.set_state(state[1])
 
 
 def build_probes(

@@ -8,7 +8,13 @@ from torch import nn
 
 from cam_monitor import compute_cams, filter_activations
 from cam_monitor.attribution import ruled_relus
-from cam_monitor.capture import LayerCaptureError, capture_outputs, scoped_hooks
+from cam_monitor.capture import (
+    LayerCaptureError,
+    capture_outputs,
+    scoped_hooks,
+    users_hooks,
+    users_hooks_warning,
+)
 from cam_monitor.layers import first_spatial_layer
 
 
@@ -215,3 +221,28 @@ def test_one_error_type_for_a_layer_that_cannot_be_captured(
     with pytest.raises(LayerCaptureError, match=r"\['unused'\] did not run"):
         compute_cams(tiny_cnn, images, "unused")
     assert issubclass(LayerCaptureError, ValueError)
+
+
+def test_users_hooks_lists_the_users_hooks_not_torchs() -> None:
+    import torch.ao.quantization as tq
+
+    torch.manual_seed(0)
+    quantized = nn.Sequential(nn.Conv2d(3, 3, 1))
+    quantized.qconfig = tq.get_default_qat_qconfig("fbgemm")
+    quantized = tq.prepare_qat(quantized.train())  # observer hooks
+    net = nn.Sequential(quantized, nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
+    nn.utils.spectral_norm(net[1])  # torch's pre-hooks: how the model computes
+    nn.utils.prune.l1_unstructured(net[4], "weight", 0.2)
+    assert users_hooks(net) == []
+    assert users_hooks_warning(net) is None
+    net[2].register_forward_hook(lambda module, args, output: None)
+    net[4].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
+    try:
+        found = users_hooks(net)
+    finally:
+        handle.remove()
+    assert found == [
+        "'2' (forward hook)", "'4' (backward hook)", "every module (global forward pre-hook)",
+    ]  # fmt: skip
+    assert "not module.training" in str(users_hooks_warning(net))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import gc
 import json
+import random
 import re
 import resource
 import subprocess
@@ -30,6 +31,7 @@ from cam_monitor.options import EngineOptions, RenderOptions
 from cam_monitor.probe import make_probe
 from cam_monitor.tracking import AttentionTracker
 from tests.conftest import (
+    ClassifierSteps,
     Lightning,
     LitClassifier,
     TinyCNN,
@@ -122,13 +124,13 @@ def hook_counts(model: nn.Module) -> list[int]:
 
 
 def dann_fit(
-    tmp_path: Path, callbacks: list[pl.Callback], lightning: Lightning
+    tmp_path: Path, callbacks: list[pl.Callback], lightning: Lightning, accumulate: int = 2
 ) -> tuple[DannLit, pl.Trainer, torch.Tensor]:
     lightning.pl.seed_everything(0, verbose=False)
     model = lightning.module(DannSteps)()
     trainer = lightning.trainer(
         default_root_dir=tmp_path, logger=False, callbacks=callbacks, max_epochs=2,
-        accumulate_grad_batches=2,
+        accumulate_grad_batches=accumulate,
     )  # fmt: skip
     trainer.fit(model, loader(shapes_dataset(64), shuffle=True, batch_size=8))
     return model, trainer, torch.get_rng_state()
@@ -156,6 +158,183 @@ def test_no_trace_on_weights_buffers_optimizer_or_rng(tmp_path: Path, lightning:
             assert torch.equal(value, opt_b["state"][key][field]), (key, field)
     assert torch.equal(plain_rng, watched_rng)
     assert sum(hook_counts(watched)) == 0
+
+
+class EvaluateWithGradients:
+    """Evaluates between the backward and the optimizer step, and after every batch: in the
+    middle of gradient accumulation, with parameter `.grad` filled. A mixin for either
+    namespace's `Callback`."""
+
+    def __init__(self, monitor: CamMonitor) -> None:
+        self.monitor = monitor
+        self.grads_seen = 0
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.grads_seen += any(p.grad is not None for p in pl_module.parameters())
+        self.monitor.evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           *args: Any) -> None:  # fmt: skip
+        self.monitor.evaluate(trainer, pl_module)
+
+
+def test_evaluations_in_the_middle_of_gradient_accumulation_leave_it_alone(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    results = []
+    for watched in (False, True):
+        monitor = CamMonitor("features.3", output_transform=0, num_probe=4, save_dir=tmp_path)
+        mid = type("Mid", (EvaluateWithGradients, lightning.pl.Callback), {})(monitor)
+        callbacks = [monitor, mid] if watched else []
+        results.append(dann_fit(tmp_path / str(watched), callbacks, lightning, accumulate=3))
+    (plain, plain_trainer, plain_rng), (model, trainer, rng) = results
+    assert mid.grads_seen == 16
+    assert monitor.evaluations == 35  # and the baseline, and one after each epoch
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for a, b in zip(plain.parameters(), model.parameters(), strict=True):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+    state = trainer.optimizers[0].state_dict()["state"]
+    for key, fields in plain_trainer.optimizers[0].state_dict()["state"].items():
+        assert all(torch.equal(value, state[key][f]) for f, value in fields.items()), key
+    assert torch.equal(plain_rng, rng)
+
+
+class Bookkeeper(nn.Module):
+    """Counts its calls in a buffer and draws from numpy's and Python's streams in every mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * (1 + 1e-3 * (float(np.random.rand()) + random.random()))
+
+
+class QuantizationAwareSteps:
+    """A CNN prepared for quantization-aware training: its fake-quantize observers update their
+    statistics in every forward, eval mode included; plus a `Bookkeeper`. Logs its loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torch.ao.quantization as tq
+
+        net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), Bookkeeper(),
+            nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+        )  # fmt: skip
+        net.qconfig = tq.get_default_qat_qconfig("fbgemm")
+        self.net = tq.prepare_qat(net.train())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.losses.append(float(loss))
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def awkward_fit(
+    tmp_path: Path, callbacks: list[pl.Callback], lightning: Lightning
+) -> tuple[pl.LightningModule, pl.Trainer, tuple[Any, ...]]:
+    lightning.pl.seed_everything(0, verbose=False)
+    model = lightning.module(QuantizationAwareSteps)()
+    model.losses = []
+    trainer = lightning.trainer(default_root_dir=tmp_path, logger=False, callbacks=callbacks)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(reduce_range|exactly zero)")
+        trainer.fit(model, loader(shapes_dataset(32), shuffle=True, batch_size=8))
+    streams = (torch.get_rng_state(), np.random.get_state()[1].tolist(), random.getstate())
+    return model, trainer, streams
+
+
+def test_no_trace_on_a_model_whose_forward_updates_state_in_eval_mode(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    """Quantization observers, a counter buffer, numpy and Python draws: bit-identical fits."""
+    monitor = CamMonitor("net.3", every_n_steps=1, num_probe=4, save_dir=tmp_path / "cams")
+    plain, plain_trainer, plain_streams = awkward_fit(tmp_path / "plain", [], lightning)
+    watched, watched_trainer, watched_streams = awkward_fit(
+        tmp_path / "watched", [monitor], lightning
+    )
+    assert monitor.evaluations == 9  # 8 steps + baseline
+    assert watched.losses == plain.losses
+    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # weights, observer statistics, the counter
+    assert int(plain.net[2].calls) == 8
+    momentum = [s["momentum_buffer"] for s in plain_trainer.optimizers[0].state.values()]
+    watched_momentum = [s["momentum_buffer"] for s in watched_trainer.optimizers[0].state.values()]
+    assert all(map(torch.equal, momentum, watched_momentum))
+    assert torch.equal(plain_streams[0], watched_streams[0])
+    assert plain_streams[1:] == watched_streams[1:]
+
+
+def test_the_users_hooks_stay_run_in_eval_mode_and_are_named_once(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    model = lightning.module(ClassifierSteps)()
+    calls = {True: 0, False: 0}  # by `module.training`: the guard the warning recommends
+
+    def count(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        calls[module.training] += 1
+
+    model.net.features[3].register_forward_hook(count)
+    model.net.fc.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    nn.utils.spectral_norm(model.net.features[0])  # torch's own pre-hook: not named
+    monitor = CamMonitor("net.features.3", num_probe=4, save_dir=tmp_path / "cams")
+    trainer = lightning.trainer(
+        default_root_dir=tmp_path, logger=False, callbacks=[monitor], max_epochs=1,
+        limit_train_batches=2,
+    )  # fmt: skip
+    with pytest.warns(UserWarning) as caught:
+        trainer.fit(model, loader(shapes_dataset(32), batch_size=8))
+    named = [str(w.message) for w in caught if "hooks of yours" in str(w.message)]
+    assert len(named) == 1
+    assert "('net.features.3' (forward hook), 'net.fc' (backward hook))" in named[0]
+    assert calls[True] == 2 and calls[False] >= monitor.evaluations == 2
+    assert len(model.net.features[3]._forward_hooks) == len(model.net.fc._backward_hooks) == 1
+
+
+class LoggingInForward(ClassifierSteps):
+    """Logs from `forward` (an auxiliary quantity, as some models log their side losses)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = self.net(x)
+        self.log("output_mean", output.mean())
+        self.log_dict({"output_max": output.amax()})
+        return output
+
+
+def test_what_the_forward_logs_is_the_training_batches_not_the_probes(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    logged = []
+    for monitor in (None, CamMonitor(every_n_steps=1, num_probe=4, save_dir=tmp_path / "cams")):
+        lightning.pl.seed_everything(0, verbose=False)
+        model = lightning.module(LoggingInForward)()
+        logger = lightning.loggers.CSVLogger(tmp_path / f"csv{len(logged)}")
+        trainer = lightning.trainer(
+            default_root_dir=tmp_path, logger=logger, callbacks=[monitor] if monitor else [],
+            max_epochs=1, limit_train_batches=3,
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*no layer given")
+            trainer.fit(model, loader(shapes_dataset(32), shuffle=True, batch_size=8))
+        rows = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        values = [dict(zip(header, row.split(","), strict=True)) for row in rows[1:]]
+        logged.append([(v["step"], v["output_mean"], v["output_max"]) for v in values
+                       if v["output_mean"]])  # fmt: skip
+        assert "log" not in vars(model) and "log_dict" not in vars(model)
+    assert len(logged[0]) == 3
+    assert logged[1] == logged[0]
 
 
 @pytest.mark.slow
