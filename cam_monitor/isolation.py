@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import operator
 import random
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -98,55 +99,84 @@ class TensorState:
     """
 
     def __init__(self, model: nn.Module, modules: Sequence[nn.Module]) -> None:
-        self.model = model
+        self.model, self.modules = model, modules
         self.first = model not in _CHANGING
         self.known = known = _CHANGING.setdefault(model, set())
-        self.entries: list[_Entry] = []
-        devices: set[torch.device] = set()
-        for module in modules:
-            for kind, table in (("_parameters", module._parameters), ("_buffers", module._buffers)):
+        # Which tensor each module held under each name (shallow copies of its two tables), and
+        # the version counter of each, in walk order: all a call that changes nothing reads.
+        self.tables = [(module._parameters.copy(), module._buffers.copy()) for module in modules]
+        # A lazy tensor is left out: its first forward initialises it, wherever that runs.
+        self.tensors = _tensors(self.tables)
+        self.versions = [tensor._version for tensor in self.tensors]
+        self.devices = sorted({tensor.device for tensor in self.tensors}, key=str)
+        self.copies: dict[tuple[int, str, str], Tensor] = {}
+        if not (self.first or known):
+            return
+        for index, (module, tables) in enumerate(zip(modules, self.tables, strict=True)):
+            for kind, table in zip(_KINDS, tables, strict=True):
                 every = self.first and kind == "_buffers"
                 for name, tensor in table.items():
-                    if tensor is None:
-                        continue
-                    devices.add(tensor.device)
-                    plain = type(tensor) in _PLAIN
-                    if not plain and is_lazy(tensor):
-                        continue  # initialised by its first forward, wherever that runs
-                    copy = None
-                    if (every or (known and (id(module), kind, name) in known)) and (
-                        plain and tensor.layout is torch.strided  # else: the version only
+                    if tensor is None or type(tensor) not in _PLAIN:
+                        continue  # a subclass: checked by its version counter only
+                    if tensor.layout is torch.strided and (
+                        every or (id(module), kind, name) in known
                     ):
-                        copy = tensor.detach().clone()
-                    self.entries.append((module, kind, name, tensor, tensor._version, copy))
-        self.devices = sorted(devices, key=str)
+                        self.copies[index, kind, name] = tensor.detach().clone()
 
     def restore(self) -> list[str]:
         """Put every changed tensor back; the qualified names of changes without a copy."""
+        if not self.copies and self._untouched():
+            return []
         lost: list[tuple[nn.Module, str]] = []
-        for module, kind, name, tensor, version, copy in self.entries:
-            table = module._parameters if kind == "_parameters" else module._buffers
-            replaced = table.get(name) is not tensor
-            changed = tensor._version != version
-            if not (replaced or changed) and copy is not None:
-                # Writes through `.data` or by some native ops bypass the version counter: the
-                # first block compares, later ones copy the tensors seen changing back anyway.
-                changed = not self.first or not _equal(tensor, copy)
-            if not (replaced or changed):
-                continue
-            self.known.add((id(module), kind, name))
-            if replaced:
-                table[name] = tensor
-            if changed and copy is not None and copy.shape == tensor.shape:
-                tensor.copy_(copy)
-            elif changed and copy is not None:  # resized through `.data`
-                tensor.data = copy
-            elif changed:
-                lost.append((module, name))
+        position = 0  # in `self.tensors`, walked in the same order
+        for index, (module, tables) in enumerate(zip(self.modules, self.tables, strict=True)):
+            for kind, table in zip(_KINDS, tables, strict=True):
+                now = getattr(module, kind)
+                for name, tensor in table.items():
+                    if position == len(self.tensors) or tensor is not self.tensors[position]:
+                        continue  # None, or lazy when found (it may have been made since)
+                    version = self.versions[position]
+                    position += 1
+                    copy = self.copies.get((index, kind, name))
+                    replaced = now.get(name) is not tensor
+                    changed = tensor._version != version
+                    if not (replaced or changed) and copy is not None:
+                        # Writes through `.data` or by some native ops bypass the version
+                        # counter: the first block compares, later ones copy back anyway.
+                        changed = not self.first or not _equal(tensor, copy)
+                    if not (replaced or changed):
+                        continue
+                    self.known.add((id(module), kind, name))
+                    if replaced:
+                        now[name] = tensor
+                    if changed and copy is not None and copy.shape == tensor.shape:
+                        tensor.copy_(copy)
+                    elif changed and copy is not None:  # resized through `.data`
+                        tensor.data = copy
+                    elif changed:
+                        lost.append((module, name))
         if not lost:
             return []
         names = {id(m): n for n, m in self.model.named_modules()}
         return [".".join(filter(None, (names.get(id(m), "?"), n))) for m, n in lost]
+
+    def _untouched(self) -> bool:
+        """Whether every tensor is still in its place with its version: nothing to put back."""
+        if [tensor._version for tensor in self.tensors] != self.versions:
+            return False
+        now = _tensors((module._parameters, module._buffers) for module in self.modules)
+        return len(now) == len(self.tensors) and all(map(operator.is_, now, self.tensors))
+
+
+def _tensors(tables: Iterable[tuple[dict[str, Tensor | None], ...]]) -> list[Tensor]:
+    """The tensors of the modules' tables in walk order, lazy ones (not yet made) left out."""
+    return [
+        tensor
+        for pair in tables
+        for table in pair
+        for tensor in table.values()
+        if tensor is not None and (type(tensor) in _PLAIN or not is_lazy(tensor))
+    ]
 
 
 def _equal(a: Tensor, b: Tensor) -> bool:
@@ -158,9 +188,8 @@ def _equal(a: Tensor, b: Tensor) -> bool:
         return True
 
 
-#: A tensor as found: its module, table (`"_parameters"` or `"_buffers"`) and name, the tensor,
-#: its version counter, and a copy (or None).
-_Entry = tuple[nn.Module, str, str, Tensor, int, Tensor | None]
+#: The two tables of a module a forward may change, in walk order.
+_KINDS = ("_parameters", "_buffers")
 #: Plain tensor types: never lazy (this skips `is_lazy`'s isinstance check), and the only ones
 #: copied (a subclass may have no `clone` or `equal`).
 _PLAIN = (Tensor, nn.Parameter)
