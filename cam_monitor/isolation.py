@@ -121,7 +121,9 @@ class TensorState:
                     if tensor.layout is torch.strided and (
                         every or (id(module), kind, name) in known
                     ):
-                        self.copies[index, kind, name] = tensor.detach().clone()
+                        copy = _copy(tensor)
+                        if copy is not None:
+                            self.copies[index, kind, name] = copy
 
     def restore(self) -> list[str]:
         """Put every changed tensor back; the qualified names of changes without a copy."""
@@ -177,6 +179,15 @@ def _tensors(tables: Iterable[tuple[dict[str, Tensor | None], ...]]) -> list[Ten
         for tensor in table.values()
         if tensor is not None and (type(tensor) in _PLAIN or not is_lazy(tensor))
     ]
+
+
+def _copy(tensor: Tensor) -> Tensor | None:
+    """A copy of `tensor`, or None for a dtype that cannot be copied here (a bit type under
+    deterministic algorithms, which fill new memory first): checked by its version only."""
+    try:
+        return tensor.detach().clone()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _equal(a: Tensor, b: Tensor) -> bool:

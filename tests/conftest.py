@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -196,3 +197,13 @@ def wandb_records(path: Path) -> tuple[list[object], bool]:
             records.append(record)
     finished = any(r.WhichOneof("record_type") == "exit" for r in records)
     return records, finished
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_mode_restored() -> Iterator[None]:
+    """`Trainer(deterministic=True)` switches torch's deterministic algorithms on for the rest of
+    the process: each test starts from the mode the session had, whatever ran before it."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=warn_only)
