@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dann_shapes import ShapesDANN, SourceTargetPairs, fit_run, make_logger
+from dann_shapes import ShapesDANN, SourceTargetPairs, fit_run, make_logger, parse_run_args
 
 from cam_monitor import CamMonitor
 
@@ -231,27 +231,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Source-only vs DANN on real handwritten digits (dark frame -> photo "
         "backgrounds), with Grad-CAM monitoring and stroke masks.",
     )
-    parser.add_argument("--adapt", action="store_true", help="train DANN (default: source only)")
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--steps-per-epoch", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=64, help="images per domain per step")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
-    parser.add_argument("--lr", type=float, default=0.03, help="initial SGD learning rate")
-    parser.add_argument(
-        "--log-dir", type=Path, default=None, help="default: runs/digits/<dann|source_only>"
-    )
-    parser.add_argument("--logger", choices=("tensorboard", "wandb", "csv"), default="tensorboard")
-    parser.add_argument(
-        "--progress-bar",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="default: on when stderr is a terminal",
-    )
-    args = parser.parse_args(argv)
-    for name in ("epochs", "steps_per_epoch", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    return args
+    return parse_run_args(parser, argv, steps=50, lr=0.03, log_dir="runs/digits/<dann|source_only>")
 
 
 def train(args: argparse.Namespace, data: dict[str, Any] | None = None) -> dict[str, Any]:

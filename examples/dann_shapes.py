@@ -335,15 +335,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="dann_shapes.py",
         description="Source-only vs DANN on synthetic shapes, with Grad-CAM monitoring.",
     )
+    return parse_run_args(
+        parser, argv, steps=100, lr=0.005, log_dir="runs/dann or runs/source_only"
+    )
+
+
+def parse_run_args(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    steps: int,
+    lr: float,
+    log_dir: str,
+) -> argparse.Namespace:
+    """The options of one DANN or source-only run (shared by both DANN examples), parsed."""
     parser.add_argument("--adapt", action="store_true", help="train DANN (default: source only)")
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--steps-per-epoch", type=int, default=100)
+    parser.add_argument("--steps-per-epoch", type=int, default=steps)
     parser.add_argument("--batch-size", type=int, default=64, help="images per domain per step")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=0.005, help="initial SGD learning rate")
-    parser.add_argument(
-        "--log-dir", type=Path, default=None, help="default: runs/dann or runs/source_only"
-    )
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
+    parser.add_argument("--lr", type=float, default=lr, help="initial SGD learning rate")
+    parser.add_argument("--log-dir", type=Path, default=None, help=f"default: {log_dir}")
     parser.add_argument("--logger", choices=("tensorboard", "wandb", "csv"), default="tensorboard")
     parser.add_argument(
         "--progress-bar",
