@@ -311,6 +311,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self._idle = False  # fast_dev_run: nothing evaluated, nothing written
         self._done_epoch = -1  # the last epoch whose last training batch has run
         self._restored = False  # whether this fit resumed the monitor from a checkpoint
+        self._foreign_key: str | None = None  # a checkpoint's other CamMonitor state, unused
         self._writer = BackgroundWriter()  # history files, written off the training thread
         self._encoder = GridEncoder()  # grids, encoded while drift is scored
 
@@ -405,6 +406,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 "in layers, methods, probe (set names), schedule or save_dir."
             )
         self._restored = False  # until `load_state_dict` restores a checkpoint in this fit
+        self._foreign_key = None
         self._probes, self._sinks = {}, []  # the last fit's: `evaluate()` waits for this fit's
         if self._layer_spec is not None:
             resolve_layers(pl_module, self._layer_spec)  # a typo fails here, before any step
@@ -535,6 +537,27 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             "run_id": self.run_id,
             "folder": None if self.folder is None else os.fspath(self.folder),
         }
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A checkpoint whose monitor state was saved under another `state_key` (layers, methods,
+        probe, schedule or save_dir changed) continues nothing: say so, this is a new run."""
+        states = checkpoint.get("callbacks") or {}
+        claimed = {cb.state_key for cb in trainer.callbacks}  # type: ignore[attr-defined]
+        foreign = [
+            key for key in states if str(key).startswith("CamMonitor{") and key not in claimed
+        ]
+        self._foreign_key = None if self.state_key in states or not foreign else str(foreign[0])
+        if self._foreign_key is not None:
+            rank_zero_warn(
+                f"CamMonitor: the checkpoint's CamMonitor state was saved under "
+                f"{self._foreign_key}, but this monitor is {self.state_key} (its layers, "
+                "methods, probe, schedule or save_dir changed), so it does not continue that "
+                f"run: it starts a new run at step {checkpoint.get('global_step', '?')}, with its "
+                "own baseline, drift reference, run id and history. Resume with the arguments "
+                "the checkpoint was made with to continue the checkpointed run."
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = True
@@ -723,11 +746,18 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             f"run {run or '(no id)'}: {len(ix)} evaluation(s)" for run, ix in others.items()
         )
         if self.save_dir is not None:
+            foreign = self._foreign_key
             raise ValueError(
                 f"save_dir={os.fspath(self.save_dir)!r} already holds the cam-monitor history of "
                 f"another run ({found}); one folder holds one run. Pass a new save_dir, delete "
                 "that folder, or resume that run from its checkpoint (trainer.fit(..., "
-                "ckpt_path=...))."
+                "ckpt_path=...))"
+                + (
+                    "."
+                    if foreign is None
+                    else f" with the same monitor: the checkpoint's "
+                    f"CamMonitor state was saved under {foreign}, this monitor is {self.state_key}."
+                )
             )
         own = folder.with_name(f"{folder.name}-{self.run_id or 'legacy'}")
         rank_zero_warn(

@@ -284,6 +284,30 @@ def test_resume_continues_schedule_history_and_drift(tmp_path: Path, lightning: 
         assert drift and drift == {k: b.scalars[k] for k in drift}
 
 
+def test_resuming_with_other_layers_says_the_checkpointed_run_is_not_continued(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    def trainer(monitor: CamMonitor, epochs: int) -> pl.Trainer:
+        return lightning.trainer(
+            default_root_dir=tmp_path, logger=False, max_epochs=epochs, callbacks=[monitor],
+            enable_checkpointing=True,
+        )  # fmt: skip
+
+    first = trainer(CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "a"), 1)
+    first.fit(lightning.module()(), loader(shapes_dataset(16)))
+    ckpt = first.checkpoint_callback.best_model_path
+    changed = CamMonitor("net.features.2", num_probe=4, save_dir=tmp_path / "b")
+    old_key = r"saved under CamMonitor\{'layers': \['net.features.5'\]"
+    with pytest.warns(UserWarning, match=rf"(?s){old_key}.*starts a new run at step 1"):
+        trainer(changed, 2).fit(lightning.module()(), loader(shapes_dataset(16)), ckpt_path=ckpt)
+    assert [e.step for e in read_history(tmp_path / "b")] == [1, 2]  # its own baseline, at step 1
+    same_folder = CamMonitor("net.features.2", num_probe=4, save_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match=rf"(?s)another run.*CamMonitor state was {old_key}"):
+        trainer(same_folder, 2).fit(
+            lightning.module()(), loader(shapes_dataset(16)), ckpt_path=ckpt
+        )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
