@@ -286,6 +286,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         super().__init__()
         self.layers = self.__init_layers(layer)
         self._layer_spec = self.layers  # the layers as given: state_key stays the same after setup
+        self._module_names: dict[int, str] = {}  # module layers' names, found in `setup`
         self.__init_schedule(every_n_epochs, every_n_steps)
         self.__init_probe(probe, num_probe, masks, input_key, label_key)
         self.engine = EngineOptions(
@@ -372,7 +373,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         its probe, schedule and folder where they are not the defaults (so a lone monitor keeps
         the key older checkpoints were saved under)."""
         layers = self._layer_spec or []
-        names = [layer if isinstance(layer, str) else type(layer).__name__ for layer in layers]
+        names = [layer if isinstance(layer, str) else self._module_name(layer) for layer in layers]
         identity: dict[str, Any] = {"layers": names, "methods": list(self.methods)}
         if self._probe_sets is not None:
             if self._probe_ids is None:  # hashed once: the key is read at every checkpoint
@@ -386,6 +387,12 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             identity["save_dir"] = os.fspath(self.save_dir)
         return self._generate_state_key(**identity)
 
+    def _module_name(self, layer: nn.Module) -> str:
+        """A module layer in `state_key`: its dotted name once `setup` found it in the model (the
+        key checkpoints are saved and loaded under), before that its type and identity (so two
+        monitors on two modules of one type can share a Trainer)."""
+        return self._module_names.get(id(layer), f"{type(layer).__name__}@{id(layer):x}")
+
     # -- Lightning hooks ------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -394,6 +401,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         check_strategy(trainer.strategy)
         check_metric_consumers(trainer, self)
         check_consumer_layers(trainer, pl_module)
+        for monitor in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(monitor, CamMonitor):  # module layers by name, in every monitor's key
+                monitor._name_modules(pl_module)
         twins = [
             cb
             for cb in trainer.callbacks  # type: ignore[attr-defined]
@@ -412,6 +422,13 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             resolve_layers(pl_module, self._layer_spec)  # a typo fails here, before any step
         if self.filters.channels:
             resolve_layers(pl_module, list(self.filters.channels))
+
+    def _name_modules(self, pl_module: pl.LightningModule) -> None:
+        """Find the dotted names of the module layers given as objects (a typo fails here)."""
+        modules = [layer for layer in self._layer_spec or [] if isinstance(layer, nn.Module)]
+        self._module_names = {
+            id(layer): resolve_layers(pl_module, [layer])[0][0] for layer in modules
+        }
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._idle = bool(trainer.fast_dev_run)

@@ -632,6 +632,33 @@ def test_monitors_that_differ_in_probe_share_a_trainer(tmp_path: Path) -> None:
     assert [e.probes for e in first + second] == [("a",), ("a",), ("b",), ("b",)]
 
 
+def test_monitors_on_different_modules_of_one_type_share_a_trainer_and_resume(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    model = lightning.module()()
+    layers = (model.net.features[0], model.net.features[3])  # two Conv2d
+    monitors = [CamMonitor(layer, num_probe=4) for layer in layers]
+    assert monitors[0].state_key != monitors[1].state_key
+    trainer = lightning.trainer(
+        default_root_dir=tmp_path, logger=False, max_epochs=1, callbacks=list(monitors),
+        enable_checkpointing=True,
+    )  # fmt: skip
+    trainer.fit(model, loader(shapes_dataset(16)))
+    assert [read_history(m.folder)[-1].layers for m in monitors] == [
+        ("net.features.0",), ("net.features.3",)
+    ]  # fmt: skip
+    states = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=True)
+    assert [m.state_key in states["callbacks"] for m in monitors] == [True, True]
+    # a monitor given the layer by name, or the same module of a new model, resumes that state
+    model = lightning.module()()
+    again = [CamMonitor("net.features.3", num_probe=4), CamMonitor(model.net.features[0])]
+    resumed = lightning.trainer(default_root_dir=tmp_path, logger=False, callbacks=list(again))
+    resumed.fit(
+        model, loader(shapes_dataset(16)), ckpt_path=trainer.checkpoint_callback.best_model_path
+    )
+    assert [m.run_id for m in again] == [monitors[1].run_id, monitors[0].run_id]
+
+
 def test_two_identical_monitors_are_refused_at_setup(tmp_path: Path) -> None:
     class WithMonitors(LitClassifier):
         def configure_callbacks(self) -> list[CamMonitor]:
