@@ -372,8 +372,12 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         """What identifies this monitor among several in one Trainer: its layers and methods, and
         its probe, schedule and folder where they are not the defaults (so a lone monitor keeps
         the key older checkpoints were saved under)."""
+        return self._state_key(self._module_name)
+
+    def _state_key(self, module_name: Callable[[nn.Module], str]) -> str:
+        """`state_key` with `module_name` naming the layers given as modules."""
         layers = self._layer_spec or []
-        names = [layer if isinstance(layer, str) else self._module_name(layer) for layer in layers]
+        names = [layer if isinstance(layer, str) else module_name(layer) for layer in layers]
         identity: dict[str, Any] = {"layers": names, "methods": list(self.methods)}
         if self._probe_sets is not None:
             if self._probe_ids is None:  # hashed once: the key is read at every checkpoint
@@ -561,6 +565,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         """A checkpoint whose monitor state was saved under another `state_key` (layers, methods,
         probe, schedule or save_dir changed) continues nothing: say so, this is a new run."""
         states = checkpoint.get("callbacks") or {}
+        legacy = self._state_key(lambda layer: type(layer).__name__)  # how module layers were keyed
+        if self.state_key not in states and legacy in states:
+            states[self.state_key] = states[legacy]  # what Lightning hands `load_state_dict`
         claimed = {cb.state_key for cb in trainer.callbacks}  # type: ignore[attr-defined]
         foreign = [
             key for key in states if str(key).startswith("CamMonitor{") and key not in claimed

@@ -659,6 +659,29 @@ def test_monitors_on_different_modules_of_one_type_share_a_trainer_and_resume(
     assert [m.run_id for m in again] == [monitors[1].run_id, monitors[0].run_id]
 
 
+def test_a_checkpoint_keying_a_module_layer_by_its_type_still_resumes(tmp_path: Path) -> None:
+    model = LitClassifier()
+    first = CamMonitor(model.net.features[3], num_probe=4)
+    trainer = quiet_trainer(
+        default_root_dir=tmp_path, logger=False, max_epochs=1, callbacks=[first],
+        enable_checkpointing=True,
+    )  # fmt: skip
+    trainer.fit(model, loader(shapes_dataset(16)))
+    path = Path(trainer.checkpoint_callback.best_model_path)
+    checkpoint = torch.load(path, weights_only=True)
+    state = checkpoint["callbacks"].pop(first.state_key)
+    checkpoint["callbacks"]["CamMonitor{'layers': ['Conv2d'], 'methods': ['gradcam']}"] = state
+    torch.save(checkpoint, path)  # as written before module layers were keyed by name
+    model = LitClassifier()
+    again = CamMonitor(model.net.features[3], num_probe=4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CamMonitor: the checkpoint")
+        quiet_trainer(default_root_dir=tmp_path, logger=False, callbacks=[again]).fit(
+            model, loader(shapes_dataset(16)), ckpt_path=path
+        )
+    assert again.run_id == first.run_id and again.evaluations == 3
+
+
 def test_two_identical_monitors_are_refused_at_setup(tmp_path: Path) -> None:
     class WithMonitors(LitClassifier):
         def configure_callbacks(self) -> list[CamMonitor]:
