@@ -241,6 +241,12 @@ def make_probe(
             labels = torch.as_tensor(labels)
         except (TypeError, ValueError, RuntimeError):  # names, ragged lists: not class indices
             labels = None
+        if labels is not None and labels.dim() and labels.shape[0] != inputs.shape[0]:
+            raise ValueError(
+                f"probe {name!r} has {inputs.shape[0]} images but {labels.shape[0]} labels "
+                f"(shape {tuple(labels.shape)}); give one label per image, labels[i] for "
+                "inputs[i]."
+            )
         if labels is not None:
             labels = _class_labels(labels, inputs.shape[0])
     return ProbeSet(name, inputs, labels, masks, content_hash(inputs))

@@ -682,6 +682,16 @@ def test_a_checkpoint_keying_a_module_layer_by_its_type_still_resumes(tmp_path: 
     assert again.run_id == first.run_id and again.evaluations == 3
 
 
+def test_probe_labels_of_another_length_than_its_images_are_refused_before_training(
+    tmp_path: Path,
+) -> None:
+    images, labels = shapes_dataset(8).tensors  # labels[:7]: captions lost their truth silently
+    monitor = CamMonitor("net.features.5", probe=(images, labels[:7]))
+    with pytest.raises(ValueError, match=r"probe 'probe' has 8 images but 7 labels.*one label"):
+        fit(monitor, tmp_path)
+    assert monitor.evaluations == 0
+
+
 def test_two_identical_monitors_are_refused_at_setup(tmp_path: Path) -> None:
     class WithMonitors(LitClassifier):
         def configure_callbacks(self) -> list[CamMonitor]:
