@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -118,11 +119,23 @@ def check_choices(name: str, value: object, choices: Sequence[str]) -> tuple[str
         raise ValueError(f"`{name}` needs at least one of {', '.join(choices)}.")
     unknown = [n for n in names if n not in choices]
     if unknown:
+        close = [_closest(n, choices) for n in unknown]
+        hint = ", ".join(repr(c) for c in close if c is not None)
         raise ValueError(
             f"`{name}` got unknown name(s) {', '.join(map(repr, unknown))}; choose from "
-            f"{', '.join(choices)}."
+            f"{', '.join(choices)}." + (f" Did you mean {hint}?" if hint else "")
         )
     return tuple(dict.fromkeys(names))
+
+
+def _closest(name: str, choices: Sequence[str]) -> str | None:
+    """The choice `name` most likely meant: case, `-` and spaces aside, or a near spelling."""
+    plain = {c.replace("_", "").replace("-", ""): c for c in choices}
+    key = name.lower().replace("_", "").replace("-", "").replace(" ", "")
+    if key in plain:
+        return plain[key]
+    near = difflib.get_close_matches(key, list(plain), n=1, cutoff=0.75)
+    return plain[near[0]] if near else None
 
 
 def check_methods(methods: object) -> tuple[str, ...]:
@@ -226,9 +239,10 @@ class RenderOptions:
         if not isinstance(self.colormap, str):
             raise TypeError(f"`colormap` must be a name, got {type(self.colormap).__name__}.")
         if self.colormap not in COLORMAPS:
+            close = _closest(self.colormap, COLORMAPS)
             raise ValueError(
                 f"`colormap` got unknown name {self.colormap!r}; choose from "
-                f"{', '.join(COLORMAPS)}."
+                f"{', '.join(COLORMAPS)}." + (f" Did you mean {close!r}?" if close else "")
             )
         object.__setattr__(self, "alpha", check_number("alpha", self.alpha, 0, 1))
         if (self.mean is None) != (self.std is None):

@@ -132,6 +132,22 @@ def test_check_methods_lists_the_unknown_names_and_every_choice() -> None:
         check_methods([])
 
 
+def test_an_unknown_name_suggests_the_closest_choice() -> None:
+    for typo, meant in [
+        ("GradCAM", "gradcam"), ("grad-cam++", "gradcam++"), ("gradcamm", "gradcam"),
+        ("integrated_gradient", "integrated_gradients"), ("Guided_GradCAM", "guided_gradcam"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"Did you mean {re.escape(repr(meant))}"):
+            check_methods(["layercam", typo])
+    with pytest.raises(ValueError, match=r"Did you mean 'topk_iou'\?"):
+        DriftOptions(measures=["topk-iou"])
+    with pytest.raises(ValueError, match=r"Did you mean 'viridis'\?"):
+        RenderOptions(colormap="Viridis")
+    with pytest.raises(ValueError) as info:
+        check_methods("occlusion")  # nothing close: the list of choices only
+    assert "Did you mean" not in str(info.value)
+
+
 def test_compute_cams_reports_bad_options_in_the_same_words() -> None:
     net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2))
     x = torch.randn(2, 3, 8, 8)
