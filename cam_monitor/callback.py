@@ -628,7 +628,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         except Exception as err:
             if encoding is not None:
                 encoding.cancel()
-            if baseline and not isinstance(err, ValueError):
+            if baseline and not (isinstance(err, ValueError) and _raised_here(err)):
                 raise ValueError(explain_first_failure(self._probes, err)) from err
             if self.strict or baseline:
                 raise
@@ -845,6 +845,16 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             f"{trainer.global_step}: {type(err).__name__}: {err}. Training continues; pass "
             "strict=True to raise instead."
         )
+
+
+def _raised_here(err: BaseException) -> bool:
+    """Whether cam-monitor raised `err` itself (its own messages name the fix), not the model
+    or torch inside it (BatchNorm's "expected 4D input" needs the probe's shape beside it)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    package = Path(__file__).parent
+    return tb is not None and package in Path(tb.tb_frame.f_code.co_filename).parents
 
 
 def _spec_id(spec: Any) -> str:

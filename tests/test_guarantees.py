@@ -583,6 +583,8 @@ def fit_expecting(monitor: CamMonitor, tmp_path: Path, model: pl.LightningModule
     ("probe", "message"),
     [
         (torch.randn(4, 1, 32, 32), r"could not compute its first CAMs.*probe: \(4, 1, 32, 32\)"),
+        # one image without its batch dimension: BatchNorm's own ValueError, explained as well
+        (torch.randn(3, 32, 32), r"(?s)first CAMs \(ValueError: expected 4D.*probe: \(3, 32, 32\)"),
         ((torch.rand(4, 3, 32, 32) * 255).to(torch.uint8), r"uint8 images.*x\.float\(\) / 255"),
         (TensorDataset(torch.zeros(0, 3, 32, 32)), r"probe dataset TensorDataset is empty"),
     ],
