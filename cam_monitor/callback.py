@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -361,6 +362,28 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self.reference, self.history, self.save_dir, self.strict = (
             reference, history, save_dir, strict,
         )  # fmt: skip
+
+    def __getstate__(self) -> dict[str, Any]:
+        """ddp_spawn pickles callbacks: a callable argument pickle cannot store (a lambda, a
+        local function) travels as a `_PickleGuard` that names it and the fix when pickled."""
+        state = self.__dict__.copy()
+        guards = {
+            name: _PickleGuard(name, value)
+            for name in _CALLABLE_OPTIONS
+            if callable(value := getattr(self.engine, name)) and not _picklable(value)
+        }
+        if guards:
+            state["engine"] = replace(self.engine, **guards)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        engine = state["engine"]
+        guards = {
+            name: value.fn
+            for name in _CALLABLE_OPTIONS
+            if isinstance(value := getattr(engine, name), _PickleGuard)
+        }
+        self.__dict__.update(state, engine=replace(engine, **guards) if guards else engine)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -844,6 +867,40 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             f"CamMonitor skipped its evaluation at epoch {trainer.current_epoch}, step "
             f"{trainer.global_step}: {type(err).__name__}: {err}. Training continues; pass "
             "strict=True to raise instead."
+        )
+
+
+_CALLABLE_OPTIONS = ("target", "forward", "output_transform", "reshape")
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return False
+    return True
+
+
+class _PickleGuard:
+    """A callable argument that pickle cannot store: copied as itself (`copy.deepcopy` needs no
+    pickling), and refused by pickle with a message naming the argument and the fix."""
+
+    def __init__(self, argument: str, fn: Callable[..., Any]) -> None:
+        self.argument, self.fn = argument, fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _PickleGuard:
+        return self
+
+    def __reduce__(self) -> Any:
+        index = ", or pass an index or key (output_transform=0)"
+        raise pickle.PicklingError(
+            f"CamMonitor({self.argument}={self.fn!r}) cannot be pickled, which strategy="
+            "'ddp_spawn' (and any copy to another process) needs: define it as a function at "
+            f"module level{index if self.argument == 'output_transform' else ''}, or use "
+            "strategy='ddp'."
         )
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ast
+import copy
 import csv
 import inspect
 import json
 import logging
+import pickle
 import re
 import time
 import warnings
@@ -690,6 +692,24 @@ def test_probe_labels_of_another_length_than_its_images_are_refused_before_train
     with pytest.raises(ValueError, match=r"probe 'probe' has 8 images but 7 labels.*one label"):
         fit(monitor, tmp_path)
     assert monitor.evaluations == 0
+
+
+def first_logits(output: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return output[0]
+
+
+def test_a_monitor_holding_a_lambda_says_which_argument_cannot_be_pickled(tmp_path: Path) -> None:
+    """ddp_spawn pickles callbacks: a lambda failed in multiprocessing with "Can't pickle
+    <lambda>: attribute lookup on __main__ failed", naming neither the monitor nor the fix."""
+    monitor = CamMonitor("net.features.5", forward=lambda module, x: module(x), num_probe=4)
+    with pytest.raises(pickle.PicklingError, match=r"CamMonitor\(forward=.*module level"):
+        pickle.dumps(monitor)
+    twin = copy.deepcopy(monitor)  # copying needs no pickling: it keeps working
+    assert twin.engine.forward is monitor.engine.forward
+    fit(twin, tmp_path)
+    assert twin.evaluations == 3
+    named = pickle.loads(pickle.dumps(CamMonitor("net.features.5", output_transform=first_logits)))
+    assert named.engine.output_transform is first_logits
 
 
 def test_two_identical_monitors_are_refused_at_setup(tmp_path: Path) -> None:
