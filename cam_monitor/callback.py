@@ -580,6 +580,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             "tracker": self.tracker.state_dict(),
             "run_id": self.run_id,
             "folder": None if self.folder is None else os.fspath(self.folder),
+            "settings": self._settings(),
         }
 
     def on_load_checkpoint(
@@ -613,10 +614,35 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self._resumed_hashes = dict(state_dict.get("probe_hashes", {}))
         self._resumed_folder = state_dict.get("folder")
         self.tracker.load_state_dict(state_dict.get("tracker", {}))
+        saved = state_dict.get("settings", {})
+        now = self._settings()
+        changed = [
+            f"{k} ({saved[k]} -> {now[k]})" for k in now if k in saved and saved[k] != now[k]
+        ]
+        if changed:
+            rank_zero_warn(
+                f"CamMonitor: resumed with other {', '.join(changed)} than the checkpoint's run: "
+                "drift across the resume compares maps or scores computed differently, and the "
+                "run's history mixes both. Resume with the checkpoint's arguments, or start a new "
+                "run (no ckpt_path, or another save_dir) to compare the two."
+            )
         run_id = state_dict.get("run_id")  # checkpoints from before run ids: the unnamed run ""
         self.run_id = str(run_id) if run_id is not None else ("" if self.evaluations else None)
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _settings(self) -> dict[str, str]:
+        """The arguments outside `state_key` that change the maps or scores a run records, as
+        text: a resume with other values warns that its history mixes both."""
+        engine, drift = self.engine, self.tracker.options
+        values = {
+            "target": engine.target, "forward": engine.forward,
+            "output_transform": engine.output_transform, "reshape": engine.reshape,
+            "smooth": engine.smooth, "noise": engine.noise, "cam_head": engine.cam_head,
+            "ig_steps": engine.ig_steps, "masks": self.masks, "drift_measures": drift.measures,
+            "topk": drift.topk, "pointing_tolerance": drift.pointing_tolerance,
+        }  # fmt: skip
+        return {name: _describe(value) for name, value in values.items()}
 
     def _evaluate(
         self,
@@ -912,6 +938,19 @@ def _raised_here(err: BaseException) -> bool:
         tb = tb.tb_next
     package = Path(__file__).parent
     return tb is not None and package in Path(tb.tb_frame.f_code.co_filename).parents
+
+
+def _describe(value: Any) -> str:
+    """An argument as text that is the same in every process: tensors by content hash,
+    functions by import path, modules by type."""
+    if isinstance(value, (Tensor, Mapping)):
+        return f"tensor {content_hash(value)}"
+    if isinstance(value, nn.Module):
+        return type(value).__name__
+    if callable(value):
+        named = value if hasattr(value, "__qualname__") else type(value)  # a callable object
+        return f"{getattr(named, '__module__', '?')}.{named.__qualname__}"
+    return repr(value)
 
 
 def _spec_id(spec: Any) -> str:

@@ -634,6 +634,29 @@ def test_monitors_that_differ_in_probe_share_a_trainer(tmp_path: Path) -> None:
     assert [e.probes for e in first + second] == [("a",), ("a",), ("b",), ("b",)]
 
 
+def test_resuming_with_another_target_or_topk_says_the_history_mixes_both(tmp_path: Path) -> None:
+    def run(monitor: CamMonitor, epochs: int, ckpt: str | None = None) -> pl.Trainer:
+        trainer = quiet_trainer(
+            default_root_dir=tmp_path, logger=False, max_epochs=epochs, callbacks=[monitor],
+            enable_checkpointing=True,
+        )  # fmt: skip
+        trainer.fit(LitClassifier(), loader(shapes_dataset(16)), ckpt_path=ckpt)
+        return trainer
+
+    first = run(CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "h"), 1)
+    ckpt = first.checkpoint_callback.best_model_path
+    changed = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "h", target=1, topk=0.5)
+    with pytest.warns(UserWarning, match=r"(?s)resumed with other target \('predicted' -> 1\), "
+                      r"topk \(0.2 -> 0.5\).*history mixes both"):  # fmt: skip
+        second = run(changed, 2, ckpt)
+    assert changed.run_id == read_history(tmp_path / "h")[0].run  # still the same run
+    same = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "h", target=1, topk=0.5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CamMonitor: resumed")
+        run(same, 3, second.checkpoint_callback.best_model_path)
+    assert same.run_id == changed.run_id
+
+
 def test_monitors_on_different_modules_of_one_type_share_a_trainer_and_resume(
     tmp_path: Path, lightning: Lightning
 ) -> None:
