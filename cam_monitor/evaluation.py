@@ -167,6 +167,12 @@ def run_evaluation(
         with class_score_check(module, engine, check_scores) as check:
             result = compute_probe(module, probe, layers, engine)
             check(result)
+        names, classes = render.class_names, int(result.logits.shape[-1])
+        if check_scores and names is not None and len(names) < classes:
+            raise ValueError(
+                f"`class_names` has {len(names)} names but the logits have {classes} classes; "
+                "give one name per class (a caption names the predicted class, any of them)."
+            )
         output.results[name] = result
         output.images.update(render_probe(probe, result, render))
     if filters is not None and filters.channels:

@@ -735,6 +735,15 @@ def test_a_monitor_holding_a_lambda_says_which_argument_cannot_be_pickled(tmp_pa
     assert named.engine.output_transform is first_logits
 
 
+def test_fewer_class_names_than_classes_are_refused_before_training(tmp_path: Path) -> None:
+    """Two names for five classes drew while the model predicted 0 or 1, then skipped every
+    evaluation once it predicted another class, deep into the run."""
+    monitor = CamMonitor("net.features.5", num_probe=4, class_names=["circle", "square"])
+    with pytest.raises(ValueError, match=r"class_names` has 2 names but the logits have 5 classes"):
+        fit(monitor, tmp_path)
+    assert monitor.evaluations == 0
+
+
 def test_two_identical_monitors_are_refused_at_setup(tmp_path: Path) -> None:
     class WithMonitors(LitClassifier):
         def configure_callbacks(self) -> list[CamMonitor]:
