@@ -738,7 +738,9 @@ def test_a_monitor_holding_a_lambda_says_which_argument_cannot_be_pickled(tmp_pa
 def test_fewer_class_names_than_classes_are_refused_before_training(tmp_path: Path) -> None:
     """Two names for five classes drew while the model predicted 0 or 1, then skipped every
     evaluation once it predicted another class, deep into the run."""
-    monitor = CamMonitor("net.features.5", num_probe=4, class_names=["circle", "square"])
+    images, labels = shapes_dataset(8).tensors
+    probe = (images, labels % 2)  # the truth is named: only predictions can fall outside
+    monitor = CamMonitor("net.features.5", probe=probe, class_names=["circle", "square"])
     with pytest.raises(ValueError, match=r"class_names` has 2 names but the logits have 5 classes"):
         fit(monitor, tmp_path)
     assert monitor.evaluations == 0
