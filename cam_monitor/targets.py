@@ -28,6 +28,12 @@ def pick_logits(output: Any, output_transform: OutputTransform) -> Tensor:
     elif callable(output_transform):
         picked = output_transform(output)
     elif isinstance(output_transform, (int, str)):
+        if isinstance(output, Tensor):  # an index would pick one image's row as the logits
+            raise ValueError(
+                f"output_transform={output_transform!r} picks a head from a tuple or dict output, "
+                f"but the model returned a Tensor of shape {tuple(output.shape)}: the logits "
+                "already. Leave output_transform=None, or pass a callable."
+            )
         try:
             picked = output[output_transform]
         except (KeyError, IndexError, TypeError) as err:

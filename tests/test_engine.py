@@ -180,6 +180,15 @@ def test_output_transform_picks_a_head_by_index_key_or_callable(images: torch.Te
     assert by_index.logits.shape == (4, 5)
 
 
+def test_an_index_into_a_logits_tensor_is_refused(tiny_cnn: TinyCNN) -> None:
+    """output_transform=0 on a model that returns logits [B, C] took the first image's row as
+    one logit per image: with as many images as classes, binary maps of the wrong score."""
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match=r"output_transform=0 picks .* but the model returned a "
+                       r"Tensor of shape \(5, 5\).*output_transform=None"):  # fmt: skip
+        compute_cams(tiny_cnn, images, "features.3", output_transform=0)
+
+
 def test_chunked_probe_equals_one_batch(tiny_cnn: TinyCNN) -> None:
     x = torch.randn(7, 3, 32, 32)
     targets = torch.tensor([0, 1, 2, 3, 4, 0, 1])
