@@ -442,6 +442,12 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 "write the same tags, folder and checkpoint state. Keep one, or make them differ "
                 "in layers, methods, probe (set names), schedule or save_dir."
             )
+        if self.save_dir is not None and Path(self.save_dir).exists():
+            if not Path(self.save_dir).is_dir():  # every history write would fail and warn
+                raise ValueError(
+                    f"save_dir={os.fspath(self.save_dir)!r} is a file, not a folder; pass a "
+                    "folder path (it is created if missing)."
+                )
         self._restored = False  # until `load_state_dict` restores a checkpoint in this fit
         self._foreign_key = None
         self._probes, self._sinks = {}, []  # the last fit's: `evaluate()` waits for this fit's

@@ -746,6 +746,14 @@ def test_fewer_class_names_than_classes_are_refused_before_training(tmp_path: Pa
     assert monitor.evaluations == 0
 
 
+def test_a_save_dir_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a folder")
+    monitor = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match=r"save_dir=.*notes.txt' is a file, not a folder"):
+        fit(monitor, tmp_path)
+    assert monitor.evaluations == 0
+
+
 def test_two_identical_monitors_are_refused_at_setup(tmp_path: Path) -> None:
     class WithMonitors(LitClassifier):
         def configure_callbacks(self) -> list[CamMonitor]:
