@@ -308,6 +308,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self.evaluations = 0
         self._last_step = -1
         self._resumed_hashes: dict[str, str] = {}
+        self._resumed_settings: dict[str, str] = {}  # `_settings()` of the checkpointed run
         self._resumed_folder: str | None = None  # where the checkpointed run wrote its history
         self.run_id: str | None = None  # set at the start of fit, or by a resumed checkpoint
         self._idle = False  # fast_dev_run: nothing evaluated, nothing written
@@ -503,6 +504,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             sink.record_probe({name: probe.digest for name, probe in probes.items()})
             sink.record_dashboard(charts)
         self._check_resumed_probe(probes)
+        if self._restored:
+            self._check_resumed_settings()
         if self.reference is not None and not self.tracker.reference:
             first = read_history(find_history(self.reference))[0]
             self.tracker.use_reference(first, probes, source=str(self.reference))
@@ -594,6 +597,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     ) -> None:
         """A checkpoint whose monitor state was saved under another `state_key` (layers, methods,
         probe, schedule or save_dir changed) continues nothing: say so, this is a new run."""
+        if trainer.state.fn != "fit":  # validate/test/predict with ckpt_path: no run goes on
+            return
         states = checkpoint.get("callbacks") or {}
         legacy = self._state_key(lambda layer: type(layer).__name__)  # how module layers were keyed
         if self.state_key not in states and legacy in states:
@@ -620,18 +625,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self._resumed_hashes = dict(state_dict.get("probe_hashes", {}))
         self._resumed_folder = state_dict.get("folder")
         self.tracker.load_state_dict(state_dict.get("tracker", {}))
-        saved = state_dict.get("settings", {})
-        now = self._settings()
-        changed = [
-            f"{k} ({saved[k]} -> {now[k]})" for k in now if k in saved and saved[k] != now[k]
-        ]
-        if changed:
-            rank_zero_warn(
-                f"CamMonitor: resumed with other {', '.join(changed)} than the checkpoint's run: "
-                "drift across the resume compares maps or scores computed differently, and the "
-                "run's history mixes both. Resume with the checkpoint's arguments, or start a new "
-                "run (no ckpt_path, or another save_dir) to compare the two."
-            )
+        self._resumed_settings = dict(state_dict.get("settings", {}))
         run_id = state_dict.get("run_id")  # checkpoints from before run ids: the unnamed run ""
         self.run_id = str(run_id) if run_id is not None else ("" if self.evaluations else None)
 
@@ -884,6 +878,18 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             "version?), so `cam-monitor show`/`compare` see part of it in each folder. Pass "
             "save_dir= (or a fixed logger version) to keep a run's history in one folder."
         )
+
+    def _check_resumed_settings(self) -> None:
+        """A resumed run computing its maps or scores otherwise than before: say what changed."""
+        saved, now = self._resumed_settings, self._settings()
+        changed = [f"{k} ({saved[k]} -> {v})" for k, v in now.items() if saved.get(k, v) != v]
+        if changed:
+            rank_zero_warn(
+                f"CamMonitor: resumed with other {', '.join(changed)} than the checkpoint's run: "
+                "drift across the resume compares maps or scores computed differently, and the "
+                "run's history mixes both. Resume with the checkpoint's arguments, or start a new "
+                "run (no ckpt_path, or another save_dir) to compare the two."
+            )
 
     def _check_resumed_probe(self, probes: Mapping[str, ProbeSet]) -> None:
         for name, digest in self._resumed_hashes.items():

@@ -303,6 +303,10 @@ def test_resuming_with_other_layers_says_the_checkpointed_run_is_not_continued(
     with pytest.warns(UserWarning, match=rf"(?s){old_key}.*starts a new run at step 1"):
         trainer(changed, 2).fit(lightning.module()(), loader(shapes_dataset(16)), ckpt_path=ckpt)
     assert [e.step for e in read_history(tmp_path / "b")] == [1, 2]  # its own baseline, at step 1
+    other = CamMonitor("net.features.2", num_probe=4, target=1, save_dir=tmp_path / "c")
+    with warnings.catch_warnings():  # validating a checkpoint continues no run: nothing to say
+        warnings.filterwarnings("error", message="CamMonitor: (the checkpoint|resumed)")
+        trainer(other, 1).validate(lightning.module()(), loader(shapes_dataset(16)), ckpt_path=ckpt)
     same_folder = CamMonitor("net.features.2", num_probe=4, save_dir=tmp_path / "a")
     with pytest.raises(ValueError, match=rf"(?s)another run.*CamMonitor state was {old_key}"):
         trainer(same_folder, 2).fit(
