@@ -233,9 +233,11 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     Raises:
         TypeError: in the constructor, for an argument of the wrong type.
         ValueError: in the constructor, for a bad value; before the first training step, for a
-            layer, probe, target or masks that do not fit the model, a sharded strategy, an
-            identical second monitor, a ``save_dir`` holding another run's history, or a
-            callback monitoring a tag whose layer is not a full module name.
+            layer, probe, target, masks or ``class_names`` that do not fit the model, a sharded
+            strategy, an identical second monitor, a ``save_dir`` that is a file or holds another
+            run's history, or a callback monitoring a tag whose layer is not a full module name.
+        PicklingError: when pickled (``ddp_spawn`` does) holding a lambda or local function as
+            ``target``, ``forward``, ``output_transform`` or ``reshape``.
 
     Example::
 
