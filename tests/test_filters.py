@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from cam_monitor import filter_activations, visualize_filter
-from tests.conftest import TinyCNN
+from cam_monitor import CamMonitor, filter_activations, visualize_filter
+from tests.conftest import ClassifierSteps, Lightning, TinyCNN, loader
 
 
 class Exploding(nn.Module):
@@ -144,3 +147,37 @@ def test_channels_last_and_token_layers_give_their_channels() -> None:
     with torch.no_grad():
         grid = model.embed(wide)
     torch.testing.assert_close(filter_activations(model, wide, "block", [1, 4]), grid[:, [1, 4]])
+
+
+class GraySteps(ClassifierSteps):
+    """`ClassifierSteps` on one-channel (grayscale) images, like MNIST."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net.features[0] = nn.Conv2d(1, 8, 3, padding=1)
+
+
+@pytest.mark.slow
+def test_filter_views_of_a_grayscale_model_log_under_the_full_layer_name(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    images = torch.randn(4, 1, 24, 24, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(4) % 5
+    monitor = CamMonitor(
+        "net.features.5", probe=(images, labels), filters={"features.2": [1, 4]}, history=False
+    )
+    logger = lightning.loggers.TensorBoardLogger(tmp_path, name="tb")
+    trainer = lightning.trainer(
+        callbacks=[monitor], logger=logger, max_epochs=1, default_root_dir=tmp_path
+    )
+    trainer.fit(lightning.module(GraySteps)(), loader(TensorDataset(images, labels)))
+    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    assert {t for t in acc.Tags()["images"] if t.startswith("filters/")} == {
+        "filters/probe/net.features.2/channel_1",
+        "filters/probe/net.features.2/channel_4",
+        "filters/net.features.2/maximised",
+    }
+    maximised = acc.Images("filters/net.features.2/maximised")
+    assert [event.step for event in maximised] == [0, trainer.global_step]
+    assert (maximised[-1].height, maximised[-1].width) == (28, 54)  # 2 tiles of 24 px, padded
