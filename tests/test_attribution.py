@@ -313,6 +313,34 @@ def test_a_model_without_relu_gets_a_warning(images: torch.Tensor, method: str) 
         compute_cams(gelu, images, None, method)
 
 
+class ReluThenSilu(nn.Module):
+    """An nn.ReLU, then a functional SiLU: guided backprop can rule only the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+        self.relu, self.fc = nn.ReLU(), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.conv2(self.relu(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet", "guided_gradcam"])
+def test_relus_mixed_with_other_activations_warn_naming_them(method: str) -> None:
+    torch.manual_seed(0)
+    mobilenet = torchvision.models.mobilenet_v3_small(weights=None, num_classes=4).eval()
+    x = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(4))
+    layer = ["features.8"] if method == "guided_gradcam" else None  # guided backprop inside
+    rule = "deconvnet" if method == "deconvnet" else "guided backprop"
+    with pytest.warns(UserWarning, match=rf"MobileNetV3 ran \d+ ReLUs under the {rule} rule "
+                      r"and \d+ other activations \(hardswish x\d+\).*plain gradient"):  # fmt: skip
+        compute_cams(mobilenet, x, layer, method)
+    with pytest.warns(UserWarning, match=r"ReluThenSilu ran 1 ReLU .* 1 other activation \(silu"):
+        compute_cams(ReluThenSilu(), x, layer and ["conv2"], method)
+
+
 def test_smoothgrad_is_reproducible_and_leaves_the_global_rng_alone(
     tiny_cnn: TinyCNN, images: torch.Tensor
 ) -> None:
