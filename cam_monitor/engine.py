@@ -35,6 +35,7 @@ from .attribution import (
 )
 from .batch import Batch
 from .capture import capture_outputs, did_not_run, no_gradient, scoped_hooks
+from .drift import as_measured
 from .isolation import isolated
 from .layers import LayerSpec, Reshape, as_spatial, resolve_layers, unwrap_model
 from .methods import (
@@ -98,8 +99,12 @@ class CamResult:
     def normalized(
         self, layer: str, method: str, size: tuple[int, int] | None = None, eps: float = 1e-7
     ) -> Tensor:
-        """Per-image min-max normalised map in [0, 1], at `size` (default: the input size)."""
-        return normalize_maps(self.upsampled(layer, method, size), eps)
+        """Per-image min-max normalised map in [0, 1], at `size` (default: the input size).
+
+        A signed map (`SIGNED_METHODS`) is normalised by its magnitude, as drift and
+        localization read it: the strongest pixel of either sign is 1, no attribution about 0.
+        """
+        return normalize_maps(as_measured(self.upsampled(layer, method, size), method), eps)
 
 
 def compute_cams(

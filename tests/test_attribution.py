@@ -503,3 +503,19 @@ def test_every_method_cleans_up_when_its_last_forward_raises(method: str) -> Non
     assert all(m.training for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
     assert torch._C._len_torch_function_stack() == 0
+
+
+def test_normalized_signed_maps_read_zero_attribution_as_zero() -> None:
+    """A signed map's strongest pixel, of either sign, is 1 and no attribution is 0, as drift
+    and localization read it; min-max would turn 0 into a mid heat."""
+    weights = torch.zeros(2, 1, 2, 3)
+    weights[1, 0] = torch.tensor([[-4.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 2, bias=False))
+    with torch.no_grad():
+        net[1].weight.copy_(weights.flatten(1))
+    x = torch.ones(1, 1, 2, 3)
+    result = compute_cams(net, x, None, "integrated_gradients", target=1, ig_steps=4)
+    raw = result["input", "integrated_gradients"]
+    assert torch.allclose(raw, weights[1], atol=1e-6)  # a linear model: IG = w * (x - 0)
+    expected = torch.tensor([[[1.0, 0.0, 0.25], [0.0, 0.5, 0.0]]])
+    assert torch.allclose(result.normalized("input", "integrated_gradients"), expected)
