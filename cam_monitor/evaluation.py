@@ -25,6 +25,7 @@ from .probe import ProbeSet
 from .render import (
     caption_text,
     choose_captions,
+    denormalize,
     make_map_grid,
     make_overlay_grids,
     make_view_grid,
@@ -151,7 +152,8 @@ def filter_grids(
             module, layer, list(channels), steps=filters.steps, size=size,
             in_channels=in_channels, **hooks,
         )  # fmt: skip
-        tiles = to_uint8_images(images.detach())
+        # In the data's colours, like the probe, then scaled per image: they are unbounded.
+        tiles = to_uint8_images(denormalize(images.detach().float(), render.mean, render.std))
         grids[filter_maximised_tag(layer)] = make_grid(tiles, nrow=len(channels), padding=2)
     return grids
 

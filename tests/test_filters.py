@@ -181,3 +181,27 @@ def test_filter_views_of_a_grayscale_model_log_under_the_full_layer_name(
     maximised = acc.Images("filters/net.features.2/maximised")
     assert [event.step for event in maximised] == [0, trainer.global_step]
     assert (maximised[-1].height, maximised[-1].width) == (28, 54)  # 2 tiles of 24 px, padded
+
+
+def test_maximised_inputs_are_drawn_in_the_colours_of_the_data() -> None:
+    """With `mean`/`std`, the optimised inputs are de-normalised before they are drawn, like
+    the probe images: a channel's offset is a colour, not noise to scale away."""
+    from cam_monitor.evaluation import filter_grids
+    from cam_monitor.options import EngineOptions, FilterOptions, RenderOptions
+    from cam_monitor.probe import ProbeSet
+    from cam_monitor.render import to_uint8_images
+
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    probe = ProbeSet("probe", torch.randn(2, 3, 16, 16), None)
+    mean, std = (0.8, 0.1, 0.1), (0.1, 0.3, 0.3)
+    filters = FilterOptions({"features.2": (1, 4)}, steps=3)
+    render = RenderOptions(mean=mean, std=std)
+    grid = filter_grids(model, {"probe": probe}, filters, EngineOptions(), render)
+    images = visualize_filter(model, "features.2", [1, 4], steps=3, size=(16, 16))
+    rgb = images * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    expected = to_uint8_images(rgb)  # min-max per image of the de-normalised inputs
+    maximised = grid["filters/features.2/maximised"]
+    assert torch.equal(maximised[:, 2:18, 2:18], expected[0])
+    assert torch.equal(maximised[:, 2:18, 20:36], expected[1])
+    assert not torch.equal(expected, to_uint8_images(images))  # the colours differ here
