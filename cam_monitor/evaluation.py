@@ -96,7 +96,7 @@ def render_probe(
             grids.update(view_grids(probe.name, layer, method, maps, captions, options))
         elif method in PIXEL_METHODS:
             grids[key] = make_map_grid(
-                maps, signed=method in SIGNED_METHODS, captions=captions, nrow=options.nrow
+                maps, signed=False, colormap=options.colormap, captions=captions, nrow=options.nrow
             )
         else:
             grids[key] = overlays[key] = maps  # a placeholder keeping the key's place
