@@ -142,7 +142,7 @@ def filter_grids(
             acts = filter_activations(module, probe.inputs, layer, list(channels), **hooks)
             for index, channel in enumerate(channels):
                 grids[filter_channel_tag(probe.name, layer, channel)] = make_map_grid(
-                    acts[:, index], signed=False, nrow=render.nrow
+                    acts[:, index], signed=False, colormap=render.colormap, nrow=render.nrow
                 )
         first = Batch.of(next(iter(probes.values())).inputs)
         size = first.image_size or (64, 64)

@@ -189,14 +189,14 @@ def test_maximised_inputs_are_drawn_in_the_colours_of_the_data() -> None:
     from cam_monitor.evaluation import filter_grids
     from cam_monitor.options import EngineOptions, FilterOptions, RenderOptions
     from cam_monitor.probe import ProbeSet
-    from cam_monitor.render import to_uint8_images
+    from cam_monitor.render import make_map_grid, to_uint8_images
 
     torch.manual_seed(0)
     model = TinyCNN().eval()
     probe = ProbeSet("probe", torch.randn(2, 3, 16, 16), None)
     mean, std = (0.8, 0.1, 0.1), (0.1, 0.3, 0.3)
     filters = FilterOptions({"features.2": (1, 4)}, steps=3)
-    render = RenderOptions(mean=mean, std=std)
+    render = RenderOptions(mean=mean, std=std, colormap="viridis")
     grid = filter_grids(model, {"probe": probe}, filters, EngineOptions(), render)
     images = visualize_filter(model, "features.2", [1, 4], steps=3, size=(16, 16))
     rgb = images * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
@@ -205,3 +205,6 @@ def test_maximised_inputs_are_drawn_in_the_colours_of_the_data() -> None:
     assert torch.equal(maximised[:, 2:18, 2:18], expected[0])
     assert torch.equal(maximised[:, 2:18, 20:36], expected[1])
     assert not torch.equal(expected, to_uint8_images(images))  # the colours differ here
+    acts = filter_activations(model, probe.inputs, "features.2", [4])[:, 0]
+    channel = make_map_grid(acts, signed=False, colormap="viridis")  # the chosen colormap
+    assert torch.equal(grid["filters/probe/features.2/channel_4"], channel)
