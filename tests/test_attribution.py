@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -356,6 +357,25 @@ def test_smoothgrad_is_reproducible_and_leaves_the_global_rng_alone(
     assert (first[key] >= 0).all() and first[key].shape == (4, 32, 32)
     exact = compute_cams(tiny_cnn, images, None, ["smoothgrad", "saliency"], smooth=3, noise=0.0)
     assert close(exact[key], exact["input", "saliency"], 1e-5)
+
+
+class HalfSquare(nn.Module):
+    """Class 0 scores sum(x^2) / 2, so the input gradient is x itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = 0.5 * x.pow(2).flatten(1).sum(1)
+        return torch.stack([score, torch.zeros_like(score)], dim=1)
+
+
+def test_smoothgrad_noise_is_a_fraction_of_each_images_value_range() -> None:
+    """At a zero pixel, SmoothGrad of sum(x^2)/2 is the mean of |sigma * z|, which tends to
+    sigma * sqrt(2 / pi): sigma must be `noise` times that image's own max - min."""
+    x = torch.zeros(2, 1, 8, 8)
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = 1.0, 4.0  # value ranges 1 and 4
+    result = compute_cams(HalfSquare(), x, None, "smoothgrad", target=0, smooth=256, noise=0.5)
+    at_zero = result["input", "smoothgrad"].flatten(1)[:, 1:].mean(dim=1)
+    sigma = 0.5 * torch.tensor([1.0, 4.0])
+    assert torch.allclose(at_zero, sigma * math.sqrt(2 / math.pi), rtol=0.03)
 
 
 def test_smooth_gradcam_plus_plus_averages_gradient_moments(
