@@ -281,16 +281,17 @@ def ruled_relus(model: nn.Module, rule: ReluRule) -> Iterator[None]:
     with scoped_hooks(hooks), functional:
         yield
     name = "guided backprop" if rule == "guided" else "deconvnet"
+    kinds = ", ".join(f"{kind} x{n}" for kind, n in functional.unruled.items())
     if not functional.applied:
+        ran = f" (it ran {kinds})" if kinds else ""
         warnings.warn(
-            f"{type(model).__name__} ran no ReLU on a tensor that needs a gradient, so {name} "
-            "equals the plain input gradient here (GELU, SiLU and other activations have no "
-            f"{name} rule). Use saliency or integrated_gradients for such models.",
+            f"{type(model).__name__} ran no ReLU on a tensor that needs a gradient{ran}, so "
+            f"{name} equals the plain input gradient here (GELU, SiLU and other activations "
+            f"have no {name} rule). Use saliency or integrated_gradients for such models.",
             stacklevel=3,
         )
     elif functional.unruled:
         count = sum(functional.unruled.values())
-        kinds = ", ".join(f"{kind} x{n}" for kind, n in functional.unruled.items())
         warnings.warn(
             f"{type(model).__name__} ran {_plural(functional.applied, 'ReLU')} under the {name} "
             f"rule and {_plural(count, 'other activation')} ({kinds}) that have no such rule "
