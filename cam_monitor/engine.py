@@ -252,8 +252,10 @@ def compute(
             for key, value in extras.items():
                 per_extra.setdefault(key, []).append(value)
     maps = {key: _joined(parts) for key, parts in per_map.items()}
+    extras = {key: _joined(parts) for key, parts in per_extra.items()}
     _warn_if_all_zero(module, maps, plan)
     _warn_if_one_cell(module, maps, plan, batch.image_size)
+    _warn_if_incomplete(module, extras, options.ig_steps)
     return CamResult(
         maps=maps,
         targets=_joined(all_targets),
@@ -261,7 +263,7 @@ def compute(
         input_size=batch.image_size,
         layers=tuple(plan.layers),
         methods=options.methods,
-        extras={key: _joined(parts) for key, parts in per_extra.items()},
+        extras=extras,
     )
 
 
@@ -300,6 +302,18 @@ def _warn_if_all_zero(module: nn.Module, maps: dict[tuple[str, str], Tensor], pl
                 "try layercam / hirescam.",
                 stacklevel=3,
             )
+
+
+def _warn_if_incomplete(module: nn.Module, extras: dict[str, Tensor], steps: int) -> None:
+    """One warning per model when integrated gradients miss the completeness check on some
+    image of the whole probe (every chunk counted)."""
+    gap = extras.get("integrated_gradients.completeness_gap")
+    if gap is None or ("ig-steps",) in _SEEN.get(module, ()):
+        return
+    message = completeness_warning(gap, extras["integrated_gradients.score_delta"], steps)
+    if message is not None:
+        _first_time(module, ("ig-steps",))
+        warnings.warn(message, stacklevel=4)
 
 
 def _warn_if_one_cell(
@@ -469,11 +483,6 @@ def _explain_chunk(
         extras["integrated_gradients.score_delta"] = delta
         gap = attributions.flatten(1).sum(dim=1) - delta
         extras["integrated_gradients.completeness_gap"] = gap
-        if ("ig-steps",) not in _SEEN.get(module, ()):
-            message = completeness_warning(gap, delta, options.ig_steps)
-            if message is not None:
-                _first_time(module, ("ig-steps",))
-                warnings.warn(message, stacklevel=4)
     guided = None
     if "guided_backprop" in options.methods or "guided_gradcam" in options.methods:
         guided = guided_backprop(module, score_fn, chunk, options.batch_size)

@@ -248,6 +248,17 @@ def test_integrated_gradients_warn_once_when_steps_are_too_few() -> None:
         compute_cams(TinyCNN(), x, None, "integrated_gradients")  # the default meets it here
 
 
+def test_the_integrated_gradients_warning_counts_the_whole_probe_when_chunked() -> None:
+    torch.manual_seed(0)
+    model, x = TinyCNN(), torch.rand(5, 3, 32, 32)
+    with pytest.warns(UserWarning) as caught:
+        chunked = compute_cams(model, x, None, "integrated_gradients", ig_steps=1, batch_size=2)
+    gap = chunked.extras["integrated_gradients.completeness_gap"].abs()
+    over = int((gap > 0.1 * chunked.extras["integrated_gradients.score_delta"].abs()).sum())
+    messages = [str(w.message) for w in caught if "integrated_gradients" in str(w.message)]
+    assert messages == [messages[0]] and f"for {over} of 5 images" in messages[0]
+
+
 def test_the_ig_steps_default_is_one_number_everywhere() -> None:
     default = EngineOptions().ig_steps
     assert default == 256
