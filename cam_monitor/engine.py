@@ -286,12 +286,16 @@ def _first_time(module: nn.Module, key: tuple[str, ...]) -> bool:
     return True
 
 
+#: Methods with a map per layer: the CAMs, and guided Grad-CAM (zero where its Grad-CAM is).
+_LAYER_MAPS = CAM_METHODS | {"guided_gradcam"}
+
+
 def _warn_if_all_zero(module: nn.Module, maps: dict[tuple[str, str], Tensor], plan: _Plan) -> None:
     """One warning per layer whose CAMs are exactly zero for every image (first call only)."""
     for name in plan.layers:
         if not _first_time(module, ("all-zero", name)):
             continue
-        zero = [m for (layer, m), v in maps.items() if layer == name and m in CAM_METHODS
+        zero = [m for (layer, m), v in maps.items() if layer == name and m in _LAYER_MAPS
                 and not bool(v.any())]  # fmt: skip
         if zero:
             warnings.warn(

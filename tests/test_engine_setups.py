@@ -80,6 +80,18 @@ def test_maps_exactly_zero_everywhere_warn_once_naming_the_layer() -> None:
         compute_cams(model, x, "features.5", "gradcam")  # said once per model and layer
 
 
+def test_guided_gradcam_exactly_zero_everywhere_warns_naming_the_layer() -> None:
+    """Negative head weights on ReLU'd features: every Grad-CAM weight is negative, so Grad-CAM,
+    and guided Grad-CAM with it, is zero for every image; a blank grid says nothing by itself."""
+    torch.manual_seed(0)
+    model, x = TinyCNN(), torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        model.fc.weight.copy_(-model.fc.weight.abs())
+    with pytest.warns(UserWarning, match=r"guided_gradcam maps at layer 'features\.5' are exac"):
+        result = compute_cams(model, x, "features.5", "guided_gradcam", target=0)
+    assert not result["features.5", "guided_gradcam"].any()
+
+
 class LitCut(pl.LightningModule):
     """Trains a TinyCNN; from `cut_from_epoch` on, its forward runs the features under no_grad."""
 
