@@ -541,3 +541,25 @@ def test_normalized_signed_maps_read_zero_attribution_as_zero() -> None:
     assert torch.allclose(raw, weights[1], atol=1e-6)  # a linear model: IG = w * (x - 0)
     expected = torch.tensor([[[1.0, 0.0, 0.25], [0.0, 0.5, 0.0]]])
     assert torch.allclose(result.normalized("input", "integrated_gradients"), expected)
+
+
+def test_extra_passes_are_bounded_without_batch_size() -> None:
+    """IG's steps and SmoothGrad's copies of a whole probe in one forward (256 steps x 16
+    images at 224 px: 4112 rows) would exhaust memory: without `batch_size`, a pass holds at
+    most the probe's rows or 16 images of 224 x 224 pixels, and the maps stay the same."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 2, 5, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(2, 3),
+    )  # fmt: skip
+    x, rows = torch.rand(3, 3, 112, 112), []
+    net[0].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    methods, budget = ["integrated_gradients", "smoothgrad"], 16 * 224 * 224 // (112 * 112)
+    bounded = compute_cams(net, x, None, methods, ig_steps=32, smooth=40)
+    assert max(rows) == budget and sum(rows) == 3 + 3 * 40 + 3 * 33  # clean, SmoothGrad, IG
+    explicit = compute_cams(net, x, None, methods, ig_steps=32, smooth=40, batch_size=3)
+    for method in methods:
+        assert close(bounded["input", method], explicit["input", method], 1e-5), method
+    rows.clear()
+    compute_cams(net, x[:1].expand(80, -1, -1, -1), None, "smoothgrad", smooth=2)
+    assert max(rows) == 80  # never fewer rows than the probe holds
