@@ -31,6 +31,15 @@ SMOOTHGRAD_SAMPLES = 16
 
 _RELU_FUNCTIONS = frozenset([F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_])
 _INPLACE_RELUS = frozenset([F.relu_, torch.relu_, Tensor.relu_])
+#: Rectifier-like activations without a guided or deconvnet rule: they pass plain gradients
+#: (`nn.ReLU6` calls `hardtanh`; captum's GuidedBackprop leaves them alone too).
+_UNRULED_ACTIVATIONS = frozenset(
+    [
+        F.gelu, F.silu, F.hardswish, F.mish, F.relu6, F.hardtanh, F.hardtanh_, F.leaky_relu,
+        F.leaky_relu_, F.elu, F.elu_, F.selu, F.selu_, F.celu, F.celu_, F.prelu, torch.prelu,
+        F.rrelu, F.rrelu_, F.softplus, F.threshold, F.threshold_,
+    ]
+)  # fmt: skip
 
 #: How a ReLU passes gradients back: guided backprop, or the deconvnet.
 ReluRule = Literal["guided", "deconvnet"]
@@ -207,6 +216,7 @@ class _FunctionalRelus(TorchFunctionMode):
         super().__init__()
         self.rule = rule
         self.applied = 0
+        self.unruled: dict[str, int] = {}  # other activations on tensors with grad, by name
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
@@ -218,6 +228,10 @@ class _FunctionalRelus(TorchFunctionMode):
                 flag = kwargs.get("inplace", args[1] if len(args) > 1 else False)
                 self.applied += 1
                 return _RuledRelu.apply(x, self.rule, func in _INPLACE_RELUS or bool(flag))
+        elif func in _UNRULED_ACTIVATIONS and args and isinstance(args[0], Tensor):
+            if args[0].requires_grad and torch.is_grad_enabled():
+                name = func.__name__.rstrip("_")
+                self.unruled[name] = self.unruled.get(name, 0) + 1
         return func(*args, **kwargs)
 
 
@@ -266,14 +280,30 @@ def ruled_relus(model: nn.Module, rule: ReluRule) -> Iterator[None]:
     functional = _FunctionalRelus(rule)
     with scoped_hooks(hooks), functional:
         yield
+    name = "guided backprop" if rule == "guided" else "deconvnet"
+    kinds = ", ".join(f"{kind} x{n}" for kind, n in functional.unruled.items())
     if not functional.applied:
-        name = "guided backprop" if rule == "guided" else "deconvnet"
+        ran = f" (it ran {kinds})" if kinds else ""
         warnings.warn(
-            f"{type(model).__name__} ran no ReLU on a tensor that needs a gradient, so {name} "
-            "equals the plain input gradient here (GELU, SiLU and other activations have no "
-            f"{name} rule). Use saliency or integrated_gradients for such models.",
+            f"{type(model).__name__} ran no ReLU on a tensor that needs a gradient{ran}, so "
+            f"{name} equals the plain input gradient here (GELU, SiLU and other activations "
+            f"have no {name} rule). Use saliency or integrated_gradients for such models.",
             stacklevel=3,
         )
+    elif functional.unruled:
+        count = sum(functional.unruled.values())
+        warnings.warn(
+            f"{type(model).__name__} ran {_plural(functional.applied, 'ReLU')} under the {name} "
+            f"rule and {_plural(count, 'other activation')} ({kinds}) that have no such rule "
+            f"and pass the plain gradient: the map is {name} at the ReLUs only. Use saliency or "
+            "integrated_gradients for a map that treats every activation alike.",
+            stacklevel=3,
+        )
+
+
+def _plural(count: int, noun: str) -> str:
+    """`"1 ReLU"`, `"3 ReLUs"`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def relu_rule_gradients(

@@ -215,10 +215,12 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         image_format: ``"jpeg"`` (quality 90) or ``"png"`` (lossless, several times larger and
             slower to encode): how overlay grids are logged and saved; pixel-level maps are PNG.
         batch_size: probe rows per pass, to bound memory (None: the whole probe at once).
-        smooth: noisy copies averaged by the gradient CAMs (Smooth Grad-CAM++ with gradcam++).
+        smooth: noisy copies averaged by the gradient CAMs (Smooth Grad-CAM++ with gradcam++)
+            and by ``smoothgrad`` (16 when 0).
         noise: noise std of those copies, as a fraction of each image's value range.
         cam_head: for ``cam``: the Linear classifier after global pooling (default: the last).
-        ig_steps: Riemann steps of ``integrated_gradients``.
+        ig_steps: Riemann steps of ``integrated_gradients`` from the all-zero input (black in
+            [0, 1], the mean colour for normalised images).
         filters: ``{"features.28": [0, 5]}``: channel activations and inputs that excite them.
         drift_measures: any of ``spearman``, ``pearson``, ``topk_iou``, ``js``, ``com_shift``
             (default: ``spearman`` and ``topk_iou``).

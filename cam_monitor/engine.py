@@ -35,6 +35,7 @@ from .attribution import (
 )
 from .batch import Batch
 from .capture import capture_outputs, did_not_run, no_gradient, scoped_hooks
+from .drift import as_measured
 from .isolation import isolated
 from .layers import LayerSpec, Reshape, as_spatial, resolve_layers, unwrap_model
 from .methods import (
@@ -98,8 +99,12 @@ class CamResult:
     def normalized(
         self, layer: str, method: str, size: tuple[int, int] | None = None, eps: float = 1e-7
     ) -> Tensor:
-        """Per-image min-max normalised map in [0, 1], at `size` (default: the input size)."""
-        return normalize_maps(self.upsampled(layer, method, size), eps)
+        """Per-image min-max normalised map in [0, 1], at `size` (default: the input size).
+
+        A signed map (`SIGNED_METHODS`) is normalised by its magnitude, as drift and
+        localization read it: the strongest pixel of either sign is 1, no attribution about 0.
+        """
+        return normalize_maps(as_measured(self.upsampled(layer, method, size), method), eps)
 
 
 def compute_cams(
@@ -125,7 +130,8 @@ def compute_cams(
     The gradient CAMs (`gradcam`, `gradcam++`, `xgradcam`, `layercam`, `hirescam`), `cam` and
     `saliency` share one forward and one `torch.autograd.grad` per chunk; `smooth`,
     `smoothgrad`, `integrated_gradients`, `guided_backprop` and `deconvnet` add passes of at most
-    `batch_size` rows (unbounded when None). The model runs in eval mode under a forked RNG;
+    `batch_size` rows (when None: the probe's rows or 16 images of 224 x 224 pixels, whichever
+    is more; see `extra_pass_rows`). The model runs in eval mode under a forked RNG;
     gradients are taken w.r.t. activations and inputs only, so parameter `.grad` is untouched.
 
     Args:
@@ -142,7 +148,8 @@ def compute_cams(
         output_transform: picks the class logits from a tuple/dict output: index, key or callable.
         reshape: turns a layer output into ``[B, C, H, W]`` (channels-last and token grids are
             handled without it where the shape is unambiguous).
-        batch_size: rows per pass, to bound memory (None: the whole batch at once).
+        batch_size: rows per pass, to bound memory (None: the whole batch at once, and extra
+            passes as `extra_pass_rows` says).
         smooth: gradient CAMs use the mean of G (and of G^2, G^3 for Smooth Grad-CAM++) over
             ``smooth`` noisy copies, with activations of the clean input; ``smoothgrad`` uses
             that many copies (16 when 0). ``cam`` has no gradient to smooth.
@@ -247,8 +254,10 @@ def compute(
             for key, value in extras.items():
                 per_extra.setdefault(key, []).append(value)
     maps = {key: _joined(parts) for key, parts in per_map.items()}
+    extras = {key: _joined(parts) for key, parts in per_extra.items()}
     _warn_if_all_zero(module, maps, plan)
     _warn_if_one_cell(module, maps, plan, batch.image_size)
+    _warn_if_incomplete(module, extras, options.ig_steps)
     return CamResult(
         maps=maps,
         targets=_joined(all_targets),
@@ -256,7 +265,7 @@ def compute(
         input_size=batch.image_size,
         layers=tuple(plan.layers),
         methods=options.methods,
-        extras={key: _joined(parts) for key, parts in per_extra.items()},
+        extras=extras,
     )
 
 
@@ -279,12 +288,16 @@ def _first_time(module: nn.Module, key: tuple[str, ...]) -> bool:
     return True
 
 
+#: Methods with a map per layer: the CAMs, and guided Grad-CAM (zero where its Grad-CAM is).
+_LAYER_MAPS = CAM_METHODS | {"guided_gradcam"}
+
+
 def _warn_if_all_zero(module: nn.Module, maps: dict[tuple[str, str], Tensor], plan: _Plan) -> None:
     """One warning per layer whose CAMs are exactly zero for every image (first call only)."""
     for name in plan.layers:
         if not _first_time(module, ("all-zero", name)):
             continue
-        zero = [m for (layer, m), v in maps.items() if layer == name and m in CAM_METHODS
+        zero = [m for (layer, m), v in maps.items() if layer == name and m in _LAYER_MAPS
                 and not bool(v.any())]  # fmt: skip
         if zero:
             warnings.warn(
@@ -295,6 +308,18 @@ def _warn_if_all_zero(module: nn.Module, maps: dict[tuple[str, str], Tensor], pl
                 "try layercam / hirescam.",
                 stacklevel=3,
             )
+
+
+def _warn_if_incomplete(module: nn.Module, extras: dict[str, Tensor], steps: int) -> None:
+    """One warning per model when integrated gradients miss the completeness check on some
+    image of the whole probe (every chunk counted)."""
+    gap = extras.get("integrated_gradients.completeness_gap")
+    if gap is None or ("ig-steps",) in _SEEN.get(module, ()):
+        return
+    message = completeness_warning(gap, extras["integrated_gradients.score_delta"], steps)
+    if message is not None:
+        _first_time(module, ("ig-steps",))
+        warnings.warn(message, stacklevel=4)
 
 
 def _warn_if_one_cell(
@@ -440,6 +465,7 @@ def _explain_chunk(
 ) -> tuple[Tensor, Tensor, dict[tuple[str, str], Tensor], dict[str, Tensor]]:
     """Every requested map of one probe chunk: the clean pass, then any extra batched passes."""
     clean = _clean_pass(module, chunk, target, options, plan)
+    rows_per_pass = extra_pass_rows(chunk, options.batch_size)
     score_fn = _scorer(module, options, target, clean.indices)
     layer_grads: dict[str, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {
         name: (grad, None) for name, grad in clean.gradients.items()
@@ -450,32 +476,29 @@ def _explain_chunk(
         input_maps["saliency"] = saliency_map(clean.input_gradients)
     if plan.noisy_copies:
         assert generator is not None
-        smoothed, smoothgrad = _noisy_passes(chunk, score_fn, options, plan, clean, generator)
+        smoothed, smoothgrad = _noisy_passes(
+            chunk, score_fn, options, plan, clean, generator, rows_per_pass
+        )
         layer_grads.update(smoothed)
         if smoothgrad is not None:
             input_maps["smoothgrad"] = smoothgrad.amax(dim=1)
     if "integrated_gradients" in options.methods:
         assert baseline is not None
         attributions, base_scores = integrated_gradients(
-            score_fn, chunk, baseline, options.ig_steps, options.batch_size
+            score_fn, chunk, baseline, options.ig_steps, rows_per_pass
         )
         input_maps["integrated_gradients"] = channel_sum(attributions)
         delta = clean.scores - base_scores
         extras["integrated_gradients.score_delta"] = delta
         gap = attributions.flatten(1).sum(dim=1) - delta
         extras["integrated_gradients.completeness_gap"] = gap
-        if ("ig-steps",) not in _SEEN.get(module, ()):
-            message = completeness_warning(gap, delta, options.ig_steps)
-            if message is not None:
-                _first_time(module, ("ig-steps",))
-                warnings.warn(message, stacklevel=4)
     guided = None
     if "guided_backprop" in options.methods or "guided_gradcam" in options.methods:
-        guided = guided_backprop(module, score_fn, chunk, options.batch_size)
+        guided = guided_backprop(module, score_fn, chunk, rows_per_pass)
         if "guided_backprop" in options.methods:
             input_maps["guided_backprop"] = channel_sum(guided)
     if "deconvnet" in options.methods:
-        deconv = deconvnet(module, score_fn, chunk, options.batch_size)
+        deconv = deconvnet(module, score_fn, chunk, rows_per_pass)
         input_maps["deconvnet"] = channel_sum(deconv)
 
     maps: dict[tuple[str, str], Tensor] = {}
@@ -503,6 +526,25 @@ def _explain_chunk(
         if method in input_maps:
             maps[INPUT_KEY, method] = input_maps[method]
     return clean.indices, clean.logits, maps, extras
+
+
+#: Pixels an extra pass (IG steps, noisy copies) holds at most without `batch_size`, unless the
+#: probe itself holds more: a 16-image probe at 224 x 224.
+EXTRA_PASS_PIXELS = 16 * 224 * 224
+
+
+def extra_pass_rows(chunk: Batch, batch_size: int | None) -> int | None:
+    """Rows per extra pass: `batch_size`, else the chunk's rows or `EXTRA_PASS_PIXELS` worth of
+    its images, whichever is more (all of a probe's IG steps in one forward can exhaust memory).
+
+    Example:
+        >>> extra_pass_rows(Batch.of(torch.zeros(4, 3, 112, 112)), None)
+        64
+    """
+    if batch_size is not None or chunk.image is None:
+        return batch_size
+    height, width = chunk.image.shape[-2:]
+    return max(int(chunk.image.shape[0]), EXTRA_PASS_PIXELS // max(1, height * width))
 
 
 def _run(module: nn.Module, options: EngineOptions, rows: Batch) -> Any:
@@ -633,6 +675,7 @@ def _noisy_passes(
     plan: _Plan,
     clean: _CleanPass,
     generator: torch.Generator,
+    rows_per_pass: int | None,
 ) -> tuple[dict[str, tuple[Tensor, tuple[Tensor, Tensor] | None]], Tensor | None]:
     """Mean layer gradients (and G^2, G^3 moments) and mean |input gradient| over noisy copies.
 
@@ -655,7 +698,7 @@ def _noisy_passes(
     input_sum = torch.zeros(image.shape, device=image.device) if want_input else None
     sigma = noise_scale(image, options.noise)
     size = chunk.image_size
-    for start, stop in pass_ranges(image.shape[0] * copies, options.batch_size):
+    for start, stop in pass_ranges(image.shape[0] * copies, rows_per_pass):
         index = torch.arange(start, stop, device=image.device) // copies
         rows = noisy_rows(image, index, sigma, generator)
         if want_input:

@@ -17,14 +17,15 @@ from torchvision.utils import make_grid
 from .batch import Batch
 from .capture import scoped_hooks
 from .engine import CamResult, compute
-from .filters import filter_activations, visualize_filter
-from .layers import LayerSpec
+from .filters import filter_activations, one_layer, visualize_filter
+from .layers import LayerSpec, unwrap_model
 from .methods import PIXEL_METHODS, SIGNED_METHODS
 from .options import EngineOptions, FilterOptions, RenderOptions
 from .probe import ProbeSet
 from .render import (
     caption_text,
     choose_captions,
+    denormalize,
     make_map_grid,
     make_overlay_grids,
     make_view_grid,
@@ -95,7 +96,7 @@ def render_probe(
             grids.update(view_grids(probe.name, layer, method, maps, captions, options))
         elif method in PIXEL_METHODS:
             grids[key] = make_map_grid(
-                maps, signed=method in SIGNED_METHODS, captions=captions, nrow=options.nrow
+                maps, signed=False, colormap=options.colormap, captions=captions, nrow=options.nrow
             )
         else:
             grids[key] = overlays[key] = maps  # a placeholder keeping the key's place
@@ -135,18 +136,24 @@ def filter_grids(
     input images (activation maximisation), as grids tagged `filters/...`."""
     grids: dict[str, Tensor] = {}
     hooks = {"forward": engine.forward, "reshape": engine.reshape}
-    for layer, channels in filters.channels.items():
+    for given, channels in filters.channels.items():
+        layer, _ = one_layer(unwrap_model(module), given)  # tags use the full name, as CAMs do
         for probe in probes.values():
             acts = filter_activations(module, probe.inputs, layer, list(channels), **hooks)
             for index, channel in enumerate(channels):
                 grids[filter_channel_tag(probe.name, layer, channel)] = make_map_grid(
-                    acts[:, index], signed=False, nrow=render.nrow
+                    acts[:, index], signed=False, colormap=render.colormap, nrow=render.nrow
                 )
-        size = Batch.of(next(iter(probes.values())).inputs).image_size or (64, 64)
+        first = Batch.of(next(iter(probes.values())).inputs)
+        size = first.image_size or (64, 64)
+        # The optimised inputs are shaped like the probe's images (1 channel for grayscale).
+        in_channels = 3 if first.image is None else int(first.image.shape[1])
         images = visualize_filter(
-            module, layer, list(channels), steps=filters.steps, size=size, **hooks
-        )
-        tiles = to_uint8_images(images.detach())
+            module, layer, list(channels), steps=filters.steps, size=size,
+            in_channels=in_channels, **hooks,
+        )  # fmt: skip
+        # In the data's colours, like the probe, then scaled per image: they are unbounded.
+        tiles = to_uint8_images(denormalize(images.detach().float(), render.mean, render.std))
         grids[filter_maximised_tag(layer)] = make_grid(tiles, nrow=len(channels), padding=2)
     return grids
 

@@ -24,7 +24,8 @@ class _LayerReached(Exception):
     """Raised by the hook to end the forward once the layer has produced its output."""
 
 
-def _one_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
+def one_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
+    """The one `(full name, module)` that `layer` names in `model`; a ValueError otherwise."""
     found = resolve_layers(model, layer)
     if len(found) != 1:
         names = [name for name, _ in found]
@@ -95,7 +96,7 @@ def filter_activations(
         torch.Size([5, 2, 14, 14])
     """
     module = unwrap_model(model)
-    name, target = _one_layer(module, layer)
+    name, target = one_layer(module, layer)
     with isolated(module), torch.no_grad():
         batch = Batch.of(inputs).usable()
         output = _layer_output(module, batch.data, name, target, forward, reshape, batch.image_size)
@@ -130,7 +131,7 @@ def visualize_filter(
         torch.Size([1, 3, 8, 8])
     """
     module = unwrap_model(model)
-    name, target = _one_layer(module, layer)
+    name, target = one_layer(module, layer)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}.")
     if not lr > 0:

@@ -33,6 +33,7 @@ __all__ = [
     "colorize",
     "colorize_signed",
     "colorize_view",
+    "denormalize",
     "encode_grid",
     "grid_format",
     "make_map_grid",
@@ -232,18 +233,32 @@ def to_uint8_images(
     elif images.is_floating_point():
         x = torch.nan_to_num(images.float(), nan=0.0)
         if mean is not None or std is not None:
-            if mean is not None:
-                m = _channel_stats(mean, "mean", channels, x)
-            else:
-                m = torch.zeros(1, channels, 1, 1, device=x.device)
-            s = _channel_stats(std, "std", channels, x) if std is not None else torch.ones_like(m)
-            x = (x * s + m).clamp(0.0, 1.0)
+            x = denormalize(x, mean, std).clamp(0.0, 1.0)
         else:
             x = normalize_maps(x.flatten(1)[:, :, None]).view_as(x)
         out = (x * 255).round().to(torch.uint8)
     else:
         raise ValueError(f"images dtype must be floating point or uint8, got {images.dtype}.")
     return out.expand(-1, 3, -1, -1).contiguous() if channels == 1 else out
+
+
+def denormalize(
+    images: Tensor,
+    mean: Sequence[float] | Tensor | None = None,
+    std: Sequence[float] | Tensor | None = None,
+) -> Tensor:
+    """`images * std + mean` per channel of float `[B, C, H, W]` (unchanged without either).
+
+    Example:
+        >>> denormalize(torch.zeros(1, 2, 1, 1), mean=(0.5, 0.25), std=(2.0, 2.0)).flatten()
+        tensor([0.5000, 0.2500])
+    """
+    if mean is None and std is None:
+        return images
+    channels = images.shape[1]
+    m = _channel_stats(mean, "mean", channels, images) if mean is not None else 0.0
+    s = _channel_stats(std, "std", channels, images) if std is not None else 1.0
+    return images * s + m
 
 
 def _check_uint8_batch(tensor: Tensor, name: str) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -309,8 +310,38 @@ def test_ruled_relus_keep_in_place_semantics_and_leave_no_trace(
 def test_a_model_without_relu_gets_a_warning(images: torch.Tensor, method: str) -> None:
     gelu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Flatten(), nn.LazyLinear(2))
     gelu(images)
-    with pytest.warns(UserWarning, match=r"Sequential ran no ReLU.*plain input gradient"):
+    with pytest.warns(
+        UserWarning, match=r"Sequential ran no ReLU .*\(it ran gelu x1\).*plain input"
+    ):
         compute_cams(gelu, images, None, method)
+
+
+class ReluThenSilu(nn.Module):
+    """An nn.ReLU, then a functional SiLU: guided backprop can rule only the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+        self.relu, self.fc = nn.ReLU(), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.conv2(self.relu(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet", "guided_gradcam"])
+def test_relus_mixed_with_other_activations_warn_naming_them(method: str) -> None:
+    torch.manual_seed(0)
+    mobilenet = torchvision.models.mobilenet_v3_small(weights=None, num_classes=4).eval()
+    x = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(4))
+    layer = ["features.8"] if method == "guided_gradcam" else None  # guided backprop inside
+    rule = "deconvnet" if method == "deconvnet" else "guided backprop"
+    with pytest.warns(UserWarning, match=rf"MobileNetV3 ran \d+ ReLUs under the {rule} rule "
+                      r"and \d+ other activations \(hardswish x\d+\).*plain gradient"):  # fmt: skip
+        compute_cams(mobilenet, x, layer, method)
+    with pytest.warns(UserWarning, match=r"ReluThenSilu ran 1 ReLU .* 1 other activation \(silu"):
+        compute_cams(ReluThenSilu(), x, layer and ["conv2"], method)
 
 
 def test_smoothgrad_is_reproducible_and_leaves_the_global_rng_alone(
@@ -328,6 +359,25 @@ def test_smoothgrad_is_reproducible_and_leaves_the_global_rng_alone(
     assert (first[key] >= 0).all() and first[key].shape == (4, 32, 32)
     exact = compute_cams(tiny_cnn, images, None, ["smoothgrad", "saliency"], smooth=3, noise=0.0)
     assert close(exact[key], exact["input", "saliency"], 1e-5)
+
+
+class HalfSquare(nn.Module):
+    """Class 0 scores sum(x^2) / 2, so the input gradient is x itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = 0.5 * x.pow(2).flatten(1).sum(1)
+        return torch.stack([score, torch.zeros_like(score)], dim=1)
+
+
+def test_smoothgrad_noise_is_a_fraction_of_each_images_value_range() -> None:
+    """At a zero pixel, SmoothGrad of sum(x^2)/2 is the mean of |sigma * z|, which tends to
+    sigma * sqrt(2 / pi): sigma must be `noise` times that image's own max - min."""
+    x = torch.zeros(2, 1, 8, 8)
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = 1.0, 4.0  # value ranges 1 and 4
+    result = compute_cams(HalfSquare(), x, None, "smoothgrad", target=0, smooth=256, noise=0.5)
+    at_zero = result["input", "smoothgrad"].flatten(1)[:, 1:].mean(dim=1)
+    sigma = 0.5 * torch.tensor([1.0, 4.0])
+    assert torch.allclose(at_zero, sigma * math.sqrt(2 / math.pi), rtol=0.03)
 
 
 def test_smooth_gradcam_plus_plus_averages_gradient_moments(
@@ -475,3 +525,41 @@ def test_every_method_cleans_up_when_its_last_forward_raises(method: str) -> Non
     assert all(m.training for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
     assert torch._C._len_torch_function_stack() == 0
+
+
+def test_normalized_signed_maps_read_zero_attribution_as_zero() -> None:
+    """A signed map's strongest pixel, of either sign, is 1 and no attribution is 0, as drift
+    and localization read it; min-max would turn 0 into a mid heat."""
+    weights = torch.zeros(2, 1, 2, 3)
+    weights[1, 0] = torch.tensor([[-4.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 2, bias=False))
+    with torch.no_grad():
+        net[1].weight.copy_(weights.flatten(1))
+    x = torch.ones(1, 1, 2, 3)
+    result = compute_cams(net, x, None, "integrated_gradients", target=1, ig_steps=4)
+    raw = result["input", "integrated_gradients"]
+    assert torch.allclose(raw, weights[1], atol=1e-6)  # a linear model: IG = w * (x - 0)
+    expected = torch.tensor([[[1.0, 0.0, 0.25], [0.0, 0.5, 0.0]]])
+    assert torch.allclose(result.normalized("input", "integrated_gradients"), expected)
+
+
+def test_extra_passes_are_bounded_without_batch_size() -> None:
+    """IG's steps and SmoothGrad's copies of a whole probe in one forward (256 steps x 16
+    images at 224 px: 4112 rows) would exhaust memory: without `batch_size`, a pass holds at
+    most the probe's rows or 16 images of 224 x 224 pixels, and the maps stay the same."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 2, 5, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(2, 3),
+    )  # fmt: skip
+    x, rows = torch.rand(3, 3, 112, 112), []
+    net[0].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    methods, budget = ["integrated_gradients", "smoothgrad"], 16 * 224 * 224 // (112 * 112)
+    bounded = compute_cams(net, x, None, methods, ig_steps=32, smooth=40)
+    assert max(rows) == budget and sum(rows) == 3 + 3 * 40 + 3 * 33  # clean, SmoothGrad, IG
+    explicit = compute_cams(net, x, None, methods, ig_steps=32, smooth=40, batch_size=3)
+    for method in methods:
+        assert close(bounded["input", method], explicit["input", method], 1e-5), method
+    rows.clear()
+    compute_cams(net, x[:1].expand(80, -1, -1, -1), None, "smoothgrad", smooth=2)
+    assert max(rows) == 80  # never fewer rows than the probe holds

@@ -80,6 +80,18 @@ def test_maps_exactly_zero_everywhere_warn_once_naming_the_layer() -> None:
         compute_cams(model, x, "features.5", "gradcam")  # said once per model and layer
 
 
+def test_guided_gradcam_exactly_zero_everywhere_warns_naming_the_layer() -> None:
+    """Negative head weights on ReLU'd features: every Grad-CAM weight is negative, so Grad-CAM,
+    and guided Grad-CAM with it, is zero for every image; a blank grid says nothing by itself."""
+    torch.manual_seed(0)
+    model, x = TinyCNN(), torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        model.fc.weight.copy_(-model.fc.weight.abs())
+    with pytest.warns(UserWarning, match=r"guided_gradcam maps at layer 'features\.5' are exac"):
+        result = compute_cams(model, x, "features.5", "guided_gradcam", target=0)
+    assert not result["features.5", "guided_gradcam"].any()
+
+
 class LitCut(pl.LightningModule):
     """Trains a TinyCNN; from `cut_from_epoch` on, its forward runs the features under no_grad."""
 
@@ -246,6 +258,17 @@ def test_integrated_gradients_warn_once_when_steps_are_too_few() -> None:
         warnings.simplefilter("error")
         compute_cams(model, x, None, "integrated_gradients", ig_steps=1)  # once per model
         compute_cams(TinyCNN(), x, None, "integrated_gradients")  # the default meets it here
+
+
+def test_the_integrated_gradients_warning_counts_the_whole_probe_when_chunked() -> None:
+    torch.manual_seed(0)
+    model, x = TinyCNN(), torch.rand(5, 3, 32, 32)
+    with pytest.warns(UserWarning) as caught:
+        chunked = compute_cams(model, x, None, "integrated_gradients", ig_steps=1, batch_size=2)
+    gap = chunked.extras["integrated_gradients.completeness_gap"].abs()
+    over = int((gap > 0.1 * chunked.extras["integrated_gradients.score_delta"].abs()).sum())
+    messages = [str(w.message) for w in caught if "integrated_gradients" in str(w.message)]
+    assert messages == [messages[0]] and f"for {over} of 5 images" in messages[0]
 
 
 def test_the_ig_steps_default_is_one_number_everywhere() -> None:

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from cam_monitor import filter_activations, visualize_filter
-from tests.conftest import TinyCNN
+from cam_monitor import CamMonitor, filter_activations, visualize_filter
+from tests.conftest import ClassifierSteps, Lightning, TinyCNN, loader
 
 
 class Exploding(nn.Module):
@@ -144,3 +147,64 @@ def test_channels_last_and_token_layers_give_their_channels() -> None:
     with torch.no_grad():
         grid = model.embed(wide)
     torch.testing.assert_close(filter_activations(model, wide, "block", [1, 4]), grid[:, [1, 4]])
+
+
+class GraySteps(ClassifierSteps):
+    """`ClassifierSteps` on one-channel (grayscale) images, like MNIST."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net.features[0] = nn.Conv2d(1, 8, 3, padding=1)
+
+
+@pytest.mark.slow
+def test_filter_views_of_a_grayscale_model_log_under_the_full_layer_name(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    images = torch.randn(4, 1, 24, 24, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(4) % 5
+    monitor = CamMonitor(
+        "net.features.5", probe=(images, labels), filters={"features.2": [1, 4]}, history=False
+    )
+    logger = lightning.loggers.TensorBoardLogger(tmp_path, name="tb")
+    trainer = lightning.trainer(
+        callbacks=[monitor], logger=logger, max_epochs=1, default_root_dir=tmp_path
+    )
+    trainer.fit(lightning.module(GraySteps)(), loader(TensorDataset(images, labels)))
+    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    assert {t for t in acc.Tags()["images"] if t.startswith("filters/")} == {
+        "filters/probe/net.features.2/channel_1",
+        "filters/probe/net.features.2/channel_4",
+        "filters/net.features.2/maximised",
+    }
+    maximised = acc.Images("filters/net.features.2/maximised")
+    assert [event.step for event in maximised] == [0, trainer.global_step]
+    assert (maximised[-1].height, maximised[-1].width) == (28, 54)  # 2 tiles of 24 px, padded
+
+
+def test_maximised_inputs_are_drawn_in_the_colours_of_the_data() -> None:
+    """With `mean`/`std`, the optimised inputs are de-normalised before they are drawn, like
+    the probe images: a channel's offset is a colour, not noise to scale away."""
+    from cam_monitor.evaluation import filter_grids
+    from cam_monitor.options import EngineOptions, FilterOptions, RenderOptions
+    from cam_monitor.probe import ProbeSet
+    from cam_monitor.render import make_map_grid, to_uint8_images
+
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    probe = ProbeSet("probe", torch.randn(2, 3, 16, 16), None)
+    mean, std = (0.8, 0.1, 0.1), (0.1, 0.3, 0.3)
+    filters = FilterOptions({"features.2": (1, 4)}, steps=3)
+    render = RenderOptions(mean=mean, std=std, colormap="viridis")
+    grid = filter_grids(model, {"probe": probe}, filters, EngineOptions(), render)
+    images = visualize_filter(model, "features.2", [1, 4], steps=3, size=(16, 16))
+    rgb = images * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    expected = to_uint8_images(rgb)  # min-max per image of the de-normalised inputs
+    maximised = grid["filters/features.2/maximised"]
+    assert torch.equal(maximised[:, 2:18, 2:18], expected[0])
+    assert torch.equal(maximised[:, 2:18, 20:36], expected[1])
+    assert not torch.equal(expected, to_uint8_images(images))  # the colours differ here
+    acts = filter_activations(model, probe.inputs, "features.2", [4])[:, 0]
+    channel = make_map_grid(acts, signed=False, colormap="viridis")  # the chosen colormap
+    assert torch.equal(grid["filters/probe/features.2/channel_4"], channel)

@@ -402,3 +402,26 @@ def test_jpeg_keeps_the_colours_of_a_smooth_overlay_and_refuses_bad_quality() ->
         to_jpeg_bytes(grid, quality=0)
     with pytest.raises(ValueError, match=r"uint8 \[3, H, W\]"):
         to_jpeg_bytes(torch.rand(3, 4, 4))
+
+
+def test_unsigned_pixel_maps_use_the_chosen_colormap() -> None:
+    """`colormap=` colours every heat map: saliency grids too, not jet regardless."""
+    from cam_monitor.engine import CamResult
+    from cam_monitor.evaluation import render_probe
+    from cam_monitor.options import RenderOptions
+    from cam_monitor.probe import ProbeSet
+    from cam_monitor.schema import MapKey
+
+    maps = torch.rand(2, 8, 8, generator=GEN)
+    result = CamResult(
+        maps={("input", "saliency"): maps, ("input", "smoothgrad"): maps},
+        targets=torch.zeros(2),
+        logits=torch.zeros(2, 3),
+    )
+    probe = ProbeSet("val", torch.rand(2, 3, 8, 8, generator=GEN))
+    grids = render_probe(probe, result, RenderOptions(colormap="viridis"))
+    drawn = {name: make_map_grid(maps, signed=False, colormap=name) for name in ("viridis", "jet")}
+    for method in ("saliency", "smoothgrad"):
+        tiles = grids[MapKey("val", "input", method)][:, :98]  # the first row, above its captions
+        assert torch.equal(tiles, drawn["viridis"][:, :98])
+        assert not torch.equal(tiles, drawn["jet"][:, :98])

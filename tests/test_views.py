@@ -13,6 +13,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from cam_monitor import ALL_METHODS, CamMonitor
 from cam_monitor.evaluation import view_grids
+from cam_monitor.history import read_history
 from cam_monitor.options import RenderOptions
 from cam_monitor.render import colorize_signed, colorize_view, make_map_grid, make_view_grid
 from cam_monitor.schema import (
@@ -22,7 +23,7 @@ from cam_monitor.schema import (
     parse_view_method,
     view_method,
 )
-from tests.conftest import shapes_dataset
+from tests.conftest import Lightning, loader, shapes_dataset
 from tests.test_callback import events, fit
 
 WHITE, RED, BLUE = [247, 247, 247], [178, 24, 43], [33, 102, 172]
@@ -136,3 +137,33 @@ def test_a_trainer_logs_one_grid_per_view_of_each_signed_method(tmp_path: Path) 
             else:  # both signs, and the same tiles as the parts
                 assert (red > blue).any() and (blue > red).any(), method
                 assert grid.shape == grids["pos"].shape == grids["neg"].shape
+
+
+def test_every_pixel_of_a_logged_signed_grid_is_its_stored_map_in_colour(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    """The chain from the engine to TensorBoard keeps each signed map's pixels where they are and
+    colours them by sign: decoded tiles of a wide probe equal the history's maps coloured."""
+    images, labels = shapes_dataset(3, size=40, seed=4).tensors
+    images = images[:, :, 8:32]  # 24 x 40: rows and columns cannot be swapped unseen
+    monitor = CamMonitor(
+        "net.features.5", methods=["integrated_gradients", "guided_gradcam"], ig_steps=8,
+        probe=(images, labels), views=VIEWS, nrow=2,
+    )  # fmt: skip
+    logger = lightning.loggers.TensorBoardLogger(tmp_path, name="tb")
+    trainer = lightning.trainer(callbacks=[monitor], logger=logger, max_epochs=1)
+    trainer.fit(lightning.module()(), loader(shapes_dataset(16, size=40)))
+    acc = events(logger.log_dir)
+    last = read_history(Path(logger.log_dir) / "cam_monitor")[-1]
+    for layer, method in (("input", "integrated_gradients"), ("net.features.5", "guided_gradcam")):
+        maps = torch.from_numpy(last.maps[MapKey("probe", layer, method)])
+        assert (maps > 0).any() and (maps < 0).any(), method  # both signs to draw
+        for view in VIEWS:
+            event = acc.Images(image_tag(MapKey("probe", layer, view_method(method, view))))[-1]
+            assert event.step == last.step
+            grid, expected = decode(event), colorize_view(maps, view).numpy()
+            for index in range(3):  # 96 x 160 tiles (4x enlarged), captions below, 2 per row
+                row, column = divmod(index, 2)
+                top, left = 2 + row * (grid.shape[0] - 2) // 2, 2 + column * 162
+                tile = grid[top : top + 96 : 4, left : left + 160 : 4]
+                assert (tile == expected[index].transpose(1, 2, 0)).all(), (method, view, index)
