@@ -72,8 +72,23 @@ def move_to(value: Any, device: torch.device | str) -> Any:
     return map_tensors(value, lambda t: t.to(device))
 
 
+#: Dict keys read as the images of a batch, before any other float `[B, C, H, W]` tensor.
+INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
+
+
 def _is_image(tensor: Tensor) -> bool:
     return tensor.dim() == 4 and tensor.is_floating_point()
+
+
+def _find_image(inputs: Any) -> Tensor | None:
+    """The images of a batch: in a dict, under an image key (a float mask listed before them is
+    no image); else the first floating-point `[B, C, H, W]` tensor."""
+    if isinstance(inputs, Mapping):
+        for key in INPUT_KEYS:
+            value = inputs.get(key)
+            if isinstance(value, Tensor) and _is_image(value):
+                return value
+    return next((t for t in tensors(inputs) if _is_image(t)), None)
 
 
 @dataclass(frozen=True)
@@ -81,7 +96,8 @@ class Batch:
     """A nested batch, normalised once: its data, length (rows) and image tensor.
 
     `length` is the leading size of the first tensor with a dimension (None when there is
-    none); `image` is the first floating-point `[B, C, H, W]` tensor (None when there is none).
+    none); `image` is the floating-point `[B, C, H, W]` tensor under a dict's image key
+    (`INPUT_KEYS`), else the first such tensor (None when there is none).
     """
 
     data: Any
@@ -94,8 +110,7 @@ class Batch:
         if isinstance(inputs, Batch):
             return inputs
         length = next((int(t.shape[0]) for t in tensors(inputs) if t.dim()), None)
-        image = next((t for t in tensors(inputs) if _is_image(t)), None)
-        return cls(inputs, length, image)
+        return cls(inputs, length, _find_image(inputs))
 
     @property
     def image_size(self) -> tuple[int, int] | None:

@@ -137,7 +137,9 @@ def compute_cams(
     Args:
         model: the network; DDP and ``torch.compile`` wrappers are unwrapped.
         inputs: a Tensor ``[B, C, H, W]``, or a nested batch (tuple, dict, namedtuple) holding
-            one, passed whole to the model: give ``forward`` to pick the images out of it.
+            one, passed whole to the model: give ``forward`` to pick the images out of it. Pixel
+            methods differentiate and perturb the float ``[B, C, H, W]`` tensor under a dict's
+            image key (`batch.INPUT_KEYS`), else the first one.
         layers: names from ``model.named_modules()``, globs or modules, or a list of these;
             None (or ``[]``) when every method is input-level. A layer (or, for pixel methods,
             the input) that no gradient reaches raises `NoGradientError` (a `ValueError`).

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler, default_collate
 
-from .batch import leaves, move_to
+from .batch import INPUT_KEYS, leaves, move_to
 from .drift import boxes_to_masks
 from .isolation import preserved_rng
 from .schema import check_probe_name
@@ -22,7 +22,6 @@ from .schema import check_probe_name
 #: batch, a Dataset or a DataLoader.
 ProbeSpec = Any
 
-INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 #: The only dict keys read as masks; boxes come only through `masks=`.
 MASK_KEYS = ("mask", "masks")

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import Tensor
 
+from cam_monitor import compute_cams
 from cam_monitor.batch import Batch, map_tensors, move_to, tensors
+from tests.conftest import TinyCNN
 
 FIELDS = ("pixels", "ids", "table", "tag")
 Sample = namedtuple("Sample", FIELDS)
@@ -132,3 +134,19 @@ def test_a_bare_tensor_and_nested_containers() -> None:
     assert sliced[1]["extra"][0].tolist() == [0, 10]
     assert len(list(tensors(nested.data))) == 3
     assert map_tensors(nested.data, lambda t: 0)[0] == Sample(0, 0, None, "x")
+
+
+def test_a_float_mask_listed_before_the_images_is_not_the_image() -> None:
+    # Pixel methods differentiate and perturb `Batch.image`: in a dict it is the image key's.
+    torch.manual_seed(0)
+    model = TinyCNN()
+    x = torch.randn(3, 3, 32, 32)
+    batch = {"mask": torch.rand(3, 1, 32, 32), "image": x, "y": torch.tensor([0, 1, 2])}
+    assert Batch.of(batch).image is x
+    methods = ["saliency", "integrated_gradients"]
+    plain = compute_cams(model, x, None, methods, ig_steps=8)
+    nested = compute_cams(
+        model, batch, None, methods, ig_steps=8, forward=lambda m, b: m(b["image"])
+    )
+    for method in methods:
+        torch.testing.assert_close(nested["input", method], plain["input", method])
