@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cam_monitor import CamMonitor
-from tests.conftest import LitClassifier, loader, shapes_dataset
+from tests.helpers import LitClassifier, loader, shapes_dataset
 
 
 def probe_images() -> torch.Tensor:

@@ -21,7 +21,7 @@ from cam_monitor import (
 )
 from cam_monitor.attribution import RELU_RULES, ReluRule, ruled_relus
 from cam_monitor.methods import gradcam, gradcam_plus_plus
-from tests.conftest import TinyCNN
+from tests.helpers import TinyCNN
 
 
 def close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> bool:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from cam_monitor import compute_cams
 from cam_monitor.batch import Batch, map_tensors, move_to, tensors
-from tests.conftest import TinyCNN
+from tests.helpers import TinyCNN
 
 FIELDS = ("pixels", "ids", "table", "tag")
 Sample = namedtuple("Sample", FIELDS)

@@ -24,7 +24,7 @@ from torch.utils.data import TensorDataset
 
 from cam_monitor.callback import CamMonitor
 from cam_monitor.history import history_runs, read_history, read_probe
-from tests.conftest import (
+from tests.helpers import (
     Lightning,
     LitClassifier,
     loader,

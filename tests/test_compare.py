@@ -37,7 +37,7 @@ from cam_monitor.compare import (
 from cam_monitor.history import Evaluation, write_evaluation, write_probe
 from cam_monitor.probe import content_hash
 from cam_monitor.schema import DRIFT, LOCALIZATION, SECONDS_TAG, MapKey, ScalarKey
-from tests.conftest import ClassifierSteps, Lightning, LitClassifier, loader, quiet_trainer
+from tests.helpers import ClassifierSteps, Lightning, LitClassifier, loader, quiet_trainer
 
 GROUP = MapKey("dom/ain", "features.29", "gradcam")
 

@@ -41,7 +41,7 @@ from cam_monitor.schema import (
     parse_scalar_tag,
 )
 from cam_monitor.sinks import WANDB_GLOBS, WANDB_STEP
-from tests.conftest import Lightning, loader, shapes_dataset, wandb_records
+from tests.helpers import Lightning, loader, shapes_dataset, wandb_records
 
 LAYERS = ["net.features.3", "net.features.5"]
 

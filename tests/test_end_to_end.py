@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cam_monitor import CamMonitor
 from cam_monitor.cli import main
-from tests.conftest import LitClassifier, loader, quiet_trainer
+from tests.helpers import LitClassifier, loader, quiet_trainer
 
 PROBES = ("source", "target")
 LAYERS = ("net.features.3", "net.features.5")

@@ -16,7 +16,7 @@ from cam_monitor import CamResult, compute_cams
 from cam_monitor.batch import Batch
 from cam_monitor.engine import compute
 from cam_monitor.options import EngineOptions
-from tests.conftest import TinyCNN, TwoHeadCNN
+from tests.helpers import TinyCNN, TwoHeadCNN
 
 ALL_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 

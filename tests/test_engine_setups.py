@@ -21,7 +21,7 @@ from cam_monitor import CamMonitor, compute_cams
 from cam_monitor.capture import NoGradientError
 from cam_monitor.layers import first_spatial_layer
 from cam_monitor.options import EngineOptions
-from tests.conftest import Lightning, TinyCNN, loader, quiet_trainer, shapes_dataset
+from tests.helpers import Lightning, TinyCNN, loader, quiet_trainer, shapes_dataset
 
 # -- 1. a layer cut off from autograd ----------------------------------------------------------
 

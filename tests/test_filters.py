@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from cam_monitor import CamMonitor, filter_activations, visualize_filter
-from tests.conftest import ClassifierSteps, Lightning, TinyCNN, loader
+from tests.helpers import ClassifierSteps, Lightning, TinyCNN, loader
 
 
 class Exploding(nn.Module):

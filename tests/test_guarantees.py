@@ -30,7 +30,7 @@ from cam_monitor.history import read_history
 from cam_monitor.options import EngineOptions, RenderOptions
 from cam_monitor.probe import make_probe
 from cam_monitor.tracking import AttentionTracker
-from tests.conftest import (
+from tests.helpers import (
     ClassifierSteps,
     Lightning,
     LitClassifier,

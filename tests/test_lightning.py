@@ -30,7 +30,7 @@ from cam_monitor.encoding import THREAD_PREFIX, encode_grids
 from cam_monitor.history import read_history, read_probe
 from cam_monitor.schema import SECONDS_TAG, MapKey
 from cam_monitor.sinks import NeptuneSink
-from tests.conftest import ClassifierSteps, Lightning, loader, shapes_dataset
+from tests.helpers import ClassifierSteps, Lightning, loader, shapes_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 ENERGY = "cam_loc/target/net.features.5/gradcam/energy"

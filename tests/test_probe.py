@@ -20,7 +20,7 @@ from cam_monitor.probe import (
     make_probe,
     probe_sets,
 )
-from tests.conftest import shapes_dataset
+from tests.helpers import shapes_dataset
 
 
 class DrawingDataset(Dataset):

@@ -22,7 +22,7 @@ from cam_monitor.options import DriftOptions
 from cam_monitor.probe import ProbeSet, content_hash
 from cam_monitor.schema import MEASURES, MapKey, ScalarKey, drift_stat
 from cam_monitor.tracking import AttentionTracker
-from tests.conftest import TinyCNN
+from tests.helpers import TinyCNN
 
 GEN = torch.Generator().manual_seed(0)
 

@@ -23,7 +23,7 @@ from cam_monitor.schema import (
     parse_view_method,
     view_method,
 )
-from tests.conftest import Lightning, loader, shapes_dataset
+from tests.helpers import Lightning, loader, shapes_dataset
 from tests.test_callback import events, fit
 
 WHITE, RED, BLUE = [247, 247, 247], [178, 24, 43], [33, 102, 172]
