@@ -6,11 +6,9 @@ import ast
 import copy
 import csv
 import inspect
-import json
 import logging
 import pickle
 import re
-import time
 import warnings
 from pathlib import Path
 
@@ -19,62 +17,23 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from cam_monitor.callback import CamMonitor
 from cam_monitor.history import history_runs, read_history, read_probe
 from tests.helpers import (
     Lightning,
     LitClassifier,
+    fit,
     loader,
     quiet_trainer,
+    read_events,
     shapes_dataset,
-    wandb_records,
+    wandb_items,
+    wandb_run_records,
 )
 
 LAYERS = ["net.features.3", "net.features.5"]
-
-
-def events(log_dir: str | Path) -> EventAccumulator:
-    files = sorted(Path(log_dir).glob("events.out.tfevents.*"))
-    assert files, f"no event file in {log_dir}"
-    acc = EventAccumulator(str(files[-1]), size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
-    return acc
-
-
-def wandb_history(path: Path) -> tuple[list[dict[str, object]], bool]:
-    """The `history` rows of an offline `.wandb` file, and whether its `exit` record is there."""
-    records, finished = wandb_records(path)
-    rows = [
-        {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-         for item in record.history.item}
-        for record in records
-        if record.WhichOneof("record_type") == "history"
-    ]  # fmt: skip
-    return rows, finished
-
-
-def fit(
-    monitor: CamMonitor | None,
-    tmp_path: Path,
-    lightning: Lightning | None = None,
-    **trainer_kwargs: object,
-) -> LitClassifier:
-    """Train `LitClassifier` on shapes, on `lightning`'s namespace (default pytorch_lightning)."""
-    lightning = lightning or Lightning("pytorch_lightning")
-    lightning.pl.seed_everything(0, verbose=False)
-    model = lightning.module()()
-    options: dict[str, object] = {
-        "default_root_dir": tmp_path,
-        "logger": False,
-        "callbacks": [monitor] if monitor else [],
-    }
-    options.update(trainer_kwargs)
-    trainer = lightning.trainer(**options)
-    trainer.fit(model, loader(shapes_dataset(), shuffle=True), loader(shapes_dataset(16, seed=1)))
-    return model
 
 
 def test_tensorboard_gets_grids_for_baseline_and_each_epoch(
@@ -83,7 +42,7 @@ def test_tensorboard_gets_grids_for_baseline_and_each_epoch(
     monitor = CamMonitor(LAYERS, methods=["gradcam", "layercam"], num_probe=6, nrow=3)
     logger = lightning.loggers.TensorBoardLogger(tmp_path, name="tb")
     fit(monitor, tmp_path, lightning, logger=logger, max_epochs=2)
-    acc = events(logger.log_dir)
+    acc = read_events(logger.log_dir, newest=True)
     image_tags = sorted(acc.Tags()["images"])
     expected = sorted(f"cam/val/{layer}/{m}" for layer in LAYERS for m in ["gradcam", "layercam"])
     assert image_tags == expected
@@ -124,12 +83,10 @@ def test_wandb_offline_run_holds_the_grids_and_metrics(
     files = sorted((run_dir / "cam_monitor" / "images").rglob("step-*.jpg"))
     assert len(files) == 3  # W&B copied the very bytes the file sink wrote: one encoding
     assert {p.read_bytes() for p in jpegs} == {p.read_bytes() for p in files}
-    record_log = next(run_dir.parent.glob("run-*.wandb"))
-    deadline = time.monotonic() + 60  # wandb's writer may still be flushing after finish()
-    rows, finished = wandb_history(record_log)
-    while not finished and time.monotonic() < deadline:
-        time.sleep(0.5)
-        rows, finished = wandb_history(record_log)
+    records, _ = wandb_run_records(run_dir)
+    rows = [
+        wandb_items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"
+    ]
     logged = [row for row in rows if "cam_monitor/seconds" in row]
     assert [row["trainer/global_step"] for row in logged] == [0, 3, 6]
     assert all(row["cam_monitor/seconds"] > 0 for row in logged)
@@ -183,10 +140,10 @@ def test_without_a_logger_pngs_and_scalars_go_to_the_root_dir(tmp_path: Path) ->
 
 
 def test_probe_selection_leaves_the_training_trajectory_unchanged(tmp_path: Path) -> None:
-    plain = fit(None, tmp_path / "a", max_epochs=2)
+    plain = fit(None, tmp_path / "a", max_epochs=2).model
     monitored = fit(
         CamMonitor(LAYERS, methods=["gradcam", "gradcam++"], num_probe=8), tmp_path / "b"
-    )
+    ).model
     for (name, a), b in zip(
         plain.state_dict().items(), monitored.state_dict().values(), strict=True
     ):
@@ -205,7 +162,7 @@ def test_named_probe_sets_with_masks_log_localization(tmp_path: Path) -> None:
     )
     logger = TensorBoardLogger(tmp_path, name="tb")
     fit(monitor, tmp_path, logger=logger, max_epochs=1)
-    acc = events(logger.log_dir)
+    acc = read_events(logger.log_dir, newest=True)
     assert set(acc.Tags()["images"]) == {
         "cam/source/net.features.5/gradcam",
         "cam/target/net.features.5/gradcam",
@@ -223,8 +180,8 @@ def test_every_n_steps_and_two_monitors_in_one_trainer(tmp_path: Path) -> None:
     by_epochs = CamMonitor("net.features.3", every_n_epochs=2, num_probe=4)
     assert by_steps.state_key != by_epochs.state_key
     logger = TensorBoardLogger(tmp_path, name="tb")
-    fit(None, tmp_path, logger=logger, max_epochs=2, callbacks=[by_steps, by_epochs])
-    acc = events(logger.log_dir)
+    fit([by_steps, by_epochs], tmp_path, logger=logger, max_epochs=2)
+    acc = read_events(logger.log_dir, newest=True)
     assert [s.step for s in acc.Images("cam/val/net.features.5/gradcam")] == [0, 2, 4, 6]
     assert [s.step for s in acc.Images("cam/val/net.features.3/gradcam")] == [0, 6]
 
@@ -249,7 +206,7 @@ def test_runtime_failure_warns_and_skips_unless_strict(tmp_path: Path) -> None:
     with pytest.warns(
         UserWarning, match="skipped its evaluation at epoch 0.*probe forward exploded"
     ):
-        model = fit(monitor, tmp_path, max_epochs=2)
+        model = fit(monitor, tmp_path, max_epochs=2).model
     assert model.steps_run == 6
     assert [e.epoch for e in read_history(tmp_path / "h")] == [0, 2]
     calls["n"] = 0
@@ -403,7 +360,7 @@ def test_pixel_methods_filters_and_boxes_reach_the_dashboard(tmp_path: Path) -> 
     )  # fmt: skip
     logger = TensorBoardLogger(tmp_path, name="tb")
     fit(monitor, tmp_path, logger=logger, max_epochs=1)
-    acc = events(logger.log_dir)
+    acc = read_events(logger.log_dir, newest=True)
     assert set(acc.Tags()["images"]) == {
         "cam/probe/net.features.5/gradcam++",
         "cam/probe/input/saliency",
@@ -496,14 +453,10 @@ class ExtrasClassifier(LitClassifier):
         super().validation_step(tuple(batch[:2]), batch_idx)  # type: ignore[arg-type]
 
 
-def fit_extras(monitor: CamMonitor, root: Path, third: torch.Tensor, **kwargs: object) -> None:
+def with_extras(third: torch.Tensor) -> DataLoader:
+    """16 shapes batched as `(x, y, third)`."""
     images, labels = shapes_dataset(16).tensors
-    data = TensorDataset(images, labels, third)
-    options: dict[str, object] = {"default_root_dir": root, "logger": False, "max_epochs": 1}
-    options.update(kwargs)
-    quiet_trainer(callbacks=[monitor], **options).fit(
-        ExtrasClassifier(), loader(data), loader(data)
-    )
+    return loader(TensorDataset(images, labels, third))
 
 
 @pytest.mark.parametrize(
@@ -520,7 +473,8 @@ def test_a_third_batch_element_is_masks_only_when_shaped_like_masks(
     tmp_path: Path, third: torch.Tensor
 ) -> None:
     monitor = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "h")
-    fit_extras(monitor, tmp_path, third)
+    data = with_extras(third)
+    fit(monitor, tmp_path, model=ExtrasClassifier(), train=data, val=data, seed=None, max_epochs=1)
     history = read_history(tmp_path / "h")
     assert len(history) == 2
     assert not any(tag.startswith("cam_loc/") for ev in history for tag in ev.scalars)
@@ -531,7 +485,8 @@ def test_a_third_batch_element_is_masks_only_when_shaped_like_masks(
 def test_a_third_batch_element_shaped_like_masks_gives_localization(tmp_path: Path) -> None:
     images = shapes_dataset(16).tensors[0]
     monitor = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "h")
-    fit_extras(monitor, tmp_path, (images.mean(1, keepdim=True) > 0.75))  # [B, 1, H, W]
+    data = with_extras(images.mean(1, keepdim=True) > 0.75)  # [B, 1, H, W]
+    fit(monitor, tmp_path, model=ExtrasClassifier(), train=data, val=data, seed=None, max_epochs=1)
     assert "cam_loc/val/net.features.5/gradcam/energy" in read_history(tmp_path / "h")[0].scalars
 
 
@@ -607,13 +562,13 @@ def test_the_final_model_is_evaluated_once_marked_final(
     if kwargs.pop("early_stop", False):  # stops after the first validation
         kwargs["callbacks"] = [EarlyStopping("val_loss", stopping_threshold=1e9)]
     monitor = CamMonitor("net.features.5", num_probe=4, every_n_epochs=every, save_dir=tmp_path)
-    kwargs["callbacks"] = [monitor, *kwargs.get("callbacks", [])]
+    callbacks = [monitor, *kwargs.pop("callbacks", [])]
     logger = TensorBoardLogger(tmp_path, name="tb")
-    fit(None, tmp_path, logger=logger, **kwargs)
+    fit(callbacks, tmp_path, logger=logger, **kwargs)
     history = read_history(tmp_path)
     assert [e.epoch for e in history] == epochs and [e.step for e in history] == steps
     assert [e.final for e in history] == [False] * (len(history) - 1) + [True]
-    grids = events(logger.log_dir).Images("cam/val/net.features.5/gradcam")
+    grids = read_events(logger.log_dir, newest=True).Images("cam/val/net.features.5/gradcam")
     assert [s.step for s in grids] == steps  # the same step axis on the dashboard
 
 
@@ -630,8 +585,8 @@ def test_monitors_that_differ_in_probe_share_a_trainer(tmp_path: Path) -> None:
     monitors = [CamMonitor("net.features.5", probe={n: p}) for n, p in (("a", a), ("b", b))]
     assert monitors[0].state_key != monitors[1].state_key
     logger = TensorBoardLogger(tmp_path, name="tb")
-    fit(None, tmp_path, logger=logger, max_epochs=1, callbacks=monitors)
-    tags = set(events(logger.log_dir).Tags()["images"])
+    fit(monitors, tmp_path, logger=logger, max_epochs=1)
+    tags = set(read_events(logger.log_dir, newest=True).Tags()["images"])
     assert tags == {"cam/a/net.features.5/gradcam", "cam/b/net.features.5/gradcam"}
     first, second = (read_history(m.folder) for m in monitors)
     assert monitors[0].folder != monitors[1].folder
@@ -878,7 +833,7 @@ def test_a_failed_history_write_warns_and_strict_raises(tmp_path: Path) -> None:
                 fit(monitor, tmp_path, logger=False, max_epochs=2)
             continue
         with pytest.warns(UserWarning, match=r"could not write evaluation 1 to .*Training contin"):
-            model = fit(monitor, tmp_path, logger=False, max_epochs=2)
+            model = fit(monitor, tmp_path, logger=False, max_epochs=2).model
         assert model.trainer.current_epoch == 2  # training finished
         assert [e.index for e in read_history(folder)] == [0, 2]
 
@@ -898,7 +853,7 @@ def test_image_sinks_share_one_encoding_and_no_encoder_thread_outlives_fit(
     with pytest.warns(UserWarning, match="CSVLogger has no image API"):
         fit(monitor, tmp_path, lightning, logger=[board, table], max_epochs=1)
     assert not [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
-    acc = events(board.log_dir)
+    acc = read_events(board.log_dir, newest=True)
     files = Path(board.log_dir) / "cam_monitor" / "images"
     compared = 0
     for tag in acc.Tags()["images"]:
@@ -964,7 +919,7 @@ def test_a_logger_that_fails_costs_the_other_loggers_nothing(
         fit(monitor, tmp_path, lightning, logger=[broken, board], max_epochs=2)
     said = [str(w.message) for w in caught if "could not log its evaluation" in str(w.message)]
     assert len(said) == 3 and all("QuotaCSVLogger" in s and "quota" in s for s in said)
-    acc = events(board.log_dir)
+    acc = read_events(board.log_dir, newest=True)
     assert [s.step for s in acc.Images("cam/val/net.features.5/gradcam")] == [0, 3, 6]
     assert [s.step for s in acc.Scalars("cam_monitor/seconds")] == [0, 3, 6]
     assert len(read_history(monitor.folder)) == 3

@@ -21,7 +21,7 @@ from cam_monitor import CamMonitor, compute_cams
 from cam_monitor.capture import NoGradientError
 from cam_monitor.layers import first_spatial_layer
 from cam_monitor.options import EngineOptions
-from tests.helpers import Lightning, TinyCNN, loader, quiet_trainer, shapes_dataset
+from tests.helpers import Lightning, TinyCNN, fit, loader, shapes_dataset
 
 # -- 1. a layer cut off from autograd ----------------------------------------------------------
 
@@ -117,11 +117,11 @@ class LitCut(pl.LightningModule):
 
 
 def fit_cut(tmp_path: Path, cut_from_epoch: int, strict: bool = False) -> LitCut:
-    model = LitCut(cut_from_epoch)
     monitor = CamMonitor("net.features.5", num_probe=4, strict=strict, save_dir=tmp_path / "h")
-    trainer = quiet_trainer(default_root_dir=tmp_path, logger=False, callbacks=[monitor])
-    trainer.fit(model, loader(shapes_dataset(16)))
-    return model
+    train = loader(shapes_dataset(16))
+    return fit(
+        monitor, tmp_path, model=LitCut(cut_from_epoch), train=train, val=False, seed=None
+    ).model
 
 
 @pytest.mark.slow

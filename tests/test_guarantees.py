@@ -35,6 +35,7 @@ from tests.helpers import (
     Lightning,
     LitClassifier,
     TinyCNN,
+    fit,
     loader,
     quiet_trainer,
     shapes_dataset,
@@ -126,13 +127,11 @@ def hook_counts(model: nn.Module) -> list[int]:
 def dann_fit(
     tmp_path: Path, callbacks: list[pl.Callback], lightning: Lightning, accumulate: int = 2
 ) -> tuple[DannLit, pl.Trainer, torch.Tensor]:
-    lightning.pl.seed_everything(0, verbose=False)
-    model = lightning.module(DannSteps)()
-    trainer = lightning.trainer(
-        default_root_dir=tmp_path, logger=False, callbacks=callbacks, max_epochs=2,
-        accumulate_grad_batches=accumulate,
+    train = loader(shapes_dataset(64), shuffle=True, batch_size=8)
+    model, trainer = fit(
+        callbacks, tmp_path, lightning, model=lightning.module(DannSteps), train=train, val=False,
+        max_epochs=2, accumulate_grad_batches=accumulate,
     )  # fmt: skip
-    trainer.fit(model, loader(shapes_dataset(64), shuffle=True, batch_size=8))
     return model, trainer, torch.get_rng_state()
 
 
@@ -227,6 +226,7 @@ class QuantizationAwareSteps:
         )  # fmt: skip
         net.qconfig = tq.get_default_qat_qconfig("fbgemm")
         self.net = tq.prepare_qat(net.train())
+        self.losses: list[float] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -244,13 +244,11 @@ class QuantizationAwareSteps:
 def awkward_fit(
     tmp_path: Path, callbacks: list[pl.Callback], lightning: Lightning
 ) -> tuple[pl.LightningModule, pl.Trainer, tuple[Any, ...]]:
-    lightning.pl.seed_everything(0, verbose=False)
-    model = lightning.module(QuantizationAwareSteps)()
-    model.losses = []
-    trainer = lightning.trainer(default_root_dir=tmp_path, logger=False, callbacks=callbacks)
+    train = loader(shapes_dataset(32), shuffle=True, batch_size=8)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(reduce_range|exactly zero)")
-        trainer.fit(model, loader(shapes_dataset(32), shuffle=True, batch_size=8))
+        steps = lightning.module(QuantizationAwareSteps)
+        model, trainer = fit(callbacks, tmp_path, lightning, model=steps, train=train, val=False)
     streams = (torch.get_rng_state(), np.random.get_state()[1].tolist(), random.getstate())
     return model, trainer, streams
 
@@ -573,10 +571,9 @@ def test_sharded_strategies_are_refused_with_a_clear_message(lightning: Lightnin
 
 def fit_expecting(monitor: CamMonitor, tmp_path: Path, model: pl.LightningModule | None = None,
                   data: TensorDataset | None = None) -> pl.LightningModule:  # fmt: skip
+    train = loader(data or shapes_dataset())
     model = model or LitClassifier()
-    trainer = quiet_trainer(default_root_dir=tmp_path, logger=False, callbacks=[monitor])
-    trainer.fit(model, loader(data or shapes_dataset()))
-    return model
+    return fit(monitor, tmp_path, model=model, train=train, val=False, seed=None).model
 
 
 @pytest.mark.parametrize(

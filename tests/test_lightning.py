@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -30,7 +29,7 @@ from cam_monitor.encoding import THREAD_PREFIX, encode_grids
 from cam_monitor.history import read_history, read_probe
 from cam_monitor.schema import SECONDS_TAG, MapKey
 from cam_monitor.sinks import NeptuneSink
-from tests.helpers import ClassifierSteps, Lightning, loader, shapes_dataset
+from tests.helpers import ClassifierSteps, Lightning, fit, loader, read_events, shapes_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 ENERGY = "cam_loc/target/net.features.5/gradcam/energy"
@@ -49,13 +48,6 @@ class ShapesSteps(ClassifierSteps):
 def call_model(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """A `forward=` for the YAML test, named by its import path."""
     return module(inputs)
-
-
-def fit(lightning: Lightning, root: Path, callbacks: list[Any], **kwargs: Any) -> Any:
-    lightning.pl.seed_everything(0, verbose=False)
-    trainer = lightning.trainer(default_root_dir=root, callbacks=callbacks, **kwargs)
-    trainer.fit(lightning.module(ShapesSteps)())
-    return trainer
 
 
 # -- either namespace alone, or neither ----------------------------------------------------------
@@ -265,7 +257,7 @@ def test_mlflow_gets_images_with_steps_and_a_history_per_run(
     for _ in range(2):
         logger = lightning.loggers.MLFlowLogger(experiment_name="cam", tracking_uri=uri)
         monitor = CamMonitor("net.features.5", num_probe=4)
-        fit(lightning, tmp_path, [monitor, Watch()], logger=logger)
+        fit([monitor, Watch()], tmp_path, lightning, logger=logger)
         runs.append(logger)
     # MLflow's log_image takes pixels: nothing is encoded, no encoding thread ever starts.
     assert seen and not [name for name in seen if name.startswith(THREAD_PREFIX)]
@@ -292,7 +284,8 @@ def test_comet_offline_experiment_gets_images_with_steps(
     monkeypatch.setenv("COMET_OFFLINE_DIRECTORY", str(tmp_path / "comet"))
     monkeypatch.setenv("COMET_ERROR_TRACKING_ENABLE", "false")  # no network here
     logger = lightning.loggers.CometLogger(project="cam-monitor-test")
-    fit(lightning, tmp_path, [CamMonitor("net.features.5", num_probe=4)], logger=logger)
+    monitor = CamMonitor("net.features.5", num_probe=4)
+    fit(monitor, tmp_path, lightning, logger=logger)
     key = logger.version
     logger.experiment.end()
     (archive,) = (tmp_path / "comet").glob("*.zip")
@@ -360,9 +353,8 @@ def test_model_checkpoint_keeps_the_epoch_with_the_highest_energy(
         dirpath=tmp_path / "ckpt", monitor=ENERGY, mode="max", filename="{epoch}"
     )
     trainer = fit(
-        lightning, tmp_path, [monitor, checkpoint], logger=False, enable_checkpointing=True,
-        max_epochs=4,
-    )  # fmt: skip
+        [monitor, checkpoint], tmp_path, lightning, enable_checkpointing=True, max_epochs=4
+    ).trainer
     energies = [e.scalars[ENERGY] for e in read_history(tmp_path / "cam_monitor")][1:]
     assert len(set(energies)) > 1  # the choice means something
     best = max(range(4), key=lambda epoch: energies[epoch])
@@ -373,7 +365,7 @@ def test_model_checkpoint_keeps_the_epoch_with_the_highest_energy(
 
 def test_early_stopping_watches_a_monitor_tag(lightning: Lightning, tmp_path: Path) -> None:
     stop = lightning.callbacks.EarlyStopping(monitor=ENERGY, mode="max", min_delta=1.0, patience=1)
-    trainer = fit(lightning, tmp_path, [localization_monitor(), stop], logger=False, max_epochs=6)
+    trainer = fit([localization_monitor(), stop], tmp_path, lightning, max_epochs=6).trainer
     assert trainer.current_epoch == 2 and stop.stopped_epoch == 1  # no gain of 1.0 after epoch 0
 
 
@@ -472,8 +464,7 @@ def test_a_second_trainer_starts_a_new_run_and_the_same_trainer_continues(
         return lightning.loggers.TensorBoardLogger(tmp_path, name="tb", version=version)
 
     def grid_steps(logger: Any) -> list[int]:
-        acc = EventAccumulator(str(logger.log_dir), size_guidance={"images": 0})
-        acc.Reload()
+        acc = read_events(logger.log_dir)
         return [s.step for s in acc.Images("cam/train/net.features.5/gradcam")]
 
     data = loader(shapes_dataset())
@@ -666,7 +657,7 @@ def test_an_undefined_score_does_not_stop_early_stopping_on_a_monitor_tag(
         masks={"target": images.mean(1) > 0.75}, forward=flat_at_epoch_1,
     )  # fmt: skip
     stop = lightning.callbacks.EarlyStopping(monitor=ENERGY, mode="max", patience=10)
-    trainer = fit(lightning, tmp_path, [monitor, stop], logger=False, max_epochs=3)
+    trainer = fit([monitor, stop], tmp_path, lightning, max_epochs=3).trainer
     history = [e.scalars.get(ENERGY) for e in read_history(tmp_path / "cam_monitor")]
     assert len(history) == 4 and math.isnan(history[2])  # the undefined score is on record
     assert trainer.current_epoch == 3 and stop.stopped_epoch == 0  # but stopped nothing

@@ -23,8 +23,7 @@ from cam_monitor.schema import (
     parse_view_method,
     view_method,
 )
-from tests.helpers import Lightning, loader, shapes_dataset
-from tests.test_callback import events, fit
+from tests.helpers import Lightning, fit, loader, read_events, shapes_dataset
 
 WHITE, RED, BLUE = [247, 247, 247], [178, 24, 43], [33, 102, 172]
 
@@ -121,7 +120,7 @@ def test_a_trainer_logs_one_grid_per_view_of_each_signed_method(tmp_path: Path) 
     )  # fmt: skip
     logger = TensorBoardLogger(tmp_path, name="tb")
     fit(monitor, tmp_path, logger=logger, max_epochs=1)
-    acc = events(logger.log_dir)
+    acc = read_events(logger.log_dir, newest=True)
     signed = [f"cam/probe/input/{m}{s}" for m in ("guided_backprop", "deconvnet")
               for s in ("", "_pos", "_neg")]  # fmt: skip
     assert set(acc.Tags()["images"]) == {"cam/probe/net.features.5/gradcam", *signed}
@@ -151,9 +150,11 @@ def test_every_pixel_of_a_logged_signed_grid_is_its_stored_map_in_colour(
         probe=(images, labels), views=VIEWS, nrow=2,
     )  # fmt: skip
     logger = lightning.loggers.TensorBoardLogger(tmp_path, name="tb")
-    trainer = lightning.trainer(callbacks=[monitor], logger=logger, max_epochs=1)
-    trainer.fit(lightning.module()(), loader(shapes_dataset(16, size=40)))
-    acc = events(logger.log_dir)
+    train = loader(shapes_dataset(16, size=40))
+    fit(
+        monitor, tmp_path, lightning, train=train, val=False, seed=None, logger=logger, max_epochs=1
+    )
+    acc = read_events(logger.log_dir, newest=True)
     last = read_history(Path(logger.log_dir) / "cam_monitor")[-1]
     for layer, method in (("input", "integrated_gradients"), ("net.features.5", "guided_gradcam")):
         maps = torch.from_numpy(last.maps[MapKey("probe", layer, method)])
