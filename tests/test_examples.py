@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import read_events
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import dann_digits
@@ -165,8 +167,6 @@ def test_loaders_and_probes(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_demo_main_runs_and_logs_cam_images(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     monkeypatch.setattr(dann_shapes, "TRAIN_SIZE", 64)
     monkeypatch.setattr(dann_shapes, "VAL_SIZE", 32)
     log_dir = tmp_path / "dann"
@@ -178,8 +178,7 @@ def test_demo_main_runs_and_logs_cam_images(
 
     events = list(log_dir.glob("events.out.tfevents.*"))
     assert len(events) == 1  # written straight into --log-dir, no version folder
-    accumulator = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
-    accumulator.Reload()
+    accumulator = read_events(log_dir)
     tags = accumulator.Tags()
     for domain in ("source", "target"):
         for layer in dann_shapes.CAM_LAYERS:

@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from cam_monitor import CamMonitor, filter_activations, visualize_filter
-from tests.helpers import ClassifierSteps, Lightning, TinyCNN, loader
+from tests.helpers import ClassifierSteps, Lightning, TinyCNN, loader, read_events
 
 
 class Exploding(nn.Module):
@@ -171,8 +170,7 @@ def test_filter_views_of_a_grayscale_model_log_under_the_full_layer_name(
         callbacks=[monitor], logger=logger, max_epochs=1, default_root_dir=tmp_path
     )
     trainer.fit(lightning.module(GraySteps)(), loader(TensorDataset(images, labels)))
-    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
-    acc.Reload()
+    acc = read_events(logger.log_dir)
     assert {t for t in acc.Tags()["images"] if t.startswith("filters/")} == {
         "filters/probe/net.features.2/channel_1",
         "filters/probe/net.features.2/channel_4",

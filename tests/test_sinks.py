@@ -8,7 +8,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
 from cam_monitor.encoding import EncodedGrid, encode_grids
@@ -21,6 +20,7 @@ from cam_monitor.schema import (
     parse_scalar_tag,
 )
 from cam_monitor.sinks import FileSink, add_encoded_image, image_tags, png_path, scalar_tags
+from tests.helpers import read_events
 
 
 def decode(png: bytes) -> np.ndarray:
@@ -34,8 +34,7 @@ def test_png_summary_reads_back_like_add_image(tmp_path: Path) -> None:
     add_encoded_image(writer, "cam/ours", EncodedGrid(grid, encode_grid(grid, "png"), "png"), 7)
     writer.add_image("cam/theirs", grid, global_step=7, dataformats="CHW")
     writer.close()
-    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
-    events.Reload()
+    events = read_events(tmp_path)
     (ours,), (theirs,) = events.Images("cam/ours"), events.Images("cam/theirs")
     assert ours.step == theirs.step == 7
     assert (ours.height, ours.width) == (theirs.height, theirs.width) == tuple(grid.shape[1:])
@@ -131,8 +130,7 @@ def test_tensorboard_sink_logs_overlays_as_jpeg_and_pixel_maps_as_png(tmp_path: 
         logger.finalize("success")
     finally:
         tensorboard_crc.uninstall_fast_crc()
-    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
-    events.Reload()  # TensorBoard's reader checks every record's CRC with its own function
+    events = read_events(logger.log_dir)  # TensorBoard's reader checks every record's CRC
     by_tag = {tag: events.Images(tag)[0].encoded_image_string for tag in image_tags(images)}
     jpeg = by_tag["cam/val/l4/gradcam"]
     assert jpeg[:3] == b"\xff\xd8\xff"

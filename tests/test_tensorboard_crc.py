@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
 from tensorboard.summary.writer import record_writer
 from torch.utils.tensorboard import SummaryWriter
 
 from cam_monitor import tensorboard_crc
 from cam_monitor.tensorboard_crc import install_fast_crc, masked_from, uninstall_fast_crc
+from tests.helpers import read_events
 
 ORIGINAL = record_writer.masked_crc32c
 REFERENCE = pywrap_tensorflow.masked_crc32c  # pure Python, what TensorBoard's reader checks with
@@ -49,8 +49,7 @@ def write_run(folder: Path, image: torch.Tensor) -> Path:
 
 def read_run(folder: Path) -> tuple[dict[str, list[tuple[int, float]]], list[tuple[int, bytes]]]:
     """What TensorBoard shows: scalars per tag and the image records, via EventAccumulator."""
-    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
-    accumulator.Reload()
+    accumulator = read_events(folder)
     scalars = {
         tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
         for tag in accumulator.Tags()["scalars"]
