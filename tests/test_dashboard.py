@@ -4,9 +4,7 @@ TensorBoard data providers and a real offline W&B run."""
 
 from __future__ import annotations
 
-import json
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +39,14 @@ from cam_monitor.schema import (
     parse_scalar_tag,
 )
 from cam_monitor.sinks import WANDB_GLOBS, WANDB_STEP
-from tests.helpers import Lightning, loader, shapes_dataset, wandb_records
+from tests.helpers import (
+    Lightning,
+    fit,
+    read_events,
+    shapes_dataset,
+    wandb_items,
+    wandb_run_records,
+)
 
 LAYERS = ["net.features.3", "net.features.5"]
 
@@ -58,17 +63,13 @@ def fit_with_tensorboard(tmp_path: Path, lightning: Lightning, **monitor: object
     options: dict[str, object] = {"probe": probes, "masks": masks, "num_probe": 8}
     options.update(monitor)
     logger = lightning.loggers.TensorBoardLogger(tmp_path, name="tb")
-    lightning.pl.seed_everything(0, verbose=False)
-    trainer = lightning.trainer(logger=logger, callbacks=[CamMonitor(LAYERS, **options)])
-    trainer.fit(lightning.module()(), loader(shapes_dataset(), shuffle=True))
+    fit(CamMonitor(LAYERS, **options), tmp_path, lightning, val=False, logger=logger)
     return Path(logger.log_dir)
 
 
 def accumulator(log_dir: Path) -> EventAccumulator:
     (events,) = log_dir.glob("events.out.tfevents.*")
-    acc = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
-    acc.Reload()
-    return acc
+    return read_events(events)
 
 
 def custom_scalars(acc: EventAccumulator) -> layout_pb2.Layout:
@@ -204,19 +205,12 @@ def test_wandb_charts_every_monitor_key_against_the_trainer_step(
     probes, masks = probe_sets()
     monitor = CamMonitor(LAYERS[1], probe=probes, masks=masks, num_probe=8)
     logger = lightning.loggers.WandbLogger(save_dir=str(tmp_path), offline=True, project="dash")
-    lightning.pl.seed_everything(0, verbose=False)
-    trainer = lightning.trainer(logger=logger, callbacks=[monitor])
-    trainer.fit(lightning.module()(), loader(shapes_dataset(), shuffle=True))
+    fit(monitor, tmp_path, lightning, val=False, logger=logger)
     run_dir = Path(logger.experiment.dir)
     import wandb
 
     wandb.finish()
-    record_log = next(run_dir.parent.glob("run-*.wandb"))
-    deadline = time.monotonic() + 60  # wandb's writer may still be flushing after finish()
-    records, finished = wandb_records(record_log)
-    while not finished and time.monotonic() < deadline:
-        time.sleep(0.5)
-        records, finished = wandb_records(record_log)
+    records, finished = wandb_run_records(run_dir)
     assert finished
     metrics = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
     defined = {m.glob_name or m.name: m for m in metrics}  # glob patterns, and one plain name
@@ -224,16 +218,15 @@ def test_wandb_charts_every_monitor_key_against_the_trainer_step(
         assert defined[glob].step_metric == WANDB_STEP, glob
         assert not defined[glob].HasField("summary"), glob  # the default: the last value
 
-    def items(update: object) -> dict[str, object]:
-        return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in update}
-
-    rows = [items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+    rows = [
+        wandb_items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"
+    ]
     logged = [row for row in rows if SECONDS_TAG in row]
     assert [row[WANDB_STEP] for row in logged] == [0, 3, 6]
     summary: dict[str, object] = {}
     for record in records:
         if record.WhichOneof("record_type") == "summary":
-            summary.update(items(record.summary.update))
+            summary.update(wandb_items(record.summary.update))
     drift = f"cam_drift/target/{LAYERS[1]}/gradcam/topk_iou_prev"
     energy = f"cam_loc/target/{LAYERS[1]}/gradcam/energy"
     for key in (drift, energy, SECONDS_TAG):

@@ -11,19 +11,18 @@ import math
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import pytorch_lightning as pl
-import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import TensorDataset
 
 from cam_monitor import CamMonitor
 from cam_monitor.cli import main
-from tests.helpers import LitClassifier, loader, quiet_trainer
+from tests.helpers import LitClassifier, fit, read_events, shapes
 
 PROBES = ("source", "target")
 LAYERS = ("net.features.3", "net.features.5")
@@ -37,36 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 GROUPS = [(p, layer, m) for p in PROBES for layer in LAYERS for m in METHODS]
 
 
-def shapes(n: int, domain: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images of one square, disc or diamond (the class) on noise, with each shape's mask.
-
-    ``target`` images draw the same shapes darker on a brighter, noisier background: the
-    domain shift a DANN run is meant to bridge.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    rows, cols = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
-    labels = torch.arange(n) % 3
-    masks = torch.zeros(n, SIZE, SIZE, dtype=torch.bool)
-    for i in range(n):
-        radius = int(torch.randint(5, 9, (1,), generator=gen))
-        r, c = (int(v) for v in torch.randint(radius, SIZE - radius, (2,), generator=gen))
-        dr, dc = (rows - r).abs(), (cols - c).abs()
-        kind = int(labels[i])
-        if kind == 0:
-            masks[i] = (dr <= radius) & (dc <= radius)
-        elif kind == 1:
-            masks[i] = dr**2 + dc**2 <= radius**2
-        else:
-            masks[i] = dr + dc <= radius
-    noise, fill, background = (0.2, 1.5, 0.0) if domain == "source" else (0.5, 0.8, 0.4)
-    images = background + noise * torch.randn(n, 3, SIZE, SIZE, generator=gen)
-    images = images + fill * masks[:, None].float()
-    return images, labels, masks
-
-
 def fit_run(root: Path, name: str, seed: int, lr: float) -> Path:
-    """One `Trainer.fit` with a CamMonitor and a TensorBoardLogger; returns the run folder."""
-    probes = {p: shapes(8, p, seed=100 + i) for i, p in enumerate(PROBES)}
+    """One `Trainer.fit` with a CamMonitor and a TensorBoardLogger; returns the run folder. The
+    images hold a square, disc or diamond (the class) at a random place."""
+    probes = {p: shapes(8, 100 + i, p, classes="kind") for i, p in enumerate(PROBES)}
     monitor = CamMonitor(
         list(LAYERS),
         methods=list(METHODS),
@@ -74,14 +47,11 @@ def fit_run(root: Path, name: str, seed: int, lr: float) -> Path:
         masks={p: masks for p, (_, _, masks) in probes.items()},
         nrow=4,
     )
-    pl.seed_everything(seed, verbose=False)
-    images, labels, _ = shapes(16 * STEPS, "source", seed=seed)
+    images, labels, _ = shapes(16 * STEPS, seed, classes="kind")
     logger = TensorBoardLogger(root, name=name, version=0)
-    trainer = quiet_trainer(
-        default_root_dir=root, logger=logger, callbacks=[monitor], max_epochs=EPOCHS
-    )
-    train = torch.utils.data.TensorDataset(images, labels)
-    trainer.fit(LitClassifier(lr=lr), loader(train, shuffle=True))
+    train = TensorDataset(images, labels)
+    fit(monitor, root, model=partial(LitClassifier, lr=lr), train=train, val=False, seed=seed,
+        logger=logger, max_epochs=EPOCHS)  # fmt: skip
     return root / name
 
 
@@ -133,8 +103,7 @@ def test_tensorboard_holds_every_grid_and_the_scores(runs: tuple[Path, Path]) ->
     for run in runs:
         files = sorted((run / "version_0").glob("events.out.tfevents.*"))
         assert len(files) == 1
-        events = EventAccumulator(str(files[0]), size_guidance={"images": 0, "scalars": 0})
-        events.Reload()
+        events = read_events(files[0])
         tags = events.Tags()
         assert sorted(tags["images"]) == sorted(f"cam/{'/'.join(g)}" for g in GROUPS)
         for group in GROUPS:
@@ -164,8 +133,7 @@ def test_show_prints_the_run_the_callback_wrote(
         assert float(rows["2"]["spearman_ref"].rstrip("*")) >= 0
     # The numbers printed are the ones TensorBoard got, read back through its own reader.
     files = sorted((runs[0] / "version_0").glob("events.out.tfevents.*"))
-    events = EventAccumulator(str(files[0]), size_guidance={"scalars": 0})
-    events.Reload()
+    events = read_events(files[0])
     logged = events.Scalars("cam_loc/source/net.features.3/gradcam/energy")
     row = printed["source / net.features.3 / gradcam"]
     assert [score(row[str(i)]["energy"]) for i in range(EVALUATIONS)] == pytest.approx(
