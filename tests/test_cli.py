@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from cam_monitor.cli import format_table, main
-from cam_monitor.history import Evaluation, write_evaluation, write_probe
 from cam_monitor.probe import content_hash
 from cam_monitor.schema import MapKey, ScalarKey
+from tests.helpers import evaluation, write_history
 
 PROBES = ("source", "target")
 LAYERS = ("features.29", "layer4.1.conv2")
@@ -69,7 +69,7 @@ def make_run(
     for m in masks.values():
         m[:, :8, :8] = True
     labels = {p: np.arange(BATCH) % 3 for p in probes}
-    history = folder / "lightning_logs" / "version_0" / "cam_monitor"
+    evaluations = []
     for index, epoch in enumerate(EPOCHS):
         maps = {}
         scalars: dict[str, float] = {"cam_monitor/seconds": 0.5 + index}
@@ -91,22 +91,13 @@ def make_run(
                     scalars[tag("cam_drift", group, "spearman_prev")] = 0.3
                     scalars[tag("cam_drift", group, "spearman_prev_excluded")] = 2.0
         rng = np.random.default_rng(index)
-        write_evaluation(
-            history,
-            Evaluation(
-                index=index,
-                epoch=epoch,
-                step=10 * epoch,
-                probe_hashes=hashes,
-                maps=maps,
-                targets={p: np.zeros(BATCH, np.int64) for p in probes},
-                logits={p: rng.standard_normal((BATCH, 3)).astype(np.float32) for p in probes},
-                labels=labels,
-                scalars=scalars,
-            ),
-        )
-    if probe:
-        write_probe(history, inputs, labels, masks, hashes)
+        logits = {p: rng.standard_normal((BATCH, 3)).astype(np.float32) for p in probes}
+        evaluations.append(
+            evaluation(index, epoch, maps, step=10 * epoch, hashes=hashes, logits=logits,
+                       labels=labels, scalars=scalars)
+        )  # fmt: skip
+    history = folder / "lightning_logs" / "version_0" / "cam_monitor"
+    write_history(history, evaluations, probe=(inputs, labels, masks, hashes) if probe else None)
     return folder
 
 
@@ -326,20 +317,13 @@ def test_compare_reports_unshared_groups_and_uses_the_first_evaluation_of_an_epo
     a = make_run(tmp_path / "a", "a", inputs)
     # Run B, step-based: two evaluations at epoch 0, one probe and layer only.
     key = ("source", "features.29", METHOD)
+    hashes = {"source": content_hash(inputs["source"])}
+    evaluations = []
     for index, epoch in enumerate((0, 0, 1)):
         maps = base_maps(*key[:2], epoch)
-        write_evaluation(
-            tmp_path / "b" / "cam_monitor",
-            Evaluation(
-                index=index,
-                epoch=epoch,
-                step=5 * index,
-                probe_hashes={"source": content_hash(inputs["source"])},
-                maps={key: 17.0 - maps if index == 1 else maps},
-                targets={"source": np.zeros(BATCH, np.int64)},
-                logits={"source": np.zeros((BATCH, 3), np.float32)},
-            ),
-        )
+        maps = {key: 17.0 - maps if index == 1 else maps}
+        evaluations.append(evaluation(index, epoch, maps, step=5 * index, hashes=hashes, classes=3))
+    write_history(tmp_path / "b" / "cam_monitor", evaluations)
     code, out, err = run_main(["compare", str(a), str(tmp_path / "b")], capsys)
     assert code == 0
     assert err == (
@@ -638,11 +622,11 @@ def test_show_counts_no_class_for_an_image_with_nan_logits(
     """A NaN probe image gives NaN logits; argmax would call them class 0 and, with label 0,
     count the image as correct. It predicts no class, and the captions say '-'."""
     logits = np.array([[np.nan] * 3, [0.0, 2.0, 1.0], [3.0, 0.0, 0.0]], np.float32)
-    write_evaluation(
+    maps = {("val", "conv", "gradcam"): np.ones((3, 2, 2))}
+    write_history(
         tmp_path,
-        Evaluation(0, 0, 0, {"val": "a" * 12}, {("val", "conv", "gradcam"): np.ones((3, 2, 2))},
-                   targets={"val": np.zeros(3, np.int64)}, logits={"val": logits},
-                   labels={"val": np.array([0, 1, 2])}, class_names=("cat", "dog", "owl")),
+        [evaluation(0, 0, maps, step=0, logits={"val": logits},
+                    labels={"val": np.array([0, 1, 2])}, class_names=("cat", "dog", "owl"))],
     )  # fmt: skip
     code, out, _ = run_main(["show", str(tmp_path)], capsys)
     assert code == 0
@@ -662,14 +646,12 @@ def test_show_marks_the_final_evaluation(
 ) -> None:
     """The evaluation added at the end of fit (an epoch count the schedule does not divide) is
     marked, as the history marks it; histories without one get no such column."""
-    for index, epoch in enumerate((0, 2, 3)):
-        maps = {("val", "conv", "gradcam"): np.ones((1, 2, 2), np.float32)}
-        write_evaluation(
-            tmp_path,
-            Evaluation(index, epoch, 4 * epoch, {"val": "a" * 12}, maps,
-                       {"val": np.zeros(1, np.int64)}, {"val": np.zeros((1, 2), np.float32)},
-                       final=index == 2),
-        )  # fmt: skip
+    maps = {("val", "conv", "gradcam"): np.ones((1, 2, 2), np.float32)}
+    write_history(
+        tmp_path,
+        [evaluation(index, epoch, maps, step=4 * epoch, final=index == 2)
+         for index, epoch in enumerate((0, 2, 3))],
+    )  # fmt: skip
     code, out, _ = run_main(["show", str(tmp_path)], capsys)
     assert code == 0
     lines = out.splitlines()
@@ -691,11 +673,7 @@ def test_compare_marks_localization_means_that_left_images_out(
     for name, scalars in (("a", {energy.tag: 0.5, energy.excluded.tag: 2.0}),
                           ("b", {energy.tag: 0.4})):  # fmt: skip
         maps = {group: np.arange(32, dtype=np.float32).reshape(2, 4, 4)}
-        write_evaluation(
-            tmp_path / name,
-            Evaluation(0, 0, 0, {"val": "a" * 12}, maps, {"val": np.zeros(2, np.int64)},
-                       {"val": np.zeros((2, 3), np.float32)}, scalars=scalars),
-        )  # fmt: skip
+        write_history(tmp_path / name, [evaluation(0, 0, maps, step=0, classes=3, scalars=scalars)])
     code, out, err = run_main(["compare", str(tmp_path / "a"), str(tmp_path / "b")], capsys)
     assert code == 0, err
     lines = out.splitlines()

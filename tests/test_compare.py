@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from pytorch_lightning.loggers import CSVLogger
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import spearmanr
+from torch.utils.data import TensorDataset
 
 from cam_monitor.compare import (
     SIMILARITIES,
@@ -34,33 +35,20 @@ from cam_monitor.compare import (
     summarize_groups,
     summary_stats,
 )
-from cam_monitor.history import Evaluation, write_evaluation, write_probe
 from cam_monitor.probe import content_hash
 from cam_monitor.schema import DRIFT, LOCALIZATION, SECONDS_TAG, MapKey, ScalarKey
-from tests.helpers import ClassifierSteps, Lightning, LitClassifier, loader, quiet_trainer
+from tests.helpers import (
+    ClassifierSteps,
+    Lightning,
+    LitClassifier,
+    evaluation,
+    fit,
+    loader,
+    shapes,
+    write_history,
+)
 
 GROUP = MapKey("dom/ain", "features.29", "gradcam")
-
-
-def evaluation(
-    index: int,
-    epoch: int,
-    maps: dict[MapKey, np.ndarray] | None = None,
-    scalars: dict[str, float] | None = None,
-    hashes: dict[str, str] | None = None,
-) -> Evaluation:
-    maps = maps or {}
-    probes = {key.probe: array.shape[0] for key, array in maps.items()}
-    return Evaluation(
-        index=index,
-        epoch=epoch,
-        step=10 * index,
-        probe_hashes=hashes if hashes is not None else {p: "aaaaaaaaaaaa" for p in probes},
-        maps=maps,
-        targets={p: np.zeros(n, np.int64) for p, n in probes.items()},
-        logits={p: np.zeros((n, 2), np.float32) for p, n in probes.items()},
-        scalars=scalars or {},
-    )
 
 
 def test_map_similarity_matches_scipy_per_image_and_counts_undefined_images() -> None:
@@ -145,7 +133,7 @@ def test_compare_group_reads_localization_through_the_schema_and_explains_gaps()
         "a",
         Path("a"),
         [
-            evaluation(0, 0, {GROUP: maps}, {energy: 0.25}),
+            evaluation(0, 0, {GROUP: maps}, scalars={energy: 0.25}),
             evaluation(1, 1, {GROUP: maps}),
             evaluation(2, 2, {GROUP: maps}),
         ],
@@ -154,7 +142,7 @@ def test_compare_group_reads_localization_through_the_schema_and_explains_gaps()
         "b",
         Path("b"),
         [
-            evaluation(0, 0, {GROUP: maps[:, ::-1].copy()}, {energy: 0.75}),
+            evaluation(0, 0, {GROUP: maps[:, ::-1].copy()}, scalars={energy: 0.75}),
             evaluation(1, 1, {GROUP: maps[:, :2]}),
             evaluation(2, 2, {MapKey("dom/ain", "other", "gradcam"): maps}),
         ],
@@ -187,9 +175,11 @@ def test_scalar_series_follows_epochs_with_nan_for_missing_values() -> None:
 def test_load_run_reads_history_and_probe_and_survives_a_corrupt_probe(tmp_path: Path) -> None:
     inputs = np.zeros((2, 3, 4, 4), np.float32)
     history = tmp_path / "run" / "logs" / "cam_monitor"
-    for index in range(2):
-        write_evaluation(history, evaluation(index, index, {GROUP: np.ones((2, 3, 3))}))
-    write_probe(history, {"dom/ain": inputs}, {}, {}, {"dom/ain": content_hash(inputs)})
+    write_history(
+        history,
+        [evaluation(index, index, {GROUP: np.ones((2, 3, 3))}) for index in range(2)],
+        probe=({"dom/ain": inputs}, {}, {}, {"dom/ain": content_hash(inputs)}),
+    )
     run = load_run(tmp_path / "run")
     assert run.name == "run" and run.folder == history
     assert [ev.index for ev in run.evaluations] == [0, 1]
@@ -221,7 +211,7 @@ def scored_run(name: str, energies: list[float], drift: float | None = 0.1) -> R
         scalars = {ENERGY.tag: value}
         if drift is not None:
             scalars[DRIFT_REF.tag] = drift * epoch
-        evaluations.append(evaluation(epoch, epoch, maps, scalars))
+        evaluations.append(evaluation(epoch, epoch, maps, scalars=scalars))
     return Run(name, Path(name), evaluations)
 
 
@@ -305,29 +295,11 @@ CLASS_NAMES = ("north-west", "north-east", "south-west", "south-east", "centre")
 FIT_PROBES = ("target", "source")
 
 
-def square_images(
-    n: int, domain: str, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A bright square whose place is the class (5 places); ``target`` adds a bright, noisy
-    background. Returns images, labels and the squares' masks."""
-    gen = torch.Generator().manual_seed(seed)
-    size, half = 32, 16
-    noise, background = (0.3, 0.0) if domain == "source" else (0.8, 0.6)
-    images = background + noise * torch.randn(n, 3, size, size, generator=gen)
-    labels = torch.arange(n) % 5
-    masks = torch.zeros(n, size, size, dtype=torch.bool)
-    corners = [(0, 0), (0, half), (half, 0), (half, half), (half // 2, half // 2)]
-    for i in range(n):
-        r, c = corners[int(labels[i])]
-        masks[i, r : r + half, c : c + half] = True
-    return images + 1.5 * masks[:, None].float(), labels, masks
-
-
-def fit(root: Path, name: str, seed: int, lr: float) -> Path:
+def fit_run(root: Path, name: str, seed: int, lr: float) -> Path:
     """One real `Trainer.fit` (2 epochs) with a CamMonitor on two probes with masks."""
     from cam_monitor import CamMonitor
 
-    probes = {p: square_images(10, p, seed=50 + i) for i, p in enumerate(FIT_PROBES)}
+    probes = {p: shapes(10, 50 + i, p) for i, p in enumerate(FIT_PROBES)}
     monitor = CamMonitor(
         "net.features.5",
         probe={p: (x, y) for p, (x, y, _) in probes.items()},
@@ -335,12 +307,11 @@ def fit(root: Path, name: str, seed: int, lr: float) -> Path:
         class_names=list(CLASS_NAMES),
         save_dir=root / name / "cam_monitor",
     )
-    torch.manual_seed(seed)
-    module = LitClassifier(lr=lr)
-    images, labels, _ = square_images(48, "source", seed=seed)
+    images, labels, _ = shapes(48, seed)
     logger = CSVLogger(root, name=name, version="")
-    trainer = quiet_trainer(default_root_dir=root / name, logger=logger, callbacks=[monitor])
-    trainer.fit(module, loader(torch.utils.data.TensorDataset(images, labels), shuffle=True))
+    train = TensorDataset(images, labels)
+    fit(monitor, root / name, model=partial(LitClassifier, lr=lr), train=train, val=False,
+        seed=seed, logger=logger)  # fmt: skip
     return root / name
 
 
@@ -349,7 +320,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
     """Two recipes x two seeds, each a real fit."""
     root = tmp_path_factory.mktemp("fits")
     return {
-        recipe: [fit(root, f"{recipe}_s{seed}", seed, lr) for seed in (0, 1)]
+        recipe: [fit_run(root, f"{recipe}_s{seed}", seed, lr) for seed in (0, 1)]
         for recipe, lr in (("slow", 0.01), ("fast", 0.2))
     }
 
@@ -447,14 +418,13 @@ def schedule_fit(
     """Seed 0, 2 epochs of 3 steps, the same probe: only the monitor's schedule differs."""
     from cam_monitor import CamMonitor
 
-    images, labels, _ = square_images(12, "source", seed=3)
+    images, labels, _ = shapes(12, seed=3)
     monitor = CamMonitor("net.features.5", probe=(images[:4], labels[:4]),
                          save_dir=root / name, **schedule)  # fmt: skip
-    torch.manual_seed(0)
     steps = type("Steps", (OnDemand, ClassifierSteps), {"monitor": monitor if on_demand else None})
-    trainer = lightning.trainer(logger=False, callbacks=[monitor], num_sanity_val_steps=0)
-    data = loader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
-    trainer.fit(lightning.module(steps)(), data, data)
+    data = loader(TensorDataset(images, labels), batch_size=4)
+    fit(monitor, root / name, lightning, model=lightning.module(steps), train=data, val=data,
+        num_sanity_val_steps=0)  # fmt: skip
     return load_run(root / name, name=name)
 
 

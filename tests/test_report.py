@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from cam_monitor.compare import Run, RunGroup, load_run
-from cam_monitor.history import Evaluation, write_evaluation, write_probe
+from cam_monitor.history import Evaluation
 from cam_monitor.probe import content_hash
 from cam_monitor.report import _captions, write_report
 from cam_monitor.schema import DRIFT, LOCALIZATION, MapKey, ScalarKey
+from tests.helpers import evaluation, write_history
 
 PROBES = ("target", "source")
 LAYERS = ("features.conv4", "features.conv2")
@@ -46,7 +47,7 @@ def write_run(folder: Path, energy: float, seed: int, class_names: bool = True) 
     inputs, labels, masks = probe_data()
     hashes = {p: content_hash(x) for p, x in inputs.items()}
     rng = np.random.default_rng(seed)
-    history = folder / "cam_monitor"
+    evaluations = []
     for epoch in range(EPOCHS + 1):
         maps, scalars = {}, {}
         for probe in PROBES:
@@ -62,22 +63,20 @@ def write_run(folder: Path, energy: float, seed: int, class_names: bool = True) 
                 scalars[ScalarKey(DRIFT, key, "spearman_ref").tag] = 0.05 * epoch
         logits = rng.normal(size=(BATCH, 10)).astype(np.float32)
         logits[np.arange(BATCH), np.arange(BATCH) % 10] += 3.0  # mostly right
-        write_evaluation(
-            history,
-            Evaluation(
-                index=epoch,
-                epoch=epoch,
-                step=10 * epoch,
-                probe_hashes=hashes,
-                maps=maps,
+        evaluations.append(
+            evaluation(
+                epoch,
+                epoch,
+                maps,
+                hashes=hashes,
                 targets={p: logits.argmax(1) for p in PROBES},
                 logits={p: logits for p in PROBES},
                 labels=labels,
                 scalars=scalars,
                 class_names=NAMES if class_names else None,
-            ),
+            )
         )
-    write_probe(history, inputs, labels, masks, hashes)
+    write_history(folder / "cam_monitor", evaluations, probe=(inputs, labels, masks, hashes))
     return folder
 
 
@@ -185,13 +184,8 @@ def signed_run(folder: Path) -> Run:
     inputs = {"val": np.zeros((1, 3, 32, 32), np.float32)}
     hashes = {"val": content_hash(inputs["val"])}
     maps = {("val", "input", "integrated_gradients"): bands, ("val", "conv", "gradcam"): bands + 1}
-    for epoch in (0, 1):
-        write_evaluation(
-            folder / "cam_monitor",
-            Evaluation(epoch, epoch, epoch, hashes, maps, {"val": np.zeros(1, np.int64)},
-                       {"val": np.zeros((1, 2), np.float32)}),
-        )  # fmt: skip
-    write_probe(folder / "cam_monitor", inputs, {}, {}, hashes)
+    evaluations = [evaluation(epoch, epoch, maps, step=epoch, hashes=hashes) for epoch in (0, 1)]
+    write_history(folder / "cam_monitor", evaluations, probe=(inputs, {}, {}, hashes))
     return load_run(folder)
 
 
