@@ -35,19 +35,16 @@ from .history import (
     write_probe_sets,
 )
 from .history.background import WriteError
-from .layers import LayerSpec, Reshape, first_spatial_layer, resolve_layers, unwrap_model
+from .layers import first_spatial_layer, resolve_layers, unwrap_model
 from .options import (
     DriftOptions,
     EngineOptions,
     FilterOptions,
-    ForwardFn,
-    OutputTransform,
     RenderOptions,
     check_int,
 )
 from .probe import (
     ProbeSet,
-    ProbeSpec,
     build_probes,
     check_masks,
     content_hash,
@@ -59,6 +56,7 @@ from .render import GRID_COLUMNS
 from .schema import DEFAULT_MEASURES, INPUT_LAYER, SECONDS_TAG, dashboard_charts, parse_scalar_tag
 from .sinks import Sink, lightning_classes, run_folder, scalar_tags, sinks_for
 from .tracking import AttentionTracker
+from .types import ForwardFn, LayerSpec, OutputTransform, ProbeSpec, Reshape
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl

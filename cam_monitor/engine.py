@@ -37,7 +37,7 @@ from .batch import Batch
 from .capture import capture_outputs, did_not_run, no_gradient, scoped_hooks
 from .drift import as_measured
 from .isolation import isolated
-from .layers import LayerSpec, Reshape, as_spatial, resolve_layers, unwrap_model
+from .layers import as_spatial, resolve_layers, unwrap_model
 from .methods import (
     CAM_METHODS,
     GRADIENT_METHODS,
@@ -50,7 +50,7 @@ from .methods import (
     normalize_maps,
     upsample_maps,
 )
-from .options import EngineOptions, ForwardFn, OutputTransform, Target
+from .options import EngineOptions
 from .targets import (
     check_engine_target,
     class_scores,
@@ -58,6 +58,7 @@ from .targets import (
     resolve_targets,
     warn_if_probabilities,
 )
+from .types import ForwardFn, LayerSpec, OutputTransform, Reshape, Target
 
 __all__ = ["CamResult", "ForwardFn", "OutputTransform", "Target", "compute", "compute_cams"]
 

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from .batch import Batch
 from .capture import did_not_run, not_a_tensor, scoped_hooks
 from .isolation import isolated
-from .layers import LayerSpec, Reshape, as_spatial, resolve_layers, unwrap_model
-from .options import ForwardFn
+from .layers import as_spatial, resolve_layers, unwrap_model
+from .types import ForwardFn, LayerSpec, Reshape
 
 
 class _LayerReached(Exception):

@@ -10,7 +10,7 @@ import difflib
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,12 +18,7 @@ from torch import Tensor, nn
 from .batch import Batch
 from .capture import Hook, scoped_hooks
 from .isolation import isolated
-
-if TYPE_CHECKING:
-    from .options import ForwardFn, OutputTransform
-
-LayerSpec = str | nn.Module
-Reshape = Callable[[Tensor], Tensor]
+from .types import ForwardFn, LayerSpec, OutputTransform, Reshape
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 

@@ -17,10 +17,7 @@ from .batch import INPUT_KEYS, leaves, move_to
 from .drift import boxes_to_masks
 from .isolation import preserved_rng
 from .schema import check_probe_name
-
-#: What `probe=` may be, per probe set: a Tensor, an (inputs, labels[, masks]) tuple, a dict
-#: batch, a Dataset or a DataLoader.
-ProbeSpec = Any
+from .types import ProbeSpec
 
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 #: The only dict keys read as masks; boxes come only through `masks=`.
