@@ -22,6 +22,7 @@ from lightning_utilities.core.rank_zero import (  # what both namespaces re-expo
 from torch import Tensor, nn
 
 from .capture import users_hooks_warning
+from .default_layer import first_spatial_layer
 from .encoding import EncodedGrid, GridEncoder, PendingGrids
 from .evaluation import ImageKey, explain_first_failure, normalisation_warning, run_evaluation
 from .history import (
@@ -35,7 +36,7 @@ from .history import (
     write_probe_sets,
 )
 from .history.background import WriteError
-from .layers import first_spatial_layer, resolve_layers, unwrap_model
+from .layers import resolve_layers, unwrap_model
 from .options import (
     DriftOptions,
     EngineOptions,
