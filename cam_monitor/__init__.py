@@ -4,10 +4,10 @@ from typing import TYPE_CHECKING, Any
 
 from .capture import LayerCaptureError as LayerCaptureError
 from .capture import NoGradientError as NoGradientError
+from .channels import filter_activations as filter_activations
+from .channels import visualize_filter as visualize_filter
 from .engine import CamResult as CamResult
 from .engine import compute_cams as compute_cams
-from .filters import filter_activations as filter_activations
-from .filters import visualize_filter as visualize_filter
 from .methods import ALL_METHODS as ALL_METHODS
 from .methods import CAM_METHODS as CAM_METHODS
 from .methods import INPUT_KEY as INPUT_KEY

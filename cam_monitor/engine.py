@@ -35,9 +35,9 @@ from .attribution import (
 )
 from .batch import Batch
 from .capture import capture_outputs, did_not_run, no_gradient, scoped_hooks
-from .drift import as_measured
 from .isolation import isolated
 from .layers import as_spatial, resolve_layers, unwrap_model
+from .measures import as_measured
 from .methods import (
     CAM_METHODS,
     GRADIENT_METHODS,

@@ -16,8 +16,8 @@ from torchvision.utils import make_grid
 
 from .batch import Batch
 from .capture import scoped_hooks
+from .channels import filter_activations, one_layer, visualize_filter
 from .engine import CamResult, compute
-from .filters import filter_activations, one_layer, visualize_filter
 from .layers import unwrap_model
 from .methods import PIXEL_METHODS, SIGNED_METHODS
 from .options import EngineOptions, FilterOptions, RenderOptions

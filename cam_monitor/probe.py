@@ -14,8 +14,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler, default_collate
 
 from .batch import INPUT_KEYS, leaves, move_to
-from .drift import boxes_to_masks
 from .isolation import preserved_rng
+from .measures import boxes_to_masks
 from .schema import check_probe_name
 from .types import ProbeSpec
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .batch import Batch, tensors
-from .drift import as_measured, drift, energy_inside, entropy, mask_iou, pointing_game, summarize
+from .measures import as_measured, drift, energy_inside, entropy, mask_iou, pointing_game, summarize
 from .options import DriftOptions
 from .schema import DRIFT, LOCALIZATION, PREVIOUS, REF, STATISTICS, MapKey, ScalarKey, drift_stat
 

@@ -166,7 +166,7 @@ HOOK_SITES = {
     "capture_outputs": _capture_site,
     "engine._record_inputs": _record_inputs_site,
     "attribution.ruled_relus": _guided_relus_site,
-    "filters._layer_output": _filter_site,
+    "channels._layer_output": _filter_site,
     "default_layer.first_spatial_layer": _first_spatial_site,
 }
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from cam_monitor.drift import (
+from cam_monitor.engine import CamResult, compute_cams
+from cam_monitor.history import Evaluation
+from cam_monitor.measures import (
     drift,
     energy_inside,
     entropy,
@@ -16,8 +18,6 @@ from cam_monitor.drift import (
     pointing_game,
     summarize,
 )
-from cam_monitor.engine import CamResult, compute_cams
-from cam_monitor.history import Evaluation
 from cam_monitor.options import DriftOptions
 from cam_monitor.probe import ProbeSet, content_hash
 from cam_monitor.schema import MEASURES, MapKey, ScalarKey, drift_stat

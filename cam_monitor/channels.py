@@ -1,4 +1,5 @@
-"""Filter views: what chosen channels of a layer respond to, on a probe or by optimisation.
+"""Channel views ("filter views"): what chosen channels of a layer respond to, on a probe or by
+optimisation.
 
 Both functions run under `isolated(model)` (eval mode, forked RNG, modes restored), stop the
 forward at the layer with a scoped hook removed in `finally`, and never touch parameters or

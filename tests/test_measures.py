@@ -9,7 +9,7 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import pearsonr, spearmanr
 
-from cam_monitor.drift import (
+from cam_monitor.measures import (
     MEASURES,
     boxes_to_masks,
     com_shift,
