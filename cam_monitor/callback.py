@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .capture import users_hooks_warning
 from .default_layer import first_spatial_layer
+from .drift import AttentionTracker
 from .encoding import EncodedGrid, GridEncoder, PendingGrids
 from .evaluation import ImageKey, explain_first_failure, normalisation_warning, run_evaluation
 from .history import (
@@ -56,7 +57,6 @@ from .probe import (
 from .render import GRID_COLUMNS
 from .schema import DEFAULT_MEASURES, INPUT_LAYER, SECONDS_TAG, dashboard_charts, parse_scalar_tag
 from .sinks import Sink, lightning_classes, run_folder, scalar_tags, sinks_for
-from .tracking import AttentionTracker
 from .types import ForwardFn, LayerSpec, OutputTransform, ProbeSpec, Reshape
 
 if TYPE_CHECKING:

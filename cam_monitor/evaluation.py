@@ -1,7 +1,7 @@
 """One monitor evaluation without Lightning: the CAMs of every probe set and the grids to log.
 
 Grids are keyed by `schema.MapKey` (overlay grids) or by a tag built in `schema` (filter
-views); they become strings only in `sinks`. Scoring lives in `tracking`.
+views); they become strings only in `sinks`. Scoring lives in `drift`.
 """
 
 from __future__ import annotations

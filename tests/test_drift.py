@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cam_monitor.drift import AttentionTracker
 from cam_monitor.engine import CamResult, compute_cams
 from cam_monitor.history import Evaluation
 from cam_monitor.measures import (
@@ -21,7 +22,6 @@ from cam_monitor.measures import (
 from cam_monitor.options import DriftOptions
 from cam_monitor.probe import ProbeSet, content_hash
 from cam_monitor.schema import MEASURES, MapKey, ScalarKey, drift_stat
-from cam_monitor.tracking import AttentionTracker
 from tests.conftest import TinyCNN
 
 GEN = torch.Generator().manual_seed(0)
