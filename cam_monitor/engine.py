@@ -41,7 +41,6 @@ from .measures import as_measured
 from .methods import (
     CAM_METHODS,
     GRADIENT_METHODS,
-    INPUT_KEY,
     INPUT_METHODS,
     SIGN_SENSITIVE_METHODS,
     apply_method,
@@ -51,6 +50,7 @@ from .methods import (
     upsample_maps,
 )
 from .options import EngineOptions
+from .schema import INPUT_LAYER
 from .targets import (
     check_engine_target,
     class_scores,
@@ -140,7 +140,7 @@ def compute_cams(
         inputs: a Tensor ``[B, C, H, W]``, or a nested batch (tuple, dict, namedtuple) holding
             one, passed whole to the model: give ``forward`` to pick the images out of it. Pixel
             methods differentiate and perturb the float ``[B, C, H, W]`` tensor under a dict's
-            image key (`batch.INPUT_KEYS`), else the first one.
+            image key (`batch.IMAGE_KEYS`), else the first one.
         layers: names from ``model.named_modules()``, globs or modules, or a list of these;
             None (or ``[]``) when every method is input-level. A layer (or, for pixel methods,
             the input) that no gradient reaches raises `NoGradientError` (a `ValueError`).
@@ -527,7 +527,7 @@ def _explain_chunk(
                 maps[name, method] = (guided * fine[:, None]).sum(dim=1)
     for method in options.methods:
         if method in input_maps:
-            maps[INPUT_KEY, method] = input_maps[method]
+            maps[INPUT_LAYER, method] = input_maps[method]
     return clean.indices, clean.logits, maps, extras
 
 

@@ -40,7 +40,8 @@ DRIFT, LOCALIZATION, STATISTICS = "cam_drift", "cam_loc", "cam_stats"
 SCALAR_KINDS: tuple[str, ...] = (DRIFT, LOCALIZATION, STATISTICS)
 #: Prefix of overlay-grid image tags, and of filter-view image tags.
 IMAGE_PREFIX, FILTER_PREFIX = "cam", "filters"
-#: The layer name under which pixel-level methods (saliency, IG, ...) store their maps.
+#: The layer name under which pixel-level methods (saliency, IG, ...) store their maps:
+#: `result[INPUT_LAYER, "saliency"]` (exported as `cam_monitor.INPUT_LAYER`, once `INPUT_KEY`).
 INPUT_LAYER = "input"
 #: The monitor's own cost per evaluation, in seconds.
 SECONDS_TAG = "cam_monitor/seconds"

@@ -141,3 +141,20 @@ def test_types_is_a_leaf_that_imports_only_torch_and_typing() -> None:
         for name in _imported_names("cam_monitor.types", path, node)[:1]
     }
     assert roots <= {"__future__", "collections", "torch", "typing"}, roots
+
+
+def test_moved_and_renamed_names_stay_importable_where_users_import_them() -> None:
+    import cam_monitor
+    from cam_monitor import channels, schema, types
+    from cam_monitor.engine import ForwardFn, OutputTransform, Target
+    from cam_monitor.layers import LayerSpec, Reshape
+
+    assert cam_monitor.INPUT_KEY == cam_monitor.INPUT_LAYER == schema.INPUT_LAYER == "input"
+    assert cam_monitor.filter_activations is channels.filter_activations
+    assert cam_monitor.visualize_filter is channels.visualize_filter
+    assert (LayerSpec, Reshape) == (types.LayerSpec, types.Reshape)
+    assert (ForwardFn, OutputTransform, Target) == (
+        types.ForwardFn,
+        types.OutputTransform,
+        types.Target,
+    )
