@@ -55,7 +55,16 @@ from .probe import (
     probe_sets,
 )
 from .render import GRID_COLUMNS
-from .schema import DEFAULT_MEASURES, INPUT_LAYER, SECONDS_TAG, dashboard_charts, parse_scalar_tag
+from .schema import (
+    DEFAULT_MEASURES,
+    INPUT_LAYER,
+    METRIC_PREFIXES,
+    SECONDS_TAG,
+    MapKey,
+    dashboard_charts,
+    image_tag,
+    parse_scalar_tag,
+)
 from .sinks import Sink, lightning_classes, run_folder, scalar_tags, sinks_for
 from .types import ForwardFn, LayerSpec, OutputTransform, ProbeSpec, Reshape
 
@@ -64,7 +73,7 @@ if TYPE_CHECKING:
     from pytorch_lightning.strategies import Strategy
 
 # The families of tags `publish_metrics` puts into `trainer.callback_metrics`.
-MONITORED_PREFIXES = ("cam_drift/", "cam_loc/", "cam_stats/", "cam_monitor/")
+MONITORED_PREFIXES = METRIC_PREFIXES
 
 
 def check_strategy(strategy: Strategy) -> None:
@@ -792,8 +801,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 if shared:
                     probe, layer, method = shared[0]
                     raise ValueError(
-                        f"Two CamMonitors in this Trainer would both log cam/{probe}/{layer}/"
-                        f"{method} ({len(shared)} shared tag group(s)), mixing their curves. Name "
+                        "Two CamMonitors in this Trainer would both log "
+                        f"{image_tag(MapKey(probe, layer, method))} ({len(shared)} shared tag "
+                        "group(s)), mixing their curves. Name "
                         "their probe sets apart (probe={'name': ...}), or monitor other layers "
                         "or methods."
                     )

@@ -18,7 +18,18 @@ from torch import Tensor
 from .batch import Batch, tensors
 from .measures import as_measured, drift, energy_inside, entropy, mask_iou, pointing_game, summarize
 from .options import DriftOptions
-from .schema import DRIFT, LOCALIZATION, PREVIOUS, REF, STATISTICS, MapKey, ScalarKey, drift_stat
+from .schema import (
+    DRIFT,
+    ENTROPY,
+    LOCALIZATION,
+    LOCALIZATION_SCORES,
+    PREVIOUS,
+    REF,
+    STATISTICS,
+    MapKey,
+    ScalarKey,
+    drift_stat,
+)
 
 if TYPE_CHECKING:
     from .engine import CamResult
@@ -72,7 +83,7 @@ class AttentionTracker:
             stacked = torch.cat([current[key] for key in keys])
             non_finite.append((~torch.isfinite(stacked)).flatten(1).any(1))
             blocks += self._drift_blocks(keys, current)
-            entropies = [ScalarKey(STATISTICS, key, "entropy") for key in keys]
+            entropies = [ScalarKey(STATISTICS, key, ENTROPY) for key in keys]
             blocks.append(_Block(entropies, _sizes(current, keys), entropy(stacked)))
         for keys in _same_shape(current, by_probe=True).values():
             blocks += self._localization_blocks(keys, current, probes[keys[0].probe].masks)
@@ -82,9 +93,9 @@ class AttentionTracker:
                     order += [
                         ScalarKey(DRIFT, key, drift_stat(m, against)) for m in options.measures
                     ]
-            order.append(ScalarKey(STATISTICS, key, "entropy"))
+            order.append(ScalarKey(STATISTICS, key, ENTROPY))
             if probes[key.probe].masks is not None:
-                order += [ScalarKey(LOCALIZATION, key, stat) for stat in LOCALIZATION_STATS]
+                order += [ScalarKey(LOCALIZATION, key, stat) for stat in LOCALIZATION_SCORES]
         for key, maps in current.items():
             self.previous[key] = maps
             self.reference.setdefault(key, maps)
@@ -139,7 +150,7 @@ class AttentionTracker:
         sizes = _sizes(current, keys)
         return [
             _Block([ScalarKey(LOCALIZATION, key, stat) for key in keys], sizes, values[stat])
-            for stat in LOCALIZATION_STATS
+            for stat in LOCALIZATION_SCORES
         ]
 
     def use_reference(
@@ -192,10 +203,6 @@ def _device_of(probe: ProbeSet | None) -> torch.device:
     found = Batch.of(probe.inputs).image
     found = found if found is not None else next(tensors(probe.inputs), None)
     return torch.device("cpu") if found is None else found.device
-
-
-#: The localization scalars of a map, in the order they are logged.
-LOCALIZATION_STATS: tuple[str, ...] = ("energy", "pointing", "mask_iou")
 
 
 @dataclass(frozen=True)
