@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .batch import Batch, tensors
-from .measures import as_measured, drift, energy_inside, entropy, mask_iou, pointing_game, summarize
+from .measures import as_measured, drift_scores, entropy, localization_scores, summarize
 from .options import DriftOptions
 from .schema import (
     DRIFT,
@@ -123,14 +123,13 @@ class AttentionTracker:
         before = torch.cat([other.to(device) for _, _, other in pairs])
         now = torch.cat([current[key] for key, _, _ in pairs])
         sizes = [current[key].shape[0] for key, _, _ in pairs]
-        topk = self.options.topk
         return [
             _Block(
                 [ScalarKey(DRIFT, key, drift_stat(measure, against)) for key, against, _ in pairs],
                 sizes,
-                drift(before, now, measure, k=topk),
+                values,
             )
-            for measure in self.options.measures
+            for measure, values in drift_scores(before, now, self.options).items()
         ]
 
     def _localization_blocks(
@@ -141,12 +140,7 @@ class AttentionTracker:
             return []
         stacked = torch.cat([current[key] for key in keys])
         tiled = masks.repeat(len(keys), *([1] * (masks.dim() - 1)))
-        options = self.options
-        values = {
-            "energy": energy_inside(stacked, tiled),
-            "pointing": pointing_game(stacked, tiled, options.pointing_tolerance),
-            "mask_iou": mask_iou(stacked, tiled, options.topk),
-        }
+        values = localization_scores(stacked, tiled, self.options)
         sizes = _sizes(current, keys)
         return [
             _Block([ScalarKey(LOCALIZATION, key, stat) for key in keys], sizes, values[stat])

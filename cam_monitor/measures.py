@@ -5,17 +5,25 @@ returns a float32 tensor `[B]`, one value per image. Where a measure is undefine
 (a constant or all-zero map, an empty mask, a non-finite or negative entry where a
 distribution is needed) its value is NaN, never a silent 0; `summarize` then averages the
 finite values and counts the NaNs. Nothing here syncs with the host except `summarize`.
+
+The public functions check their arguments (`k`, `tolerance`, the measure's name);
+`drift_scores` and `localization_scores` take them from a `DriftOptions`, validated once when
+it was built, and check only the maps.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .methods import SIGNED_METHODS, upsample_maps
 from .schema import MEASURES as MEASURES  # the one definition; importable from here as before
+
+if TYPE_CHECKING:
+    from .options import DriftOptions
 
 _LN2 = math.log(2.0)
 
@@ -189,6 +197,11 @@ def topk_iou(a: Tensor, b: Tensor, k: float = 0.2) -> Tensor:
     """
     _check_pair(a, b)
     _check_k(k)
+    return _topk_iou(a, b, k)
+
+
+def _topk_iou(a: Tensor, b: Tensor, k: float) -> Tensor:
+    """`topk_iou` of checked maps and fraction."""
     top_a, valid_a = _top_set(_flat(a), k)
     top_b, valid_b = _top_set(_flat(b), k)
     return _nan_where_invalid(_iou(top_a, top_b), valid_a & valid_b)
@@ -294,17 +307,40 @@ def drift(a: Tensor, b: Tensor, measure: str, k: float = 0.2) -> Tensor:
         >>> [round(drift(a, a, m).item(), 6) for m in MEASURES]
         [0.0, 0.0, 0.0, 0.0, 0.0]
     """
+    if measure not in MEASURES:
+        raise ValueError(
+            f"unknown drift measure {measure!r}; valid measures: {', '.join(MEASURES)}"
+        )
+    if measure == "topk_iou":
+        return 1.0 - topk_iou(a, b, k)  # checks `k`
+    return _drift(a, b, measure, k)
+
+
+def drift_scores(a: Tensor, b: Tensor, options: DriftOptions) -> dict[str, Tensor]:
+    """Every measure of `options` as in `drift`, by name; its measures and `topk` were checked
+    when `options` was built, so only the maps are checked here.
+
+    Example:
+        >>> from cam_monitor.options import DriftOptions
+        >>> a = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])
+        >>> {m: d.tolist() for m, d in drift_scores(a, a, DriftOptions()).items()}
+        {'spearman': [0.0], 'topk_iou': [0.0]}
+    """
+    return {measure: _drift(a, b, measure, options.topk) for measure in options.measures}
+
+
+def _drift(a: Tensor, b: Tensor, measure: str, k: float) -> Tensor:
+    """`drift` of a known measure and a checked `k` (the maps are checked here)."""
     if measure == "spearman":
         return 1.0 - spearman(a, b)
     if measure == "pearson":
         return 1.0 - pearson(a, b)
     if measure == "topk_iou":
-        return 1.0 - topk_iou(a, b, k)
+        _check_pair(a, b)
+        return 1.0 - _topk_iou(a, b, k)
     if measure == "js":
         return js_divergence(a, b)
-    if measure == "com_shift":
-        return com_shift(a, b)
-    raise ValueError(f"unknown drift measure {measure!r}; valid measures: {', '.join(MEASURES)}")
+    return com_shift(a, b)
 
 
 # --------------------------------------------------------------------------- localization
@@ -336,7 +372,10 @@ def energy_inside(maps: Tensor, masks: Tensor) -> Tensor:
         >>> energy_inside(maps, torch.tensor([[[True, False]], [[True, False]]])).tolist()
         [0.75, nan]
     """
-    flat, mask = _prepare_localization(maps, masks)
+    return _energy_inside(*_prepare_localization(maps, masks))
+
+
+def _energy_inside(flat: Tensor, mask: Tensor) -> Tensor:
     p, valid = _distribution(flat)
     share = (p * mask).sum(dim=1).clamp(0.0, 1.0)
     return _nan_where_invalid(share, valid & mask.any(dim=1))
@@ -356,8 +395,13 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
     if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
         raise ValueError(f"tolerance must be a non-negative int (pixels), got {tolerance!r}")
     flat, mask = _prepare_localization(maps, masks)
+    return _pointing_game(flat, mask, masks.shape, tolerance)
+
+
+def _pointing_game(flat: Tensor, mask: Tensor, shape: torch.Size, tolerance: int) -> Tensor:
+    """`pointing_game` of prepared maps and masks (`shape`: the masks' `[B, H, W]`)."""
     if tolerance > 0:
-        grid = mask.view(masks.shape).float()[:, None]
+        grid = mask.view(shape).float()[:, None]
         pooled = torch.nn.functional.max_pool2d(grid, 2 * tolerance + 1, 1, tolerance)
         dilated = pooled.reshape(mask.shape) > 0
     else:
@@ -380,9 +424,33 @@ def mask_iou(maps: Tensor, masks: Tensor, k: float = 0.2) -> Tensor:
         [0.5]
     """
     _check_k(k)
-    flat, mask = _prepare_localization(maps, masks)
+    return _mask_iou(*_prepare_localization(maps, masks), k)
+
+
+def _mask_iou(flat: Tensor, mask: Tensor, k: float) -> Tensor:
     top, valid = _top_set(flat, k)
     return _nan_where_invalid(_iou(top, mask), valid & mask.any(dim=1))
+
+
+def localization_scores(maps: Tensor, masks: Tensor, options: DriftOptions) -> dict[str, Tensor]:
+    """`energy_inside`, `pointing_game` and `mask_iou` by score name, with the tolerance and
+    `topk` of `options` (checked when it was built); maps and masks are checked and upsampled
+    once for the three.
+
+    Example:
+        >>> from cam_monitor.options import DriftOptions
+        >>> maps = torch.tensor([[[4.0, 3.0, 0.0, 0.0]]])
+        >>> mask = torch.tensor([[[True, False, False, False]]])
+        >>> scores = localization_scores(maps, mask, DriftOptions(topk=0.5))
+        >>> {name: round(value.item(), 4) for name, value in scores.items()}
+        {'energy': 0.5714, 'pointing': 1.0, 'mask_iou': 0.5}
+    """
+    flat, mask = _prepare_localization(maps, masks)
+    return {
+        "energy": _energy_inside(flat, mask),
+        "pointing": _pointing_game(flat, mask, masks.shape, options.pointing_tolerance),
+        "mask_iou": _mask_iou(flat, mask, options.topk),
+    }
 
 
 def boxes_to_masks(boxes: Tensor, size: tuple[int, int]) -> Tensor:

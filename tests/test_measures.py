@@ -352,3 +352,35 @@ def test_summarize_excludes_non_finite() -> None:
     mean, excluded = summarize(torch.full((3,), float("nan")))
     assert math.isnan(mean) and excluded == 3
     assert summarize(torch.tensor([0.0, 0.0])) == (0.0, 0)
+
+
+def test_scores_from_validated_options_match_the_public_functions_without_checking_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import cam_monitor.measures as measures
+    from cam_monitor.options import DriftOptions
+
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.rand(4, 6, 6, generator=gen), torch.rand(4, 6, 6, generator=gen)
+    masks = torch.rand(4, 12, 12, generator=gen) > 0.7
+    options = DriftOptions(measures=MEASURES, topk=0.3, pointing_tolerance=1)
+    expected_drift = {m: drift(a, b, m, k=0.3) for m in MEASURES}
+    expected_scores = {
+        "energy": energy_inside(a, masks),
+        "pointing": pointing_game(a, masks, 1),
+        "mask_iou": mask_iou(a, masks, 0.3),
+    }
+
+    def checked_again(*args: object) -> None:
+        raise AssertionError("an option DriftOptions validated was checked again")
+
+    monkeypatch.setattr(measures, "_check_k", checked_again)
+    got_drift = measures.drift_scores(a, b, options)
+    got_scores = measures.localization_scores(a, masks, options)
+    assert list(got_drift) == list(MEASURES)
+    for name, values in [*expected_drift.items(), *expected_scores.items()]:
+        got = got_drift.get(name, got_scores.get(name))
+        assert got is not None and torch.equal(got.isnan(), values.isnan())
+        assert torch.equal(got.nan_to_num(), values.nan_to_num()), name
+    with pytest.raises(ValueError, match="maps must have the same shape"):
+        measures.drift_scores(a, b[:, :3], options)
