@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader, TensorDataset
 import cam_monitor.evaluation as evaluation_module
 from cam_monitor import CamMonitor, compute_cams
 from cam_monitor.callback import check_strategy
+from cam_monitor.drift import AttentionTracker
 from cam_monitor.evaluation import run_evaluation
 from cam_monitor.history import read_history
 from cam_monitor.options import EngineOptions, RenderOptions
 from cam_monitor.probe import make_probe
-from cam_monitor.tracking import AttentionTracker
 from tests.conftest import (
     ClassifierSteps,
     Lightning,
