@@ -32,7 +32,7 @@ def first_spatial_layer(
     forward: ForwardFn | None,
     output_transform: OutputTransform = None,
 ) -> str:
-    """The layer an expert would pick for a CAM when none is configured (see the README).
+    """The layer an expert would pick for a CAM when none is configured (see docs/methods.md).
 
     One isolated forward and backward of (up to 4 rows of) `inputs`, any nested batch, with
     scoped hooks on every submodule. Of the modules that ran once and have a spatial output
