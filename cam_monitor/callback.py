@@ -22,6 +22,8 @@ from lightning_utilities.core.rank_zero import (  # what both namespaces re-expo
 from torch import Tensor, nn
 
 from .capture import users_hooks_warning
+from .default_layer import first_spatial_layer
+from .drift import AttentionTracker
 from .encoding import EncodedGrid, GridEncoder, PendingGrids
 from .evaluation import ImageKey, explain_first_failure, normalisation_warning, run_evaluation
 from .history import (
@@ -35,19 +37,16 @@ from .history import (
     write_probe_sets,
 )
 from .history.background import WriteError
-from .layers import LayerSpec, Reshape, first_spatial_layer, resolve_layers, unwrap_model
+from .layers import resolve_layers, unwrap_model
 from .options import (
     DriftOptions,
     EngineOptions,
     FilterOptions,
-    ForwardFn,
-    OutputTransform,
     RenderOptions,
     check_int,
 )
 from .probe import (
     ProbeSet,
-    ProbeSpec,
     build_probes,
     check_masks,
     content_hash,
@@ -56,16 +55,25 @@ from .probe import (
     probe_sets,
 )
 from .render import GRID_COLUMNS
-from .schema import DEFAULT_MEASURES, INPUT_LAYER, SECONDS_TAG, dashboard_charts, parse_scalar_tag
+from .schema import (
+    DEFAULT_MEASURES,
+    INPUT_LAYER,
+    METRIC_PREFIXES,
+    SECONDS_TAG,
+    MapKey,
+    dashboard_charts,
+    image_tag,
+    parse_scalar_tag,
+)
 from .sinks import Sink, lightning_classes, run_folder, scalar_tags, sinks_for
-from .tracking import AttentionTracker
+from .types import ForwardFn, LayerSpec, OutputTransform, ProbeSpec, Reshape
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
     from pytorch_lightning.strategies import Strategy
 
 # The families of tags `publish_metrics` puts into `trainer.callback_metrics`.
-MONITORED_PREFIXES = ("cam_drift/", "cam_loc/", "cam_stats/", "cam_monitor/")
+MONITORED_PREFIXES = METRIC_PREFIXES
 
 
 def check_strategy(strategy: Strategy) -> None:
@@ -793,8 +801,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
                 if shared:
                     probe, layer, method = shared[0]
                     raise ValueError(
-                        f"Two CamMonitors in this Trainer would both log cam/{probe}/{layer}/"
-                        f"{method} ({len(shared)} shared tag group(s)), mixing their curves. Name "
+                        "Two CamMonitors in this Trainer would both log "
+                        f"{image_tag(MapKey(probe, layer, method))} ({len(shared)} shared tag "
+                        "group(s)), mixing their curves. Name "
                         "their probe sets apart (probe={'name': ...}), or monitor other layers "
                         "or methods."
                     )

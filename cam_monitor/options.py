@@ -18,20 +18,16 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
-from .layers import Reshape
 from .methods import ALL_METHODS
 from .render import COLORMAPS, GRID_COLUMNS, IMAGE_FORMATS
 from .schema import DEFAULT_MEASURES, MEASURES, VIEWS
-
-Target = str | int | Tensor | Callable[[Tensor], Tensor]
-OutputTransform = int | str | Callable[[Any], Tensor] | None
-ForwardFn = Callable[[nn.Module, Any], Any]
+from .types import ForwardFn, OutputTransform, Reshape, Target
 
 
 def _is_int(value: object) -> bool:
