@@ -1,0 +1,717 @@
+"""CamMonitor, the Lightning callback: only Lightning concerns (when, which rank, state).
+
+The hooks read as a decision and an action; what they decide with and act through lives
+beside this module (`checks`, `compat`, `resume`, `trainer`, `pickling`) and in the
+Lightning-free modules (`evaluation`, `history.run`, `sinks`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning_utilities.core.rank_zero import (  # what both namespaces re-export
+    rank_zero_info,
+    rank_zero_warn,
+)
+from torch import Tensor, nn
+
+from ..capture import users_hooks_warning
+from ..encoding import EncodedGrid, GridEncoder, PendingGrids
+from ..evaluation import (
+    EvaluationOutput,
+    ImageKey,
+    explain_first_failure,
+    normalisation_warning,
+    raised_by_cam_monitor,
+    run_evaluation,
+)
+from ..history import RunHistory, evaluation_record, find_history, read_history
+from ..history.background import WriteError
+from ..layers import LayerSpec, Reshape, first_spatial_layer, resolve_layers, unwrap_model
+from ..options import (
+    DriftOptions,
+    EngineOptions,
+    FilterOptions,
+    ForwardFn,
+    OutputOptions,
+    OutputTransform,
+    ProbeOptions,
+    RenderOptions,
+    ScheduleOptions,
+    options_from,
+)
+from ..probe import ProbeSet, ProbeSpec, build_probes, loader_probe
+from ..render import GRID_COLUMNS
+from ..schema import DEFAULT_MEASURES, SECONDS_TAG, dashboard_charts
+from ..sinks import Sink, run_folder, scalar_tags, sinks_for
+from ..tracking import AttentionTracker
+from .checks import (
+    Group,
+    check_consumer_layers,
+    check_metric_consumers,
+    check_save_dir,
+    check_shared_save_dir,
+    check_shared_tags,
+    check_strategy,
+    check_twins,
+)
+from .compat import lightning_classes
+from .pickling import guarded, unguarded
+from .resume import RunState, settings
+from .trainer import logging_off, publish_metrics, val_dataloaders
+
+if sys.version_info >= (3, 12):
+    from typing import override
+else:
+    from typing_extensions import override
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+
+# One class for both namespaces: a subclass of each installed `Callback`, so both Trainers and
+# both LightningCLIs accept it.
+class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[misc]
+    """Log Grad-CAM overlays of a fixed probe batch, and how attention drifts, during `fit`.
+
+    A baseline evaluation runs at the start of training (attention at initialisation; it also
+    checks the whole configuration), then one at the end of every `every_n_epochs`-th epoch (or
+    every `every_n_steps` steps), and a final one at the end of `fit` when the schedule left the
+    last step unevaluated; on global rank zero only. The README lists the logged tags. Several
+    monitors in one Trainer must differ in layers, methods, probe, schedule or `save_dir`.
+
+    Args:
+        layer: a name (``"features.29"``), a glob, a module or a list; None: the last spatial one.
+        methods: one or several of ``cam_monitor.ALL_METHODS`` (``"gradcam"``, ``"layercam"``...).
+        every_n_epochs: evaluate at the end of every N-th training epoch (None: 1, unless
+            ``every_n_steps`` is given).
+        every_n_steps: evaluate every N optimizer steps instead (not with ``every_n_epochs``).
+        probe: None (samples of the val, else train, dataset), a Tensor, an ``(inputs, labels)``
+            tuple, a dict batch, a Dataset, a DataLoader, or a dict of named probe sets.
+        num_probe: samples taken from a Dataset or DataLoader probe.
+        target: ``"predicted"``, ``"label"``, a class index, a LongTensor [B] or a callable.
+        output_transform: picks the logits from a tuple or dict output: index, key or callable.
+        forward: ``forward(module, inputs)``, how the model is called on the probe.
+        reshape: turns a layer output into ``[B, C, H, W]`` (channels-last outputs and token
+            grids of the input's shape: automatic where unambiguous).
+        masks: bool ``[B, H, W]`` or boxes ``[B, 4]`` for localization scores, or a dict of them
+            (only with an explicit tensor/tuple probe: dataset items carry their own masks).
+        input_key: key of the inputs in dict batches (default: ``image``, ``input``, ``x``...).
+        label_key: key of the labels in dict batches (default: ``label``, ``target``, ``y``...).
+        colormap: OpenCV colormap of the heat maps (``"jet"``, ``"turbo"``, ``"viridis"``...).
+        alpha: heat-map opacity over the image, in [0, 1].
+        mean: per-channel normalisation mean to undo before drawing (with ``std``).
+        std: per-channel normalisation std to undo before drawing (with ``mean``).
+        class_names: names for the tile captions.
+        nrow: tiles per grid row (4: a 16-image probe reads at TensorBoard's card size).
+        views: grids per signed map (``integrated_gradients``, ``guided_backprop``,
+            ``deconvnet``, ``guided_gradcam``): any of ``"all"``, ``"pos"``, ``"neg"``.
+        gray_views: draw those views in grays instead of blue-white-red.
+        image_format: ``"jpeg"`` (quality 90) or ``"png"`` (lossless, several times larger and
+            slower to encode): how overlay grids are logged and saved; pixel-level maps are PNG.
+        batch_size: probe rows per pass, to bound memory (None: the whole probe at once).
+        smooth: noisy copies averaged by the gradient CAMs (Smooth Grad-CAM++ with gradcam++)
+            and by ``smoothgrad`` (16 when 0).
+        noise: noise std of those copies, as a fraction of each image's value range.
+        cam_head: for ``cam``: the Linear classifier after global pooling (default: the last).
+        ig_steps: Riemann steps of ``integrated_gradients`` from the all-zero input (black in
+            [0, 1], the mean colour for normalised images).
+        filters: ``{"features.28": [0, 5]}``: channel activations and inputs that excite them.
+        drift_measures: any of ``spearman``, ``pearson``, ``topk_iou``, ``js``, ``com_shift``
+            (default: ``spearman`` and ``topk_iou``).
+        topk: fraction of pixels for ``topk_iou`` and the mask IoU.
+        pointing_tolerance: pixels by which a mask is grown for the pointing game.
+        reference: a run directory whose first evaluation is the drift reference (``*_ref``).
+        history: write the raw maps of every evaluation to disk (for ``cam-monitor show``).
+        save_dir: where history and image-file fallbacks go (default
+            ``<log_dir>/cam_monitor``); it must not hold another run's history.
+        strict: re-raise errors inside later evaluations instead of warning and skipping.
+
+    Raises:
+        TypeError: in the constructor, for an argument of the wrong type.
+        ValueError: in the constructor, for a bad value; before the first training step, for a
+            layer, probe, target, masks or ``class_names`` that do not fit the model, a sharded
+            strategy, an identical second monitor, a ``save_dir`` that is a file or holds another
+            run's history, or a callback monitoring a tag whose layer is not a full module name.
+        PicklingError: when pickled (``ddp_spawn`` does) holding a lambda or local function as
+            ``target``, ``forward``, ``output_transform`` or ``reshape``.
+
+    Example::
+
+        >>> monitor = CamMonitor("features.29", methods=["gradcam", "layercam"], every_n_epochs=2)
+        >>> monitor.layers, monitor.methods
+        (['features.29'], ('gradcam', 'layercam'))
+        >>> # trainer = pl.Trainer(callbacks=[monitor]); trainer.fit(model, loaders)
+    """
+
+    def __init__(
+        self,
+        layer: LayerSpec | Sequence[LayerSpec] | None = None,
+        *,
+        methods: str | Sequence[str] = "gradcam",
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        probe: ProbeSpec = None,
+        num_probe: int = 16,
+        target: str | int | Tensor | Callable[[Tensor], Tensor] = "predicted",
+        output_transform: OutputTransform = None,
+        forward: ForwardFn | None = None,
+        reshape: Reshape | None = None,
+        masks: Tensor | Mapping[str, Tensor] | None = None,
+        input_key: str | None = None,
+        label_key: str | None = None,
+        colormap: str = "jet",
+        alpha: float = 0.5,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        class_names: Sequence[str] | None = None,
+        nrow: int = GRID_COLUMNS,
+        views: str | Sequence[str] = "all",
+        gray_views: bool = False,
+        image_format: str = "jpeg",
+        batch_size: int | None = None,
+        smooth: int = 0,
+        noise: float = 0.15,
+        cam_head: str | None = None,
+        ig_steps: int = 256,
+        filters: Mapping[str, Sequence[int]] | None = None,
+        drift_measures: Sequence[str] = DEFAULT_MEASURES,
+        topk: float = 0.2,
+        pointing_tolerance: int = 0,
+        reference: str | Path | None = None,
+        history: bool = True,
+        save_dir: str | Path | None = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        arguments = locals()  # each options object takes the arguments named as its fields
+        self.layers = self.__init_layers(layer)
+        self._layer_spec = self.layers  # the layers as given: state_key stays the same after setup
+        self._module_names: dict[int, str] = {}  # module layers' names, found in `setup`
+        self.schedule = options_from(ScheduleOptions, arguments)
+        self.probe_options = options_from(ProbeOptions, arguments)
+        self.engine = options_from(EngineOptions, arguments)
+        self.render = options_from(RenderOptions, arguments)
+        self.filters = FilterOptions({} if filters is None else filters)
+        self.tracker = AttentionTracker(options_from(DriftOptions, arguments))
+        self.outputs = options_from(OutputOptions, arguments)
+        self._probes: dict[str, ProbeSet] = {}
+        self._sinks: list[Sink] = []
+        self.evaluations = 0
+        self._last_step = -1
+        self.run_id: str | None = None  # set at the start of fit, or by a resumed checkpoint
+        self._resumed = RunState()  # what the checkpoint this run resumed from holds
+        self._idle = False  # fast_dev_run: nothing evaluated, nothing written
+        self._done_epoch = -1  # the last epoch whose last training batch has run
+        self._restored = False  # whether this fit resumed the monitor from a checkpoint
+        self._foreign_key: str | None = None  # a checkpoint's other CamMonitor state, unused
+        self._history = RunHistory(rank_zero_warn)  # files written off the training thread
+        self._encoder = GridEncoder()  # grids, encoded while drift is scored
+
+    def __init_layers(self, layer: Any) -> list[LayerSpec] | None:
+        if layer is None:
+            return None
+        layers = [layer] if isinstance(layer, (str, nn.Module)) else layer
+        if isinstance(layers, Sequence) and all(isinstance(i, (str, nn.Module)) for i in layers):
+            if not layers:
+                raise ValueError("`layer` is an empty list; give at least one layer, or None.")
+            return list(layers)
+        raise TypeError(
+            "`layer` must be a name like 'features.29', a glob, an nn.Module, a list of those, "
+            f"or None, got {type(layer).__name__} {layer!r}."
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """ddp_spawn pickles callbacks: callables pickle cannot store travel guarded."""
+        return {**self.__dict__, "engine": guarded(self.engine)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, engine=unguarded(state["engine"]))
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The validated method names."""
+        return self.engine.methods
+
+    @property
+    def every_n_epochs(self) -> int | None:
+        return self.schedule.every_n_epochs
+
+    @property
+    def every_n_steps(self) -> int | None:
+        return self.schedule.every_n_steps
+
+    @property
+    def folder(self) -> Path | None:
+        """This run's folder (history, image files), once `fit` started."""
+        return self._history.folder
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """What identifies this monitor among several in one Trainer: its layers and methods, and
+        its probe, schedule and folder where they are not the defaults (so a lone monitor keeps
+        the key older checkpoints were saved under)."""
+        return self._state_key(self._module_name)
+
+    def _state_key(self, module_name: Callable[[nn.Module], str]) -> str:
+        """`state_key` with `module_name` naming the layers given as modules."""
+        layers = self._layer_spec or []
+        names = [layer if isinstance(layer, str) else module_name(layer) for layer in layers]
+        identity: dict[str, Any] = {"layers": names, "methods": list(self.methods)}
+        if self.probe_options.ids is not None:
+            identity["probe"] = self.probe_options.ids
+        if self.schedule.every_n_steps is not None:
+            identity["every_n_steps"] = self.schedule.every_n_steps
+        elif self.schedule.every_n_epochs != 1:
+            identity["every_n_epochs"] = self.schedule.every_n_epochs
+        if self.outputs.save_dir is not None:
+            identity["save_dir"] = os.fspath(self.outputs.save_dir)
+        return self._generate_state_key(**identity)
+
+    def _module_name(self, layer: nn.Module) -> str:
+        """A module layer in `state_key`: its dotted name once `setup` found it in the model (the
+        key checkpoints are saved and loaded under), before that its type and identity (so two
+        monitors on two modules of one type can share a Trainer)."""
+        return self._module_names.get(id(layer), f"{type(layer).__name__}@{id(layer):x}")
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._check_setup(trainer, pl_module)
+            self._prepare_fit(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._idle = bool(trainer.fast_dev_run)
+        if self._idle:
+            return rank_zero_info(
+                "CamMonitor: fast_dev_run is on, so the monitor evaluates nothing and writes "
+                "nothing in this run."
+            )
+        if self._should_start_new_run(trainer):
+            self._start_new_run()
+        probes = self._build_probes(trainer, pl_module)  # every rank: one fails, all fail
+        if trainer.is_global_zero:
+            self._open_run(trainer, pl_module, probes)
+            if self.evaluations == 0:
+                self._evaluate(trainer, pl_module, epoch=trainer.current_epoch, baseline=True)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if trainer.is_last_batch:
+            self._done_epoch = trainer.current_epoch
+        if self._should_evaluate_step(trainer):
+            self._evaluate(trainer, pl_module, epoch=self._epochs_completed(trainer))
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_evaluate_epoch(trainer):
+            self._evaluate(trainer, pl_module, epoch=trainer.current_epoch + 1)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The final model is evaluated: one last evaluation, marked final, when the schedule
+        left the last step unevaluated (early stopping, `max_steps`, an epoch count that
+        `every_n_epochs` does not divide)."""
+        if self._should_evaluate_final(trainer):
+            self._evaluate(trainer, pl_module, epoch=trainer.current_epoch, final=True)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every history file is on disk when `fit` returns, and no encoding thread is left."""
+        self._close()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._encoder.close()
+        for failure in self._history.close():  # warn only: the exception is what the user sees
+            rank_zero_warn(f"CamMonitor could not write {failure.what}: {failure.error}")
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run one evaluation now, from any hook after training started (even under inference
+        mode, e.g. in `on_validation_epoch_end`); rank zero only, like the scheduled ones."""
+        if trainer.is_global_zero and self._probes:
+            self._evaluate(trainer, pl_module, epoch=self._epochs_completed(trainer))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return RunState(
+            self.evaluations,
+            self._last_step,
+            {name: probe.digest for name, probe in self._probes.items()},
+            self.tracker.state_dict(),
+            self.run_id,
+            None if self.folder is None else os.fspath(self.folder),
+            self._settings(),
+        ).state_dict()
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A checkpoint whose monitor state was saved under another `state_key` (layers, methods,
+        probe, schedule or save_dir changed) continues nothing: say so, this is a new run."""
+        if trainer.state.fn == "fit":  # validate/test/predict with ckpt_path: no run goes on
+            self._foreign_key = self._foreign_state(trainer, checkpoint.get("callbacks") or {})
+            saved, now = RunState(state_key=self._foreign_key), RunState(state_key=self.state_key)
+            for warning in saved.diff(now, global_step=checkpoint.get("global_step", "?")):
+                rank_zero_warn(warning)
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = True
+        self._resumed = RunState.from_state_dict(state_dict)
+        self.evaluations, self._last_step = self._resumed.evaluations, self._resumed.last_step
+        self.run_id = self._resumed.run_id
+        self.tracker.load_state_dict(self._resumed.tracker)
+
+    # -- decisions ------------------------------------------------------------------------------
+
+    def _active(self, trainer: pl.Trainer) -> bool:
+        """Scheduled evaluations run on rank zero, outside fast_dev_run."""
+        return not self._idle and trainer.is_global_zero
+
+    def _should_start_new_run(self, trainer: pl.Trainer) -> bool:
+        """A fit from step 0 that restored no checkpoint (the monitor given to a new Trainer)
+        is a new run, with its own baseline, drift reference and run id."""
+        return bool(self.evaluations) and trainer.global_step == 0 and not self._restored
+
+    def _should_evaluate_step(self, trainer: pl.Trainer) -> bool:
+        """The first step at or past each multiple of `every_n_steps`: the global step can jump
+        by more than one (each optimizer of a manual-optimization step counts)."""
+        every, step, last = self.schedule.every_n_steps, trainer.global_step, self._last_step
+        if every is None or not self._active(trainer):
+            return False
+        return step > last and step // every > last // every
+
+    def _should_evaluate_epoch(self, trainer: pl.Trainer) -> bool:
+        every = self.schedule.every_n_epochs
+        if every is None or not self._active(trainer):
+            return False
+        return (trainer.current_epoch + 1) % every == 0
+
+    def _should_evaluate_final(self, trainer: pl.Trainer) -> bool:
+        """Training ended on a step the schedule did not evaluate."""
+        unevaluated = trainer.global_step != self._last_step
+        return self._active(trainer) and bool(self._probes) and unevaluated
+
+    def _epochs_completed(self, trainer: pl.Trainer) -> int:
+        """Epochs whose training is complete: after an epoch's last batch (in its validation,
+        say) `current_epoch` still counts that epoch as running; an evaluation of those weights
+        belongs to the epoch-end one's epoch."""
+        return trainer.current_epoch + int(self._done_epoch == trainer.current_epoch)
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def _check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """What the Trainer, its strategy and its other callbacks must allow, before any step."""
+        check_strategy(trainer.strategy)
+        check_metric_consumers(trainer, self)
+        check_consumer_layers(trainer, pl_module)
+        monitors = _monitors(trainer)
+        for monitor in monitors:  # module layers by name, in every monitor's key
+            monitor._name_modules(pl_module)
+        check_twins(self, monitors)
+        check_save_dir(self.outputs.save_dir)
+
+    def _prepare_fit(self, pl_module: pl.LightningModule) -> None:
+        self._restored = False  # until `load_state_dict` restores a checkpoint in this fit
+        self._foreign_key = None
+        self._probes, self._sinks = {}, []  # the last fit's: `evaluate()` waits for this fit's
+        if self._layer_spec is not None:
+            resolve_layers(pl_module, self._layer_spec)  # a typo fails here, before any step
+        if self.filters.channels:
+            resolve_layers(pl_module, list(self.filters.channels))
+
+    def _name_modules(self, pl_module: pl.LightningModule) -> None:
+        """Find the dotted names of the module layers given as objects (a typo fails here)."""
+        modules = [layer for layer in self._layer_spec or [] if isinstance(layer, nn.Module)]
+        self._module_names = {
+            id(layer): resolve_layers(pl_module, [layer])[0][0] for layer in modules
+        }
+
+    def _foreign_state(self, trainer: pl.Trainer, states: dict[str, Any]) -> str | None:
+        """The key of a checkpoint's CamMonitor state that no monitor of this Trainer claims,
+        when none is this monitor's; a state under the key module layers once had is moved to
+        this monitor's key (where Lightning looks for it)."""
+        legacy = self._state_key(lambda layer: type(layer).__name__)
+        if self.state_key not in states and legacy in states:
+            states[self.state_key] = states[legacy]  # what Lightning hands `load_state_dict`
+        claimed = {cb.state_key for cb in trainer.callbacks}  # type: ignore[attr-defined]
+        foreign = [
+            key for key in states if str(key).startswith("CamMonitor{") and key not in claimed
+        ]
+        return None if self.state_key in states or not foreign else str(foreign[0])
+
+    def _start_new_run(self) -> None:
+        """Forget the previous fit's run: its evaluations, drift reference, run id and layers."""
+        self.evaluations, self._last_step, self.run_id = 0, -1, None
+        self._done_epoch = -1
+        self._resumed = RunState()
+        self.tracker = AttentionTracker(self.tracker.options)
+        self.layers = self._layer_spec  # None: chosen again, for this model
+
+    def _build_probes(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, ProbeSet]:
+        """The probe sets, on the module's device and in the precision the Trainer feeds it."""
+        options = self.probe_options
+        specs = options.sets or loader_probe(
+            [("val", val_dataloaders(trainer)), ("train", trainer.train_dataloader)],
+            rank_zero_warn,
+        )
+        probes = build_probes(
+            specs, options.num_probe, options.masks, options.input_key, options.label_key,
+            rank_zero_warn,
+        )  # fmt: skip
+        convert, device = trainer.precision_plugin.convert_input, pl_module.device
+        return {
+            name: replace(probe.to(device), inputs=convert(probe.inputs.to(device)))
+            for name, probe in probes.items()
+        }
+
+    def _open_run(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probes: dict[str, ProbeSet]
+    ) -> None:
+        """On rank zero, at the start of training: the layers, the run's folder and sinks, the
+        resume warnings, the drift reference and the probe on disk."""
+        self._probes = probes
+        for probe in probes.values():
+            if warning := normalisation_warning(probe, self.render):
+                rank_zero_warn(warning)
+        if self.layers is None:
+            self.layers = [self._default_layer(pl_module)]
+        if trainer.loggers:
+            others = [m for m in _monitors(trainer) if m is not self and m._probes]
+            check_shared_tags(self._groups(pl_module), [m._groups(pl_module) for m in others])
+        if hooks := users_hooks_warning(unwrap_model(pl_module)):
+            rank_zero_warn(hooks)
+        if self.run_id is None:
+            self.run_id = uuid.uuid4().hex[:12]
+        folder = self._claim_folder(trainer)
+        self._sinks = sinks_for(trainer, folder)
+        if not trainer.loggers:
+            rank_zero_warn(
+                f"CamMonitor: the Trainer has no logger; grids and scalars go to {folder}."
+            )
+        charts = dashboard_charts(
+            {name: probe.masks is not None for name, probe in probes.items()},
+            self.tracker.options.measures,
+        )
+        for sink in self._sinks:
+            sink.record_probe({name: probe.digest for name, probe in probes.items()})
+            sink.record_dashboard(charts)
+        self._warn_resumed()
+        outputs = self.outputs
+        if outputs.reference is not None and not self.tracker.reference:
+            first = read_history(find_history(outputs.reference))[0]
+            self.tracker.use_reference(first, probes, source=str(outputs.reference))
+        if outputs.history:
+            if self.evaluations > 0:
+                self._history.prune_from(self.evaluations)  # a resumed run rewrites what follows
+            self._history.write_probe(probes, run=self.run_id or "")
+
+    def _warn_resumed(self) -> None:
+        """How this run differs from the checkpoint it resumed from: probe, settings, folder."""
+        saved = self._resumed if self._restored else replace(self._resumed, settings={})
+        folder = self.folder if self.outputs.history else None
+        now = RunState(
+            probe_hashes={name: probe.digest for name, probe in self._probes.items()},
+            run_id=self.run_id,
+            folder=None if folder is None else os.fspath(folder),
+            settings=self._settings(),
+        )
+        for warning in saved.diff(now):
+            rank_zero_warn(warning)
+
+    def _claim_folder(self, trainer: pl.Trainer) -> Path:
+        """This run's folder (`RunHistory.claim`); one explicit `save_dir` per monitor."""
+        folder = run_folder(trainer, self.outputs.save_dir)
+        if not self.outputs.history:
+            self._history.folder = folder
+            return folder
+        monitors = _monitors(trainer)
+        for monitor in monitors:
+            monitor._history.wait()  # another monitor's files, still queued, count too
+        check_shared_save_dir(self, monitors, folder)
+        hint = "." if self._foreign_key is None else (
+            f" with the same monitor: the checkpoint's CamMonitor state was saved under "
+            f"{self._foreign_key}, this monitor is {self.state_key}."
+        )  # fmt: skip
+        return self._history.claim(folder, self.run_id, self.outputs.save_dir, hint)
+
+    def _default_layer(self, pl_module: pl.LightningModule) -> str:
+        first = next(iter(self._probes.values()))
+        module = unwrap_model(pl_module)
+        with logging_off(module):
+            chosen = first_spatial_layer(
+                module, first.inputs, self.engine.forward, self.engine.output_transform
+            )
+        rank_zero_warn(
+            f"CamMonitor: no layer given, using {chosen!r} (the last spatial block that the "
+            f"class score reaches). Pass CamMonitor(layer={chosen!r}) to choose it yourself."
+        )
+        return chosen
+
+    def _groups(self, pl_module: pl.LightningModule) -> set[Group]:
+        """The (probe, layer, method) groups this monitor logs once started."""
+        names = [name for name, _ in resolve_layers(unwrap_model(pl_module), self.layers or [])]
+        return {(p, n, m) for p in self._probes for n in names for m in self.methods}
+
+    def _settings(self) -> dict[str, str]:
+        return settings(self.engine, self.tracker.options, self.probe_options.masks)
+
+    def _evaluate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        epoch: int,
+        baseline: bool = False,
+        final: bool = False,
+    ) -> None:
+        """Compute, draw, score and log one evaluation; failures warn and skip unless strict.
+
+        The grids are encoded on the encoder's threads while drift is scored here, once for
+        every sink. The baseline is also the configuration check: any error computing it is
+        raised.
+        """
+        start = time.perf_counter()
+        step = self._last_step = trainer.global_step
+        computed = self._compute(trainer, pl_module, baseline)
+        if computed is None:
+            return
+        output, encoding = computed
+        output.scalars[SECONDS_TAG] = time.perf_counter() - start
+        publish_metrics(trainer, scalar_tags(output.scalars))
+        self._record(trainer, output, epoch, final)
+        images = self._encoded(trainer, encoding)
+        for sink in self._sinks:  # one logger that fails costs the others nothing
+            try:
+                sink.log(images, output.scalars, step)
+            except Exception as err:
+                outcome = "The other loggers and the history have it; training continues"
+                self._fail(f"could not log its evaluation {_when(trainer)} to {sink}", err, outcome)
+        self.evaluations += 1
+
+    def _compute(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, baseline: bool
+    ) -> tuple[EvaluationOutput, PendingGrids[ImageKey] | None] | None:
+        """The evaluation's maps, grids (encoding) and scores; None when it failed and is
+        skipped. Errors of the baseline are raised, explained where the model raised them."""
+        encoding: PendingGrids[ImageKey] | None = None
+        try:
+            module = unwrap_model(pl_module)
+            with logging_off(module):
+                output = run_evaluation(
+                    module, self._probes, self.layers or [], self.engine, self.render,
+                    self.filters, check_scores=baseline,
+                )  # fmt: skip
+            if self._sinks:
+                encode = any(sink.needs_bytes for sink in self._sinks)  # MLflow takes pixels
+                encoding = self._encoder.submit(
+                    output.images, self.render.image_format, encode=encode
+                )
+            scalars, non_finite = self.tracker.score(output.results, self._probes)
+        except Exception as err:
+            if encoding is not None:
+                encoding.cancel()
+            if baseline and not (isinstance(err, ValueError) and raised_by_cam_monitor(err)):
+                raise ValueError(explain_first_failure(self._probes, err)) from err
+            if baseline:
+                raise
+            return self._fail(f"skipped its evaluation {_when(trainer)}", err)
+        if non_finite:
+            rank_zero_warn(
+                f"CamMonitor: {non_finite} CAMs at step {trainer.global_step} hold NaN or Inf "
+                "(non-finite probe inputs or a diverged model?); they are drawn as zeros and "
+                "left out of the drift means (see the *_excluded counts)."
+            )
+        output.scalars.update(scalars)
+        return output, encoding
+
+    def _record(
+        self, trainer: pl.Trainer, output: EvaluationOutput, epoch: int, final: bool
+    ) -> None:
+        """The evaluation into the run's history, written in the background."""
+        if not self.outputs.history or self.folder is None:
+            return
+        try:
+            record = evaluation_record(
+                self.evaluations, epoch, trainer.global_step, self._probes, output.results,
+                scalar_tags(output.scalars), run=self.run_id or "", final=final,
+                class_names=self.render.class_names,
+            )  # fmt: skip
+            failed = self._history.write_evaluation(record)
+        except Exception as err:
+            what = (
+                f"could not record its evaluation {_when(trainer)} in its history ({self.folder})"
+            )
+            return self._fail(what, err, "The loggers still get it; training continues")
+        self._report_writes(failed)
+
+    def _encoded(
+        self, trainer: pl.Trainer, encoding: PendingGrids[ImageKey] | None
+    ) -> Mapping[ImageKey, EncodedGrid]:
+        """The encoded grids; when one cannot be encoded, this evaluation's images are skipped
+        and its scalars are still logged."""
+        try:
+            return encoding.result() if encoding is not None else {}
+        except Exception as err:
+            what = f"skipped the images of its evaluation {_when(trainer)}"
+            self._fail(what, err, "Its scalars are logged; training continues")
+            return {}
+
+    def _report_writes(self, failed: Sequence[WriteError]) -> None:
+        """History writes that failed in the background."""
+        for failure in failed:
+            self._fail(f"could not write {failure.what} to {self.folder}", failure.error)
+
+    def _close(self) -> None:
+        """No encoding thread left, every history file on disk, failed writes reported."""
+        self._encoder.close()
+        self._report_writes(self._history.close())
+
+    def _fail(self, what: str, err: Exception, outcome: str = "Training continues") -> None:
+        """The policy for trouble inside a run: a monitor never kills a week of training. With
+        ``strict=True`` the error is raised; else one warning says what failed, why, and what
+        goes on."""
+        if self.outputs.strict:
+            raise err
+        rank_zero_warn(
+            f"CamMonitor {what}: {type(err).__name__}: {str(err).rstrip('.')}. {outcome}; pass "
+            "strict=True to raise instead."
+        )
+
+
+def _monitors(trainer: pl.Trainer) -> list[CamMonitor]:
+    """Every CamMonitor in the Trainer's callbacks, this one included."""
+    callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
+    return [cb for cb in callbacks if isinstance(cb, CamMonitor)]
+
+
+def _when(trainer: pl.Trainer) -> str:
+    """When an evaluation ran, as warnings say it."""
+    return f"at epoch {trainer.current_epoch}, step {trainer.global_step}"
