@@ -40,6 +40,26 @@ ForwardFn = Callable[[nn.Module, Any], Any]
 OptionsT = TypeVar("OptionsT")
 
 
+def check_layers(layer: object) -> list[Any] | None:
+    """`layer=` as a list of names, globs or modules (None: chosen automatically).
+
+    Example:
+        >>> check_layers("features.29"), check_layers(None)
+        (['features.29'], None)
+    """
+    if layer is None:
+        return None
+    layers = [layer] if isinstance(layer, (str, nn.Module)) else layer
+    if isinstance(layers, Sequence) and all(isinstance(i, (str, nn.Module)) for i in layers):
+        if not layers:
+            raise ValueError("`layer` is an empty list; give at least one layer, or None.")
+        return list(layers)
+    raise TypeError(
+        "`layer` must be a name like 'features.29', a glob, an nn.Module, a list of those, "
+        f"or None, got {type(layer).__name__} {layer!r}."
+    )
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -421,6 +441,22 @@ class ScheduleOptions:
                 "exclusive: pass one of them (evaluate by epoch, or every N optimizer steps)."
             )
         object.__setattr__(self, "every_n_epochs", 1 if every is None and steps is None else every)
+
+    def due_at_step(self, step: int, last: int) -> bool:
+        """Whether the optimizer step `step` is the first at or past a multiple of
+        `every_n_steps` since the evaluation at step `last`: the global step can jump by more
+        than one (each optimizer of a manual-optimization step counts) and skip a multiple.
+
+        Example:
+            >>> ScheduleOptions(every_n_steps=4).due_at_step(9, last=7)  # 8 was jumped over
+            True
+        """
+        every = self.every_n_steps
+        return every is not None and step > last and step // every > last // every
+
+    def due_at_epoch(self, epoch: int) -> bool:
+        """Whether the end of training epoch `epoch` (0-based) is due for an evaluation."""
+        return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
 
 
 @dataclass(frozen=True, eq=False)

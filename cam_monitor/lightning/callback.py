@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -23,18 +22,9 @@ from lightning_utilities.core.rank_zero import (  # what both namespaces re-expo
 from torch import Tensor, nn
 
 from ..capture import users_hooks_warning
-from ..encoding import EncodedGrid, GridEncoder, PendingGrids
-from ..evaluation import (
-    EvaluationOutput,
-    ImageKey,
-    explain_first_failure,
-    normalisation_warning,
-    raised_by_cam_monitor,
-    run_evaluation,
-)
-from ..history import RunHistory, evaluation_record, find_history, read_history
-from ..history.background import WriteError
-from ..layers import LayerSpec, Reshape, first_spatial_layer, resolve_layers, unwrap_model
+from ..evaluation import normalisation_warning
+from ..history import find_history, read_history
+from ..layers import LayerSpec, Reshape, resolve_layers, unwrap_model
 from ..options import (
     DriftOptions,
     EngineOptions,
@@ -45,12 +35,13 @@ from ..options import (
     ProbeOptions,
     RenderOptions,
     ScheduleOptions,
+    check_layers,
     options_from,
 )
-from ..probe import ProbeSet, ProbeSpec, build_probes, loader_probe
+from ..probe import ProbeSet, ProbeSpec
 from ..render import GRID_COLUMNS
-from ..schema import DEFAULT_MEASURES, SECONDS_TAG, dashboard_charts
-from ..sinks import Sink, run_folder, scalar_tags, sinks_for
+from ..schema import DEFAULT_MEASURES
+from ..sinks import Sink, run_folder
 from ..tracking import AttentionTracker
 from .checks import (
     Group,
@@ -61,11 +52,13 @@ from .checks import (
     check_shared_tags,
     check_strategy,
     check_twins,
+    logged_groups,
 )
 from .compat import lightning_classes
+from .evaluator import Entry, Evaluator, Plan
 from .pickling import guarded, unguarded
-from .resume import RunState, settings
-from .trainer import logging_off, publish_metrics, val_dataloaders
+from .resume import RunState, foreign_state, settings
+from .trainer import default_layer, fit_probes, open_sinks
 
 if sys.version_info >= (3, 12):
     from typing import override
@@ -192,7 +185,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     ) -> None:
         super().__init__()
         arguments = locals()  # each options object takes the arguments named as its fields
-        self.layers = self.__init_layers(layer)
+        self.layers = check_layers(layer)
         self._layer_spec = self.layers  # the layers as given: state_key stays the same after setup
         self._module_names: dict[int, str] = {}  # module layers' names, found in `setup`
         self.schedule = options_from(ScheduleOptions, arguments)
@@ -212,21 +205,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self._done_epoch = -1  # the last epoch whose last training batch has run
         self._restored = False  # whether this fit resumed the monitor from a checkpoint
         self._foreign_key: str | None = None  # a checkpoint's other CamMonitor state, unused
-        self._history = RunHistory(rank_zero_warn)  # files written off the training thread
-        self._encoder = GridEncoder()  # grids, encoded while drift is scored
-
-    def __init_layers(self, layer: Any) -> list[LayerSpec] | None:
-        if layer is None:
-            return None
-        layers = [layer] if isinstance(layer, (str, nn.Module)) else layer
-        if isinstance(layers, Sequence) and all(isinstance(i, (str, nn.Module)) for i in layers):
-            if not layers:
-                raise ValueError("`layer` is an empty list; give at least one layer, or None.")
-            return list(layers)
-        raise TypeError(
-            "`layer` must be a name like 'features.29', a glob, an nn.Module, a list of those, "
-            f"or None, got {type(layer).__name__} {layer!r}."
-        )
+        self._evaluator = Evaluator(self.outputs.strict, self.outputs.history)
 
     def __getstate__(self) -> dict[str, Any]:
         """ddp_spawn pickles callbacks: callables pickle cannot store travel guarded."""
@@ -251,7 +230,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     @property
     def folder(self) -> Path | None:
         """This run's folder (history, image files), once `fit` started."""
-        return self._history.folder
+        return self._evaluator.history.folder
 
     @property
     @override
@@ -300,7 +279,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             )
         if self._should_start_new_run(trainer):
             self._start_new_run()
-        probes = self._build_probes(trainer, pl_module)  # every rank: one fails, all fail
+        probes = fit_probes(trainer, pl_module, self.probe_options)  # one rank fails: all fail
         if trainer.is_global_zero:
             self._open_run(trainer, pl_module, probes)
             if self.evaluations == 0:
@@ -336,19 +315,17 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Every history file is on disk when `fit` returns, and no encoding thread is left."""
-        self._close()
+        self._evaluator.close()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._close()
+        self._evaluator.close()
 
     @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._encoder.close()
-        for failure in self._history.close():  # warn only: the exception is what the user sees
-            rank_zero_warn(f"CamMonitor could not write {failure.what}: {failure.error}")
+        self._evaluator.abort()
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run one evaluation now, from any hook after training started (even under inference
@@ -375,7 +352,10 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         """A checkpoint whose monitor state was saved under another `state_key` (layers, methods,
         probe, schedule or save_dir changed) continues nothing: say so, this is a new run."""
         if trainer.state.fn == "fit":  # validate/test/predict with ckpt_path: no run goes on
-            self._foreign_key = self._foreign_state(trainer, checkpoint.get("callbacks") or {})
+            states = checkpoint.get("callbacks") or {}
+            legacy = self._state_key(lambda layer: type(layer).__name__)  # how modules were keyed
+            claimed = {cb.state_key for cb in trainer.callbacks}  # type: ignore[attr-defined]
+            self._foreign_key = foreign_state(states, self.state_key, legacy, claimed)
             saved, now = RunState(state_key=self._foreign_key), RunState(state_key=self.state_key)
             for warning in saved.diff(now, global_step=checkpoint.get("global_step", "?")):
                 rank_zero_warn(warning)
@@ -400,18 +380,11 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         return bool(self.evaluations) and trainer.global_step == 0 and not self._restored
 
     def _should_evaluate_step(self, trainer: pl.Trainer) -> bool:
-        """The first step at or past each multiple of `every_n_steps`: the global step can jump
-        by more than one (each optimizer of a manual-optimization step counts)."""
-        every, step, last = self.schedule.every_n_steps, trainer.global_step, self._last_step
-        if every is None or not self._active(trainer):
-            return False
-        return step > last and step // every > last // every
+        due = self.schedule.due_at_step(trainer.global_step, self._last_step)
+        return due and self._active(trainer)
 
     def _should_evaluate_epoch(self, trainer: pl.Trainer) -> bool:
-        every = self.schedule.every_n_epochs
-        if every is None or not self._active(trainer):
-            return False
-        return (trainer.current_epoch + 1) % every == 0
+        return self.schedule.due_at_epoch(trainer.current_epoch) and self._active(trainer)
 
     def _should_evaluate_final(self, trainer: pl.Trainer) -> bool:
         """Training ended on a step the schedule did not evaluate."""
@@ -453,19 +426,6 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             id(layer): resolve_layers(pl_module, [layer])[0][0] for layer in modules
         }
 
-    def _foreign_state(self, trainer: pl.Trainer, states: dict[str, Any]) -> str | None:
-        """The key of a checkpoint's CamMonitor state that no monitor of this Trainer claims,
-        when none is this monitor's; a state under the key module layers once had is moved to
-        this monitor's key (where Lightning looks for it)."""
-        legacy = self._state_key(lambda layer: type(layer).__name__)
-        if self.state_key not in states and legacy in states:
-            states[self.state_key] = states[legacy]  # what Lightning hands `load_state_dict`
-        claimed = {cb.state_key for cb in trainer.callbacks}  # type: ignore[attr-defined]
-        foreign = [
-            key for key in states if str(key).startswith("CamMonitor{") and key not in claimed
-        ]
-        return None if self.state_key in states or not foreign else str(foreign[0])
-
     def _start_new_run(self) -> None:
         """Forget the previous fit's run: its evaluations, drift reference, run id and layers."""
         self.evaluations, self._last_step, self.run_id = 0, -1, None
@@ -473,25 +433,6 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self._resumed = RunState()
         self.tracker = AttentionTracker(self.tracker.options)
         self.layers = self._layer_spec  # None: chosen again, for this model
-
-    def _build_probes(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> dict[str, ProbeSet]:
-        """The probe sets, on the module's device and in the precision the Trainer feeds it."""
-        options = self.probe_options
-        specs = options.sets or loader_probe(
-            [("val", val_dataloaders(trainer)), ("train", trainer.train_dataloader)],
-            rank_zero_warn,
-        )
-        probes = build_probes(
-            specs, options.num_probe, options.masks, options.input_key, options.label_key,
-            rank_zero_warn,
-        )  # fmt: skip
-        convert, device = trainer.precision_plugin.convert_input, pl_module.device
-        return {
-            name: replace(probe.to(device), inputs=convert(probe.inputs.to(device)))
-            for name, probe in probes.items()
-        }
 
     def _open_run(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, probes: dict[str, ProbeSet]
@@ -503,7 +444,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             if warning := normalisation_warning(probe, self.render):
                 rank_zero_warn(warning)
         if self.layers is None:
-            self.layers = [self._default_layer(pl_module)]
+            self.layers = [default_layer(pl_module, next(iter(probes.values())), self.engine)]
         if trainer.loggers:
             others = [m for m in _monitors(trainer) if m is not self and m._probes]
             check_shared_tags(self._groups(pl_module), [m._groups(pl_module) for m in others])
@@ -512,27 +453,16 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         if self.run_id is None:
             self.run_id = uuid.uuid4().hex[:12]
         folder = self._claim_folder(trainer)
-        self._sinks = sinks_for(trainer, folder)
-        if not trainer.loggers:
-            rank_zero_warn(
-                f"CamMonitor: the Trainer has no logger; grids and scalars go to {folder}."
-            )
-        charts = dashboard_charts(
-            {name: probe.masks is not None for name, probe in probes.items()},
-            self.tracker.options.measures,
-        )
-        for sink in self._sinks:
-            sink.record_probe({name: probe.digest for name, probe in probes.items()})
-            sink.record_dashboard(charts)
+        self._sinks = open_sinks(trainer, folder, probes, self.tracker.options.measures)
         self._warn_resumed()
-        outputs = self.outputs
+        outputs, history = self.outputs, self._evaluator.history
         if outputs.reference is not None and not self.tracker.reference:
             first = read_history(find_history(outputs.reference))[0]
             self.tracker.use_reference(first, probes, source=str(outputs.reference))
         if outputs.history:
             if self.evaluations > 0:
-                self._history.prune_from(self.evaluations)  # a resumed run rewrites what follows
-            self._history.write_probe(probes, run=self.run_id or "")
+                history.prune_from(self.evaluations)  # a resumed run rewrites what follows
+            history.write_probe(probes, run=self.run_id or "")
 
     def _warn_resumed(self) -> None:
         """How this run differs from the checkpoint it resumed from: probe, settings, folder."""
@@ -551,35 +481,20 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         """This run's folder (`RunHistory.claim`); one explicit `save_dir` per monitor."""
         folder = run_folder(trainer, self.outputs.save_dir)
         if not self.outputs.history:
-            self._history.folder = folder
+            self._evaluator.history.folder = folder
             return folder
         monitors = _monitors(trainer)
         for monitor in monitors:
-            monitor._history.wait()  # another monitor's files, still queued, count too
+            monitor._evaluator.history.wait()  # another monitor's files, still queued, count too
         check_shared_save_dir(self, monitors, folder)
         hint = "." if self._foreign_key is None else (
             f" with the same monitor: the checkpoint's CamMonitor state was saved under "
             f"{self._foreign_key}, this monitor is {self.state_key}."
         )  # fmt: skip
-        return self._history.claim(folder, self.run_id, self.outputs.save_dir, hint)
-
-    def _default_layer(self, pl_module: pl.LightningModule) -> str:
-        first = next(iter(self._probes.values()))
-        module = unwrap_model(pl_module)
-        with logging_off(module):
-            chosen = first_spatial_layer(
-                module, first.inputs, self.engine.forward, self.engine.output_transform
-            )
-        rank_zero_warn(
-            f"CamMonitor: no layer given, using {chosen!r} (the last spatial block that the "
-            f"class score reaches). Pass CamMonitor(layer={chosen!r}) to choose it yourself."
-        )
-        return chosen
+        return self._evaluator.history.claim(folder, self.run_id, self.outputs.save_dir, hint)
 
     def _groups(self, pl_module: pl.LightningModule) -> set[Group]:
-        """The (probe, layer, method) groups this monitor logs once started."""
-        names = [name for name, _ in resolve_layers(unwrap_model(pl_module), self.layers or [])]
-        return {(p, n, m) for p in self._probes for n in names for m in self.methods}
+        return logged_groups(pl_module, self._probes, self.layers or [], self.methods)
 
     def _settings(self) -> dict[str, str]:
         return settings(self.engine, self.tracker.options, self.probe_options.masks)
@@ -592,126 +507,18 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         baseline: bool = False,
         final: bool = False,
     ) -> None:
-        """Compute, draw, score and log one evaluation; failures warn and skip unless strict.
-
-        The grids are encoded on the encoder's threads while drift is scored here, once for
-        every sink. The baseline is also the configuration check: any error computing it is
-        raised.
-        """
-        start = time.perf_counter()
-        step = self._last_step = trainer.global_step
-        computed = self._compute(trainer, pl_module, baseline)
-        if computed is None:
-            return
-        output, encoding = computed
-        output.scalars[SECONDS_TAG] = time.perf_counter() - start
-        publish_metrics(trainer, scalar_tags(output.scalars))
-        self._record(trainer, output, epoch, final)
-        images = self._encoded(trainer, encoding)
-        for sink in self._sinks:  # one logger that fails costs the others nothing
-            try:
-                sink.log(images, output.scalars, step)
-            except Exception as err:
-                outcome = "The other loggers and the history have it; training continues"
-                self._fail(f"could not log its evaluation {_when(trainer)} to {sink}", err, outcome)
-        self.evaluations += 1
-
-    def _compute(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, baseline: bool
-    ) -> tuple[EvaluationOutput, PendingGrids[ImageKey] | None] | None:
-        """The evaluation's maps, grids (encoding) and scores; None when it failed and is
-        skipped. Errors of the baseline are raised, explained where the model raised them."""
-        encoding: PendingGrids[ImageKey] | None = None
-        try:
-            module = unwrap_model(pl_module)
-            with logging_off(module):
-                output = run_evaluation(
-                    module, self._probes, self.layers or [], self.engine, self.render,
-                    self.filters, check_scores=baseline,
-                )  # fmt: skip
-            if self._sinks:
-                encode = any(sink.needs_bytes for sink in self._sinks)  # MLflow takes pixels
-                encoding = self._encoder.submit(
-                    output.images, self.render.image_format, encode=encode
-                )
-            scalars, non_finite = self.tracker.score(output.results, self._probes)
-        except Exception as err:
-            if encoding is not None:
-                encoding.cancel()
-            if baseline and not (isinstance(err, ValueError) and raised_by_cam_monitor(err)):
-                raise ValueError(explain_first_failure(self._probes, err)) from err
-            if baseline:
-                raise
-            return self._fail(f"skipped its evaluation {_when(trainer)}", err)
-        if non_finite:
-            rank_zero_warn(
-                f"CamMonitor: {non_finite} CAMs at step {trainer.global_step} hold NaN or Inf "
-                "(non-finite probe inputs or a diverged model?); they are drawn as zeros and "
-                "left out of the drift means (see the *_excluded counts)."
-            )
-        output.scalars.update(scalars)
-        return output, encoding
-
-    def _record(
-        self, trainer: pl.Trainer, output: EvaluationOutput, epoch: int, final: bool
-    ) -> None:
-        """The evaluation into the run's history, written in the background."""
-        if not self.outputs.history or self.folder is None:
-            return
-        try:
-            record = evaluation_record(
-                self.evaluations, epoch, trainer.global_step, self._probes, output.results,
-                scalar_tags(output.scalars), run=self.run_id or "", final=final,
-                class_names=self.render.class_names,
-            )  # fmt: skip
-            failed = self._history.write_evaluation(record)
-        except Exception as err:
-            what = (
-                f"could not record its evaluation {_when(trainer)} in its history ({self.folder})"
-            )
-            return self._fail(what, err, "The loggers still get it; training continues")
-        self._report_writes(failed)
-
-    def _encoded(
-        self, trainer: pl.Trainer, encoding: PendingGrids[ImageKey] | None
-    ) -> Mapping[ImageKey, EncodedGrid]:
-        """The encoded grids; when one cannot be encoded, this evaluation's images are skipped
-        and its scalars are still logged."""
-        try:
-            return encoding.result() if encoding is not None else {}
-        except Exception as err:
-            what = f"skipped the images of its evaluation {_when(trainer)}"
-            self._fail(what, err, "Its scalars are logged; training continues")
-            return {}
-
-    def _report_writes(self, failed: Sequence[WriteError]) -> None:
-        """History writes that failed in the background."""
-        for failure in failed:
-            self._fail(f"could not write {failure.what} to {self.folder}", failure.error)
-
-    def _close(self) -> None:
-        """No encoding thread left, every history file on disk, failed writes reported."""
-        self._encoder.close()
-        self._report_writes(self._history.close())
-
-    def _fail(self, what: str, err: Exception, outcome: str = "Training continues") -> None:
-        """The policy for trouble inside a run: a monitor never kills a week of training. With
-        ``strict=True`` the error is raised; else one warning says what failed, why, and what
-        goes on."""
-        if self.outputs.strict:
-            raise err
-        rank_zero_warn(
-            f"CamMonitor {what}: {type(err).__name__}: {str(err).rstrip('.')}. {outcome}; pass "
-            "strict=True to raise instead."
-        )
+        """One evaluation of the model now (`Evaluator.evaluate`), counted when it ran."""
+        self._last_step = trainer.global_step
+        plan = Plan(
+            self._probes, self.layers or [], self.engine, self.render, self.filters,
+            self.tracker, self._sinks,
+        )  # fmt: skip
+        entry = Entry(self.evaluations, epoch, self.run_id or "", final)
+        if self._evaluator.evaluate(trainer, pl_module, plan, entry, baseline):
+            self.evaluations += 1
 
 
 def _monitors(trainer: pl.Trainer) -> list[CamMonitor]:
     """Every CamMonitor in the Trainer's callbacks, this one included."""
     callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
     return [cb for cb in callbacks if isinstance(cb, CamMonitor)]
-
-
-def _when(trainer: pl.Trainer) -> str:
-    """When an evaluation ran, as warnings say it."""
-    return f"at epoch {trainer.current_epoch}, step {trainer.global_step}"

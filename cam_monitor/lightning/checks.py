@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
-from ..layers import unwrap_model
+from ..layers import LayerSpec, resolve_layers, unwrap_model
 from ..schema import INPUT_LAYER, parse_scalar_tag
 from .compat import is_sharded
 
@@ -25,6 +25,17 @@ MONITORED_PREFIXES = ("cam_drift/", "cam_loc/", "cam_stats/", "cam_monitor/")
 
 #: A (probe set, layer, method) group of tags a monitor logs.
 Group = tuple[str, str, str]
+
+
+def logged_groups(
+    pl_module: pl.LightningModule,
+    probes: Iterable[str],
+    layers: Sequence[LayerSpec],
+    methods: Sequence[str],
+) -> set[Group]:
+    """The (probe, layer, method) groups a monitor logs once started."""
+    names = [name for name, _ in resolve_layers(unwrap_model(pl_module), layers)]
+    return {(p, n, m) for p in probes for n in names for m in methods}
 
 
 def check_strategy(strategy: Strategy) -> None:

@@ -103,6 +103,17 @@ class RunState:
         return not history_runs(now.folder).get(now.run_id or "")
 
 
+def foreign_state(states: dict[str, Any], key: str, legacy: str, claimed: set[str]) -> str | None:
+    """The key of a checkpoint's CamMonitor state (in `states`, the checkpoint's callback
+    states) that no monitor of the Trainer `claimed`, when none is under this monitor's `key`.
+    A state under `legacy` (how module layers were once keyed) is moved to `key`, where
+    Lightning looks for it."""
+    if key not in states and legacy in states:
+        states[key] = states[legacy]  # what Lightning hands `load_state_dict`
+    foreign = [k for k in states if str(k).startswith("CamMonitor{") and k not in claimed]
+    return None if key in states or not foreign else str(foreign[0])
+
+
 def settings(engine: EngineOptions, drift: DriftOptions, masks: Any) -> dict[str, str]:
     """The arguments outside `state_key` that change the maps or scores a run records, as text
     that is the same in every process: the engine's `RECORDED` fields, the masks and the drift

@@ -1,21 +1,77 @@
 """What the monitor reads from the Trainer and LightningModule, and writes into them, through
-their public attributes: the val loaders at the start of training, `callback_metrics`, and
-the module's `self.log` switched off while the probe runs."""
+their public attributes: the probe from the fit's loaders, the automatic layer,
+`callback_metrics`, and the module's `self.log` switched off while the probe runs."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import nn
 
 from ..isolation import preserved_rng
+from ..layers import first_spatial_layer, unwrap_model
+from ..probe import ProbeSet, build_probes, loader_probe
+from ..schema import dashboard_charts
+from ..sinks import Sink, sinks_for
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import pytorch_lightning as pl
+
+    from ..options import EngineOptions, ProbeOptions
+
+
+def fit_probes(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, options: ProbeOptions
+) -> dict[str, ProbeSet]:
+    """The probe sets (the given ones, else samples of the val, else train, loaders), on the
+    module's device and in the precision the Trainer feeds it."""
+    specs = options.sets or loader_probe(
+        [("val", val_dataloaders(trainer)), ("train", trainer.train_dataloader)], rank_zero_warn
+    )
+    probes = build_probes(
+        specs, options.num_probe, options.masks, options.input_key, options.label_key,
+        rank_zero_warn,
+    )  # fmt: skip
+    convert, device = trainer.precision_plugin.convert_input, pl_module.device
+    return {
+        name: replace(probe.to(device), inputs=convert(probe.inputs.to(device)))
+        for name, probe in probes.items()
+    }
+
+
+def default_layer(pl_module: pl.LightningModule, probe: ProbeSet, engine: EngineOptions) -> str:
+    """The layer an expert would pick (`layers.first_spatial_layer`), said in a warning."""
+    module = unwrap_model(pl_module)
+    with logging_off(module):
+        chosen = first_spatial_layer(module, probe.inputs, engine.forward, engine.output_transform)
+    rank_zero_warn(
+        f"CamMonitor: no layer given, using {chosen!r} (the last spatial block that the "
+        f"class score reaches). Pass CamMonitor(layer={chosen!r}) to choose it yourself."
+    )
+    return chosen
+
+
+def open_sinks(
+    trainer: pl.Trainer, folder: Path, probes: Mapping[str, ProbeSet], measures: Sequence[str]
+) -> list[Sink]:
+    """A sink for each of the Trainer's loggers (files in `folder` where it has none), each
+    told the probe hashes and the dashboard's layout once."""
+    sinks = sinks_for(trainer, folder)
+    if not trainer.loggers:
+        rank_zero_warn(f"CamMonitor: the Trainer has no logger; grids and scalars go to {folder}.")
+    charts = dashboard_charts({name: p.masks is not None for name, p in probes.items()}, measures)
+    for sink in sinks:
+        sink.record_probe({name: probe.digest for name, probe in probes.items()})
+        sink.record_dashboard(charts)
+    return sinks
 
 
 def val_dataloaders(trainer: pl.Trainer) -> Any:
