@@ -1,6 +1,7 @@
 """The Lightning side of cam-monitor: the `CamMonitor` callback (`callback`), its setup-time
-checks on the Trainer (`checks`), both Lightning namespaces (`compat`), what a checkpoint
-stores of a run (`resume`), and the Trainer access it needs (`trainer`, `pickling`).
+checks on the Trainer (`checks`), both Lightning namespaces (`compat`), one evaluation and the
+strict-or-warn policy (`evaluator`), what a checkpoint stores of a run (`resume`), the
+Trainer access it needs (`trainer`) and its pickling guard (`pickling`).
 
 Everything else in cam-monitor works without Lightning; only this package and `sinks` know it.
 """

@@ -1,8 +1,9 @@
 """CamMonitor, the Lightning callback: only Lightning concerns (when, which rank, state).
 
-The hooks read as a decision and an action; what they decide with and act through lives
-beside this module (`checks`, `compat`, `resume`, `trainer`, `pickling`) and in the
-Lightning-free modules (`evaluation`, `history.run`, `sinks`).
+The hooks read as a decision and an action; what they act through lives beside this module:
+`checks` (setup-time checks), `evaluator` (one evaluation and the strict-or-warn policy),
+`resume` (what a checkpoint holds), `trainer` (probes, layer and sinks of a fit), `pickling`
+and `compat` (both namespaces); the options live in `cam_monitor.options`.
 """
 
 from __future__ import annotations
@@ -273,10 +274,11 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._idle = bool(trainer.fast_dev_run)
         if self._idle:
-            return rank_zero_info(
+            rank_zero_info(
                 "CamMonitor: fast_dev_run is on, so the monitor evaluates nothing and writes "
                 "nothing in this run."
             )
+            return
         if self._should_start_new_run(trainer):
             self._start_new_run()
         probes = fit_probes(trainer, pl_module, self.probe_options)  # one rank fails: all fail
