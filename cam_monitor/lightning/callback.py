@@ -337,15 +337,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return RunState(
-            self.evaluations,
-            self._last_step,
-            {name: probe.digest for name, probe in self._probes.items()},
-            self.tracker.state_dict(),
-            self.run_id,
-            None if self.folder is None else os.fspath(self.folder),
-            self._settings(),
-        ).state_dict()
+        return self._run_state(self.tracker.state_dict()).state_dict()
 
     @override
     def on_load_checkpoint(
@@ -469,13 +461,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     def _warn_resumed(self) -> None:
         """How this run differs from the checkpoint it resumed from: probe, settings, folder."""
         saved = self._resumed if self._restored else replace(self._resumed, settings={})
-        folder = self.folder if self.outputs.history else None
-        now = RunState(
-            probe_hashes={name: probe.digest for name, probe in self._probes.items()},
-            run_id=self.run_id,
-            folder=None if folder is None else os.fspath(folder),
-            settings=self._settings(),
-        )
+        now = self._run_state() if self.outputs.history else replace(self._run_state(), folder=None)
         for warning in saved.diff(now):
             rank_zero_warn(warning)
 
@@ -498,8 +484,17 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     def _groups(self, pl_module: pl.LightningModule) -> set[Group]:
         return logged_groups(pl_module, self._probes, self.layers or [], self.methods)
 
-    def _settings(self) -> dict[str, str]:
-        return settings(self.engine, self.tracker.options, self.probe_options.masks)
+    def _run_state(self, tracker: Mapping[str, Any] | None = None) -> RunState:
+        """This run as a checkpoint stores it (`tracker`: the drift state, when it is stored)."""
+        return RunState(
+            self.evaluations,
+            self._last_step,
+            {name: probe.digest for name, probe in self._probes.items()},
+            tracker or {},
+            self.run_id,
+            None if self.folder is None else os.fspath(self.folder),
+            settings(self.engine, self.tracker.options, self.probe_options.masks),
+        )
 
     def _evaluate(
         self,
