@@ -37,9 +37,9 @@ class RunHistory:
         """Take `folder` for the run `run`: one history per run. An explicit `save_dir`
         holding another run's history is refused (`hint` ends the message); a default folder
         that does gives way to `<folder>-<run id>` beside it. The run itself may come back."""
-        self.folder = folder
         others = {r: ix for r, ix in history_runs(folder).items() if r != run}
         if not others:
+            self.folder = folder
             return folder
         found = "; ".join(
             f"run {r or '(no id)'}: {len(ix)} evaluation(s)" for r, ix in others.items()
