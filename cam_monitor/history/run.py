@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,11 +32,26 @@ class RunHistory:
         self._writer = BackgroundWriter()
 
     def claim(
-        self, folder: Path, run: str | None, save_dir: str | os.PathLike[str] | None, hint: str
+        self,
+        folder: Path,
+        run: str | None,
+        save_dir: str | os.PathLike[str] | None,
+        hint: str = ".",
+        beside: Iterable[RunHistory] = (),
     ) -> Path:
-        """Take `folder` for the run `run`: one history per run. An explicit `save_dir`
-        holding another run's history is refused (`hint` ends the message); a default folder
-        that does gives way to `<folder>-<run id>` beside it. The run itself may come back."""
+        """Take `folder` for the run `run`: one history per run, one writer per folder. An
+        explicit `save_dir` holding another run's history (`hint` ends that message), or taken
+        by a history `beside` this one (other monitors of the Trainer), is refused; a default
+        folder holding another run's gives way to `<folder>-<run id>` beside it. The run itself
+        may come back."""
+        beside = list(beside)
+        for history in [self, *beside]:
+            history.wait()  # files still queued count too
+        if save_dir is not None and any(other.folder == folder for other in beside):
+            raise ValueError(
+                f"Two CamMonitors in this Trainer have save_dir={os.fspath(save_dir)!r}; one "
+                "folder holds one monitor's history. Give each monitor its own save_dir."
+            )
         others = {r: ix for r, ix in history_runs(folder).items() if r != run}
         if not others:
             self.folder = folder

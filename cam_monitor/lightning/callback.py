@@ -49,7 +49,6 @@ from .checks import (
     check_consumer_layers,
     check_metric_consumers,
     check_save_dir,
-    check_shared_save_dir,
     check_shared_tags,
     check_strategy,
     check_twins,
@@ -471,15 +470,15 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         if not self.outputs.history:
             self._evaluator.history.folder = folder
             return folder
-        monitors = _monitors(trainer)
-        for monitor in monitors:
-            monitor._evaluator.history.wait()  # another monitor's files, still queued, count too
-        check_shared_save_dir(self, monitors, folder)
+        beside = [
+            m._evaluator.history for m in _monitors(trainer) if m is not self and m.outputs.history
+        ]
         hint = "." if self._foreign_key is None else (
             f" with the same monitor: the checkpoint's CamMonitor state was saved under "
             f"{self._foreign_key}, this monitor is {self.state_key}."
         )  # fmt: skip
-        return self._evaluator.history.claim(folder, self.run_id, self.outputs.save_dir, hint)
+        history = self._evaluator.history
+        return history.claim(folder, self.run_id, self.outputs.save_dir, hint, beside)
 
     def _groups(self, pl_module: pl.LightningModule) -> set[Group]:
         return logged_groups(pl_module, self._probes, self.layers or [], self.methods)

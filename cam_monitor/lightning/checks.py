@@ -115,21 +115,6 @@ def check_save_dir(save_dir: str | os.PathLike[str] | None) -> None:
         )
 
 
-def check_shared_save_dir(
-    monitor: CamMonitor, monitors: Sequence[CamMonitor], folder: Path
-) -> None:
-    """Two monitors writing history into one explicit `save_dir` would mix their runs."""
-    save_dir = monitor.outputs.save_dir
-    if save_dir is None:
-        return
-    for other in monitors:
-        if other is not monitor and other.outputs.history and other.folder == folder:
-            raise ValueError(
-                f"Two CamMonitors in this Trainer have save_dir={os.fspath(save_dir)!r}; one "
-                "folder holds one monitor's history. Give each monitor its own save_dir."
-            )
-
-
 def check_shared_tags(mine: set[Group], others: Iterable[set[Group]]) -> None:
     """Two monitors logging the same tags to the same loggers would mix their curves."""
     for theirs in others:
