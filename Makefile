@@ -1,16 +1,21 @@
 # `make test` (CI: lint, then every test), `make test-fast` (skips tests marked slow) and
-# `make demo` each build .venv on a fresh machine, then run.
+# `make demo` each build .venv on a fresh machine from the lock (constraints.txt), then run.
+# `make test-latest` tries the newest versions pyproject.toml allows, in .venv-latest;
+# `make lock` writes those into constraints.txt, only once that lane is green.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_STAMP := $(VENV)/.installed-demo
+LOCK := constraints.txt
+# One install serves every target: the demo's extra is a subset of dev's.
+EXTRAS := dev,tensorboard,wandb,demo
+LATEST := .venv-latest
 
-.PHONY: test test-fast demo lint bench clean
+.PHONY: test test-fast test-latest lock demo lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev,tensorboard,wandb]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 # `lint` is a prerequisite: it finishes (and must pass) before the tests start.
@@ -25,15 +30,33 @@ lint: $(STAMP)
 	$(PY) -m ruff check cam_monitor tests examples benchmarks
 	$(PY) -m ruff format --check cam_monitor tests examples benchmarks
 
-$(DEMO_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[demo]'
-	touch $(DEMO_STAMP)
+# The newest versions pyproject.toml allows (this machine's pip settings, so torch comes from
+# the same index as for the lock: pip only, never a tool that downloads torch builds itself).
+# Not part of CI: a lane that finds a breaking release before a user does.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[$(EXTRAS)]'
+	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
+	$(LATEST)/bin/python -m ruff check cam_monitor tests examples benchmarks
+	$(LATEST)/bin/python -m ruff format --check cam_monitor tests examples benchmarks
+	$(LATEST)/bin/python -m pytest -q
+
+# Refresh the lock: the newest versions, the whole suite on them, and only then the new file.
+lock: test-latest
+	{ echo "# The lock: every package of the development and demo environments, pinned."; \
+	  echo "# Written by \`make lock\` on $$(date -u +%Y-%m-%d) after lint and the whole suite passed"; \
+	  echo "# on these versions ($$($(LATEST)/bin/python -c 'import platform as p; print(p.python_implementation(), p.python_version(), p.system(), p.machine())'))."; \
+	  echo "# \`make test\`, \`make test-fast\`, \`make demo\` and CI install from it (pip -c)."; \
+	  sort -f $(LATEST)/versions.txt; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	@echo "$(LOCK) updated; commit it with the suite green."
 
 # Source-only vs DANN on real digits, three seeds each, then the grouped comparison. The six
 # runs go two at a time, each on one torch thread (one per core); logs in demo_runs/<run>.log.
 DEMO_RUNS := $(foreach seed,0 1 2,demo_runs/dann_s$(seed)/.done) \
 	$(foreach seed,0 1 2,demo_runs/source_only_s$(seed)/.done)
-demo: $(DEMO_STAMP)
+demo: $(STAMP)
 	rm -rf demo_runs
 	$(MAKE) --no-print-directory -j2 $(DEMO_RUNS)
 	@grep -h "target accuracy" demo_runs/*.log
@@ -52,4 +75,4 @@ demo_runs/%/.done:
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LATEST) .pytest_cache

@@ -43,6 +43,7 @@ import harness
 
 # -- every cam_monitor name this file times, in one place: update these after the refactor ---
 from cam_monitor import CamMonitor, compute_cams, tensorboard_crc
+from cam_monitor.drift import AttentionTracker
 from cam_monitor.encoding import EncodedGrid, GridEncoder
 from cam_monitor.engine import CamResult
 from cam_monitor.evaluation import render_probe
@@ -52,7 +53,6 @@ from cam_monitor.probe import ProbeSet, content_hash
 from cam_monitor.render import to_jpeg_bytes, to_png_bytes
 from cam_monitor.schema import MapKey, image_tag
 from cam_monitor.sinks import add_encoded_image, scalar_tags
-from cam_monitor.tracking import AttentionTracker
 
 
 def draw_grids(probe: ProbeSet, result: CamResult, setup: FitSetup) -> dict[MapKey, Tensor]:

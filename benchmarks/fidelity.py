@@ -1,4 +1,4 @@
-"""How exact the maps are (issue 12, items 13 and 14): numbers quoted in the README.
+"""How exact the maps are (issue 12, items 13 and 14): numbers quoted in docs/guarantees.md.
 
     python benchmarks/fidelity.py --device cuda --json fidelity.json    # both tables
     python benchmarks/fidelity.py --quick                                # smoke test (CPU)

@@ -47,11 +47,11 @@ import harness
 import overhead
 
 from cam_monitor import CamMonitor, compute_cams
+from cam_monitor.drift import AttentionTracker
 from cam_monitor.evaluation import render_probe
 from cam_monitor.history import read_history
 from cam_monitor.options import DriftOptions, RenderOptions
 from cam_monitor.probe import ProbeSet
-from cam_monitor.tracking import AttentionTracker
 
 CAMS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
 CHECKS: list[dict[str, Any]] = []

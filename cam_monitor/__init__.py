@@ -4,16 +4,19 @@ from typing import TYPE_CHECKING, Any
 
 from .capture import LayerCaptureError as LayerCaptureError
 from .capture import NoGradientError as NoGradientError
+from .channels import filter_activations as filter_activations
+from .channels import visualize_filter as visualize_filter
 from .engine import CamResult as CamResult
 from .engine import compute_cams as compute_cams
-from .filters import filter_activations as filter_activations
-from .filters import visualize_filter as visualize_filter
 from .methods import ALL_METHODS as ALL_METHODS
 from .methods import CAM_METHODS as CAM_METHODS
-from .methods import INPUT_KEY as INPUT_KEY
 from .methods import INPUT_METHODS as INPUT_METHODS
 from .methods import PIXEL_METHODS as PIXEL_METHODS
 from .methods import SIGNED_METHODS as SIGNED_METHODS
+from .schema import INPUT_LAYER as INPUT_LAYER
+
+#: The name `INPUT_LAYER` had before; kept for code that imports it.
+INPUT_KEY = INPUT_LAYER
 
 __version__ = "0.1.0"
 
@@ -34,6 +37,7 @@ __all__ = [
     "ALL_METHODS",
     "CAM_METHODS",
     "INPUT_KEY",
+    "INPUT_LAYER",
     "INPUT_METHODS",
     "PIXEL_METHODS",
     "SIGNED_METHODS",

@@ -73,7 +73,7 @@ def move_to(value: Any, device: torch.device | str) -> Any:
 
 
 #: Dict keys read as the images of a batch, before any other float `[B, C, H, W]` tensor.
-INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
+IMAGE_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
 
 
 def _is_image(tensor: Tensor) -> bool:
@@ -84,7 +84,7 @@ def _find_image(inputs: Any) -> Tensor | None:
     """The images of a batch: in a dict, under an image key (a float mask listed before them is
     no image); else the first floating-point `[B, C, H, W]` tensor."""
     if isinstance(inputs, Mapping):
-        for key in INPUT_KEYS:
+        for key in IMAGE_KEYS:
             value = inputs.get(key)
             if isinstance(value, Tensor) and _is_image(value):
                 return value
@@ -97,7 +97,7 @@ class Batch:
 
     `length` is the leading size of the first tensor with a dimension (None when there is
     none); `image` is the floating-point `[B, C, H, W]` tensor under a dict's image key
-    (`INPUT_KEYS`), else the first such tensor (None when there is none).
+    (`IMAGE_KEYS`), else the first such tensor (None when there is none).
     """
 
     data: Any

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .drift import as_measured, js_divergence, spearman, summarize, topk_iou
 from .history import Evaluation, HistoryError, ProbeRecord, find_history, read_history, read_probe
+from .measures import as_measured, js_divergence, spearman, summarize, topk_iou
 from .schema import (
     DRIFT,
     LOCALIZATION,

@@ -1,423 +1,259 @@
-"""Map-vs-map measures and localization scores: batched torch, on the maps' device.
+"""The attention tracker: previous and reference maps per probe, layer and method, and its state.
 
-Maps are raw non-negative CAMs `[B, h, w]` (many exact zeros, not normalised). Every measure
-returns a float32 tensor `[B]`, one value per image. Where a measure is undefined for an image
-(a constant or all-zero map, an empty mask, a non-finite or negative entry where a
-distribution is needed) its value is NaN, never a silent 0; `summarize` then averages the
-finite values and counts the NaNs. Nothing here syncs with the host except `summarize`.
+It turns the raw maps of one evaluation into drift, localization and entropy scalars keyed by
+`schema.ScalarKey`, remembers the maps for the next evaluation, and round-trips through a
+checkpoint with keys encoded by `schema.MapKey.encoded` (so any probe, layer or method name
+survives a resume).
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .methods import SIGNED_METHODS, upsample_maps
-from .schema import MEASURES as MEASURES  # the one definition; importable from here as before
+from .batch import Batch, tensors
+from .measures import as_measured, drift_scores, entropy, localization_scores, summarize
+from .options import DriftOptions
+from .schema import (
+    DRIFT,
+    ENTROPY,
+    LOCALIZATION,
+    LOCALIZATION_SCORES,
+    PREVIOUS,
+    REF,
+    STATISTICS,
+    MapKey,
+    ScalarKey,
+    drift_stat,
+)
 
-_LN2 = math.log(2.0)
+if TYPE_CHECKING:
+    from .engine import CamResult
+    from .history import Evaluation
+    from .probe import ProbeSet
 
-
-def as_measured(maps: Tensor, method: str) -> Tensor:
-    """The maps every measure scores: |map| for a signed method (mass must be >= 0; the sign
-    of an attribution says which way, its size how much), other maps as they are.
-
-    Example:
-        >>> as_measured(torch.tensor([[[-2.0, 1.0]]]), "integrated_gradients").tolist()
-        [[[2.0, 1.0]]]
-    """
-    return maps.abs() if method in SIGNED_METHODS else maps
-
-
-# --------------------------------------------------------------------------- input checks
-
-
-def _check_maps(maps: Tensor, name: str = "maps") -> None:
-    """Raise ValueError unless `maps` is `[B, h, w]` with at least one pixel per map."""
-    if maps.ndim != 3:
-        raise ValueError(f"{name} must have shape [B, h, w], got {tuple(maps.shape)}")
-    if maps.shape[1] * maps.shape[2] == 0:
-        raise ValueError(f"{name} must have at least one pixel per map, got {tuple(maps.shape)}")
+#: How state dict keys are written; checkpoints without this entry joined keys with '/' unencoded.
+_KEY_FORMAT = "encoded"
 
 
-def _check_pair(a: Tensor, b: Tensor) -> None:
-    """Raise ValueError naming both shapes unless `a` and `b` are equal-shaped `[B, h, w]`."""
-    if a.shape != b.shape:
-        raise ValueError(
-            f"maps must have the same shape, got a: {tuple(a.shape)} and b: {tuple(b.shape)}"
-        )
-    _check_maps(a, "a")
+class AttentionTracker:
+    """Remembers the reference and previous maps per `MapKey` and scores new ones against them.
 
-
-def _check_k(k: float) -> None:
-    """Raise ValueError unless the top fraction `k` lies in (0, 1]."""
-    if not isinstance(k, (int, float)) or not 0.0 < k <= 1.0:
-        raise ValueError(f"k must be a fraction in (0, 1], got {k!r}")
-
-
-def _flat(maps: Tensor) -> Tensor:
-    """`[B, h, w]` -> float32 `[B, h*w]`."""
-    return maps.flatten(1).float()
-
-
-def _finite_rows(flat: Tensor) -> Tensor:
-    """Bool `[B]`: True where every entry of the row is finite."""
-    return torch.isfinite(flat).all(dim=1)
-
-
-def _non_constant(flat: Tensor) -> Tensor:
-    """Bool `[B]`: True where the row holds at least two distinct values."""
-    low, high = torch.aminmax(flat, dim=1)
-    return high > low
-
-
-def _nan_where_invalid(values: Tensor, valid: Tensor) -> Tensor:
-    """`values` as float32, with NaN wherever `valid` is False."""
-    return torch.where(valid, values, torch.full_like(values, math.nan)).float()
-
-
-# --------------------------------------------------------------------------- correlations
-
-
-def _average_ranks(flat: Tensor) -> Tensor:
-    """1-based ranks of each row of `[B, N]`, tied values sharing the mean of their ranks.
-
-    One sort per row, O(B N log N): each run of equal sorted values gets (first + last) / 2 + 1.
+    Drift is a distance per measure (1 - correlation, 1 - IoU, JS, centre-of-mass shift) against
+    the previous evaluation (`_prev`) and the reference (`_ref`, by default the first evaluation).
+    Per-image values are gathered on the device and moved to the host in one transfer.
 
     Example:
-        >>> _average_ranks(torch.tensor([[0.0, 3.0, 0.0, 1.0, 0.0]])).tolist()
-        [[2.0, 5.0, 2.0, 4.0, 2.0]]
+        >>> tracker = AttentionTracker(DriftOptions(measures=("js",)))
+        >>> tracker.options.measures, tracker.reference
+        (('js',), {})
     """
-    values, order = flat.sort(dim=1)
-    n = flat.shape[1]
-    positions = torch.arange(n, device=flat.device, dtype=torch.float32).expand_as(values)
-    starts = torch.ones_like(values, dtype=torch.bool)
-    starts[:, 1:] = values[:, 1:] != values[:, :-1]
-    ends = torch.ones_like(starts)
-    ends[:, :-1] = starts[:, 1:]
-    first = torch.where(starts, positions, 0.0).cummax(dim=1).values
-    last = torch.where(ends, positions, float(n - 1)).flip(1).cummin(dim=1).values.flip(1)
-    return torch.empty_like(values).scatter_(1, order, (first + last) / 2 + 1)
-
-
-def _row_pearson(x: Tensor, y: Tensor) -> Tensor:
-    """Pearson correlation of matching rows of `[B, N]`; NaN where a row has zero variance."""
-    # Scale rows to max |value| 1 first, so tiny-but-varying maps do not underflow.
-    x = x / x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    y = y / y.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    xc = x - x.mean(dim=1, keepdim=True)
-    yc = y - y.mean(dim=1, keepdim=True)
-    denominator = torch.sqrt((xc * xc).sum(dim=1) * (yc * yc).sum(dim=1))
-    safe = torch.where(denominator > 0, denominator, 1.0)
-    r = ((xc * yc).sum(dim=1) / safe).clamp(-1.0, 1.0)
-    return _nan_where_invalid(r, denominator > 0)
 
-
-def pearson(a: Tensor, b: Tensor) -> Tensor:
-    """Pearson correlation of each pair of maps `[B, h, w]` -> `[B]`, in [-1, 1].
-
-    NaN where either map is constant (all-zero included) or has a non-finite entry.
-
-    Example:
-        >>> a = torch.tensor([[[0.0, 1.0], [2.0, 3.0]], [[1.0, 1.0], [1.0, 1.0]]])
-        >>> [round(r, 6) for r in pearson(a, 2 * a + 1).tolist()]
-        [1.0, nan]
-    """
-    _check_pair(a, b)
-    x, y = _flat(a), _flat(b)
-    valid = _finite_rows(x) & _finite_rows(y) & _non_constant(x) & _non_constant(y)
-    return _nan_where_invalid(_row_pearson(x, y), valid)
-
-
-def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation of each pair of maps `[B, h, w]` -> `[B]`, in [-1, 1].
-
-    Ties (the many exact zeros of a ReLU'd map) get average ranks, as in scipy.stats.spearmanr.
-    NaN where either map is constant (all-zero included) or has a non-finite entry.
-
-    Example:
-        >>> a = torch.tensor([[[0.0, 0.0], [1.0, 2.0]]])
-        >>> spearman(a, torch.tensor([[[0.0, 1.0], [0.0, 2.0]]])).tolist()
-        [0.5]
-    """
-    _check_pair(a, b)
-    x, y = _flat(a), _flat(b)
-    valid = _finite_rows(x) & _finite_rows(y) & _non_constant(x) & _non_constant(y)
-    return _nan_where_invalid(_row_pearson(_average_ranks(x), _average_ranks(y)), valid)
-
-
-# --------------------------------------------------------------------------- top-k sets
-
-
-def _top_count(k: float, n: int) -> int:
-    """ceil(k * n) pixels, at least 1 and at most n (rounded first so 0.1 * 30 gives 3)."""
-    return min(n, max(1, math.ceil(round(k * n, 6))))
-
-
-def _top_set(flat: Tensor, k: float) -> tuple[Tensor, Tensor]:
-    """Top-k-fraction pixels of each row `[B, N]` as a bool mask, and a `[B]` validity flag.
-
-    A pixel is in the set when its value is >= the ceil(k N)-th largest value (ties at the
-    threshold all join) and > the row's minimum (the background is never "top").
-    """
-    threshold = flat.topk(_top_count(k, flat.shape[1]), dim=1).values[:, -1:]
-    low = flat.amin(dim=1, keepdim=True)
-    top = (flat >= threshold) & (flat > low)
-    return top, _finite_rows(flat) & _non_constant(flat)
-
-
-def _iou(x: Tensor, y: Tensor) -> Tensor:
-    """IoU of matching rows of two bool `[B, N]` masks; NaN where both are empty."""
-    union = (x | y).sum(dim=1)
-    intersection = (x & y).sum(dim=1)
-    return _nan_where_invalid(intersection / union.clamp_min(1), union > 0)
-
-
-def topk_iou(a: Tensor, b: Tensor, k: float = 0.2) -> Tensor:
-    """IoU of the top-`k`-fraction pixel sets of each pair of maps `[B, h, w]` -> `[B]`.
-
-    The set holds pixels >= the ceil(k*h*w)-th largest value (all ties at that value join) and
-    above the map's minimum, so a mostly-zero map's set is its support, never its zeros. NaN
-    where either map is constant (its top set is undefined) or has a non-finite entry.
-
-    Example:
-        >>> a = torch.tensor([[[0.0, 1.0, 2.0, 3.0]]])
-        >>> topk_iou(a, a.flip(-1), k=0.5).tolist()  # {2, 3} vs {0, 1}
-        [0.0]
-    """
-    _check_pair(a, b)
-    _check_k(k)
-    top_a, valid_a = _top_set(_flat(a), k)
-    top_b, valid_b = _top_set(_flat(b), k)
-    return _nan_where_invalid(_iou(top_a, top_b), valid_a & valid_b)
-
-
-# --------------------------------------------------------------------------- distributions
-
-
-def _distribution(flat: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows of `[B, N]` normalised to sum 1, and a `[B]` flag: finite, non-negative, sum > 0."""
-    total = flat.sum(dim=1)
-    valid = _finite_rows(flat) & (flat >= 0).all(dim=1) & (total > 0) & torch.isfinite(total)
-    return flat / torch.where(valid, total, 1.0)[:, None], valid
-
-
-def _plogp_over(p: Tensor, q: Tensor) -> Tensor:
-    """Row sums of p * ln(p / q), with 0 * ln(0 / q) = 0 (q > 0 wherever p > 0)."""
-    positive = p > 0
-    ratio = torch.where(positive, p, 1.0) / torch.where(positive, q, 1.0)
-    return torch.where(positive, p * torch.log(ratio), 0.0).sum(dim=1)
-
-
-def js_divergence(a: Tensor, b: Tensor) -> Tensor:
-    """Jensen-Shannon divergence (natural log) of the maps normalised to sum 1 -> `[B]`.
-
-    In [0, ln 2]: 0 for maps equal up to scale, ln 2 for disjoint supports. NaN where a map
-    sums to 0 or has a negative or non-finite entry.
-
-    Example:
-        >>> a = torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]]])
-        >>> js_divergence(a, torch.tensor([[[0.0, 5.0]], [[1.0, 1.0]]])).tolist()  # ln 2, nan
-        [0.6931471824645996, nan]
-    """
-    _check_pair(a, b)
-    p, valid_p = _distribution(_flat(a))
-    q, valid_q = _distribution(_flat(b))
-    m = (p + q) / 2
-    js = (0.5 * (_plogp_over(p, m) + _plogp_over(q, m))).clamp(0.0, _LN2)
-    return _nan_where_invalid(js, valid_p & valid_q)
-
-
-def _centre_of_mass(maps: Tensor) -> tuple[Tensor, Tensor]:
-    """(row, column) centre of mass `[B, 2]` in pixel-centre coordinates, and a `[B]` flag."""
-    b, h, w = maps.shape
-    p, valid = _distribution(_flat(maps))
-    p = p.view(b, h, w)
-    rows = torch.arange(h, device=maps.device, dtype=torch.float32)
-    cols = torch.arange(w, device=maps.device, dtype=torch.float32)
-    centre = torch.stack([p.sum(dim=2) @ rows, p.sum(dim=1) @ cols], dim=1)
-    return centre, valid
-
-
-def com_shift(a: Tensor, b: Tensor) -> Tensor:
-    """Distance between the maps' centres of mass, as a fraction of the map diagonal -> `[B]`.
-
-    Pixel (i, j) sits at (i, j); the diagonal is sqrt((h-1)^2 + (w-1)^2), the largest distance
-    between pixel centres, so values lie in [0, 1]. NaN where a map sums to 0 or has a
-    negative or non-finite entry, and for 1x1 maps (zero diagonal).
-
-    Example:
-        >>> a = torch.zeros(1, 3, 3); b = torch.zeros(1, 3, 3)
-        >>> a[0, 0, 0] = 1.0; b[0, 2, 2] = 4.0
-        >>> com_shift(a, b).tolist()
-        [1.0]
-    """
-    _check_pair(a, b)
-    _, h, w = a.shape
-    centre_a, valid_a = _centre_of_mass(a)
-    centre_b, valid_b = _centre_of_mass(b)
-    diagonal = math.hypot(h - 1, w - 1)
-    distance = torch.linalg.vector_norm(centre_a - centre_b, dim=1) / max(diagonal, 1.0)
-    return _nan_where_invalid(distance.clamp(0.0, 1.0), valid_a & valid_b & (diagonal > 0))
-
-
-def entropy(maps: Tensor) -> Tensor:
-    """Shannon entropy of each map `[B, h, w]` as a distribution, over ln(h*w) -> `[B]`.
-
-    In [0, 1]: 1 for a uniform map, 0 for a single hot pixel. NaN for a map summing to 0, one
-    with a negative or non-finite entry, and for 1-pixel maps (ln 1 = 0 cannot normalise).
-
-    Example:
-        >>> entropy(torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[2.0, 2.0], [2.0, 2.0]]])).tolist()
-        [0.5, 1.0]
-    """
-    _check_maps(maps)
-    p, valid = _distribution(_flat(maps))
-    n = p.shape[1]
-    h = -_plogp_over(p, torch.ones_like(p)) / (math.log(n) if n > 1 else 1.0)
-    return _nan_where_invalid(h.clamp(0.0, 1.0), valid & (n > 1))
-
-
-# --------------------------------------------------------------------------- drift
-
-
-def drift(a: Tensor, b: Tensor, measure: str, k: float = 0.2) -> Tensor:
-    """One of `MEASURES` as a distance `[B]` (0 = same attention), for drift curves.
-
-    spearman/pearson: 1 - r, in [0, 2]; topk_iou: 1 - IoU, in [0, 1]; js (in [0, ln 2]) and
-    com_shift (in [0, 1]) as they are. NaN wherever the underlying measure is NaN.
-
-    Example:
-        >>> a = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])
-        >>> [round(drift(a, a, m).item(), 6) for m in MEASURES]
-        [0.0, 0.0, 0.0, 0.0, 0.0]
-    """
-    if measure == "spearman":
-        return 1.0 - spearman(a, b)
-    if measure == "pearson":
-        return 1.0 - pearson(a, b)
-    if measure == "topk_iou":
-        return 1.0 - topk_iou(a, b, k)
-    if measure == "js":
-        return js_divergence(a, b)
-    if measure == "com_shift":
-        return com_shift(a, b)
-    raise ValueError(f"unknown drift measure {measure!r}; valid measures: {', '.join(MEASURES)}")
-
-
-# --------------------------------------------------------------------------- localization
-
-
-def _prepare_localization(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
-    """Check shapes; return maps upsampled to the mask size and the masks, both flat `[B, H*W]`."""
-    _check_maps(maps)
-    if masks.ndim != 3 or masks.shape[0] != maps.shape[0]:
-        raise ValueError(
-            "masks must have shape [B, H, W] with the maps' batch size, got maps: "
-            f"{tuple(maps.shape)} and masks: {tuple(masks.shape)}"
-        )
-    _check_maps(masks, "masks")
-    size = (masks.shape[1], masks.shape[2])
-    upsampled = upsample_maps(maps.float(), size)
-    binary = masks if masks.dtype == torch.bool else masks > 0.5
-    return _flat(upsampled), binary.flatten(1)
-
-
-def energy_inside(maps: Tensor, masks: Tensor) -> Tensor:
-    """Share of each map's mass inside its mask, maps upsampled to the mask size -> `[B]`.
-
-    Maps `[B, h, w]`, masks `[B, H, W]` (bool, or float thresholded at 0.5). In [0, 1]. NaN for
-    a map summing to 0 (or with a negative or non-finite entry) and for an empty mask.
-
-    Example:
-        >>> maps = torch.tensor([[[3.0, 1.0]], [[0.0, 0.0]]])
-        >>> energy_inside(maps, torch.tensor([[[True, False]], [[True, False]]])).tolist()
-        [0.75, nan]
-    """
-    flat, mask = _prepare_localization(maps, masks)
-    p, valid = _distribution(flat)
-    share = (p * mask).sum(dim=1).clamp(0.0, 1.0)
-    return _nan_where_invalid(share, valid & mask.any(dim=1))
-
-
-def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
-    """1.0 where the upsampled map's maximum lies in the mask dilated by `tolerance` px, else 0.0.
-
-    Dilation is a (2t+1)-square max-pool (Chebyshev distance). With tied maxima, a hit is any
-    maximal pixel inside. NaN for a constant map (no maximum), a non-finite one, or an empty mask.
-
-    Example:
-        >>> maps = torch.tensor([[[0.0, 0.0, 1.0]]]); mask = torch.tensor([[[True, False, False]]])
-        >>> [pointing_game(maps, mask, t).item() for t in (0, 1, 2)]
-        [0.0, 0.0, 1.0]
-    """
-    if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
-        raise ValueError(f"tolerance must be a non-negative int (pixels), got {tolerance!r}")
-    flat, mask = _prepare_localization(maps, masks)
-    if tolerance > 0:
-        grid = mask.view(masks.shape).float()[:, None]
-        pooled = torch.nn.functional.max_pool2d(grid, 2 * tolerance + 1, 1, tolerance)
-        dilated = pooled.reshape(mask.shape) > 0
-    else:
-        dilated = mask
-    is_max = flat == flat.amax(dim=1, keepdim=True)
-    hit = (is_max & dilated).any(dim=1).float()
-    valid = _finite_rows(flat) & _non_constant(flat) & mask.any(dim=1)
-    return _nan_where_invalid(hit, valid)
-
-
-def mask_iou(maps: Tensor, masks: Tensor, k: float = 0.2) -> Tensor:
-    """IoU between the top-`k`-fraction pixels of the upsampled map and the mask -> `[B]`.
-
-    Top set as in `topk_iou` (ties at the threshold join, the minimum never does). NaN for a
-    constant or non-finite map and for an empty mask.
-
-    Example:
-        >>> maps = torch.tensor([[[4.0, 3.0, 0.0, 0.0]]])
-        >>> mask_iou(maps, torch.tensor([[[True, False, False, False]]]), k=0.5).tolist()
-        [0.5]
-    """
-    _check_k(k)
-    flat, mask = _prepare_localization(maps, masks)
-    top, valid = _top_set(flat, k)
-    return _nan_where_invalid(_iou(top, mask), valid & mask.any(dim=1))
-
-
-def boxes_to_masks(boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Boolean masks `[B, H, W]` from boxes `[B, 4]` = (x0, y0, x1, y1) in pixel coordinates.
-
-    Pixel (y, x) covers [x, x+1) x [y, y+1) and is inside when its centre lies in
-    [x0, x1) x [y0, y1); for integer boxes that is exactly the slice [y0:y1, x0:x1].
-
-    Example:
-        >>> boxes_to_masks(torch.tensor([[1, 0, 3, 1]]), (2, 4)).int().tolist()
-        [[[0, 1, 1, 0], [0, 0, 0, 0]]]
-    """
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must have shape [B, 4] (x0, y0, x1, y1), got {tuple(boxes.shape)}")
-    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise ValueError(f"size must be (H, W) with positive ints, got {size!r}")
-    height, width = size
-    x0, y0, x1, y1 = (boxes[:, i, None, None].float() for i in range(4))
-    ys = torch.arange(height, device=boxes.device, dtype=torch.float32)[None, :, None] + 0.5
-    xs = torch.arange(width, device=boxes.device, dtype=torch.float32)[None, None, :] + 0.5
-    return (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
-
-
-def summarize(values: Tensor) -> tuple[float, int]:
-    """Mean of the finite values and the number of non-finite ones left out (syncs to host).
-
-    The mean is NaN when no value is finite, so an all-degenerate batch is never reported as 0.
-
-    Example:
-        >>> summarize(torch.tensor([0.5, float("nan"), 1.0]))
-        (0.75, 1)
-    """
-    flat = values.detach().reshape(-1)
-    finite = torch.isfinite(flat)
-    excluded = int((~finite).sum().item())
-    if excluded == flat.numel():
-        return math.nan, excluded
-    return float(flat[finite].double().mean().item()), excluded
+    def __init__(self, options: DriftOptions | None = None) -> None:
+        if options is not None and not isinstance(options, DriftOptions):
+            raise TypeError(
+                f"`options` must be a DriftOptions or None, got {type(options).__name__}."
+            )
+        self.options = options or DriftOptions()
+        self.reference: dict[MapKey, Tensor] = {}
+        self.previous: dict[MapKey, Tensor] = {}
+
+    def score(
+        self, results: Mapping[str, CamResult], probes: Mapping[str, ProbeSet]
+    ) -> tuple[dict[ScalarKey, float], int]:
+        """Drift, localization and entropy scalars; also the number of non-finite maps seen.
+
+        Maps of one shape on one device are scored together: each measure runs once per shape
+        (on every map of that shape, against its previous and its reference map at once), not
+        once per map, so an evaluation dispatches a few hundred small ops instead of thousands.
+        """
+        options = self.options
+        current: dict[MapKey, Tensor] = {}
+        for probe_name, result in results.items():
+            for (layer, method), raw in result.maps.items():
+                current[MapKey(probe_name, layer, method)] = as_measured(raw, method)
+        order: list[ScalarKey] = []  # the scalars in the order of the maps, as they are logged
+        blocks: list[_Block] = []
+        non_finite: list[Tensor] = []
+        for keys in _same_shape(current).values():
+            stacked = torch.cat([current[key] for key in keys])
+            non_finite.append((~torch.isfinite(stacked)).flatten(1).any(1))
+            blocks += self._drift_blocks(keys, current)
+            entropies = [ScalarKey(STATISTICS, key, ENTROPY) for key in keys]
+            blocks.append(_Block(entropies, _sizes(current, keys), entropy(stacked)))
+        for keys in _same_shape(current, by_probe=True).values():
+            blocks += self._localization_blocks(keys, current, probes[keys[0].probe].masks)
+        for key, maps in current.items():
+            for against in (PREVIOUS, REF):
+                if self._earlier(key, against, maps) is not None:
+                    order += [
+                        ScalarKey(DRIFT, key, drift_stat(m, against)) for m in options.measures
+                    ]
+            order.append(ScalarKey(STATISTICS, key, ENTROPY))
+            if probes[key.probe].masks is not None:
+                order += [ScalarKey(LOCALIZATION, key, stat) for stat in LOCALIZATION_SCORES]
+        for key, maps in current.items():
+            self.previous[key] = maps
+            self.reference.setdefault(key, maps)
+        count = torch.cat(non_finite).sum(dim=0, keepdim=True).float() if non_finite else None
+        scalars, bad = _summaries(blocks, count)
+        return {k: scalars[k] for k in _with_excluded(order, scalars)}, bad
+
+    def _earlier(self, key: MapKey, against: str, maps: Tensor) -> Tensor | None:
+        """The previous or reference map of `key`, where it has the shape of `maps`."""
+        other = (self.previous if against == PREVIOUS else self.reference).get(key)
+        return other if other is not None and other.shape == maps.shape else None
+
+    def _drift_blocks(self, keys: list[MapKey], current: Mapping[MapKey, Tensor]) -> list[_Block]:
+        """Every measure of maps of one shape against their previous and reference maps: one
+        call per measure on all the pairs stacked."""
+        pairs = [
+            (key, against, other)
+            for key in keys
+            for against in (PREVIOUS, REF)
+            if (other := self._earlier(key, against, current[key])) is not None
+        ]
+        if not pairs:
+            return []
+        device = current[keys[0]].device
+        before = torch.cat([other.to(device) for _, _, other in pairs])
+        now = torch.cat([current[key] for key, _, _ in pairs])
+        sizes = [current[key].shape[0] for key, _, _ in pairs]
+        return [
+            _Block(
+                [ScalarKey(DRIFT, key, drift_stat(measure, against)) for key, against, _ in pairs],
+                sizes,
+                values,
+            )
+            for measure, values in drift_scores(before, now, self.options).items()
+        ]
+
+    def _localization_blocks(
+        self, keys: list[MapKey], current: Mapping[MapKey, Tensor], masks: Tensor | None
+    ) -> list[_Block]:
+        """Energy, pointing game and mask IoU of maps of one shape of one probe set, stacked."""
+        if masks is None:
+            return []
+        stacked = torch.cat([current[key] for key in keys])
+        tiled = masks.repeat(len(keys), *([1] * (masks.dim() - 1)))
+        values = localization_scores(stacked, tiled, self.options)
+        sizes = _sizes(current, keys)
+        return [
+            _Block([ScalarKey(LOCALIZATION, key, stat) for key in keys], sizes, values[stat])
+            for stat in LOCALIZATION_SCORES
+        ]
+
+    def use_reference(
+        self, evaluation: Evaluation, probes: Mapping[str, ProbeSet], *, source: str = ""
+    ) -> None:
+        """Use the maps of `evaluation` (another run's first) as the `_ref` of every measure.
+
+        Its probe hashes must match `probes` (else drift would compare different images): a
+        ValueError names the probe set, both hashes and the fix. `source` names the run in it.
+        """
+        for name, digest in evaluation.probe_hashes.items():
+            ours = probes.get(name)
+            if ours is not None and ours.digest != digest:
+                where = f"reference={source!r}" if source else "the reference run"
+                raise ValueError(
+                    f"{where} used a different probe {name!r} (hash {digest}, this run "
+                    f"{ours.digest}); drift against it would compare different images. Use the "
+                    "same probe data or drop reference=."
+                )
+        for (probe, layer, method), maps in evaluation.maps.items():
+            device = _device_of(probes.get(probe))
+            self.reference[MapKey(probe, layer, method)] = torch.from_numpy(maps).float().to(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Reference and previous maps on the CPU, keyed by `MapKey.encoded`."""
+        return {
+            "key_format": _KEY_FORMAT,
+            "reference": {k.encoded: v.cpu() for k, v in self.reference.items()},
+            "previous": {k.encoded: v.cpu() for k, v in self.previous.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Read a `state_dict`, also one written before keys were encoded (joined with '/')."""
+        parse = MapKey.parse if state.get("key_format") == _KEY_FORMAT else _legacy_key
+        self.reference = {parse(k): v for k, v in state.get("reference", {}).items()}
+        self.previous = {parse(k): v for k, v in state.get("previous", {}).items()}
+
+
+def _legacy_key(text: str) -> MapKey:
+    """A key of the first checkpoints: 'probe/layer/method' with no encoding (the probe up to the
+    first '/', the method after the last one)."""
+    probe, rest = text.split("/", 1)
+    layer, method = rest.rsplit("/", 1)
+    return MapKey(probe, layer, method)
+
+
+def _device_of(probe: ProbeSet | None) -> torch.device:
+    if probe is None:
+        return torch.device("cpu")
+    found = Batch.of(probe.inputs).image
+    found = found if found is not None else next(tensors(probe.inputs), None)
+    return torch.device("cpu") if found is None else found.device
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Per-image values `[sum(sizes)]` of several scalars computed in one call: `sizes[i]`
+    values for `keys[i]`, in order."""
+
+    keys: list[ScalarKey]
+    sizes: list[int]
+    values: Tensor
+
+
+def _sizes(current: Mapping[MapKey, Tensor], keys: list[MapKey]) -> list[int]:
+    return [current[key].shape[0] for key in keys]
+
+
+def _same_shape(
+    current: Mapping[MapKey, Tensor], by_probe: bool = False
+) -> dict[tuple[Any, ...], list[MapKey]]:
+    """The keys of maps that can be stacked: same `[h, w]` and device (and probe set, for
+    localization against its masks), in their order."""
+    groups: dict[tuple[Any, ...], list[MapKey]] = {}
+    for key, maps in current.items():
+        group = (tuple(maps.shape[1:]), maps.device, key.probe if by_probe else None)
+        groups.setdefault(group, []).append(key)
+    return groups
+
+
+def _with_excluded(order: list[ScalarKey], scalars: Mapping[ScalarKey, float]) -> list[ScalarKey]:
+    """`order` with each key's `excluded` count right after it, where there is one."""
+    return [k for key in order for k in (key, key.excluded) if k in scalars]
+
+
+def _summaries(
+    blocks: list[_Block], non_finite: Tensor | None
+) -> tuple[dict[ScalarKey, float], int]:
+    """Mean over finite values per key, plus `excluded` counts where some were not finite, and
+    the count of non-finite maps, which rides along in the one host transfer."""
+    chunks = [block.values.detach().float().flatten() for block in blocks]
+    if non_finite is not None:
+        chunks.append(non_finite.detach().float().flatten())
+    if not chunks:
+        return {}, 0
+    host = torch.cat(chunks).cpu()
+    keys = [key for block in blocks for key in block.keys]
+    sizes = [size for block in blocks for size in block.sizes]
+    parts = host.split([*sizes, host.numel() - sum(sizes)])
+    scalars: dict[ScalarKey, float] = {}
+    for size in dict.fromkeys(sizes):  # keys with as many values summarised together
+        rows = [i for i, s in enumerate(sizes) if s == size]
+        values = torch.stack([parts[i] for i in rows])
+        excluded = (~torch.isfinite(values)).sum(dim=1).tolist()
+        means = values.double().mean(dim=1).tolist()
+        for i, mean, bad in zip(rows, means, excluded, strict=True):
+            if bad:  # the mean of the finite ones only
+                mean, bad = summarize(parts[i])
+                scalars[keys[i].excluded] = float(bad)
+            scalars[keys[i]] = mean
+    count = round(float(parts[-1].item())) if non_finite is not None else 0
+    return scalars, count

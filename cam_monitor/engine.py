@@ -35,13 +35,12 @@ from .attribution import (
 )
 from .batch import Batch
 from .capture import capture_outputs, did_not_run, no_gradient, scoped_hooks
-from .drift import as_measured
 from .isolation import isolated
-from .layers import LayerSpec, Reshape, as_spatial, resolve_layers, unwrap_model
+from .layers import as_spatial, resolve_layers, unwrap_model
+from .measures import as_measured
 from .methods import (
     CAM_METHODS,
     GRADIENT_METHODS,
-    INPUT_KEY,
     INPUT_METHODS,
     SIGN_SENSITIVE_METHODS,
     apply_method,
@@ -50,7 +49,8 @@ from .methods import (
     normalize_maps,
     upsample_maps,
 )
-from .options import EngineOptions, ForwardFn, OutputTransform, Target, options_from
+from .options import EngineOptions, options_from
+from .schema import INPUT_LAYER
 from .targets import (
     check_engine_target,
     class_scores,
@@ -58,6 +58,7 @@ from .targets import (
     resolve_targets,
     warn_if_probabilities,
 )
+from .types import ForwardFn, LayerSpec, OutputTransform, Reshape, Target
 
 __all__ = ["CamResult", "ForwardFn", "OutputTransform", "Target", "compute", "compute_cams"]
 
@@ -139,7 +140,7 @@ def compute_cams(
         inputs: a Tensor ``[B, C, H, W]``, or a nested batch (tuple, dict, namedtuple) holding
             one, passed whole to the model: give ``forward`` to pick the images out of it. Pixel
             methods differentiate and perturb the float ``[B, C, H, W]`` tensor under a dict's
-            image key (`batch.INPUT_KEYS`), else the first one.
+            image key (`batch.IMAGE_KEYS`), else the first one.
         layers: names from ``model.named_modules()``, globs or modules, or a list of these;
             None (or ``[]``) when every method is input-level. A layer (or, for pixel methods,
             the input) that no gradient reaches raises `NoGradientError` (a `ValueError`).
@@ -514,7 +515,7 @@ def _explain_chunk(
                 maps[name, method] = (guided * fine[:, None]).sum(dim=1)
     for method in options.methods:
         if method in input_maps:
-            maps[INPUT_KEY, method] = input_maps[method]
+            maps[INPUT_LAYER, method] = input_maps[method]
     return clean.indices, clean.logits, maps, extras
 
 

@@ -1,7 +1,7 @@
 """One monitor evaluation without Lightning: the CAMs of every probe set and the grids to log.
 
 Grids are keyed by `schema.MapKey` (overlay grids) or by a tag built in `schema` (filter
-views); they become strings only in `sinks`. Scoring lives in `tracking`.
+views); they become strings only in `sinks`. Scoring lives in `drift`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from torchvision.utils import make_grid
 
 from .batch import Batch
 from .capture import scoped_hooks
+from .channels import filter_activations, one_layer, visualize_filter
 from .engine import CamResult, compute
-from .filters import filter_activations, one_layer, visualize_filter
-from .layers import LayerSpec, unwrap_model
+from .layers import unwrap_model
 from .methods import PIXEL_METHODS, SIGNED_METHODS
 from .options import EngineOptions, FilterOptions, RenderOptions
 from .probe import ProbeSet
@@ -34,6 +34,7 @@ from .render import (
     to_uint8_images,
 )
 from .schema import MapKey, ScalarKey, filter_channel_tag, filter_maximised_tag, view_method
+from .types import LayerSpec
 
 #: An image's key: a `MapKey` for an overlay grid, or a filter-view tag built by `schema`.
 ImageKey = MapKey | str

@@ -14,8 +14,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .schema import INPUT_LAYER
-
 CamFormula = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -138,9 +136,6 @@ GRADIENT_METHODS: dict[str, CamFormula] = {
     "layercam": layercam,
     "hirescam": hirescam,
 }
-
-#: Key standing in for a layer name for maps at input resolution: `result["input", "saliency"]`.
-INPUT_KEY = INPUT_LAYER
 
 #: Methods that divide by per-channel activation sums: ill-posed on signed activations.
 SIGN_SENSITIVE_METHODS: frozenset[str] = frozenset(["gradcam++", "xgradcam"])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import Field, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -28,15 +28,12 @@ from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
-from .layers import Reshape
 from .methods import ALL_METHODS
-from .probe import ProbeSpec, check_masks, content_hash, probe_sets
+from .probe import check_masks, content_hash, probe_sets
 from .render import COLORMAPS, GRID_COLUMNS, IMAGE_FORMATS
 from .schema import DEFAULT_MEASURES, MEASURES, VIEWS
+from .types import ForwardFn, OutputTransform, ProbeSpec, Reshape, Target
 
-Target = str | int | Tensor | Callable[[Tensor], Tensor]
-OutputTransform = int | str | Callable[[Any], Tensor] | None
-ForwardFn = Callable[[nn.Module, Any], Any]
 OptionsT = TypeVar("OptionsT")
 
 

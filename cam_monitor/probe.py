@@ -13,14 +13,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler, default_collate
 
-from .batch import INPUT_KEYS, leaves, move_to
-from .drift import boxes_to_masks
+from .batch import IMAGE_KEYS, leaves, move_to
 from .isolation import preserved_rng
+from .measures import boxes_to_masks
 from .schema import check_probe_name
-
-#: What `probe=` may be, per probe set: a Tensor, an (inputs, labels[, masks]) tuple, a dict
-#: batch, a Dataset or a DataLoader.
-ProbeSpec = Any
+from .types import ProbeSpec
 
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 #: The only dict keys read as masks; boxes come only through `masks=`.
@@ -126,7 +123,7 @@ def split_batch(
     if isinstance(batch, Tensor):
         return batch, None, None
     if isinstance(batch, Mapping):
-        inputs = _pick_key(batch, input_key, INPUT_KEYS, "input")
+        inputs = _pick_key(batch, input_key, IMAGE_KEYS, "input")
         if inputs is None:
             raise ValueError(
                 f"Cannot find the inputs in a batch with keys {sorted(map(str, batch))}; "
@@ -270,7 +267,7 @@ def probe_sets(probe: Any, input_key: str | None = None) -> dict[str, ProbeSpec]
             "`probe` must be None, a Tensor, an (inputs, labels) tuple, a dict batch, a Dataset, "
             f"a DataLoader or a dict of named probe sets, got {type(probe).__name__}."
         )
-    if isinstance(probe, Mapping) and not {input_key, *INPUT_KEYS}.intersection(probe):
+    if isinstance(probe, Mapping) and not {input_key, *IMAGE_KEYS}.intersection(probe):
         if not probe:
             raise ValueError("`probe` is an empty dict; give at least one named probe set.")
         return {check_probe_name(name): spec for name, spec in probe.items()}

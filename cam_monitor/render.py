@@ -382,22 +382,30 @@ class _GlyphAtlas:
     at one font scale, and the pen advance of each: captions are composed from these cells."""
 
     def __init__(self, scale: float) -> None:
-        (_, text_height), baseline = cv2.getTextSize("Ag", _FONT, scale, 1)
-        self.height = text_height + baseline + 2 * _CAPTION_MARGIN
-        self.baseline_y = _CAPTION_MARGIN + text_height
+        (_, ascent), descent = cv2.getTextSize("Ag", _FONT, scale, 1)
         self.pad = 2 + math.ceil(4 * scale)  # room for strokes beyond the pen advance
-        self.cells: dict[str, np.ndarray] = {}
+        # Each glyph drawn on a canvas with room all round, baseline at row `base`; the band then
+        # keeps the rows of OpenCV's text height and of any ink beyond it (OpenCV 4's text
+        # height leaves the tails of '[' and ']' outside at scale 1).
+        base, room = 2 * (ascent + descent), 4 * (ascent + descent)
+        drawn: dict[str, np.ndarray] = {}
         self.advances: dict[str, int] = {}
         for code in range(32, 127):
             char = chr(code)
             # The pen advance: how much wider the glyph twice is than once (getTextSize adds a
             # constant to every width).
             twice, once = (cv2.getTextSize(c, _FONT, scale, 1)[0][0] for c in (char * 2, char))
-            advance = twice - once
-            cell = np.full((self.height, advance + 2 * self.pad), _BAND_GRAY, np.uint8)
-            origin = (self.pad, self.baseline_y)
-            cv2.putText(cell, char, origin, _FONT, scale, 255, 1, cv2.LINE_AA)
-            self.cells[char], self.advances[char] = cell, advance
+            self.advances[char] = twice - once
+            canvas = np.full((room, twice - once + 2 * self.pad), _BAND_GRAY, np.uint8)
+            cv2.putText(canvas, char, (self.pad, base), _FONT, scale, 255, 1, cv2.LINE_AA)
+            drawn[char] = canvas
+        ink = np.flatnonzero(np.any([(c != _BAND_GRAY).any(axis=1) for c in drawn.values()], 0))
+        if ink.size:
+            ascent, descent = max(ascent, base - int(ink[0])), max(descent, int(ink[-1]) - base)
+        self.height = ascent + descent + 2 * _CAPTION_MARGIN
+        self.baseline_y = _CAPTION_MARGIN + ascent
+        top = base - self.baseline_y
+        self.cells = {char: canvas[top : top + self.height] for char, canvas in drawn.items()}
 
     def draw(self, band: np.ndarray, text: str, x: int) -> None:
         """Write `text` into the gray `band` [height, W] from pen position `x`, as putText

@@ -50,7 +50,17 @@ from .render import (
     predicted_classes,
     to_jpeg_bytes,
 )
-from .schema import DRIFT, LOCALIZATION, REF, MapKey, ScalarKey, drift_stat
+from .schema import (
+    DRIFT,
+    LOCALIZATION,
+    LOCALIZATION_SCORES,
+    REF,
+    MapKey,
+    ScalarKey,
+    drift_stat,
+    stat_label,
+    stat_title,
+)
 
 __all__ = ["require_matplotlib", "write_report"]
 
@@ -171,22 +181,6 @@ p { max-width: 78em; }
 code { background: #f3f3f3; padding: 0 0.2em; }
 """
 
-#: What each drift measure against the baseline is, in words.
-_DRIFT_TEXT: dict[str, str] = {
-    "spearman": "1 - Spearman",
-    "pearson": "1 - Pearson",
-    "topk_iou": "1 - top-k IoU",
-    "js": "JS divergence",
-    "com_shift": "centre shift",
-}
-#: What each summarised statistic means, for the tables.
-_STAT_LABELS: dict[str, str] = {
-    "energy": "energy in mask",
-    "pointing": "pointing game",
-    "mask_iou": "top-k IoU with mask",
-    **{drift_stat(m, REF): f"drift from baseline ({text})" for m, text in _DRIFT_TEXT.items()},
-}
-
 
 def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
@@ -200,7 +194,7 @@ def _anchor(group: Group) -> str:
 
 
 def _label(key: ScalarKey) -> str:
-    return _STAT_LABELS.get(key.stat, key.stat)
+    return stat_label(key.stat)
 
 
 def _cell(spread: Spread, best: bool = False) -> str:
@@ -401,16 +395,12 @@ def _panels(
     """Drift vs reference, localization and (two single runs) map similarity: panels with data."""
     key = MapKey(*key)
     wanted = [
-        *(
-            (DRIFT, drift_stat(m, REF), f"drift from baseline: {_DRIFT_TEXT[m]}")
-            for m in ("spearman", "topk_iou", "js")
-        ),
-        (LOCALIZATION, "energy", "localization: energy in mask"),
-        (LOCALIZATION, "pointing", "localization: pointing game"),
-        (LOCALIZATION, "mask_iou", "localization: top-k IoU with mask"),
+        *((DRIFT, drift_stat(m, REF)) for m in ("spearman", "topk_iou", "js")),
+        *((LOCALIZATION, score) for score in LOCALIZATION_SCORES),
     ]
     panels = []
-    for kind, stat, title in wanted:
+    for kind, stat in wanted:
+        title = stat_title(kind, stat)
         scalar = ScalarKey(kind, key, stat)
         lines = []
         for group in groups:

@@ -30,7 +30,8 @@ DEFAULT_MEASURES: tuple[str, ...] = ("spearman", "topk_iou")
 #: Localization scores against ground-truth masks (1 = all attention on the object).
 LOCALIZATION_SCORES: tuple[str, ...] = ("energy", "pointing", "mask_iou")
 #: Per-map statistics.
-STATS: tuple[str, ...] = ("entropy",)
+ENTROPY = "entropy"
+STATS: tuple[str, ...] = (ENTROPY,)
 #: What drift is measured against: the previous evaluation, or the reference (the first one).
 PREVIOUS, REF = "prev", "ref"
 AGAINST: tuple[str, ...] = (PREVIOUS, REF)
@@ -40,13 +41,19 @@ DRIFT, LOCALIZATION, STATISTICS = "cam_drift", "cam_loc", "cam_stats"
 SCALAR_KINDS: tuple[str, ...] = (DRIFT, LOCALIZATION, STATISTICS)
 #: Prefix of overlay-grid image tags, and of filter-view image tags.
 IMAGE_PREFIX, FILTER_PREFIX = "cam", "filters"
-#: The layer name under which pixel-level methods (saliency, IG, ...) store their maps.
+#: The layer name under which pixel-level methods (saliency, IG, ...) store their maps:
+#: `result[INPUT_LAYER, "saliency"]` (exported as `cam_monitor.INPUT_LAYER`, once `INPUT_KEY`).
 INPUT_LAYER = "input"
+#: Prefix of the monitor's own tags: its cost per evaluation, each probe set's content hash.
+MONITOR_PREFIX = "cam_monitor"
 #: The monitor's own cost per evaluation, in seconds.
-SECONDS_TAG = "cam_monitor/seconds"
+SECONDS_TAG = f"{MONITOR_PREFIX}/seconds"
 #: Suffix of the count of images left out of a mean (all-zero, constant or non-finite maps).
 EXCLUDED_SUFFIX = "_excluded"
-_PROBE_HASH_PREFIX = "cam_monitor/probe_hash/"
+_PROBE_HASH_PREFIX = f"{MONITOR_PREFIX}/probe_hash/"
+#: The prefixes of every tag the monitor puts into the trainer's metrics (its scalar families and
+#: its own tags): what another callback's `monitor=` may name.
+METRIC_PREFIXES: tuple[str, ...] = (*(f"{kind}/" for kind in SCALAR_KINDS), f"{MONITOR_PREFIX}/")
 
 
 def encode(name: str) -> str:
@@ -198,34 +205,142 @@ def check_probe_name(name: object) -> str:
     return name
 
 
+# --------------------------------------------------------------------------- history files
+
+#: The monitor's folder inside the first logger's folder (or the trainer's), unless `save_dir`.
+HISTORY_FOLDER = "cam_monitor"
+#: The file holding a run's probe, next to its evaluation files.
+PROBE_FILE = "probe.npz"
+#: Array names inside history files: ``maps/<probe>/<layer>/<method>``, ``<kind>/<probe>``
+#: (``targets``, ``logits``, ``labels``; the probe's ``inputs``, ``labels``, ``masks``), ``meta``.
+MAPS_ARRAY, META_ARRAY = "maps", "meta"
+_EVALUATION_FILE = re.compile(r"eval-(\d{5,})\.npz")
+_TEMPORARY_FILE = re.compile(r"\.eval-(\d{5,})\.npz\.[0-9a-f]+\.tmp")
+
+
+def evaluation_file(index: int) -> str:
+    """The name of evaluation `index`'s file in a history folder (more digits past 99999).
+
+    Example:
+        >>> evaluation_file(7), evaluation_index("eval-00007.npz"), evaluation_index("x.npz")
+        ('eval-00007.npz', 7, None)
+    """
+    return f"eval-{index:05d}.npz"
+
+
+def evaluation_index(name: str) -> int | None:
+    """The index in an evaluation file's name, also a non-canonical one (``eval-000007.npz``:
+    compare with `evaluation_file`), or None for any other name."""
+    match = _EVALUATION_FILE.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def temporary_file(name: str, token: str) -> str:
+    """The hidden name a history file is written under before it is renamed to `name`."""
+    return f".{name}.{token}.tmp"
+
+
+def temporary_index(name: str) -> int | None:
+    """The index of the evaluation a temporary file was written for, or None (not one)."""
+    match = _TEMPORARY_FILE.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def map_array(key: MapKey) -> str:
+    """``maps/<probe>/<layer>/<method>``, each part encoded: the array of one key's maps."""
+    return join(MAPS_ARRAY, *key)
+
+
+def probe_array(kind: str, probe: str) -> str:
+    """``<kind>/<probe>``, the probe encoded: one probe set's targets, logits, labels, ...."""
+    return join(kind, probe)
+
+
+def parse_array(name: str) -> list[str]:
+    """The decoded parts of an array name (the inverse of `map_array` and `probe_array`)."""
+    return split(name)
+
+
 # --------------------------------------------------------------------------- what each tag means
 
+
+class Label(NamedTuple):
+    """How one measure or score reads: a `short` name (report tables and panels), a chart
+    `title` with its direction, and a `description` sentence (the dashboard's tooltips)."""
+
+    short: str
+    title: str
+    description: str
+
+
 #: Each drift measure as a distance: what it computes, and its range (0 = the same attention).
-MEASURE_DESCRIPTIONS: dict[str, str] = {
-    "spearman": "1 - Spearman rank correlation of the two maps: a distance, 0 = the same ranking "
-    "of pixels, 1 = unrelated, 2 = reversed",
-    "pearson": "1 - Pearson correlation of the two maps: a distance, 0 = the same up to scale, "
-    "1 = unrelated, 2 = inverted",
-    "topk_iou": "1 - IoU of the two maps' hottest pixels (the top `topk` fraction): a distance, "
-    "0 = the same hot spot, 1 = disjoint hot spots",
-    "js": "Jensen-Shannon divergence of the maps as distributions (natural log): a distance, "
-    "0 = the same, ln 2 = 0.69 = disjoint",
-    "com_shift": "shift of the maps' centre of mass, as a fraction of the map diagonal: a "
-    "distance, 0 = the same place, 1 = opposite corners",
+MEASURE_LABELS: dict[str, Label] = {
+    "spearman": Label(
+        "1 - Spearman",
+        "1 - Spearman rank corr. (distance, 0 = same)",
+        "1 - Spearman rank correlation of the two maps: a distance, 0 = the same ranking "
+        "of pixels, 1 = unrelated, 2 = reversed",
+    ),
+    "pearson": Label(
+        "1 - Pearson",
+        "1 - Pearson corr. (distance, 0 = same)",
+        "1 - Pearson correlation of the two maps: a distance, 0 = the same up to scale, "
+        "1 = unrelated, 2 = inverted",
+    ),
+    "topk_iou": Label(
+        "1 - top-k IoU",
+        "1 - top-k IoU (distance, 0 = same hot spot)",
+        "1 - IoU of the two maps' hottest pixels (the top `topk` fraction): a distance, "
+        "0 = the same hot spot, 1 = disjoint hot spots",
+    ),
+    "js": Label(
+        "JS divergence",
+        "Jensen-Shannon divergence (distance, 0 = same)",
+        "Jensen-Shannon divergence of the maps as distributions (natural log): a distance, "
+        "0 = the same, ln 2 = 0.69 = disjoint",
+    ),
+    "com_shift": Label(
+        "centre shift",
+        "centre-of-mass shift / diagonal (distance, 0 = same)",
+        "shift of the maps' centre of mass, as a fraction of the map diagonal: a "
+        "distance, 0 = the same place, 1 = opposite corners",
+    ),
 }
 #: Each localization score against the ground-truth masks (1 = all attention on the object).
-LOCALIZATION_DESCRIPTIONS: dict[str, str] = {
-    "energy": "share of the map's energy inside the mask: a score, 1 = all attention on the "
-    "object, 0 = none",
-    "pointing": "pointing game: share of images whose hottest pixel lies in the mask (grown by "
-    "`pointing_tolerance`): a score, 1 = all hit",
-    "mask_iou": "IoU of the map's top `topk` pixels with the mask: a score, 1 = they coincide",
+LOCALIZATION_LABELS: dict[str, Label] = {
+    "energy": Label(
+        "energy in mask",
+        "energy inside the mask (score, 1 = on the object)",
+        "share of the map's energy inside the mask: a score, 1 = all attention on the "
+        "object, 0 = none",
+    ),
+    "pointing": Label(
+        "pointing game",
+        "pointing game (score, 1 = all hit)",
+        "pointing game: share of images whose hottest pixel lies in the mask (grown by "
+        "`pointing_tolerance`): a score, 1 = all hit",
+    ),
+    "mask_iou": Label(
+        "top-k IoU with mask",
+        "top-k IoU with the mask (score, 1 = they coincide)",
+        "IoU of the map's top `topk` pixels with the mask: a score, 1 = they coincide",
+    ),
 }
 #: Each per-map statistic.
-STAT_DESCRIPTIONS: dict[str, str] = {
-    "entropy": "entropy of the map as a distribution, over its maximum ln(h*w): 1 = uniform "
-    "(diffuse) attention, 0 = one hot pixel",
+STAT_LABELS: dict[str, Label] = {
+    "entropy": Label(
+        "entropy",
+        "map entropy / ln(h*w) (1 = diffuse)",
+        "entropy of the map as a distribution, over its maximum ln(h*w): 1 = uniform "
+        "(diffuse) attention, 0 = one hot pixel",
+    ),
 }
+#: The descriptions and chart titles alone, by name (views of the tables above).
+MEASURE_DESCRIPTIONS = {name: label.description for name, label in MEASURE_LABELS.items()}
+LOCALIZATION_DESCRIPTIONS = {name: label.description for name, label in LOCALIZATION_LABELS.items()}
+STAT_DESCRIPTIONS = {name: label.description for name, label in STAT_LABELS.items()}
+MEASURE_TITLES = {name: label.title for name, label in MEASURE_LABELS.items()}
+
 _AGAINST_WORDS = {
     PREVIOUS: "against the previous evaluation",
     REF: "against the reference (the first evaluation, or `reference=`)",
@@ -276,16 +391,50 @@ def describe(name: ScalarKey | str) -> str:
     return f"{subject}: {what}. Mean over the probe images."
 
 
-# --------------------------------------------------------------------------- dashboard layout
+# --------------------------------------------------------------------------- titles and labels
 
-#: Chart titles of the measures, with their direction (the legend names each layer and method).
-MEASURE_TITLES: dict[str, str] = {
-    "spearman": "1 - Spearman rank corr. (distance, 0 = same)",
-    "pearson": "1 - Pearson corr. (distance, 0 = same)",
-    "topk_iou": "1 - top-k IoU (distance, 0 = same hot spot)",
-    "js": "Jensen-Shannon divergence (distance, 0 = same)",
-    "com_shift": "centre-of-mass shift / diagonal (distance, 0 = same)",
-}
+#: How a chart or panel names what drift is measured against.
+_AGAINST_TITLES = {REF: "drift from baseline", PREVIOUS: "drift from previous"}
+
+
+def stat_title(kind: str, stat: str, *, long: bool = False) -> str:
+    """The title of a chart of one drift or localization statistic; `long` adds the direction
+    and range (the dashboard's titles), else the short name (the report's panels).
+
+    Example:
+        >>> stat_title(DRIFT, drift_stat("js", REF))
+        'drift from baseline: JS divergence'
+        >>> stat_title(LOCALIZATION, "energy", long=True)
+        'localization: energy inside the mask (score, 1 = on the object)'
+    """
+    parsed = parse_drift_stat(stat) if kind == DRIFT else None
+    if parsed is not None:
+        measure, against = parsed
+        label, words = MEASURE_LABELS[measure], _AGAINST_TITLES[against]
+    elif kind == LOCALIZATION and stat in LOCALIZATION_LABELS:
+        label, words = LOCALIZATION_LABELS[stat], "localization"
+    else:
+        raise ValueError(f"No title for {kind!r} statistic {stat!r}.")
+    return f"{words}: {label.title if long else label.short}"
+
+
+def stat_label(stat: str) -> str:
+    """A summarised statistic as a report table names it: a localization score's short name,
+    drift from the baseline with its measure; any other statistic as its own name.
+
+    Example:
+        >>> stat_label("pointing"), stat_label(drift_stat("spearman", REF)), stat_label("x")
+        ('pointing game', 'drift from baseline (1 - Spearman)', 'x')
+    """
+    if stat in LOCALIZATION_LABELS:
+        return LOCALIZATION_LABELS[stat].short
+    parsed = parse_drift_stat(stat)
+    if parsed is not None and parsed[1] == REF:
+        return f"{_AGAINST_TITLES[REF]} ({MEASURE_LABELS[parsed[0]].short})"
+    return stat
+
+
+# --------------------------------------------------------------------------- dashboard layout
 
 
 class Chart(NamedTuple):
@@ -317,11 +466,12 @@ def dashboard_charts(probes: Mapping[str, bool], measures: Sequence[str]) -> lis
     for probe, has_masks in probes.items():
         category = f"cam-monitor: {probe}"
         groups = f"/{re.escape(encode(probe))}/[^/]+/[^/]+/"  # any layer, any method
-        for against, words in ((REF, "drift from baseline"), (PREVIOUS, "drift from previous")):
+        for against in (REF, PREVIOUS):
             for measure in measures:
-                pattern = f"^{DRIFT}{groups}{re.escape(drift_stat(measure, against))}$"
-                charts.append(Chart(category, f"{words}: {MEASURE_TITLES[measure]}", pattern))
+                stat = drift_stat(measure, against)
+                title = stat_title(DRIFT, stat, long=True)
+                charts.append(Chart(category, title, f"^{DRIFT}{groups}{re.escape(stat)}$"))
         if has_masks:
-            title = "localization: energy inside the mask (score, 1 = on the object)"
+            title = stat_title(LOCALIZATION, "energy", long=True)
             charts.append(Chart(category, title, f"^{LOCALIZATION}{groups}energy$"))
     return charts

@@ -19,6 +19,7 @@ from .lightning.compat import is_logger
 from .schema import (
     DRIFT,
     FILTER_PREFIX,
+    HISTORY_FOLDER,
     IMAGE_PREFIX,
     LOCALIZATION,
     SECONDS_TAG,
@@ -345,8 +346,8 @@ def run_folder(trainer: pl.Trainer, save_dir: str | Path | None) -> Path:
     if save_dir is not None:
         return Path(save_dir)
     if trainer.loggers:
-        return logger_dir(trainer.loggers[0], trainer.default_root_dir) / "cam_monitor"
-    return Path(trainer.default_root_dir) / "cam_monitor"
+        return logger_dir(trainer.loggers[0], trainer.default_root_dir) / HISTORY_FOLDER
+    return Path(trainer.default_root_dir) / HISTORY_FOLDER
 
 
 # Lightning's logger classes with an image API, in either namespace, and the sink that uses it.

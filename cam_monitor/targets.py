@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .options import OutputTransform, Target
+from .types import OutputTransform, Target
 
 # Models already checked for probability outputs: the check costs a host sync, so once each.
 _PROBABILITY_CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()

@@ -1,4 +1,4 @@
-"""The README's views figure: guided backprop and deconvnet, whole / positive / negative.
+"""The views figure of docs/methods.md: guided backprop and deconvnet, whole / positive / negative.
 
 Trains a small ReLU CNN on synthetic shapes with a `CamMonitor` logging to TensorBoard, reads
 the last evaluation's grids back from the event file with TensorBoard's `EventAccumulator`, and

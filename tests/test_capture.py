@@ -15,7 +15,7 @@ from cam_monitor.capture import (
     users_hooks,
     users_hooks_warning,
 )
-from cam_monitor.layers import first_spatial_layer
+from cam_monitor.default_layer import first_spatial_layer
 
 
 def hook_state(model: nn.Module) -> list[tuple[str, list[int], list[int], list[int]]]:
@@ -166,8 +166,8 @@ HOOK_SITES = {
     "capture_outputs": _capture_site,
     "engine._record_inputs": _record_inputs_site,
     "attribution.ruled_relus": _guided_relus_site,
-    "filters._layer_output": _filter_site,
-    "layers.first_spatial_layer": _first_spatial_site,
+    "channels._layer_output": _filter_site,
+    "default_layer.first_spatial_layer": _first_spatial_site,
 }
 
 

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cam_monitor import CamMonitor, compute_cams
 from cam_monitor.capture import NoGradientError
-from cam_monitor.layers import first_spatial_layer
+from cam_monitor.default_layer import first_spatial_layer
 from cam_monitor.options import EngineOptions
 from tests.conftest import Lightning, TinyCNN, loader, quiet_trainer, shapes_dataset
 

@@ -1,12 +1,10 @@
-"""The promises in the README's "Guarantees" section, each against a real Lightning Trainer."""
+"""The promises in docs/guarantees.md, each against a real Lightning Trainer."""
 
 from __future__ import annotations
 
-import ast
 import gc
 import json
 import random
-import re
 import resource
 import subprocess
 import sys
@@ -25,11 +23,11 @@ from torch.utils.data import DataLoader, TensorDataset
 import cam_monitor.evaluation as evaluation_module
 from cam_monitor import CamMonitor, compute_cams
 from cam_monitor.callback import check_strategy
+from cam_monitor.drift import AttentionTracker
 from cam_monitor.evaluation import run_evaluation
 from cam_monitor.history import read_history
 from cam_monitor.options import EngineOptions, RenderOptions
 from cam_monitor.probe import make_probe
-from cam_monitor.tracking import AttentionTracker
 from tests.conftest import (
     ClassifierSteps,
     Lightning,
@@ -658,35 +656,3 @@ def test_dataloader_probe_reads_samples_without_iterating(tmp_path: Path) -> Non
     probe = make_probe("p", DataLoader(data, batch_size=8, shuffle=True), 5)
     assert data.reads == [0, 10, 20, 29, 39]
     assert torch.equal(probe.labels, torch.tensor([0, 0, 0, 4, 4]))
-
-
-def test_every_test_and_file_the_readme_names_exists() -> None:
-    # `tests/test_x.py::name`, `test_x.py::name` and `::name` (the file named last in that row)
-    # must each resolve to a test function, marked "(both)" exactly where it runs against both
-    # Lightning namespaces; every repository path the README names must exist.
-    readme = (REPO / "README.md").read_text()
-    missing = []
-    for row in (line for line in readme.splitlines() if line.startswith("|")):
-        current = None
-        for match in re.finditer(r"`((?:tests/)?test_\w+\.py(?:::\w+)?|::\w+)`( \(both\))?", row):
-            ref, both = match.group(1), match.group(2) is not None
-            if ref.startswith("::"):
-                assert current is not None, f"{ref} follows no file in: {row[:80]}"
-                name = ref[2:]
-            else:
-                current, _, name = ref.removeprefix("tests/").partition("::")
-            path = REPO / "tests" / current
-            if not path.is_file():
-                missing.append(current)
-            elif name:
-                tree = ast.parse(path.read_text())
-                tests = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
-                if name not in tests:
-                    missing.append(f"{current}::{name}")
-                elif both != ("lightning" in [a.arg for a in tests[name].args.args]):
-                    missing.append(f"{current}::{name} {'(both)' if both else 'without (both)'}")
-    repo_paths = r"(?<![\w/>.-])((?:docs|benchmarks|examples|cam_monitor|tests)/[\w./*-]+\.\w+)"
-    for path in re.findall(repo_paths, readme):  # not `<log_dir>/cam_monitor/...` outputs
-        if not any(REPO.glob(path)):
-            missing.append(path)
-    assert not missing, missing

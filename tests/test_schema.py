@@ -127,3 +127,51 @@ def test_check_probe_name_refuses_slashes_empty_and_control_characters(name: obj
     with pytest.raises(ValueError, match="probe set name") as info:
         check_probe_name(name)
     assert repr(name) in str(info.value)
+
+
+def test_every_measure_and_score_has_one_label_and_every_title_comes_from_it() -> None:
+    assert tuple(schema.MEASURE_LABELS) == schema.MEASURES
+    assert tuple(schema.LOCALIZATION_LABELS) == schema.LOCALIZATION_SCORES
+    assert tuple(schema.STAT_LABELS) == schema.STATS
+    for measure, label in schema.MEASURE_LABELS.items():
+        assert schema.MEASURE_TITLES[measure] == label.title
+        assert schema.MEASURE_DESCRIPTIONS[measure] == label.description
+        stat = drift_stat(measure, REF)
+        assert schema.stat_title(DRIFT, stat) == f"drift from baseline: {label.short}"
+        assert schema.stat_title(DRIFT, stat, long=True).endswith(label.title)
+        assert schema.stat_label(stat) == f"drift from baseline ({label.short})"
+    for score, label in schema.LOCALIZATION_LABELS.items():
+        assert schema.stat_title(LOCALIZATION, score) == f"localization: {label.short}"
+        assert schema.stat_label(score) == label.short
+    with pytest.raises(ValueError, match="No title"):
+        schema.stat_title(STATISTICS, "entropy")
+
+
+def test_metric_prefixes_cover_every_tag_the_monitor_puts_in_the_metrics() -> None:
+    key = MapKey("p", "l", "m")
+    tags = [ScalarKey(kind, key, "x").tag for kind in schema.SCALAR_KINDS]
+    tags += [SECONDS_TAG, probe_hash_tag("p")]
+    assert all(tag.startswith(schema.METRIC_PREFIXES) for tag in tags)
+    assert not image_tag(key).startswith(schema.METRIC_PREFIXES)
+
+
+@pytest.mark.parametrize("name", AWKWARD_NAMES)
+def test_history_array_names_round_trip_any_name(name: str) -> None:
+    key = MapKey(name, name, "gradcam++")
+    assert schema.parse_array(schema.map_array(key)) == [schema.MAPS_ARRAY, *key]
+    assert schema.parse_array(schema.probe_array("logits", name)) == ["logits", name]
+
+
+def test_history_file_names_are_built_and_read_back_in_one_place() -> None:
+    assert schema.map_array(MapKey("source", "features.29", "gradcam")) == (
+        "maps/source/features.29/gradcam"
+    )
+    for index in (0, 7, 99999, 123456):
+        name = schema.evaluation_file(index)
+        assert schema.evaluation_index(name) == index
+        temporary = schema.temporary_file(name, "0a1b2c")
+        assert temporary.startswith(".") and schema.temporary_index(temporary) == index
+    assert schema.evaluation_file(3) == "eval-00003.npz"
+    assert schema.evaluation_index("eval-000003.npz") == 3  # read, though not canonical
+    assert schema.evaluation_index("probe.npz") is None
+    assert schema.temporary_index(schema.temporary_file(schema.PROBE_FILE, "ab")) is None

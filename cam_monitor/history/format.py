@@ -86,7 +86,15 @@ from typing import Any
 
 import numpy as np
 
-from ..schema import MapKey, encode, split
+from ..schema import (
+    MAPS_ARRAY,
+    META_ARRAY,
+    PROBE_FILE,
+    MapKey,
+    map_array,
+    parse_array,
+    probe_array,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -104,8 +112,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-#: Name of the file holding a run's probe, next to its ``eval-*.npz`` files.
-PROBE_FILE = "probe.npz"
 _KINDS = ("targets", "logits", "labels")
 
 
@@ -223,7 +229,7 @@ def evaluation_to_arrays(ev: Evaluation) -> dict[str, np.ndarray]:
         what = f"maps[{tuple(key)!r}]"
         array = _batch_array(array, 3, what, integer=False)
         check_batch(key.probe, array.shape[0], what)
-        arrays[f"maps/{key.encoded}"] = np.asarray(array, dtype=np.float32)
+        arrays[map_array(key)] = np.asarray(array, dtype=np.float32)
     for kind in ("targets", "logits"):
         table: Mapping[str, np.ndarray] = getattr(ev, kind)
         missing = [p for p in _unique(key.probe for key in ev.maps) if p not in table]
@@ -239,7 +245,7 @@ def evaluation_to_arrays(ev: Evaluation) -> dict[str, np.ndarray]:
             _check_name(probe, "Probe")
             array = _batch_array(array, ndim, what, integer=dtype is np.int64)
             check_batch(probe, array.shape[0], what)
-            arrays[f"{kind}/{encode(probe)}"] = array.astype(dtype)
+            arrays[probe_array(kind, probe)] = array.astype(dtype)
     hashes = {_check_name(p, "Probe"): str(h) for p, h in ev.probe_hashes.items()}
     scalars = {_check_name(k, "Scalar"): _scalar_to_json(v, k) for k, v in ev.scalars.items()}
     meta = {
@@ -260,7 +266,7 @@ def evaluation_to_arrays(ev: Evaluation) -> dict[str, np.ndarray]:
         meta["final"] = True
     if ev.class_names is not None:
         meta["class_names"] = [str(name) for name in ev.class_names]
-    arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
+    arrays[META_ARRAY] = np.array(json.dumps(meta, allow_nan=False))
     return arrays
 
 
@@ -270,8 +276,8 @@ def evaluation_from_arrays(contents: Mapping[str, np.ndarray]) -> Evaluation:
     maps: dict[MapKey, np.ndarray] = {}
     tables: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in _KINDS}
     for key, array in contents.items():
-        parts = split(key)
-        if parts[0] == "maps":
+        parts = parse_array(key)
+        if parts[0] == MAPS_ARRAY:
             if len(parts) != 4 or array.ndim != 3:
                 raise ValueError(f"malformed map entry {key!r} with shape {array.shape}")
             maps[MapKey(*parts[1:])] = array.astype(np.float32)
@@ -338,7 +344,7 @@ def probe_to_arrays(
                 array = array.astype(np.int64)
             elif array.dtype != np.bool_:
                 array = array > 0.5
-            arrays[f"{kind}/{encode(probe)}"] = array
+            arrays[probe_array(kind, probe)] = array
     meta = {
         "format": FORMAT_VERSION,
         "kind": "probe",
@@ -348,7 +354,7 @@ def probe_to_arrays(
     }
     if run:
         meta["run"] = str(run)
-    arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
+    arrays[META_ARRAY] = np.array(json.dumps(meta, allow_nan=False))
     return arrays
 
 
@@ -360,7 +366,7 @@ def probe_from_arrays(contents: Mapping[str, np.ndarray]) -> ProbeRecord:
     tables: dict[str, dict[str, np.ndarray]] = {"inputs": {}, "labels": {}, "masks": {}}
     dims = {"inputs": 4, "labels": 1, "masks": 3}
     for key, array in contents.items():
-        parts = split(key)
+        parts = parse_array(key)
         if parts[0] in tables:
             if len(parts) != 2 or array.ndim != dims[parts[0]]:
                 raise ValueError(f"malformed entry {key!r} with shape {array.shape}")
@@ -441,9 +447,9 @@ def _scalar_from_json(value: Any) -> float:
 
 def read_meta(contents: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """The JSON `meta` entry of a history file, checked for a format this version reads."""
-    if "meta" not in contents:
-        raise ValueError("no 'meta' entry")
-    meta = json.loads(str(contents["meta"]))
+    if META_ARRAY not in contents:
+        raise ValueError(f"no {META_ARRAY!r} entry")
+    meta = json.loads(str(contents[META_ARRAY]))
     if not isinstance(meta, dict):
         raise ValueError("'meta' is not a JSON object")
     version = meta.get("format")

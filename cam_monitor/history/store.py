@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
-import re
 import secrets
 import warnings
 import zipfile
@@ -21,6 +20,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ..schema import (
+    META_ARRAY,
+    evaluation_file,
+    evaluation_index,
+    temporary_file,
+    temporary_index,
+)
 from .format import (
     PROBE_FILE,
     Evaluation,
@@ -47,8 +53,6 @@ __all__ = [
     "write_probe",
 ]
 
-_EVAL_RE = re.compile(r"eval-(\d{5,})\.npz")
-_TEMP_RE = re.compile(r"\.eval-(\d{5,})\.npz\.[0-9a-f]+\.tmp")
 # Folders find_history never descends into: they cannot hold a run's history and can be huge.
 _SKIP_DIRS = frozenset({"__pycache__", "node_modules", "site-packages"})
 _MAX_DEPTH = 8
@@ -67,7 +71,7 @@ def evaluation_path(folder: str | os.PathLike[str], index: int) -> Path:
     index = operator.index(index)
     if index < 0:
         raise ValueError(f"Evaluation index must be >= 0, got {index}")
-    return Path(folder) / f"eval-{index:05d}.npz"
+    return Path(folder) / evaluation_file(index)
 
 
 def write_evaluation(folder: str | os.PathLike[str], evaluation: Evaluation) -> Path:
@@ -103,7 +107,7 @@ def _run_in(path: Path) -> str | None:
         return None
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return run_of(read_meta({"meta": npz["meta"]}))
+            return run_of(read_meta({META_ARRAY: npz[META_ARRAY]}))
     except (NewerFormatError, *_CORRUPT):
         return None
 
@@ -178,7 +182,7 @@ def find_history(run_dir: str | os.PathLike[str]) -> Path:
     if not root.exists():
         raise HistoryError(f"No cam-monitor history: {root} does not exist")
     if root.is_file():
-        if _EVAL_RE.fullmatch(root.name):
+        if evaluation_index(root.name) is not None:
             return root.parent
         raise HistoryError(f"{root} is a file, not a run directory or a cam-monitor history folder")
     if _eval_files(root):
@@ -223,8 +227,9 @@ def prune_from(folder: str | os.PathLike[str], index: int) -> list[Path]:
         return []
     deleted: list[Path] = []
     for path in sorted(folder.iterdir()):
-        match = _EVAL_RE.fullmatch(path.name) or _TEMP_RE.fullmatch(path.name)
-        if match and int(match.group(1)) >= index and path.is_file():
+        found = evaluation_index(path.name)
+        found = temporary_index(path.name) if found is None else found
+        if found is not None and found >= index and path.is_file():
             path.unlink()
             deleted.append(path)
     return deleted
@@ -320,7 +325,7 @@ def _write_npz_atomically(final: Path, arrays: Mapping[str, np.ndarray]) -> Path
     """
     folder = final.parent
     folder.mkdir(parents=True, exist_ok=True)
-    temp = folder / f".{final.name}.{secrets.token_hex(6)}.tmp"
+    temp = folder / temporary_file(final.name, secrets.token_hex(6))
     # os.open with 0o666 (not mkstemp's 0o600) so the file gets the user's usual permissions.
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
@@ -342,10 +347,9 @@ def _eval_files(folder: Path) -> list[tuple[int, Path]]:
     found = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
-            match = _EVAL_RE.fullmatch(entry.name)
-            if match and entry.is_file():
-                index = int(match.group(1))
-                if entry.name == f"eval-{index:05d}.npz":  # not e.g. "eval-000003.npz"
+            index = evaluation_index(entry.name)
+            if index is not None and entry.is_file():
+                if entry.name == evaluation_file(index):  # not e.g. "eval-000003.npz"
                     found.append((index, Path(entry.path)))
     return sorted(found)
 

@@ -23,27 +23,26 @@ from lightning_utilities.core.rank_zero import (  # what both namespaces re-expo
 from torch import Tensor, nn
 
 from ..capture import users_hooks_warning
+from ..drift import AttentionTracker
 from ..evaluation import normalisation_warning
 from ..history import find_history, read_history
-from ..layers import LayerSpec, Reshape, resolve_layers, unwrap_model
+from ..layers import resolve_layers, unwrap_model
 from ..options import (
     DriftOptions,
     EngineOptions,
     FilterOptions,
-    ForwardFn,
     OutputOptions,
-    OutputTransform,
     ProbeOptions,
     RenderOptions,
     ScheduleOptions,
     check_layers,
     options_from,
 )
-from ..probe import ProbeSet, ProbeSpec
+from ..probe import ProbeSet
 from ..render import GRID_COLUMNS
 from ..schema import DEFAULT_MEASURES
 from ..sinks import Sink, run_folder
-from ..tracking import AttentionTracker
+from ..types import ForwardFn, LayerSpec, OutputTransform, ProbeSpec, Reshape
 from .checks import (
     Group,
     check_consumer_layers,

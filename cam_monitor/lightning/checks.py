@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
-from ..layers import LayerSpec, resolve_layers, unwrap_model
-from ..schema import INPUT_LAYER, parse_scalar_tag
+from ..layers import resolve_layers, unwrap_model
+from ..schema import INPUT_LAYER, METRIC_PREFIXES, MapKey, image_tag, parse_scalar_tag
+from ..types import LayerSpec
 from .compat import is_sharded
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from .callback import CamMonitor
 
 # The families of tags `publish_metrics` puts into `trainer.callback_metrics`.
-MONITORED_PREFIXES = ("cam_drift/", "cam_loc/", "cam_stats/", "cam_monitor/")
+MONITORED_PREFIXES = METRIC_PREFIXES
 
 #: A (probe set, layer, method) group of tags a monitor logs.
 Group = tuple[str, str, str]
@@ -122,8 +123,8 @@ def check_shared_tags(mine: set[Group], others: Iterable[set[Group]]) -> None:
         if shared:
             probe, layer, method = shared[0]
             raise ValueError(
-                f"Two CamMonitors in this Trainer would both log cam/{probe}/{layer}/"
-                f"{method} ({len(shared)} shared tag group(s)), mixing their curves. Name "
-                "their probe sets apart (probe={'name': ...}), or monitor other layers "
-                "or methods."
+                "Two CamMonitors in this Trainer would both log "
+                f"{image_tag(MapKey(probe, layer, method))} ({len(shared)} shared tag "
+                "group(s)), mixing their curves. Name their probe sets apart "
+                "(probe={'name': ...}), or monitor other layers or methods."
             )

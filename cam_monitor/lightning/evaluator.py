@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
+from ..drift import AttentionTracker
 from ..encoding import EncodedGrid, GridEncoder, PendingGrids
 from ..evaluation import (
     EvaluationOutput,
@@ -24,12 +25,12 @@ from ..evaluation import (
 )
 from ..history import RunHistory, evaluation_record
 from ..history.background import WriteError
-from ..layers import LayerSpec, unwrap_model
+from ..layers import unwrap_model
 from ..options import EngineOptions, FilterOptions, RenderOptions
 from ..probe import ProbeSet
 from ..schema import SECONDS_TAG
 from ..sinks import Sink, scalar_tags
-from ..tracking import AttentionTracker
+from ..types import LayerSpec
 from .trainer import logging_off, publish_metrics
 
 if TYPE_CHECKING:

@@ -14,8 +14,9 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import nn
 
+from ..default_layer import first_spatial_layer
 from ..isolation import preserved_rng
-from ..layers import first_spatial_layer, unwrap_model
+from ..layers import unwrap_model
 from ..probe import ProbeSet, build_probes, loader_probe
 from ..schema import dashboard_charts
 from ..sinks import Sink, sinks_for

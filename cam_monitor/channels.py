@@ -1,4 +1,5 @@
-"""Filter views: what chosen channels of a layer respond to, on a probe or by optimisation.
+"""Channel views ("filter views"): what chosen channels of a layer respond to, on a probe or by
+optimisation.
 
 Both functions run under `isolated(model)` (eval mode, forked RNG, modes restored), stop the
 forward at the layer with a scoped hook removed in `finally`, and never touch parameters or
@@ -16,8 +17,8 @@ from torch import Tensor, nn
 from .batch import Batch
 from .capture import did_not_run, not_a_tensor, scoped_hooks
 from .isolation import isolated
-from .layers import LayerSpec, Reshape, as_spatial, resolve_layers, unwrap_model
-from .options import ForwardFn
+from .layers import as_spatial, resolve_layers, unwrap_model
+from .types import ForwardFn, LayerSpec, Reshape
 
 
 class _LayerReached(Exception):
