@@ -21,13 +21,13 @@ INPUT_KEY = INPUT_LAYER
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .callback import CamMonitor as CamMonitor
+    from .lightning.callback import CamMonitor as CamMonitor
 
 
 def __getattr__(name: str) -> Any:
     """Import the callback (and with it Lightning) only when `CamMonitor` is asked for."""
     if name == "CamMonitor":
-        from .callback import CamMonitor
+        from .lightning.callback import CamMonitor
 
         return CamMonitor
     raise AttributeError(f"module 'cam_monitor' has no attribute {name!r}")

@@ -49,7 +49,7 @@ from .methods import (
     normalize_maps,
     upsample_maps,
 )
-from .options import EngineOptions
+from .options import EngineOptions, options_from
 from .schema import INPUT_LAYER
 from .targets import (
     check_engine_target,
@@ -178,19 +178,7 @@ def compute_cams(
         >>> pixels["input", "saliency"].shape
         torch.Size([2, 16, 16])
     """
-    options = EngineOptions(
-        methods=methods,  # type: ignore[arg-type]  # checked and made a tuple by the options
-        target=target,
-        forward=forward,
-        output_transform=output_transform,
-        reshape=reshape,
-        batch_size=batch_size,
-        smooth=smooth,
-        noise=noise,
-        seed=seed,
-        cam_head=cam_head,
-        ig_steps=ig_steps,
-    )
+    options = options_from(EngineOptions, locals())  # every field is an argument of this name
     return compute(model, inputs, layers, options, ig_baseline=ig_baseline)
 
 

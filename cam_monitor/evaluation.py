@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +27,9 @@ from .render import (
     caption_text,
     choose_captions,
     denormalize,
-    make_map_grid,
-    make_overlay_grids,
-    make_view_grid,
+    draw_map_grid,
+    draw_overlays,
+    draw_view_grid,
     predicted_classes,
     to_uint8_images,
 )
@@ -96,16 +97,11 @@ def render_probe(
         if method in SIGNED_METHODS:
             grids.update(view_grids(probe.name, layer, method, maps, captions, options))
         elif method in PIXEL_METHODS:
-            grids[key] = make_map_grid(
-                maps, signed=False, colormap=options.colormap, captions=captions, nrow=options.nrow
-            )
+            grids[key] = draw_map_grid(maps, captions, options)
         else:
             grids[key] = overlays[key] = maps  # a placeholder keeping the key's place
     if overlays:
-        grids.update(make_overlay_grids(
-            images.detach(), overlays, captions=captions, colormap=options.colormap,
-            alpha=options.alpha, mean=options.mean, std=options.std, nrow=options.nrow,
-        ))  # fmt: skip
+        grids.update(draw_overlays(images.detach(), overlays, captions, options))
     return grids
 
 
@@ -119,8 +115,8 @@ def view_grids(
 ) -> dict[MapKey, Tensor]:
     """One grid per view of a signed method's maps, keyed by `schema.view_method`."""
     return {
-        MapKey(probe, layer, view_method(method, view)): make_view_grid(
-            maps, view, gray=options.gray_views, captions=captions, nrow=options.nrow
+        MapKey(probe, layer, view_method(method, view)): draw_view_grid(
+            maps, view, captions, options
         )
         for view in options.views
     }
@@ -142,8 +138,8 @@ def filter_grids(
         for probe in probes.values():
             acts = filter_activations(module, probe.inputs, layer, list(channels), **hooks)
             for index, channel in enumerate(channels):
-                grids[filter_channel_tag(probe.name, layer, channel)] = make_map_grid(
-                    acts[:, index], signed=False, colormap=render.colormap, nrow=render.nrow
+                grids[filter_channel_tag(probe.name, layer, channel)] = draw_map_grid(
+                    acts[:, index], None, render
                 )
         first = Batch.of(next(iter(probes.values())).inputs)
         size = first.image_size or (64, 64)
@@ -186,6 +182,16 @@ def run_evaluation(
     if filters is not None and filters.channels:
         output.images.update(filter_grids(module, probes, filters, engine, render))
     return output
+
+
+def raised_by_cam_monitor(err: BaseException) -> bool:
+    """Whether cam-monitor raised `err` itself (its own messages name the fix), not the model
+    or torch inside it (BatchNorm's "expected 4D input" needs the probe's shape beside it)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    package = Path(__file__).parent
+    return tb is not None and package in Path(tb.tb_frame.f_code.co_filename).parents
 
 
 def explain_first_failure(probes: Mapping[str, ProbeSet], err: Exception) -> str:

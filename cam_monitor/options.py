@@ -1,4 +1,5 @@
-"""Frozen option objects, one per concern (engine, rendering, drift), each validated once.
+"""Frozen option objects, one per concern (engine, rendering, drift, schedule, probe, outputs),
+each validated once.
 
 `CamMonitor` and `compute_cams` build the same objects, so a bad value gets the same message
 wherever it is passed: `TypeError` for a value of the wrong type, `ValueError` for a value out of
@@ -18,16 +19,42 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import Field, dataclass, field, fields
+from functools import cached_property
+from pathlib import Path
+from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
 from .methods import ALL_METHODS
+from .probe import check_masks, content_hash, probe_sets
 from .render import COLORMAPS, GRID_COLUMNS, IMAGE_FORMATS
 from .schema import DEFAULT_MEASURES, MEASURES, VIEWS
-from .types import ForwardFn, OutputTransform, Reshape, Target
+from .types import ForwardFn, OutputTransform, ProbeSpec, Reshape, Target
+
+OptionsT = TypeVar("OptionsT")
+
+
+def check_layers(layer: object) -> list[Any] | None:
+    """`layer=` as a list of names, globs or modules (None: chosen automatically).
+
+    Example:
+        >>> check_layers("features.29"), check_layers(None)
+        (['features.29'], None)
+    """
+    if layer is None:
+        return None
+    layers = [layer] if isinstance(layer, (str, nn.Module)) else layer
+    if isinstance(layers, Sequence) and all(isinstance(i, (str, nn.Module)) for i in layers):
+        if not layers:
+            raise ValueError("`layer` is an empty list; give at least one layer, or None.")
+        return list(layers)
+    raise TypeError(
+        "`layer` must be a name like 'features.29', a glob, an nn.Module, a list of those, "
+        f"or None, got {type(layer).__name__} {layer!r}."
+    )
 
 
 def _is_int(value: object) -> bool:
@@ -162,6 +189,20 @@ def _check_target(target: object) -> None:
         )
 
 
+# Flags in the metadata of an `EngineOptions` field: what derives its lists from the fields.
+#: The argument changes the maps a run records: a resume with another value warns.
+RECORDED = "recorded"
+#: The argument may be a callable: pickling the callback guards it.
+CALLABLE = "callable"
+#: The argument is also one of `CamMonitor`'s (False: `compute_cams` only).
+CALLBACK = "callback"
+
+
+_SETTING = {RECORDED: True}  # a number or name that changes the maps
+_FUNCTION = {RECORDED: True, CALLABLE: True}  # that, and it may be a function
+_ENGINE_ONLY = {CALLBACK: False}
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """What `compute_cams` computes and how (every argument but the model, inputs and layers).
@@ -170,19 +211,23 @@ class EngineOptions:
       int, a LongTensor [B] or a callable; `output_transform`: index, key or callable.
     - `batch_size`: rows per pass (None: the whole probe at once); `smooth`, `noise`, `seed`:
       noisy copies for Smooth Grad-CAM++ and SmoothGrad; `cam_head`, `ig_steps`: see the README.
+
+    This is the one list of the engine's arguments: `compute_cams` and `CamMonitor` take these
+    fields (a test holds their signatures to it), and what else enumerates them reads the
+    fields' flags (`engine_fields`).
     """
 
     methods: tuple[str, ...] = ("gradcam",)
-    target: Target = "predicted"
-    forward: ForwardFn | None = None
-    output_transform: OutputTransform = None
-    reshape: Reshape | None = None
+    target: Target = field(default="predicted", metadata=_FUNCTION)
+    forward: ForwardFn | None = field(default=None, metadata=_FUNCTION)
+    output_transform: OutputTransform = field(default=None, metadata=_FUNCTION)
+    reshape: Reshape | None = field(default=None, metadata=_FUNCTION)
     batch_size: int | None = None
-    smooth: int = 0
-    noise: float = 0.15
-    seed: int = 0
-    cam_head: Any = None
-    ig_steps: int = 256
+    smooth: int = field(default=0, metadata=_SETTING)
+    noise: float = field(default=0.15, metadata=_SETTING)
+    seed: int = field(default=0, metadata=_ENGINE_ONLY)
+    cam_head: Any = field(default=None, metadata=_SETTING)
+    ig_steps: int = field(default=256, metadata=_SETTING)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", check_methods(self.methods))
@@ -209,6 +254,32 @@ class EngineOptions:
                 f"{type(self.cam_head).__name__}."
             )
         check_int("ig_steps", self.ig_steps, 1, why="Riemann steps of integrated_gradients")
+
+
+def options_from(kind: type[OptionsT], arguments: Mapping[str, Any]) -> OptionsT:
+    """The options object `kind` of a function's `arguments` (its `locals()`): each field takes
+    the argument of its name (or of its `argument` metadata); one not among them its default.
+
+    Example:
+        >>> options_from(DriftOptions, {"drift_measures": ["js"], "topk": 0.1, "layer": "fc"})
+        DriftOptions(measures=('js',), topk=0.1, pointing_tolerance=0)
+    """
+    names = {f.name: f.metadata.get("argument", f.name) for f in fields(kind) if f.init}
+    return kind(**{name: arguments[arg] for name, arg in names.items() if arg in arguments})
+
+
+def engine_fields(flag: str | None = None) -> tuple[Field[Any], ...]:
+    """`EngineOptions`' fields, in order; with `flag` (`RECORDED`, `CALLABLE`, `CALLBACK`), those
+    whose metadata sets it (a field without metadata is a callback argument and nothing else).
+
+    Example:
+        >>> [f.name for f in engine_fields(CALLABLE)]
+        ['target', 'forward', 'output_transform', 'reshape']
+    """
+    found = fields(EngineOptions)
+    if flag is None:
+        return found
+    return tuple(f for f in found if f.metadata.get(flag, flag == CALLBACK))
 
 
 @dataclass(frozen=True)
@@ -297,7 +368,9 @@ class DriftOptions:
     chosen.
     """
 
-    measures: tuple[str, ...] = DEFAULT_MEASURES
+    measures: tuple[str, ...] = field(
+        default=DEFAULT_MEASURES, metadata={"argument": "drift_measures"}
+    )
     topk: float = 0.2
     pointing_tolerance: int = 0
 
@@ -342,3 +415,108 @@ class FilterOptions:
             checked[name] = tuple(channels)
         object.__setattr__(self, "channels", checked)
         check_int("filter_steps", self.steps, 1)
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """When the callback evaluates: every N training epochs, or every N optimizer steps.
+
+    Example:
+        >>> ScheduleOptions().every_n_epochs, ScheduleOptions(every_n_steps=50).every_n_epochs
+        (1, None)
+    """
+
+    every_n_epochs: int | None = None
+    every_n_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        steps = check_int("every_n_steps", self.every_n_steps, 1, optional=True)
+        every = check_int("every_n_epochs", self.every_n_epochs, 1, optional=True)
+        if every is not None and steps is not None:
+            raise ValueError(
+                f"`every_n_epochs={every}` and `every_n_steps={steps}` are mutually "
+                "exclusive: pass one of them (evaluate by epoch, or every N optimizer steps)."
+            )
+        object.__setattr__(self, "every_n_epochs", 1 if every is None and steps is None else every)
+
+    def due_at_step(self, step: int, last: int) -> bool:
+        """Whether the optimizer step `step` is the first at or past a multiple of
+        `every_n_steps` since the evaluation at step `last`: the global step can jump by more
+        than one (each optimizer of a manual-optimization step counts) and skip a multiple.
+
+        Example:
+            >>> ScheduleOptions(every_n_steps=4).due_at_step(9, last=7)  # 8 was jumped over
+            True
+        """
+        every = self.every_n_steps
+        return every is not None and step > last and step // every > last // every
+
+    def due_at_epoch(self, epoch: int) -> bool:
+        """Whether the end of training epoch `epoch` (0-based) is due for an evaluation."""
+        return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
+
+
+@dataclass(frozen=True, eq=False)
+class ProbeOptions:
+    """What the callback explains: the probe (None: samples of the Trainer's loaders), how many
+    samples a Dataset or DataLoader gives, masks for localization, and the keys of dict batches.
+
+    `sets` are the named probe specifications (`probe.probe_sets`), `ids` their identities in a
+    `state_key` (a batch by content hash, a dataset by type and length).
+    """
+
+    probe: ProbeSpec = None
+    num_probe: int = 16
+    masks: Tensor | Mapping[str, Tensor] | None = None
+    input_key: str | None = None
+    label_key: str | None = None
+    sets: dict[str, ProbeSpec] | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name, key in (("input_key", self.input_key), ("label_key", self.label_key)):
+            if key is not None and not isinstance(key, str):
+                raise TypeError(f"`{name}` must be a dict key (str) or None, got {key!r}.")
+        object.__setattr__(self, "sets", probe_sets(self.probe, self.input_key))
+        check_masks(self.masks, self.sets)
+        check_int("num_probe", self.num_probe, 1)
+
+    @cached_property
+    def ids(self) -> dict[str, str] | None:
+        """Each probe set's identity, hashed once (a `state_key` is read at every checkpoint)."""
+        if self.sets is None:
+            return None
+        return {name: _spec_id(spec) for name, spec in self.sets.items()}
+
+
+def _spec_id(spec: Any) -> str:
+    """A probe set in `CamMonitor.state_key`: the content hash of a batch, else its type."""
+    if isinstance(spec, (Tensor, tuple, list, Mapping)):
+        return content_hash(spec)
+    try:
+        size = str(len(spec))
+    except TypeError:  # an IterableDataset
+        size = "?"
+    return f"{type(spec).__name__}[{size}]"
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where a run's results go besides the loggers, and what a failure inside a run does.
+
+    `reference`: a run directory whose first evaluation is the drift reference; `history`:
+    write every evaluation's raw maps; `save_dir`: the run's folder (None: beside the first
+    logger's files); `strict`: raise errors inside later evaluations instead of warning.
+    """
+
+    reference: str | Path | None = None
+    history: bool = True
+    save_dir: str | Path | None = None
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        for name, folder in (("reference", self.reference), ("save_dir", self.save_dir)):
+            if folder is not None and not isinstance(folder, (str, os.PathLike)):
+                raise TypeError(f"`{name}` must be a folder path or None, got {folder!r}.")
+        for name, flag in (("history", self.history), ("strict", self.strict)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be True or False, got {flag!r}.")

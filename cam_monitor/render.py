@@ -10,7 +10,7 @@ import math
 import unicodedata
 from collections.abc import Mapping, Sequence
 from functools import cache, lru_cache
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import cv2
 import numpy as np
@@ -21,6 +21,9 @@ from torchvision.utils import make_grid
 
 from cam_monitor.methods import CAM_METHODS, normalize_maps, upsample_maps
 from cam_monitor.schema import ALL_VIEW, VIEWS, MapKey
+
+if TYPE_CHECKING:
+    from cam_monitor.options import RenderOptions
 
 __all__ = [
     "COLORMAPS",
@@ -88,6 +91,7 @@ GRID_COLUMNS = 4
 _CAPTION_WIDTH = 192
 
 K = TypeVar("K")
+_MIN_TILE, _PADDING = 96, 2  # the drawing functions' defaults: tiles enlarged below 96 px
 
 
 def check_colormap(name: str, *, signed: bool = False) -> str:
@@ -160,8 +164,11 @@ def colorize(maps01: Tensor, colormap: str = "jet") -> Tensor:
         >>> colorize(torch.tensor([[[0.0, 1.0]]]), "gray")[0, :, 0].tolist()
         [[0, 255], [0, 255], [0, 255]]
     """
-    check_colormap(colormap)
-    maps01 = _check_maps(maps01)
+    return _colorize(_check_maps(maps01), check_colormap(colormap))
+
+
+def _colorize(maps01: Tensor, colormap: str) -> Tensor:
+    """`colorize` of checked maps and a known colormap."""
     index = (maps01.clamp(0.0, 1.0) * 255).round().long()
     return _lookup(_lut(colormap, maps01.device), index)
 
@@ -176,12 +183,15 @@ def colorize_signed(maps: Tensor, colormap: str = DIVERGING) -> Tensor:
         >>> colorize_signed(torch.tensor([[[-2.0, 0.0, 2.0]]]))[0, :, 0].tolist()
         [[33, 247, 178], [102, 247, 24], [172, 247, 43]]
     """
-    check_colormap(colormap, signed=True)
-    maps = _check_maps(maps)
+    return _colorize_signed(_check_maps(maps), check_colormap(colormap, signed=True))
+
+
+def _colorize_signed(maps: Tensor, colormap: str) -> Tensor:
+    """`colorize_signed` of checked maps and a known colormap."""
     scale = maps.abs().flatten(1).amax(dim=1).view(-1, 1, 1)
     scaled = maps / torch.where(scale > 0, scale, torch.ones_like(scale))
     if colormap != DIVERGING:
-        return colorize(scaled.abs(), colormap)
+        return _colorize(scaled.abs(), colormap)
     index = ((scaled.clamp(-1.0, 1.0) + 1) * _DIVERGING_HALF).round().long()
     return _lookup(_lut(DIVERGING, maps.device), index)
 
@@ -496,10 +506,14 @@ def _repeat_pixels(tiles: Tensor, factor: int) -> Tensor:
     return tiles.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
 
 
-def _grid(tiles: Tensor, captions: Sequence[str] | None, nrow: int, padding: int) -> Tensor:
-    """Caption the tiles, then tile them with make_grid (padded even for a single tile)."""
+def _check_layout(nrow: int, padding: int) -> None:
+    """The grid layout a public drawing function was given (`RenderOptions` checks `nrow`)."""
     if nrow < 1 or padding < 0:
         raise ValueError(f"`nrow` must be >= 1 and `padding` >= 0, got {nrow} and {padding}.")
+
+
+def _grid(tiles: Tensor, captions: Sequence[str] | None, nrow: int, padding: int) -> Tensor:
+    """Caption the tiles, then tile them with make_grid (padded even for a single tile)."""
     if captions is not None:
         tiles = caption_tiles(tiles, captions)
     if tiles.shape[0] == 1:  # make_grid returns a lone tile without its padding
@@ -558,6 +572,25 @@ def make_overlay_grids(
     check_colormap(colormap)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
+    _check_layout(nrow, padding)
+    return _overlay_grids(
+        images, maps, captions, colormap, alpha, mean, std, nrow, min_tile, padding
+    )
+
+
+def _overlay_grids(
+    images: Tensor,
+    maps: Mapping[K, Tensor],
+    captions: Sequence[str] | None,
+    colormap: str,
+    alpha: float,
+    mean: Sequence[float] | Tensor | None,
+    std: Sequence[float] | Tensor | None,
+    nrow: int,
+    min_tile: int,
+    padding: int,
+) -> dict[K, Tensor]:
+    """`make_overlay_grids` with its colormap, alpha and layout already checked."""
     checked = {key: _check_maps(batch) for key, batch in maps.items()}
     for batch in checked.values():
         if images.dim() != 4 or images.shape[0] == 0 or images.shape[0] != batch.shape[0]:
@@ -604,13 +637,28 @@ def make_map_grid(
         >>> make_map_grid(torch.randn(2, 4, 4), signed=True, min_tile=0, padding=1).shape
         torch.Size([3, 6, 11])
     """
+    colormap = check_colormap(colormap or (DIVERGING if signed else "jet"), signed=signed)
+    _check_layout(nrow, padding)
+    return _map_grid(maps, signed, colormap, captions, nrow, min_tile, padding)
+
+
+def _map_grid(
+    maps: Tensor,
+    signed: bool,
+    colormap: str,
+    captions: Sequence[str] | None,
+    nrow: int,
+    min_tile: int,
+    padding: int,
+) -> Tensor:
+    """`make_map_grid` with its colormap and layout already checked."""
     maps = _check_maps(maps)
     if maps.shape[0] == 0:
         raise ValueError("maps must hold at least one map, got an empty batch.")
     if signed:
-        colours = colorize_signed(maps, colormap or DIVERGING)
+        colours = _colorize_signed(maps, colormap)
     else:
-        colours = colorize(normalize_maps(maps), colormap or "jet")
+        colours = _colorize(normalize_maps(maps), colormap)
     factor = _upscale_factor(maps.shape[1], maps.shape[2], min_tile)
     return _grid(_repeat_pixels(colours, factor), captions, nrow, padding)
 
@@ -636,17 +684,25 @@ def colorize_view(maps: Tensor, view: str = ALL_VIEW, *, gray: bool = False) -> 
         >>> colorize_view(maps, "neg", gray=True)[0, 0, 0].tolist()  # -2 is the largest
         [255, 0, 0, 0]
     """
+    _check_view(view)
+    return _colorize_view(_check_maps(maps), view, gray)
+
+
+def _check_view(view: str) -> None:
     if view not in VIEWS:
         raise ValueError(f"`view` must be one of {', '.join(VIEWS)}, got {view!r}.")
-    maps = _check_maps(maps)
+
+
+def _colorize_view(maps: Tensor, view: str, gray: bool) -> Tensor:
+    """`colorize_view` of checked maps and a known view."""
     if view == ALL_VIEW:
         if not gray:
-            return colorize_signed(maps, DIVERGING)
+            return _colorize_signed(maps, DIVERGING)
         signed = _scaled_by_max(maps.abs()) * maps.sign()
-        return colorize((signed + 1) / 2, "gray")
+        return _colorize((signed + 1) / 2, "gray")
     part = _scaled_by_max((maps if view == "pos" else -maps).clamp_min(0))
     if gray:
-        return colorize(part, "gray")
+        return _colorize(part, "gray")
     step = (part.clamp(0.0, 1.0) * _DIVERGING_HALF).round().long()
     index = _DIVERGING_HALF + step if view == "pos" else _DIVERGING_HALF - step
     return _lookup(_lut(DIVERGING, maps.device), index)
@@ -670,11 +726,54 @@ def make_view_grid(
         >>> make_view_grid(torch.randn(2, 4, 4), "neg", min_tile=0, padding=1).shape
         torch.Size([3, 6, 11])
     """
-    colours = colorize_view(maps, view, gray=gray)
+    _check_view(view)
+    _check_layout(nrow, padding)
+    return _view_grid(maps, view, gray, captions, nrow, min_tile, padding)
+
+
+def _view_grid(
+    maps: Tensor,
+    view: str,
+    gray: bool,
+    captions: Sequence[str] | None,
+    nrow: int,
+    min_tile: int,
+    padding: int,
+) -> Tensor:
+    """`make_view_grid` with its view and layout already checked."""
+    colours = _colorize_view(_check_maps(maps), view, gray)
     if colours.shape[0] == 0:
         raise ValueError("maps must hold at least one map, got an empty batch.")
     factor = _upscale_factor(colours.shape[2], colours.shape[3], min_tile)
     return _grid(_repeat_pixels(colours, factor), captions, nrow, padding)
+
+
+# -- grids drawn with a `RenderOptions`, which checked its values: nothing is checked again ----
+
+
+def draw_overlays(
+    images: Tensor,
+    maps: Mapping[K, Tensor],
+    captions: Sequence[str] | None,
+    options: RenderOptions,
+) -> dict[K, Tensor]:
+    """`make_overlay_grids` in the colormap, opacity, normalisation and columns of `options`."""
+    return _overlay_grids(
+        images, maps, captions, options.colormap, options.alpha, options.mean, options.std,
+        options.nrow, _MIN_TILE, _PADDING,
+    )  # fmt: skip
+
+
+def draw_map_grid(maps: Tensor, captions: Sequence[str] | None, options: RenderOptions) -> Tensor:
+    """`make_map_grid` of unsigned maps in the colormap and columns of `options`."""
+    return _map_grid(maps, False, options.colormap, captions, options.nrow, _MIN_TILE, _PADDING)
+
+
+def draw_view_grid(
+    maps: Tensor, view: str, captions: Sequence[str] | None, options: RenderOptions
+) -> Tensor:
+    """`make_view_grid` of one of `options.views`, in grays where `options.gray_views`."""
+    return _view_grid(maps, view, options.gray_views, captions, options.nrow, _MIN_TILE, _PADDING)
 
 
 def to_png_bytes(grid: Tensor) -> bytes:

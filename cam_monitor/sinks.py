@@ -1,23 +1,21 @@
 """Where evaluations go: TensorBoard, W&B, MLflow, Comet, Neptune, any Lightning logger, or PNGs.
 
 This is the boundary where the structured keys of an evaluation (`schema.MapKey`,
-`schema.ScalarKey`) become the string tags of the README's "What it logs", and the one place
-that knows both Lightning namespaces (`pytorch_lightning` and `lightning.pytorch`).
+`schema.ScalarKey`) become the string tags of the README's "What it logs". Loggers of both
+Lightning namespaces are recognised by `lightning.compat`.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib
-import importlib.util
 import io
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .lightning.compat import is_logger
 from .schema import (
     DRIFT,
     FILTER_PREFIX,
@@ -42,62 +40,7 @@ if TYPE_CHECKING:
     from .encoding import EncodedGrid
     from .evaluation import ImageKey, ScalarName
 
-# The two names under which Lightning ships the same Trainer: the standalone `pytorch-lightning`
-# package and the `lightning` package's `lightning.pytorch`.
-NAMESPACE_PACKAGES = {"pytorch_lightning": "pytorch-lightning", "lightning.pytorch": "lightning"}
-
-
-def installed_namespaces() -> tuple[str, ...]:
-    """The Lightning namespaces that are installed, imported (a broken install raises its own
-    error); ImportError naming what to install if there is none.
-
-    Example:
-        >>> set(installed_namespaces()) <= {"pytorch_lightning", "lightning.pytorch"}
-        True
-    """
-    found = []
-    for name in NAMESPACE_PACKAGES:
-        if importlib.util.find_spec(name.split(".")[0]) is not None:
-            importlib.import_module(name)
-            found.append(name)
-    if not found:
-        raise ImportError(
-            "CamMonitor is a Lightning callback and neither `lightning` nor `pytorch-lightning` "
-            "is installed: pip install 'cam-monitor[lightning]' (for `import lightning`) or "
-            "'cam-monitor[pytorch-lightning]' (for `import pytorch_lightning`). The engine "
-            "(`cam_monitor.compute_cams`) works without either."
-        )
-    return tuple(found)
-
-
-NAMESPACES = installed_namespaces()
 T = TypeVar("T")
-
-
-@cache
-def lightning_classes(module: str, name: str) -> tuple[type, ...]:
-    """The class `name` of `<namespace>.<module>` in every installed namespace (for isinstance
-    checks and base classes); empty where no namespace has it.
-
-    Example:
-        >>> [c.__module__ for c in lightning_classes("callbacks", "Callback")][0].endswith(
-        ...     "callbacks.callback")
-        True
-    """
-    found = []
-    for namespace in NAMESPACES:
-        try:
-            found.append(getattr(importlib.import_module(f"{namespace}.{module}"), name))
-        except (ImportError, AttributeError):  # a logger module whose package is missing
-            continue
-    return tuple(found)
-
-
-def is_logger(logger: Any, name: str) -> bool:
-    """Whether `logger` is Lightning's `name` logger (``"TensorBoardLogger"``...) of either
-    namespace."""
-    module = "loggers.neptune" if name == "NeptuneLogger" else "loggers"
-    return isinstance(logger, lightning_classes(module, name))
 
 
 def image_tags(images: Mapping[ImageKey, T]) -> dict[str, T]:

@@ -164,9 +164,10 @@ def resolve_targets(
 ) -> tuple[Tensor, Tensor]:
     """Return `(class indices [B], scores [B])`; indices are -1 where a callable gave scores.
 
-    `target` has been validated by `EngineOptions`; what needs the logits is checked here. A
-    tensor `target` that is a chunk of `whole` is checked through `whole`, once per tensor.
-    Logits `[B, 1]` are two classes (see `class_scores`); a callable gets the logits as they are.
+    `target` has been validated by `EngineOptions` (its type and value) and by `compute` (not
+    'label'); only what needs the logits is checked here. A tensor `target` that is a chunk of
+    `whole` is checked through `whole`, once per tensor. Logits `[B, 1]` are two classes (see
+    `class_scores`); a callable gets the logits as they are.
 
     Example:
         >>> indices, scores = resolve_targets("predicted", torch.tensor([[0.0, 2.0], [3.0, 1.0]]))
@@ -175,34 +176,19 @@ def resolve_targets(
     """
     table = class_scores(logits)
     batch, num_classes = table.shape
-    check_engine_target(target)
-    if isinstance(target, str):
-        if target != "predicted":
-            raise ValueError(
-                f"`target`={target!r} is not understood; use 'predicted', an int, a "
-                "LongTensor[B] or a callable."
-            )
+    if isinstance(target, str):  # 'predicted'
         indices = table.detach().argmax(dim=1)
-    elif isinstance(target, bool):
-        raise TypeError(
-            "`target` must be 'predicted', an int, a LongTensor or a callable, got bool."
-        )
     elif isinstance(target, int):
         if not 0 <= target < num_classes:
             _check_indices(torch.tensor([target]), num_classes)  # the same message
         indices = torch.full((batch,), target, dtype=torch.long, device=logits.device)
     elif isinstance(target, Tensor):
-        if target.is_floating_point() or target.dim() > 1:
-            raise ValueError(
-                "`target` as a tensor must hold integer class indices of shape [B], got dtype "
-                f"{target.dtype} and shape {tuple(target.shape)}."
-            )
         checked = target if whole is None else whole
         _check_indices(checked, num_classes, source=checked)
         # A copy: the result never aliases the caller's labels, and labels moved to the device
         # under inference mode (a validation batch's), which autograd refuses, become normal.
         indices = target.to(logits.device, torch.long, copy=True).expand(batch).contiguous()
-    elif callable(target):
+    else:  # a callable
         returned = target(logits)
         if not isinstance(returned, Tensor) or returned.shape != (batch,):
             shape = tuple(returned.shape) if isinstance(returned, Tensor) else type(returned)
@@ -214,9 +200,4 @@ def resolve_targets(
             return torch.full((batch,), -1, dtype=torch.long, device=logits.device), returned
         indices = returned.to(torch.long)
         _check_indices(indices, num_classes)
-    else:
-        raise TypeError(
-            "`target` must be 'predicted', an int, a LongTensor[B] or a callable, got "
-            f"{type(target).__name__}."
-        )
     return indices, table.gather(1, indices[:, None])[:, 0]

@@ -393,7 +393,7 @@ def faulty_setup(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     elif kind == "backward":
         model.net.features.append(FaultyLayer(arm_at=2))
     elif kind == "render":
-        real = evaluation_module.make_overlay_grids
+        real = evaluation_module.draw_overlays
         calls = {"n": 0}
 
         def render(*args: Any, **kw: Any) -> dict[Any, torch.Tensor]:
@@ -402,7 +402,7 @@ def faulty_setup(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
                 raise RuntimeError("render fault injected")
             return real(*args, **kw)
 
-        monkeypatch.setattr(evaluation_module, "make_overlay_grids", render)
+        monkeypatch.setattr(evaluation_module, "draw_overlays", render)
     elif kind == "sink":
         logger = TensorBoardLogger(tmp_path, name="tb")
         writer = logger.experiment

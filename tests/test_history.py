@@ -705,3 +705,22 @@ def test_background_writer_keeps_order_reports_errors_and_pickles() -> None:
     restored = pickle.loads(pickle.dumps(clone))
     restored.submit(lambda: done.append("again"), "one more")
     assert restored.close() == [] and done[-1] == "again"
+
+
+def test_a_run_claims_its_own_folder_and_writes_in_the_background(tmp_path: Path) -> None:
+    from cam_monitor.history import RunHistory
+
+    folder = tmp_path / "cam_monitor"
+    write_evaluation(folder, replace(make_evaluation(0), run="first"))
+    said: list[str] = []
+    run = RunHistory(said.append)
+    assert run.claim(folder, "first", None, ".") == folder and not said  # the run comes back
+    with pytest.raises(ValueError, match=r"already holds the cam-monitor history of another run"):
+        RunHistory(said.append).claim(folder, "second", str(folder), ".")
+    second = RunHistory(said.append)
+    assert second.claim(folder, "second", None, ".") == tmp_path / "cam_monitor-second"
+    assert second.folder == tmp_path / "cam_monitor-second"
+    assert len(said) == 1 and "already holds another run's history" in said[0]
+    assert second.write_evaluation(replace(make_evaluation(0), run="second")) == []
+    assert second.close() == []
+    assert history_runs(second.folder) == {"second": [0]}

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import re
 from typing import Any
@@ -169,3 +171,87 @@ def test_image_format_is_jpeg_or_png() -> None:
         RenderOptions(image_format="jpg")
     with pytest.raises(TypeError, match="`image_format` must be 'jpeg' or 'png', got int"):
         RenderOptions(image_format=1)  # type: ignore[arg-type]
+
+
+# -- issue 23: one list per idea ----------------------------------------------------------------
+
+
+def _normalised(kind: type, name: str, value: object) -> object:
+    """The value of field `name` once `kind` has checked and normalised `value`."""
+    return getattr(kind(**{name: value}), name)
+
+
+def test_compute_cams_and_cam_monitor_take_exactly_the_engine_options_fields() -> None:
+    # EngineOptions is the one list of the engine's arguments; the two explicit signatures
+    # (read by help() and LightningCLI) must name its fields, with its defaults.
+    from cam_monitor import CamMonitor
+    from cam_monitor.options import CALLBACK, engine_fields
+
+    fields = {f.name: f.default for f in engine_fields()}
+    not_options = {"model", "inputs", "layers", "ig_baseline"}  # what each call explains
+    compute = {
+        name: p.default
+        for name, p in inspect.signature(compute_cams).parameters.items()
+        if name not in not_options
+    }
+    assert list(compute) == list(fields)
+    in_callback = [f.name for f in engine_fields(CALLBACK)]
+    monitor = inspect.signature(CamMonitor).parameters
+    assert sorted(name for name in monitor if name in fields) == sorted(in_callback)
+    for name, default in fields.items():
+        assert _normalised(EngineOptions, name, compute[name]) == default, name
+        if name in in_callback:
+            assert _normalised(EngineOptions, name, monitor[name].default) == default, name
+
+
+def test_every_cam_monitor_argument_belongs_to_one_options_object() -> None:
+    from cam_monitor import CamMonitor
+    from cam_monitor.options import (
+        CALLBACK,
+        OutputOptions,
+        ProbeOptions,
+        ScheduleOptions,
+        engine_fields,
+    )
+
+    owners: dict[str, list[str]] = {"layer": ["CamMonitor"], "filters": ["FilterOptions"]}
+    for f in engine_fields(CALLBACK):
+        owners.setdefault(f.name, []).append("EngineOptions")
+    for kind in (ScheduleOptions, ProbeOptions, RenderOptions, DriftOptions, OutputOptions):
+        for f in dataclasses.fields(kind):
+            if f.init:
+                owners.setdefault(f.metadata.get("argument", f.name), []).append(kind.__name__)
+    monitor = inspect.signature(CamMonitor).parameters
+    assert set(owners) == set(monitor), set(owners) ^ set(monitor)
+    assert all(len(kinds) == 1 for kinds in owners.values()), owners
+    for kind in (ScheduleOptions, ProbeOptions, RenderOptions, DriftOptions, OutputOptions):
+        default = kind()
+        for f in dataclasses.fields(kind):
+            if f.init:
+                given = monitor[f.metadata.get("argument", f.name)].default
+                assert _normalised(kind, f.name, given) == getattr(default, f.name), f.name
+
+
+def test_schedule_probe_and_output_options_check_their_arguments() -> None:
+    from cam_monitor.options import OutputOptions, ProbeOptions, ScheduleOptions
+
+    assert (ScheduleOptions().every_n_epochs, ScheduleOptions(every_n_steps=3).every_n_epochs) == (
+        1,
+        None,
+    )
+    with pytest.raises(ValueError, match=r"`every_n_epochs=2` and `every_n_steps=3` are mutually"):
+        ScheduleOptions(every_n_epochs=2, every_n_steps=3)
+    with pytest.raises(ValueError, match=r"`every_n_steps` must be an int >= 1"):
+        ScheduleOptions(every_n_steps=0)
+    with pytest.raises(TypeError, match=r"`label_key` must be a dict key"):
+        ProbeOptions(label_key=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`num_probe` must be an int >= 1"):
+        ProbeOptions(num_probe=0)
+    probe = ProbeOptions(probe={"a": torch.zeros(2, 3, 4, 4), "b": torch.ones(2, 3, 4, 4)})
+    assert probe.sets is not None and sorted(probe.sets) == ["a", "b"]
+    assert probe.ids is not None and probe.ids["a"] != probe.ids["b"]
+    assert ProbeOptions().sets is None and ProbeOptions().ids is None
+    with pytest.raises(TypeError, match=r"`save_dir` must be a folder path or None"):
+        OutputOptions(save_dir=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`strict` must be True or False"):
+        OutputOptions(strict="yes")  # type: ignore[arg-type]

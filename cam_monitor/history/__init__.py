@@ -1,5 +1,5 @@
-"""A run's CAM history: its on-disk `format`, the `store` on disk, the monitor's `records`, and
-the `background` thread that writes them."""
+"""A run's CAM history: its on-disk `format`, the `store` on disk, the monitor's `records`, the
+`background` thread that writes them, and one `run`'s folder and writer."""
 
 from .background import BackgroundWriter as BackgroundWriter
 from .format import FORMAT_VERSION as FORMAT_VERSION
@@ -9,6 +9,7 @@ from .format import HistoryError as HistoryError
 from .format import ProbeRecord as ProbeRecord
 from .records import evaluation_record as evaluation_record
 from .records import write_probe_sets as write_probe_sets
+from .run import RunHistory as RunHistory
 from .store import evaluation_path as evaluation_path
 from .store import find_history as find_history
 from .store import history_runs as history_runs
@@ -26,6 +27,7 @@ __all__ = [
     "Evaluation",
     "HistoryError",
     "ProbeRecord",
+    "RunHistory",
     "evaluation_path",
     "evaluation_record",
     "find_history",

@@ -1,0 +1,519 @@
+"""CamMonitor, the Lightning callback: only Lightning concerns (when, which rank, state).
+
+The hooks read as a decision and an action; what they act through lives beside this module:
+`checks` (setup-time checks), `evaluator` (one evaluation and the strict-or-warn policy),
+`resume` (what a checkpoint holds), `trainer` (probes, layer and sinks of a fit), `pickling`
+and `compat` (both namespaces); the options live in `cam_monitor.options`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning_utilities.core.rank_zero import (  # what both namespaces re-export
+    rank_zero_info,
+    rank_zero_warn,
+)
+from torch import Tensor, nn
+
+from ..capture import users_hooks_warning
+from ..drift import AttentionTracker
+from ..evaluation import normalisation_warning
+from ..history import find_history, read_history
+from ..layers import resolve_layers, unwrap_model
+from ..options import (
+    DriftOptions,
+    EngineOptions,
+    FilterOptions,
+    OutputOptions,
+    ProbeOptions,
+    RenderOptions,
+    ScheduleOptions,
+    check_layers,
+    options_from,
+)
+from ..probe import ProbeSet
+from ..render import GRID_COLUMNS
+from ..schema import DEFAULT_MEASURES
+from ..sinks import Sink, run_folder
+from ..types import ForwardFn, LayerSpec, OutputTransform, ProbeSpec, Reshape
+from .checks import (
+    Group,
+    check_consumer_layers,
+    check_metric_consumers,
+    check_save_dir,
+    check_shared_tags,
+    check_strategy,
+    check_twins,
+    logged_groups,
+)
+from .compat import lightning_classes
+from .evaluator import Entry, Evaluator, Plan
+from .pickling import guarded, unguarded
+from .resume import RunState, foreign_state, settings
+from .trainer import default_layer, fit_probes, open_sinks
+
+if sys.version_info >= (3, 12):
+    from typing import override
+else:
+    from typing_extensions import override
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+
+# One class for both namespaces: a subclass of each installed `Callback`, so both Trainers and
+# both LightningCLIs accept it.
+class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[misc]
+    """Log Grad-CAM overlays of a fixed probe batch, and how attention drifts, during `fit`.
+
+    A baseline evaluation runs at the start of training (attention at initialisation; it also
+    checks the whole configuration), then one at the end of every `every_n_epochs`-th epoch (or
+    every `every_n_steps` steps), and a final one at the end of `fit` when the schedule left the
+    last step unevaluated; on global rank zero only. The README lists the logged tags. Several
+    monitors in one Trainer must differ in layers, methods, probe, schedule or `save_dir`.
+
+    Args:
+        layer: a name (``"features.29"``), a glob, a module or a list; None: the last spatial one.
+        methods: one or several of ``cam_monitor.ALL_METHODS`` (``"gradcam"``, ``"layercam"``...).
+        every_n_epochs: evaluate at the end of every N-th training epoch (None: 1, unless
+            ``every_n_steps`` is given).
+        every_n_steps: evaluate every N optimizer steps instead (not with ``every_n_epochs``).
+        probe: None (samples of the val, else train, dataset), a Tensor, an ``(inputs, labels)``
+            tuple, a dict batch, a Dataset, a DataLoader, or a dict of named probe sets.
+        num_probe: samples taken from a Dataset or DataLoader probe.
+        target: ``"predicted"``, ``"label"``, a class index, a LongTensor [B] or a callable.
+        output_transform: picks the logits from a tuple or dict output: index, key or callable.
+        forward: ``forward(module, inputs)``, how the model is called on the probe.
+        reshape: turns a layer output into ``[B, C, H, W]`` (channels-last outputs and token
+            grids of the input's shape: automatic where unambiguous).
+        masks: bool ``[B, H, W]`` or boxes ``[B, 4]`` for localization scores, or a dict of them
+            (only with an explicit tensor/tuple probe: dataset items carry their own masks).
+        input_key: key of the inputs in dict batches (default: ``image``, ``input``, ``x``...).
+        label_key: key of the labels in dict batches (default: ``label``, ``target``, ``y``...).
+        colormap: OpenCV colormap of the heat maps (``"jet"``, ``"turbo"``, ``"viridis"``...).
+        alpha: heat-map opacity over the image, in [0, 1].
+        mean: per-channel normalisation mean to undo before drawing (with ``std``).
+        std: per-channel normalisation std to undo before drawing (with ``mean``).
+        class_names: names for the tile captions.
+        nrow: tiles per grid row (4: a 16-image probe reads at TensorBoard's card size).
+        views: grids per signed map (``integrated_gradients``, ``guided_backprop``,
+            ``deconvnet``, ``guided_gradcam``): any of ``"all"``, ``"pos"``, ``"neg"``.
+        gray_views: draw those views in grays instead of blue-white-red.
+        image_format: ``"jpeg"`` (quality 90) or ``"png"`` (lossless, several times larger and
+            slower to encode): how overlay grids are logged and saved; pixel-level maps are PNG.
+        batch_size: probe rows per pass, to bound memory (None: the whole probe at once).
+        smooth: noisy copies averaged by the gradient CAMs (Smooth Grad-CAM++ with gradcam++)
+            and by ``smoothgrad`` (16 when 0).
+        noise: noise std of those copies, as a fraction of each image's value range.
+        cam_head: for ``cam``: the Linear classifier after global pooling (default: the last).
+        ig_steps: Riemann steps of ``integrated_gradients`` from the all-zero input (black in
+            [0, 1], the mean colour for normalised images).
+        filters: ``{"features.28": [0, 5]}``: channel activations and inputs that excite them.
+        drift_measures: any of ``spearman``, ``pearson``, ``topk_iou``, ``js``, ``com_shift``
+            (default: ``spearman`` and ``topk_iou``).
+        topk: fraction of pixels for ``topk_iou`` and the mask IoU.
+        pointing_tolerance: pixels by which a mask is grown for the pointing game.
+        reference: a run directory whose first evaluation is the drift reference (``*_ref``).
+        history: write the raw maps of every evaluation to disk (for ``cam-monitor show``).
+        save_dir: where history and image-file fallbacks go (default
+            ``<log_dir>/cam_monitor``); it must not hold another run's history.
+        strict: re-raise errors inside later evaluations instead of warning and skipping.
+
+    Raises:
+        TypeError: in the constructor, for an argument of the wrong type.
+        ValueError: in the constructor, for a bad value; before the first training step, for a
+            layer, probe, target, masks or ``class_names`` that do not fit the model, a sharded
+            strategy, an identical second monitor, a ``save_dir`` that is a file or holds another
+            run's history, or a callback monitoring a tag whose layer is not a full module name.
+        PicklingError: when pickled (``ddp_spawn`` does) holding a lambda or local function as
+            ``target``, ``forward``, ``output_transform`` or ``reshape``.
+
+    Example::
+
+        >>> monitor = CamMonitor("features.29", methods=["gradcam", "layercam"], every_n_epochs=2)
+        >>> monitor.layers, monitor.methods
+        (['features.29'], ('gradcam', 'layercam'))
+        >>> # trainer = pl.Trainer(callbacks=[monitor]); trainer.fit(model, loaders)
+    """
+
+    def __init__(
+        self,
+        layer: LayerSpec | Sequence[LayerSpec] | None = None,
+        *,
+        methods: str | Sequence[str] = "gradcam",
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        probe: ProbeSpec = None,
+        num_probe: int = 16,
+        target: str | int | Tensor | Callable[[Tensor], Tensor] = "predicted",
+        output_transform: OutputTransform = None,
+        forward: ForwardFn | None = None,
+        reshape: Reshape | None = None,
+        masks: Tensor | Mapping[str, Tensor] | None = None,
+        input_key: str | None = None,
+        label_key: str | None = None,
+        colormap: str = "jet",
+        alpha: float = 0.5,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        class_names: Sequence[str] | None = None,
+        nrow: int = GRID_COLUMNS,
+        views: str | Sequence[str] = "all",
+        gray_views: bool = False,
+        image_format: str = "jpeg",
+        batch_size: int | None = None,
+        smooth: int = 0,
+        noise: float = 0.15,
+        cam_head: str | None = None,
+        ig_steps: int = 256,
+        filters: Mapping[str, Sequence[int]] | None = None,
+        drift_measures: Sequence[str] = DEFAULT_MEASURES,
+        topk: float = 0.2,
+        pointing_tolerance: int = 0,
+        reference: str | Path | None = None,
+        history: bool = True,
+        save_dir: str | Path | None = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        arguments = locals()  # each options object takes the arguments named as its fields
+        self.layers = check_layers(layer)
+        self._layer_spec = self.layers  # the layers as given: state_key stays the same after setup
+        self._module_names: dict[int, str] = {}  # module layers' names, found in `setup`
+        self.schedule = options_from(ScheduleOptions, arguments)
+        self.probe_options = options_from(ProbeOptions, arguments)
+        self.engine = options_from(EngineOptions, arguments)
+        self.render = options_from(RenderOptions, arguments)
+        self.filters = FilterOptions({} if filters is None else filters)
+        self.tracker = AttentionTracker(options_from(DriftOptions, arguments))
+        self.outputs = options_from(OutputOptions, arguments)
+        self._probes: dict[str, ProbeSet] = {}
+        self._sinks: list[Sink] = []
+        self.evaluations = 0
+        self._last_step = -1
+        self.run_id: str | None = None  # set at the start of fit, or by a resumed checkpoint
+        self._resumed = RunState()  # what the checkpoint this run resumed from holds
+        self._idle = False  # fast_dev_run: nothing evaluated, nothing written
+        self._done_epoch = -1  # the last epoch whose last training batch has run
+        self._restored = False  # whether this fit resumed the monitor from a checkpoint
+        self._foreign_key: str | None = None  # a checkpoint's other CamMonitor state, unused
+        self._evaluator = Evaluator(self.outputs.strict, self.outputs.history)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """ddp_spawn pickles callbacks: callables pickle cannot store travel guarded."""
+        return {**self.__dict__, "engine": guarded(self.engine)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, engine=unguarded(state["engine"]))
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The validated method names."""
+        return self.engine.methods
+
+    @property
+    def every_n_epochs(self) -> int | None:
+        return self.schedule.every_n_epochs
+
+    @property
+    def every_n_steps(self) -> int | None:
+        return self.schedule.every_n_steps
+
+    @property
+    def folder(self) -> Path | None:
+        """This run's folder (history, image files), once `fit` started."""
+        return self._evaluator.history.folder
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """What identifies this monitor among several in one Trainer: its layers and methods, and
+        its probe, schedule and folder where they are not the defaults (so a lone monitor keeps
+        the key older checkpoints were saved under)."""
+        return self._state_key(self._module_name)
+
+    def _state_key(self, module_name: Callable[[nn.Module], str]) -> str:
+        """`state_key` with `module_name` naming the layers given as modules."""
+        layers = self._layer_spec or []
+        names = [layer if isinstance(layer, str) else module_name(layer) for layer in layers]
+        identity: dict[str, Any] = {"layers": names, "methods": list(self.methods)}
+        if self.probe_options.ids is not None:
+            identity["probe"] = self.probe_options.ids
+        if self.schedule.every_n_steps is not None:
+            identity["every_n_steps"] = self.schedule.every_n_steps
+        elif self.schedule.every_n_epochs != 1:
+            identity["every_n_epochs"] = self.schedule.every_n_epochs
+        if self.outputs.save_dir is not None:
+            identity["save_dir"] = os.fspath(self.outputs.save_dir)
+        return self._generate_state_key(**identity)
+
+    def _module_name(self, layer: nn.Module) -> str:
+        """A module layer in `state_key`: its dotted name once `setup` found it in the model (the
+        key checkpoints are saved and loaded under), before that its type and identity (so two
+        monitors on two modules of one type can share a Trainer)."""
+        return self._module_names.get(id(layer), f"{type(layer).__name__}@{id(layer):x}")
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._check_setup(trainer, pl_module)
+            self._prepare_fit(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._idle = bool(trainer.fast_dev_run)
+        if self._idle:
+            rank_zero_info(
+                "CamMonitor: fast_dev_run is on, so the monitor evaluates nothing and writes "
+                "nothing in this run."
+            )
+            return
+        if self._should_start_new_run(trainer):
+            self._start_new_run()
+        probes = fit_probes(trainer, pl_module, self.probe_options)  # one rank fails: all fail
+        if trainer.is_global_zero:
+            self._open_run(trainer, pl_module, probes)
+            if self.evaluations == 0:
+                self._evaluate(trainer, pl_module, epoch=trainer.current_epoch, baseline=True)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if trainer.is_last_batch:
+            self._done_epoch = trainer.current_epoch
+        if self._should_evaluate_step(trainer):
+            self._evaluate(trainer, pl_module, epoch=self._epochs_completed(trainer))
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_evaluate_epoch(trainer):
+            self._evaluate(trainer, pl_module, epoch=trainer.current_epoch + 1)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The final model is evaluated: one last evaluation, marked final, when the schedule
+        left the last step unevaluated (early stopping, `max_steps`, an epoch count that
+        `every_n_epochs` does not divide)."""
+        if self._should_evaluate_final(trainer):
+            self._evaluate(trainer, pl_module, epoch=trainer.current_epoch, final=True)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every history file is on disk when `fit` returns, and no encoding thread is left."""
+        self._evaluator.close()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._evaluator.close()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._evaluator.abort()
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run one evaluation now, from any hook after training started (even under inference
+        mode, e.g. in `on_validation_epoch_end`); rank zero only, like the scheduled ones."""
+        if trainer.is_global_zero and self._probes:
+            self._evaluate(trainer, pl_module, epoch=self._epochs_completed(trainer))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self._run_state(self.tracker.state_dict()).state_dict()
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A checkpoint whose monitor state was saved under another `state_key` (layers, methods,
+        probe, schedule or save_dir changed) continues nothing: say so, this is a new run."""
+        if trainer.state.fn == "fit":  # validate/test/predict with ckpt_path: no run goes on
+            states = checkpoint.get("callbacks") or {}
+            legacy = self._state_key(lambda layer: type(layer).__name__)  # how modules were keyed
+            claimed = {cb.state_key for cb in trainer.callbacks}  # type: ignore[attr-defined]
+            self._foreign_key = foreign_state(states, self.state_key, legacy, claimed)
+            saved, now = RunState(state_key=self._foreign_key), RunState(state_key=self.state_key)
+            for warning in saved.diff(now, global_step=checkpoint.get("global_step", "?")):
+                rank_zero_warn(warning)
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = True
+        self._resumed = RunState.from_state_dict(state_dict)
+        self.evaluations, self._last_step = self._resumed.evaluations, self._resumed.last_step
+        self.run_id = self._resumed.run_id
+        self.tracker.load_state_dict(self._resumed.tracker)
+
+    # -- decisions ------------------------------------------------------------------------------
+
+    def _active(self, trainer: pl.Trainer) -> bool:
+        """Scheduled evaluations run on rank zero, outside fast_dev_run."""
+        return not self._idle and trainer.is_global_zero
+
+    def _should_start_new_run(self, trainer: pl.Trainer) -> bool:
+        """A fit from step 0 that restored no checkpoint (the monitor given to a new Trainer)
+        is a new run, with its own baseline, drift reference and run id."""
+        return bool(self.evaluations) and trainer.global_step == 0 and not self._restored
+
+    def _should_evaluate_step(self, trainer: pl.Trainer) -> bool:
+        due = self.schedule.due_at_step(trainer.global_step, self._last_step)
+        return due and self._active(trainer)
+
+    def _should_evaluate_epoch(self, trainer: pl.Trainer) -> bool:
+        return self.schedule.due_at_epoch(trainer.current_epoch) and self._active(trainer)
+
+    def _should_evaluate_final(self, trainer: pl.Trainer) -> bool:
+        """Training ended on a step the schedule did not evaluate."""
+        unevaluated = trainer.global_step != self._last_step
+        return self._active(trainer) and bool(self._probes) and unevaluated
+
+    def _epochs_completed(self, trainer: pl.Trainer) -> int:
+        """Epochs whose training is complete: after an epoch's last batch (in its validation,
+        say) `current_epoch` still counts that epoch as running; an evaluation of those weights
+        belongs to the epoch-end one's epoch."""
+        return trainer.current_epoch + int(self._done_epoch == trainer.current_epoch)
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def _check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """What the Trainer, its strategy and its other callbacks must allow, before any step."""
+        check_strategy(trainer.strategy)
+        check_metric_consumers(trainer, self)
+        check_consumer_layers(trainer, pl_module)
+        monitors = _monitors(trainer)
+        for monitor in monitors:  # module layers by name, in every monitor's key
+            monitor._name_modules(pl_module)
+        check_twins(self, monitors)
+        check_save_dir(self.outputs.save_dir)
+
+    def _prepare_fit(self, pl_module: pl.LightningModule) -> None:
+        self._restored = False  # until `load_state_dict` restores a checkpoint in this fit
+        self._foreign_key = None
+        self._probes, self._sinks = {}, []  # the last fit's: `evaluate()` waits for this fit's
+        if self._layer_spec is not None:
+            resolve_layers(pl_module, self._layer_spec)  # a typo fails here, before any step
+        if self.filters.channels:
+            resolve_layers(pl_module, list(self.filters.channels))
+
+    def _name_modules(self, pl_module: pl.LightningModule) -> None:
+        """Find the dotted names of the module layers given as objects (a typo fails here)."""
+        modules = [layer for layer in self._layer_spec or [] if isinstance(layer, nn.Module)]
+        self._module_names = {
+            id(layer): resolve_layers(pl_module, [layer])[0][0] for layer in modules
+        }
+
+    def _start_new_run(self) -> None:
+        """Forget the previous fit's run: its evaluations, drift reference, run id and layers."""
+        self.evaluations, self._last_step, self.run_id = 0, -1, None
+        self._done_epoch = -1
+        self._resumed = RunState()
+        self.tracker = AttentionTracker(self.tracker.options)
+        self.layers = self._layer_spec  # None: chosen again, for this model
+
+    def _open_run(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probes: dict[str, ProbeSet]
+    ) -> None:
+        """On rank zero, at the start of training: the layers, the run's folder and sinks, the
+        resume warnings, the drift reference and the probe on disk."""
+        self._probes = probes
+        for probe in probes.values():
+            if warning := normalisation_warning(probe, self.render):
+                rank_zero_warn(warning)
+        if self.layers is None:
+            self.layers = [default_layer(pl_module, next(iter(probes.values())), self.engine)]
+        if trainer.loggers:
+            others = [m for m in _monitors(trainer) if m is not self and m._probes]
+            check_shared_tags(self._groups(pl_module), [m._groups(pl_module) for m in others])
+        if hooks := users_hooks_warning(unwrap_model(pl_module)):
+            rank_zero_warn(hooks)
+        if self.run_id is None:
+            self.run_id = uuid.uuid4().hex[:12]
+        folder = self._claim_folder(trainer)
+        self._sinks = open_sinks(trainer, folder, probes, self.tracker.options.measures)
+        self._warn_resumed()
+        outputs, history = self.outputs, self._evaluator.history
+        if outputs.reference is not None and not self.tracker.reference:
+            first = read_history(find_history(outputs.reference))[0]
+            self.tracker.use_reference(first, probes, source=str(outputs.reference))
+        if outputs.history:
+            if self.evaluations > 0:
+                history.prune_from(self.evaluations)  # a resumed run rewrites what follows
+            history.write_probe(probes, run=self.run_id or "")
+
+    def _warn_resumed(self) -> None:
+        """How this run differs from the checkpoint it resumed from: probe, settings, folder."""
+        saved = self._resumed if self._restored else replace(self._resumed, settings={})
+        now = self._run_state() if self.outputs.history else replace(self._run_state(), folder=None)
+        for warning in saved.diff(now):
+            rank_zero_warn(warning)
+
+    def _claim_folder(self, trainer: pl.Trainer) -> Path:
+        """This run's folder (`RunHistory.claim`); one explicit `save_dir` per monitor."""
+        folder = run_folder(trainer, self.outputs.save_dir)
+        if not self.outputs.history:
+            self._evaluator.history.folder = folder
+            return folder
+        beside = [
+            m._evaluator.history for m in _monitors(trainer) if m is not self and m.outputs.history
+        ]
+        hint = "." if self._foreign_key is None else (
+            f" with the same monitor: the checkpoint's CamMonitor state was saved under "
+            f"{self._foreign_key}, this monitor is {self.state_key}."
+        )  # fmt: skip
+        history = self._evaluator.history
+        return history.claim(folder, self.run_id, self.outputs.save_dir, hint, beside)
+
+    def _groups(self, pl_module: pl.LightningModule) -> set[Group]:
+        return logged_groups(pl_module, self._probes, self.layers or [], self.methods)
+
+    def _run_state(self, tracker: Mapping[str, Any] | None = None) -> RunState:
+        """This run as a checkpoint stores it (`tracker`: the drift state, when it is stored)."""
+        return RunState(
+            self.evaluations,
+            self._last_step,
+            {name: probe.digest for name, probe in self._probes.items()},
+            tracker or {},
+            self.run_id,
+            None if self.folder is None else os.fspath(self.folder),
+            settings(self.engine, self.tracker.options, self.probe_options.masks),
+        )
+
+    def _evaluate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        epoch: int,
+        baseline: bool = False,
+        final: bool = False,
+    ) -> None:
+        """One evaluation of the model now (`Evaluator.evaluate`), counted when it ran."""
+        self._last_step = trainer.global_step
+        plan = Plan(
+            self._probes, self.layers or [], self.engine, self.render, self.filters,
+            self.tracker, self._sinks,
+        )  # fmt: skip
+        entry = Entry(self.evaluations, epoch, self.run_id or "", final)
+        if self._evaluator.evaluate(trainer, pl_module, plan, entry, baseline):
+            self.evaluations += 1
+
+
+def _monitors(trainer: pl.Trainer) -> list[CamMonitor]:
+    """Every CamMonitor in the Trainer's callbacks, this one included."""
+    callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
+    return [cb for cb in callbacks if isinstance(cb, CamMonitor)]

@@ -1,0 +1,138 @@
+"""What a checkpoint stores of a monitor's run (`RunState`), and how a resumed run differs
+from it: each difference is one warning, said once, from `RunState.diff`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..history import history_runs
+from ..options import RECORDED, DriftOptions, EngineOptions, engine_fields
+from ..probe import content_hash
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A monitor's run as its checkpoint holds it (`CamMonitor.state_dict`).
+
+    `state_key` is the key it is stored under in the checkpoint (not in the dict itself);
+    `settings` are the arguments outside that key that change the recorded maps, as text
+    (`settings`).
+    """
+
+    evaluations: int = 0
+    last_step: int = -1
+    probe_hashes: Mapping[str, str] = field(default_factory=dict)
+    tracker: Mapping[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
+    folder: str | None = None
+    settings: Mapping[str, str] = field(default_factory=dict)
+    state_key: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The dict a checkpoint stores (every field but `state_key`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "state_key"}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> RunState:
+        """The state of a checkpoint's dict; keys that older checkpoints lack take defaults."""
+        evaluations = int(state.get("evaluations", 0))
+        run_id = state.get("run_id")  # checkpoints from before run ids: the unnamed run ""
+        return cls(
+            evaluations=evaluations,
+            last_step=int(state.get("last_step", -1)),
+            probe_hashes=dict(state.get("probe_hashes", {})),
+            tracker=state.get("tracker", {}),
+            run_id=str(run_id) if run_id is not None else ("" if evaluations else None),
+            folder=state.get("folder"),
+            settings=dict(state.get("settings", {})),
+        )
+
+    def diff(self, now: RunState, global_step: Any = "?") -> Iterator[str]:
+        """The warnings for a run resumed from this state that is now `now`: another
+        `state_key` (a new run, at `global_step`), another probe, other settings, another
+        folder. A field either side leaves unknown (None, empty) is not compared."""
+        if self.state_key is not None and now.state_key not in (None, self.state_key):
+            yield (
+                f"CamMonitor: the checkpoint's CamMonitor state was saved under "
+                f"{self.state_key}, but this monitor is {now.state_key} (its layers, "
+                "methods, probe, schedule or save_dir changed), so it does not continue that "
+                f"run: it starts a new run at step {global_step}, with its own baseline, drift "
+                "reference, run id and history. Resume with the arguments the checkpoint was "
+                "made with to continue the checkpointed run."
+            )
+        for name, digest in self.probe_hashes.items():
+            if name in now.probe_hashes and now.probe_hashes[name] != digest:
+                yield (
+                    f"CamMonitor: probe {name!r} differs from the checkpoint's (hash "
+                    f"{now.probe_hashes[name]} vs {digest}); drift after the resume compares "
+                    "different images."
+                )
+        changed = [
+            f"{k} ({self.settings[k]} -> {v})"
+            for k, v in now.settings.items()
+            if self.settings.get(k, v) != v
+        ]
+        if changed:
+            yield (
+                f"CamMonitor: resumed with other {', '.join(changed)} than the checkpoint's run: "
+                "drift across the resume compares maps or scores computed differently, and the "
+                "run's history mixes both. Resume with the checkpoint's arguments, or start a new "
+                "run (no ckpt_path, or another save_dir) to compare the two."
+            )
+        if self._moved_to(now):
+            yield (
+                f"CamMonitor: this resumed run's earlier evaluations (0-{self.evaluations - 1}) "
+                f"are in {self.folder}; from here on its history goes to {now.folder} (a new "
+                "logger version?), so `cam-monitor show`/`compare` see part of it in each "
+                "folder. Pass save_dir= (or a fixed logger version) to keep a run's history in "
+                "one folder."
+            )
+
+    def _moved_to(self, now: RunState) -> bool:
+        """Whether the earlier evaluations are in another folder than `now`'s, which holds none
+        of this run yet (Lightning's next logger version)."""
+        if not self.evaluations or self.folder is None or now.folder is None:
+            return False
+        if Path(self.folder) == Path(now.folder):
+            return False
+        return not history_runs(now.folder).get(now.run_id or "")
+
+
+def foreign_state(states: dict[str, Any], key: str, legacy: str, claimed: set[str]) -> str | None:
+    """The key of a checkpoint's CamMonitor state (in `states`, the checkpoint's callback
+    states) that no monitor of the Trainer `claimed`, when none is under this monitor's `key`.
+    A state under `legacy` (how module layers were once keyed) is moved to `key`, where
+    Lightning looks for it."""
+    if key not in states and legacy in states:
+        states[key] = states[legacy]  # what Lightning hands `load_state_dict`
+    foreign = [k for k in states if str(k).startswith("CamMonitor{") and k not in claimed]
+    return None if key in states or not foreign else str(foreign[0])
+
+
+def settings(engine: EngineOptions, drift: DriftOptions, masks: Any) -> dict[str, str]:
+    """The arguments outside `state_key` that change the maps or scores a run records, as text
+    that is the same in every process: the engine's `RECORDED` fields, the masks and the drift
+    options, by argument name."""
+    values = {f.name: getattr(engine, f.name) for f in engine_fields(RECORDED)}
+    values["masks"] = masks
+    for f in fields(drift):
+        values[f.metadata.get("argument", f.name)] = getattr(drift, f.name)
+    return {name: _describe(value) for name, value in values.items()}
+
+
+def _describe(value: Any) -> str:
+    """An argument as text that is the same in every process: tensors by content hash,
+    functions by import path, modules by type."""
+    if isinstance(value, (Tensor, Mapping)):
+        return f"tensor {content_hash(value)}"
+    if isinstance(value, nn.Module):
+        return type(value).__name__
+    if callable(value):
+        named = value if hasattr(value, "__qualname__") else type(value)  # a callable object
+        return f"{getattr(named, '__module__', '?')}.{named.__qualname__}"
+    return repr(value)

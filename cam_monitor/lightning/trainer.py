@@ -1,0 +1,122 @@
+"""What the monitor reads from the Trainer and LightningModule, and writes into them, through
+their public attributes: the probe from the fit's loaders, the automatic layer,
+`callback_metrics`, and the module's `self.log` switched off while the probe runs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning_utilities.core.rank_zero import rank_zero_warn
+from torch import nn
+
+from ..default_layer import first_spatial_layer
+from ..isolation import preserved_rng
+from ..layers import unwrap_model
+from ..probe import ProbeSet, build_probes, loader_probe
+from ..schema import dashboard_charts
+from ..sinks import Sink, sinks_for
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import pytorch_lightning as pl
+
+    from ..options import EngineOptions, ProbeOptions
+
+
+def fit_probes(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, options: ProbeOptions
+) -> dict[str, ProbeSet]:
+    """The probe sets (the given ones, else samples of the val, else train, loaders), on the
+    module's device and in the precision the Trainer feeds it."""
+    specs = options.sets or loader_probe(
+        [("val", val_dataloaders(trainer)), ("train", trainer.train_dataloader)], rank_zero_warn
+    )
+    probes = build_probes(
+        specs, options.num_probe, options.masks, options.input_key, options.label_key,
+        rank_zero_warn,
+    )  # fmt: skip
+    convert, device = trainer.precision_plugin.convert_input, pl_module.device
+    return {
+        name: replace(probe.to(device), inputs=convert(probe.inputs.to(device)))
+        for name, probe in probes.items()
+    }
+
+
+def default_layer(pl_module: pl.LightningModule, probe: ProbeSet, engine: EngineOptions) -> str:
+    """The layer an expert would pick (`layers.first_spatial_layer`), said in a warning."""
+    module = unwrap_model(pl_module)
+    with logging_off(module):
+        chosen = first_spatial_layer(module, probe.inputs, engine.forward, engine.output_transform)
+    rank_zero_warn(
+        f"CamMonitor: no layer given, using {chosen!r} (the last spatial block that the "
+        f"class score reaches). Pass CamMonitor(layer={chosen!r}) to choose it yourself."
+    )
+    return chosen
+
+
+def open_sinks(
+    trainer: pl.Trainer, folder: Path, probes: Mapping[str, ProbeSet], measures: Sequence[str]
+) -> list[Sink]:
+    """A sink for each of the Trainer's loggers (files in `folder` where it has none), each
+    told the probe hashes and the dashboard's layout once."""
+    sinks = sinks_for(trainer, folder)
+    if not trainer.loggers:
+        rank_zero_warn(f"CamMonitor: the Trainer has no logger; grids and scalars go to {folder}.")
+    charts = dashboard_charts({name: p.masks is not None for name, p in probes.items()}, measures)
+    for sink in sinks:
+        sink.record_probe({name: probe.digest for name, probe in probes.items()})
+        sink.record_dashboard(charts)
+    return sinks
+
+
+def val_dataloaders(trainer: pl.Trainer) -> Any:
+    """The fit's val dataloaders, also where Lightning has not loaded them yet at the start of
+    training (epoch 0 does not validate and there is no sanity check): then asked from their
+    source (the datamodule, the module's hook or the loaders given to `fit`), leaving the
+    random streams as they were and Lightning's own loading to Lightning."""
+    if trainer.val_dataloaders is not None or not trainer.enable_validation:
+        return trainer.val_dataloaders
+    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+    if source is None:  # a Lightning without it: the train set, as before
+        return None
+    with preserved_rng():
+        return source.dataloader()
+
+
+def publish_metrics(trainer: pl.Trainer, scalars: Mapping[str, float]) -> None:
+    """Every finite scalar the monitor logs into `trainer.callback_metrics` (Lightning keeps that
+    dict between steps), so ModelCheckpoint and EarlyStopping can monitor it. An undefined one
+    (NaN: every map of the probe set all zero or constant) keeps the last value there, since
+    EarlyStopping stops the run on a non-finite value; the loggers and history get the NaN."""
+    trainer.callback_metrics.update(
+        {tag: torch.tensor(v) for tag, v in scalars.items() if math.isfinite(v)}
+    )
+
+
+@contextmanager
+def logging_off(module: nn.Module) -> Iterator[None]:
+    """`self.log` / `self.log_dict` calls do nothing inside the block: a model that logs from
+    `forward` would otherwise log the probe's values in place of the training batch's, under
+    the same names. Shadowed on the instance, and removed after."""
+    names = [name for name in ("log", "log_dict") if callable(getattr(module, name, None))]
+    found = {name: vars(module)[name] for name in names if name in vars(module)}
+    for name in names:
+        object.__setattr__(module, name, _ignore)
+    try:
+        yield
+    finally:
+        for name in names:
+            if name in found:
+                object.__setattr__(module, name, found[name])
+            else:
+                vars(module).pop(name, None)
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """Takes a `log` call and does nothing."""
