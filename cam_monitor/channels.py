@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .batch import Batch
 from .capture import did_not_run, not_a_tensor, scoped_hooks
 from .isolation import isolated
-from .layers import as_spatial, resolve_layers, unwrap_model
+from .layers import as_spatial, resolve_layers, token_layout, unwrap_model
 from .types import ForwardFn, LayerSpec, Reshape
 
 
@@ -60,7 +60,7 @@ def _layer_output(
             pass
     if not recorded:
         raise did_not_run([name])
-    return as_spatial(name, recorded[0], reshape, size, layer)
+    return as_spatial(name, recorded[0], reshape, size, layer, token_layout(model, name))
 
 
 def _channel_list(channels: int | Sequence[int], available: int, name: str) -> list[int]:

@@ -36,7 +36,7 @@ from .attribution import (
 from .batch import Batch
 from .capture import capture_outputs, did_not_run, no_gradient, scoped_hooks
 from .isolation import isolated
-from .layers import as_spatial, resolve_layers, unwrap_model
+from .layers import TokenLayout, as_spatial, resolve_layers, token_layout, unwrap_model
 from .measures import as_measured
 from .methods import (
     CAM_METHODS,
@@ -408,6 +408,13 @@ class _Plan:
     smooth_layers: bool
     #: Noisy copies per image for smoothed CAMs and SmoothGrad (0: no noisy passes).
     noisy_copies: int
+    #: Each layer's token layout, as the model declares it (`layers.token_layout`).
+    layouts: dict[str, TokenLayout] = field(default_factory=dict)
+
+    def spatial(self, name: str, output: Tensor, options: EngineOptions, chunk: Batch) -> Tensor:
+        """`output` of layer `name` (or its gradient) as `[B, C, h, w]` (`layers.as_spatial`)."""
+        layer, layout = self.layers[name], self.layouts.get(name)
+        return as_spatial(name, output, options.reshape, chunk.image_size, layer, layout)
 
     @classmethod
     def make(
@@ -429,6 +436,7 @@ class _Plan:
             layer_gradients=layer_gradients,
             smooth_layers=smooth_layers,
             noisy_copies=(options.smooth or SMOOTHGRAD_SAMPLES) if noisy else 0,
+            layouts={name: token_layout(module, name) for name in resolved},
         )
 
 
@@ -581,11 +589,7 @@ def _clean_pass(
         prune = False
     warn_if_probabilities(module, logits)
     names = list(plan.layers)
-    size = chunk.image_size
-    spatial = {
-        name: as_spatial(name, recorded[name].detach(), options.reshape, size, plan.layers[name])
-        for name in names
-    }
+    spatial = {name: plan.spatial(name, recorded[name].detach(), options, chunk) for name in names}
     if plan.layer_gradients and not scores.requires_grad:
         raise no_gradient(names)
     wrt = [recorded[n] for n in names] if plan.layer_gradients and not plan.smooth_layers else []
@@ -595,7 +599,7 @@ def _clean_pass(
     wrt_names = names[: len(wrt) - with_input] + (["the input"] if with_input else [])
     grads = _gradients(scores, wrt, wrt_names)
     gradients: dict[str, Tensor] = {
-        name: as_spatial(name, grad, options.reshape, size, plan.layers[name])
+        name: plan.spatial(name, grad, options, chunk)
         for name, grad in zip(names, grads[: len(wrt) - with_input], strict=False)
     }
     input_gradients = grads[-1] if image is not None else None
@@ -688,7 +692,6 @@ def _noisy_passes(
     }
     input_sum = torch.zeros(image.shape, device=image.device) if want_input else None
     sigma = noise_scale(image, options.noise)
-    size = chunk.image_size
     for start, stop in pass_ranges(image.shape[0] * copies, rows_per_pass):
         index = torch.arange(start, stop, device=image.device) // copies
         rows = noisy_rows(image, index, sigma, generator)
@@ -699,7 +702,7 @@ def _noisy_passes(
         wrt = [recorded[name] for name in names] + ([rows] if want_input else [])
         grads = _gradients(scores, wrt, names + (["the input"] if want_input else []))
         for name, grad in zip(names, grads, strict=False):
-            value = as_spatial(name, grad, options.reshape, size, layers[name]).float()
+            value = plan.spatial(name, grad, options, chunk).float()
             for power, total in enumerate(sums[name], start=1):
                 add_rows(total, index, value if power == 1 else value.pow(power))
         if input_sum is not None:

@@ -10,6 +10,7 @@ import difflib
 import math
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
@@ -208,17 +209,112 @@ def _channels_last(
     return evidence
 
 
-def _token_grid(tokens: int, size: tuple[int, int] | None) -> tuple[int, int, int] | None:
-    """`(skip, rows, cols)`: tokens on a grid after `skip` leading tokens, shaped like the input.
+@dataclass(frozen=True)
+class TokenLayout:
+    """How a layer's tokens `[B, N, C]` sit on the patch grid, as the model declares it.
 
-    A grid of the input's aspect is preferred; a square one is the fallback (a model that
-    resizes its input, or no input size known).
+    `prefix`: the tokens before the patches (class, distillation, registers), None where the
+    model does not say; `patch`: its patch size `(h, w)`, None where it does not say.
     """
+
+    prefix: int | None = None
+    patch: tuple[int, int] | None = None
+
+
+#: Parameters that are prefix tokens (timm, torchvision, Hugging Face names), each `[1, n, C]`.
+_TOKEN_PARAMETERS = frozenset(
+    {"cls_token", "class_token", "dist_token", "distillation_token", "reg_token", "register_tokens"}
+)
+
+
+def token_layout(model: nn.Module, name: str) -> TokenLayout:
+    """The token layout of layer `name`: what the layer or its nearest ancestor declares.
+
+    The prefix count is a `num_prefix_tokens` attribute (timm), else the sizes of the prefix
+    token parameters (`cls_token`, `class_token`, `dist_token`, `distillation_token`,
+    `reg_token`, `register_tokens`) of that module or its direct children (torchvision, Hugging
+    Face); the patch size is its `patch_size` (or `patch_embed.patch_size`, `config.patch_size`).
+
+    Example:
+        >>> import torchvision
+        >>> vit = torchvision.models.VisionTransformer(64, 16, 1, 2, 8, 16)
+        >>> token_layout(vit, "encoder.layers.encoder_layer_0.ln_1")
+        TokenLayout(prefix=1, patch=(16, 16))
+    """
+    parts = name.split(".") if name else []
+    prefix: int | None = None
+    patch: tuple[int, int] | None = None
+    for depth in range(len(parts), -1, -1):
+        try:
+            owner = model.get_submodule(".".join(parts[:depth]))
+        except AttributeError:
+            continue
+        prefix = _declared_prefix(owner) if prefix is None else prefix
+        patch = _declared_patch(owner) if patch is None else patch
+        if prefix is not None and patch is not None:
+            break
+    return TokenLayout(prefix, patch)
+
+
+def _declared_prefix(owner: nn.Module) -> int | None:
+    """The prefix token count `owner` declares, or None."""
+    count = getattr(owner, "num_prefix_tokens", None)
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+        return count
+    sizes = [
+        int(parameter.shape[-2]) if parameter.dim() >= 2 else 1
+        for module in (owner, *owner.children())
+        for key, parameter in module.named_parameters(recurse=False)
+        if key in _TOKEN_PARAMETERS
+    ]
+    return sum(sizes) if sizes else None
+
+
+def _declared_patch(owner: nn.Module) -> tuple[int, int] | None:
+    """The patch size `owner` declares, or None."""
+    for source in (owner, getattr(owner, "patch_embed", None), getattr(owner, "config", None)):
+        size = getattr(source, "patch_size", None)
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return size, size
+        if (
+            isinstance(size, (tuple, list))
+            and len(size) == 2
+            and all(isinstance(side, int) and side > 0 for side in size)
+        ):
+            return int(size[0]), int(size[1])
+    return None
+
+
+def _prefix_counts(
+    tokens: int, size: tuple[int, int] | None, layout: TokenLayout
+) -> tuple[int, ...]:
+    """The prefix counts a token output may have: the declared one; else the one the input and
+    patch sizes leave (fewer prefix tokens than patches); else 0 or 1 (none, a class token)."""
+    if layout.prefix is not None:
+        return (layout.prefix,)
+    if layout.patch is not None and size is not None:
+        for rounding in (math.floor, math.ceil):
+            cells = rounding(size[0] / layout.patch[0]) * rounding(size[1] / layout.patch[1])
+            if 0 <= tokens - cells < cells:
+                return (tokens - cells,)
+    return (0, 1)
+
+
+def _token_grid(
+    tokens: int, size: tuple[int, int] | None, layout: TokenLayout
+) -> tuple[int, int, int] | None:
+    """`(skip, rows, cols)`: tokens on a grid after `skip` prefix tokens, shaped like the input.
+
+    A grid of the input's aspect is preferred; a square one is the fallback where no input size
+    is known, or where the model declares its prefix (a model that resizes its input): a count
+    of tokens merely guessed to be square is no evidence of a grid.
+    """
+    skips = _prefix_counts(tokens, size, layout)
     if size is not None:
-        shaped = _token_grid_like(tokens, size)
-        if shaped is not None:
+        shaped = _token_grid_like(tokens, size, skips)
+        if shaped is not None or layout.prefix is None:
             return shaped
-    for skip in (0, 1):
+    for skip in skips:
         count = tokens - skip
         side = round(count**0.5) if count > 0 else 0
         if side > 0 and side * side == count:
@@ -226,15 +322,17 @@ def _token_grid(tokens: int, size: tuple[int, int] | None) -> tuple[int, int, in
     return None
 
 
-def _token_grid_like(tokens: int, size: tuple[int, int]) -> tuple[int, int, int] | None:
+def _token_grid_like(
+    tokens: int, size: tuple[int, int], skips: tuple[int, ...]
+) -> tuple[int, int, int] | None:
     """`(skip, rows, cols)` with `rows x cols` the input's shape downsampled, the closest in
-    aspect over 0 or 1 leading tokens, if any. One patch size for both sides makes the grid
-    square on a square input and no taller than wide on a wide one."""
+    aspect over the possible prefix counts `skips`, if any. One patch size for both sides makes
+    the grid square on a square input and no taller than wide on a wide one."""
     ratio = size[0] / size[1]
     height, width = size
     found = [
         (skip, rows, (tokens - skip) // rows)
-        for skip in (0, 1)
+        for skip in skips
         for rows in range(1, tokens - skip + 1)
         if (tokens - skip) % rows == 0 and _fits(rows, (tokens - skip) // rows, size)
     ]
@@ -254,6 +352,7 @@ def as_spatial(
     reshape: Reshape | None = None,
     input_size: tuple[int, int] | None = None,
     module: nn.Module | None = None,
+    layout: TokenLayout | None = None,
 ) -> Tensor:
     """View a layer output as `[B, C, h, w]`: via `reshape`, as is, from channels-last, or tokens.
 
@@ -261,13 +360,17 @@ def as_spatial(
     `h x w` grid of the input's shape followed by channels (`[B, h, w, C]`: Swin stages,
     ConvNeXt's inner blocks) is permuted; where both layouts fit the input (C equal to the grid
     side), a `module` that is a LayerNorm or Linear over C says channels-last, one without those
-    channels-first, and otherwise a `ValueError` asks for `reshape=`. Tokens `[B, N, C]` are
-    accepted on a grid of the input's shape (square without `input_size`), optionally after one
-    leading class token, which is dropped.
+    channels-first, and otherwise a `ValueError` asks for `reshape=`. A 4-D output that is a grid
+    of the input's shape neither way (attention's `[B, heads, tokens, dim]`) is refused. Tokens
+    `[B, N, C]` are accepted on a grid of the input's shape (square without `input_size`) after
+    the prefix tokens (class, distillation, registers) that `layout` (`token_layout`) declares,
+    which are dropped; where the model declares none, after 0 or 1 token.
 
     Example:
         >>> import torch
         >>> as_spatial("blocks.0", torch.zeros(2, 1 + 16, 8)).shape
+        torch.Size([2, 8, 4, 4])
+        >>> as_spatial("blocks.0", torch.zeros(2, 5 + 16, 8), layout=TokenLayout(prefix=5)).shape
         torch.Size([2, 8, 4, 4])
         >>> as_spatial("stage.1", torch.zeros(2, 4, 6, 96), input_size=(32, 48)).shape
         torch.Size([2, 96, 4, 6])
@@ -283,16 +386,34 @@ def as_spatial(
     if output.dim() == 4:
         if _channels_last(name, output, input_size, module):
             return output.permute(0, 3, 1, 2)
+        if input_size is not None and not _fits(output.shape[2], output.shape[3], input_size):
+            raise ValueError(
+                f"Layer {name!r} outputs {tuple(output.shape)} for a {input_size[0]}x"
+                f"{input_size[1]} input: neither [B, C, h, w] nor [B, h, w, C] is a grid of the "
+                "input's shape (an attention tensor [B, heads, tokens, dim]?). Pick a layer "
+                "whose output is the image's grid or tokens (for a ViT, the last block's norm1 "
+                "or ln_1), or pass reshape= to turn this output into [B, C, H, W]."
+            )
         return output
     if output.dim() == 3:
         batch, tokens, channels = output.shape
-        grid = _token_grid(tokens, input_size)
+        layout = layout or TokenLayout()
+        grid = _token_grid(tokens, input_size, layout)
         if grid is not None:
             skip, rows, cols = grid
             return output[:, skip:, :].transpose(1, 2).reshape(batch, channels, rows, cols)
+        if layout.prefix is not None:
+            where = "" if input_size is None else f" of a {input_size[0]}x{input_size[1]} input"
+            raise ValueError(
+                f"Layer {name!r} outputs tokens {tuple(output.shape)}; after the model's "
+                f"{layout.prefix} prefix tokens (its num_prefix_tokens: class, distillation, "
+                f"registers) the other {tokens - layout.prefix} are not a grid{where}. Pass "
+                "reshape= to turn this output into [B, C, H, W]."
+            )
     raise ValueError(
         f"Layer {name!r} outputs shape {tuple(output.shape)}; a CAM needs a spatial map "
         "[B, C, H, W] (or [B, H, W, C]) or tokens [B, N, C] on a grid of the input's shape "
-        "(optionally after one class token). Pick a convolutional layer, or pass reshape= to "
-        "turn this output into [B, C, H, W]."
+        "(after the prefix tokens the model declares in num_prefix_tokens or as cls_token, "
+        "dist_token, register_tokens parameters; else after none or one class token). Pick a "
+        "convolutional layer, or pass reshape= to turn this output into [B, C, H, W]."
     )
