@@ -16,8 +16,24 @@ from .types import OutputTransform, Target
 _PROBABILITY_CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
+def is_model_output(output: Any) -> bool:
+    """Whether `output` is a Hugging Face `ModelOutput` (checked without importing transformers).
+
+    Example:
+        >>> is_model_output({"logits": torch.zeros(2, 5)})
+        False
+    """
+    return any(
+        kind.__name__ == "ModelOutput" and kind.__module__.partition(".")[0] == "transformers"
+        for kind in type(output).__mro__
+    )
+
+
 def pick_logits(output: Any, output_transform: OutputTransform) -> Tensor:
     """Apply `output_transform` (a callable, a tuple index or a dict key) and check `[B, C]`.
+
+    Without `output_transform`, a Hugging Face `ModelOutput` gives its `.logits`; any other
+    tuple or dict output is refused (which head is the class head is the user's to say).
 
     Example:
         >>> pick_logits((torch.zeros(2, 5), torch.zeros(2, 2)), 0).shape
@@ -25,6 +41,8 @@ def pick_logits(output: Any, output_transform: OutputTransform) -> Tensor:
     """
     if output_transform is None:
         picked = output
+        if is_model_output(output) and isinstance(getattr(output, "logits", None), Tensor):
+            picked = output.logits
     elif callable(output_transform):
         picked = output_transform(output)
     elif isinstance(output_transform, (int, str)):
