@@ -1,7 +1,8 @@
 """The automatic layer choice: the layer an expert would pick for a CAM when none is given.
 
 It runs the model once (an isolated forward and backward of a few probe rows): CNNs get their
-last spatial layer that receives a gradient, ViTs the input of the last block's attention,
+last spatial layer that receives a gradient, ViTs the input of the last block's attention
+(found from the forward's structure, so a head without gradient yet does not change it),
 segmentation models the last features before the classifier. `layers` only looks names up.
 """
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from .batch import Batch
 from .capture import Hook, scoped_hooks
 from .isolation import isolated
-from .layers import as_spatial
+from .layers import TokenLayout, as_spatial, token_layout
 from .targets import pick_logits
 from .types import ForwardFn, OutputTransform
 
@@ -36,11 +37,14 @@ def first_spatial_layer(
 
     One isolated forward and backward of (up to 4 rows of) `inputs`, any nested batch, with
     scoped hooks on every submodule. Of the modules that ran once and have a spatial output
-    (`[B, C, h, w]`, channels-last, or tokens on a grid) of more than one cell, it skips pooling
-    layers, modules that hand on a pooling layer's output or only view an earlier output,
-    containers holding the model's first spatial layer (a whole backbone such as `features`),
-    and outputs whose grid gets no gradient from the predicted class score (a ViT's tokens
-    after its last attention); it returns the last one to finish.
+    (`[B, C, h, w]`, channels-last, or tokens on a grid) of more than one cell: where an
+    attention module (`nn.MultiheadAttention`, or a class named `*Attention*`) gets tokens
+    `[B, N, C]` that such a module produced, the producer for the last attention to run (a
+    ViT's last `norm1` / `ln_1` / `layernorm_before`); otherwise it skips pooling layers,
+    modules that hand on a pooling layer's output or only view an earlier output, containers
+    holding the model's first spatial layer (a whole backbone such as `features`), and outputs
+    whose grid gets no gradient from the predicted class score; it returns the last one to
+    finish.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
@@ -54,6 +58,12 @@ def first_spatial_layer(
     order: list[str] = []
     outputs: dict[str, Tensor] = {}
     pooled: dict[int, Tensor] = {}  # kept alive so that ids stay unique
+    # (the number of modules finished when it started, its input tokens) for each attention call
+    attended: list[tuple[int, Tensor]] = []
+
+    def attention_hook(_: nn.Module, args: Any) -> None:
+        if args and isinstance(args[0], Tensor) and args[0].dim() == 3:
+            attended.append((len(order), args[0]))
 
     def make_hook(name: str, layer: nn.Module) -> Callable[[nn.Module, Any, Any], None]:
         def hook(_: nn.Module, __: Any, output: Any) -> None:
@@ -75,6 +85,7 @@ def first_spatial_layer(
         batch = batch.slice(0, min(batch.length, 4))
     size = batch.image_size
     hooks: list[Hook] = [(m, "forward", make_hook(n, m)) for n, m in named.items()]
+    hooks += [(m, "forward_pre", attention_hook) for m in named.values() if _is_attention(m)]
     with scoped_hooks(hooks), isolated(module), torch.enable_grad():
         batch = batch.usable()
         if batch.image is not None and batch.image.is_floating_point():
@@ -85,7 +96,8 @@ def first_spatial_layer(
         for name in order:
             if runs[name] != 1 or name not in outputs or name in grids:
                 continue
-            grid = _grid_or_none(name, outputs[name], size, named[name])
+            layout = token_layout(module, name)
+            grid = _grid_or_none(name, outputs[name], size, named[name], layout)
             if grid is not None:
                 grids[name] = grid
         if not grids:
@@ -93,27 +105,61 @@ def first_spatial_layer(
                 f"{type(module).__name__} has no layer with a spatial [B, C, H, W] output; pass "
                 "layer= explicitly (with reshape= for token outputs)."
             )
+        before_attention = _last_attention_input(order, outputs, grids, attended)
+        if before_attention is not None:
+            return before_attention
         stem = next(iter(grids))
         candidates = [n for n in grids if not stem.startswith(n + ".")] or list(grids)
         layers = {n: named[n] for n in candidates}
-        reached = _reached_by_gradient(layers, outputs, size, output, output_transform)
+        reached = _reached_by_gradient(module, layers, outputs, size, output, output_transform)
     return ([n for n in candidates if n in reached] or candidates)[-1]
 
 
+def _is_attention(module: nn.Module) -> bool:
+    """Whether `module` is an attention layer: torch's, or a class named so (timm's
+    `Attention`, Hugging Face's `ViTAttention`, ...)."""
+    return isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
+
+
+def _last_attention_input(
+    order: list[str],
+    outputs: dict[str, Tensor],
+    grids: dict[str, Tensor],
+    attended: list[tuple[int, Tensor]],
+) -> str | None:
+    """The module whose output, a grid of tokens, is the input of the last attention call that
+    gets one (the last to finish with that very tensor before the call, or with the token
+    sequence it slices: timm's attention pooling drops the prefix tokens first); None where
+    none does: Swin and MaxViT attend over windows cut from a stage's `[B, h, w, C]` output."""
+    for finished, tokens in reversed(attended):
+        for name in reversed(order[:finished]):
+            output = outputs.get(name)
+            if name in grids and output is not None and output.dim() == 3:
+                if tokens is output or tokens._base is output:
+                    return name
+    return None
+
+
 def _grid_or_none(
-    name: str, output: Tensor, size: tuple[int, int] | None, layer: nn.Module
+    name: str,
+    output: Tensor,
+    size: tuple[int, int] | None,
+    layer: nn.Module,
+    layout: TokenLayout,
 ) -> Tensor | None:
-    """The output's spatial view if it has one of more than one cell, else None."""
+    """The output's spatial view if it has one of more than one cell, else None (also where the
+    output is no image: an attention tensor `[B, heads, tokens, dim]`)."""
     if output.dim() not in (3, 4):
         return None
     try:
-        grid = as_spatial(name, output, None, size, layer)
+        grid = as_spatial(name, output, None, size, layer, layout)
     except ValueError:
         return None
     return grid if grid.shape[-2:].numel() > 1 else None
 
 
 def _reached_by_gradient(
+    module: nn.Module,
     layers: dict[str, nn.Module],
     outputs: dict[str, Tensor],
     size: tuple[int, int] | None,
@@ -135,6 +181,9 @@ def _reached_by_gradient(
     reached = set()
     for name in wanted:
         grad = by_id[id(outputs[name])]
-        if grad is not None and bool(as_spatial(name, grad, None, size, layers[name]).any()):
+        if grad is None:
+            continue
+        layout = token_layout(module, name)
+        if bool(as_spatial(name, grad, None, size, layers[name], layout).any()):
             reached.add(name)
     return reached or set(layers)
