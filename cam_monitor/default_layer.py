@@ -58,12 +58,15 @@ def first_spatial_layer(
     order: list[str] = []
     outputs: dict[str, Tensor] = {}
     pooled: dict[int, Tensor] = {}  # kept alive so that ids stay unique
-    # (the number of modules finished when it started, its input tokens) for each attention call
-    attended: list[tuple[int, Tensor]] = []
+    # (modules finished when it started, its name, its input tokens) for each attention call
+    attended: list[tuple[int, str, Tensor]] = []
 
-    def attention_hook(_: nn.Module, args: Any) -> None:
-        if args and isinstance(args[0], Tensor) and args[0].dim() == 3:
-            attended.append((len(order), args[0]))
+    def make_attention_hook(name: str) -> Callable[[nn.Module, Any], None]:
+        def hook(_: nn.Module, args: Any) -> None:
+            if args and isinstance(args[0], Tensor) and args[0].dim() == 3:
+                attended.append((len(order), name, args[0]))
+
+        return hook
 
     def make_hook(name: str, layer: nn.Module) -> Callable[[nn.Module, Any, Any], None]:
         def hook(_: nn.Module, __: Any, output: Any) -> None:
@@ -85,7 +88,9 @@ def first_spatial_layer(
         batch = batch.slice(0, min(batch.length, 4))
     size = batch.image_size
     hooks: list[Hook] = [(m, "forward", make_hook(n, m)) for n, m in named.items()]
-    hooks += [(m, "forward_pre", attention_hook) for m in named.values() if _is_attention(m)]
+    hooks += [
+        (m, "forward_pre", make_attention_hook(n)) for n, m in named.items() if _is_attention(m)
+    ]
     with scoped_hooks(hooks), isolated(module), torch.enable_grad():
         batch = batch.usable()
         if batch.image is not None and batch.image.is_floating_point():
@@ -125,13 +130,18 @@ def _last_attention_input(
     order: list[str],
     outputs: dict[str, Tensor],
     grids: dict[str, Tensor],
-    attended: list[tuple[int, Tensor]],
+    attended: list[tuple[int, str, Tensor]],
 ) -> str | None:
     """The module whose output, a grid of tokens, is the input of the last attention call that
     gets one (the last to finish with that very tensor before the call, or with the token
     sequence it slices: timm's attention pooling drops the prefix tokens first); None where
-    none does: Swin and MaxViT attend over windows cut from a stage's `[B, h, w, C]` output."""
-    for finished, tokens in reversed(attended):
+    none does (Swin and MaxViT attend over windows cut from a stage's `[B, h, w, C]` output),
+    or where a spatial `[B, C, h, w]` layer runs after that call: the transformer is then a
+    backbone before convolutions (a hybrid, a segmentation decoder), chosen as for a CNN."""
+    for finished, attention, tokens in reversed(attended):
+        after = [n for n in order[finished:] if not n.startswith(attention + ".")]
+        if any(name in grids and outputs[name].dim() == 4 for name in after):
+            return None
         for name in reversed(order[:finished]):
             output = outputs.get(name)
             if name in grids and output is not None and output.dim() == 3:

@@ -301,6 +301,43 @@ def test_an_attention_pooling_head_makes_the_final_norm_the_choice() -> None:
     assert first_spatial_layer(model, images(), None) == "norm"
 
 
+def test_attention_internals_shaped_like_an_image_do_not_hide_the_block() -> None:
+    # Patch 8 at 64 px without a class token: 64 tokens, and heads of 64 channels, so the keys
+    # [B, 2, 64, 64] read as a 64 x 64 image; they run inside the last attention.
+    model = timm_model(
+        "vit_tiny_patch16_224", patch_size=8, class_token=False, global_pool="avg",
+        img_size=SIZE, depth=2, embed_dim=128, num_heads=2,
+    )  # fmt: skip
+    assert first_spatial_layer(model, images(), None) == "blocks.1.norm1"
+
+
+class HybridClassifier(nn.Module):
+    """A transformer block on patch tokens, then (with `convolutions`) convolutions on its grid:
+    the block is then a backbone; without them the head reads the tokens' mean."""
+
+    def __init__(self, convolutions: bool) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 16, stride=16)
+        self.block = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=True)
+        self.conv = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.ReLU())
+        self.convolutions = convolutions
+        self.head = nn.Linear(8 if convolutions else 16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.block(self.embed(x).flatten(2).transpose(1, 2))  # [B, 16, 16]
+        if not self.convolutions:
+            return self.head(tokens.mean(dim=1))
+        grid = tokens.transpose(1, 2).reshape(x.shape[0], 16, 4, 4)
+        return self.head(self.conv(grid).mean(dim=(2, 3)))
+
+
+def test_convolutions_after_the_last_attention_are_chosen_as_in_a_cnn() -> None:
+    torch.manual_seed(0)
+    assert first_spatial_layer(HybridClassifier(convolutions=True), images(), None) == "conv"
+    tokens_only = HybridClassifier(convolutions=False)
+    assert first_spatial_layer(tokens_only, images(), None) == "block.norm1"  # torch's MHA
+
+
 # -- 4. Hugging Face outputs ----------------------------------------------------------------------
 
 

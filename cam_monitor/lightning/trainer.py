@@ -54,8 +54,9 @@ def default_layer(pl_module: pl.LightningModule, probe: ProbeSet, engine: Engine
     with logging_off(module):
         chosen = first_spatial_layer(module, probe.inputs, engine.forward, engine.output_transform)
     rank_zero_warn(
-        f"CamMonitor: no layer given, using {chosen!r} (the last spatial block that the "
-        f"class score reaches). Pass CamMonitor(layer={chosen!r}) to choose it yourself."
+        f"CamMonitor: no layer given, using {chosen!r} (a transformer's input of its last "
+        "attention, else the last spatial block that the class score reaches). Pass "
+        f"CamMonitor(layer={chosen!r}) to choose it yourself."
     )
     return chosen
 
