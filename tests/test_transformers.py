@@ -21,7 +21,15 @@ import torch
 import torchvision
 from pytorch_grad_cam import GradCAM
 from torch import nn
-from transformers import ViTConfig, ViTForImageClassification, ViTModel
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
 
 from cam_monitor import CamMonitor, compute_cams
 from cam_monitor.default_layer import first_spatial_layer
@@ -72,6 +80,24 @@ def hf_vit() -> nn.Module:
     return ViTForImageClassification(config).eval()
 
 
+#: A Hugging Face encoder of 2 layers of 32 channels at 64 px, patch 16.
+TINY_HF = {"image_size": SIZE, "patch_size": 16, "hidden_size": 32, "num_hidden_layers": 2,
+           "num_attention_heads": 2, "num_labels": 5}  # fmt: skip
+
+
+def hf_deit() -> nn.Module:
+    """DeiT with its distillation token (class + distillation head, averaged)."""
+    torch.manual_seed(0)
+    config = DeiTConfig(intermediate_size=64, **TINY_HF)
+    return DeiTForImageClassificationWithTeacher(config).eval()
+
+
+def hf_dinov2_registers() -> nn.Module:
+    torch.manual_seed(0)
+    config = Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=4, **TINY_HF)
+    return Dinov2WithRegistersForImageClassification(config).eval()
+
+
 class Family(NamedTuple):
     """A model family of the docs table: how to build one, its model's name there, the layer
     the automatic choice takes and the grid of its maps for a 64 px input."""
@@ -103,6 +129,14 @@ FAMILIES = {
     ),
     "ViT (Hugging Face)": Family(
         hf_vit, "transformers `ViTForImageClassification`", "vit.layers.1.layernorm_before", (4, 4)
+    ),
+    "DeiT (distilled, Hugging Face)": Family(
+        hf_deit, "transformers `DeiTForImageClassificationWithTeacher`",
+        "deit.layers.1.layernorm_before", (4, 4),
+    ),
+    "DINOv2 with registers (Hugging Face)": Family(
+        hf_dinov2_registers, "transformers `Dinov2WithRegistersForImageClassification`",
+        "dinov2_with_registers.encoder.layer.1.norm1", (4, 4),
     ),
     "Swin": Family(
         lambda: timm_model(
@@ -144,8 +178,19 @@ QUICK_FITS = ("ViT", "ViT (torchvision)", "ViT (Hugging Face)")
         (timm_vit_without_class_token, "blocks.1.norm1", 0),
         (torchvision_vit, "encoder.layers.encoder_layer_1.ln_1", 1),
         (hf_vit, "vit.layers.1.layernorm_before", 1),
+        (hf_deit, "deit.layers.1.layernorm_before", 2),
+        (hf_dinov2_registers, "dinov2_with_registers.encoder.layer.1.norm1", 5),
     ],
-    ids=["vit", "deit-distilled", "dinov2-reg4", "vit-no-class-token", "torchvision", "hf"],
+    ids=[
+        "vit",
+        "deit-distilled",
+        "dinov2-reg4",
+        "vit-no-class-token",
+        "torchvision",
+        "hf",
+        "hf-deit",
+        "hf-dinov2-reg4",
+    ],
 )
 def test_the_prefix_tokens_come_from_the_model_and_drop_out_of_the_grid(
     build: Callable[[], nn.Module], layer: str, prefix: int
@@ -267,10 +312,11 @@ def test_each_family_gets_the_layer_of_the_docs_table(family: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights: some maps may be all zero
         assert first_spatial_layer(model, images(), None) == layer
-        result = compute_cams(model, images(), layer, ["gradcam", "layercam"])
+        result = compute_cams(model, images(), layer, ["gradcam", "hirescam"])
     assert result[layer, "gradcam"].shape == (2, *grid)
     # A zero head gives zero maps (the fit below trains it); any other random model some heat.
-    assert bool(result[layer, "layercam"].any()) == (family != "ViT (torchvision)")
+    heat = any(bool(result[layer, method].any()) for method in ("gradcam", "hirescam"))
+    assert heat == (family != "ViT (torchvision)")
 
 
 @pytest.mark.parametrize(
