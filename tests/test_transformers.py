@@ -20,6 +20,7 @@ import timm
 import torch
 import torchvision
 from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import scale_cam_image
 from torch import nn
 from transformers import (
     DeiTConfig,
@@ -71,18 +72,14 @@ def torchvision_vit() -> nn.Module:
     return torchvision.models.VisionTransformer(SIZE, 16, 2, 2, 32, 64, num_classes=5).eval()
 
 
-def hf_vit() -> nn.Module:
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=SIZE, patch_size=16, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, num_labels=5,
-    )  # fmt: skip
-    return ViTForImageClassification(config).eval()
-
-
-#: A Hugging Face encoder of 2 layers of 32 channels at 64 px, patch 16.
+#: A Hugging Face encoder of 2 layers of 32 channels at 64 px, patch 16 (built, not downloaded).
 TINY_HF = {"image_size": SIZE, "patch_size": 16, "hidden_size": 32, "num_hidden_layers": 2,
            "num_attention_heads": 2, "num_labels": 5}  # fmt: skip
+
+
+def hf_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(intermediate_size=64, **TINY_HF)).eval()
 
 
 def hf_deit() -> nn.Module:
@@ -392,11 +389,11 @@ def test_hugging_face_logits_are_read_without_output_transform() -> None:
     x = images()
     with torch.no_grad():
         logits = model(x).logits
-    result = compute_cams(model, x, "vit.layers.1.layernorm_before")
+    layer = "vit.layers.1.layernorm_before"
+    result = compute_cams(model, x, layer)
     assert torch.allclose(result.logits, logits, atol=1e-6)
     assert torch.equal(result.targets, logits.argmax(dim=1))
-    chosen = compute_cams(model, x, "vit.layers.1.layernorm_before", output_transform="logits")
-    layer = "vit.layers.1.layernorm_before"
+    chosen = compute_cams(model, x, layer, output_transform="logits")
     assert torch.equal(chosen[layer, "gradcam"], result[layer, "gradcam"])
 
 
@@ -449,8 +446,6 @@ def grad_cam_maps(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[
 def test_grad_cam_equals_pytorch_grad_cam_on_vits(
     build: Callable[[], nn.Module], layer: str
 ) -> None:
-    from pytorch_grad_cam.utils.image import scale_cam_image
-
     model, x = build(), torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
     ours = compute_cams(model, x, first_spatial_layer(model, x, None))
     assert ours.layers == (layer,)
