@@ -392,7 +392,8 @@ def as_spatial(
                 f"{input_size[1]} input: neither [B, C, h, w] nor [B, h, w, C] is a grid of the "
                 "input's shape (an attention tensor [B, heads, tokens, dim]?). Pick a layer "
                 "whose output is the image's grid or tokens (for a ViT, the last block's norm1 "
-                "or ln_1), or pass reshape= to turn this output into [B, C, H, W]."
+                "or ln_1), or pass reshape= to turn this output into [B, C, H, W] (reshape="
+                "lambda t: t if it is one, with a different stride on each side)."
             )
         return output
     if output.dim() == 3:

@@ -274,6 +274,13 @@ def test_an_attention_tensor_named_as_the_layer_is_refused_with_its_shape() -> N
     assert cells.shape == (2, 64, 4, 4)
 
 
+def test_a_map_with_a_stride_per_side_is_refused_unless_reshape_says_it_is_one() -> None:
+    crnn = torch.randn(2, 8, 1, 32)  # a text recogniser's features: height pooled away
+    with pytest.raises(ValueError, match=r"'cnn' outputs \(2, 8, 1, 32\).*reshape=lambda t: t"):
+        as_spatial("cnn", crnn, input_size=(32, 128))
+    assert as_spatial("cnn", crnn, reshape=lambda t: t, input_size=(32, 128)) is crnn
+
+
 def test_the_automatic_choice_skips_attention_shaped_outputs() -> None:
     class Heads(nn.Module):
         def forward(self, tokens: torch.Tensor) -> torch.Tensor:
