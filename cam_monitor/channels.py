@@ -60,7 +60,9 @@ def _layer_output(
             pass
     if not recorded:
         raise did_not_run([name])
-    return as_spatial(name, recorded[0], reshape, size, layer, token_layout(model, name))
+    output = recorded[0]
+    layout = token_layout(model, name) if output.dim() == 3 else None
+    return as_spatial(name, output, reshape, size, layer, layout)
 
 
 def _channel_list(channels: int | Sequence[int], available: int, name: str) -> list[int]:

@@ -101,7 +101,7 @@ def first_spatial_layer(
         for name in order:
             if runs[name] != 1 or name not in outputs or name in grids:
                 continue
-            layout = token_layout(module, name)
+            layout = token_layout(module, name) if outputs[name].dim() == 3 else None
             grid = _grid_or_none(name, outputs[name], size, named[name], layout)
             if grid is not None:
                 grids[name] = grid
@@ -155,7 +155,7 @@ def _grid_or_none(
     output: Tensor,
     size: tuple[int, int] | None,
     layer: nn.Module,
-    layout: TokenLayout,
+    layout: TokenLayout | None,
 ) -> Tensor | None:
     """The output's spatial view if it has one of more than one cell, else None (also where the
     output is no image: an attention tensor `[B, heads, tokens, dim]`)."""
@@ -193,7 +193,7 @@ def _reached_by_gradient(
         grad = by_id[id(outputs[name])]
         if grad is None:
             continue
-        layout = token_layout(module, name)
+        layout = token_layout(module, name) if grad.dim() == 3 else None
         if bool(as_spatial(name, grad, None, size, layers[name], layout).any()):
             reached.add(name)
     return reached or set(layers)

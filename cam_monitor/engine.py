@@ -408,12 +408,19 @@ class _Plan:
     smooth_layers: bool
     #: Noisy copies per image for smoothed CAMs and SmoothGrad (0: no noisy passes).
     noisy_copies: int
-    #: Each layer's token layout, as the model declares it (`layers.token_layout`).
+    #: The (unwrapped) model the layers belong to.
+    root: nn.Module | None = None
+    #: Token layouts (`layers.token_layout`) of the layers with token outputs, found on first use.
     layouts: dict[str, TokenLayout] = field(default_factory=dict)
 
     def spatial(self, name: str, output: Tensor, options: EngineOptions, chunk: Batch) -> Tensor:
         """`output` of layer `name` (or its gradient) as `[B, C, h, w]` (`layers.as_spatial`)."""
-        layer, layout = self.layers[name], self.layouts.get(name)
+        layout = None
+        if output.dim() == 3 and options.reshape is None and self.root is not None:
+            layout = self.layouts.get(name)
+            if layout is None:
+                layout = self.layouts[name] = token_layout(self.root, name)
+        layer = self.layers[name]
         return as_spatial(name, output, options.reshape, chunk.image_size, layer, layout)
 
     @classmethod
@@ -436,7 +443,7 @@ class _Plan:
             layer_gradients=layer_gradients,
             smooth_layers=smooth_layers,
             noisy_copies=(options.smooth or SMOOTHGRAD_SAMPLES) if noisy else 0,
-            layouts={name: token_layout(module, name) for name in resolved},
+            root=module,
         )
 
 
