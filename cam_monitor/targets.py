@@ -41,8 +41,9 @@ def pick_logits(output: Any, output_transform: OutputTransform) -> Tensor:
     """
     if output_transform is None:
         picked = output
-        if is_model_output(output) and isinstance(getattr(output, "logits", None), Tensor):
-            picked = output.logits
+        if not isinstance(output, Tensor) and is_model_output(output):
+            logits = getattr(output, "logits", None)
+            picked = logits if isinstance(logits, Tensor) else output
     elif callable(output_transform):
         picked = output_transform(output)
     elif isinstance(output_transform, (int, str)):
