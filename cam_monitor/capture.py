@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-#: Which module hook a registration adds: `register_forward_hook` or `register_forward_pre_hook`.
-HookKind = Literal["forward", "forward_pre"]
+#: Which module hook a registration adds: `register_forward_hook`, `register_forward_pre_hook`,
+#: or the latter `with_kwargs=True` (`fn(module, args, kwargs)`, for inputs passed by keyword).
+HookKind = Literal["forward", "forward_pre", "forward_pre_kwargs"]
 Hook = tuple[nn.Module, HookKind, Callable[..., Any]]
 
 
@@ -49,8 +50,13 @@ def scoped_hooks(hooks: Iterable[Hook]) -> Iterator[list[RemovableHandle]]:
                 handles.append(module.register_forward_hook(fn))
             elif kind == "forward_pre":
                 handles.append(module.register_forward_pre_hook(fn))
+            elif kind == "forward_pre_kwargs":
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
             else:
-                raise ValueError(f"hook kind must be 'forward' or 'forward_pre', got {kind!r}.")
+                raise ValueError(
+                    "hook kind must be 'forward', 'forward_pre' or 'forward_pre_kwargs', got "
+                    f"{kind!r}."
+                )
         yield handles
     finally:
         for handle in reversed(handles):

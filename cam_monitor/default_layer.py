@@ -61,10 +61,13 @@ def first_spatial_layer(
     # (modules finished when it started, its name, its input tokens) for each attention call
     attended: list[tuple[int, str, Tensor]] = []
 
-    def make_attention_hook(name: str) -> Callable[[nn.Module, Any], None]:
-        def hook(_: nn.Module, args: Any) -> None:
-            if args and isinstance(args[0], Tensor) and args[0].dim() == 3:
-                attended.append((len(order), name, args[0]))
+    def make_attention_hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(_: nn.Module, args: Any, kwargs: Any) -> None:
+            # The query: the first input, positional (timm, torch) or by keyword (CLIP's
+            # `hidden_states=`).
+            tokens = args[0] if args else next(iter(kwargs.values()), None)
+            if isinstance(tokens, Tensor) and tokens.dim() == 3:
+                attended.append((len(order), name, tokens))
 
         return hook
 
@@ -89,7 +92,9 @@ def first_spatial_layer(
     size = batch.image_size
     hooks: list[Hook] = [(m, "forward", make_hook(n, m)) for n, m in named.items()]
     hooks += [
-        (m, "forward_pre", make_attention_hook(n)) for n, m in named.items() if _is_attention(m)
+        (m, "forward_pre_kwargs", make_attention_hook(n))
+        for n, m in named.items()
+        if _is_attention(m)
     ]
     with scoped_hooks(hooks), isolated(module), torch.enable_grad():
         batch = batch.usable()

@@ -221,19 +221,22 @@ class TokenLayout:
     patch: tuple[int, int] | None = None
 
 
-#: Parameters that are prefix tokens (timm, torchvision, Hugging Face names), each `[1, n, C]`.
+#: Parameters that are prefix tokens (timm, torchvision, Hugging Face names), each `[1, n, C]`
+#: (CLIP's `class_embedding`: one token, `[C]`).
 _TOKEN_PARAMETERS = frozenset(
-    {"cls_token", "class_token", "dist_token", "distillation_token", "reg_token", "register_tokens"}
-)
+    {"cls_token", "class_token", "class_embedding", "dist_token", "distillation_token",
+     "reg_token", "register_tokens"}
+)  # fmt: skip
 
 
 def token_layout(model: nn.Module, name: str) -> TokenLayout:
     """The token layout of layer `name`: what the layer or its nearest ancestor declares.
 
     The prefix count is a `num_prefix_tokens` attribute (timm), else the sizes of the prefix
-    token parameters (`cls_token`, `class_token`, `dist_token`, `distillation_token`,
-    `reg_token`, `register_tokens`) of that module or its direct children (torchvision, Hugging
-    Face); the patch size is its `patch_size` (or `patch_embed.patch_size`, `config.patch_size`).
+    token parameters (`cls_token`, `class_token`, `class_embedding`, `dist_token`,
+    `distillation_token`, `reg_token`, `register_tokens`) of that module or its direct children
+    (torchvision, Hugging Face); the patch size is its `patch_size` (or
+    `patch_embed.patch_size`, `config.patch_size`).
 
     Example:
         >>> import torchvision

@@ -246,3 +246,13 @@ def test_users_hooks_lists_the_users_hooks_not_torchs() -> None:
         "'2' (forward hook)", "'4' (backward hook)", "every module (global forward pre-hook)",
     ]  # fmt: skip
     assert "not module.training" in str(users_hooks_warning(net))
+
+
+def test_a_pre_hook_with_kwargs_sees_inputs_passed_by_keyword() -> None:
+    attention = nn.MultiheadAttention(4, 1, batch_first=True)
+    tokens, seen = torch.randn(1, 3, 4), []
+    hook = (attention, "forward_pre_kwargs", lambda m, args, kwargs: seen.append(kwargs["query"]))
+    with scoped_hooks([hook]):
+        attention(query=tokens, key=tokens, value=tokens)
+    assert seen == [tokens] and seen[0] is tokens
+    assert not attention._forward_pre_hooks and not attention._forward_pre_hooks_with_kwargs

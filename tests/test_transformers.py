@@ -23,6 +23,8 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from torch import nn
 from transformers import (
+    CLIPConfig,
+    CLIPForImageClassification,
     DeiTConfig,
     DeiTForImageClassificationWithTeacher,
     Dinov2WithRegistersConfig,
@@ -95,6 +97,17 @@ def hf_dinov2_registers() -> nn.Module:
     return Dinov2WithRegistersForImageClassification(config).eval()
 
 
+def hf_clip() -> nn.Module:
+    """CLIP's vision tower: its attention takes the tokens by keyword (`hidden_states=`)."""
+    torch.manual_seed(0)
+    tower = {key: TINY_HF[key] for key in ("image_size", "patch_size", "hidden_size",
+             "num_hidden_layers", "num_attention_heads")}  # fmt: skip
+    text = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = CLIPConfig(vision_config={**tower, "intermediate_size": 64}, text_config=text,
+                        num_labels=5)  # fmt: skip
+    return CLIPForImageClassification(config).eval()
+
+
 class Family(NamedTuple):
     """A model family of the docs table: how to build one, its model's name there, the layer
     the automatic choice takes and the grid of its maps for a 64 px input."""
@@ -134,6 +147,10 @@ FAMILIES = {
     "DINOv2 with registers (Hugging Face)": Family(
         hf_dinov2_registers, "transformers `Dinov2WithRegistersForImageClassification`",
         "dinov2_with_registers.encoder.layer.1.norm1", (4, 4),
+    ),
+    "CLIP (Hugging Face)": Family(
+        hf_clip, "transformers `CLIPForImageClassification`",
+        "vision_model.encoder.layers.1.layer_norm1", (4, 4),
     ),
     "Swin": Family(
         lambda: timm_model(
@@ -177,6 +194,7 @@ QUICK_FITS = ("ViT", "ViT (torchvision)", "ViT (Hugging Face)")
         (hf_vit, "vit.layers.1.layernorm_before", 1),
         (hf_deit, "deit.layers.1.layernorm_before", 2),
         (hf_dinov2_registers, "dinov2_with_registers.encoder.layer.1.norm1", 5),
+        (hf_clip, "vision_model.encoder.layers.1.layer_norm1", 1),
     ],
     ids=[
         "vit",
@@ -187,6 +205,7 @@ QUICK_FITS = ("ViT", "ViT (torchvision)", "ViT (Hugging Face)")
         "hf",
         "hf-deit",
         "hf-dinov2-reg4",
+        "hf-clip",
     ],
 )
 def test_the_prefix_tokens_come_from_the_model_and_drop_out_of_the_grid(
@@ -386,6 +405,37 @@ def test_convolutions_after_the_last_attention_are_chosen_as_in_a_cnn() -> None:
     assert first_spatial_layer(HybridClassifier(convolutions=True), images(), None) == "conv"
     tokens_only = HybridClassifier(convolutions=False)
     assert first_spatial_layer(tokens_only, images(), None) == "block.norm1"  # torch's MHA
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["success", "exception"])
+def test_the_choice_leaves_a_transformer_the_hooks_it_had(failing: bool) -> None:
+    model = hf_clip()
+    attention = model.get_submodule("vision_model.encoder.layers.1.self_attn")
+    attention.register_forward_pre_hook(lambda *a, **k: None, with_kwargs=True)
+
+    def hooks() -> list[tuple[str, int, int, int]]:
+        return [
+            (
+                n,
+                len(m._forward_hooks),
+                len(m._forward_pre_hooks),
+                len(m._forward_pre_hooks_with_kwargs),
+            )
+            for n, m in model.named_modules()
+        ]
+
+    def forward(module: nn.Module, x: torch.Tensor) -> Any:
+        if failing:
+            raise RuntimeError("forward broke")
+        return module(x)
+
+    before = hooks()
+    if failing:
+        with pytest.raises(RuntimeError, match="forward broke"):
+            first_spatial_layer(model, images(), forward)
+    else:
+        first_spatial_layer(model, images(), forward)
+    assert hooks() == before
 
 
 # -- 4. Hugging Face outputs ----------------------------------------------------------------------
