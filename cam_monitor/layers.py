@@ -291,10 +291,9 @@ def _declared_patch(owner: nn.Module) -> tuple[int, int] | None:
 def _prefix_counts(
     tokens: int, size: tuple[int, int] | None, layout: TokenLayout
 ) -> tuple[int, ...]:
-    """The prefix counts a token output may have: the declared one; else the one the input and
-    patch sizes leave (fewer prefix tokens than patches); else 0 or 1 (none, a class token)."""
-    if layout.prefix is not None:
-        return (layout.prefix,)
+    """The prefix counts a token output may have where the model declares none: the one the
+    input and patch sizes leave (fewer prefix tokens than patches), else 0 or 1 (none, a class
+    token)."""
     if layout.patch is not None and size is not None:
         for rounding in (math.floor, math.ceil):
             cells = rounding(size[0] / layout.patch[0]) * rounding(size[1] / layout.patch[1])
@@ -308,15 +307,27 @@ def _token_grid(
 ) -> tuple[int, int, int] | None:
     """`(skip, rows, cols)`: tokens on a grid after `skip` prefix tokens, shaped like the input.
 
-    A grid of the input's aspect is preferred; a square one is the fallback where no input size
-    is known, or where the model declares its prefix (a model that resizes its input): a count
-    of tokens merely guessed to be square is no evidence of a grid.
+    A declared prefix is tried first, then none (the patch embedding's output, before the
+    prefix tokens join). A grid of the input's aspect is preferred; a square one is the fallback
+    where no input size is known, or after a declared prefix (a model that resizes its input):
+    a count of tokens merely guessed to be square is no evidence of a grid.
     """
-    skips = _prefix_counts(tokens, size, layout)
+    if layout.prefix is None:
+        skips = _prefix_counts(tokens, size, layout)
+        if size is not None:
+            return _token_grid_like(tokens, size, skips)
+        return _square_grid(tokens, skips)
     if size is not None:
-        shaped = _token_grid_like(tokens, size, skips)
-        if shaped is not None or layout.prefix is None:
-            return shaped
+        for skip in dict.fromkeys((layout.prefix, 0)):
+            shaped = _token_grid_like(tokens, size, (skip,))
+            if shaped is not None:
+                return shaped
+        return _square_grid(tokens, (layout.prefix,))
+    return _square_grid(tokens, tuple(dict.fromkeys((layout.prefix, 0))))
+
+
+def _square_grid(tokens: int, skips: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """`(skip, side, side)` for the first prefix count in `skips` that leaves a square."""
     for skip in skips:
         count = tokens - skip
         side = round(count**0.5) if count > 0 else 0
@@ -367,7 +378,8 @@ def as_spatial(
     of the input's shape neither way (attention's `[B, heads, tokens, dim]`) is refused. Tokens
     `[B, N, C]` are accepted on a grid of the input's shape (square without `input_size`) after
     the prefix tokens (class, distillation, registers) that `layout` (`token_layout`) declares,
-    which are dropped; where the model declares none, after 0 or 1 token.
+    which are dropped (or none: the patch embedding's output); where the model declares none,
+    after 0 or 1 token.
 
     Example:
         >>> import torch
@@ -411,8 +423,8 @@ def as_spatial(
             raise ValueError(
                 f"Layer {name!r} outputs tokens {tuple(output.shape)}; after the model's "
                 f"{layout.prefix} prefix tokens (its num_prefix_tokens: class, distillation, "
-                f"registers) the other {tokens - layout.prefix} are not a grid{where}. Pass "
-                "reshape= to turn this output into [B, C, H, W]."
+                f"registers) the other {tokens - layout.prefix} are not a grid{where}, nor are "
+                f"all {tokens}. Pass reshape= to turn this output into [B, C, H, W]."
             )
     raise ValueError(
         f"Layer {name!r} outputs shape {tuple(output.shape)}; a CAM needs a spatial map "

@@ -230,6 +230,22 @@ def test_the_prefix_tokens_come_from_the_model_and_drop_out_of_the_grid(
     assert torch.equal(grid[1, :, 2, 3], tokens[1, prefix + 2 * 4 + 3])
 
 
+@pytest.mark.parametrize(
+    ("build", "layer"),
+    [(timm_vit, "patch_embed"), (hf_vit, "vit.embeddings.patch_embeddings")],
+    ids=["timm", "hf"],
+)
+def test_the_patch_embedding_before_the_prefix_tokens_join_is_a_grid_too(
+    build: Callable[[], nn.Module], layer: str
+) -> None:
+    model = build()
+    assert token_layout(model, layer).prefix == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights: a map may be zero
+        result = compute_cams(model, images(), layer, "gradcam")
+    assert result[layer, "gradcam"].shape == (2, 4, 4)
+
+
 def test_a_declared_prefix_reads_grids_of_any_aspect_and_refuses_what_is_no_grid() -> None:
     tokens = torch.randn(2, 2 + 4 * 6, 8)  # class + distillation token, a 64x96 input
     grid = as_spatial("blocks.1", tokens, input_size=(64, 96), layout=TokenLayout(prefix=2))
