@@ -171,6 +171,7 @@ FAMILIES = {
         lambda: timm_model("efficientnet_b0"), "timm `efficientnet_b0`", "bn2", (2, 2)
     ),
     "ResNet": Family(lambda: timm_model("resnet18"), "timm `resnet18`", "layer4", (2, 2)),
+    "RegNet": Family(lambda: timm_model("regnetx_002"), "timm `regnetx_002`", "final_conv", (2, 2)),
     "MobileNet": Family(
         lambda: timm_model("mobilenetv3_small_050"), "timm `mobilenetv3_small_050`", "blocks",
         (2, 2),
