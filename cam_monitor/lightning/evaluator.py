@@ -22,6 +22,7 @@ from ..evaluation import (
     explain_first_failure,
     raised_by_cam_monitor,
     run_evaluation,
+    scored_probes,
 )
 from ..history import RunHistory, evaluation_record
 from ..history.background import WriteError
@@ -115,7 +116,8 @@ class Evaluator:
                 encode = any(sink.needs_bytes for sink in plan.sinks)  # MLflow takes pixels
                 image_format = plan.render.image_format
                 encoding = self.encoder.submit(output.images, image_format, encode=encode)
-            scalars, non_finite = plan.tracker.score(output.results, plan.probes)
+            probes = scored_probes(plan.probes, output.results)
+            scalars, non_finite = plan.tracker.score(output.results, probes)
         except Exception as err:
             if encoding is not None:
                 encoding.cancel()
