@@ -122,7 +122,8 @@ def probe_captions(
     """Caption lists, the widest first, for `choose_captions`. A classifier's read "ok pred cat
     / true cat" where the tiles are wide enough, else "ok p:cat t:cat" (class numbers are
     always compact); a segmentation model's name the class explained and its IoU on the image
-    where label maps exist, else the share of pixels predicted as it."""
+    where label maps exist, else the share of pixels predicted as it ("car IoU 0.72", "car
+    0.72", then "3 0.72")."""
     if result.predicted_maps is not None:
         classes = result.targets.tolist()
         iou = None
@@ -131,10 +132,13 @@ def probe_captions(
         share = (result.predicted_maps == result.targets[:, None, None].to(
             result.predicted_maps.device
         )).flatten(1).float().mean(dim=1).tolist()  # fmt: skip
-        return [
-            segment_caption_text(classes, iou, share, names),
-            segment_caption_text(classes, iou, share, names, compact=True),
-        ]
+        candidates = [segment_caption_text(classes, iou, share, None, compact=True)]
+        if names is not None:
+            candidates[:0] = [
+                segment_caption_text(classes, iou, share, names),
+                segment_caption_text(classes, iou, share, names, compact=True),
+            ]
+        return candidates
     predicted = predicted_classes(result.logits)
     true = None if probe.labels is None else probe.labels.tolist()
     candidates = [caption_text(predicted, true, names, compact=True)]

@@ -40,6 +40,7 @@ from shapes import MEAN, STD, make_scenes, scene_class_names
 from cam_monitor import CamMonitor
 
 IMAGE_SIZE = 48
+VAL_SIZE = 128  # held-out scenes per domain for val/source_miou and val/target_miou
 NUM_CLASSES = len(scene_class_names())
 # Disjoint seed streams for the training pool, the validation sets and the probes.
 _TRAIN, _VAL, _PROBE = 0, 1, 2
@@ -146,7 +147,7 @@ def build_loaders(
     train = TensorDataset(*make_scenes(train_size, "source", IMAGE_SIZE, seed=10 * seed + _TRAIN))
     val = [
         DataLoader(
-            TensorDataset(*make_scenes(128, domain, IMAGE_SIZE, seed=10 * seed + _VAL)),
+            TensorDataset(*make_scenes(VAL_SIZE, domain, IMAGE_SIZE, seed=10 * seed + _VAL)),
             batch_size=64,
         )
         for domain in ("source", "target")
