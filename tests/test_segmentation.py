@@ -18,6 +18,7 @@ from cam_monitor import CamMonitor, compute_cams
 from cam_monitor.cli import main as cli
 from cam_monitor.default_layer import first_spatial_layer
 from cam_monitor.evaluation import compute_probe, probe_captions, probe_options, scored_probes
+from cam_monitor.history import read_history
 from cam_monitor.measures import class_iou, energy_inside
 from cam_monitor.options import EngineOptions
 from cam_monitor.probe import build_probes, probe_sets
@@ -376,3 +377,5 @@ def test_a_monitored_fit_logs_class_captions_localization_and_a_history_cli_read
     compared = capsys.readouterr().out
     assert "energy" in compared and layer in compared
     assert report.stat().st_size > 1000 and "<img" in report.read_text()
+    last = read_history(monitor.folder)[-1]  # the class each map explained, per image
+    assert np.array_equal(last.targets["target"], main_class(probe["target"][1]).numpy())
