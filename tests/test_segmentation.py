@@ -379,3 +379,17 @@ def test_a_monitored_fit_logs_class_captions_localization_and_a_history_cli_read
     assert report.stat().st_size > 1000 and "<img" in report.read_text()
     last = read_history(monitor.folder)[-1]  # the class each map explained, per image
     assert np.array_equal(last.targets["target"], main_class(probe["target"][1]).numpy())
+
+
+def test_a_class_and_pixel_mask_target_is_recorded_by_content_for_resumes() -> None:
+    from cam_monitor.lightning.resume import settings
+    from cam_monitor.options import DriftOptions
+
+    region = torch.zeros(8, 8, dtype=torch.bool)
+    region[2:5] = True
+
+    def described(mask: Tensor) -> str:
+        return settings(EngineOptions(target=(1, mask)), DriftOptions(), None)["target"]
+
+    assert described(region) == described(region.clone())
+    assert described(region).startswith("(1, tensor ") and described(region) != described(~region)
