@@ -650,10 +650,13 @@ def _clean_pass(
 
 
 def _warn_if_unpredicted(module: nn.Module, indices: Tensor, masks: Tensor) -> None:
-    """Warn (once per model) when an explained class has no pixel to be scored over: its score
-    is 0 and its map all zero, an absence rather than an explanation."""
+    """Warn when an explained class has no pixel to be scored over: its score is 0 and its map
+    all zero, an absence rather than an explanation. Checked on a model's first call only (a
+    host sync)."""
+    if not _first_time(module, ("empty-segment",)):
+        return
     empty = (masks.flatten(1).sum(dim=1) == 0) & (indices >= 0)
-    if not bool(empty.any()) or not _first_time(module, ("empty-segment",)):
+    if not bool(empty.any()):
         return
     image = int(empty.nonzero()[0, 0])
     warnings.warn(
