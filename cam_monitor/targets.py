@@ -189,6 +189,13 @@ def resolve_targets(
         >>> indices.tolist(), scores.tolist()
         ([1, 0], [2.0, 3.0])
     """
+    if isinstance(target, tuple):
+        raise ValueError(
+            "A (class, pixel_mask) target (also target='label' with label maps) explains a class "
+            "over pixels of per-pixel logits [B, C, H, W], but the model gave class logits of "
+            f"shape {tuple(logits.shape)}. Return the per-pixel logits (output_transform=), or "
+            "pass class indices: an int, a LongTensor [B] or 'predicted'."
+        )
     table = class_scores(logits)
     batch, num_classes = table.shape
     if isinstance(target, str):  # 'predicted'

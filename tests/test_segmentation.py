@@ -393,3 +393,10 @@ def test_a_class_and_pixel_mask_target_is_recorded_by_content_for_resumes() -> N
 
     assert described(region) == described(region.clone())
     assert described(region).startswith("(1, tensor ") and described(region) != described(~region)
+
+
+def test_a_pixel_target_on_a_classifier_names_the_mismatch(tiny_cnn: nn.Module) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    everywhere = torch.ones(32, 32, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"\(class, pixel_mask\).*\(2, 5\).*output_transform"):
+        compute_cams(tiny_cnn, x, "features.5", target=(1, everywhere))
