@@ -400,3 +400,18 @@ def test_a_pixel_target_on_a_classifier_names_the_mismatch(tiny_cnn: nn.Module) 
     everywhere = torch.ones(32, 32, dtype=torch.bool)
     with pytest.raises(ValueError, match=r"\(class, pixel_mask\).*\(2, 5\).*output_transform"):
         compute_cams(tiny_cnn, x, "features.5", target=(1, everywhere))
+
+
+def test_without_label_maps_captions_give_the_share_of_pixels_predicted_as_the_class() -> None:
+    torch.manual_seed(0)
+    x, _ = scenes(4, size=32)
+    (probe,) = build_probes({"p": x}, 4).values()
+    model = TinySegmenter(num_classes=5).eval()
+    result = compute_probe(model, probe, ["backbone"], EngineOptions(output_transform="out"))
+    names = shapes.scene_class_names()
+    full, compact, numbers = probe_captions(probe, result, names)
+    assert result.predicted_maps is not None
+    for i, k in enumerate(result.targets.tolist()):
+        share = float((result.predicted_maps[i] == k).float().mean())
+        assert full[i] == f"{names[k]} {share:.0%} px" and compact[i] == f"{names[k]} {share:.0%}"
+        assert numbers[i] == f"{k} {share:.0%}"
