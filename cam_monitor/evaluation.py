@@ -80,17 +80,6 @@ def compute_probe(
     return compute(module, probe.inputs, list(layers), options)
 
 
-def scored_probes(
-    probes: Mapping[str, ProbeSet], results: Mapping[str, CamResult]
-) -> dict[str, ProbeSet]:
-    """The probes as localization scores them: where a probe has label maps, its masks are the
-    pixels labelled with the class each image's maps explain (never "any class")."""
-    return {
-        name: probe.class_masks(results[name].targets) if name in results else probe
-        for name, probe in probes.items()
-    }
-
-
 def render_probe(
     probe: ProbeSet, result: CamResult, options: RenderOptions
 ) -> dict[MapKey, Tensor]:

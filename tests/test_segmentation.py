@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -17,11 +18,13 @@ from torchvision.models import segmentation
 from cam_monitor import CamMonitor, compute_cams
 from cam_monitor.cli import main as cli
 from cam_monitor.default_layer import first_spatial_layer
-from cam_monitor.evaluation import compute_probe, probe_captions, probe_options, scored_probes
+from cam_monitor.drift import AttentionTracker
+from cam_monitor.evaluation import compute_probe, probe_captions, probe_options
 from cam_monitor.history import read_history
-from cam_monitor.measures import class_iou, energy_inside
+from cam_monitor.measures import class_iou
 from cam_monitor.options import EngineOptions
-from cam_monitor.probe import build_probes, probe_sets
+from cam_monitor.probe import ProbeSet, build_probes, probe_sets
+from cam_monitor.schema import LOCALIZATION, MapKey, ScalarKey
 from cam_monitor.targets import main_class
 from tests.helpers import Lightning, fit, read_events
 
@@ -258,12 +261,16 @@ def test_a_class_index_mask_is_a_label_map_scored_against_the_explained_class() 
     model = TinySegmenter(num_classes=3).eval()
     options = EngineOptions(target=2, output_transform="out")
     result = compute_probe(model, probe, ["backbone"], options)
-    scored = scored_probes({"p": probe}, {"p": result})["p"]
-    assert scored.masks is not None
-    assert torch.equal(scored.masks, labels == 2)  # class 2's pixels, not "any class"
-    assert not torch.equal(scored.masks, labels > 0)
-    maps = result.upsampled("backbone", "gradcam")
-    assert torch.allclose(energy_inside(maps, scored.masks), energy_inside(maps, labels == 2))
+    assert result.targets.tolist() == [2, 2, 2, 2]
+
+    def energy(scored: ProbeSet) -> float:
+        scalars, _ = AttentionTracker().score({"probe": result}, {"probe": scored})
+        key = ScalarKey(LOCALIZATION, MapKey("probe", "backbone", "gradcam"), "energy")
+        return scalars[key]
+
+    class_two = energy(replace(probe, label_maps=None, masks=labels == 2))
+    any_class = energy(replace(probe, label_maps=None, masks=labels > 0))
+    assert energy(probe) == class_two != any_class  # class 2's pixels, not "any class"
 
 
 @pytest.mark.parametrize("layout", ["tuple", "dict-label", "masks="])

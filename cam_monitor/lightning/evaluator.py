@@ -22,7 +22,6 @@ from ..evaluation import (
     explain_first_failure,
     raised_by_cam_monitor,
     run_evaluation,
-    scored_probes,
 )
 from ..history import RunHistory, evaluation_record
 from ..history.background import WriteError
@@ -116,8 +115,7 @@ class Evaluator:
                 encode = any(sink.needs_bytes for sink in plan.sinks)  # MLflow takes pixels
                 image_format = plan.render.image_format
                 encoding = self.encoder.submit(output.images, image_format, encode=encode)
-            probes = scored_probes(plan.probes, output.results)
-            scalars, non_finite = plan.tracker.score(output.results, probes)
+            scalars, non_finite = plan.tracker.score(output.results, plan.probes)
         except Exception as err:
             if encoding is not None:
                 encoding.cancel()
