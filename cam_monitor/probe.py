@@ -275,6 +275,15 @@ def _whole_numbers(value: Tensor) -> bool:
     return not value.is_floating_point() or bool((value == value.round()).all())
 
 
+def _class_index_map(masks: Tensor) -> bool:
+    """Whether a mask holds class indices: whole numbers other than a binary mask's 0 and 1, or
+    0 and 255 (a binary mask saved as an 8-bit image)."""
+    if not masks.numel() or not _whole_numbers(masks):
+        return False
+    binary = (masks == 0) | (masks == 1)
+    return not bool(binary.all()) and not bool(((masks == 0) | (masks == 255)).all())
+
+
 def read_label_maps(
     name: str,
     inputs: Any,
@@ -288,7 +297,7 @@ def read_label_maps(
     Labels shaped like the images' masks (`[B, H, W]`, `[B, 1, H, W]`) are label maps. A mask
     of whole numbers beyond 0 and 1 is a label map, never binarised into "any class"; an
     integer mask of only 0 and 1 stays a mask, with a warning that it could be either. Bool
-    masks and float 0/1 masks keep their meaning.
+    masks, float 0/1 masks and 0/255 masks (an 8-bit image) keep their meaning.
 
     Example:
         >>> x = torch.zeros(2, 3, 4, 4)
@@ -300,12 +309,11 @@ def read_label_maps(
     if isinstance(labels, Tensor) and looks_like_masks(labels, inputs) and _whole_numbers(labels):
         label_maps, labels = labels, None
     if isinstance(masks, Tensor) and looks_like_masks(masks, inputs) and _whole_numbers(masks):
-        low, high = (float(masks.min()), float(masks.max())) if masks.numel() else (0.0, 0.0)
-        if high > 1 or low < 0:
+        if _class_index_map(masks):
             if label_maps is None:
                 label_maps = masks
             masks = None
-        elif not masks.is_floating_point() and warn is not None:
+        elif bool(masks.max() <= 1) and not masks.is_floating_point() and warn is not None:
             warn(
                 f"probe {name!r}: its mask ({masks.dtype}) holds only 0 and 1, read as a binary "
                 "mask (the object's pixels). If it is a class-index map of classes 0 and 1, pass "
@@ -436,9 +444,8 @@ def attach_masks(probe: ProbeSet, masks: Any) -> ProbeSet:
             f"[B, H, W] = {(batch, *size)} like the probe images, or boxes [B, 4] (through "
             "masks= only)."
         )
-    if masks.dtype != torch.bool and masks.numel() and _whole_numbers(masks):
-        if float(masks.max()) > 1 or float(masks.min()) < 0:  # class indices, not a mask
-            return replace(probe, masks=None, label_maps=masks.long())
+    if masks.dtype != torch.bool and _class_index_map(masks):  # class indices, not a mask
+        return replace(probe, masks=None, label_maps=masks.long())
     return replace(probe, masks=masks if masks.dtype == torch.bool else masks > 0.5)
 
 

@@ -300,6 +300,11 @@ def test_binary_masks_keep_their_meaning_and_a_0_1_integer_mask_is_called_ambigu
     for mask in (torch.rand(2, 8, 8) > 0.5, (torch.rand(2, 8, 8) > 0.5).float()):
         (probe,) = build_probes(probe_sets({"image": x, "mask": mask}), 2).values()
         assert probe.label_maps is None and torch.equal(probe.masks, mask > 0.5)
+    eight_bit = (torch.rand(2, 8, 8) > 0.5).to(torch.uint8) * 255  # a binary mask saved as PNG
+    (probe,) = build_probes(probe_sets({"image": x, "mask": eight_bit}), 2).values()
+    assert probe.label_maps is None and torch.equal(probe.masks, eight_bit > 0)
+    (probe,) = build_probes({"p": x}, 2, masks=eight_bit).values()
+    assert probe.label_maps is None and torch.equal(probe.masks, eight_bit > 0)
     said: list[str] = []
     ones = (torch.rand(2, 8, 8) > 0.5).long()
     (probe,) = build_probes(probe_sets({"image": x, "mask": ones}), 2, warn=said.append).values()
