@@ -165,13 +165,13 @@ FAMILIES = {
     ),
     "ConvNeXt": Family(
         lambda: timm_model("convnext_atto", depths=(1, 1, 1, 1)),
-        "timm `convnext_atto`", "norm_pre", (2, 2),
+        "timm `convnext_atto`", "stages", (2, 2),
     ),
     "EfficientNet": Family(
         lambda: timm_model("efficientnet_b0"), "timm `efficientnet_b0`", "bn2", (2, 2)
     ),
     "ResNet": Family(lambda: timm_model("resnet18"), "timm `resnet18`", "layer4", (2, 2)),
-    "RegNet": Family(lambda: timm_model("regnetx_002"), "timm `regnetx_002`", "final_conv", (2, 2)),
+    "RegNet": Family(lambda: timm_model("regnetx_002"), "timm `regnetx_002`", "s4", (2, 2)),
     "MobileNet": Family(
         lambda: timm_model("mobilenetv3_small_050"), "timm `mobilenetv3_small_050`", "blocks",
         (2, 2),
@@ -478,7 +478,7 @@ def test_structured_outputs_without_logits_keep_asking_for_output_transform() ->
     with pytest.raises(ValueError, match=r"returned a BaseModelOutput.*output_transform="):
         compute_cams(backbone, images(), "layers.1.layernorm_before")
     plain = {"logits": torch.zeros(2, 5), "domain": torch.zeros(2, 2)}
-    with pytest.raises(ValueError, match=r"returned a dict of 2 elements.*output_transform="):
+    with pytest.raises(ValueError, match=r"returned a dict \('logits'.*output_transform='logits'"):
         pick_logits(plain, None)
 
 
