@@ -29,6 +29,9 @@ MEASURES: tuple[str, ...] = ("spearman", "pearson", "topk_iou", "js", "com_shift
 DEFAULT_MEASURES: tuple[str, ...] = ("spearman", "topk_iou")
 #: Localization scores against ground-truth masks (1 = all attention on the object).
 LOCALIZATION_SCORES: tuple[str, ...] = ("energy", "pointing", "mask_iou")
+#: Faithfulness measures (`faithfulness.faithfulness`): what perturbing the image by its map does
+#: to the class score. Lower drop and deletion are better, higher increase and insertion.
+FAITHFULNESS_MEASURES: tuple[str, ...] = ("drop", "increase", "deletion", "insertion")
 #: Per-map statistics.
 ENTROPY = "entropy"
 STATS: tuple[str, ...] = (ENTROPY,)
