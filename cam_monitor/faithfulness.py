@@ -55,6 +55,8 @@ def faithfulness(
     forward: ForwardFn | None = None,
     output_transform: OutputTransform = None,
     batch_size: int | None = None,
+    *,
+    logits: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Per image, how much the model's class score depends on the pixels `maps` point at.
 
@@ -71,7 +73,8 @@ def faithfulness(
       pixels, every channel at once; the area under the score curve by the trapezoid rule over
       the fraction perturbed.
 
-    Cost, in forwards of the probe: 1 for the clean scores, 1 for drop and increase together,
+    Cost, in forwards of the probe: 1 for the clean scores (none when `logits` are given), 1
+    for drop and increase together,
     ``2 * steps - 1`` for deletion and insertion together (they share the all-baseline input).
     These agree with torchcam 0.5's `ClassificationMetric` and `DeletionInsertionMetric`
     (``logits_fn=softmax``) given the same maps. An image whose map is not finite gets NaN.
@@ -95,6 +98,8 @@ def faithfulness(
         output_transform: picks the class logits from a tuple/dict output.
         batch_size: rows per forward (None: the probe at once for the clean and masked inputs,
             and as many perturbed copies as 16 images of 224 x 224 pixels hold).
+        logits: the clean logits ``[B, C]`` when known (``result.logits`` of the `CamResult`
+            the maps come from): saves the clean forward.
 
     Returns:
         ``{measure: float32 [B]}`` in the order of `measures`, on the images' device.
@@ -125,7 +130,10 @@ def faithfulness(
         image = batch.require_image()
         weights = _weights(maps, image)
         valid = torch.isfinite(maps.flatten(1)).all(dim=1).to(image.device)
-        logits = torch.cat([run.logits(batch.slice(*rows)) for rows in run.ranges(batch)])
+        if logits is None:
+            logits = torch.cat([run.logits(batch.slice(*r)) for r in run.ranges(batch)])
+        else:
+            logits = _check_logits(logits, image)
         whole = target if isinstance(target, Tensor) else None
         indices, _ = resolve_targets(target, logits, whole)
         if callable(target) and bool((indices < 0).any()):
@@ -186,6 +194,17 @@ def _check_maps(maps: Tensor, image: Tensor) -> None:
             f"{tuple(maps.shape)}. Pass result[layer, method] of the same probe (squeeze a "
             "channel axis of [B, 1, h, w])."
         )
+
+
+def _check_logits(logits: Tensor, image: Tensor) -> Tensor:
+    """Given clean logits as the scores read them: float32 `[B, C]` on the images' device."""
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != image.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(
+            f"`logits` must be the clean logits [{image.shape[0]}, C] of these inputs, got "
+            f"{shape}. Pass result.logits of the CamResult the maps come from, or None."
+        )
+    return class_scores(logits.detach().to(image.device).float())
 
 
 def _weights(maps: Tensor, image: Tensor) -> Tensor:

@@ -91,12 +91,17 @@ def test_every_measure_agrees_with_torchcam_per_image(
     assert 0 < float(expected["increase"].sum()) < 6 or float(expected["drop"].amax()) > 0.05
 
 
-def test_batched_and_chunked_give_the_same_values(trained: TinyCNN, probe: torch.Tensor) -> None:
-    maps = compute_cams(trained, probe, LAYER)[LAYER, "gradcam"]
+def test_batched_chunked_or_given_logits_give_the_same_values(
+    trained: TinyCNN, probe: torch.Tensor
+) -> None:
+    result = compute_cams(trained, probe, LAYER)
+    maps = result[LAYER, "gradcam"]
     whole = faithfulness(trained, probe, maps, steps=7)
     chunked = faithfulness(trained, probe, maps, steps=7, batch_size=4)
+    given = faithfulness(trained, probe, maps, steps=7, logits=result.logits)
     for name in FAITHFULNESS_MEASURES:
         torch.testing.assert_close(chunked[name], whole[name], atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(given[name], whole[name], atol=1e-6, rtol=0, msg=name)
 
 
 def test_a_map_on_the_evidence_beats_a_map_elsewhere() -> None:
@@ -202,6 +207,7 @@ def test_logit_scores_leave_drop_undefined_where_the_score_is_not_positive() -> 
         ({"target": "label"}, ValueError, "target=labels"),
         ({"target": lambda logits: logits[:, 0]}, ValueError, "returned scores"),
         ({"batch_size": 0}, ValueError, "`batch_size` must be an int >= 1"),
+        ({"logits": torch.zeros(6)}, ValueError, "clean logits [6, C] of these inputs, got (6,)"),
     ],
 )
 def test_bad_arguments_name_the_value_and_the_fix(
