@@ -18,8 +18,8 @@ import copy
 import math
 import warnings
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -30,12 +30,15 @@ from .capture import scoped_hooks
 from .engine import CamResult, compute, extra_pass_rows
 from .isolation import isolated, preserved_rng
 from .layers import resolve_layers, unwrap_model
-from .measures import as_measured, spearman
+from .measures import as_measured, spearman, summarize
 from .methods import INPUT_METHODS, normalize_maps, upsample_maps
 from .options import EngineOptions, check_choices, check_int
-from .schema import FAITHFULNESS_MEASURES, INPUT_LAYER
+from .schema import FAITHFULNESS, FAITHFULNESS_MEASURES, INPUT_LAYER, SANITY, MapKey, ScalarKey
 from .targets import check_engine_target, class_scores, pick_logits, resolve_targets
 from .types import ForwardFn, LayerSpec, OutputTransform, Reshape, Target
+
+if TYPE_CHECKING:
+    from .options import FaithfulnessOptions
 
 __all__ = ["FAITHFULNESS_MEASURES", "SCORES", "faithfulness", "sanity_check"]
 
@@ -473,3 +476,51 @@ def _warn_unreset(module: nn.Module, start: dict[nn.Module, int], after: int) ->
             "reset_parameters().",
             stacklevel=3,
         )
+
+
+def trust_scores(
+    module: nn.Module,
+    probe: str,
+    inputs: Any,
+    result: CamResult,
+    layers: Sequence[LayerSpec],
+    options: EngineOptions,
+    trust: FaithfulnessOptions,
+) -> dict[ScalarKey, Tensor]:
+    """Per image, every chosen faithfulness measure and the sanity check of each map of one
+    probe set's `result`, keyed as logged (`schema.FAITHFULNESS`). Signed maps are measured
+    by magnitude; the clean logits and targets are the evaluation's own (no extra forward)."""
+    found: dict[ScalarKey, Tensor] = {}
+    if trust.scores:
+        known = bool((result.targets >= 0).all())
+        target = result.targets if known else options.target
+        for (layer, method), maps in result.maps.items():
+            values = faithfulness(
+                module, inputs, as_measured(maps, method), target=target, measures=trust.scores,
+                forward=options.forward, output_transform=options.output_transform,
+                batch_size=options.batch_size, logits=result.logits,
+            )  # fmt: skip
+            for name, value in values.items():
+                found[ScalarKey(FAITHFULNESS, MapKey(probe, layer, method), name)] = value
+    if trust.sanity and layers:
+        checked = randomization_check(module, inputs, list(layers), options, real=result)
+        for (layer, method), value in checked.items():
+            found[ScalarKey(FAITHFULNESS, MapKey(probe, layer, method), SANITY)] = value
+    return found
+
+
+def summarized(values: Mapping[ScalarKey, Tensor]) -> dict[ScalarKey, float]:
+    """Each key's mean over its finite values, and its `excluded` count where some were not
+    finite, in one host transfer."""
+    if not values:
+        return {}
+    keys = list(values)
+    sizes = [int(values[key].numel()) for key in keys]
+    host = torch.cat([values[key].detach().float().flatten().cpu() for key in keys])
+    scalars: dict[ScalarKey, float] = {}
+    for key, part in zip(keys, host.split(sizes), strict=True):
+        mean, excluded = summarize(part)
+        scalars[key] = mean
+        if excluded:
+            scalars[key.excluded] = float(excluded)
+    return scalars

@@ -6,18 +6,35 @@ from __future__ import annotations
 import copy
 import math
 import random
+import re
 import warnings
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import metadata as custom_scalars_metadata
 from torch import nn
 from torchcam.methods import GradCAM
 from torchcam.metrics import ClassificationMetric, DeletionInsertionMetric
 
 from cam_monitor import FAITHFULNESS_MEASURES, compute_cams, faithfulness, sanity_check
-from tests.helpers import TinyCNN, shapes
+from cam_monitor.cli import main
+from cam_monitor.compare import RunGroup, load_run, summarize_groups
+from cam_monitor.history import find_history, read_history
+from cam_monitor.lightning.callback import CamMonitor
+from cam_monitor.options import FaithfulnessOptions
+from cam_monitor.schema import (
+    FAITHFULNESS,
+    FAITHFULNESS_CHOICES,
+    FAITHFULNESS_LABELS,
+    describe,
+    parse_scalar_tag,
+    stat_label,
+)
+from tests.helpers import Lightning, TinyCNN, fit, read_events, shapes
 
 LAYER = "features.5"
 
@@ -314,3 +331,66 @@ def test_a_module_that_cannot_be_reset_is_named_once(probe: torch.Tensor) -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sanity_check(model, probe, "0.features.5")
+
+
+# --------------------------------------------------------------------------- in the monitor
+
+
+def test_the_monitor_chooses_its_trust_measures_and_refuses_unknown_ones() -> None:
+    assert CamMonitor("conv").trust == FaithfulnessOptions(())  # opt-in: see the benchmark
+    chosen = CamMonitor("conv", faithfulness=["drop", "sanity"]).trust
+    assert chosen.scores == ("drop",) and chosen.sanity
+    assert CamMonitor("conv", faithfulness="insertion").trust.measures == ("insertion",)
+    with pytest.raises(ValueError, match=r"unknown name.*'sanitty'.*Did you mean 'sanity'"):
+        CamMonitor("conv", faithfulness=["sanitty"])
+
+
+@pytest.mark.slow
+def test_a_fit_logs_trust_scalars_charts_history_show_and_summary(
+    tmp_path: Path, lightning: Lightning, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logger = lightning.loggers.TensorBoardLogger(tmp_path, name="tb")
+    layer = "net.features.5"
+    monitor = CamMonitor(
+        layer, probe={"val": shapes(6, seed=3)[:2]}, faithfulness=FAITHFULNESS_CHOICES
+    )
+    fit(monitor, tmp_path, lightning, val=False, logger=logger)
+
+    acc = read_events(logger.log_dir)
+    tags = [t for t in acc.Tags()["scalars"] if t.startswith(f"{FAITHFULNESS}/")]
+    expected = {f"{FAITHFULNESS}/val/{layer}/gradcam/{stat}" for stat in FAITHFULNESS_CHOICES}
+    assert expected <= set(tags)
+    for stat in FAITHFULNESS_CHOICES:
+        tag = f"{FAITHFULNESS}/val/{layer}/gradcam/{stat}"
+        values = [e.value for e in acc.Scalars(tag)]
+        assert len(values) == 3, tag  # the baseline and two epochs
+        low = -1.0 if stat == "sanity" else 0.0
+        assert all(low <= v <= 1.0 for v in values), (tag, values)
+        assert "better" in describe(tag)
+    # The custom-scalars layout: one chart per statistic in its own section, every map a line.
+    (event,) = acc.Tensors(custom_scalars_metadata.CONFIG_SUMMARY_TAG)
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    (section,) = [c for c in layout.category if "can I trust the maps?" in c.title]
+    assert [chart.title for chart in section.chart] == [
+        f"can I trust the maps?: {FAITHFULNESS_LABELS[s].title}" for s in FAITHFULNESS_CHOICES
+    ]
+    for chart, stat in zip(section.chart, FAITHFULNESS_CHOICES, strict=True):
+        (pattern,) = chart.multiline.tag
+        assert [t for t in tags if re.match(pattern, t)] == [
+            f"{FAITHFULNESS}/val/{layer}/gradcam/{stat}"
+        ]
+    # The history holds them, `cam-monitor show` prints them, the summary ranks them.
+    folder = find_history(tmp_path)
+    history = read_history(folder)
+    assert all(
+        parse_scalar_tag(t) is not None for ev in history for t in ev.scalars if "cam_faith" in t
+    )
+    assert {f"{FAITHFULNESS}/val/{layer}/gradcam/drop"} <= set(history[-1].scalars)
+    assert main(["show", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "drop" in out and "insertion" in out and "sanity" in out
+    rows = summarize_groups([RunGroup.single(load_run(folder))], [("val", layer, "gradcam")], 1)
+    labels = [stat_label(row.key.stat) for row in rows if row.key.kind == FAITHFULNESS]
+    assert labels == [FAITHFULNESS_LABELS[s].title for s in FAITHFULNESS_CHOICES]
+    assert "average drop (lower is better)" in labels
+    assert "insertion AUC (higher is better)" in labels
