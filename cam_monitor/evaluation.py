@@ -21,6 +21,7 @@ from .channels import filter_activations, one_layer, visualize_filter
 from .engine import CamResult, compute
 from .faithfulness import summarized, trust_scores
 from .layers import unwrap_model
+from .measures import class_iou
 from .methods import PIXEL_METHODS, SIGNED_METHODS
 from .options import EngineOptions, FaithfulnessOptions, FilterOptions, RenderOptions
 from .probe import ProbeSet
@@ -32,9 +33,11 @@ from .render import (
     draw_overlays,
     draw_view_grid,
     predicted_classes,
+    segment_caption_text,
     to_uint8_images,
 )
 from .schema import MapKey, ScalarKey, filter_channel_tag, filter_maximised_tag, view_method
+from .targets import main_class
 from .types import LayerSpec
 
 #: An image's key: a `MapKey` for an overlay grid, or a filter-view tag built by `schema`.
@@ -53,8 +56,12 @@ class EvaluationOutput:
 
 
 def probe_options(options: EngineOptions, probe: ProbeSet) -> EngineOptions:
-    """The engine options for one probe set: `target="label"` becomes the probe's labels."""
+    """The engine options for one probe set: `target="label"` becomes the probe's labels; with
+    label maps, each image's `main_class` over the pixels labelled with it."""
     if isinstance(options.target, str) and options.target == "label":
+        if probe.label_maps is not None:  # each image's main labelled class, over its pixels
+            classes = main_class(probe.label_maps)
+            return replace(options, target=(classes, probe.label_maps == classes[:, None, None]))
         if probe.labels is None:
             raise ValueError(
                 f'target="label" needs labels, but probe {probe.name!r} has none; pass an '
@@ -78,18 +85,11 @@ def render_probe(
     probe: ProbeSet, result: CamResult, options: RenderOptions
 ) -> dict[MapKey, Tensor]:
     """Overlay grids (uint8 CHW on the CPU) for each layer and method of one probe set."""
-    predicted = predicted_classes(result.logits)
-    true = None if probe.labels is None else probe.labels.tolist()
-    names = options.class_names
     images = probe.inputs
     if not isinstance(images, Tensor) or images.dim() != 4:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"Cannot draw probe {probe.name!r}: inputs are {shape}, not [B, C, H, W].")
-    # Class names read "ok pred cat / true cat" where the tiles are wide enough, else "ok p:cat
-    # t:cat"; class numbers are always compact.
-    candidates = [caption_text(predicted, true, names, compact=True)]
-    if names is not None:
-        candidates.insert(0, caption_text(predicted, true, names))
+    candidates = probe_captions(probe, result, options.class_names)
     captions = choose_captions(candidates, images.shape[-2], images.shape[-1])
     grids: dict[MapKey, Tensor] = {}
     overlays: dict[MapKey, Tensor] = {}  # drawn together: the images are prepared once
@@ -104,6 +104,37 @@ def render_probe(
     if overlays:
         grids.update(draw_overlays(images.detach(), overlays, captions, options))
     return grids
+
+
+def probe_captions(
+    probe: ProbeSet, result: CamResult, names: Sequence[str] | None
+) -> list[list[str]]:
+    """Caption lists, the widest first, for `choose_captions`. A classifier's read "ok pred cat
+    / true cat" where the tiles are wide enough, else "ok p:cat t:cat" (class numbers are
+    always compact); a segmentation model's name the class explained and its IoU on the image
+    where label maps exist, else the share of pixels predicted as it ("car IoU 0.72", "car
+    0.72", then "3 0.72")."""
+    if result.predicted_maps is not None:
+        classes = result.targets.tolist()
+        iou = None
+        if probe.label_maps is not None:
+            iou = class_iou(result.predicted_maps, probe.label_maps, result.targets).tolist()
+        share = (result.predicted_maps == result.targets[:, None, None].to(
+            result.predicted_maps.device
+        )).flatten(1).float().mean(dim=1).tolist()  # fmt: skip
+        candidates = [segment_caption_text(classes, iou, share, None, compact=True)]
+        if names is not None:
+            candidates[:0] = [
+                segment_caption_text(classes, iou, share, names),
+                segment_caption_text(classes, iou, share, names, compact=True),
+            ]
+        return candidates
+    predicted = predicted_classes(result.logits)
+    true = None if probe.labels is None else probe.labels.tolist()
+    candidates = [caption_text(predicted, true, names, compact=True)]
+    if names is not None:
+        candidates.insert(0, caption_text(predicted, true, names))
+    return candidates
 
 
 def view_grids(

@@ -176,7 +176,7 @@ class _Runner:
     def logits(self, rows: Batch) -> Tensor:
         forward = self.options.forward
         output = forward(self.module, rows.data) if forward is not None else self.module(rows.data)
-        return class_scores(pick_logits(output, self.options.output_transform)).float()
+        return class_scores(_classification(pick_logits(output, self.options.output_transform)))
 
     def pick(self, logits: Tensor, indices: Tensor) -> Tensor:
         """Each row's score of its class: a softmax probability or a logit."""
@@ -199,8 +199,22 @@ def _check_maps(maps: Tensor, image: Tensor) -> None:
         )
 
 
+def _classification(logits: Tensor) -> Tensor:
+    """Class logits `[B, C]` as float32; per-pixel logits (segmentation) are refused."""
+    if logits.dim() == 4:
+        raise ValueError(
+            f"Faithfulness measures score one class per image, but the model gives per-pixel "
+            f"logits {tuple(logits.shape)} (segmentation). Pass output_transform= returning "
+            "class logits [B, C] (such as the mean over pixels: lambda out: out.mean(dim=(2, "
+            "3))), or leave faithfulness off for this model."
+        )
+    return logits.float()
+
+
 def _check_logits(logits: Tensor, image: Tensor) -> Tensor:
     """Given clean logits as the scores read them: float32 `[B, C]` on the images' device."""
+    if isinstance(logits, Tensor):
+        _classification(logits)
     if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != image.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(

@@ -202,6 +202,16 @@ def test_a_non_finite_map_gives_nan_for_its_image_only(
         assert torch.isnan(values[2]) and bool(torch.isfinite(values[[0, 1, 3, 4, 5]]).all()), name
 
 
+def test_per_pixel_logits_are_refused_with_the_fix(probe: torch.Tensor) -> None:
+    segmenter = nn.Conv2d(3, 4, 1)  # per-pixel logits [B, 4, H, W]
+    with pytest.raises(ValueError, match=r"per-pixel logits \(6, 4, 32, 32\).*output_transform="):
+        faithfulness(segmenter, probe, torch.rand(6, 8, 8))
+    mean = faithfulness(
+        segmenter, probe, torch.rand(6, 8, 8), output_transform=lambda out: out.mean(dim=(2, 3))
+    )
+    assert mean["drop"].shape == (6,)
+
+
 def test_logit_scores_leave_drop_undefined_where_the_score_is_not_positive() -> None:
     class Fixed(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -72,8 +72,8 @@ def open_sinks(
     sinks = sinks_for(trainer, folder)
     if not trainer.loggers:
         rank_zero_warn(f"CamMonitor: the Trainer has no logger; grids and scalars go to {folder}.")
-    masked = {name: p.masks is not None for name, p in probes.items()}
-    charts = dashboard_charts(masked, measures, trust)
+    localized = {name: p.localized for name, p in probes.items()}
+    charts = dashboard_charts(localized, measures, trust)
     for sink in sinks:
         sink.record_probe({name: probe.digest for name, probe in probes.items()})
         sink.record_dashboard(charts)
