@@ -108,3 +108,14 @@ def test_gpu_check_runs_on_cpu_and_reports_every_target(tmp_path: Path) -> None:
     contenders = {(r["scenario"], r["contender"]) for r in payload["engine"]}
     assert {("1x1", "floor"), ("1x1", "ours"), ("4x5", "floor"), ("4x5", "ours")} <= contenders
     assert "all checks passed" in done.stdout
+
+
+def test_faithfulness_cost_quick_times_every_measure_and_decides_the_default(
+    tmp_path: Path,
+) -> None:
+    payload, stdout = run_script("faithfulness_cost", tmp_path)
+    names = {row["contender"] for row in payload["rows"]}
+    assert {"compute_cams (gradcam)", "drop + increase", "deletion + insertion"} <= names
+    assert {"sanity check (gradcam)", "torchcam ClassificationMetric"} <= names
+    assert payload["default"] in {"on by default", "opt-in"}
+    assert "## Default" in stdout

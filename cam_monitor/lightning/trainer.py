@@ -14,19 +14,25 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import nn
 
+from ..capture import users_hooks_warning
 from ..default_layer import first_spatial_layer
+from ..drift import AttentionTracker
+from ..evaluation import normalisation_warning
+from ..history import find_history, read_history
 from ..isolation import preserved_rng
-from ..layers import unwrap_model
+from ..layers import resolve_layers, unwrap_model
 from ..probe import ProbeSet, build_probes, loader_probe
 from ..schema import dashboard_charts
 from ..sinks import Sink, sinks_for
+from ..types import LayerSpec
 
 if TYPE_CHECKING:
+    from os import PathLike
     from pathlib import Path
 
     import pytorch_lightning as pl
 
-    from ..options import EngineOptions, ProbeOptions
+    from ..options import EngineOptions, ProbeOptions, RenderOptions
 
 
 def fit_probes(
@@ -62,14 +68,19 @@ def default_layer(pl_module: pl.LightningModule, probe: ProbeSet, engine: Engine
 
 
 def open_sinks(
-    trainer: pl.Trainer, folder: Path, probes: Mapping[str, ProbeSet], measures: Sequence[str]
+    trainer: pl.Trainer,
+    folder: Path,
+    probes: Mapping[str, ProbeSet],
+    measures: Sequence[str],
+    trust: Sequence[str] = (),
 ) -> list[Sink]:
     """A sink for each of the Trainer's loggers (files in `folder` where it has none), each
     told the probe hashes and the dashboard's layout once."""
     sinks = sinks_for(trainer, folder)
     if not trainer.loggers:
         rank_zero_warn(f"CamMonitor: the Trainer has no logger; grids and scalars go to {folder}.")
-    charts = dashboard_charts({name: p.localized for name, p in probes.items()}, measures)
+    localized = {name: p.localized for name, p in probes.items()}
+    charts = dashboard_charts(localized, measures, trust)
     for sink in sinks:
         sink.record_probe({name: probe.digest for name, probe in probes.items()})
         sink.record_dashboard(charts)
@@ -121,3 +132,32 @@ def logging_off(module: nn.Module) -> Iterator[None]:
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     """Takes a `log` call and does nothing."""
+
+
+def module_names(
+    pl_module: pl.LightningModule, layers: Sequence[LayerSpec] | None
+) -> dict[int, str]:
+    """The dotted names of the layers given as module objects, by identity (a module that is
+    not in the model fails here)."""
+    modules = [layer for layer in layers or [] if isinstance(layer, nn.Module)]
+    return {id(layer): resolve_layers(pl_module, [layer])[0][0] for layer in modules}
+
+
+def start_warnings(
+    pl_module: pl.LightningModule, probes: Mapping[str, ProbeSet], render: RenderOptions
+) -> Iterator[str]:
+    """What to say once at the start of a run: probes whose values do not fit `mean`/`std`,
+    and the user's own hooks, which run during evaluations too."""
+    for probe in probes.values():
+        if warning := normalisation_warning(probe, render):
+            yield warning
+    if hooks := users_hooks_warning(unwrap_model(pl_module)):
+        yield hooks
+
+
+def use_reference_run(
+    tracker: AttentionTracker, reference: str | PathLike[str], probes: Mapping[str, ProbeSet]
+) -> None:
+    """Drift against the first evaluation of another run (`reference=`), not this run's own."""
+    first = read_history(find_history(reference))[0]
+    tracker.use_reference(first, probes, source=str(reference))
