@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
-from .batch import Batch
+from .batch import Batch, tensors
 from .capture import scoped_hooks
 from .channels import filter_activations, one_layer, visualize_filter
 from .engine import CamResult, compute
@@ -80,10 +80,13 @@ def render_probe(
     predicted = predicted_classes(result.logits)
     true = None if probe.labels is None else probe.labels.tolist()
     names = options.class_names
-    images = probe.inputs
-    if not isinstance(images, Tensor) or images.dim() != 4:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"Cannot draw probe {probe.name!r}: inputs are {shape}, not [B, C, H, W].")
+    images = probe.image
+    if images is None:
+        raise ValueError(
+            f"Cannot draw probe {probe.name!r}: its inputs ({probe.describe()}) hold no "
+            "floating-point image tensor [B, C, H, W]; name it with input_key= (dict batches) "
+            "or put the images first."
+        )
     # Class names read "ok pred cat / true cat" where the tiles are wide enough, else "ok p:cat
     # t:cat"; class numbers are always compact.
     candidates = [caption_text(predicted, true, names, compact=True)]
@@ -194,18 +197,28 @@ def raised_by_cam_monitor(err: BaseException) -> bool:
     return tb is not None and package in Path(tb.tb_frame.f_code.co_filename).parents
 
 
-def explain_first_failure(probes: Mapping[str, ProbeSet], err: Exception) -> str:
-    """Why the first evaluation, which checks the whole configuration, may have failed: the
-    probe shapes and dtypes, and what to check."""
-    shapes = ", ".join(f"{n}: {tuple(p.inputs.shape)} {p.inputs.dtype}" for n, p in probes.items())
+def explain_first_failure(
+    probes: Mapping[str, ProbeSet], err: Exception, doing: str = "compute its first CAMs"
+) -> str:
+    """Why the first evaluation (or the first call of the model, `doing`), which checks the
+    whole configuration, may have failed: the probe shapes and dtypes, and what to check."""
+    shapes = ", ".join(f"{n}: {p.describe()}" for n, p in probes.items())
     hint = ""
-    if any(p.inputs.dtype == torch.uint8 for p in probes.values()):
+    if any(t.dtype == torch.uint8 for p in probes.values() for t in tensors(p.inputs)):
         hint = (
             " The probe holds uint8 images and is fed to the model as is: pass float images "
             "prepared like your training batches (e.g. x.float() / 255, then normalised)."
         )
+    nested = [p.name for p in probes.values() if not isinstance(p.inputs, Tensor)]
+    if nested or (isinstance(err, TypeError) and "positional argument" in str(err)):
+        said = f"Probe {nested[0]!r} is a nested batch" if nested else "For more inputs"
+        hint += (
+            f" {said}: forward= receives it whole (a dict batch with every key, the inputs of "
+            "an (inputs, labels) tuple), e.g. forward=lambda module, batch: "
+            "module(batch['image'], batch['meta']), or module(*inputs) for a tuple."
+        )
     return (
-        f"CamMonitor could not compute its first CAMs ({type(err).__name__}: {err}). The probe "
+        f"CamMonitor could not {doing} ({type(err).__name__}: {err}). The probe "
         f"({shapes}) must be a batch the model accepts, like a training batch; check probe=, "
         f"input_key=, forward= and output_transform=.{hint}"
     )

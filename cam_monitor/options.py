@@ -455,6 +455,12 @@ class ScheduleOptions:
         """Whether the end of training epoch `epoch` (0-based) is due for an evaluation."""
         return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
 
+    def describe(self) -> str:
+        """The schedule as an argument: ``every_n_epochs=1`` or ``every_n_steps=50``."""
+        if self.every_n_steps is not None:
+            return f"every_n_steps={self.every_n_steps}"
+        return f"every_n_epochs={self.every_n_epochs}"
+
 
 @dataclass(frozen=True, eq=False)
 class ProbeOptions:
@@ -479,6 +485,14 @@ class ProbeOptions:
         object.__setattr__(self, "sets", probe_sets(self.probe, self.input_key))
         check_masks(self.masks, self.sets)
         check_int("num_probe", self.num_probe, 1)
+
+    def describe(self) -> str:
+        """The probe sets by name and kind, before a fit gives them rows: ``{'source': Tensor,
+        'target': DataLoader}``, or where a fit takes them from."""
+        if self.sets is None:
+            return f"val/train loader x {self.num_probe}"
+        kinds = ", ".join(f"{name!r}: {type(spec).__name__}" for name, spec in self.sets.items())
+        return "{" + kinds + "}"
 
     @cached_property
     def ids(self) -> dict[str, str] | None:

@@ -905,3 +905,28 @@ def test_a_logger_that_fails_costs_the_other_loggers_nothing(
     again = [QuotaCSVLogger(tmp_path / "s", name="csv")]
     with pytest.raises(OSError, match="disk quota exceeded"):
         fit(strict, tmp_path / "s", lightning, logger=again, max_epochs=1)
+
+
+def test_print_shows_layers_methods_probe_sets_and_schedule(tmp_path: Path) -> None:
+    """`print(monitor)` says what the monitor watches, before and after a fit."""
+    x, y = torch.zeros(3, 3, 32, 32), torch.zeros(3, dtype=torch.long)
+    monitor = CamMonitor(
+        ["net.features.2", "net.features.5"], methods=["gradcam", "layercam"],
+        probe={"source": (x, y), "target": DataLoader(TensorDataset(x, y))}, every_n_steps=5,
+    )  # fmt: skip
+    assert repr(monitor) == (
+        "CamMonitor(layer=['net.features.2', 'net.features.5'], methods=['gradcam', "
+        "'layercam'], probe={'source': tuple, 'target': DataLoader}, every_n_steps=5)"
+    )
+    auto = CamMonitor(num_probe=4, save_dir=tmp_path / "h")
+    assert repr(auto) == (
+        "CamMonitor(layer=None (chosen at fit), methods=['gradcam'], probe=val/train loader x 4, "
+        "every_n_epochs=1)"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the automatic layer's warning
+        fit(auto, tmp_path, max_epochs=1)
+    assert repr(auto) == (
+        "CamMonitor(layer=['net.features.5'], methods=['gradcam'], probe={'val': 4}, "
+        "every_n_epochs=1)"
+    )

@@ -67,15 +67,20 @@ def evaluation_record(
 def write_probe_sets(
     folder: str | os.PathLike[str], probes: Mapping[str, ProbeSet], run: str = ""
 ) -> Path:
-    """Store the probe sets whose inputs are one tensor in ``folder/probe.npz`` (with the id of
-    the ``run``), so reports can draw overlays; raises on failure (the caller decides whether
-    that only warns).
+    """Store the probe sets' images (the inputs of a one-tensor probe, the image tensor of a
+    nested one) in ``folder/probe.npz`` (with the id of the ``run``), so reports can draw
+    overlays; raises on failure (the caller decides whether that only warns). The hashes are of
+    the whole inputs, as the run logged them.
     """
     _check_table("probes", probes, ProbeSet)
-    stored = {name: probe for name, probe in probes.items() if isinstance(probe.inputs, Tensor)}
+    images = {
+        name: probe.inputs if isinstance(probe.inputs, Tensor) else probe.image
+        for name, probe in probes.items()
+    }
+    stored = {name: probe for name, probe in probes.items() if images[name] is not None}
     return write_probe(
         folder,
-        inputs={name: _numpy(probe.inputs, float32=True) for name, probe in stored.items()},
+        inputs={name: _numpy(images[name], float32=True) for name in stored},  # type: ignore[arg-type]
         labels={n: _numpy(p.labels) for n, p in stored.items() if p.labels is not None},
         masks={n: _numpy(p.masks) for n, p in stored.items() if p.masks is not None},
         hashes={name: probe.digest for name, probe in stored.items() if probe.digest},

@@ -86,11 +86,13 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             ``every_n_steps`` is given).
         every_n_steps: evaluate every N optimizer steps instead (not with ``every_n_epochs``).
         probe: None (samples of the val, else train, dataset), a Tensor, an ``(inputs, labels)``
-            tuple, a dict batch, a Dataset, a DataLoader, or a dict of named probe sets.
+            tuple (``inputs`` may nest: ``(x, meta)``), a dict batch, a Dataset, a DataLoader,
+            or a dict of named probe sets.
         num_probe: samples taken from a Dataset or DataLoader probe.
         target: ``"predicted"``, ``"label"``, a class index, a LongTensor [B] or a callable.
         output_transform: picks the logits from a tuple or dict output: index, key or callable.
-        forward: ``forward(module, inputs)``, how the model is called on the probe.
+        forward: ``forward(module, inputs)``, how the model is called on the probe; it receives
+            a tuple batch's inputs (nested ones too) and a dict batch whole, every key kept.
         reshape: turns a layer output into ``[B, C, H, W]`` (channels-last outputs and token
             grids of the input's shape: automatic where unambiguous).
         masks: bool ``[B, H, W]`` or boxes ``[B, 4]`` for localization scores, or a dict of them
@@ -206,6 +208,18 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self._foreign_key: str | None = None  # a checkpoint's other CamMonitor state, unused
         self._evaluator = Evaluator(self.outputs.strict, self.outputs.history)
 
+    def __repr__(self) -> str:
+        """What `print(monitor)` shows: layers, methods, probe sets and schedule (the probe
+        sets' rows once a fit built them)."""
+        layers = "None (chosen at fit)" if self.layers is None else repr(self.layers)
+        probes = self.probe_options.describe()
+        if self._probes:
+            probes = "{" + ", ".join(f"{n!r}: {p.length}" for n, p in self._probes.items()) + "}"
+        return (
+            f"CamMonitor(layer={layers}, methods={list(self.methods)}, probe={probes}, "
+            f"{self.schedule.describe()})"
+        )
+
     def __getstate__(self) -> dict[str, Any]:
         """ddp_spawn pickles callbacks: callables pickle cannot store travel guarded."""
         return {**self.__dict__, "engine": guarded(self.engine)}
@@ -279,7 +293,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             return
         if self._should_start_new_run(trainer):
             self._start_new_run()
-        probes = fit_probes(trainer, pl_module, self.probe_options)  # one rank fails: all fail
+        whole = self.engine.forward is not None  # forward= receives dict batches whole
+        probes = fit_probes(trainer, pl_module, self.probe_options, whole)  # one rank fails: all
         if trainer.is_global_zero:
             self._open_run(trainer, pl_module, probes)
             if self.evaluations == 0:
