@@ -336,6 +336,37 @@ def first_loader(loaders: Any) -> DataLoader | None:
     return next(leaves(loaders, DataLoader), None)
 
 
+def loader_path(loaders: Any, path: str = "") -> str | None:
+    """Where the first DataLoader sits inside `loaders`, as an index path: ``"[0]"``,
+    ``"['mnist']"``, ``""`` for `loaders` itself (None when there is none).
+
+    Example:
+        >>> loader_path({"a": [3, DataLoader(range(2))]})
+        "['a'][1]"
+    """
+    if isinstance(loaders, DataLoader):
+        return path
+    items: Iterable[tuple[Any, Any]] = ()
+    if isinstance(loaders, Mapping):
+        items = loaders.items()
+    elif isinstance(loaders, (list, tuple)):
+        items = enumerate(loaders)
+    for key, item in items:
+        found = loader_path(item, f"{path}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
+
+def describe_loader(loader: DataLoader) -> str:
+    """A loader in a message: its dataset's type and size."""
+    try:
+        size = f", {len(loader.dataset)} items"  # type: ignore[arg-type]
+    except TypeError:
+        size = ""
+    return f"a DataLoader of {type(loader.dataset).__name__}{size}"
+
+
 def count_loaders(loaders: Any) -> int:
     """How many DataLoaders are inside what `trainer.*_dataloader(s)` returns."""
     return sum(1 for _ in leaves(loaders, DataLoader))
@@ -352,10 +383,11 @@ def loader_probe(
         if loader is not None:
             count = count_loaders(loaders)
             if count > 1 and warn is not None:
+                where = f"{name}_dataloaders{loader_path(loaders)}"
                 warn(
                     f"CamMonitor: the Trainer has {count} {name} dataloaders; the probe comes "
-                    f"from the first. To use another, pass it: CamMonitor(probe=loader) or "
-                    f"probe={{'name': loader, ...}} for several."
+                    f"from the first, {where} ({describe_loader(loader)}). To use another, pass "
+                    f"it: CamMonitor(probe=loader) or probe={{'name': loader, ...}} for several."
                 )
             return {name: loader}
     raise ValueError(

@@ -269,6 +269,36 @@ def test_resuming_with_other_layers_says_the_checkpointed_run_is_not_continued(
         )
 
 
+def test_resuming_with_another_layer_into_the_same_save_dir_says_one_thing(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    """A resume whose monitor changed cannot continue the run, and its explicit save_dir holds
+    that run: one error says both, before any step, and no warning first says it goes on."""
+
+    def trainer(monitor: CamMonitor, epochs: int) -> pl.Trainer:
+        return lightning.trainer(
+            default_root_dir=tmp_path, logger=False, max_epochs=epochs, callbacks=[monitor],
+            enable_checkpointing=True,
+        )  # fmt: skip
+
+    first = trainer(CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "a"), 1)
+    first.fit(lightning.module()(), loader(shapes_dataset(16)))
+    ckpt = first.checkpoint_callback.best_model_path
+    module = lightning.module()()
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError) as raised:
+        warnings.simplefilter("always")
+        monitor = CamMonitor("net.features.2", num_probe=4, save_dir=tmp_path / "a")
+        trainer(monitor, 2).fit(module, loader(shapes_dataset(16)), ckpt_path=ckpt)
+    said = [str(w.message) for w in caught if str(w.message).startswith("CamMonitor")]
+    assert said == []  # not "it starts a new run", then an error that it cannot
+    assert re.search(
+        r"(?s)save_dir=.*already holds.*another run.*cannot continue that run and starts a new "
+        r"one, which needs a folder of its own",
+        str(raised.value),
+    )
+    assert module.steps_run == 0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
@@ -767,6 +797,8 @@ def test_several_val_loaders_take_the_probe_from_the_first_and_say_so(tmp_path: 
         trainer.fit(TwoValLoaders(), loader(shapes_dataset()), [loader(first), loader(second)])
     said = [str(w.message) for w in caught if "dataloaders" in str(w.message)]
     assert len(said) == 1 and "has 2 val dataloaders; the probe comes from the first" in said[0]
+    first_named = "from the first, val_dataloaders[0] (a DataLoader of TensorDataset, 16 items)"
+    assert first_named in said[0]
     assert "probe=" in said[0]
     assert torch.equal(monitor._probes["val"].inputs, first.tensors[0][[0, 5, 10, 15]])
 

@@ -120,6 +120,11 @@ def test_several_loaders_say_the_first_is_used() -> None:
     assert loader_probe([("val", [a, b])], said.append) == {"val": a}
     assert loader_probe([("val", a)], said.append) == {"val": a}
     assert len(said) == 1 and "2 val dataloaders; the probe comes from the first" in said[0]
+    said.clear()
+    named = {"digits": a, "letters": DataLoader(TensorDataset(torch.ones(6, 1)))}
+    loader_probe([("val", named)], said.append)
+    first_named = "the first, val_dataloaders['digits'] (a DataLoader of TensorDataset, 4 items)"
+    assert first_named in said[0]
 
 
 def test_float_labels_of_a_binary_classifier_are_class_indices() -> None:

@@ -56,7 +56,7 @@ from .checks import (
 from .compat import lightning_classes
 from .evaluator import Entry, Evaluator, Plan
 from .pickling import guarded, unguarded
-from .resume import RunState, foreign_state, settings
+from .resume import RunState, foreign_state, holds_history, settings
 from .trainer import default_layer, fit_probes, open_sinks
 
 if sys.version_info >= (3, 12):
@@ -363,6 +363,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             legacy = self._state_key(lambda layer: type(layer).__name__)  # how modules were keyed
             claimed = {cb.state_key for cb in trainer.callbacks}  # type: ignore[attr-defined]
             self._foreign_key = foreign_state(states, self.state_key, legacy, claimed)
+            if self._foreign_key is not None and holds_history(self.outputs.save_dir):
+                return  # a new run refused its folder: `_claim_folder` says it all, raising
             saved, now = RunState(state_key=self._foreign_key), RunState(state_key=self.state_key)
             for warning in saved.diff(now, global_step=checkpoint.get("global_step", "?")):
                 rank_zero_warn(warning)
@@ -489,7 +491,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         ]
         hint = "." if self._foreign_key is None else (
             f" with the same monitor: the checkpoint's CamMonitor state was saved under "
-            f"{self._foreign_key}, this monitor is {self.state_key}."
+            f"{self._foreign_key}, this monitor is {self.state_key} (its layers, methods, "
+            "probe, schedule or save_dir changed), so it cannot continue that run and starts a "
+            "new one, which needs a folder of its own."
         )  # fmt: skip
         history = self._evaluator.history
         return history.claim(folder, self.run_id, self.outputs.save_dir, hint, beside)

@@ -3,6 +3,7 @@ from it: each difference is one warning, said once, from `RunState.diff`."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -101,6 +102,11 @@ class RunState:
         if Path(self.folder) == Path(now.folder):
             return False
         return not history_runs(now.folder).get(now.run_id or "")
+
+
+def holds_history(save_dir: str | os.PathLike[str] | None) -> bool:
+    """Whether an explicit `save_dir` already holds a run's history (a new run is refused it)."""
+    return save_dir is not None and bool(history_runs(save_dir))
 
 
 def foreign_state(states: dict[str, Any], key: str, legacy: str, claimed: set[str]) -> str | None:
