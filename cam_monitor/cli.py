@@ -1,6 +1,6 @@
 """The `cam-monitor` command line: the text view of one run's CAM history or of runs compared.
 
-  cam-monitor show RUN_DIR [--probe P] [--layer L] [--method M] [--strict]
+  cam-monitor show RUN_DIR... [--probe P] [--layer L] [--method M] [--strict]
   cam-monitor compare RUN [RUN ...] [--group NAME=RUN,RUN ...]... [--out report.html]
                       [--epochs 0,5,10] [filters, --strict]
 
@@ -124,7 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluation as distances (0 = unchanged), localization scores and entropy. 'nan' = "
         "undefined measure, '-' = not recorded, '*' = some images left out of the mean.",
     )
-    show.add_argument("run_dir", metavar="RUN_DIR", help="run directory or its history folder")
+    show.add_argument(
+        "run_dir",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directory or its history folder; a run resumed into a new logger version: "
+        "their parent, or each version's folder, read as one history",
+    )
     _add_filters(show)
     show.set_defaults(handler=_show)
     compare = commands.add_parser(
@@ -261,7 +267,7 @@ def _print(lines: Sequence[str] = ("",)) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def _load(run_dir: str, strict: bool, name: str | None = None) -> Run:
+def _load(run_dir: str | Sequence[str], strict: bool, name: str | None = None) -> Run:
     """Read a run; warnings about skipped files go to stderr as one line each, at once."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -315,7 +321,7 @@ def _show(args: argparse.Namespace) -> int:
     methods = ", ".join(dict.fromkeys(g.method for g in run.groups)) or "-"
     _print(
         [
-            f"cam-monitor history: {run.folder}",
+            f"cam-monitor history: {' + '.join(map(str, run.folders or [run.folder]))}",
             f"{len(evaluations)} evaluations; probes: {probes}; layers: {layers}; "
             f"methods: {methods}",
             "drift columns are distances (0 = unchanged): _ref to the first evaluation",
