@@ -30,6 +30,7 @@ from .render import (
     draw_map_grid,
     draw_overlays,
     draw_view_grid,
+    drawn_rows,
     predicted_classes,
     to_uint8_images,
 )
@@ -76,10 +77,8 @@ def compute_probe(
 def render_probe(
     probe: ProbeSet, result: CamResult, options: RenderOptions
 ) -> dict[MapKey, Tensor]:
-    """Overlay grids (uint8 CHW on the CPU) for each layer and method of one probe set."""
-    predicted = predicted_classes(result.logits)
-    true = None if probe.labels is None else probe.labels.tolist()
-    names = options.class_names
+    """Overlay grids (uint8 CHW on the CPU) for each layer and method of one probe set: of
+    every image up to `options.max_tiles`, else of that many evenly spaced (`drawn_rows`)."""
     images = probe.image
     if images is None:
         raise ValueError(
@@ -87,6 +86,16 @@ def render_probe(
             "floating-point image tensor [B, C, H, W]; name it with input_key= (dict batches) "
             "or put the images first."
         )
+    labels, logits, maps = probe.labels, result.logits, result.maps
+    rows = drawn_rows(images.shape[0], options.max_tiles)
+    if rows is not None:
+        index = torch.tensor(rows, device=images.device)
+        images, logits = images[index], logits[index.to(logits.device)]
+        labels = None if labels is None else labels[index.to(labels.device)]
+        maps = {key: value[index.to(value.device)] for key, value in maps.items()}
+    predicted = predicted_classes(logits)
+    true = None if labels is None else labels.tolist()
+    names = options.class_names
     # Class names read "ok pred cat / true cat" where the tiles are wide enough, else "ok p:cat
     # t:cat"; class numbers are always compact.
     candidates = [caption_text(predicted, true, names, compact=True)]
@@ -95,14 +104,14 @@ def render_probe(
     captions = choose_captions(candidates, images.shape[-2], images.shape[-1])
     grids: dict[MapKey, Tensor] = {}
     overlays: dict[MapKey, Tensor] = {}  # drawn together: the images are prepared once
-    for (layer, method), maps in result.maps.items():
+    for (layer, method), drawn in maps.items():
         key = MapKey(probe.name, layer, method)
         if method in SIGNED_METHODS:
-            grids.update(view_grids(probe.name, layer, method, maps, captions, options))
+            grids.update(view_grids(probe.name, layer, method, drawn, captions, options))
         elif method in PIXEL_METHODS:
-            grids[key] = draw_map_grid(maps, captions, options)
+            grids[key] = draw_map_grid(drawn, captions, options)
         else:
-            grids[key] = overlays[key] = maps  # a placeholder keeping the key's place
+            grids[key] = overlays[key] = drawn  # a placeholder keeping the key's place
     if overlays:
         grids.update(draw_overlays(images.detach(), overlays, captions, options))
     return grids
@@ -140,6 +149,8 @@ def filter_grids(
         layer, _ = one_layer(unwrap_model(module), given)  # tags use the full name, as CAMs do
         for probe in probes.values():
             acts = filter_activations(module, probe.inputs, layer, list(channels), **hooks)
+            rows = drawn_rows(acts.shape[0], render.max_tiles)  # the images the CAM grids draw
+            acts = acts if rows is None else acts[torch.tensor(rows, device=acts.device)]
             for index, channel in enumerate(channels):
                 grids[filter_channel_tag(probe.name, layer, channel)] = draw_map_grid(
                     acts[:, index], None, render

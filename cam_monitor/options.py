@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .methods import ALL_METHODS
 from .probe import check_masks, content_hash, probe_sets
-from .render import COLORMAPS, GRID_COLUMNS, IMAGE_FORMATS
+from .render import COLORMAPS, GRID_COLUMNS, IMAGE_FORMATS, MAX_TILES
 from .schema import DEFAULT_MEASURES, MEASURES, VIEWS
 from .types import ForwardFn, OutputTransform, ProbeSpec, Reshape, Target
 
@@ -301,6 +301,7 @@ class RenderOptions:
     views: tuple[str, ...] = ("all",)
     gray_views: bool = False
     image_format: str = "jpeg"
+    max_tiles: int | None = MAX_TILES
 
     def __post_init__(self) -> None:
         if not isinstance(self.colormap, str):
@@ -336,6 +337,7 @@ class RenderOptions:
                 )
             object.__setattr__(self, "class_names", tuple(str(name) for name in names))
         check_int("nrow", self.nrow, 1, why="tiles per grid row")
+        check_int("max_tiles", self.max_tiles, 1, optional=True, why="tiles per grid")
         object.__setattr__(self, "views", check_choices("views", self.views, VIEWS))
         if not isinstance(self.gray_views, bool):
             raise TypeError(f"`gray_views` must be True or False, got {self.gray_views!r}.")

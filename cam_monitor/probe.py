@@ -20,6 +20,10 @@ from .schema import check_probe_name
 from .types import ProbeSpec
 
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+#: Probe sets above this many images warn once, after the baseline, with what an evaluation
+#: of them costs: 16x the default probe, where a resnet18 evaluation of 16 layers x 3 methods
+#: takes seconds and hundreds of MiB of history (benchmarks/results/probe_size.md).
+LARGE_PROBE = 256
 #: The only dict keys read as masks; boxes come only through `masks=`.
 MASK_KEYS = ("mask", "masks")
 
@@ -77,6 +81,30 @@ def _describe(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "(" + ", ".join(_describe(item) for item in value) + ")"
     return type(value).__name__
+
+
+def large_probe_warning(
+    probes: Mapping[str, ProbeSet], seconds: float, history_bytes: int | None
+) -> str | None:
+    """What an evaluation of probe sets above `LARGE_PROBE` images costs (its measured
+    `seconds` and `history_bytes`, None: no history), and how to pay less; None when none is.
+
+    Example:
+        >>> big = {"val": ProbeSet("val", torch.zeros(300, 3, 8, 8))}
+        >>> large_probe_warning(big, 2.5, 3 * 2**20).split(";")[0]
+        "CamMonitor: probe 'val' holds 300 images (above 256)"
+    """
+    large = {name: probe.length for name, probe in probes.items() if probe.length > LARGE_PROBE}
+    if not large:
+        return None
+    sizes = ", ".join(f"{name!r} holds {length} images" for name, length in large.items())
+    stored = "" if history_bytes is None else f" and {history_bytes / 2**20:.1f} MiB of history"
+    return (
+        f"CamMonitor: probe {sizes} (above {LARGE_PROBE}); one evaluation took {seconds:.1f} s"
+        f"{stored}, at every evaluation of the run. Grids draw max_tiles of the images; pass "
+        "num_probe= (or a smaller probe) to pay less, batch_size= to bound memory, "
+        "history=False to keep no maps."
+    )
 
 
 def evenly_spaced(length: int, count: int) -> list[int]:

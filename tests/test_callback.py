@@ -26,6 +26,7 @@ from tests.helpers import (
     loader,
     quiet_trainer,
     read_events,
+    shapes,
     shapes_dataset,
     wandb_items,
     wandb_run_records,
@@ -878,12 +879,16 @@ def test_a_grid_that_cannot_be_encoded_warns_and_skips_unless_strict(tmp_path: P
     """An encoding error (a grid taller than JPEG allows) is reported like a sink error."""
     images = torch.rand(680, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     probe = (images, torch.zeros(680, dtype=torch.long))
-    monitor = CamMonitor("net.features.5", probe=probe, nrow=1, save_dir=tmp_path / "h")
+    monitor = CamMonitor(
+        "net.features.5", probe=probe, nrow=1, max_tiles=None, save_dir=tmp_path / "h"
+    )
     with pytest.warns(UserWarning, match="skipped the images of its evaluation.*could not enco"):
         fit(monitor, tmp_path, max_epochs=1, limit_train_batches=1)
     assert [e.epoch for e in read_history(tmp_path / "h")] == [0, 1]  # scored and recorded
     assert not list((tmp_path / "h").rglob("step-*"))  # no image logged
-    strict = CamMonitor("net.features.5", probe=probe, nrow=1, strict=True, history=False)
+    strict = CamMonitor(
+        "net.features.5", probe=probe, nrow=1, max_tiles=None, strict=True, history=False
+    )
     with pytest.raises(RuntimeError, match="could not encode a grid of shape"):
         fit(strict, tmp_path / "strict", max_epochs=1, limit_train_batches=1)
 
@@ -895,7 +900,9 @@ def test_a_grid_that_cannot_be_encoded_still_logs_the_scalars(
     with a warning; its drift and entropy reach the logger as they reach the history."""
     images = torch.rand(680, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     probe = (images, torch.zeros(680, dtype=torch.long))
-    monitor = CamMonitor("net.features.5", probe=probe, nrow=1, save_dir=tmp_path / "h")
+    monitor = CamMonitor(
+        "net.features.5", probe=probe, nrow=1, max_tiles=None, save_dir=tmp_path / "h"
+    )
     logger = lightning.loggers.CSVLogger(tmp_path, name="csv")
     with pytest.warns(UserWarning, match="skipped the images of its evaluation.*scalars are lo"):
         fit(monitor, tmp_path, lightning, logger=logger, max_epochs=1, limit_train_batches=2)
@@ -962,3 +969,30 @@ def test_print_shows_layers_methods_probe_sets_and_schedule(tmp_path: Path) -> N
         "CamMonitor(layer=['net.features.5'], methods=['gradcam'], probe={'val': 4}, "
         "every_n_epochs=1)"
     )
+
+
+@pytest.mark.slow
+def test_a_512_image_probe_logs_bounded_grids_scores_every_image_and_warns_once(
+    tmp_path: Path,
+) -> None:
+    """Grids draw 32 evenly spaced images of a 512-image probe (4 x 8 tiles), the history keeps
+    every image's map, and one warning after the baseline says what an evaluation costs."""
+    x, y, masks = shapes(512, seed=3)
+    monitor = CamMonitor(
+        "net.features.5", methods=["gradcam", "saliency"], probe=(x, y), masks=masks,
+        save_dir=tmp_path / "h",
+    )  # fmt: skip
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(monitor, tmp_path, logger=logger, max_epochs=2, train=shapes_dataset(16), val=False)
+    said = [str(w.message) for w in caught if "above 256" in str(w.message)]
+    assert len(said) == 1 and re.search(r"'probe' holds 512 images.*s and [\d.]+ MiB", said[0])
+    events = read_events(logger.log_dir)
+    for tag in ("cam/probe/net.features.5/gradcam", "cam/probe/input/saliency"):
+        for image in events.Images(tag):
+            # 4 x 8 tiles of 96 px with their caption bands: 394 x 978 px, not 394 x 15618.
+            assert image.width == 4 * 98 + 2 and image.height < 1000, (tag, image.height)
+    last = read_history(tmp_path / "h")[-1]
+    assert last.maps["probe", "net.features.5", "gradcam"].shape[0] == 512  # all scored
+    assert "cam_loc/probe/net.features.5/gradcam/energy" in last.scalars  # of all 512 images

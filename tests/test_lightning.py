@@ -193,6 +193,7 @@ def test_yaml_sets_every_argument_and_fits(lightning: Lightning, tmp_path: Path)
         "views": ["pos", "neg"],
         "gray_views": True,
         "image_format": "png",
+        "max_tiles": 3,
         "batch_size": 2,
         "smooth": 0,
         "noise": 0.1,

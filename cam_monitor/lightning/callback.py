@@ -39,7 +39,7 @@ from ..options import (
     options_from,
 )
 from ..probe import ProbeSet
-from ..render import GRID_COLUMNS
+from ..render import GRID_COLUMNS, MAX_TILES
 from ..schema import DEFAULT_MEASURES
 from ..sinks import Sink, run_folder
 from ..types import ForwardFn, LayerSpec, OutputTransform, ProbeSpec, Reshape
@@ -110,6 +110,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         gray_views: draw those views in grays instead of blue-white-red.
         image_format: ``"jpeg"`` (quality 90) or ``"png"`` (lossless, several times larger and
             slower to encode): how overlay grids are logged and saved; pixel-level maps are PNG.
+        max_tiles: images per grid (None: all); a larger probe draws that many evenly spaced
+            ones, first and last included, and is still scored whole.
         batch_size: probe rows per pass, to bound memory (None: the whole probe at once).
         smooth: noisy copies averaged by the gradient CAMs (Smooth Grad-CAM++ with gradcam++)
             and by ``smoothgrad`` (16 when 0).
@@ -170,6 +172,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         views: str | Sequence[str] = "all",
         gray_views: bool = False,
         image_format: str = "jpeg",
+        max_tiles: int | None = MAX_TILES,
         batch_size: int | None = None,
         smooth: int = 0,
         noise: float = 0.15,

@@ -27,7 +27,7 @@ from ..history import RunHistory, evaluation_record
 from ..history.background import WriteError
 from ..layers import unwrap_model
 from ..options import EngineOptions, FilterOptions, RenderOptions
-from ..probe import ProbeSet
+from ..probe import ProbeSet, large_probe_warning
 from ..schema import SECONDS_TAG
 from ..sinks import Sink, scalar_tags
 from ..types import LayerSpec
@@ -86,9 +86,11 @@ class Evaluator:
         if computed is None:
             return False
         output, encoding = computed
-        output.scalars[SECONDS_TAG] = time.perf_counter() - start
+        seconds = output.scalars[SECONDS_TAG] = time.perf_counter() - start
         publish_metrics(trainer, scalar_tags(output.scalars))
-        self._record(trainer, plan, entry, output)
+        stored = self._record(trainer, plan, entry, output)
+        if baseline and (large := large_probe_warning(plan.probes, seconds, stored)):
+            rank_zero_warn(large)  # once a run: its cost measured on the baseline
         images = self._encoded(trainer, encoding)
         for sink in plan.sinks:  # one logger that fails costs the others nothing
             try:
@@ -135,11 +137,12 @@ class Evaluator:
 
     def _record(
         self, trainer: pl.Trainer, plan: Plan, entry: Entry, output: EvaluationOutput
-    ) -> None:
-        """The evaluation into the run's history, written in the background."""
+    ) -> int | None:
+        """The evaluation into the run's history, written in the background; its bytes (None:
+        nothing recorded)."""
         folder = self.history.folder
         if not self.record or folder is None:
-            return
+            return None
         try:
             record = evaluation_record(
                 entry.index, entry.epoch, trainer.global_step, plan.probes, output.results,
@@ -149,8 +152,10 @@ class Evaluator:
             failed = self.history.write_evaluation(record)
         except Exception as err:
             what = f"could not record its evaluation {_when(trainer)} in its history ({folder})"
-            return self.fail(what, err, "The loggers still get it; training continues")
+            self.fail(what, err, "The loggers still get it; training continues")
+            return None
         self.report(failed)
+        return record.nbytes
 
     def _encoded(
         self, trainer: pl.Trainer, encoding: PendingGrids[ImageKey] | None
