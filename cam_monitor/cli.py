@@ -252,6 +252,20 @@ def format_table(
     return lines
 
 
+def format_bytes(count: int) -> str:
+    """A size in KiB, MiB or GiB, 3 significant digits, in one word (a table cell).
+
+    Example:
+        >>> format_bytes(3 * 2**10), format_bytes(int(8.25 * 2**20)), format_bytes(500)
+        ('3.00KiB', '8.25MiB', '0.49KiB')
+    """
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if count >= size:
+            digits = ".3g" if count / size >= 10 else ".2f"
+            return f"{count / size:{digits}}{unit}"
+    return f"{count / 2**10:.2f}KiB"
+
+
 def _one_line(message: str) -> str:
     """Error messages on one line: a listing after a colon becomes comma-separated."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
@@ -332,13 +346,15 @@ def _show(args: argparse.Namespace) -> int:
     )
     other = [tag for tag in tags if tag != SECONDS_TAG and keys[tag] is None]
     final = any(ev.final for ev in evaluations)  # the one added at the end of fit
-    headers = ["index", "epoch", "step", "seconds", *other, "time", *(["final"] if final else [])]
+    headers = ["index", "epoch", "step", "seconds", "history", *other, "time"]
+    headers += ["final"] if final else []
     rows = [
         [
             str(ev.index),
             str(ev.epoch),
             str(ev.step),
             format_number(ev.scalars.get(SECONDS_TAG)),
+            format_bytes(ev.nbytes),  # what its history file holds
             *(format_number(ev.scalars.get(name)) for name in other),
             ev.time or "-",
             *([("yes" if ev.final else "")] if final else []),

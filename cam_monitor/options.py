@@ -515,17 +515,25 @@ def _spec_id(spec: Any) -> str:
     return f"{type(spec).__name__}[{size}]"
 
 
+#: What the history stores of each evaluation's maps: "all" of them, "cams" (the layer-resolution
+#: maps; pixel-level maps, at the input's resolution, are dropped), or "none" (scalars, logits,
+#: targets and labels only).
+HISTORY_MAPS = ("all", "cams", "none")
+
+
 @dataclass(frozen=True)
 class OutputOptions:
     """Where a run's results go besides the loggers, and what a failure inside a run does.
 
     `reference`: a run directory whose first evaluation is the drift reference; `history`:
-    write every evaluation's raw maps; `save_dir`: the run's folder (None: beside the first
-    logger's files); `strict`: raise errors inside later evaluations instead of warning.
+    write every evaluation's raw maps; `history_maps`: which (`HISTORY_MAPS`); `save_dir`: the
+    run's folder (None: beside the first logger's files); `strict`: raise errors inside later
+    evaluations instead of warning.
     """
 
     reference: str | Path | None = None
     history: bool = True
+    history_maps: str = "all"
     save_dir: str | Path | None = None
     strict: bool = False
 
@@ -536,3 +544,13 @@ class OutputOptions:
         for name, flag in (("history", self.history), ("strict", self.strict)):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be True or False, got {flag!r}.")
+        if not isinstance(self.history_maps, str):
+            raise TypeError(
+                f"`history_maps` must be one of {', '.join(HISTORY_MAPS)}, got "
+                f"{type(self.history_maps).__name__} {self.history_maps!r}."
+            )
+        if self.history_maps not in HISTORY_MAPS:
+            raise ValueError(
+                f"`history_maps` must be one of {', '.join(map(repr, HISTORY_MAPS))}, got "
+                f"{self.history_maps!r}."
+            )

@@ -18,6 +18,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from cam_monitor.callback import CamMonitor
+from cam_monitor.cli import main as cli_main
 from cam_monitor.history import history_runs, read_history, read_probe
 from tests.helpers import (
     Lightning,
@@ -326,6 +327,11 @@ def test_resuming_with_another_layer_into_the_same_save_dir_says_one_thing(
         ({"masks": [1, 2]}, TypeError, r"`masks` must be a Tensor.*got list"),
         ({"filters": {"net.features.2": []}}, ValueError, r"`filters` maps layer names"),
         ({"history": "yes"}, TypeError, r"`history` must be True or False, got 'yes'"),
+        (
+            {"history_maps": "pixels"},
+            ValueError,
+            r"`history_maps` must be one of 'all', 'cams', 'none', got 'pixels'",
+        ),
     ],
 )
 def test_bad_arguments_fail_in_the_constructor(
@@ -996,3 +1002,27 @@ def test_a_512_image_probe_logs_bounded_grids_scores_every_image_and_warns_once(
     last = read_history(tmp_path / "h")[-1]
     assert last.maps["probe", "net.features.5", "gradcam"].shape[0] == 512  # all scored
     assert "cam_loc/probe/net.features.5/gradcam/energy" in last.scalars  # of all 512 images
+
+
+def test_history_maps_keeps_the_maps_asked_for_and_show_reads_every_choice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`history_maps=` shrinks each evaluation's file: "cams" drops the pixel-level maps (at the
+    input's resolution), "none" every map; scalars and logits stay, and `show` reads them."""
+    sizes = {}
+    for choice in ("all", "cams", "none"):
+        monitor = CamMonitor(
+            "net.features.5", methods=["gradcam", "saliency"], num_probe=4,
+            history_maps=choice, save_dir=tmp_path / choice,
+        )  # fmt: skip
+        fit(monitor, tmp_path / f"fit-{choice}", max_epochs=1, val=False)
+        last = read_history(tmp_path / choice)[-1]
+        sizes[choice] = last.nbytes
+        kept = {"all": {"gradcam", "saliency"}, "cams": {"gradcam"}, "none": set()}
+        assert {key.method for key in last.maps} == kept[choice]
+        assert "cam_stats/train/net.features.5/gradcam/entropy" in last.scalars
+        assert last.logits["train"].shape == (4, 5)
+        capsys.readouterr()
+        assert cli_main(["show", str(tmp_path / choice)]) == 0
+        assert "2 evaluations" in capsys.readouterr().out
+    assert sizes["all"] > sizes["cams"] > sizes["none"] > 0

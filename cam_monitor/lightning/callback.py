@@ -126,6 +126,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         pointing_tolerance: pixels by which a mask is grown for the pointing game.
         reference: a run directory whose first evaluation is the drift reference (``*_ref``).
         history: write the raw maps of every evaluation to disk (for ``cam-monitor show``).
+        history_maps: which maps the history keeps: ``"all"``, ``"cams"`` (not the pixel-level
+            maps, stored at the input's resolution) or ``"none"`` (scalars and logits only).
         save_dir: where history and image-file fallbacks go (default
             ``<log_dir>/cam_monitor``); it must not hold another run's history.
         strict: re-raise errors inside later evaluations instead of warning and skipping.
@@ -184,6 +186,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         pointing_tolerance: int = 0,
         reference: str | Path | None = None,
         history: bool = True,
+        history_maps: str = "all",
         save_dir: str | Path | None = None,
         strict: bool = False,
     ) -> None:
@@ -209,7 +212,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self._done_epoch = -1  # the last epoch whose last training batch has run
         self._restored = False  # whether this fit resumed the monitor from a checkpoint
         self._foreign_key: str | None = None  # a checkpoint's other CamMonitor state, unused
-        self._evaluator = Evaluator(self.outputs.strict, self.outputs.history)
+        outputs = self.outputs
+        self._evaluator = Evaluator(outputs.strict, outputs.history, outputs.history_maps)
 
     def __repr__(self) -> str:
         """What `print(monitor)` shows: layers, methods, probe sets and schedule (the probe

@@ -62,8 +62,8 @@ class Evaluator:
     """Runs a monitor's evaluations and owns what outlives one: the grid encoder, the run's
     history (`RunHistory`) and the strict-or-warn policy (`fail`)."""
 
-    def __init__(self, strict: bool, record: bool) -> None:
-        self.strict, self.record = strict, record
+    def __init__(self, strict: bool, record: bool, maps: str = "all") -> None:
+        self.strict, self.record, self.maps = strict, record, maps  # maps: `HISTORY_MAPS`
         self.history = RunHistory(rank_zero_warn)  # files written off the training thread
         self.encoder = GridEncoder()  # grids, encoded while drift is scored
 
@@ -147,7 +147,7 @@ class Evaluator:
             record = evaluation_record(
                 entry.index, entry.epoch, trainer.global_step, plan.probes, output.results,
                 scalar_tags(output.scalars), run=entry.run, final=entry.final,
-                class_names=plan.render.class_names,
+                class_names=plan.render.class_names, maps=self.maps,
             )  # fmt: skip
             failed = self.history.write_evaluation(record)
         except Exception as err:
