@@ -205,6 +205,7 @@ def test_yaml_sets_every_argument_and_fits(lightning: Lightning, tmp_path: Path)
         "pointing_tolerance": 1,
         "reference": None,
         "history": True,
+        "history_maps": "cams",
         "save_dir": str(tmp_path / "history"),
         "strict": True,
     }
