@@ -43,6 +43,15 @@ def test_engine_quick_agrees_with_captum_and_checks_the_targets(tmp_path: Path) 
     assert "## Targets" in stdout and "4x5: ours / forward <= 1.6" in stdout
 
 
+def test_host_overhead_quick_times_every_contender_on_the_same_maps(tmp_path: Path) -> None:
+    payload, stdout = run_script("host_overhead", tmp_path)
+    rows = {row["contender"]: row for row in payload["rows"]}
+    assert set(rows) == {"forward", "floor", "ours", "torchcam", "captum"}
+    assert all(rows[name]["max_abs_diff"] < 1e-5 for name in ("ours", "torchcam", "captum"))
+    assert all(s > 0 for row in rows.values() for s in row["all_seconds"])
+    assert rows["floor"]["x_floor"] == 1.0 and "compute_cams / floor <= 1.3" in stdout
+
+
 def test_overhead_quick_runs_three_arms_with_a_tensorboard_logger(tmp_path: Path) -> None:
     payload, stdout = run_script("overhead", tmp_path, "--logger", "tensorboard")
     evaluations = {row["arm"]: row["evaluations"] for row in payload["rows"]}

@@ -158,3 +158,38 @@ def test_moved_and_renamed_names_stay_importable_where_users_import_them() -> No
         types.OutputTransform,
         types.Target,
     )
+
+
+LIGHTNING_ROOTS = {"lightning", "pytorch_lightning", "lightning_utilities"}
+# The only modules that may know Lightning exists: the package that holds the callback, the
+# sinks (keys become logger calls), and the old import path of CamMonitor.
+KNOWS_LIGHTNING = ("cam_monitor.lightning", "cam_monitor.sinks", "cam_monitor.callback")
+
+
+def _reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others, but through the package's
+    `__init__` (which imports CamMonitor lazily, inside a function, on first use)."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            if nxt != "cam_monitor":
+                todo.append(nxt)
+    return seen
+
+
+def test_only_the_lightning_package_and_the_sinks_import_lightning() -> None:
+    direct = set()
+    for name, path in _module_names().items():
+        nodes = _imports(ast.parse(path.read_text(encoding="utf-8")))
+        roots = {n.split(".")[0] for node in nodes for n in _imported_names(name, path, node)[:1]}
+        if roots & LIGHTNING_ROOTS:
+            direct.add(name)
+    assert direct and all(name.startswith(KNOWS_LIGHTNING) for name in direct), sorted(direct)
+    # and nothing else reaches them: the engine, the maths and the history run without Lightning
+    graph = import_graph()
+    for name in graph:
+        if name != "cam_monitor" and not name.startswith(KNOWS_LIGHTNING):
+            reached = {m for m in _reaches(graph, name) if m.startswith(KNOWS_LIGHTNING)}
+            assert not reached, f"{name} imports {sorted(reached)}"
