@@ -1026,3 +1026,16 @@ def test_history_maps_keeps_the_maps_asked_for_and_show_reads_every_choice(
         assert cli_main(["show", str(tmp_path / choice)]) == 0
         assert "2 evaluations" in capsys.readouterr().out
     assert sizes["all"] > sizes["cams"] > sizes["none"] > 0
+
+
+def test_a_uint8_probe_with_pixel_methods_fails_before_training_naming_the_dtype(
+    tmp_path: Path,
+) -> None:
+    images = (shapes(4)[0].clamp(0, 1) * 255).to(torch.uint8)
+    monitor = CamMonitor(
+        "net.features.5", methods=["saliency"], probe=images, save_dir=tmp_path / "h"
+    )
+    named = r"found is torch\.uint8 \(shape \(4, 3, 32, 32\)\)"
+    with pytest.raises(ValueError, match=named) as err:
+        fit(monitor, tmp_path, max_epochs=1, val=False)
+    assert "float() / 255" in str(err.value)
