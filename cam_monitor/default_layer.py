@@ -17,7 +17,7 @@ from .batch import Batch
 from .capture import Hook, scoped_hooks
 from .isolation import isolated
 from .layers import as_spatial
-from .targets import pick_logits
+from .targets import is_logit_map, is_segmentation, pick_logits
 from .types import ForwardFn, OutputTransform
 
 _POOLING = (
@@ -40,7 +40,10 @@ def first_spatial_layer(
     layers, modules that hand on a pooling layer's output or only view an earlier output,
     containers holding the model's first spatial layer (a whole backbone such as `features`),
     and outputs whose grid gets no gradient from the predicted class score (a ViT's tokens
-    after its last attention); it returns the last one to finish.
+    after its last attention); it returns the last one to finish. For a segmentation model
+    (logits `[B, C, H, W]`) it also skips the classifier: layers whose output is the logits
+    (before their upsampling), 1x1 convolutions to the C classes, and dropout or identity
+    modules handing their input on, so the choice is the last features before the classifier.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
@@ -56,11 +59,13 @@ def first_spatial_layer(
     pooled: dict[int, Tensor] = {}  # kept alive so that ids stay unique
 
     def make_hook(name: str, layer: nn.Module) -> Callable[[nn.Module, Any, Any], None]:
-        def hook(_: nn.Module, __: Any, output: Any) -> None:
+        def hook(_: nn.Module, args: Any, output: Any) -> None:
             runs[name] = runs.get(name, 0) + 1
             order.append(name)
             if not isinstance(output, Tensor):
                 return
+            if isinstance(layer, _PASS_ON) and args and output is args[0]:
+                return  # dropout in eval mode: the same tensor as the layer before
             if isinstance(layer, _POOLING) or id(output) in pooled:
                 pooled[id(output)] = output
                 return
@@ -93,11 +98,47 @@ def first_spatial_layer(
                 f"{type(module).__name__} has no layer with a spatial [B, C, H, W] output; pass "
                 "layer= explicitly (with reshape= for token outputs)."
             )
+        _drop_classifier(grids, named, output, output_transform)
+        if not grids:
+            raise ValueError(
+                f"{type(module).__name__} has no spatial layer before its segmentation "
+                "classifier; pass layer= explicitly."
+            )
         stem = next(iter(grids))
         candidates = [n for n in grids if not stem.startswith(n + ".")] or list(grids)
         layers = {n: named[n] for n in candidates}
         reached = _reached_by_gradient(layers, outputs, size, output, output_transform)
     return ([n for n in candidates if n in reached] or candidates)[-1]
+
+
+#: Modules that, in eval mode, hand their input on unchanged.
+_PASS_ON = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+
+
+def _drop_classifier(
+    grids: dict[str, Tensor],
+    named: dict[str, nn.Module],
+    output: Any,
+    output_transform: OutputTransform,
+) -> None:
+    """Remove a segmentation model's classifier from `grids`: the layers whose output is the
+    logits map (`is_logit_map`) and 1x1 convolutions to the classes (LR-ASPP's two heads)."""
+    try:
+        logits = pick_logits(output, output_transform)
+    except (TypeError, ValueError):
+        return
+    if not is_segmentation(logits):
+        return
+    classes = logits.shape[1]
+    for name in list(grids):
+        layer = named[name]
+        to_classes = (
+            isinstance(layer, nn.Conv2d)
+            and layer.out_channels == classes
+            and layer.kernel_size == (1, 1)
+        )
+        if to_classes or is_logit_map(grids[name], logits):
+            del grids[name]
 
 
 def _grid_or_none(

@@ -72,6 +72,12 @@ class AttentionTracker:
         once per map, so an evaluation dispatches a few hundred small ops instead of thousands.
         """
         options = self.options
+        # Label maps score each map against the pixels of the class it explains (never "any
+        # class"): the masks follow the targets of this evaluation.
+        probes = {
+            name: probe.class_masks(results[name].targets) if name in results else probe
+            for name, probe in probes.items()
+        }
         current: dict[MapKey, Tensor] = {}
         for probe_name, result in results.items():
             for (layer, method), raw in result.maps.items():

@@ -54,8 +54,13 @@ from .schema import INPUT_LAYER
 from .targets import (
     check_engine_target,
     class_scores,
+    is_logit_map,
+    is_segmentation,
     pick_logits,
+    resolve_segment_targets,
     resolve_targets,
+    segment_scores,
+    target_rows,
     warn_if_probabilities,
 )
 from .types import ForwardFn, LayerSpec, OutputTransform, Reshape, Target
@@ -75,6 +80,11 @@ class CamResult:
     `(H, W)`, `extras` per-image numbers such as `"integrated_gradients.completeness_gap"`
     (sum of attributions minus the score difference to the baseline) and
     `"integrated_gradients.score_delta"` (that difference), each `[B]`.
+
+    For a segmentation model (logits `[B, C, H, W]`), `logits` holds each class's mean logit
+    over the image `[B, C]`, `pixel_masks` the pixels each image's score summed its class over
+    (float `[B, H, W]` at the logits' size) and `predicted_maps` the argmax class of every
+    pixel (`[B, H, W]`); both are None for a classifier.
     """
 
     maps: dict[tuple[str, str], Tensor]
@@ -84,6 +94,8 @@ class CamResult:
     layers: tuple[str, ...] = field(default=())
     methods: tuple[str, ...] = field(default=())
     extras: dict[str, Tensor] = field(default_factory=dict)
+    pixel_masks: Tensor | None = None
+    predicted_maps: Tensor | None = None
 
     def __getitem__(self, key: tuple[str, str]) -> Tensor:
         if key not in self.maps:
@@ -146,7 +158,11 @@ def compute_cams(
             the input) that no gradient reaches raises `NoGradientError` (a `ValueError`).
         methods: one or several of `ALL_METHODS`.
         target: ``"predicted"`` (argmax), a class index, a LongTensor ``[B]`` (e.g. the labels),
-            or a callable ``(logits) -> LongTensor[B]`` or ``-> scores[B]``.
+            or a callable ``(logits) -> LongTensor[B]`` or ``-> scores[B]``. For segmentation
+            logits ``[B, C, H, W]`` a class is explained over the pixels the model assigns to
+            it (its logit summed there); ``(class, pixel_mask)`` names the pixels, and
+            ``"predicted"`` is each image's most frequent predicted class other than the
+            background (class 0); see docs/segmentation.md.
         forward: ``forward(module, inputs)``: how the (unwrapped) model is called on ``inputs``.
         output_transform: picks the class logits from a tuple/dict output: index, key or callable.
         reshape: turns a layer output into ``[B, C, H, W]`` (channels-last and token grids are
@@ -204,10 +220,11 @@ def compute(
     if total == 0:
         raise ValueError("The inputs hold an empty batch; pass at least one sample.")
     target = options.target
-    if isinstance(target, Tensor) and target.dim() == 1 and total is not None:
-        if target.shape[0] != total:
+    classes = target[0] if isinstance(target, tuple) else target
+    if isinstance(classes, Tensor) and classes.dim() == 1 and total is not None:
+        if classes.shape[0] != total:
             raise ValueError(
-                f"`target` holds {target.shape[0]} indices for a batch of {total} inputs; pass "
+                f"`target` holds {classes.shape[0]} indices for a batch of {total} inputs; pass "
                 "one class index per image."
             )
     ranges: list[tuple[int, int] | None] = (
@@ -218,6 +235,8 @@ def compute(
     per_extra: dict[str, list[Tensor]] = {}
     all_targets: list[Tensor] = []
     all_logits: list[Tensor] = []
+    all_masks: list[Tensor] = []
+    all_predicted: list[Tensor] = []
     with isolated(module):
         batch = batch.usable()
         baseline = None
@@ -229,17 +248,18 @@ def compute(
             generator = torch.Generator(device=device).manual_seed(options.seed)
         for rows in ranges:
             chunk = batch if rows is None else batch.slice(*rows)
-            chunk_target = target
-            if isinstance(target, Tensor) and target.dim() == 1 and rows is not None:
-                chunk_target = target[rows[0] : rows[1]]
+            chunk_target = target if rows is None else target_rows(target, *rows)
             chunk_baseline = None
             if baseline is not None:
                 chunk_baseline = baseline if rows is None else baseline[rows[0] : rows[1]]
-            indices, logits, maps, extras = _explain_chunk(
+            clean, maps, extras = _explain_chunk(
                 module, chunk, chunk_target, options, plan, generator, chunk_baseline
             )
-            all_targets.append(indices)
-            all_logits.append(logits)
+            all_targets.append(clean.indices)
+            all_logits.append(clean.logits)
+            if clean.pixel_masks is not None and clean.predicted is not None:
+                all_masks.append(clean.pixel_masks)
+                all_predicted.append(clean.predicted)
             for key, value in maps.items():
                 per_map.setdefault(key, []).append(value)
             for key, value in extras.items():
@@ -257,6 +277,8 @@ def compute(
         layers=tuple(plan.layers),
         methods=options.methods,
         extras=extras,
+        pixel_masks=_joined(all_masks) if all_masks else None,
+        predicted_maps=_joined(all_predicted) if all_predicted else None,
     )
 
 
@@ -443,6 +465,9 @@ class _CleanPass:
     gradients: dict[str, Tensor]
     input_gradients: Tensor | None
     head_inputs: list[Tensor]
+    #: Segmentation only: the pixels each score summed over, and the argmax class map.
+    pixel_masks: Tensor | None = None
+    predicted: Tensor | None = None
 
 
 def _explain_chunk(
@@ -453,11 +478,11 @@ def _explain_chunk(
     plan: _Plan,
     generator: torch.Generator | None,
     baseline: Tensor | None,
-) -> tuple[Tensor, Tensor, dict[tuple[str, str], Tensor], dict[str, Tensor]]:
+) -> tuple[_CleanPass, dict[tuple[str, str], Tensor], dict[str, Tensor]]:
     """Every requested map of one probe chunk: the clean pass, then any extra batched passes."""
     clean = _clean_pass(module, chunk, target, options, plan)
     rows_per_pass = extra_pass_rows(chunk, options.batch_size)
-    score_fn = _scorer(module, options, target, clean.indices)
+    score_fn = _scorer(module, options, target, clean.indices, clean.pixel_masks)
     layer_grads: dict[str, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {
         name: (grad, None) for name, grad in clean.gradients.items()
     }
@@ -516,7 +541,7 @@ def _explain_chunk(
     for method in options.methods:
         if method in input_maps:
             maps[INPUT_LAYER, method] = input_maps[method]
-    return clean.indices, clean.logits, maps, extras
+    return clean, maps, extras
 
 
 #: Pixels an extra pass (IG steps, noisy copies) holds at most without `batch_size`, unless the
@@ -575,12 +600,24 @@ def _clean_pass(
         if missing:
             raise did_not_run(missing)
         whole = options.target if isinstance(options.target, Tensor) else None
-        indices, scores = resolve_targets(target, logits, whole)
+        masks = None
+        if is_segmentation(logits):
+            indices, masks, scores = resolve_segment_targets(target, logits, whole)
+        else:
+            indices, scores = resolve_targets(target, logits, whole)
         if not (prune and plan.layer_gradients and not scores.requires_grad):
             break
         prune = False
     warn_if_probabilities(module, logits)
     names = list(plan.layers)
+    table = class_scores(logits).detach().float()
+    predicted = None
+    if masks is not None:
+        predicted = table.argmax(dim=1)
+        _warn_if_unpredicted(module, indices, masks)
+        for name in names:
+            _warn_if_logit_map(module, name, recorded[name], logits.detach())
+        table = table.mean(dim=(2, 3))
     size = chunk.image_size
     spatial = {
         name: as_spatial(name, recorded[name].detach(), options.reshape, size, plan.layers[name])
@@ -601,12 +638,49 @@ def _clean_pass(
     input_gradients = grads[-1] if image is not None else None
     return _CleanPass(
         indices=indices,
-        logits=class_scores(logits).detach().float(),
+        logits=table,
         scores=scores.detach().float(),
         activations=spatial,
         gradients=gradients,
         input_gradients=input_gradients,
         head_inputs=head_inputs,
+        pixel_masks=masks,
+        predicted=predicted,
+    )
+
+
+def _warn_if_unpredicted(module: nn.Module, indices: Tensor, masks: Tensor) -> None:
+    """Warn when an explained class has no pixel to be scored over: its score is 0 and its map
+    all zero, an absence rather than an explanation. Checked on a model's first call only (a
+    host sync)."""
+    if not _first_time(module, ("empty-segment",)):
+        return
+    empty = (masks.flatten(1).sum(dim=1) == 0) & (indices >= 0)
+    if not bool(empty.any()):
+        return
+    image = int(empty.nonzero()[0, 0])
+    warnings.warn(
+        f"Class {int(indices[image])} covers no pixel of image {image} (no pixel predicted as it, "
+        "or an empty pixel mask): its score there is 0 and its map all zero. Explain a class "
+        "the model predicts (target='predicted'), or name the pixels: target=(class, mask).",
+        stacklevel=4,
+    )
+
+
+def _warn_if_logit_map(module: nn.Module, name: str, output: Tensor, logits: Tensor) -> None:
+    """Warn (once per model and layer) when a layer outputs the segmentation logits themselves
+    (before their upsampling): its Grad-CAM is then the class's logit map with its negative
+    part cut off, not an explanation from features."""
+    if not isinstance(output, Tensor) or not _first_time(module, ("logit-map", name)):
+        return
+    if not is_logit_map(output, logits):
+        return
+    warnings.warn(
+        f"Layer {name!r} outputs the segmentation logits (upsampled, they are the model's "
+        "output): its Grad-CAM of a class is that class's logit map cut at zero, not an "
+        "explanation. Pick the features before the classifier (layer=None chooses them; for "
+        "torchvision's FCN and DeepLabV3 the layer before 'classifier.4', or 'backbone').",
+        stacklevel=4,
     )
 
 
@@ -639,8 +713,15 @@ def _record_inputs(head: tuple[str, nn.Linear] | None, into: list[Tensor]) -> It
         yield
 
 
-def _scorer(module: nn.Module, options: EngineOptions, target: Target, indices: Tensor) -> ScoreFn:
-    """Run the model on rows and return, per row, the score of its probe image's class."""
+def _scorer(
+    module: nn.Module,
+    options: EngineOptions,
+    target: Target,
+    indices: Tensor,
+    masks: Tensor | None = None,
+) -> ScoreFn:
+    """Run the model on rows and return, per row, the score of its probe image's class (for
+    segmentation: summed over its probe image's pixel mask)."""
 
     # Indices are -1 only where a callable target returned scores, and then all of them are:
     # only such a callable makes this read the indices back (once, at the first extra pass).
@@ -649,6 +730,9 @@ def _scorer(module: nn.Module, options: EngineOptions, target: Target, indices: 
     def score(rows: Batch, image_index: Tensor) -> Tensor:
         logits = pick_logits(_run(module, options, rows), options.output_transform)
         if not by_score():
+            if masks is not None:
+                table = class_scores(logits)
+                return segment_scores(table, indices[image_index], masks[image_index])
             return class_scores(logits).gather(1, indices[image_index][:, None])[:, 0]
         assert callable(target)
         scores = target(logits)

@@ -20,6 +20,7 @@ from .capture import scoped_hooks
 from .channels import filter_activations, one_layer, visualize_filter
 from .engine import CamResult, compute
 from .layers import unwrap_model
+from .measures import class_iou
 from .methods import PIXEL_METHODS, SIGNED_METHODS
 from .options import EngineOptions, FilterOptions, RenderOptions
 from .probe import ProbeSet
@@ -32,9 +33,11 @@ from .render import (
     draw_view_grid,
     drawn_rows,
     predicted_classes,
+    segment_caption_text,
     to_uint8_images,
 )
 from .schema import MapKey, ScalarKey, filter_channel_tag, filter_maximised_tag, view_method
+from .targets import main_class
 from .types import LayerSpec
 
 #: An image's key: a `MapKey` for an overlay grid, or a filter-view tag built by `schema`.
@@ -53,8 +56,12 @@ class EvaluationOutput:
 
 
 def probe_options(options: EngineOptions, probe: ProbeSet) -> EngineOptions:
-    """The engine options for one probe set: `target="label"` becomes the probe's labels."""
+    """The engine options for one probe set: `target="label"` becomes the probe's labels; with
+    label maps, each image's `main_class` over the pixels labelled with it."""
     if isinstance(options.target, str) and options.target == "label":
+        if probe.label_maps is not None:  # each image's main labelled class, over its pixels
+            classes = main_class(probe.label_maps)
+            return replace(options, target=(classes, probe.label_maps == classes[:, None, None]))
         if probe.labels is None:
             raise ValueError(
                 f'target="label" needs labels, but probe {probe.name!r} has none; pass an '
@@ -86,21 +93,13 @@ def render_probe(
             "floating-point image tensor [B, C, H, W]; name it with input_key= (dict batches) "
             "or put the images first."
         )
-    labels, logits, maps = probe.labels, result.logits, result.maps
+    candidates, maps = probe_captions(probe, result, options.class_names), result.maps
     rows = drawn_rows(images.shape[0], options.max_tiles)
     if rows is not None:
         index = torch.tensor(rows, device=images.device)
-        images, logits = images[index], logits[index.to(logits.device)]
-        labels = None if labels is None else labels[index.to(labels.device)]
+        images = images[index]
         maps = {key: value[index.to(value.device)] for key, value in maps.items()}
-    predicted = predicted_classes(logits)
-    true = None if labels is None else labels.tolist()
-    names = options.class_names
-    # Class names read "ok pred cat / true cat" where the tiles are wide enough, else "ok p:cat
-    # t:cat"; class numbers are always compact.
-    candidates = [caption_text(predicted, true, names, compact=True)]
-    if names is not None:
-        candidates.insert(0, caption_text(predicted, true, names))
+        candidates = [[texts[row] for row in rows] for texts in candidates]
     captions = choose_captions(candidates, images.shape[-2], images.shape[-1])
     grids: dict[MapKey, Tensor] = {}
     overlays: dict[MapKey, Tensor] = {}  # drawn together: the images are prepared once
@@ -115,6 +114,37 @@ def render_probe(
     if overlays:
         grids.update(draw_overlays(images.detach(), overlays, captions, options))
     return grids
+
+
+def probe_captions(
+    probe: ProbeSet, result: CamResult, names: Sequence[str] | None
+) -> list[list[str]]:
+    """Caption lists, the widest first, for `choose_captions`. A classifier's read "ok pred cat
+    / true cat" where the tiles are wide enough, else "ok p:cat t:cat" (class numbers are
+    always compact); a segmentation model's name the class explained and its IoU on the image
+    where label maps exist, else the share of pixels predicted as it ("car IoU 0.72", "car
+    0.72", then "3 0.72")."""
+    if result.predicted_maps is not None:
+        classes = result.targets.tolist()
+        iou = None
+        if probe.label_maps is not None:
+            iou = class_iou(result.predicted_maps, probe.label_maps, result.targets).tolist()
+        share = (result.predicted_maps == result.targets[:, None, None].to(
+            result.predicted_maps.device
+        )).flatten(1).float().mean(dim=1).tolist()  # fmt: skip
+        candidates = [segment_caption_text(classes, iou, share, None, compact=True)]
+        if names is not None:
+            candidates[:0] = [
+                segment_caption_text(classes, iou, share, names),
+                segment_caption_text(classes, iou, share, names, compact=True),
+            ]
+        return candidates
+    predicted = predicted_classes(result.logits)
+    true = None if probe.labels is None else probe.labels.tolist()
+    candidates = [caption_text(predicted, true, names, compact=True)]
+    if names is not None:
+        candidates.insert(0, caption_text(predicted, true, names))
+    return candidates
 
 
 def view_grids(

@@ -489,3 +489,25 @@ def summarize(values: Tensor) -> tuple[float, int]:
     if excluded == flat.numel():
         return math.nan, excluded
     return float(flat[finite].double().mean().item()), excluded
+
+
+def class_iou(predicted: Tensor, label_maps: Tensor, classes: Tensor) -> Tensor:
+    """Per image, the IoU of class `classes[b]` between a predicted class map and a label map
+    (`[B, H, W]` each; the prediction is resized, nearest, to the labels' size); NaN where the
+    class is neither predicted nor labelled.
+
+    Example:
+        >>> pred = torch.tensor([[[1, 1], [0, 0]]]); true = torch.tensor([[[1, 0], [0, 0]]])
+        >>> class_iou(pred, true, torch.tensor([1])).tolist()
+        [0.5]
+    """
+    if predicted.shape[-2:] != label_maps.shape[-2:]:
+        resized = torch.nn.functional.interpolate(
+            predicted[:, None].float(), size=label_maps.shape[-2:], mode="nearest"
+        )
+        predicted = resized[:, 0].long()
+    wanted = classes.to(predicted.device)[:, None, None]
+    mine, theirs = predicted == wanted, label_maps.to(predicted.device) == wanted
+    inter = (mine & theirs).flatten(1).sum(dim=1).float()
+    union = (mine | theirs).flatten(1).sum(dim=1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.nan)

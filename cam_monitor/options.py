@@ -182,10 +182,29 @@ def _check_target(target: object) -> None:
                 "`target` as a tensor must hold integer class indices, one per image ([B]) or "
                 f"one for all ([]), got {target.dtype} of shape {tuple(target.shape)}."
             )
+    elif isinstance(target, tuple):
+        _check_segment_target(target)
     elif not callable(target):
         raise TypeError(
-            "`target` can be 'predicted', 'label', an int, a LongTensor or a callable, got "
-            f"{type(target).__name__}."
+            "`target` can be 'predicted', 'label', an int, a LongTensor, a callable or (class, "
+            f"pixel_mask), got {type(target).__name__}."
+        )
+
+
+def _check_segment_target(target: tuple[Any, ...]) -> None:
+    """`(class, pixel_mask)`: a class index or LongTensor [B], and a mask [H, W] or [B, H, W]."""
+    if len(target) != 2 or isinstance(target[0], (str, tuple)) or callable(target[0]):
+        raise ValueError(
+            "`target` as a tuple is (class, pixel_mask) for segmentation logits: a class index "
+            f"or LongTensor [B], and a mask [H, W] or [B, H, W]; got {len(target)} elements."
+        )
+    _check_target(target[0])
+    mask = target[1]
+    if not isinstance(mask, Tensor) or mask.dim() not in (2, 3, 4) or mask.is_complex():
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(
+            "The pixel mask of target=(class, pixel_mask) must be a bool or float tensor [H, W] "
+            f"or [B, H, W], got {shape}."
         )
 
 

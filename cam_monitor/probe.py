@@ -34,6 +34,8 @@ class ProbeSet:
 
     `inputs` is what the model is called with: a tensor, or a nested batch (a tuple of tensors,
     a dict with every key of the loader's batch); `image` is the tensor drawn and perturbed.
+    `label_maps` are class-index maps `[B, H, W]` (segmentation labels): localization scores
+    each image's map against the pixels labelled with the class it explains (`class_masks`).
     """
 
     name: str
@@ -41,6 +43,7 @@ class ProbeSet:
     labels: Tensor | None = None
     masks: Tensor | None = None
     digest: str = ""
+    label_maps: Tensor | None = None
 
     @property
     def image(self) -> Tensor | None:
@@ -69,7 +72,21 @@ class ProbeSet:
             inputs=move_to(self.inputs, device),
             labels=None if self.labels is None else self.labels.to(device),
             masks=None if self.masks is None else self.masks.to(device),
+            label_maps=None if self.label_maps is None else self.label_maps.to(device),
         )
+
+    @property
+    def localized(self) -> bool:
+        """Whether localization can be scored: the probe has masks or label maps."""
+        return self.masks is not None or self.label_maps is not None
+
+    def class_masks(self, classes: Tensor) -> ProbeSet:
+        """This probe with `masks` the pixels labelled with each image's class `classes[b]`
+        (from its label maps); as it is without label maps."""
+        if self.label_maps is None:
+            return self
+        wanted = classes.to(self.label_maps.device)[:, None, None]
+        return replace(self, masks=self.label_maps == wanted)
 
 
 def _describe(value: Any) -> str:
@@ -328,9 +345,70 @@ def make_probe(
                 f"(shape {tuple(labels.shape)}); give one label per image, labels[i] for "
                 "inputs[i]."
             )
-        if labels is not None:
-            labels = _class_labels(labels, rows)
-    return ProbeSet(name, inputs, labels, masks, content_hash(inputs))
+    image = Batch.of(inputs).image  # label maps and masks are shaped like it
+    labels, masks, label_maps = read_label_maps(name, image, labels, masks, warn)
+    if labels is not None:
+        labels = _class_labels(labels, rows)
+    return ProbeSet(name, inputs, labels, masks, content_hash(inputs), label_maps)
+
+
+def _whole_numbers(value: Tensor) -> bool:
+    """Integer values (any integer dtype, or floats that are all whole numbers)."""
+    if value.dtype == torch.bool or value.is_complex():
+        return False
+    return not value.is_floating_point() or bool((value == value.round()).all())
+
+
+def _class_index_map(masks: Tensor) -> bool:
+    """Whether a mask holds class indices: whole numbers other than a binary mask's 0 and 1, or
+    0 and 255 (a binary mask saved as an 8-bit image)."""
+    if not masks.numel() or not _whole_numbers(masks):
+        return False
+    binary = (masks == 0) | (masks == 1)
+    return not bool(binary.all()) and not bool(((masks == 0) | (masks == 255)).all())
+
+
+def read_label_maps(
+    name: str,
+    inputs: Any,
+    labels: Tensor | None,
+    masks: Any,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[Tensor | None, Any, Tensor | None]:
+    """Split class-index maps (segmentation labels) off a probe's labels and masks: returns
+    `(labels, masks, label_maps)`.
+
+    Labels shaped like the images' masks (`[B, H, W]`, `[B, 1, H, W]`) are label maps. A mask
+    of whole numbers beyond 0 and 1 is a label map, never binarised into "any class"; an
+    integer mask of only 0 and 1 stays a mask, with a warning that it could be either. Bool
+    masks, float 0/1 masks and 0/255 masks (an 8-bit image) keep their meaning.
+
+    Example:
+        >>> x = torch.zeros(2, 3, 4, 4)
+        >>> labels, masks, maps = read_label_maps("p", x, torch.full((2, 4, 4), 2), None)
+        >>> labels, masks, maps.shape
+        (None, None, torch.Size([2, 4, 4]))
+    """
+    label_maps = None
+    if isinstance(labels, Tensor) and looks_like_masks(labels, inputs) and _whole_numbers(labels):
+        label_maps, labels = labels, None
+    if isinstance(masks, Tensor) and looks_like_masks(masks, inputs) and _whole_numbers(masks):
+        if _class_index_map(masks):
+            if label_maps is None:
+                label_maps = masks
+            masks = None
+        elif bool(masks.max() <= 1) and not masks.is_floating_point() and warn is not None:
+            warn(
+                f"probe {name!r}: its mask ({masks.dtype}) holds only 0 and 1, read as a binary "
+                "mask (the object's pixels). If it is a class-index map of classes 0 and 1, pass "
+                "it as the labels (a 'label' key or the second element of the tuple), so that "
+                "each map is scored against the pixels of the class it explains."
+            )
+    if label_maps is not None:
+        if label_maps.dim() == 4:
+            label_maps = label_maps[:, 0]
+        label_maps = label_maps.long()
+    return labels, masks, label_maps
 
 
 def probe_sets(probe: Any, input_key: str | None = None) -> dict[str, ProbeSpec] | None:
@@ -458,7 +536,8 @@ def check_masks(masks: object, specs: Mapping[str, ProbeSpec] | None = None) -> 
 def attach_masks(probe: ProbeSet, masks: Any) -> ProbeSet:
     """`probe` with `masks` (else the masks found in its batch) as bool `[B, H, W]`; boxes
     `[B, 4]` (x0, y0, x1, y1 in pixels) given as `masks` become masks (a batch's `[B, 4]` never
-    does); a shape that cannot fit is a ValueError.
+    does); class-index maps (whole numbers beyond 0 and 1) become `label_maps`; a shape that
+    cannot fit is a ValueError.
 
     Example:
         >>> probe = ProbeSet("p", torch.zeros(1, 3, 4, 4))
@@ -487,6 +566,8 @@ def attach_masks(probe: ProbeSet, masks: Any) -> ProbeSet:
             f"[B, H, W] = {(batch, *size)} like the probe images, or boxes [B, 4] (through "
             "masks= only)."
         )
+    if masks.dtype != torch.bool and _class_index_map(masks):  # class indices, not a mask
+        return replace(probe, masks=None, label_maps=masks.long())
     return replace(probe, masks=masks if masks.dtype == torch.bool else masks > 0.5)
 
 

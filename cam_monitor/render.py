@@ -460,6 +460,38 @@ def predicted_classes(logits: Tensor | np.ndarray) -> list[int]:
     return torch.where(finite, scores.argmax(dim=1), -1).tolist()
 
 
+def segment_caption_text(
+    classes: Sequence[int] | Tensor,
+    iou: Sequence[float] | Tensor | None,
+    share: Sequence[float] | Tensor,
+    class_names: Sequence[str] | None = None,
+    *,
+    compact: bool = False,
+) -> list[str]:
+    """Per-image captions of segmentation maps: the class explained and, where label maps
+    exist, that class's IoU on the image ("car IoU 0.72"), else the share of its pixels the
+    model assigns to it ("car 41% px"); `compact` drops the words ("car 0.72", "car 41%"). An
+    IoU of NaN (class neither predicted nor labelled) reads as "-".
+
+    Example:
+        >>> segment_caption_text([1, 2], [0.5, float("nan")], [0.1, 0.0], ["bg", "disc", "bar"])
+        ['disc IoU 0.50', 'bar IoU -']
+        >>> segment_caption_text([1], None, [0.25], compact=True)
+        ['1 25%']
+    """
+    texts = []
+    for i, index in enumerate(int(c) for c in classes):
+        name = _label(index, class_names)
+        if iou is not None:
+            value = float(iou[i])
+            number = "-" if math.isnan(value) else f"{value:.2f}"
+            texts.append(f"{name} {number}" if compact else f"{name} IoU {number}")
+        else:
+            percent = f"{float(share[i]):.0%}"
+            texts.append(f"{name} {percent}" if compact else f"{name} {percent} px")
+    return texts
+
+
 def caption_text(
     predicted: Sequence[int] | Tensor,
     true: Sequence[int] | Tensor | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,7 +18,9 @@ _PROBABILITY_CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def pick_logits(output: Any, output_transform: OutputTransform) -> Tensor:
-    """Apply `output_transform` (a callable, a tuple index or a dict key) and check `[B, C]`.
+    """Apply `output_transform` (a callable, a tuple index or a dict key) and check the shape:
+    class logits `[B, C]` (one logit per image `[B]` becomes `[B, 1]`), or per-pixel logits
+    `[B, C, H, W]` of a segmentation model (see `resolve_segment_targets`).
 
     Example:
         >>> pick_logits((torch.zeros(2, 5), torch.zeros(2, 2)), 0).shape
@@ -48,28 +51,38 @@ def pick_logits(output: Any, output_transform: OutputTransform) -> Tensor:
             f"{type(output_transform).__name__}."
         )
     if not isinstance(picked, Tensor):
-        kind = type(picked).__name__
-        size = f" of {len(picked)} elements" if isinstance(picked, (tuple, list, dict)) else ""
-        raise ValueError(
-            f"The model returned a {kind}{size}, not a logits tensor. Pass output_transform= to "
-            "pick the class head: an index (output_transform=0 for (class_logits, domain_logits)),"
-            " a dict key, or a callable returning logits [B, C]."
-        )
+        raise ValueError(_not_a_tensor(picked))
     if picked.dim() == 1:
         return picked[:, None]  # one logit per image (BCEWithLogitsLoss): see `class_scores`
-    if picked.dim() != 2:
-        hint = ""
-        if picked.dim() == 4:
-            hint = (
-                " This looks like per-pixel scores [B, C, H, W] (segmentation): explain the "
-                "mean score of each class over the image with output_transform=lambda out: "
-                "out.mean(dim=(2, 3)), or over a region of interest with your own callable."
-            )
+    if picked.dim() not in (2, 4):
         raise ValueError(
-            f"Class logits must have shape [B, C], got {tuple(picked.shape)}. Pass "
-            f"output_transform= to return [B, C] logits.{hint}"
+            f"Class logits must have shape [B, C] (classification) or [B, C, H, W] (per-pixel "
+            f"scores, segmentation), got {tuple(picked.shape)}. Pass output_transform= to "
+            "return them."
         )
     return picked
+
+
+def _not_a_tensor(picked: Any) -> str:
+    """Why a model output is no logits tensor, with the `output_transform` that picks one."""
+    kind = type(picked).__name__
+    size = f" of {len(picked)} elements" if isinstance(picked, (tuple, list, dict)) else ""
+    if isinstance(picked, Mapping):
+        tensors = {k: v for k, v in picked.items() if isinstance(v, Tensor) and v.dim() in (2, 4)}
+        if tensors:
+            key = "out" if "out" in tensors else next(iter(tensors))
+            shapes = ", ".join(f"{k!r}: {tuple(v.shape)}" for k, v in tensors.items())
+            return (
+                f"The model returned a {kind} ({shapes}), not a logits tensor. Pass "
+                f"output_transform={key!r} to explain the scores under that key "
+                "([B, C] class logits, or [B, C, H, W] per-pixel logits of a segmentation model)."
+            )
+    return (
+        f"The model returned a {kind}{size}, not a logits tensor. Pass output_transform= to "
+        "pick the class head: an index (output_transform=0 for (class_logits, domain_logits)),"
+        " a dict key (output_transform='out' for torchvision's segmentation models), or a "
+        "callable returning logits [B, C] or [B, C, H, W]."
+    )
 
 
 def class_scores(logits: Tensor) -> Tensor:
@@ -152,7 +165,9 @@ def warn_if_probabilities(module: nn.Module, logits: Tensor) -> None:
     # Rows summing to 1 are a softmax; 8 values or more all strictly inside (0, 1) a sigmoid
     # (multi-label). A sigmoid never gives an exact 0, which a ReLU head gives (squeezenet's
     # scores at initialisation are in [0, 1]: they are no probabilities).
-    sigmoid = _open_unit(logits).all() & (logits.numel() >= 8)
+    # Per-pixel logits of an untrained segmentation head are often all in (0, 1): only a
+    # softmax over the classes counts there.
+    sigmoid = _open_unit(logits).all() & (logits.numel() >= 8) & (logits.dim() == 2)
     if bool(inside & sums_to_one | sigmoid):
         warnings.warn(
             "The model output looks like probabilities (every value in [0, 1]: a softmax or a "
@@ -213,6 +228,13 @@ def resolve_targets(
         >>> indices.tolist(), scores.tolist()
         ([1, 0], [2.0, 3.0])
     """
+    if isinstance(target, tuple):
+        raise ValueError(
+            "A (class, pixel_mask) target (also target='label' with label maps) explains a class "
+            "over pixels of per-pixel logits [B, C, H, W], but the model gave class logits of "
+            f"shape {tuple(logits.shape)}. Return the per-pixel logits (output_transform=), or "
+            "pass class indices: an int, a LongTensor [B] or 'predicted'."
+        )
     table = class_scores(logits)
     batch, num_classes = table.shape
     if isinstance(target, str):  # 'predicted'
@@ -240,3 +262,158 @@ def resolve_targets(
         indices = returned.to(torch.long)
         _check_indices(indices, num_classes)
     return indices, table.gather(1, indices[:, None])[:, 0]
+
+
+# -- segmentation: per-pixel logits [B, C, H, W] ---------------------------------------------------
+
+#: The class that `target="predicted"` and `target="label"` pass over on segmentation maps while
+#: another class is present: background, class 0 in VOC, ADE20K-style and most label maps.
+BACKGROUND_CLASS = 0
+#: Label values read as "no label" in class-index maps (`ignore_index` of VOC and of torch's
+#: `cross_entropy`): never a class to explain nor a pixel to score.
+IGNORE_LABELS = (255, -100)
+
+
+def is_segmentation(logits: Tensor) -> bool:
+    """Whether `logits` are per-pixel class scores `[B, C, H, W]` (a segmentation model's)."""
+    return logits.dim() == 4
+
+
+def main_class(class_map: Tensor, num_classes: int | None = None) -> Tensor:
+    """The class each image is mostly about: per map of `[B, H, W]` class indices, its most
+    frequent class other than `BACKGROUND_CLASS`, or the background where no other class is
+    there. Values in `IGNORE_LABELS`, negative or `>= num_classes` are not counted.
+
+    This is the rule of `target="predicted"` (on the argmax map) and `target="label"` (on the
+    label maps) for segmentation. Ties go to the lower class index.
+
+    Example:
+        >>> main_class(torch.tensor([[[0, 0, 2], [2, 1, 255]], [[0, 0, 0], [0, 0, 0]]]))
+        tensor([2, 0])
+    """
+    flat = class_map.flatten(1).long()
+    ignored = torch.zeros_like(flat, dtype=torch.bool)
+    for value in IGNORE_LABELS:
+        ignored |= flat == value
+    if num_classes is None:
+        known = flat[~ignored & (flat >= 0)]
+        num_classes = int(known.max()) + 1 if known.numel() else 1
+    count = num_classes
+    valid = ~ignored & (flat >= 0) & (flat < count)
+    counts = torch.zeros(flat.shape[0], max(count, 1), device=flat.device)
+    counts.scatter_add_(1, torch.where(valid, flat, 0), valid.float())
+    others = counts.clone()
+    others[:, BACKGROUND_CLASS] = -1
+    best = others.argmax(dim=1)
+    return torch.where(others.amax(dim=1) > 0, best, BACKGROUND_CLASS)
+
+
+def pixel_masks(pixels: Tensor, batch: int, size: tuple[int, int]) -> Tensor:
+    """A target's pixel mask as float `[B, H, W]` at the logits' `size`: `[H, W]` is shared by
+    every image, `[B, 1, H, W]` is squeezed, another size is resized (nearest), bool becomes
+    0/1 and float weights are kept (as pytorch-grad-cam's `SemanticSegmentationTarget` does)."""
+    mask = pixels.detach()
+    if mask.dim() == 4 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.dim() == 2:
+        mask = mask.expand(batch, *mask.shape)
+    if mask.dim() != 3 or mask.shape[0] != batch:
+        raise ValueError(
+            f"A target's pixel mask must be [H, W] or [B, H, W] with B={batch}, got shape "
+            f"{tuple(mask.shape)}; pass target=(class, mask) with one mask per image."
+        )
+    mask = mask.float()
+    if tuple(mask.shape[-2:]) != tuple(size):
+        mask = nn.functional.interpolate(mask[:, None], size=size, mode="nearest")[:, 0]
+    return mask
+
+
+def segment_scores(table: Tensor, indices: Tensor, masks: Tensor) -> Tensor:
+    """Per image, the sum of its class's logit over its mask: `sum_hw z[b, k_b] * m[b]` `[B]`."""
+    rows = torch.arange(table.shape[0], device=table.device)
+    return (table[rows, indices.to(table.device)] * masks.to(table.device)).flatten(1).sum(dim=1)
+
+
+def target_rows(target: Target, start: int, stop: int) -> Target:
+    """The part of a per-image target for images `start:stop` (class indices `[B]`, pixel masks
+    `[B, H, W]`); anything shared by every image as it is."""
+
+    def rows(value: Any) -> Any:
+        per_image = isinstance(value, Tensor) and value.dim() in (1, 3, 4)
+        return value[start:stop] if per_image else value
+
+    if isinstance(target, tuple):
+        return (rows(target[0]), rows(target[1]))
+    return rows(target) if isinstance(target, Tensor) and target.dim() == 1 else target
+
+
+def resolve_segment_targets(
+    target: Target, logits: Tensor, whole: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Return `(class indices [B], pixel masks [B, H, W], scores [B])` for per-pixel logits.
+
+    Each image's score is its class's logit summed over its pixel mask, as pytorch-grad-cam's
+    `SemanticSegmentationTarget(k, mask)` scores it. The mask is where the model predicts the
+    class (argmax == k) unless `target=(class, mask)` gives it. `"predicted"` explains each
+    image's `main_class` of the argmax map. A callable gets the logits `[B, C, H, W]` and
+    returns class indices `[B]` (scored over their predicted pixels) or scores `[B]` (then the
+    indices are -1 and the masks all ones).
+
+    Example:
+        >>> z = torch.zeros(1, 3, 2, 2); z[0, 2, 0] = 1.0  # class 2 on the top row
+        >>> indices, masks, scores = resolve_segment_targets("predicted", z)
+        >>> indices.tolist(), masks[0].tolist(), scores.tolist()
+        ([2], [[1.0, 1.0], [0.0, 0.0]], [2.0])
+    """
+    table = class_scores(logits)
+    batch, num_classes, height, width = table.shape
+    predicted = table.detach().argmax(dim=1)
+    given = None
+    if isinstance(target, tuple):
+        target, given = target
+    if isinstance(target, str):  # 'predicted'
+        indices = main_class(predicted, num_classes)
+    elif callable(target) and not isinstance(target, Tensor):
+        returned = target(logits)
+        if not isinstance(returned, Tensor) or returned.shape != (batch,):
+            shape = tuple(returned.shape) if isinstance(returned, Tensor) else type(returned)
+            raise ValueError(
+                "A target callable must return class indices LongTensor[B] or scores [B] for "
+                f"B={batch}, got {shape}."
+            )
+        if returned.is_floating_point():
+            ones = torch.ones(batch, height, width, device=logits.device)
+            return torch.full((batch,), -1, dtype=torch.long, device=logits.device), ones, returned
+        indices = returned.to(torch.long)
+        _check_indices(indices, num_classes)
+    else:
+        indices, _ = resolve_targets(target, table[:, :, 0, 0], whole)
+    if given is None:
+        masks = (predicted == indices[:, None, None]).float()
+    else:
+        masks = pixel_masks(given.to(logits.device), batch, (height, width))
+    return indices, masks, segment_scores(table, indices, masks)
+
+
+def is_logit_map(output: Tensor, logits: Tensor) -> bool:
+    """Whether a layer's `output` is the segmentation `logits` `[B, C, H, W]` themselves, at the
+    logits' size or smaller (torchvision upsamples the classifier's output bilinearly).
+
+    Example:
+        >>> z = torch.randn(1, 3, 4, 4)
+        >>> up = nn.functional.interpolate(z, size=(8, 8), mode="bilinear")
+        >>> is_logit_map(z, up), is_logit_map(z, z + 1)
+        (True, False)
+    """
+    if output.dim() != 4 or output.shape[:2] != logits.shape[:2]:
+        return False
+    if output.shape[-2] > logits.shape[-2] or output.shape[-1] > logits.shape[-1]:
+        return False
+    found = output.detach().float()
+    if found.shape[-2:] != logits.shape[-2:]:
+        found = nn.functional.interpolate(
+            found, size=logits.shape[-2:], mode="bilinear", align_corners=False
+        )
+    wanted = logits.detach().float()
+    scale = float(wanted.abs().amax()) + 1e-6
+    return float((found - wanted).abs().amax()) <= 1e-4 * scale

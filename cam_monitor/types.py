@@ -23,8 +23,9 @@ ForwardFn = Callable[[nn.Module, Any], Any]
 #: Picks the logits from a model's output: a tuple index, a dict key, or a callable.
 OutputTransform = int | str | Callable[[Any], Tensor] | None
 
-#: The class explained: 'predicted', 'label', an int, a LongTensor [B], or a callable.
-Target = str | int | Tensor | Callable[[Tensor], Tensor]
+#: The class explained: 'predicted', 'label', an int, a LongTensor [B], or a callable; for
+#: segmentation logits `[B, C, H, W]` also `(class, pixel_mask)`: that class over those pixels.
+Target = str | int | Tensor | Callable[[Tensor], Tensor] | tuple[int | Tensor, Tensor]
 
 #: What `probe=` may be, per probe set: a Tensor, an (inputs, labels[, masks]) tuple, a dict
 #: batch, a Dataset or a DataLoader.

@@ -127,3 +127,49 @@ def denormalise(images: Tensor) -> Tensor:
     mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
     return (images * std + mean).clamp(0, 1)
+
+
+def make_scenes(
+    n: int, domain: str = "source", size: int = 48, seed: int = 0, per_image: int = 2
+) -> tuple[Tensor, Tensor]:
+    """Generate `n` segmentation scenes of one domain, deterministically from `seed`.
+
+    Each image holds `per_image` shapes of random classes at random places (a later shape
+    covers an earlier one where they overlap), each in its own colour, on the domain's
+    background. Returns ``(images, label_maps)``: float32 ``[n, 3, size, size]`` normalised
+    with `MEAN`/`STD`, and int64 ``[n, size, size]`` class-index maps, 0 for the background and
+    ``1 + index`` in `CLASSES` for a shape (`scene_class_names`).
+    """
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}.")
+    if n < 1 or size < 8 or per_image < 1:
+        raise ValueError(f"need n, per_image >= 1 and size >= 8, got {n}, {per_image}, {size}.")
+    gen = torch.Generator().manual_seed(1000 + 2 * seed + DOMAINS.index(domain))
+    if domain == "source":
+        rgb, palette = _source_background(n, size, gen), _WARM
+    else:
+        rgb, palette = _target_background(n, size, gen), _COOL
+    label_maps = torch.zeros(n, size, size, dtype=torch.long)
+    for _ in range(per_image):
+        labels = torch.randint(len(CLASSES), (n,), generator=gen)
+        # Smaller shapes than `make_shapes`: a mask of a shape scaled by 0.6 around its centre.
+        masks = _shape_masks(labels, size, gen)
+        masks = F.interpolate(masks[:, None].float(), scale_factor=0.6, mode="nearest")[:, 0]
+        placed = torch.zeros(n, size, size)
+        small = masks.shape[-1]
+        offset = torch.randint(size - small + 1, (n, 2), generator=gen)
+        for i in range(n):
+            y, x = int(offset[i, 0]), int(offset[i, 1])
+            placed[i, y : y + small, x : x + small] = masks[i]
+        inside = placed.bool()
+        colour = _colours(palette, n, gen).expand(-1, -1, size, size)
+        rgb = torch.where(inside.unsqueeze(1), colour, rgb)
+        label_maps = torch.where(inside, (labels + 1).view(n, 1, 1), label_maps)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return ((rgb - mean) / std).float(), label_maps
+
+
+def scene_class_names() -> list[str]:
+    """The class names of `make_scenes`' label maps: the background, then `CLASSES`."""
+    return ["background", *CLASSES]

@@ -454,11 +454,18 @@ def test_outputs_that_are_not_class_logits_name_the_fix() -> None:
             return self.head(torch.relu(self.body(x)))
 
     x = torch.randn(2, 3, 16, 16)
-    with pytest.raises(ValueError, match=r"\(2, 4, 16, 16\).*per-pixel.*mean"):
-        compute_cams(Segmenter(), x, "body")
+    # Per-pixel logits [B, C, H, W] are a segmentation model's (tests/test_segmentation.py);
+    # other shapes name both layouts and the fix.
+    with pytest.raises(
+        ValueError, match=r"\[B, C\].*\[B, C, H, W\].*got \(2, 4, 16\).*output_transform"
+    ):
+        compute_cams(Segmenter(), x, "body", output_transform=lambda out: out.flatten(2)[..., :16])
     # The fix the message gives works: the mean score of each class over the image.
     fixed = compute_cams(Segmenter(), x, "body", output_transform=lambda out: out.mean(dim=(2, 3)))
     assert fixed["body", "gradcam"].shape == (2, 16, 16)
+    assert fixed.pixel_masks is None and fixed.predicted_maps is None
+    segments = compute_cams(Segmenter(), x, "body")
+    assert segments.predicted_maps is not None and segments.predicted_maps.shape == (2, 16, 16)
 
 
 def test_logits_without_one_row_per_image_are_refused() -> None:

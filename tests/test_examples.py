@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import dann_digits
 import dann_shapes
 import demo_figure
+import segmentation
 import shapes
 
 
@@ -294,3 +295,43 @@ def test_the_digits_demo_grids_are_near_square(digits: dict) -> None:
     for grid in grids.values():
         height, width = grid.shape[-2:]
         assert 3 / 4 <= width / height <= 4 / 3, (width, height)
+
+
+# -- segmentation scenes and a tiny run of the segmentation example --------------------------------
+
+
+def test_make_scenes_gives_label_maps_of_the_drawn_shapes() -> None:
+    images, label_maps = shapes.make_scenes(16, "target", size=32, seed=3)
+    again, same = shapes.make_scenes(16, "target", size=32, seed=3)
+    assert torch.equal(images, again) and torch.equal(label_maps, same)
+    assert images.shape == (16, 3, 32, 32) and label_maps.shape == (16, 32, 32)
+    assert label_maps.dtype == torch.int64
+    names = shapes.scene_class_names()
+    assert names[0] == "background" and len(names) == len(shapes.CLASSES) + 1
+    counts = torch.bincount(label_maps.flatten(), minlength=len(names))
+    assert counts[0] > counts[1:].sum() and (counts[1:] > 0).all()  # every class, mostly ground
+    # A shape's pixels differ from the background around it: the labels mark what is drawn.
+    rgb = _rgb(images)
+    inside, outside = (
+        rgb.permute(1, 0, 2, 3)[:, label_maps > 0],
+        rgb.permute(1, 0, 2, 3)[:, label_maps == 0],
+    )
+    assert inside.mean() > outside.mean() + 0.1
+
+
+@pytest.mark.slow
+def test_segmentation_example_runs_and_logs_class_maps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(segmentation, "VAL_SIZE", 8)
+    log_dir = tmp_path / "segmentation"
+    argv = ["--epochs", "1", "--train-size", "16", "--batch-size", "8", "--num-probe", "2"]
+    assert segmentation.main([*argv, "--log-dir", str(log_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "source: mean IoU" in out and "target: mean IoU" in out and str(log_dir) in out
+    tags = read_events(log_dir).Tags()
+    layer = "net.classifier.0"  # the automatic layer: the features before the 1x1 classifier
+    for domain in ("source", "target"):
+        assert f"cam/{domain}/{layer}/gradcam" in tags["images"]
+        assert f"cam_loc/{domain}/{layer}/gradcam/energy" in tags["scalars"]
+    assert {"val/source_miou", "val/target_miou"} <= set(tags["scalars"])

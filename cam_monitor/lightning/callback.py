@@ -42,7 +42,7 @@ from ..probe import ProbeSet
 from ..render import GRID_COLUMNS, MAX_TILES
 from ..schema import DEFAULT_MEASURES
 from ..sinks import Sink, run_folder
-from ..types import ForwardFn, LayerSpec, OutputTransform, ProbeSpec, Reshape
+from ..types import ForwardFn, LayerSpec, OutputTransform, ProbeSpec, Reshape, Target
 from .checks import (
     Group,
     check_consumer_layers,
@@ -89,14 +89,18 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             tuple (``inputs`` may nest: ``(x, meta)``), a dict batch, a Dataset, a DataLoader,
             or a dict of named probe sets.
         num_probe: samples taken from a Dataset or DataLoader probe.
-        target: ``"predicted"``, ``"label"``, a class index, a LongTensor [B] or a callable.
+        target: ``"predicted"``, ``"label"``, a class index, a LongTensor [B] or a callable;
+            for segmentation logits ``[B, C, H, W]`` also ``(class, pixel_mask)`` (see
+            docs/segmentation.md: ``"label"`` with label maps explains each image's main
+            labelled class over its labelled pixels).
         output_transform: picks the logits from a tuple or dict output: index, key or callable.
         forward: ``forward(module, inputs)``, how the model is called on the probe; it receives
             a tuple batch's inputs (nested ones too) and a dict batch whole, every key kept.
         reshape: turns a layer output into ``[B, C, H, W]`` (channels-last outputs and token
             grids of the input's shape: automatic where unambiguous).
         masks: bool ``[B, H, W]`` or boxes ``[B, 4]`` for localization scores, or a dict of them
-            (only with an explicit tensor/tuple probe: dataset items carry their own masks).
+            (only with an explicit tensor/tuple probe: dataset items carry their own masks);
+            class-index maps are label maps: each map is scored against its class's pixels.
         input_key: key of the inputs in dict batches (default: ``image``, ``input``, ``x``...).
         label_key: key of the labels in dict batches (default: ``label``, ``target``, ``y``...).
         colormap: OpenCV colormap of the heat maps (``"jet"``, ``"turbo"``, ``"viridis"``...).
@@ -158,7 +162,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         every_n_steps: int | None = None,
         probe: ProbeSpec = None,
         num_probe: int = 16,
-        target: str | int | Tensor | Callable[[Tensor], Tensor] = "predicted",
+        target: Target = "predicted",
         output_transform: OutputTransform = None,
         forward: ForwardFn | None = None,
         reshape: Reshape | None = None,

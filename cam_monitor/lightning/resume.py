@@ -144,6 +144,8 @@ def _describe(value: Any) -> str:
         return f"tensor {content_hash(value)}"
     if isinstance(value, nn.Module):
         return type(value).__name__
+    if isinstance(value, tuple):  # a segmentation target (class, pixel_mask)
+        return "(" + ", ".join(_describe(item) for item in value) + ")"
     if callable(value):
         named = value if hasattr(value, "__qualname__") else type(value)  # a callable object
         return f"{getattr(named, '__module__', '?')}.{named.__qualname__}"

@@ -79,7 +79,7 @@ def open_sinks(
     sinks = sinks_for(trainer, folder)
     if not trainer.loggers:
         rank_zero_warn(f"CamMonitor: the Trainer has no logger; grids and scalars go to {folder}.")
-    charts = dashboard_charts({name: p.masks is not None for name, p in probes.items()}, measures)
+    charts = dashboard_charts({name: p.localized for name, p in probes.items()}, measures)
     for sink in sinks:
         sink.record_probe({name: probe.digest for name, probe in probes.items()})
         sink.record_dashboard(charts)
