@@ -372,16 +372,27 @@ def _caption_bands(texts: tuple[str, ...], width: int, device: torch.device) -> 
     """The caption bands [B, 3, band, W] of `texts` for tiles `width` pixels wide, on `device`."""
     margin = _CAPTION_MARGIN
     room = max(width - 2 * margin, 1)
-    scale = min(max(width / _CAPTION_WIDTH, _MIN_FONT_SCALE), _MAX_FONT_SCALE)
-    widest = max((_text_width(t, 1.0) for t in texts if t), default=0)
-    if widest:
-        scale = max(min(scale, room / widest), _MIN_FONT_SCALE)
+    scale = _caption_scale(texts, room, width)
     atlas = _glyph_atlas(scale)
     bands = np.full((len(texts), atlas.height, width), _BAND_GRAY, dtype=np.uint8)
     for band, text in zip(bands, texts, strict=True):
         atlas.draw(band, _fit(text, scale, room), margin)
     bands_t = torch.from_numpy(bands)[:, None].expand(-1, 3, -1, -1)
     return bands_t.to(device).contiguous()
+
+
+def _caption_scale(texts: Sequence[str], room: int, width: int) -> float:
+    """One font scale for a tile `width` pixels wide (1 at 192 px, in [0.35, 1]), shrunk until
+    every caption fits `room` whole or the smallest legible scale is reached. Text does not
+    grow linearly with the scale (strokes are whole pixels), so the proportional guess is
+    checked and stepped down 2% at a time."""
+    scale = min(max(width / _CAPTION_WIDTH, _MIN_FONT_SCALE), _MAX_FONT_SCALE)
+    widest = max((_text_width(t, 1.0) for t in texts if t), default=0)
+    if widest:
+        scale = max(min(scale, room / widest), _MIN_FONT_SCALE)
+    while scale > _MIN_FONT_SCALE and any(_text_width(t, scale) > room for t in texts if t):
+        scale = max(scale * 0.98, _MIN_FONT_SCALE)
+    return scale
 
 
 class _GlyphAtlas:

@@ -254,12 +254,14 @@ def caption_bands(texts: list[str], width: int) -> np.ndarray:
 
 def caption_scale(texts: list[str], width: int) -> float:
     """The font scale caption_tiles promises: the tile width over 192 (scale 1 on a 192-pixel
-    tile), in [0.35, 1], shrunk until the widest caption fits between the margins (not below
+    tile), in [0.35, 1], shrunk until every caption fits between the margins whole (not below
     0.35)."""
     font = cv2.FONT_HERSHEY_SIMPLEX
     widest = max(cv2.getTextSize(t, font, 1.0, 1)[0][0] for t in texts if t)
-    scale = min(max(width / render._CAPTION_WIDTH, 0.35), 1.0)
-    return max(min(scale, (width - 6) / widest), 0.35)
+    scale = max(min(width / render._CAPTION_WIDTH, 1.0, (width - 6) / widest), 0.35)
+    while scale > 0.35 and any(cv2.getTextSize(t, font, scale, 1)[0][0] > width - 6 for t in texts):
+        scale = max(scale * 0.98, 0.35)  # text width is not proportional to the scale
+    return scale
 
 
 @pytest.mark.parametrize("width", [40, 96, 224])
@@ -321,6 +323,19 @@ def test_caption_text_is_its_glyphs_side_by_side_at_opencvs_advances(width: int)
         assert np.array_equal(band, expected), fitted
         ink = np.flatnonzero((band > 128).any(axis=0))
         assert ink[0] >= 2 and ink[-1] <= width - 2, fitted  # inside the tile, margins kept
+
+
+@pytest.mark.parametrize("width", range(40, 200, 4))
+def test_captions_that_fit_at_the_smallest_scale_are_drawn_whole(width: int) -> None:
+    # choose_captions promises a list that fits at the smallest legible scale is drawn whole;
+    # the scale chosen from the tile width must keep that promise (no '..' for a pixel).
+    texts = ["triangle IoU 0.91", "x p:circle t:square", "ok square"]
+    room = width - 6
+    fits = all(cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, 0.35, 1)[0][0] <= room for t in texts)
+    scale = render._caption_scale(texts, room, width)
+    assert scale == caption_scale(texts, width)
+    if fits:
+        assert [render._fit(t, scale, room) for t in texts] == texts
 
 
 def test_caption_count_must_match_tiles() -> None:

@@ -22,11 +22,7 @@ from lightning_utilities.core.rank_zero import (  # what both namespaces re-expo
 )
 from torch import Tensor, nn
 
-from ..capture import users_hooks_warning
 from ..drift import AttentionTracker
-from ..evaluation import normalisation_warning
-from ..history import find_history, read_history
-from ..layers import resolve_layers, unwrap_model
 from ..options import (
     DriftOptions,
     EngineOptions,
@@ -43,21 +39,19 @@ from ..render import GRID_COLUMNS, MAX_TILES
 from ..schema import DEFAULT_MEASURES
 from ..sinks import Sink, run_folder
 from ..types import ForwardFn, LayerSpec, OutputTransform, ProbeSpec, Reshape, Target
-from .checks import (
-    Group,
-    check_consumer_layers,
-    check_metric_consumers,
-    check_save_dir,
-    check_shared_tags,
-    check_strategy,
-    check_twins,
-    logged_groups,
-)
+from .checks import Group, check_fit, check_shared_tags, logged_groups
 from .compat import lightning_classes
 from .evaluator import Entry, Evaluator, Plan
 from .pickling import guarded, unguarded
-from .resume import RunState, foreign_state, holds_history, settings
-from .trainer import default_layer, fit_probes, open_sinks
+from .resume import RunState, foreign_state, holds_history, settings, state_identity
+from .trainer import (
+    default_layer,
+    fit_probes,
+    module_names,
+    open_sinks,
+    start_warnings,
+    use_reference_run,
+)
 
 if sys.version_info >= (3, 12):
     from typing import override
@@ -266,18 +260,10 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
 
     def _state_key(self, module_name: Callable[[nn.Module], str]) -> str:
         """`state_key` with `module_name` naming the layers given as modules."""
-        layers = self._layer_spec or []
-        names = [layer if isinstance(layer, str) else module_name(layer) for layer in layers]
-        identity: dict[str, Any] = {"layers": names, "methods": list(self.methods)}
-        if self.probe_options.ids is not None:
-            identity["probe"] = self.probe_options.ids
-        if self.schedule.every_n_steps is not None:
-            identity["every_n_steps"] = self.schedule.every_n_steps
-        elif self.schedule.every_n_epochs != 1:
-            identity["every_n_epochs"] = self.schedule.every_n_epochs
-        if self.outputs.save_dir is not None:
-            identity["save_dir"] = os.fspath(self.outputs.save_dir)
-        return self._generate_state_key(**identity)
+        names = [n if isinstance(n, str) else module_name(n) for n in self._layer_spec or []]
+        return self._generate_state_key(
+            **state_identity(names, self.methods, self.probe_options, self.schedule, self.outputs)
+        )
 
     def _module_name(self, layer: nn.Module) -> str:
         """A module layer in `state_key`: its dotted name once `setup` found it in the model (the
@@ -291,7 +277,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._check_setup(trainer, pl_module)
-            self._prepare_fit(pl_module)
+            self._prepare_fit()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -420,31 +406,16 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     # -- actions --------------------------------------------------------------------------------
 
     def _check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """What the Trainer, its strategy and its other callbacks must allow, before any step."""
-        check_strategy(trainer.strategy)
-        check_metric_consumers(trainer, self)
-        check_consumer_layers(trainer, pl_module)
+        """What the Trainer, its strategy, its other callbacks and the model must allow."""
         monitors = _monitors(trainer)
         for monitor in monitors:  # module layers by name, in every monitor's key
-            monitor._name_modules(pl_module)
-        check_twins(self, monitors)
-        check_save_dir(self.outputs.save_dir)
+            monitor._module_names = module_names(pl_module, monitor._layer_spec)
+        check_fit(self, trainer, pl_module, monitors, self._layer_spec)
 
-    def _prepare_fit(self, pl_module: pl.LightningModule) -> None:
+    def _prepare_fit(self) -> None:
         self._restored = False  # until `load_state_dict` restores a checkpoint in this fit
         self._foreign_key = None
         self._probes, self._sinks = {}, []  # the last fit's: `evaluate()` waits for this fit's
-        if self._layer_spec is not None:
-            resolve_layers(pl_module, self._layer_spec)  # a typo fails here, before any step
-        if self.filters.channels:
-            resolve_layers(pl_module, list(self.filters.channels))
-
-    def _name_modules(self, pl_module: pl.LightningModule) -> None:
-        """Find the dotted names of the module layers given as objects (a typo fails here)."""
-        modules = [layer for layer in self._layer_spec or [] if isinstance(layer, nn.Module)]
-        self._module_names = {
-            id(layer): resolve_layers(pl_module, [layer])[0][0] for layer in modules
-        }
 
     def _start_new_run(self) -> None:
         """Forget the previous fit's run: its evaluations, drift reference, run id and layers."""
@@ -460,16 +431,13 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         """On rank zero, at the start of training: the layers, the run's folder and sinks, the
         resume warnings, the drift reference and the probe on disk."""
         self._probes = probes
-        for probe in probes.values():
-            if warning := normalisation_warning(probe, self.render):
-                rank_zero_warn(warning)
+        for warning in start_warnings(pl_module, probes, self.render):
+            rank_zero_warn(warning)
         if self.layers is None:
             self.layers = [default_layer(pl_module, next(iter(probes.values())), self.engine)]
         if trainer.loggers:
             others = [m for m in _monitors(trainer) if m is not self and m._probes]
             check_shared_tags(self._groups(pl_module), [m._groups(pl_module) for m in others])
-        if hooks := users_hooks_warning(unwrap_model(pl_module)):
-            rank_zero_warn(hooks)
         if self.run_id is None:
             self.run_id = uuid.uuid4().hex[:12]
         folder = self._claim_folder(trainer)
@@ -477,8 +445,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self._warn_resumed()
         outputs, history = self.outputs, self._evaluator.history
         if outputs.reference is not None and not self.tracker.reference:
-            first = read_history(find_history(outputs.reference))[0]
-            self.tracker.use_reference(first, probes, source=str(outputs.reference))
+            use_reference_run(self.tracker, outputs.reference, probes)
         if outputs.history:
             if self.evaluations > 0:
                 history.prune_from(self.evaluations)  # a resumed run rewrites what follows

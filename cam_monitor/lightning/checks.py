@@ -128,3 +128,24 @@ def check_shared_tags(mine: set[Group], others: Iterable[set[Group]]) -> None:
                 "group(s)), mixing their curves. Name their probe sets apart "
                 "(probe={'name': ...}), or monitor other layers or methods."
             )
+
+
+def check_fit(
+    monitor: CamMonitor,
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    monitors: Sequence[CamMonitor],
+    layers: Sequence[LayerSpec] | None,
+) -> None:
+    """Every setup-time check of one monitor, before any training step: the strategy, the
+    callbacks that watch its tags, a twin among `monitors`, its `save_dir`, and its `layers`
+    (as given) and filter layers in the model (a typo fails here with the closest names)."""
+    check_strategy(trainer.strategy)
+    check_metric_consumers(trainer, monitor)
+    check_consumer_layers(trainer, pl_module)
+    check_twins(monitor, monitors)
+    check_save_dir(monitor.outputs.save_dir)
+    if layers is not None:
+        resolve_layers(pl_module, layers)
+    if monitor.filters.channels:
+        resolve_layers(pl_module, list(monitor.filters.channels))

@@ -4,7 +4,7 @@ from it: each difference is one warning, said once, from `RunState.diff`."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,15 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..history import history_runs
-from ..options import RECORDED, DriftOptions, EngineOptions, engine_fields
+from ..options import (
+    RECORDED,
+    DriftOptions,
+    EngineOptions,
+    OutputOptions,
+    ProbeOptions,
+    ScheduleOptions,
+    engine_fields,
+)
 from ..probe import content_hash
 
 
@@ -113,6 +121,28 @@ def _common_parent(first: str | os.PathLike[str], second: str | os.PathLike[str]
 def holds_history(save_dir: str | os.PathLike[str] | None) -> bool:
     """Whether an explicit `save_dir` already holds a run's history (a new run is refused it)."""
     return save_dir is not None and bool(history_runs(save_dir))
+
+
+def state_identity(
+    layers: Sequence[str],
+    methods: Sequence[str],
+    probe: ProbeOptions,
+    schedule: ScheduleOptions,
+    outputs: OutputOptions,
+) -> dict[str, Any]:
+    """What a monitor's `state_key` is built from: its layers (by name) and methods, and its
+    probe, schedule and folder where they are not the defaults (so a lone monitor keeps the key
+    older checkpoints were saved under)."""
+    identity: dict[str, Any] = {"layers": list(layers), "methods": list(methods)}
+    if probe.ids is not None:
+        identity["probe"] = probe.ids
+    if schedule.every_n_steps is not None:
+        identity["every_n_steps"] = schedule.every_n_steps
+    elif schedule.every_n_epochs != 1:
+        identity["every_n_epochs"] = schedule.every_n_epochs
+    if outputs.save_dir is not None:
+        identity["save_dir"] = os.fspath(outputs.save_dir)
+    return identity
 
 
 def foreign_state(states: dict[str, Any], key: str, legacy: str, claimed: set[str]) -> str | None:

@@ -14,20 +14,25 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import nn
 
+from ..capture import users_hooks_warning
 from ..default_layer import first_spatial_layer
-from ..evaluation import explain_first_failure, raised_by_cam_monitor
+from ..drift import AttentionTracker
+from ..evaluation import explain_first_failure, normalisation_warning, raised_by_cam_monitor
+from ..history import find_history, read_history
 from ..isolation import preserved_rng
-from ..layers import unwrap_model
+from ..layers import resolve_layers, unwrap_model
 from ..probe import ProbeSet, build_probes, loader_probe
 from ..schema import dashboard_charts
 from ..sinks import Sink, sinks_for
+from ..types import LayerSpec
 
 if TYPE_CHECKING:
+    from os import PathLike
     from pathlib import Path
 
     import pytorch_lightning as pl
 
-    from ..options import EngineOptions, ProbeOptions
+    from ..options import EngineOptions, ProbeOptions, RenderOptions
 
 
 def fit_probes(
@@ -131,3 +136,32 @@ def logging_off(module: nn.Module) -> Iterator[None]:
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     """Takes a `log` call and does nothing."""
+
+
+def module_names(
+    pl_module: pl.LightningModule, layers: Sequence[LayerSpec] | None
+) -> dict[int, str]:
+    """The dotted names of the layers given as module objects, by identity (a module that is
+    not in the model fails here)."""
+    modules = [layer for layer in layers or [] if isinstance(layer, nn.Module)]
+    return {id(layer): resolve_layers(pl_module, [layer])[0][0] for layer in modules}
+
+
+def start_warnings(
+    pl_module: pl.LightningModule, probes: Mapping[str, ProbeSet], render: RenderOptions
+) -> Iterator[str]:
+    """What to say once at the start of a run: probes whose values do not fit `mean`/`std`,
+    and the user's own hooks, which run during evaluations too."""
+    for probe in probes.values():
+        if warning := normalisation_warning(probe, render):
+            yield warning
+    if hooks := users_hooks_warning(unwrap_model(pl_module)):
+        yield hooks
+
+
+def use_reference_run(
+    tracker: AttentionTracker, reference: str | PathLike[str], probes: Mapping[str, ProbeSet]
+) -> None:
+    """Drift against the first evaluation of another run (`reference=`), not this run's own."""
+    first = read_history(find_history(reference))[0]
+    tracker.use_reference(first, probes, source=str(reference))
