@@ -8,11 +8,14 @@ from .channels import filter_activations as filter_activations
 from .channels import visualize_filter as visualize_filter
 from .engine import CamResult as CamResult
 from .engine import compute_cams as compute_cams
+from .faithfulness import faithfulness as faithfulness
+from .faithfulness import sanity_check as sanity_check
 from .methods import ALL_METHODS as ALL_METHODS
 from .methods import CAM_METHODS as CAM_METHODS
 from .methods import INPUT_METHODS as INPUT_METHODS
 from .methods import PIXEL_METHODS as PIXEL_METHODS
 from .methods import SIGNED_METHODS as SIGNED_METHODS
+from .schema import FAITHFULNESS_MEASURES as FAITHFULNESS_MEASURES
 from .schema import INPUT_LAYER as INPUT_LAYER
 
 #: The name `INPUT_LAYER` had before; kept for code that imports it.
@@ -36,6 +39,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ALL_METHODS",
     "CAM_METHODS",
+    "FAITHFULNESS_MEASURES",
     "INPUT_KEY",
     "INPUT_LAYER",
     "INPUT_METHODS",
@@ -47,6 +51,8 @@ __all__ = [
     "NoGradientError",
     "__version__",
     "compute_cams",
+    "faithfulness",
     "filter_activations",
+    "sanity_check",
     "visualize_filter",
 ]

@@ -47,6 +47,8 @@ from .report import require_matplotlib, write_report
 from .schema import (
     DRIFT,
     EXCLUDED_SUFFIX,
+    FAITHFULNESS,
+    FAITHFULNESS_CHOICES,
     LOCALIZATION,
     LOCALIZATION_SCORES,
     MEASURES,
@@ -58,6 +60,7 @@ from .schema import (
     ScalarKey,
     drift_stat,
     parse_scalar_tag,
+    stat_label,
 )
 
 __all__ = ["build_parser", "format_table", "main"]
@@ -425,6 +428,7 @@ def _group_columns(group: Group, present: dict[ScalarKey, str]) -> list[ScalarKe
         *(ScalarKey(DRIFT, group, drift_stat(m, a)) for m in MEASURES for a in (REF, PREVIOUS)),
         *(ScalarKey(LOCALIZATION, group, score) for score in LOCALIZATION_SCORES),
         *(ScalarKey(STATISTICS, group, stat) for stat in STATS),
+        *(ScalarKey(FAITHFULNESS, group, stat) for stat in FAITHFULNESS_CHOICES),
     ]
     columns = [key for key in wanted if key in present]
     taken = set(columns)
@@ -499,7 +503,7 @@ def _compare(args: argparse.Namespace) -> int:
         table.append(
             [
                 " / ".join(row.key.maps),
-                row.key.stat,
+                stat_label(row.key.stat) if row.key.kind == FAITHFULNESS else row.key.stat,
                 *(value.text() for value in row.values),
                 *(format_number(d) for d in row.differences),
                 higher,

@@ -31,6 +31,8 @@ from .history import (
 from .measures import as_measured, js_divergence, spearman, summarize, topk_iou
 from .schema import (
     DRIFT,
+    FAITHFULNESS,
+    FAITHFULNESS_CHOICES,
     LOCALIZATION,
     LOCALIZATION_SCORES,
     MEASURES,
@@ -524,7 +526,7 @@ def spread_series(group: RunGroup, key: ScalarKey, epochs: Sequence[int]) -> lis
 def summary_stats(groups: Sequence[RunGroup], key: Group) -> list[ScalarKey]:
     """The scalars a summary shows for one (probe, layer, method): the localization scores
     recorded by some run, then the drift from the baseline (1 - Spearman, else the first
-    drift measure recorded)."""
+    drift measure recorded), then the faithfulness measures and sanity check recorded."""
     key = MapKey(*key)
     recorded = {tag for group in groups for run in group.runs for ev in run.evaluations
                 for tag in ev.scalars}  # fmt: skip
@@ -535,7 +537,8 @@ def summary_stats(groups: Sequence[RunGroup], key: Group) -> list[ScalarKey]:
         if drift.tag in recorded:
             chosen.append(drift)
             break
-    return chosen
+    trust = [ScalarKey(FAITHFULNESS, key, stat) for stat in FAITHFULNESS_CHOICES]
+    return chosen + [k for k in trust if k.tag in recorded]
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,11 @@ from .batch import Batch, tensors
 from .capture import scoped_hooks
 from .channels import filter_activations, one_layer, visualize_filter
 from .engine import CamResult, compute
+from .faithfulness import summarized, trust_scores
 from .layers import unwrap_model
 from .measures import class_iou
 from .methods import PIXEL_METHODS, SIGNED_METHODS
-from .options import EngineOptions, FilterOptions, RenderOptions
+from .options import EngineOptions, FaithfulnessOptions, FilterOptions, RenderOptions
 from .probe import ProbeSet
 from .render import (
     caption_text,
@@ -207,10 +208,13 @@ def run_evaluation(
     render: RenderOptions,
     filters: FilterOptions | None = None,
     check_scores: bool = False,
+    trust: FaithfulnessOptions | None = None,
 ) -> EvaluationOutput:
     """Compute and draw every probe set; raises on failure (the caller decides to warn or not).
-    With `check_scores` (the first evaluation), logits that look like embeddings are refused."""
+    With `check_scores` (the first evaluation), logits that look like embeddings are refused.
+    With `trust`, the faithfulness measures and sanity check it names are scored too."""
     output = EvaluationOutput()
+    per_image: dict[ScalarKey, Tensor] = {}
     for name, probe in probes.items():
         with class_score_check(module, engine, check_scores) as check:
             result = compute_probe(module, probe, layers, engine)
@@ -223,6 +227,12 @@ def run_evaluation(
             )
         output.results[name] = result
         output.images.update(render_probe(probe, result, render))
+        if trust is not None and trust.measures:
+            options = probe_options(engine, probe)
+            per_image.update(
+                trust_scores(module, name, probe.inputs, result, layers, options, trust)
+            )
+    output.scalars.update(summarized(per_image))
     if filters is not None and filters.channels:
         output.images.update(filter_grids(module, probes, filters, engine, render))
     return output

@@ -31,7 +31,15 @@ from torch import Tensor, nn
 from .methods import ALL_METHODS
 from .probe import check_masks, content_hash, probe_sets
 from .render import COLORMAPS, GRID_COLUMNS, IMAGE_FORMATS, MAX_TILES
-from .schema import DEFAULT_MEASURES, MEASURES, VIEWS
+from .schema import (
+    DEFAULT_FAITHFULNESS,
+    DEFAULT_MEASURES,
+    FAITHFULNESS_CHOICES,
+    FAITHFULNESS_MEASURES,
+    MEASURES,
+    SANITY,
+    VIEWS,
+)
 from .types import ForwardFn, OutputTransform, ProbeSpec, Reshape, Target
 
 OptionsT = TypeVar("OptionsT")
@@ -405,6 +413,37 @@ class DriftOptions:
             check_number("topk", self.topk, 0, 1, low_open=True, why="a fraction of pixels"),
         )
         check_int("pointing_tolerance", self.pointing_tolerance, 0, why="pixels")
+
+
+@dataclass(frozen=True)
+class FaithfulnessOptions:
+    """Can the maps be trusted: which faithfulness measures and whether the sanity check run at
+    every evaluation (`cam_monitor.faithfulness`); None or ``()``: none.
+
+    Example:
+        >>> FaithfulnessOptions(("drop", "sanity")).scores, FaithfulnessOptions(("sanity",)).sanity
+        (('drop',), True)
+    """
+
+    measures: tuple[str, ...] = field(
+        default=DEFAULT_FAITHFULNESS, metadata={"argument": "faithfulness"}
+    )
+
+    def __post_init__(self) -> None:
+        chosen = () if self.measures is None or self.measures == () else self.measures
+        if chosen:
+            chosen = check_choices("faithfulness", chosen, FAITHFULNESS_CHOICES)
+        object.__setattr__(self, "measures", tuple(chosen))
+
+    @property
+    def scores(self) -> tuple[str, ...]:
+        """The faithfulness measures chosen, the sanity check aside."""
+        return tuple(m for m in self.measures if m in FAITHFULNESS_MEASURES)
+
+    @property
+    def sanity(self) -> bool:
+        """Whether the randomisation sanity check runs."""
+        return SANITY in self.measures
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,17 @@ MEASURES: tuple[str, ...] = ("spearman", "pearson", "topk_iou", "js", "com_shift
 DEFAULT_MEASURES: tuple[str, ...] = ("spearman", "topk_iou")
 #: Localization scores against ground-truth masks (1 = all attention on the object).
 LOCALIZATION_SCORES: tuple[str, ...] = ("energy", "pointing", "mask_iou")
+#: Faithfulness measures (`faithfulness.faithfulness`): what perturbing the image by its map does
+#: to the class score. Lower drop and deletion are better, higher increase and insertion.
+FAITHFULNESS_MEASURES: tuple[str, ...] = ("drop", "increase", "deletion", "insertion")
+#: The randomisation sanity check's statistic: Spearman, real vs randomised maps (lower is better).
+SANITY = "sanity"
+#: What `CamMonitor(faithfulness=...)` may choose.
+FAITHFULNESS_CHOICES: tuple[str, ...] = (*FAITHFULNESS_MEASURES, SANITY)
+#: What runs by default: measured in benchmarks/faithfulness_cost.py (docs/faithfulness.md).
+DEFAULT_FAITHFULNESS: tuple[str, ...] = ()
+#: The trust statistics where lower is better (the others: higher is better).
+LOWER_IS_BETTER: frozenset[str] = frozenset({"drop", "deletion", SANITY})
 #: Per-map statistics.
 ENTROPY = "entropy"
 STATS: tuple[str, ...] = (ENTROPY,)
@@ -38,7 +49,9 @@ AGAINST: tuple[str, ...] = (PREVIOUS, REF)
 
 #: Scalar families: one tag prefix each.
 DRIFT, LOCALIZATION, STATISTICS = "cam_drift", "cam_loc", "cam_stats"
-SCALAR_KINDS: tuple[str, ...] = (DRIFT, LOCALIZATION, STATISTICS)
+#: Scalars that say whether the maps can be trusted: faithfulness and the sanity check.
+FAITHFULNESS = "cam_faith"
+SCALAR_KINDS: tuple[str, ...] = (DRIFT, LOCALIZATION, STATISTICS, FAITHFULNESS)
 #: Prefix of overlay-grid image tags, and of filter-view image tags.
 IMAGE_PREFIX, FILTER_PREFIX = "cam", "filters"
 #: The layer name under which pixel-level methods (saliency, IG, ...) store their maps:
@@ -335,10 +348,46 @@ STAT_LABELS: dict[str, Label] = {
         "(diffuse) attention, 0 = one hot pixel",
     ),
 }
+#: Each faithfulness measure and the sanity check, with its direction.
+FAITHFULNESS_LABELS: dict[str, Label] = {
+    "drop": Label(
+        "average drop",
+        "average drop (lower is better)",
+        "Average Drop: the share of the class score lost when only the map's region is kept "
+        "(the image times the map), relu(s(x) - s(m*x)) / s(x): lower is better, 0 = nothing "
+        "lost",
+    ),
+    "increase": Label(
+        "increase in confidence",
+        "increase in confidence (higher is better)",
+        "Increase in Confidence: share of images whose class score rises when only the map's "
+        "region is kept: higher is better",
+    ),
+    "deletion": Label(
+        "deletion AUC",
+        "deletion AUC (lower is better)",
+        "deletion: area under the class score as the map's most important pixels are removed "
+        "first (RISE): lower is better, the score falls fast",
+    ),
+    "insertion": Label(
+        "insertion AUC",
+        "insertion AUC (higher is better)",
+        "insertion: area under the class score as the map's most important pixels are "
+        "restored first onto a blank image (RISE): higher is better",
+    ),
+    SANITY: Label(
+        "sanity (Spearman vs randomised)",
+        "sanity: Spearman vs randomised model (lower is better)",
+        "randomisation sanity check: Spearman correlation of the maps with those of a copy "
+        "whose layers after the monitored one are re-initialised: lower is better, near 1 = "
+        "the maps do not depend on what the model learned",
+    ),
+}
 #: The descriptions and chart titles alone, by name (views of the tables above).
 MEASURE_DESCRIPTIONS = {name: label.description for name, label in MEASURE_LABELS.items()}
 LOCALIZATION_DESCRIPTIONS = {name: label.description for name, label in LOCALIZATION_LABELS.items()}
 STAT_DESCRIPTIONS = {name: label.description for name, label in STAT_LABELS.items()}
+FAITHFULNESS_DESCRIPTIONS = {name: label.description for name, label in FAITHFULNESS_LABELS.items()}
 MEASURE_TITLES = {name: label.title for name, label in MEASURE_LABELS.items()}
 
 _AGAINST_WORDS = {
@@ -349,6 +398,7 @@ _FAMILY_WORDS = {
     DRIFT: "Attention drift",
     LOCALIZATION: "Localization",
     STATISTICS: "Map statistic",
+    FAITHFULNESS: "Faithfulness",
 }
 
 
@@ -379,6 +429,8 @@ def describe(name: ScalarKey | str) -> str:
         what = LOCALIZATION_DESCRIPTIONS.get(stat, "")
     elif name.kind == STATISTICS:
         what = STAT_DESCRIPTIONS.get(stat, "")
+    elif name.kind == FAITHFULNESS:
+        what = FAITHFULNESS_DESCRIPTIONS.get(stat, "")
     if not what:
         return ""
     probe, layer, method = name.maps
@@ -413,6 +465,8 @@ def stat_title(kind: str, stat: str, *, long: bool = False) -> str:
         label, words = MEASURE_LABELS[measure], _AGAINST_TITLES[against]
     elif kind == LOCALIZATION and stat in LOCALIZATION_LABELS:
         label, words = LOCALIZATION_LABELS[stat], "localization"
+    elif kind == FAITHFULNESS and stat in FAITHFULNESS_LABELS:
+        label, words = FAITHFULNESS_LABELS[stat], TRUST_CATEGORY
     else:
         raise ValueError(f"No title for {kind!r} statistic {stat!r}.")
     return f"{words}: {label.title if long else label.short}"
@@ -420,7 +474,8 @@ def stat_title(kind: str, stat: str, *, long: bool = False) -> str:
 
 def stat_label(stat: str) -> str:
     """A summarised statistic as a report table names it: a localization score's short name,
-    drift from the baseline with its measure; any other statistic as its own name.
+    drift from the baseline with its measure, a faithfulness measure with its direction; any
+    other statistic as its own name.
 
     Example:
         >>> stat_label("pointing"), stat_label(drift_stat("spearman", REF)), stat_label("x")
@@ -428,6 +483,8 @@ def stat_label(stat: str) -> str:
     """
     if stat in LOCALIZATION_LABELS:
         return LOCALIZATION_LABELS[stat].short
+    if stat in FAITHFULNESS_LABELS:
+        return FAITHFULNESS_LABELS[stat].title  # with its direction: lower drop is better
     parsed = parse_drift_stat(stat)
     if parsed is not None and parsed[1] == REF:
         return f"{_AGAINST_TITLES[REF]} ({MEASURE_LABELS[parsed[0]].short})"
@@ -446,12 +503,20 @@ class Chart(NamedTuple):
     pattern: str
 
 
-def dashboard_charts(probes: Mapping[str, bool], measures: Sequence[str]) -> list[Chart]:
+#: The dashboard section of the faithfulness and sanity charts.
+TRUST_CATEGORY = "can I trust the maps?"
+
+
+def dashboard_charts(
+    probes: Mapping[str, bool], measures: Sequence[str], trust: Sequence[str] = ()
+) -> list[Chart]:
     """The charts that answer "is attention moving, and is it on the object?" per probe set.
 
     `probes` maps each probe-set name to whether it has masks. Per probe set, in order: drift
     from the baseline and from the previous evaluation per measure (every layer and method a
-    line), then the energy inside the masks where there are masks.
+    line), then the energy inside the masks where there are masks. Then, in the section
+    "can I trust the maps?", one chart per `trust` statistic (faithfulness measures and
+    `SANITY`), every probe set, layer and method a line.
 
     Example:
         >>> for chart in dashboard_charts({"target": True}, ["spearman"]):
@@ -474,4 +539,8 @@ def dashboard_charts(probes: Mapping[str, bool], measures: Sequence[str]) -> lis
         if has_masks:
             title = stat_title(LOCALIZATION, "energy", long=True)
             charts.append(Chart(category, title, f"^{LOCALIZATION}{groups}energy$"))
+    for stat in trust:
+        title = stat_title(FAITHFULNESS, stat, long=True)
+        pattern = f"^{FAITHFULNESS}/[^/]+/[^/]+/[^/]+/{re.escape(stat)}$"
+        charts.append(Chart(f"cam-monitor: {TRUST_CATEGORY}", title, pattern))
     return charts

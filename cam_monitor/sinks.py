@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .lightning.compat import is_logger
 from .schema import (
     DRIFT,
+    FAITHFULNESS,
     FILTER_PREFIX,
     HISTORY_FOLDER,
     IMAGE_PREFIX,
@@ -225,7 +226,8 @@ class WandbSink(Sink):
 #: The step key of every `wandb.log` call, and the keys charted against it.
 WANDB_STEP = "trainer/global_step"
 WANDB_GLOBS: tuple[str, ...] = (
-    *(f"{prefix}/*" for prefix in (DRIFT, LOCALIZATION, STATISTICS, IMAGE_PREFIX, FILTER_PREFIX)),
+    *(f"{prefix}/*" for prefix in (DRIFT, LOCALIZATION, STATISTICS, FAITHFULNESS)),
+    *(f"{prefix}/*" for prefix in (IMAGE_PREFIX, FILTER_PREFIX)),
     SECONDS_TAG,
 )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -250,13 +250,7 @@ def resolve_targets(
         # under inference mode (a validation batch's), which autograd refuses, become normal.
         indices = target.to(logits.device, torch.long, copy=True).expand(batch).contiguous()
     else:  # a callable
-        returned = target(logits)
-        if not isinstance(returned, Tensor) or returned.shape != (batch,):
-            shape = tuple(returned.shape) if isinstance(returned, Tensor) else type(returned)
-            raise ValueError(
-                "A target callable must return class indices LongTensor[B] or scores [B] for "
-                f"B={batch}, got {shape}."
-            )
+        returned = _call_target(target, logits, batch)
         if returned.is_floating_point():
             return torch.full((batch,), -1, dtype=torch.long, device=logits.device), returned
         indices = returned.to(torch.long)
@@ -374,13 +368,7 @@ def resolve_segment_targets(
     if isinstance(target, str):  # 'predicted'
         indices = main_class(predicted, num_classes)
     elif callable(target) and not isinstance(target, Tensor):
-        returned = target(logits)
-        if not isinstance(returned, Tensor) or returned.shape != (batch,):
-            shape = tuple(returned.shape) if isinstance(returned, Tensor) else type(returned)
-            raise ValueError(
-                "A target callable must return class indices LongTensor[B] or scores [B] for "
-                f"B={batch}, got {shape}."
-            )
+        returned = _call_target(target, logits, batch)
         if returned.is_floating_point():
             ones = torch.ones(batch, height, width, device=logits.device)
             return torch.full((batch,), -1, dtype=torch.long, device=logits.device), ones, returned
@@ -417,3 +405,15 @@ def is_logit_map(output: Tensor, logits: Tensor) -> bool:
     wanted = logits.detach().float()
     scale = float(wanted.abs().amax()) + 1e-6
     return float((found - wanted).abs().amax()) <= 1e-4 * scale
+
+
+def _call_target(target: Callable[[Any], Any], logits: Tensor, batch: int) -> Tensor:
+    """What a target callable returns for `logits`: class indices or scores, one per image."""
+    returned = target(logits)
+    if not isinstance(returned, Tensor) or returned.shape != (batch,):
+        shape = tuple(returned.shape) if isinstance(returned, Tensor) else type(returned)
+        raise ValueError(
+            "A target callable must return class indices LongTensor[B] or scores [B] for "
+            f"B={batch}, got {shape}."
+        )
+    return returned

@@ -120,3 +120,14 @@ def test_probe_size_quick_measures_memory_history_and_grids(tmp_path: Path) -> N
     assert second["history_maps"] == "cams" and second["methods"] == "gradcam"
     assert second["history_record_mib"] < first["history_record_mib"]  # 1 method of 3 kept
     assert "| probe | batch_size |" in stdout
+
+
+def test_faithfulness_cost_quick_times_every_measure_and_decides_the_default(
+    tmp_path: Path,
+) -> None:
+    payload, stdout = run_script("faithfulness_cost", tmp_path)
+    names = {row["contender"] for row in payload["rows"]}
+    assert {"compute_cams (gradcam)", "drop + increase", "deletion + insertion"} <= names
+    assert {"sanity check (gradcam)", "torchcam ClassificationMetric"} <= names
+    assert payload["default"] in {"on by default", "opt-in"}
+    assert "## Default" in stdout

@@ -203,6 +203,7 @@ def test_yaml_sets_every_argument_and_fits(lightning: Lightning, tmp_path: Path)
         "drift_measures": ["spearman", "js"],
         "topk": 0.1,
         "pointing_tolerance": 1,
+        "faithfulness": ["drop", "increase"],
         "reference": None,
         "history": True,
         "history_maps": "cams",
@@ -239,6 +240,7 @@ def test_yaml_sets_every_argument_and_fits(lightning: Lightning, tmp_path: Path)
         for method in ("gradcam", "layercam")
     }
     assert (history[0].targets["probe"] == history[0].labels["probe"]).all()
+    assert "cam_faith/probe/net.features.5/layercam/increase" in history[-1].scalars
 
 
 # -- image APIs: MLflow, Comet, Neptune ----------------------------------------------------------

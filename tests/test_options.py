@@ -208,6 +208,7 @@ def test_every_cam_monitor_argument_belongs_to_one_options_object() -> None:
     from cam_monitor import CamMonitor
     from cam_monitor.options import (
         CALLBACK,
+        FaithfulnessOptions,
         OutputOptions,
         ProbeOptions,
         ScheduleOptions,
@@ -217,14 +218,18 @@ def test_every_cam_monitor_argument_belongs_to_one_options_object() -> None:
     owners: dict[str, list[str]] = {"layer": ["CamMonitor"], "filters": ["FilterOptions"]}
     for f in engine_fields(CALLBACK):
         owners.setdefault(f.name, []).append("EngineOptions")
-    for kind in (ScheduleOptions, ProbeOptions, RenderOptions, DriftOptions, OutputOptions):
+    kinds = (
+        ScheduleOptions, ProbeOptions, RenderOptions, DriftOptions, FaithfulnessOptions,
+        OutputOptions,
+    )  # fmt: skip
+    for kind in kinds:
         for f in dataclasses.fields(kind):
             if f.init:
                 owners.setdefault(f.metadata.get("argument", f.name), []).append(kind.__name__)
     monitor = inspect.signature(CamMonitor).parameters
     assert set(owners) == set(monitor), set(owners) ^ set(monitor)
     assert all(len(kinds) == 1 for kinds in owners.values()), owners
-    for kind in (ScheduleOptions, ProbeOptions, RenderOptions, DriftOptions, OutputOptions):
+    for kind in kinds:
         default = kind()
         for f in dataclasses.fields(kind):
             if f.init:

@@ -26,6 +26,7 @@ from ..drift import AttentionTracker
 from ..options import (
     DriftOptions,
     EngineOptions,
+    FaithfulnessOptions,
     FilterOptions,
     OutputOptions,
     ProbeOptions,
@@ -36,7 +37,7 @@ from ..options import (
 )
 from ..probe import ProbeSet
 from ..render import GRID_COLUMNS, MAX_TILES
-from ..schema import DEFAULT_MEASURES
+from ..schema import DEFAULT_FAITHFULNESS, DEFAULT_MEASURES
 from ..sinks import Sink, run_folder
 from ..types import ForwardFn, LayerSpec, OutputTransform, ProbeSpec, Reshape, Target
 from .checks import Group, check_fit, check_shared_tags, logged_groups
@@ -122,6 +123,10 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             (default: ``spearman`` and ``topk_iou``).
         topk: fraction of pixels for ``topk_iou`` and the mask IoU.
         pointing_tolerance: pixels by which a mask is grown for the pointing game.
+        faithfulness: can the maps be trusted? Any of ``drop``, ``increase`` (one forward of
+            the probe per map), ``deletion``, ``insertion`` (39 forwards per map) and ``sanity``
+            (the maps of a copy with the layers after the monitored one re-initialised; a copy of
+            the model in memory), logged under ``cam_faith/``; None or ``()``: none.
         reference: a run directory whose first evaluation is the drift reference (``*_ref``).
         history: write the raw maps of every evaluation to disk (for ``cam-monitor show``).
         history_maps: which maps the history keeps: ``"all"``, ``"cams"`` (not the pixel-level
@@ -182,6 +187,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         drift_measures: Sequence[str] = DEFAULT_MEASURES,
         topk: float = 0.2,
         pointing_tolerance: int = 0,
+        faithfulness: str | Sequence[str] | None = DEFAULT_FAITHFULNESS,
         reference: str | Path | None = None,
         history: bool = True,
         history_maps: str = "all",
@@ -199,6 +205,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self.render = options_from(RenderOptions, arguments)
         self.filters = FilterOptions({} if filters is None else filters)
         self.tracker = AttentionTracker(options_from(DriftOptions, arguments))
+        self.trust = options_from(FaithfulnessOptions, arguments)
         self.outputs = options_from(OutputOptions, arguments)
         self._probes: dict[str, ProbeSet] = {}
         self._sinks: list[Sink] = []
@@ -441,7 +448,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         if self.run_id is None:
             self.run_id = uuid.uuid4().hex[:12]
         folder = self._claim_folder(trainer)
-        self._sinks = open_sinks(trainer, folder, probes, self.tracker.options.measures)
+        measures = self.tracker.options.measures
+        self._sinks = open_sinks(trainer, folder, probes, measures, self.trust.measures)
         self._warn_resumed()
         outputs, history = self.outputs, self._evaluator.history
         if outputs.reference is not None and not self.tracker.reference:
@@ -503,7 +511,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self._last_step = trainer.global_step
         plan = Plan(
             self._probes, self.layers or [], self.engine, self.render, self.filters,
-            self.tracker, self._sinks,
+            self.tracker, self._sinks, self.trust,
         )  # fmt: skip
         entry = Entry(self.evaluations, epoch, self.run_id or "", final)
         if self._evaluator.evaluate(trainer, pl_module, plan, entry, baseline):

@@ -26,7 +26,7 @@ from ..evaluation import (
 from ..history import RunHistory, evaluation_record
 from ..history.background import WriteError
 from ..layers import unwrap_model
-from ..options import EngineOptions, FilterOptions, RenderOptions
+from ..options import EngineOptions, FaithfulnessOptions, FilterOptions, RenderOptions
 from ..probe import ProbeSet, large_probe_warning
 from ..schema import SECONDS_TAG
 from ..sinks import Sink, scalar_tags
@@ -47,6 +47,7 @@ class Plan(NamedTuple):
     filters: FilterOptions
     tracker: AttentionTracker
     sinks: Sequence[Sink]
+    trust: FaithfulnessOptions | None = None
 
 
 class Entry(NamedTuple):
@@ -111,7 +112,7 @@ class Evaluator:
             with logging_off(module):
                 output = run_evaluation(
                     module, plan.probes, plan.layers, plan.engine, plan.render, plan.filters,
-                    check_scores=baseline,
+                    check_scores=baseline, trust=plan.trust,
                 )  # fmt: skip
             if plan.sinks:
                 encode = any(sink.needs_bytes for sink in plan.sinks)  # MLflow takes pixels

@@ -77,14 +77,19 @@ def default_layer(pl_module: pl.LightningModule, probe: ProbeSet, engine: Engine
 
 
 def open_sinks(
-    trainer: pl.Trainer, folder: Path, probes: Mapping[str, ProbeSet], measures: Sequence[str]
+    trainer: pl.Trainer,
+    folder: Path,
+    probes: Mapping[str, ProbeSet],
+    measures: Sequence[str],
+    trust: Sequence[str] = (),
 ) -> list[Sink]:
     """A sink for each of the Trainer's loggers (files in `folder` where it has none), each
     told the probe hashes and the dashboard's layout once."""
     sinks = sinks_for(trainer, folder)
     if not trainer.loggers:
         rank_zero_warn(f"CamMonitor: the Trainer has no logger; grids and scalars go to {folder}.")
-    charts = dashboard_charts({name: p.localized for name, p in probes.items()}, measures)
+    localized = {name: p.localized for name, p in probes.items()}
+    charts = dashboard_charts(localized, measures, trust)
     for sink in sinks:
         sink.record_probe({name: probe.digest for name, probe in probes.items()})
         sink.record_dashboard(charts)
