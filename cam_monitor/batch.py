@@ -123,9 +123,15 @@ class Batch:
     def require_image(self, why: str = "Pixel-level methods") -> Tensor:
         """The image tensor, or a ValueError saying that `why` needs one."""
         if self.image is None:
+            found = next((t for t in tensors(self.data) if t.dim() == 4), None)
+            seen = "none was found" if found is None else (
+                f"the [B, C, H, W] tensor found is {found.dtype} (shape {tuple(found.shape)}): "
+                "pass the probe as float images prepared like a training batch, e.g. "
+                "x.float() / 255, then normalised"
+            )  # fmt: skip
             raise ValueError(
                 f"{why} need a floating-point image tensor [B, C, H, W] in the inputs, to "
-                "differentiate or perturb; none was found."
+                f"differentiate or perturb; {seen}."
             )
         return self.image
 

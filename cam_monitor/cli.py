@@ -1,6 +1,6 @@
 """The `cam-monitor` command line: the text view of one run's CAM history or of runs compared.
 
-  cam-monitor show RUN_DIR [--probe P] [--layer L] [--method M] [--strict]
+  cam-monitor show RUN_DIR... [--probe P] [--layer L] [--method M] [--strict]
   cam-monitor compare RUN [RUN ...] [--group NAME=RUN,RUN ...]... [--out report.html]
                       [--epochs 0,5,10] [filters, --strict]
 
@@ -127,7 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluation as distances (0 = unchanged), localization scores and entropy. 'nan' = "
         "undefined measure, '-' = not recorded, '*' = some images left out of the mean.",
     )
-    show.add_argument("run_dir", metavar="RUN_DIR", help="run directory or its history folder")
+    show.add_argument(
+        "run_dir",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directory or its history folder; a run resumed into a new logger version: "
+        "their parent, or each version's folder, read as one history",
+    )
     _add_filters(show)
     show.set_defaults(handler=_show)
     compare = commands.add_parser(
@@ -249,6 +255,20 @@ def format_table(
     return lines
 
 
+def format_bytes(count: int) -> str:
+    """A size in KiB, MiB or GiB, 3 significant digits, in one word (a table cell).
+
+    Example:
+        >>> format_bytes(3 * 2**10), format_bytes(int(8.25 * 2**20)), format_bytes(500)
+        ('3.00KiB', '8.25MiB', '0.49KiB')
+    """
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if count >= size:
+            digits = ".3g" if count / size >= 10 else ".2f"
+            return f"{count / size:{digits}}{unit}"
+    return f"{count / 2**10:.2f}KiB"
+
+
 def _one_line(message: str) -> str:
     """Error messages on one line: a listing after a colon becomes comma-separated."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
@@ -264,7 +284,7 @@ def _print(lines: Sequence[str] = ("",)) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def _load(run_dir: str, strict: bool, name: str | None = None) -> Run:
+def _load(run_dir: str | Sequence[str], strict: bool, name: str | None = None) -> Run:
     """Read a run; warnings about skipped files go to stderr as one line each, at once."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -318,7 +338,7 @@ def _show(args: argparse.Namespace) -> int:
     methods = ", ".join(dict.fromkeys(g.method for g in run.groups)) or "-"
     _print(
         [
-            f"cam-monitor history: {run.folder}",
+            f"cam-monitor history: {' + '.join(map(str, run.folders or [run.folder]))}",
             f"{len(evaluations)} evaluations; probes: {probes}; layers: {layers}; "
             f"methods: {methods}",
             "drift columns are distances (0 = unchanged): _ref to the first evaluation",
@@ -329,13 +349,15 @@ def _show(args: argparse.Namespace) -> int:
     )
     other = [tag for tag in tags if tag != SECONDS_TAG and keys[tag] is None]
     final = any(ev.final for ev in evaluations)  # the one added at the end of fit
-    headers = ["index", "epoch", "step", "seconds", *other, "time", *(["final"] if final else [])]
+    headers = ["index", "epoch", "step", "seconds", "history", *other, "time"]
+    headers += ["final"] if final else []
     rows = [
         [
             str(ev.index),
             str(ev.epoch),
             str(ev.step),
             format_number(ev.scalars.get(SECONDS_TAG)),
+            format_bytes(ev.nbytes),  # what its history file holds
             *(format_number(ev.scalars.get(name)) for name in other),
             ev.time or "-",
             *([("yes" if ev.final else "")] if final else []),

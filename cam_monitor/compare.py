@@ -8,6 +8,7 @@ or prints: `cam_monitor.report` turns a comparison into HTML, `cam_monitor.cli` 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .history import Evaluation, HistoryError, ProbeRecord, find_history, read_history, read_probe
+from .history import (
+    Evaluation,
+    HistoryError,
+    ProbeRecord,
+    find_histories,
+    find_history,
+    read_history,
+    read_probe,
+)
 from .measures import as_measured, js_divergence, spearman, summarize, topk_iou
 from .schema import (
     DRIFT,
@@ -84,6 +93,7 @@ class Run:
     folder: Path
     evaluations: list[Evaluation]
     probe: ProbeRecord | None = None
+    folders: tuple[Path, ...] = ()  # every folder of a resumed run's history (`load_run`)
 
     @cached_property
     def by_epoch(self) -> dict[int, Evaluation]:
@@ -149,23 +159,61 @@ class EpochComparison:
     note: str = ""
 
 
-def load_run(run_dir: str | Path, *, strict: bool = False, name: str | None = None) -> Run:
+def load_run(
+    run_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    strict: bool = False,
+    name: str | None = None,
+) -> Run:
     """Find and read a run's history and probe; unreadable eval files warn and are skipped
     unless ``strict``. A corrupt ``probe.npz`` warns and is ignored (maps are shown alone).
     A folder whose evaluations were written by different runs is a `HistoryError`.
+
+    A run resumed into a new logger version wrote its history into one folder per version:
+    give their parent (``lightning_logs``), or the folders, to read them as one history
+    (`merge_resumed`); folders of different runs are a `HistoryError`.
     """
-    folder = find_history(run_dir)
-    evaluations = read_history(folder, strict=strict)
-    try:
-        probe = read_probe(folder)
-    except HistoryError as exc:
-        if strict:
-            raise
-        warnings.warn(str(exc), stacklevel=2)
-        probe = None
-    check_one_run(folder, evaluations)
-    label = name if name is not None else (Path(run_dir).resolve().name or str(run_dir))
-    return Run(name=label, folder=folder, evaluations=evaluations, probe=probe)
+    given = [run_dir] if isinstance(run_dir, (str, os.PathLike)) else list(run_dir)
+    found = [[*find_histories(path)] for path in given]
+    folders = list(dict.fromkeys(folder for part in found for folder in part))
+    parts = [(folder, read_history(folder, strict=strict)) for folder in folders]
+    if len(given) == 1 and len(folders) > 1 and len({ev.run for _, h in parts for ev in h}) > 1:
+        find_history(given[0])  # several runs' histories below one folder: which one?
+    evaluations = merge_resumed(parts)
+    probe = None
+    for folder in reversed(folders):  # the newest folder's probe: every folder has one
+        try:
+            probe = read_probe(folder)
+        except HistoryError as exc:
+            if strict:
+                raise
+            warnings.warn(str(exc), stacklevel=2)
+        if probe is not None:
+            break
+    label = name if name is not None else (Path(given[0]).resolve().name or str(given[0]))
+    return Run(label, folders[0], evaluations, probe, tuple(folders))
+
+
+def merge_resumed(parts: Sequence[tuple[Path, list[Evaluation]]]) -> list[Evaluation]:
+    """One run's evaluations from its folders (each resume into a new logger version starts
+    one): checked to be one run's, then by index, where a later folder's evaluation replaces an
+    earlier one's (a run resumed from an older checkpoint evaluates those steps again). Folders
+    are ordered by their first evaluation's time, then by path."""
+    for folder, evaluations in parts:
+        check_one_run(folder, evaluations)
+    runs = {evaluations[0].run: folder for folder, evaluations in parts if evaluations}
+    if len(runs) > 1:
+        listing = "; ".join(f"run {run or '(no id)'} in {folder}" for run, folder in runs.items())
+        raise HistoryError(
+            f"These folders hold the histories of {len(runs)} different training runs "
+            f"({listing}); only one run's folders read as one history (a run resumed into a new "
+            "logger version keeps its run id). Pass one run's folders."
+        )
+    ordered = sorted(parts, key=lambda part: (min(ev.time or "" for ev in part[1]), part[0]))
+    merged: dict[int, Evaluation] = {}
+    for _, evaluations in ordered:
+        merged.update((ev.index, ev) for ev in evaluations)
+    return [merged[index] for index in sorted(merged)]
 
 
 def check_one_run(folder: Path, evaluations: Sequence[Evaluation]) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
-from .batch import Batch
+from .batch import Batch, tensors
 from .capture import scoped_hooks
 from .channels import filter_activations, one_layer, visualize_filter
 from .engine import CamResult, compute
@@ -32,6 +32,7 @@ from .render import (
     draw_map_grid,
     draw_overlays,
     draw_view_grid,
+    drawn_rows,
     predicted_classes,
     segment_caption_text,
     to_uint8_images,
@@ -84,23 +85,33 @@ def compute_probe(
 def render_probe(
     probe: ProbeSet, result: CamResult, options: RenderOptions
 ) -> dict[MapKey, Tensor]:
-    """Overlay grids (uint8 CHW on the CPU) for each layer and method of one probe set."""
-    images = probe.inputs
-    if not isinstance(images, Tensor) or images.dim() != 4:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"Cannot draw probe {probe.name!r}: inputs are {shape}, not [B, C, H, W].")
-    candidates = probe_captions(probe, result, options.class_names)
+    """Overlay grids (uint8 CHW on the CPU) for each layer and method of one probe set: of
+    every image up to `options.max_tiles`, else of that many evenly spaced (`drawn_rows`)."""
+    images = probe.image
+    if images is None:
+        raise ValueError(
+            f"Cannot draw probe {probe.name!r}: its inputs ({probe.describe()}) hold no "
+            "floating-point image tensor [B, C, H, W]; name it with input_key= (dict batches) "
+            "or put the images first."
+        )
+    candidates, maps = probe_captions(probe, result, options.class_names), result.maps
+    rows = drawn_rows(images.shape[0], options.max_tiles)
+    if rows is not None:
+        index = torch.tensor(rows, device=images.device)
+        images = images[index]
+        maps = {key: value[index.to(value.device)] for key, value in maps.items()}
+        candidates = [[texts[row] for row in rows] for texts in candidates]
     captions = choose_captions(candidates, images.shape[-2], images.shape[-1])
     grids: dict[MapKey, Tensor] = {}
     overlays: dict[MapKey, Tensor] = {}  # drawn together: the images are prepared once
-    for (layer, method), maps in result.maps.items():
+    for (layer, method), drawn in maps.items():
         key = MapKey(probe.name, layer, method)
         if method in SIGNED_METHODS:
-            grids.update(view_grids(probe.name, layer, method, maps, captions, options))
+            grids.update(view_grids(probe.name, layer, method, drawn, captions, options))
         elif method in PIXEL_METHODS:
-            grids[key] = draw_map_grid(maps, captions, options)
+            grids[key] = draw_map_grid(drawn, captions, options)
         else:
-            grids[key] = overlays[key] = maps  # a placeholder keeping the key's place
+            grids[key] = overlays[key] = drawn  # a placeholder keeping the key's place
     if overlays:
         grids.update(draw_overlays(images.detach(), overlays, captions, options))
     return grids
@@ -169,6 +180,8 @@ def filter_grids(
         layer, _ = one_layer(unwrap_model(module), given)  # tags use the full name, as CAMs do
         for probe in probes.values():
             acts = filter_activations(module, probe.inputs, layer, list(channels), **hooks)
+            rows = drawn_rows(acts.shape[0], render.max_tiles)  # the images the CAM grids draw
+            acts = acts if rows is None else acts[torch.tensor(rows, device=acts.device)]
             for index, channel in enumerate(channels):
                 grids[filter_channel_tag(probe.name, layer, channel)] = draw_map_grid(
                     acts[:, index], None, render
@@ -235,18 +248,28 @@ def raised_by_cam_monitor(err: BaseException) -> bool:
     return tb is not None and package in Path(tb.tb_frame.f_code.co_filename).parents
 
 
-def explain_first_failure(probes: Mapping[str, ProbeSet], err: Exception) -> str:
-    """Why the first evaluation, which checks the whole configuration, may have failed: the
-    probe shapes and dtypes, and what to check."""
-    shapes = ", ".join(f"{n}: {tuple(p.inputs.shape)} {p.inputs.dtype}" for n, p in probes.items())
+def explain_first_failure(
+    probes: Mapping[str, ProbeSet], err: Exception, doing: str = "compute its first CAMs"
+) -> str:
+    """Why the first evaluation (or the first call of the model, `doing`), which checks the
+    whole configuration, may have failed: the probe shapes and dtypes, and what to check."""
+    shapes = ", ".join(f"{n}: {p.describe()}" for n, p in probes.items())
     hint = ""
-    if any(p.inputs.dtype == torch.uint8 for p in probes.values()):
+    if any(t.dtype == torch.uint8 for p in probes.values() for t in tensors(p.inputs)):
         hint = (
             " The probe holds uint8 images and is fed to the model as is: pass float images "
             "prepared like your training batches (e.g. x.float() / 255, then normalised)."
         )
+    nested = [p.name for p in probes.values() if not isinstance(p.inputs, Tensor)]
+    if nested or (isinstance(err, TypeError) and "positional argument" in str(err)):
+        said = f"Probe {nested[0]!r} is a nested batch" if nested else "For more inputs"
+        hint += (
+            f" {said}: forward= receives it whole (a dict batch with every key, the inputs of "
+            "an (inputs, labels) tuple), e.g. forward=lambda module, batch: "
+            "module(batch['image'], batch['meta']), or module(*inputs) for a tuple."
+        )
     return (
-        f"CamMonitor could not compute its first CAMs ({type(err).__name__}: {err}). The probe "
+        f"CamMonitor could not {doing} ({type(err).__name__}: {err}). The probe "
         f"({shapes}) must be a batch the model accepts, like a training batch; check probe=, "
         f"input_key=, forward= and output_transform=.{hint}"
     )

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .methods import ALL_METHODS
 from .probe import check_masks, content_hash, probe_sets
-from .render import COLORMAPS, GRID_COLUMNS, IMAGE_FORMATS
+from .render import COLORMAPS, GRID_COLUMNS, IMAGE_FORMATS, MAX_TILES
 from .schema import (
     DEFAULT_FAITHFULNESS,
     DEFAULT_MEASURES,
@@ -328,6 +328,7 @@ class RenderOptions:
     views: tuple[str, ...] = ("all",)
     gray_views: bool = False
     image_format: str = "jpeg"
+    max_tiles: int | None = MAX_TILES
 
     def __post_init__(self) -> None:
         if not isinstance(self.colormap, str):
@@ -363,6 +364,7 @@ class RenderOptions:
                 )
             object.__setattr__(self, "class_names", tuple(str(name) for name in names))
         check_int("nrow", self.nrow, 1, why="tiles per grid row")
+        check_int("max_tiles", self.max_tiles, 1, optional=True, why="tiles per grid")
         object.__setattr__(self, "views", check_choices("views", self.views, VIEWS))
         if not isinstance(self.gray_views, bool):
             raise TypeError(f"`gray_views` must be True or False, got {self.gray_views!r}.")
@@ -513,6 +515,12 @@ class ScheduleOptions:
         """Whether the end of training epoch `epoch` (0-based) is due for an evaluation."""
         return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
 
+    def describe(self) -> str:
+        """The schedule as an argument: ``every_n_epochs=1`` or ``every_n_steps=50``."""
+        if self.every_n_steps is not None:
+            return f"every_n_steps={self.every_n_steps}"
+        return f"every_n_epochs={self.every_n_epochs}"
+
 
 @dataclass(frozen=True, eq=False)
 class ProbeOptions:
@@ -538,6 +546,14 @@ class ProbeOptions:
         check_masks(self.masks, self.sets)
         check_int("num_probe", self.num_probe, 1)
 
+    def describe(self) -> str:
+        """The probe sets by name and kind, before a fit gives them rows: ``{'source': Tensor,
+        'target': DataLoader}``, or where a fit takes them from."""
+        if self.sets is None:
+            return f"val/train loader x {self.num_probe}"
+        kinds = ", ".join(f"{name!r}: {type(spec).__name__}" for name, spec in self.sets.items())
+        return "{" + kinds + "}"
+
     @cached_property
     def ids(self) -> dict[str, str] | None:
         """Each probe set's identity, hashed once (a `state_key` is read at every checkpoint)."""
@@ -557,17 +573,25 @@ def _spec_id(spec: Any) -> str:
     return f"{type(spec).__name__}[{size}]"
 
 
+#: What the history stores of each evaluation's maps: "all" of them, "cams" (the layer-resolution
+#: maps; pixel-level maps, at the input's resolution, are dropped), or "none" (scalars, logits,
+#: targets and labels only).
+HISTORY_MAPS = ("all", "cams", "none")
+
+
 @dataclass(frozen=True)
 class OutputOptions:
     """Where a run's results go besides the loggers, and what a failure inside a run does.
 
     `reference`: a run directory whose first evaluation is the drift reference; `history`:
-    write every evaluation's raw maps; `save_dir`: the run's folder (None: beside the first
-    logger's files); `strict`: raise errors inside later evaluations instead of warning.
+    write every evaluation's raw maps; `history_maps`: which (`HISTORY_MAPS`); `save_dir`: the
+    run's folder (None: beside the first logger's files); `strict`: raise errors inside later
+    evaluations instead of warning.
     """
 
     reference: str | Path | None = None
     history: bool = True
+    history_maps: str = "all"
     save_dir: str | Path | None = None
     strict: bool = False
 
@@ -578,3 +602,13 @@ class OutputOptions:
         for name, flag in (("history", self.history), ("strict", self.strict)):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be True or False, got {flag!r}.")
+        if not isinstance(self.history_maps, str):
+            raise TypeError(
+                f"`history_maps` must be one of {', '.join(HISTORY_MAPS)}, got "
+                f"{type(self.history_maps).__name__} {self.history_maps!r}."
+            )
+        if self.history_maps not in HISTORY_MAPS:
+            raise ValueError(
+                f"`history_maps` must be one of {', '.join(map(repr, HISTORY_MAPS))}, got "
+                f"{self.history_maps!r}."
+            )

@@ -13,13 +13,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler, default_collate
 
-from .batch import IMAGE_KEYS, leaves, move_to
+from .batch import IMAGE_KEYS, Batch, leaves, move_to, tensors
 from .isolation import preserved_rng
 from .measures import boxes_to_masks
 from .schema import check_probe_name
 from .types import ProbeSpec
 
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+#: Probe sets above this many images warn once, after the baseline, with what an evaluation
+#: of them costs: 16x the default probe. 512 images cost a resnet18 evaluation of 16 layers x 3
+#: methods at 64 px 4-6 s, 8 MiB of history and 1 GB of RSS without batch_size
+#: (benchmarks/results/probe_size-cpu.md).
+LARGE_PROBE = 256
 #: The only dict keys read as masks; boxes come only through `masks=`.
 MASK_KEYS = ("mask", "masks")
 
@@ -28,6 +33,8 @@ MASK_KEYS = ("mask", "masks")
 class ProbeSet:
     """One named probe: model inputs, optional labels and masks, and a content hash.
 
+    `inputs` is what the model is called with: a tensor, or a nested batch (a tuple of tensors,
+    a dict with every key of the loader's batch); `image` is the tensor drawn and perturbed.
     `label_maps` are class-index maps `[B, H, W]` (segmentation labels): localization scores
     each image's map against the pixels labelled with the class it explains (`class_masks`).
     """
@@ -38,6 +45,26 @@ class ProbeSet:
     masks: Tensor | None = None
     digest: str = ""
     label_maps: Tensor | None = None
+
+    @property
+    def image(self) -> Tensor | None:
+        """The floating-point `[B, C, H, W]` image tensor of `inputs` (`batch.Batch.image`)."""
+        return Batch.of(self.inputs).image
+
+    @property
+    def length(self) -> int:
+        """How many images (rows) the probe holds."""
+        return Batch.of(self.inputs).length or 0
+
+    def describe(self) -> str:
+        """`inputs` in a message: a tensor's shape and dtype, or each tensor of a nested batch.
+
+        Example:
+            >>> batch = {"image": torch.zeros(2, 3, 4, 4), "meta": torch.zeros(2, 5)}
+            >>> ProbeSet("p", batch).describe()
+            "{'image': (2, 3, 4, 4) torch.float32, 'meta': (2, 5) torch.float32}"
+        """
+        return _describe(self.inputs)
 
     def to(self, device: torch.device) -> ProbeSet:
         """A copy with every tensor moved to `device` (once, at setup)."""
@@ -61,6 +88,41 @@ class ProbeSet:
             return self
         wanted = classes.to(self.label_maps.device)[:, None, None]
         return replace(self, masks=self.label_maps == wanted)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"{tuple(value.shape)} {value.dtype}"
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{key!r}: {_describe(item)}" for key, item in value.items())
+        return "{" + items + "}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_describe(item) for item in value) + ")"
+    return type(value).__name__
+
+
+def large_probe_warning(
+    probes: Mapping[str, ProbeSet], seconds: float, history_bytes: int | None
+) -> str | None:
+    """What an evaluation of probe sets above `LARGE_PROBE` images costs (its measured
+    `seconds` and `history_bytes`, None: no history), and how to pay less; None when none is.
+
+    Example:
+        >>> big = {"val": ProbeSet("val", torch.zeros(300, 3, 8, 8))}
+        >>> large_probe_warning(big, 2.5, 3 * 2**20).split(";")[0]
+        "CamMonitor: probe 'val' holds 300 images (above 256)"
+    """
+    large = {name: probe.length for name, probe in probes.items() if probe.length > LARGE_PROBE}
+    if not large:
+        return None
+    sizes = ", ".join(f"{name!r} holds {length} images" for name, length in large.items())
+    stored = "" if history_bytes is None else f" and {history_bytes / 2**20:.1f} MiB of history"
+    return (
+        f"CamMonitor: probe {sizes} (above {LARGE_PROBE}); one evaluation took {seconds:.1f} s"
+        f"{stored}, at every evaluation of the run. Grids draw max_tiles of the images; pass "
+        "num_probe= (or a smaller probe) to pay less, batch_size= to bound memory, "
+        "history=False to keep no maps."
+    )
 
 
 def evenly_spaced(length: int, count: int) -> list[int]:
@@ -154,7 +216,7 @@ def split_batch(
     if isinstance(batch, (list, tuple)) and batch:
         labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
         third = batch[2] if len(batch) > 2 else None
-        masks = third if looks_like_masks(third, batch[0]) else None
+        masks = third if looks_like_masks(third, Batch.of(batch[0]).image) else None
         return batch[0], labels, masks
     raise ValueError(
         f"A probe batch must be a tensor, an (inputs, labels) tuple or a dict, got "
@@ -222,6 +284,18 @@ def _class_labels(labels: Tensor, count: int) -> Tensor | None:
     return labels
 
 
+def model_inputs(batch: Any, inputs: Any, input_key: str | None, whole: bool) -> Any:
+    """What the model is called with: the `inputs` `split_batch` found, or with `whole` (a
+    `forward=` is given) a dict batch whole, every key kept, `input_key`'s first (where the image
+    is looked for first, after the usual image keys)."""
+    if not whole or not isinstance(batch, Mapping):
+        return inputs
+    if input_key is None or input_key not in batch:
+        return batch
+    first = [(input_key, batch[input_key])]
+    return type(batch)(first + [(k, v) for k, v in batch.items() if k != input_key])  # type: ignore[call-arg]
+
+
 def make_probe(
     name: str,
     spec: Any,
@@ -229,8 +303,11 @@ def make_probe(
     input_key: str | None = None,
     label_key: str | None = None,
     warn: Callable[[str], None] | None = None,
+    whole: bool = False,
 ) -> ProbeSet:
-    """Turn one probe specification (tensor, tuple, Dataset, DataLoader) into a `ProbeSet`."""
+    """Turn one probe specification (tensor, tuple, dict or nested batch, Dataset, DataLoader)
+    into a `ProbeSet`. A tuple is `(inputs, labels, ...)` whose inputs may be nested (`((x,
+    meta), y)`); with `whole` (a `forward=` is given) a dict batch is the model's inputs, whole."""
     if isinstance(spec, DataLoader):
         batch, length = sample_dataset(
             spec.dataset, num_probe, spec.collate_fn, sampler_subset(spec)
@@ -247,24 +324,32 @@ def make_probe(
     if length is not None and length < num_probe and warn is not None:
         warn(f"probe {name!r}: num_probe={num_probe} but the dataset holds {length}; using all.")
     inputs, labels, masks = split_batch(batch, input_key, label_key)
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"probe {name!r}: inputs must be a tensor, got {type(inputs).__name__}.")
-    if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"probe {name!r} is empty: shape {tuple(inputs.shape)}.")
+    inputs = model_inputs(batch, inputs, input_key, whole)
+    rows = Batch.of(inputs).length
+    if rows is None:
+        found = next(tensors(inputs), None)
+        shape = type(inputs).__name__ if found is None else f"shape {tuple(found.shape)}"
+        raise TypeError(
+            f"probe {name!r}: its inputs hold no batched tensor ({shape}); give a tensor [B, C, "
+            "H, W], or a tuple or dict of tensors whose first dimension is the batch."
+        )
+    if rows == 0:
+        raise ValueError(f"probe {name!r} is empty: {_describe(inputs)}.")
     if labels is not None:
         try:
             labels = torch.as_tensor(labels)
         except (TypeError, ValueError, RuntimeError):  # names, ragged lists: not class indices
             labels = None
-        if labels is not None and labels.dim() and labels.shape[0] != inputs.shape[0]:
+        if labels is not None and labels.dim() and labels.shape[0] != rows:
             raise ValueError(
-                f"probe {name!r} has {inputs.shape[0]} images but {labels.shape[0]} labels "
+                f"probe {name!r} has {rows} images but {labels.shape[0]} labels "
                 f"(shape {tuple(labels.shape)}); give one label per image, labels[i] for "
                 "inputs[i]."
             )
-    labels, masks, label_maps = read_label_maps(name, inputs, labels, masks, warn)
+    image = Batch.of(inputs).image  # label maps and masks are shaped like it
+    labels, masks, label_maps = read_label_maps(name, image, labels, masks, warn)
     if labels is not None:
-        labels = _class_labels(labels, inputs.shape[0])
+        labels = _class_labels(labels, rows)
     return ProbeSet(name, inputs, labels, masks, content_hash(inputs), label_maps)
 
 
@@ -358,6 +443,37 @@ def first_loader(loaders: Any) -> DataLoader | None:
     return next(leaves(loaders, DataLoader), None)
 
 
+def loader_path(loaders: Any, path: str = "") -> str | None:
+    """Where the first DataLoader sits inside `loaders`, as an index path: ``"[0]"``,
+    ``"['mnist']"``, ``""`` for `loaders` itself (None when there is none).
+
+    Example:
+        >>> loader_path({"a": [3, DataLoader(range(2))]})
+        "['a'][1]"
+    """
+    if isinstance(loaders, DataLoader):
+        return path
+    items: Iterable[tuple[Any, Any]] = ()
+    if isinstance(loaders, Mapping):
+        items = loaders.items()
+    elif isinstance(loaders, (list, tuple)):
+        items = enumerate(loaders)
+    for key, item in items:
+        found = loader_path(item, f"{path}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
+
+def describe_loader(loader: DataLoader) -> str:
+    """A loader in a message: its dataset's type and size."""
+    try:
+        size = f", {len(loader.dataset)} items"  # type: ignore[arg-type]
+    except TypeError:
+        size = ""
+    return f"a DataLoader of {type(loader.dataset).__name__}{size}"
+
+
 def count_loaders(loaders: Any) -> int:
     """How many DataLoaders are inside what `trainer.*_dataloader(s)` returns."""
     return sum(1 for _ in leaves(loaders, DataLoader))
@@ -374,10 +490,11 @@ def loader_probe(
         if loader is not None:
             count = count_loaders(loaders)
             if count > 1 and warn is not None:
+                where = f"{name}_dataloaders{loader_path(loaders)}"
                 warn(
                     f"CamMonitor: the Trainer has {count} {name} dataloaders; the probe comes "
-                    f"from the first. To use another, pass it: CamMonitor(probe=loader) or "
-                    f"probe={{'name': loader, ...}} for several."
+                    f"from the first, {where} ({describe_loader(loader)}). To use another, pass "
+                    f"it: CamMonitor(probe=loader) or probe={{'name': loader, ...}} for several."
                 )
             return {name: loader}
     raise ValueError(
@@ -433,7 +550,13 @@ def attach_masks(probe: ProbeSet, masks: Any) -> ProbeSet:
     if masks is None:
         return probe
     masks = torch.as_tensor(masks)
-    batch, size = probe.inputs.shape[0], tuple(probe.inputs.shape[-2:])
+    described = Batch.of(probe.inputs)
+    batch, size = described.length, described.image_size
+    if size is None:
+        raise ValueError(
+            f"masks for probe {probe.name!r} need an image tensor [B, C, H, W] in its inputs "
+            f"({probe.describe()}) to be aligned with; pass the images, or drop masks=."
+        )
     if given and masks.shape == (batch, 4) and masks.dtype != torch.bool:
         masks = boxes_to_masks(masks.float(), size)  # boxes only through masks=, never a batch
     if masks.dim() == 4 and masks.shape[1] == 1:
@@ -456,6 +579,7 @@ def build_probes(
     input_key: str | None = None,
     label_key: str | None = None,
     warn: Callable[[str], None] | None = None,
+    whole: bool = False,
 ) -> dict[str, ProbeSet]:
     """Every probe set, with its masks, picked without touching any random stream (Python,
     numpy, torch): a dataset's `__getitem__` may draw (augmentations), the run must not see it.
@@ -464,7 +588,9 @@ def build_probes(
     """
     with preserved_rng():
         probes = {
-            name: make_probe(check_probe_name(name), spec, num_probe, input_key, label_key, warn)
+            name: make_probe(
+                check_probe_name(name), spec, num_probe, input_key, label_key, warn, whole
+            )
             for name, spec in specs.items()
         }
     if isinstance(masks, Mapping):

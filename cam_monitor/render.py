@@ -20,6 +20,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from cam_monitor.methods import CAM_METHODS, normalize_maps, upsample_maps
+from cam_monitor.probe import evenly_spaced
 from cam_monitor.schema import ALL_VIEW, VIEWS, MapKey
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ __all__ = [
     "COLORMAPS",
     "GRID_COLUMNS",
     "IMAGE_FORMATS",
+    "MAX_TILES",
     "caption_text",
     "caption_tiles",
     "check_colormap",
@@ -87,6 +89,11 @@ _ELLIPSIS = ".."
 #: Tiles per grid row by default: 16 probe images make a 4 x 4 grid of 96 px tiles (394 px),
 #: which TensorBoard's image card (about 350 px wide) shows at 0.9x, captions legible.
 GRID_COLUMNS = 4
+#: Tiles per grid by default: 32 images (4 x 8 tiles of 96 px, 394 x 978 px with captions at
+#: the default columns) keep every grid a size TensorBoard's card and W&B's panel show whole;
+#: a larger probe draws `drawn_rows` of it (all of it is still scored). A 512-image probe
+#: drew a 522 x 20354 px grid, and 2048 images one that OpenCV cannot encode.
+MAX_TILES = 32
 #: Tile width (px) whose captions are drawn at font scale 1: a 96 px tile gets 0.5 (13 px text).
 _CAPTION_WIDTH = 192
 
@@ -547,6 +554,19 @@ def _repeat_pixels(tiles: Tensor, factor: int) -> Tensor:
     if factor == 1:
         return tiles
     return tiles.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+
+
+def drawn_rows(length: int, max_tiles: int | None) -> list[int] | None:
+    """The probe rows a grid draws: all of them (None) up to `max_tiles`, else `max_tiles`
+    evenly spaced ones, the first and last included (the same ones at every evaluation).
+
+    Example:
+        >>> drawn_rows(16, 32) is None, drawn_rows(10, 4)
+        (True, [0, 3, 6, 9])
+    """
+    if max_tiles is None or length <= max_tiles:
+        return None
+    return evenly_spaced(length, max_tiles)
 
 
 def _check_layout(nrow: int, padding: int) -> None:

@@ -123,11 +123,50 @@ def _open_unit(values: Tensor) -> Tensor:
     return (values > 0) & (values < 1)
 
 
+#: Autograd nodes that pass values through unchanged (views, copies, indexing): looked through
+#: to find the operation that made a model's outputs.
+_PASS_THROUGH = (
+    "View", "UnsafeView", "Reshape", "Select", "Slice", "Clone", "ToCopy", "Squeeze",
+    "Unsqueeze", "Expand", "AsStrided", "T", "Permute", "Transpose", "Index", "Alias",
+)  # fmt: skip
+#: The operations whose outputs are probabilities.
+_SQUASHING = ("Sigmoid", "Softmax", "Hardsigmoid")
+
+
+def made_by_squashing(values: Tensor) -> bool | None:
+    """Whether the operation that made `values` (views and copies looked through) is a
+    sigmoid or a softmax; None when autograd recorded nothing to read it from (no_grad).
+
+    Example:
+        >>> x = torch.randn(2, 3, requires_grad=True)
+        >>> made_by_squashing(x.sigmoid()[:, :2]), made_by_squashing(x * 2)
+        (True, False)
+    """
+    node = values.grad_fn
+    if node is None:
+        return None
+    while node is not None:
+        name = type(node).__name__.rstrip("0123456789").removesuffix("Backward")
+        if name in _SQUASHING:
+            return True
+        if name not in _PASS_THROUGH or not node.next_functions:
+            return False
+        node = node.next_functions[0][0]
+    return False
+
+
 def warn_if_probabilities(module: nn.Module, logits: Tensor) -> None:
-    """Warn when a model's outputs look like probabilities; checked on its first call only."""
+    """Warn when a model's outputs are probabilities; checked on its first call only.
+
+    Where autograd recorded the forward, only outputs a sigmoid or softmax made qualify: the
+    values alone cannot tell sigmoid outputs from the small logits of a fresh head (all in
+    (0, 1) for some seeds). Without a record (no_grad), the values decide.
+    """
     if module in _PROBABILITY_CHECKED:
         return
     _PROBABILITY_CHECKED.add(module)
+    if made_by_squashing(logits) is False:
+        return
     if logits.shape[1] == 1:
         # Logits of a binary classifier fall on both sides of 0; 8 images all in (0, 1) are
         # sigmoid outputs, read as "class 1" every time (a chance of 2^-8 for symmetric logits).

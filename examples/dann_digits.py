@@ -217,7 +217,7 @@ def build_monitor(data: dict[str, Any], **overrides: Any) -> CamMonitor:
         "std": STD,
         "class_names": class_names(),
         "every_n_epochs": 1,
-        "nrow": 10,
+        "nrow": 5,  # 20 probe digits: 5 x 4 tiles, near square in TensorBoard's card
     }
     kwargs.update(overrides)
     layer = kwargs.pop("layer", list(CAM_LAYERS))

@@ -150,3 +150,10 @@ def test_a_float_mask_listed_before_the_images_is_not_the_image() -> None:
     )
     for method in methods:
         torch.testing.assert_close(nested["input", method], plain["input", method])
+
+
+def test_pixel_methods_on_a_uint8_probe_name_the_dtype() -> None:
+    """A uint8 image is found, but cannot be differentiated: the message says it is uint8."""
+    batch = Batch.of({"image": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "meta": torch.ones(2)})
+    with pytest.raises(ValueError, match=r"torch\.uint8 \(shape \(2, 3, 8, 8\)\).*float\(\) / 255"):
+        batch.require_image()

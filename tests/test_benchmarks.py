@@ -110,6 +110,18 @@ def test_gpu_check_runs_on_cpu_and_reports_every_target(tmp_path: Path) -> None:
     assert "all checks passed" in done.stdout
 
 
+def test_probe_size_quick_measures_memory_history_and_grids(tmp_path: Path) -> None:
+    payload, stdout = run_script("probe_size", tmp_path)
+    first, second = payload["rows"]
+    assert (first["probe"], first["batch_size"], second["batch_size"]) == (4, None, 2)
+    width, height = map(int, first["grid_px"].split(" x "))
+    assert width == 2 * 98 + 2 and height < 2 * 98  # max_tiles=2 of the 4 images: one row
+    assert first["peak_rss_mib"] > 0 and first["history_file_mib"] > 0
+    assert second["history_maps"] == "cams" and second["methods"] == "gradcam"
+    assert second["history_record_mib"] < first["history_record_mib"]  # 1 method of 3 kept
+    assert "| probe | batch_size |" in stdout
+
+
 def test_faithfulness_cost_quick_times_every_measure_and_decides_the_default(
     tmp_path: Path,
 ) -> None:

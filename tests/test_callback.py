@@ -18,6 +18,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from cam_monitor.callback import CamMonitor
+from cam_monitor.cli import main as cli_main
 from cam_monitor.history import history_runs, read_history, read_probe
 from tests.helpers import (
     Lightning,
@@ -26,6 +27,7 @@ from tests.helpers import (
     loader,
     quiet_trainer,
     read_events,
+    shapes,
     shapes_dataset,
     wandb_items,
     wandb_run_records,
@@ -269,6 +271,36 @@ def test_resuming_with_other_layers_says_the_checkpointed_run_is_not_continued(
         )
 
 
+def test_resuming_with_another_layer_into_the_same_save_dir_says_one_thing(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    """A resume whose monitor changed cannot continue the run, and its explicit save_dir holds
+    that run: one error says both, before any step, and no warning first says it goes on."""
+
+    def trainer(monitor: CamMonitor, epochs: int) -> pl.Trainer:
+        return lightning.trainer(
+            default_root_dir=tmp_path, logger=False, max_epochs=epochs, callbacks=[monitor],
+            enable_checkpointing=True,
+        )  # fmt: skip
+
+    first = trainer(CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "a"), 1)
+    first.fit(lightning.module()(), loader(shapes_dataset(16)))
+    ckpt = first.checkpoint_callback.best_model_path
+    module = lightning.module()()
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError) as raised:
+        warnings.simplefilter("always")
+        monitor = CamMonitor("net.features.2", num_probe=4, save_dir=tmp_path / "a")
+        trainer(monitor, 2).fit(module, loader(shapes_dataset(16)), ckpt_path=ckpt)
+    said = [str(w.message) for w in caught if str(w.message).startswith("CamMonitor")]
+    assert said == []  # not "it starts a new run", then an error that it cannot
+    assert re.search(
+        r"(?s)save_dir=.*already holds.*another run.*cannot continue that run and starts a new "
+        r"one, which needs a folder of its own",
+        str(raised.value),
+    )
+    assert module.steps_run == 0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
@@ -295,6 +327,11 @@ def test_resuming_with_other_layers_says_the_checkpointed_run_is_not_continued(
         ({"masks": [1, 2]}, TypeError, r"`masks` must be a Tensor.*got list"),
         ({"filters": {"net.features.2": []}}, ValueError, r"`filters` maps layer names"),
         ({"history": "yes"}, TypeError, r"`history` must be True or False, got 'yes'"),
+        (
+            {"history_maps": "pixels"},
+            ValueError,
+            r"`history_maps` must be one of 'all', 'cams', 'none', got 'pixels'",
+        ),
     ],
 )
 def test_bad_arguments_fail_in_the_constructor(
@@ -767,6 +804,8 @@ def test_several_val_loaders_take_the_probe_from_the_first_and_say_so(tmp_path: 
         trainer.fit(TwoValLoaders(), loader(shapes_dataset()), [loader(first), loader(second)])
     said = [str(w.message) for w in caught if "dataloaders" in str(w.message)]
     assert len(said) == 1 and "has 2 val dataloaders; the probe comes from the first" in said[0]
+    first_named = "from the first, val_dataloaders[0] (a DataLoader of TensorDataset, 16 items)"
+    assert first_named in said[0]
     assert "probe=" in said[0]
     assert torch.equal(monitor._probes["val"].inputs, first.tensors[0][[0, 5, 10, 15]])
 
@@ -846,12 +885,16 @@ def test_a_grid_that_cannot_be_encoded_warns_and_skips_unless_strict(tmp_path: P
     """An encoding error (a grid taller than JPEG allows) is reported like a sink error."""
     images = torch.rand(680, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     probe = (images, torch.zeros(680, dtype=torch.long))
-    monitor = CamMonitor("net.features.5", probe=probe, nrow=1, save_dir=tmp_path / "h")
+    monitor = CamMonitor(
+        "net.features.5", probe=probe, nrow=1, max_tiles=None, save_dir=tmp_path / "h"
+    )
     with pytest.warns(UserWarning, match="skipped the images of its evaluation.*could not enco"):
         fit(monitor, tmp_path, max_epochs=1, limit_train_batches=1)
     assert [e.epoch for e in read_history(tmp_path / "h")] == [0, 1]  # scored and recorded
     assert not list((tmp_path / "h").rglob("step-*"))  # no image logged
-    strict = CamMonitor("net.features.5", probe=probe, nrow=1, strict=True, history=False)
+    strict = CamMonitor(
+        "net.features.5", probe=probe, nrow=1, max_tiles=None, strict=True, history=False
+    )
     with pytest.raises(RuntimeError, match="could not encode a grid of shape"):
         fit(strict, tmp_path / "strict", max_epochs=1, limit_train_batches=1)
 
@@ -863,7 +906,9 @@ def test_a_grid_that_cannot_be_encoded_still_logs_the_scalars(
     with a warning; its drift and entropy reach the logger as they reach the history."""
     images = torch.rand(680, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     probe = (images, torch.zeros(680, dtype=torch.long))
-    monitor = CamMonitor("net.features.5", probe=probe, nrow=1, save_dir=tmp_path / "h")
+    monitor = CamMonitor(
+        "net.features.5", probe=probe, nrow=1, max_tiles=None, save_dir=tmp_path / "h"
+    )
     logger = lightning.loggers.CSVLogger(tmp_path, name="csv")
     with pytest.warns(UserWarning, match="skipped the images of its evaluation.*scalars are lo"):
         fit(monitor, tmp_path, lightning, logger=logger, max_epochs=1, limit_train_batches=2)
@@ -905,3 +950,92 @@ def test_a_logger_that_fails_costs_the_other_loggers_nothing(
     again = [QuotaCSVLogger(tmp_path / "s", name="csv")]
     with pytest.raises(OSError, match="disk quota exceeded"):
         fit(strict, tmp_path / "s", lightning, logger=again, max_epochs=1)
+
+
+def test_print_shows_layers_methods_probe_sets_and_schedule(tmp_path: Path) -> None:
+    """`print(monitor)` says what the monitor watches, before and after a fit."""
+    x, y = torch.zeros(3, 3, 32, 32), torch.zeros(3, dtype=torch.long)
+    monitor = CamMonitor(
+        ["net.features.2", "net.features.5"], methods=["gradcam", "layercam"],
+        probe={"source": (x, y), "target": DataLoader(TensorDataset(x, y))}, every_n_steps=5,
+    )  # fmt: skip
+    assert repr(monitor) == (
+        "CamMonitor(layer=['net.features.2', 'net.features.5'], methods=['gradcam', "
+        "'layercam'], probe={'source': tuple, 'target': DataLoader}, every_n_steps=5)"
+    )
+    auto = CamMonitor(num_probe=4, save_dir=tmp_path / "h")
+    assert repr(auto) == (
+        "CamMonitor(layer=None (chosen at fit), methods=['gradcam'], probe=val/train loader x 4, "
+        "every_n_epochs=1)"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the automatic layer's warning
+        fit(auto, tmp_path, max_epochs=1)
+    assert repr(auto) == (
+        "CamMonitor(layer=['net.features.5'], methods=['gradcam'], probe={'val': 4}, "
+        "every_n_epochs=1)"
+    )
+
+
+@pytest.mark.slow
+def test_a_512_image_probe_logs_bounded_grids_scores_every_image_and_warns_once(
+    tmp_path: Path,
+) -> None:
+    """Grids draw 32 evenly spaced images of a 512-image probe (4 x 8 tiles), the history keeps
+    every image's map, and one warning after the baseline says what an evaluation costs."""
+    x, y, masks = shapes(512, seed=3)
+    monitor = CamMonitor(
+        "net.features.5", methods=["gradcam", "saliency"], probe=(x, y), masks=masks,
+        save_dir=tmp_path / "h",
+    )  # fmt: skip
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(monitor, tmp_path, logger=logger, max_epochs=2, train=shapes_dataset(16), val=False)
+    said = [str(w.message) for w in caught if "above 256" in str(w.message)]
+    assert len(said) == 1 and re.search(r"'probe' holds 512 images.*s and [\d.]+ MiB", said[0])
+    events = read_events(logger.log_dir)
+    for tag in ("cam/probe/net.features.5/gradcam", "cam/probe/input/saliency"):
+        for image in events.Images(tag):
+            # 4 x 8 tiles of 96 px with their caption bands: 394 x 978 px, not 394 x 15618.
+            assert image.width == 4 * 98 + 2 and image.height < 1000, (tag, image.height)
+    last = read_history(tmp_path / "h")[-1]
+    assert last.maps["probe", "net.features.5", "gradcam"].shape[0] == 512  # all scored
+    assert "cam_loc/probe/net.features.5/gradcam/energy" in last.scalars  # of all 512 images
+
+
+def test_history_maps_keeps_the_maps_asked_for_and_show_reads_every_choice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`history_maps=` shrinks each evaluation's file: "cams" drops the pixel-level maps (at the
+    input's resolution), "none" every map; scalars and logits stay, and `show` reads them."""
+    sizes = {}
+    for choice in ("all", "cams", "none"):
+        monitor = CamMonitor(
+            "net.features.5", methods=["gradcam", "saliency"], num_probe=4,
+            history_maps=choice, save_dir=tmp_path / choice,
+        )  # fmt: skip
+        fit(monitor, tmp_path / f"fit-{choice}", max_epochs=1, val=False)
+        last = read_history(tmp_path / choice)[-1]
+        sizes[choice] = last.nbytes
+        kept = {"all": {"gradcam", "saliency"}, "cams": {"gradcam"}, "none": set()}
+        assert {key.method for key in last.maps} == kept[choice]
+        assert "cam_stats/train/net.features.5/gradcam/entropy" in last.scalars
+        assert last.logits["train"].shape == (4, 5)
+        capsys.readouterr()
+        assert cli_main(["show", str(tmp_path / choice)]) == 0
+        assert "2 evaluations" in capsys.readouterr().out
+    assert sizes["all"] > sizes["cams"] > sizes["none"] > 0
+
+
+def test_a_uint8_probe_with_pixel_methods_fails_before_training_naming_the_dtype(
+    tmp_path: Path,
+) -> None:
+    images = (shapes(4)[0].clamp(0, 1) * 255).to(torch.uint8)
+    monitor = CamMonitor(
+        "net.features.5", methods=["saliency"], probe=images, save_dir=tmp_path / "h"
+    )
+    named = r"found is torch\.uint8 \(shape \(4, 3, 32, 32\)\)"
+    with pytest.raises(ValueError, match=named) as err:
+        fit(monitor, tmp_path, max_epochs=1, val=False)
+    assert "float() / 255" in str(err.value)

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cam_monitor.cli import format_table, main
+from cam_monitor.cli import format_bytes, format_table, main
+from cam_monitor.history import read_evaluation
 from cam_monitor.probe import content_hash
 from cam_monitor.schema import MapKey, ScalarKey
 from tests.helpers import evaluation, write_history
@@ -149,6 +150,10 @@ def test_show_prints_every_evaluation_and_its_scalars(
     assert [main_table[i]["epoch"] for i in "012"] == ["0", "1", "2"]
     assert [main_table[i]["step"] for i in "012"] == ["0", "10", "20"]
     assert [main_table[i]["seconds"] for i in "012"] == ["0.5000", "1.5000", "2.5000"]
+    # Each evaluation's history size: its maps, targets, logits and labels.
+    sizes = [read_evaluation(path).nbytes for path in sorted(runs[0].rglob("eval-*.npz"))]
+    assert len(sizes) == 3 and min(sizes) > 0
+    assert [main_table[i]["history"] for i in "012"] == [format_bytes(n) for n in sizes]
     for p in PROBES:
         for layer in LAYERS:
             block = table(out, f"{p} / {layer} / {METHOD}")
@@ -351,7 +356,8 @@ def test_probe_named_with_a_slash_survives_write_read_show_and_compare(
     assert code == 0 and err == ""
     assert "probes: domain/a; layers: features.29, layer4.1.conv2" in out
     headers = next(line for line in out.splitlines() if line.lstrip().startswith("index"))
-    assert headers.split() == ["index", "epoch", "step", "seconds", "time"]  # nothing unparsed
+    parsed = ["index", "epoch", "step", "seconds", "history", "time"]
+    assert headers.split() == parsed  # nothing unparsed
     block = table(out, "domain/a / features.29 / gradcam")
     assert block["2"]["energy"] == "0.7000" and block["1"]["spearman_prev"] == "0.3000*"
 

@@ -280,6 +280,23 @@ def test_digits_demo_runs_and_stores_class_names_and_stroke_masks(
     ]
 
 
+def test_the_digits_demo_grids_are_near_square(digits: dict) -> None:
+    """TensorBoard scales a grid to its card's width: a 10 x 2 grid (5:1) shrank the 20 tiles
+    and their captions below legibility; the demo's grids are within 4:3 of square."""
+    from cam_monitor.engine import compute_cams
+    from cam_monitor.evaluation import render_probe
+    from cam_monitor.probe import ProbeSet
+
+    monitor = dann_digits.build_monitor(digits)
+    x, y = digits["probe"]["source"]
+    model = dann_digits.build_module(adapt=True).eval()
+    result = compute_cams(model, x, list(dann_digits.CAM_LAYERS), output_transform=0)
+    grids = render_probe(ProbeSet("source", x, y), result, monitor.render)
+    for grid in grids.values():
+        height, width = grid.shape[-2:]
+        assert 3 / 4 <= width / height <= 4 / 3, (width, height)
+
+
 # -- segmentation scenes and a tiny run of the segmentation example --------------------------------
 
 

@@ -653,8 +653,9 @@ def test_write_probe_sets_stores_tensor_probes_with_their_hashes(tmp_path: Path)
     assert path == tmp_path / "hist" / PROBE_FILE
     record = read_probe(tmp_path / "hist")
     assert record is not None
-    assert record.probes == ("source", "dom/ain")  # the dict-input probe is not stored
-    assert record.hashes == {"source": probes["source"].digest, "dom/ain": probes["dom/ain"].digest}
+    assert record.probes == ("source", "dom/ain", "nested")  # a nested probe: its image
+    assert record.hashes == {name: probe.digest for name, probe in probes.items()}
+    np.testing.assert_array_equal(record.inputs["nested"], probes["nested"].inputs["x"].numpy())
     assert record.inputs["source"].dtype == np.float32
     np.testing.assert_array_equal(record.inputs["source"], probes["source"].inputs.float().numpy())
     np.testing.assert_array_equal(record.inputs["dom/ain"], probes["dom/ain"].inputs.numpy())

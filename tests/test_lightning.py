@@ -25,6 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cam_monitor.callback import CamMonitor, check_consumer_layers, check_metric_consumers
+from cam_monitor.cli import main as cli_main
+from cam_monitor.compare import load_run
 from cam_monitor.encoding import THREAD_PREFIX, encode_grids
 from cam_monitor.history import read_history, read_probe
 from cam_monitor.schema import SECONDS_TAG, MapKey
@@ -191,6 +193,7 @@ def test_yaml_sets_every_argument_and_fits(lightning: Lightning, tmp_path: Path)
         "views": ["pos", "neg"],
         "gray_views": True,
         "image_format": "png",
+        "max_tiles": 3,
         "batch_size": 2,
         "smooth": 0,
         "noise": 0.1,
@@ -203,6 +206,7 @@ def test_yaml_sets_every_argument_and_fits(lightning: Lightning, tmp_path: Path)
         "faithfulness": ["drop", "increase"],
         "reference": None,
         "history": True,
+        "history_maps": "cams",
         "save_dir": str(tmp_path / "history"),
         "strict": True,
     }
@@ -621,7 +625,7 @@ def test_mean_and_std_that_do_not_fit_the_probe_warn_before_the_overlays_wash_ou
 
 
 def test_a_resume_into_a_new_logger_version_says_where_the_earlier_history_is(
-    lightning: Lightning, tmp_path: Path
+    lightning: Lightning, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def run(epochs: int, ckpt: str | None = None) -> Any:
         lightning.pl.seed_everything(0, verbose=False)
@@ -642,6 +646,16 @@ def test_a_resume_into_a_new_logger_version_says_where_the_earlier_history_is(
     assert [e.index for e in read_history(old)] == [0, 1]
     assert [e.index for e in read_history(new)] == [2]
     assert len(said) == 1 and str(old) in said[0] and str(new) in said[0] and "save_dir=" in said[0]
+    # Both folders read as one history: given their parent, or given each.
+    logs = tmp_path / "lightning_logs"
+    assert f"given their parent ({logs})" in said[0]
+    for given in (logs, [old, new]):
+        run = load_run(given)
+        assert [e.index for e in run.evaluations] == [0, 1, 2] and run.folders == (old, new)
+    for args in ([str(old), str(new)], [str(logs)]):
+        capsys.readouterr()
+        assert cli_main(["show", *args]) == 0
+        assert f"history: {old} + {new}\n3 evaluations" in capsys.readouterr().out
 
 
 def test_an_undefined_score_does_not_stop_early_stopping_on_a_monitor_tag(

@@ -120,6 +120,11 @@ def test_several_loaders_say_the_first_is_used() -> None:
     assert loader_probe([("val", [a, b])], said.append) == {"val": a}
     assert loader_probe([("val", a)], said.append) == {"val": a}
     assert len(said) == 1 and "2 val dataloaders; the probe comes from the first" in said[0]
+    said.clear()
+    named = {"digits": a, "letters": DataLoader(TensorDataset(torch.ones(6, 1)))}
+    loader_probe([("val", named)], said.append)
+    first_named = "the first, val_dataloaders['digits'] (a DataLoader of TensorDataset, 4 items)"
+    assert first_named in said[0]
 
 
 def test_float_labels_of_a_binary_classifier_are_class_indices() -> None:
@@ -167,3 +172,21 @@ def test_one_hot_labels_are_class_indices() -> None:
         assert probe.labels.tolist() == [2, 0, 3, 2]
     dict_probe = make_probe("p", {"image": x, "label": torch.eye(5)[classes]}, 4)
     assert dict_probe.labels is not None and dict_probe.labels.tolist() == [2, 0, 3, 2]
+
+
+def test_a_dict_batch_reaches_forward_whole_with_its_image_found_by_input_key() -> None:
+    """With `whole` (a `forward=` is given), every key stays, `input_key`'s image is the one
+    drawn even when another float [B, C, H, W] tensor comes first; labels and masks are read
+    as before, and a tuple's nested inputs are kept as they are."""
+    pixels, depth = torch.rand(3, 3, 8, 8), torch.rand(3, 1, 8, 8)
+    batch = {"depth": depth, "pixels": pixels, "meta": torch.ones(3, 2), "y": torch.arange(3)}
+    probe = make_probe("p", batch, 3, input_key="pixels", whole=True)
+    assert list(probe.inputs) == ["pixels", "depth", "meta", "y"]  # every key, the image first
+    assert probe.image is pixels and probe.labels.tolist() == [0, 1, 2] and probe.length == 3
+    alone = make_probe("p", batch, 3, input_key="pixels")  # no forward=: the image alone
+    assert alone.inputs is pixels
+    nested = make_probe("p", ((pixels, torch.ones(3, 2)), torch.arange(3), depth[:, 0] > 0.5), 3)
+    assert isinstance(nested.inputs, tuple) and nested.image is pixels
+    assert nested.masks is not None and nested.masks.shape == (3, 8, 8)
+    with pytest.raises(TypeError, match=r"probe 'p': its inputs hold no batched tensor"):
+        make_probe("p", ((1, 2), torch.arange(3)), 3)

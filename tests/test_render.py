@@ -507,3 +507,25 @@ def test_unsigned_pixel_maps_use_the_chosen_colormap() -> None:
         tiles = grids[MapKey("val", "input", method)][:, :98]  # the first row, above its captions
         assert torch.equal(tiles, drawn["viridis"][:, :98])
         assert not torch.equal(tiles, drawn["jet"][:, :98])
+
+
+def test_a_probe_above_max_tiles_draws_its_evenly_spaced_images_with_their_captions() -> None:
+    """`max_tiles=3` of 7 images draws rows 0, 3 and 6, each with its own map and caption: the
+    grids equal those of a probe made of those rows alone."""
+    from cam_monitor import compute_cams
+    from cam_monitor.evaluation import render_probe
+    from cam_monitor.options import RenderOptions
+    from cam_monitor.probe import ProbeSet
+    from tests.helpers import TinyCNN, shapes
+
+    torch.manual_seed(0)
+    model, (x, y, _) = TinyCNN().eval(), shapes(7, seed=2)
+    methods = ["gradcam", "saliency"]
+    result = compute_cams(model, x, "features.5", methods)
+    bounded = render_probe(ProbeSet("p", x, y), result, RenderOptions(max_tiles=3))
+    rows = torch.tensor([0, 3, 6])
+    alone = compute_cams(model, x[rows], "features.5", methods)
+    expected = render_probe(ProbeSet("p", x[rows], y[rows]), alone, RenderOptions())
+    assert bounded.keys() == expected.keys()
+    for key, grid in bounded.items():
+        assert torch.equal(grid, expected[key]), key

@@ -11,6 +11,7 @@ from .records import evaluation_record as evaluation_record
 from .records import write_probe_sets as write_probe_sets
 from .run import RunHistory as RunHistory
 from .store import evaluation_path as evaluation_path
+from .store import find_histories as find_histories
 from .store import find_history as find_history
 from .store import history_runs as history_runs
 from .store import prune_from as prune_from
@@ -30,6 +31,7 @@ __all__ = [
     "RunHistory",
     "evaluation_path",
     "evaluation_record",
+    "find_histories",
     "find_history",
     "history_runs",
     "prune_from",

@@ -163,6 +163,12 @@ class Evaluation:
         return _unique(names)
 
     @property
+    def nbytes(self) -> int:
+        """The arrays' bytes, about the size of its (uncompressed) file."""
+        tables = (self.maps, self.targets, self.logits, self.labels)
+        return sum(int(np.asarray(array).nbytes) for table in tables for array in table.values())
+
+    @property
     def layers(self) -> tuple[str, ...]:
         """Layer names in the order their first map was inserted."""
         return _unique(key.layer for key in self.maps)

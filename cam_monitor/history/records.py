@@ -10,6 +10,7 @@ import numpy as np
 from torch import Tensor
 
 from ..engine import CamResult
+from ..methods import PIXEL_METHODS
 from ..probe import ProbeSet
 from ..schema import MapKey, ScalarKey
 from .format import Evaluation
@@ -28,6 +29,7 @@ def evaluation_record(
     run: str = "",
     final: bool = False,
     class_names: Sequence[str] | None = None,
+    maps: str = "all",
 ) -> Evaluation:
     """The history entry of one evaluation: every map as float32 numpy on the CPU, keyed by
     `MapKey`, with targets, logits, labels (for probes that have them) and the probes'
@@ -35,21 +37,24 @@ def evaluation_record(
 
     ``scalars`` are keyed by tag; `ScalarKey` keys are accepted and written as their tag.
     ``run`` is the id of the writing run; ``final`` marks the evaluation added at the end of fit.
-    ``class_names`` are stored for captions in reports and `cam-monitor show`.
+    ``class_names`` are stored for captions in reports and `cam-monitor show`. ``maps``: which
+    maps are stored, "all", "cams" (not the pixel-level ones) or "none"
+    (`options.HISTORY_MAPS`).
     """
     _check_table("probes", probes, ProbeSet)
     _check_table("results", results, CamResult)
-    maps = {
+    kept = {
         MapKey(probe, layer, method): _numpy(cam, float32=True)
         for probe, result in results.items()
         for (layer, method), cam in result.maps.items()
+        if maps == "all" or (maps == "cams" and method not in PIXEL_METHODS)
     }
     return Evaluation(
         index=index,
         epoch=epoch,
         step=step,
         probe_hashes={name: probe.digest for name, probe in probes.items() if probe.digest},
-        maps=maps,
+        maps=kept,
         targets={name: _numpy(result.targets) for name, result in results.items()},
         logits={name: _numpy(result.logits, float32=True) for name, result in results.items()},
         labels={
@@ -67,15 +72,20 @@ def evaluation_record(
 def write_probe_sets(
     folder: str | os.PathLike[str], probes: Mapping[str, ProbeSet], run: str = ""
 ) -> Path:
-    """Store the probe sets whose inputs are one tensor in ``folder/probe.npz`` (with the id of
-    the ``run``), so reports can draw overlays; raises on failure (the caller decides whether
-    that only warns).
+    """Store the probe sets' images (the inputs of a one-tensor probe, the image tensor of a
+    nested one) in ``folder/probe.npz`` (with the id of the ``run``), so reports can draw
+    overlays; raises on failure (the caller decides whether that only warns). The hashes are of
+    the whole inputs, as the run logged them.
     """
     _check_table("probes", probes, ProbeSet)
-    stored = {name: probe for name, probe in probes.items() if isinstance(probe.inputs, Tensor)}
+    images = {
+        name: probe.inputs if isinstance(probe.inputs, Tensor) else probe.image
+        for name, probe in probes.items()
+    }
+    stored = {name: probe for name, probe in probes.items() if images[name] is not None}
     return write_probe(
         folder,
-        inputs={name: _numpy(probe.inputs, float32=True) for name, probe in stored.items()},
+        inputs={name: _numpy(images[name], float32=True) for name in stored},  # type: ignore[arg-type]
         labels={n: _numpy(p.labels) for n, p in stored.items() if p.labels is not None},
         masks={n: _numpy(p.masks) for n, p in stored.items() if p.masks is not None},
         hashes={name: probe.digest for name, probe in stored.items() if probe.digest},

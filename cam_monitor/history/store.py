@@ -178,24 +178,32 @@ def find_history(run_dir: str | os.PathLike[str]) -> Path:
     Searches up to 8 levels down, skipping hidden folders and not following symlinks (so W&B's
     ``latest-run`` link is not counted twice). Zero or several matches raise `HistoryError`.
     """
+    found = find_histories(run_dir)
+    if len(found) > 1:
+        listing = "\n".join(f"  {path}" for path in found)
+        raise HistoryError(
+            f"Found {len(found)} cam-monitor histories below {run_dir}; pass one of these "
+            f"folders instead:\n{listing}"
+        )
+    return found[0]
+
+
+def find_histories(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Every folder holding ``eval-*.npz`` files: ``run_dir`` itself, else those below it (a
+    run resumed into a new logger version has one per version), sorted; none is a
+    `HistoryError` saying where it looked (as `find_history`)."""
     root = Path(run_dir)
     if not root.exists():
         raise HistoryError(f"No cam-monitor history: {root} does not exist")
     if root.is_file():
         if evaluation_index(root.name) is not None:
-            return root.parent
+            return [root.parent]
         raise HistoryError(f"{root} is a file, not a run directory or a cam-monitor history folder")
     if _eval_files(root):
-        return root
+        return [root]
     found, looked = _search(root)
-    if len(found) == 1:
-        return found[0]
     if found:
-        listing = "\n".join(f"  {path}" for path in found)
-        raise HistoryError(
-            f"Found {len(found)} cam-monitor histories below {root}; pass one of these "
-            f"folders instead:\n{listing}"
-        )
+        return found
     shown = [str(root)] + [str(p.relative_to(root)) for p in looked[:20]]
     more = f", ... ({len(looked) - 20} more)" if len(looked) > 20 else ""
     raise HistoryError(

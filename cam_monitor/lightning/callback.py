@@ -36,7 +36,7 @@ from ..options import (
     options_from,
 )
 from ..probe import ProbeSet
-from ..render import GRID_COLUMNS
+from ..render import GRID_COLUMNS, MAX_TILES
 from ..schema import DEFAULT_FAITHFULNESS, DEFAULT_MEASURES
 from ..sinks import Sink, run_folder
 from ..types import ForwardFn, LayerSpec, OutputTransform, ProbeSpec, Reshape, Target
@@ -44,7 +44,7 @@ from .checks import Group, check_fit, check_shared_tags, logged_groups
 from .compat import lightning_classes
 from .evaluator import Entry, Evaluator, Plan
 from .pickling import guarded, unguarded
-from .resume import RunState, foreign_state, settings, state_identity
+from .resume import RunState, foreign_state, holds_history, settings, state_identity
 from .trainer import (
     default_layer,
     fit_probes,
@@ -81,14 +81,16 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             ``every_n_steps`` is given).
         every_n_steps: evaluate every N optimizer steps instead (not with ``every_n_epochs``).
         probe: None (samples of the val, else train, dataset), a Tensor, an ``(inputs, labels)``
-            tuple, a dict batch, a Dataset, a DataLoader, or a dict of named probe sets.
+            tuple (``inputs`` may nest: ``(x, meta)``), a dict batch, a Dataset, a DataLoader,
+            or a dict of named probe sets.
         num_probe: samples taken from a Dataset or DataLoader probe.
         target: ``"predicted"``, ``"label"``, a class index, a LongTensor [B] or a callable;
             for segmentation logits ``[B, C, H, W]`` also ``(class, pixel_mask)`` (see
             docs/segmentation.md: ``"label"`` with label maps explains each image's main
             labelled class over its labelled pixels).
         output_transform: picks the logits from a tuple or dict output: index, key or callable.
-        forward: ``forward(module, inputs)``, how the model is called on the probe.
+        forward: ``forward(module, inputs)``, how the model is called on the probe; it receives
+            a tuple batch's inputs (nested ones too) and a dict batch whole, every key kept.
         reshape: turns a layer output into ``[B, C, H, W]`` (channels-last outputs and token
             grids of the input's shape: automatic where unambiguous).
         masks: bool ``[B, H, W]`` or boxes ``[B, 4]`` for localization scores, or a dict of them
@@ -107,6 +109,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         gray_views: draw those views in grays instead of blue-white-red.
         image_format: ``"jpeg"`` (quality 90) or ``"png"`` (lossless, several times larger and
             slower to encode): how overlay grids are logged and saved; pixel-level maps are PNG.
+        max_tiles: images per grid (None: all); a larger probe draws that many evenly spaced
+            ones, first and last included, and is still scored whole.
         batch_size: probe rows per pass, to bound memory (None: the whole probe at once).
         smooth: noisy copies averaged by the gradient CAMs (Smooth Grad-CAM++ with gradcam++)
             and by ``smoothgrad`` (16 when 0).
@@ -125,6 +129,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             the model in memory), logged under ``cam_faith/``; None or ``()``: none.
         reference: a run directory whose first evaluation is the drift reference (``*_ref``).
         history: write the raw maps of every evaluation to disk (for ``cam-monitor show``).
+        history_maps: which maps the history keeps: ``"all"``, ``"cams"`` (not the pixel-level
+            maps, stored at the input's resolution) or ``"none"`` (scalars and logits only).
         save_dir: where history and image-file fallbacks go (default
             ``<log_dir>/cam_monitor``); it must not hold another run's history.
         strict: re-raise errors inside later evaluations instead of warning and skipping.
@@ -171,6 +177,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         views: str | Sequence[str] = "all",
         gray_views: bool = False,
         image_format: str = "jpeg",
+        max_tiles: int | None = MAX_TILES,
         batch_size: int | None = None,
         smooth: int = 0,
         noise: float = 0.15,
@@ -183,6 +190,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         faithfulness: str | Sequence[str] | None = DEFAULT_FAITHFULNESS,
         reference: str | Path | None = None,
         history: bool = True,
+        history_maps: str = "all",
         save_dir: str | Path | None = None,
         strict: bool = False,
     ) -> None:
@@ -209,7 +217,20 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self._done_epoch = -1  # the last epoch whose last training batch has run
         self._restored = False  # whether this fit resumed the monitor from a checkpoint
         self._foreign_key: str | None = None  # a checkpoint's other CamMonitor state, unused
-        self._evaluator = Evaluator(self.outputs.strict, self.outputs.history)
+        outputs = self.outputs
+        self._evaluator = Evaluator(outputs.strict, outputs.history, outputs.history_maps)
+
+    def __repr__(self) -> str:
+        """What `print(monitor)` shows: layers, methods, probe sets and schedule (the probe
+        sets' rows once a fit built them)."""
+        layers = "None (chosen at fit)" if self.layers is None else repr(self.layers)
+        probes = self.probe_options.describe()
+        if self._probes:
+            probes = "{" + ", ".join(f"{n!r}: {p.length}" for n, p in self._probes.items()) + "}"
+        return (
+            f"CamMonitor(layer={layers}, methods={list(self.methods)}, probe={probes}, "
+            f"{self.schedule.describe()})"
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         """ddp_spawn pickles callbacks: callables pickle cannot store travel guarded."""
@@ -276,7 +297,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             return
         if self._should_start_new_run(trainer):
             self._start_new_run()
-        probes = fit_probes(trainer, pl_module, self.probe_options)  # one rank fails: all fail
+        whole = self.engine.forward is not None  # forward= receives dict batches whole
+        probes = fit_probes(trainer, pl_module, self.probe_options, whole)  # one rank fails: all
         if trainer.is_global_zero:
             self._open_run(trainer, pl_module, probes)
             if self.evaluations == 0:
@@ -345,6 +367,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
             legacy = self._state_key(lambda layer: type(layer).__name__)  # how modules were keyed
             claimed = {cb.state_key for cb in trainer.callbacks}  # type: ignore[attr-defined]
             self._foreign_key = foreign_state(states, self.state_key, legacy, claimed)
+            if self._foreign_key is not None and holds_history(self.outputs.save_dir):
+                return  # a new run refused its folder: `_claim_folder` says it all, raising
             saved, now = RunState(state_key=self._foreign_key), RunState(state_key=self.state_key)
             for warning in saved.diff(now, global_step=checkpoint.get("global_step", "?")):
                 rank_zero_warn(warning)
@@ -453,7 +477,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         ]
         hint = "." if self._foreign_key is None else (
             f" with the same monitor: the checkpoint's CamMonitor state was saved under "
-            f"{self._foreign_key}, this monitor is {self.state_key}."
+            f"{self._foreign_key}, this monitor is {self.state_key} (its layers, methods, "
+            "probe, schedule or save_dir changed), so it cannot continue that run and starts a "
+            "new one, which needs a folder of its own."
         )  # fmt: skip
         history = self._evaluator.history
         return history.claim(folder, self.run_id, self.outputs.save_dir, hint, beside)

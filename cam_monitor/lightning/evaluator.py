@@ -27,7 +27,7 @@ from ..history import RunHistory, evaluation_record
 from ..history.background import WriteError
 from ..layers import unwrap_model
 from ..options import EngineOptions, FaithfulnessOptions, FilterOptions, RenderOptions
-from ..probe import ProbeSet
+from ..probe import ProbeSet, large_probe_warning
 from ..schema import SECONDS_TAG
 from ..sinks import Sink, scalar_tags
 from ..types import LayerSpec
@@ -63,8 +63,8 @@ class Evaluator:
     """Runs a monitor's evaluations and owns what outlives one: the grid encoder, the run's
     history (`RunHistory`) and the strict-or-warn policy (`fail`)."""
 
-    def __init__(self, strict: bool, record: bool) -> None:
-        self.strict, self.record = strict, record
+    def __init__(self, strict: bool, record: bool, maps: str = "all") -> None:
+        self.strict, self.record, self.maps = strict, record, maps  # maps: `HISTORY_MAPS`
         self.history = RunHistory(rank_zero_warn)  # files written off the training thread
         self.encoder = GridEncoder()  # grids, encoded while drift is scored
 
@@ -87,9 +87,11 @@ class Evaluator:
         if computed is None:
             return False
         output, encoding = computed
-        output.scalars[SECONDS_TAG] = time.perf_counter() - start
+        seconds = output.scalars[SECONDS_TAG] = time.perf_counter() - start
         publish_metrics(trainer, scalar_tags(output.scalars))
-        self._record(trainer, plan, entry, output)
+        stored = self._record(trainer, plan, entry, output)
+        if baseline and (large := large_probe_warning(plan.probes, seconds, stored)):
+            rank_zero_warn(large)  # once a run: its cost measured on the baseline
         images = self._encoded(trainer, encoding)
         for sink in plan.sinks:  # one logger that fails costs the others nothing
             try:
@@ -136,22 +138,25 @@ class Evaluator:
 
     def _record(
         self, trainer: pl.Trainer, plan: Plan, entry: Entry, output: EvaluationOutput
-    ) -> None:
-        """The evaluation into the run's history, written in the background."""
+    ) -> int | None:
+        """The evaluation into the run's history, written in the background; its bytes (None:
+        nothing recorded)."""
         folder = self.history.folder
         if not self.record or folder is None:
-            return
+            return None
         try:
             record = evaluation_record(
                 entry.index, entry.epoch, trainer.global_step, plan.probes, output.results,
                 scalar_tags(output.scalars), run=entry.run, final=entry.final,
-                class_names=plan.render.class_names,
+                class_names=plan.render.class_names, maps=self.maps,
             )  # fmt: skip
             failed = self.history.write_evaluation(record)
         except Exception as err:
             what = f"could not record its evaluation {_when(trainer)} in its history ({folder})"
-            return self.fail(what, err, "The loggers still get it; training continues")
+            self.fail(what, err, "The loggers still get it; training continues")
+            return None
         self.report(failed)
+        return record.nbytes
 
     def _encoded(
         self, trainer: pl.Trainer, encoding: PendingGrids[ImageKey] | None

@@ -97,9 +97,10 @@ class RunState:
             yield (
                 f"CamMonitor: this resumed run's earlier evaluations (0-{self.evaluations - 1}) "
                 f"are in {self.folder}; from here on its history goes to {now.folder} (a new "
-                "logger version?), so `cam-monitor show`/`compare` see part of it in each "
-                "folder. Pass save_dir= (or a fixed logger version) to keep a run's history in "
-                "one folder."
+                "logger version?). `cam-monitor show`/`compare` read the two as one history "
+                f"when given their parent ({_common_parent(self.folder, now.folder)}) or both "
+                "folders; pass save_dir= (or a fixed logger version) to keep a run's history "
+                "in one folder."
             )
 
     def _moved_to(self, now: RunState) -> bool:
@@ -110,6 +111,16 @@ class RunState:
         if Path(self.folder) == Path(now.folder):
             return False
         return not history_runs(now.folder).get(now.run_id or "")
+
+
+def _common_parent(first: str | os.PathLike[str], second: str | os.PathLike[str]) -> str:
+    """The deepest folder holding both folders."""
+    return os.path.commonpath([os.path.abspath(first), os.path.abspath(second)])
+
+
+def holds_history(save_dir: str | os.PathLike[str] | None) -> bool:
+    """Whether an explicit `save_dir` already holds a run's history (a new run is refused it)."""
+    return save_dir is not None and bool(history_runs(save_dir))
 
 
 def state_identity(

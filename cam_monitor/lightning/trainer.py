@@ -17,7 +17,7 @@ from torch import nn
 from ..capture import users_hooks_warning
 from ..default_layer import first_spatial_layer
 from ..drift import AttentionTracker
-from ..evaluation import normalisation_warning
+from ..evaluation import explain_first_failure, normalisation_warning, raised_by_cam_monitor
 from ..history import find_history, read_history
 from ..isolation import preserved_rng
 from ..layers import resolve_layers, unwrap_model
@@ -36,29 +36,39 @@ if TYPE_CHECKING:
 
 
 def fit_probes(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, options: ProbeOptions
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    options: ProbeOptions,
+    whole: bool = False,
 ) -> dict[str, ProbeSet]:
     """The probe sets (the given ones, else samples of the val, else train, loaders), on the
-    module's device and in the precision the Trainer feeds it."""
+    module's device and in the precision the Trainer feeds it; with `whole` (a `forward=` is
+    given) dict batches are kept whole for it."""
     specs = options.sets or loader_probe(
         [("val", val_dataloaders(trainer)), ("train", trainer.train_dataloader)], rank_zero_warn
     )
     probes = build_probes(
         specs, options.num_probe, options.masks, options.input_key, options.label_key,
-        rank_zero_warn,
+        rank_zero_warn, whole,
     )  # fmt: skip
     convert, device = trainer.precision_plugin.convert_input, pl_module.device
-    return {
-        name: replace(probe.to(device), inputs=convert(probe.inputs.to(device)))
-        for name, probe in probes.items()
-    }
+    moved = {name: probe.to(device) for name, probe in probes.items()}
+    return {name: replace(probe, inputs=convert(probe.inputs)) for name, probe in moved.items()}
 
 
 def default_layer(pl_module: pl.LightningModule, probe: ProbeSet, engine: EngineOptions) -> str:
     """The layer an expert would pick (`layers.first_spatial_layer`), said in a warning."""
     module = unwrap_model(pl_module)
-    with logging_off(module):
-        chosen = first_spatial_layer(module, probe.inputs, engine.forward, engine.output_transform)
+    try:
+        with logging_off(module):
+            chosen = first_spatial_layer(
+                module, probe.inputs, engine.forward, engine.output_transform
+            )
+    except Exception as err:  # the model's own error: with the probe's shapes and the fix
+        if raised_by_cam_monitor(err):
+            raise
+        doing = "run the model on the probe to choose a layer"
+        raise ValueError(explain_first_failure({probe.name: probe}, err, doing)) from err
     rank_zero_warn(
         f"CamMonitor: no layer given, using {chosen!r} (a transformer's input of its last "
         "attention, else the last spatial block that the class score reaches). Pass "
