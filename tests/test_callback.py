@@ -8,7 +8,9 @@ import logging
 import pickle
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -243,15 +245,22 @@ def test_resume_continues_schedule_history_and_drift(tmp_path: Path, lightning: 
         assert drift and drift == {k: b.scalars[k] for k in drift}
 
 
-def test_resuming_with_other_layers_says_the_checkpointed_run_is_not_continued(
-    tmp_path: Path, lightning: Lightning
-) -> None:
-    def trainer(monitor: CamMonitor, epochs: int) -> pl.Trainer:
+def checkpointing_trainer(lightning: Lightning, root: Path) -> Callable[[CamMonitor, int], Any]:
+    """A factory of Trainers in `root` that save checkpoints: (monitor, epochs) -> Trainer."""
+
+    def trainer(monitor: CamMonitor, epochs: int) -> Any:
         return lightning.trainer(
-            default_root_dir=tmp_path, logger=False, max_epochs=epochs, callbacks=[monitor],
+            default_root_dir=root, logger=False, max_epochs=epochs, callbacks=[monitor],
             enable_checkpointing=True,
         )  # fmt: skip
 
+    return trainer
+
+
+def test_resuming_with_other_layers_says_the_checkpointed_run_is_not_continued(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    trainer = checkpointing_trainer(lightning, tmp_path)
     first = trainer(CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "a"), 1)
     first.fit(lightning.module()(), loader(shapes_dataset(16)))
     ckpt = first.checkpoint_callback.best_model_path
@@ -276,13 +285,7 @@ def test_resuming_with_another_layer_into_the_same_save_dir_says_one_thing(
 ) -> None:
     """A resume whose monitor changed cannot continue the run, and its explicit save_dir holds
     that run: one error says both, before any step, and no warning first says it goes on."""
-
-    def trainer(monitor: CamMonitor, epochs: int) -> pl.Trainer:
-        return lightning.trainer(
-            default_root_dir=tmp_path, logger=False, max_epochs=epochs, callbacks=[monitor],
-            enable_checkpointing=True,
-        )  # fmt: skip
-
+    trainer = checkpointing_trainer(lightning, tmp_path)
     first = trainer(CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "a"), 1)
     first.fit(lightning.module()(), loader(shapes_dataset(16)))
     ckpt = first.checkpoint_callback.best_model_path
