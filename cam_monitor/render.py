@@ -665,10 +665,15 @@ def _overlay_grids(
     pictures = _repeat_pixels(to_uint8_images(images, mean, std), factor)
     base = (1.0 - alpha) * pictures.float()
     heat_lut = (alpha * _lut(colormap, pictures.device).float()).t().contiguous()  # [3, N]
-    return {
-        key: _grid(_blend(base, heat_lut, batch), captions, nrow, padding)
-        for key, batch in checked.items()
-    }
+    grids: dict[K, Tensor] = {}
+    whole: Tensor | None = None
+    for index, (key, batch) in enumerate(checked.items()):
+        grid = _grid(_blend(base, heat_lut, batch), captions, nrow, padding)
+        if whole is None:
+            whole = grid.new_empty((len(checked), *grid.shape))
+        whole[index] = grid
+        grids[key] = whole[index]
+    return grids
 
 
 def _blend(base: Tensor, heat_lut: Tensor, maps: Tensor) -> Tensor:
