@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .attribution import pass_ranges
 from .batch import Batch, tensors
 from .measures import as_measured, drift_scores, entropy, localization_scores, summarize
 from .options import DriftOptions
@@ -63,13 +64,19 @@ class AttentionTracker:
         self.previous: dict[MapKey, Tensor] = {}
 
     def score(
-        self, results: Mapping[str, CamResult], probes: Mapping[str, ProbeSet]
+        self,
+        results: Mapping[str, CamResult],
+        probes: Mapping[str, ProbeSet],
+        batch_size: int | None = None,
     ) -> tuple[dict[ScalarKey, float], int]:
         """Drift, localization and entropy scalars; also the number of non-finite maps seen.
 
         Maps of one shape on one device are scored together: each measure runs once per shape
-        (on every map of that shape, against its previous and its reference map at once), not
-        once per map, so an evaluation dispatches a few hundred small ops instead of thousands.
+        and chunk of `batch_size` images (None: every image at once), on the maps of every
+        layer and method for those images, against their previous and reference maps at once,
+        so an evaluation dispatches a few hundred small ops instead of thousands, and holds
+        the measures' temporaries of one chunk, not of the whole probe. The scalars do not
+        depend on `batch_size`: every measure is per image, and the means are taken over all.
         """
         options = self.options
         # Label maps score each map against the pixels of the class it explains (never "any
@@ -78,21 +85,24 @@ class AttentionTracker:
             name: probe.class_masks(results[name].targets) if name in results else probe
             for name, probe in probes.items()
         }
-        current: dict[MapKey, Tensor] = {}
+        current: dict[MapKey, Tensor] = {}  # raw: `as_measured` is applied chunk by chunk
         for probe_name, result in results.items():
             for (layer, method), raw in result.maps.items():
-                current[MapKey(probe_name, layer, method)] = as_measured(raw, method)
+                current[MapKey(probe_name, layer, method)] = raw
         order: list[ScalarKey] = []  # the scalars in the order of the maps, as they are logged
         blocks: list[_Block] = []
         non_finite: list[Tensor] = []
         for keys in _same_shape(current).values():
-            stacked = torch.cat([current[key] for key in keys])
-            non_finite.append((~torch.isfinite(stacked)).flatten(1).any(1))
-            blocks += self._drift_blocks(keys, current)
-            entropies = [ScalarKey(STATISTICS, key, ENTROPY) for key in keys]
-            blocks.append(_Block(entropies, _sizes(current, keys), entropy(stacked)))
+            for rows in _chunks(current, keys, batch_size):
+                stacked = torch.cat([_measured(current[key], key, rows) for key in keys])
+                non_finite.append((~torch.isfinite(stacked)).flatten(1).any(1))
+                blocks += self._drift_blocks(keys, current, rows)
+                entropies = [ScalarKey(STATISTICS, key, ENTROPY) for key in keys]
+                blocks.append(_Block(entropies, _sizes(current, keys, rows), entropy(stacked)))
         for keys in _same_shape(current, by_probe=True).values():
-            blocks += self._localization_blocks(keys, current, probes[keys[0].probe].masks)
+            masks = probes[keys[0].probe].masks
+            for rows in _chunks(current, keys, batch_size) if masks is not None else ():
+                blocks += self._localization_blocks(keys, current, masks, rows)
         for key, maps in current.items():
             for against in (PREVIOUS, REF):
                 if self._earlier(key, against, maps) is not None:
@@ -102,7 +112,7 @@ class AttentionTracker:
             order.append(ScalarKey(STATISTICS, key, ENTROPY))
             if probes[key.probe].masks is not None:
                 order += [ScalarKey(LOCALIZATION, key, stat) for stat in LOCALIZATION_SCORES]
-        for key, maps in current.items():
+        for key, maps in current.items():  # the result's own tensors: no copy is kept
             self.previous[key] = maps
             self.reference.setdefault(key, maps)
         count = torch.cat(non_finite).sum(dim=0, keepdim=True).float() if non_finite else None
@@ -114,21 +124,24 @@ class AttentionTracker:
         other = (self.previous if against == PREVIOUS else self.reference).get(key)
         return other if other is not None and other.shape == maps.shape else None
 
-    def _drift_blocks(self, keys: list[MapKey], current: Mapping[MapKey, Tensor]) -> list[_Block]:
-        """Every measure of maps of one shape against their previous and reference maps: one
-        call per measure on all the pairs stacked."""
+    def _drift_blocks(
+        self, keys: list[MapKey], current: Mapping[MapKey, Tensor], rows: slice
+    ) -> list[_Block]:
+        """Every measure of rows `rows` of maps of one shape against their previous and
+        reference maps: one call per measure on all the pairs stacked."""
         pairs = [
             (key, against, other)
             for key in keys
             for against in (PREVIOUS, REF)
             if (other := self._earlier(key, against, current[key])) is not None
         ]
+        pairs = [pair for pair in pairs if _has(current[pair[0]], rows)]
         if not pairs:
             return []
         device = current[keys[0]].device
-        before = torch.cat([other.to(device) for _, _, other in pairs])
-        now = torch.cat([current[key] for key, _, _ in pairs])
-        sizes = [current[key].shape[0] for key, _, _ in pairs]
+        before = torch.cat([_measured(other, key, rows).to(device) for key, _, other in pairs])
+        now = torch.cat([_measured(current[key], key, rows) for key, _, _ in pairs])
+        sizes = [len(current[key][rows]) for key, _, _ in pairs]
         return [
             _Block(
                 [ScalarKey(DRIFT, key, drift_stat(measure, against)) for key, against, _ in pairs],
@@ -139,15 +152,15 @@ class AttentionTracker:
         ]
 
     def _localization_blocks(
-        self, keys: list[MapKey], current: Mapping[MapKey, Tensor], masks: Tensor | None
+        self, keys: list[MapKey], current: Mapping[MapKey, Tensor], masks: Tensor, rows: slice
     ) -> list[_Block]:
-        """Energy, pointing game and mask IoU of maps of one shape of one probe set, stacked."""
-        if masks is None:
-            return []
-        stacked = torch.cat([current[key] for key in keys])
-        tiled = masks.repeat(len(keys), *([1] * (masks.dim() - 1)))
+        """Energy, pointing game and mask IoU of rows `rows` of maps of one shape of one probe
+        set, stacked."""
+        stacked = torch.cat([_measured(current[key], key, rows) for key in keys])
+        chunk = masks[rows]
+        tiled = chunk.repeat(len(keys), *([1] * (chunk.dim() - 1)))
         values = localization_scores(stacked, tiled, self.options)
-        sizes = _sizes(current, keys)
+        sizes = _sizes(current, keys, rows)
         return [
             _Block([ScalarKey(LOCALIZATION, key, stat) for key in keys], sizes, values[stat])
             for stat in LOCALIZATION_SCORES
@@ -215,8 +228,26 @@ class _Block:
     values: Tensor
 
 
-def _sizes(current: Mapping[MapKey, Tensor], keys: list[MapKey]) -> list[int]:
-    return [current[key].shape[0] for key in keys]
+def _sizes(current: Mapping[MapKey, Tensor], keys: list[MapKey], rows: slice) -> list[int]:
+    return [len(current[key][rows]) for key in keys]
+
+
+def _measured(maps: Tensor, key: MapKey, rows: slice) -> Tensor:
+    """Rows `rows` of `maps` as the measures read them (`as_measured`)."""
+    return as_measured(maps[rows], key.method)
+
+
+def _has(maps: Tensor, rows: slice) -> bool:
+    return rows.start < maps.shape[0]
+
+
+def _chunks(
+    current: Mapping[MapKey, Tensor], keys: list[MapKey], batch_size: int | None
+) -> list[slice]:
+    """The image rows scored together: chunks of `batch_size` (None: all) over the longest
+    probe among `keys` (a shorter probe set's maps drop out of the chunks past its end)."""
+    length = max(current[key].shape[0] for key in keys)
+    return [slice(start, stop) for start, stop in pass_ranges(length, batch_size)]
 
 
 def _same_shape(
@@ -239,8 +270,9 @@ def _with_excluded(order: list[ScalarKey], scalars: Mapping[ScalarKey, float]) -
 def _summaries(
     blocks: list[_Block], non_finite: Tensor | None
 ) -> tuple[dict[ScalarKey, float], int]:
-    """Mean over finite values per key, plus `excluded` counts where some were not finite, and
-    the count of non-finite maps, which rides along in the one host transfer."""
+    """Mean over finite values per key (its values from every block, in order: the chunks of
+    its images), plus `excluded` counts where some were not finite, and the count of non-finite
+    maps, which rides along in the one host transfer."""
     chunks = [block.values.detach().float().flatten() for block in blocks]
     if non_finite is not None:
         chunks.append(non_finite.detach().float().flatten())
@@ -250,16 +282,21 @@ def _summaries(
     keys = [key for block in blocks for key in block.keys]
     sizes = [size for block in blocks for size in block.sizes]
     parts = host.split([*sizes, host.numel() - sum(sizes)])
+    per_key: dict[ScalarKey, list[Tensor]] = {}
+    for key, part in zip(keys, parts, strict=False):
+        per_key.setdefault(key, []).append(part)
+    joined = {key: got[0] if len(got) == 1 else torch.cat(got) for key, got in per_key.items()}
     scalars: dict[ScalarKey, float] = {}
-    for size in dict.fromkeys(sizes):  # keys with as many values summarised together
-        rows = [i for i, s in enumerate(sizes) if s == size]
-        values = torch.stack([parts[i] for i in rows])
+    lengths = {key: int(values.numel()) for key, values in joined.items()}
+    for size in dict.fromkeys(lengths.values()):  # keys with as many values summarised together
+        same = [key for key, length in lengths.items() if length == size]
+        values = torch.stack([joined[key] for key in same])
         excluded = (~torch.isfinite(values)).sum(dim=1).tolist()
         means = values.double().mean(dim=1).tolist()
-        for i, mean, bad in zip(rows, means, excluded, strict=True):
+        for key, mean, bad in zip(same, means, excluded, strict=True):
             if bad:  # the mean of the finite ones only
-                mean, bad = summarize(parts[i])
-                scalars[keys[i].excluded] = float(bad)
-            scalars[keys[i]] = mean
+                mean, bad = summarize(joined[key])
+                scalars[key.excluded] = float(bad)
+            scalars[key] = mean
     count = round(float(parts[-1].item())) if non_finite is not None else 0
     return scalars, count

@@ -116,6 +116,26 @@ def test_use_reference_loads_maps_and_refuses_another_probe() -> None:
         AttentionTracker().use_reference(other_run, {"val": different}, source="runs/a")
 
 
+def test_a_signed_reference_from_another_run_is_measured_by_magnitude() -> None:
+    """A history stores signed maps as computed; drift reads them as the tracker reads its own
+    (|map|), so a run compared with the same maps as reference has drifted by zero. The tracker
+    keeps the result's own tensors as previous and reference maps: no copy per evaluation."""
+    ours = probe("val", 3)
+    signed = torch.randn(3, 4, 4, generator=GEN)
+    key = MapKey("val", "input", "integrated_gradients")
+    other_run = Evaluation(
+        index=0, epoch=0, step=0, probe_hashes={"val": ours.digest},
+        maps={key: signed.numpy()}, targets={}, logits={},
+    )  # fmt: skip
+    tracker = AttentionTracker(DriftOptions(measures=("spearman", "pearson")))
+    tracker.use_reference(other_run, {"val": ours})
+    now = result(signed.clone(), "input", "integrated_gradients")
+    scalars, _ = tracker.score({"val": now}, {"val": ours})
+    for measure in ("spearman", "pearson"):
+        assert scalars[ScalarKey("cam_drift", key, f"{measure}_ref")] == pytest.approx(0, abs=1e-6)
+    assert tracker.previous[key] is now.maps["input", "integrated_gradients"]
+
+
 def test_non_finite_maps_are_counted_and_excluded() -> None:
     maps = torch.rand(3, 4, 4, generator=GEN)
     maps[1, 0, 0] = math.nan
@@ -174,9 +194,12 @@ def awkward_maps(batch: int, size: tuple[int, int], generator: torch.Generator) 
     return maps
 
 
-def test_batched_scores_equal_one_call_per_map_and_pair() -> None:
-    """Maps of equal shape are scored in one call per measure: the scalars, their order and the
-    excluded counts are those of scoring each map and pair on its own."""
+@pytest.mark.parametrize("batch_size", [None, 2, 4])
+def test_batched_scores_equal_one_call_per_map_and_pair(batch_size: int | None) -> None:
+    """Maps of equal shape are scored in one call per measure, on `batch_size` images at a time
+    (probe sets of 6 and 5 images: uneven chunks, and a set that ends before the other): the
+    scalars, their order and the excluded counts are those of scoring each map and pair on its
+    own."""
     generator = torch.Generator().manual_seed(3)
     options = DriftOptions(measures=MEASURES, topk=0.3, pointing_tolerance=1)
     masks = torch.rand(6, 16, 16, generator=generator) > 0.6
@@ -205,7 +228,7 @@ def test_batched_scores_equal_one_call_per_map_and_pair() -> None:
             scored.update({MapKey(name, *layer_method): v.abs() for layer_method, v in raw.items()})
         masks_by_probe = {name: p.masks for name, p in probes.items()}
         expected = one_by_one(scored, earlier, masks_by_probe, options)
-        scalars, non_finite = tracker.score(results, probes)
+        scalars, non_finite = tracker.score(results, probes, batch_size)
         assert list(scalars) == list(expected)  # the same keys, in the same order
         for key, value in expected.items():  # bit for bit, but for com_shift's matmul
             close = 1e-6 if key.stat.startswith("com_shift") else 0.0

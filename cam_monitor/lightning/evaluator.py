@@ -118,7 +118,8 @@ class Evaluator:
                 encode = any(sink.needs_bytes for sink in plan.sinks)  # MLflow takes pixels
                 image_format = plan.render.image_format
                 encoding = self.encoder.submit(output.images, image_format, encode=encode)
-            scalars, non_finite = plan.tracker.score(output.results, plan.probes)
+            rows = plan.engine.batch_size  # drift scored in the chunks the CAMs were computed in
+            scalars, non_finite = plan.tracker.score(output.results, plan.probes, rows)
         except Exception as err:
             if encoding is not None:
                 encoding.cancel()
