@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
+from .attribution import pass_ranges
 from .batch import Batch, tensors
 from .capture import scoped_hooks
 from .channels import filter_activations, one_layer, visualize_filter
@@ -94,13 +95,12 @@ def render_probe(
             "floating-point image tensor [B, C, H, W]; name it with input_key= (dict batches) "
             "or put the images first."
         )
-    candidates, maps = probe_captions(probe, result, options.class_names), result.maps
-    rows = drawn_rows(images.shape[0], options.max_tiles)
+    maps, rows = result.maps, drawn_rows(images.shape[0], options.max_tiles)
     if rows is not None:
         index = torch.tensor(rows, device=images.device)
         images = images[index]
         maps = {key: value[index.to(value.device)] for key, value in maps.items()}
-        candidates = [[texts[row] for row in rows] for texts in candidates]
+    candidates = probe_captions(probe, result, options.class_names, rows)
     captions = choose_captions(candidates, images.shape[-2], images.shape[-1])
     grids: dict[MapKey, Tensor] = {}
     overlays: dict[MapKey, Tensor] = {}  # drawn together: the images are prepared once
@@ -118,20 +118,26 @@ def render_probe(
 
 
 def probe_captions(
-    probe: ProbeSet, result: CamResult, names: Sequence[str] | None
+    probe: ProbeSet,
+    result: CamResult,
+    names: Sequence[str] | None,
+    rows: Sequence[int] | None = None,
 ) -> list[list[str]]:
-    """Caption lists, the widest first, for `choose_captions`. A classifier's read "ok pred cat
-    / true cat" where the tiles are wide enough, else "ok p:cat t:cat" (class numbers are
-    always compact); a segmentation model's name the class explained and its IoU on the image
-    where label maps exist, else the share of pixels predicted as it ("car IoU 0.72", "car
-    0.72", then "3 0.72")."""
+    """Caption lists, the widest first, for `choose_captions`, of the images `rows` (None: all;
+    `render_probe` reads the drawn ones alone). A classifier's read "ok pred cat / true cat"
+    where the tiles are wide enough, else "ok p:cat t:cat" (class numbers are always compact); a
+    segmentation model's name the class explained and its IoU on the image where label maps
+    exist, else the share of pixels predicted as it ("car IoU 0.72", "car 0.72", then
+    "3 0.72")."""
     if result.predicted_maps is not None:
-        classes = result.targets.tolist()
+        predicted_maps = _rows_of(result.predicted_maps, rows)
+        targets = _rows_of(result.targets, rows)
+        classes = targets.tolist()
         iou = None
         if probe.label_maps is not None:
-            iou = class_iou(result.predicted_maps, probe.label_maps, result.targets).tolist()
-        share = (result.predicted_maps == result.targets[:, None, None].to(
-            result.predicted_maps.device
+            iou = class_iou(predicted_maps, _rows_of(probe.label_maps, rows), targets).tolist()
+        share = (predicted_maps == targets[:, None, None].to(
+            predicted_maps.device
         )).flatten(1).float().mean(dim=1).tolist()  # fmt: skip
         candidates = [segment_caption_text(classes, iou, share, None, compact=True)]
         if names is not None:
@@ -140,12 +146,17 @@ def probe_captions(
                 segment_caption_text(classes, iou, share, names, compact=True),
             ]
         return candidates
-    predicted = predicted_classes(result.logits)
-    true = None if probe.labels is None else probe.labels.tolist()
+    predicted = predicted_classes(_rows_of(result.logits, rows))
+    true = None if probe.labels is None else _rows_of(probe.labels, rows).tolist()
     candidates = [caption_text(predicted, true, names, compact=True)]
     if names is not None:
         candidates.insert(0, caption_text(predicted, true, names))
     return candidates
+
+
+def _rows_of(tensor: Tensor, rows: Sequence[int] | None) -> Tensor:
+    """The rows `rows` of `tensor` (None: all of it)."""
+    return tensor if rows is None else tensor[torch.tensor(rows, device=tensor.device)]
 
 
 def view_grids(
@@ -179,9 +190,7 @@ def filter_grids(
     for given, channels in filters.channels.items():
         layer, _ = one_layer(unwrap_model(module), given)  # tags use the full name, as CAMs do
         for probe in probes.values():
-            acts = filter_activations(module, probe.inputs, layer, list(channels), **hooks)
-            rows = drawn_rows(acts.shape[0], render.max_tiles)  # the images the CAM grids draw
-            acts = acts if rows is None else acts[torch.tensor(rows, device=acts.device)]
+            acts = drawn_activations(module, probe, layer, channels, engine, render)
             for index, channel in enumerate(channels):
                 grids[filter_channel_tag(probe.name, layer, channel)] = draw_map_grid(
                     acts[:, index], None, render
@@ -198,6 +207,29 @@ def filter_grids(
         tiles = to_uint8_images(denormalize(images.detach().float(), render.mean, render.std))
         grids[filter_maximised_tag(layer)] = make_grid(tiles, nrow=len(channels), padding=2)
     return grids
+
+
+def drawn_activations(
+    module: nn.Module,
+    probe: ProbeSet,
+    layer: str,
+    channels: Sequence[int],
+    engine: EngineOptions,
+    render: RenderOptions,
+) -> Tensor:
+    """`filter_activations` of the images the CAM grids draw (`drawn_rows`), in chunks of
+    `batch_size`: `[drawn, len(channels), h, w]`."""
+    batch = Batch.of(probe.inputs)
+    rows = drawn_rows(batch.length or 0, render.max_tiles)
+    if rows is not None:
+        batch = batch.select(torch.tensor(rows))
+    hooks = {"forward": engine.forward, "reshape": engine.reshape}
+    if batch.length is None:  # no batched tensor to split
+        return filter_activations(module, batch.data, layer, list(channels), **hooks)
+    parts = [batch.slice(*span) for span in pass_ranges(batch.length, engine.batch_size)]
+    return torch.cat(
+        [filter_activations(module, part.data, layer, list(channels), **hooks) for part in parts]
+    )
 
 
 def run_evaluation(
