@@ -34,7 +34,7 @@ from .measures import as_measured, spearman, summarize
 from .methods import INPUT_METHODS, normalize_maps, upsample_maps
 from .options import EngineOptions, check_choices, check_int
 from .schema import FAITHFULNESS, FAITHFULNESS_MEASURES, INPUT_LAYER, SANITY, MapKey, ScalarKey
-from .targets import check_engine_target, class_scores, pick_logits, resolve_targets
+from .targets import check_engine_target, class_scores, pick_logits, resolve_targets, target_rows
 from .types import ForwardFn, LayerSpec, OutputTransform, Reshape, Target
 
 if TYPE_CHECKING:
@@ -401,11 +401,16 @@ def randomization_check(
                 result = compute(twin, inputs, [name], stage)
             randomised.update(result.maps)
     _warn_unreset(module, start, end[deepest_first[-1][1]])
-    return {
-        key: spearman(as_measured(real[key], key[1]), as_measured(value, key[1]))
-        for key, value in randomised.items()
-        if key in real.maps and (key[0] == INPUT_LAYER or key[0] in dict(named))
-    }
+    spans = pass_ranges(int(real.targets.shape[0]), options.batch_size)  # per image: chunked
+    checked: dict[tuple[str, str], Tensor] = {}
+    for (layer, method), value in randomised.items():
+        if (layer, method) in real.maps and (layer == INPUT_LAYER or layer in dict(named)):
+            ours = real[layer, method]
+            checked[layer, method] = torch.cat([
+                spearman(as_measured(ours[a:b], method), as_measured(value[a:b], method))
+                for a, b in spans
+            ])  # fmt: skip
+    return checked
 
 
 def _fields(options: EngineOptions) -> dict[str, Any]:
@@ -503,19 +508,29 @@ def trust_scores(
 ) -> dict[ScalarKey, Tensor]:
     """Per image, every chosen faithfulness measure and the sanity check of each map of one
     probe set's `result`, keyed as logged (`schema.FAITHFULNESS`). Signed maps are measured
-    by magnitude; the clean logits and targets are the evaluation's own (no extra forward)."""
+    by magnitude; the clean logits and targets are the evaluation's own (no extra forward).
+    The measures run on `options.batch_size` images at a time (their perturbed copies, in
+    passes of that many rows, are the passes of the whole probe: the values are the same)."""
     found: dict[ScalarKey, Tensor] = {}
     if trust.scores:
         known = bool((result.targets >= 0).all())
         target = result.targets if known else options.target
+        batch = Batch.of(inputs)
+        spans = pass_ranges(int(result.targets.shape[0]), options.batch_size)
         for (layer, method), maps in result.maps.items():
-            values = faithfulness(
-                module, inputs, as_measured(maps, method), target=target, measures=trust.scores,
-                forward=options.forward, output_transform=options.output_transform,
-                batch_size=options.batch_size, logits=result.logits,
-            )  # fmt: skip
-            for name, value in values.items():
-                found[ScalarKey(FAITHFULNESS, MapKey(probe, layer, method), name)] = value
+            parts: dict[str, list[Tensor]] = {}
+            for start, stop in spans:
+                values = faithfulness(
+                    module, batch.slice(start, stop).data, as_measured(maps[start:stop], method),
+                    target=target_rows(target, start, stop), measures=trust.scores,
+                    forward=options.forward, output_transform=options.output_transform,
+                    batch_size=options.batch_size, logits=result.logits[start:stop],
+                )  # fmt: skip
+                for name, value in values.items():
+                    parts.setdefault(name, []).append(value)
+            for name, chunks in parts.items():
+                key = ScalarKey(FAITHFULNESS, MapKey(probe, layer, method), name)
+                found[key] = torch.cat(chunks)
     if trust.sanity and layers:
         checked = randomization_check(module, inputs, list(layers), options, real=result)
         for (layer, method), value in checked.items():
