@@ -1,16 +1,18 @@
 """Issue 26's measurements: what one monitor evaluation holds in memory, draws and stores, by
 probe size and `batch_size`.
 
-Each row is one evaluation in a fresh process, as the callback runs it without Lightning:
-`run_evaluation` (CAMs, grids), the drift tracker's scoring, the history record and its write.
+Each row is `--evaluations` evaluations (default 3) in a fresh process, as the callback runs
+them without Lightning: `run_evaluation` (CAMs, grids), the drift tracker's scoring (from the
+second on, drift against the previous and the reference maps; from the third on, the tracker
+holds both beside the new maps, as in a long run), the history record and its write.
 The model is torchvision's `resnet18(weights=None)` at 64 px, 10 classes, the issue's 16 conv
 layers (``layer*.*.conv*``) x 3 methods (gradcam, gradcam++, layercam). Reported:
 
 - `peak RSS`: the process's peak resident memory (`ru_maxrss`) minus its RSS once the model and
-  probe are built (so the row is the evaluation's own peak), in MiB;
+  probe are built (so the row is the evaluations' own peak), in MiB;
 - `history`: the evaluation's record (`Evaluation.nbytes`) and its file on disk, in MiB;
 - `grid`: the largest grid's size in pixels (the bound is `max_tiles`);
-- `seconds`: wall time of the evaluation (one run; for orientation, not a benchmark).
+- `seconds`: wall time of the last evaluation (one run; for orientation, not a benchmark).
 
 Run: ``python benchmarks/probe_size.py [--rows 32:none,512:32] [--reps 3] [--out F.md]``.
 Nothing here asserts a number.
@@ -58,8 +60,9 @@ def one_evaluation(
     methods: tuple[str, ...] = METHODS,
     history_maps: str = "all",
     image: int = 64,
+    evaluations: int = 3,
 ) -> dict[str, Any]:
-    """One evaluation of a `size`-image probe, in this process; its costs."""
+    """`evaluations` evaluations of a `size`-image probe, in this process; their costs."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
     x = torch.randn(size, 3, image, image)
@@ -67,30 +70,36 @@ def one_evaluation(
     engine = EngineOptions(methods=methods, batch_size=batch_size)
     tracker = AttentionTracker(DriftOptions())
     before = rss_mib()
-    start = time.perf_counter()
     render = RenderOptions(max_tiles=max_tiles)
-    output = run_evaluation(model, {"probe": probe}, [LAYERS], engine, render)
-    scalars, _ = tracker.score(output.results, {"probe": probe})
-    record = evaluation_record(
-        0, 0, 0, {"probe": probe}, output.results, scalar_tags(scalars), maps=history_maps
-    )
     with tempfile.TemporaryDirectory() as folder:
-        write_evaluation(folder, record)
-        on_disk = evaluation_path(folder, 0).stat().st_size
-    seconds = time.perf_counter() - start
+        for index in range(evaluations):  # nothing of one outlives it, as in the callback
+            start = time.perf_counter()
+            output = run_evaluation(model, {"probe": probe}, [LAYERS], engine, render)
+            scalars, _ = tracker.score(output.results, {"probe": probe}, batch_size=batch_size)
+            record = evaluation_record(
+                index, index, index, {"probe": probe}, output.results, scalar_tags(scalars),
+                maps=history_maps,
+            )  # fmt: skip
+            write_evaluation(folder, record)
+            on_disk = evaluation_path(folder, index).stat().st_size
+            seconds = time.perf_counter() - start
+            maps, nbytes = len(output.results["probe"].maps), record.nbytes
+            largest = max(output.images.values(), key=lambda grid: grid.shape[-1] * grid.shape[-2])
+            grid = f"{largest.shape[-1]} x {largest.shape[-2]}"
+            del output, scalars, record, largest
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    largest = max(output.images.values(), key=lambda grid: grid.shape[-1] * grid.shape[-2])
     return {
         "probe": size,
         "batch_size": batch_size,
         "max_tiles": max_tiles,
         "methods": " / ".join(methods),
         "history_maps": history_maps,
-        "maps": len(output.results["probe"].maps),
+        "evaluations": evaluations,
+        "maps": maps,
         "peak_rss_mib": round(peak - before, 1),
-        "history_record_mib": round(record.nbytes / 2**20, 2),
+        "history_record_mib": round(nbytes / 2**20, 2),
         "history_file_mib": round(on_disk / 2**20, 2),
-        "grid_px": f"{largest.shape[-1]} x {largest.shape[-2]}",
+        "grid_px": grid,
         "seconds": round(seconds, 1),
     }
 
@@ -119,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--image", type=int, default=64, help="image side in pixels")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--evaluations", type=int, default=3, help="evaluations per process (drift from the 2nd)"
+    )
     parser.add_argument("--reps", type=int, default=1, help="processes per row; median RSS")
     parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
@@ -129,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.rows, args.image, args.reps = "4:none:2,4:2:2:gradcam:cams", 32, 1
     if args.child:
-        print(json.dumps(one_evaluation(*_row(args.child), image=args.image)))
+        row = one_evaluation(*_row(args.child), image=args.image, evaluations=args.evaluations)
+        print(json.dumps(row))
         return 0
     rows = []
     for spec in args.rows.split(","):
@@ -137,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.reps):
             command = [sys.executable, __file__, "--child", spec]
             command += ["--image", str(args.image), "--threads", str(args.threads)]
+            command += ["--evaluations", str(args.evaluations)]
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             reps.append(json.loads(done.stdout.strip().splitlines()[-1]))
         peaks = sorted(rep["peak_rss_mib"] for rep in reps)
