@@ -199,25 +199,40 @@ def gradient_maps(
     unknown = [m for m in methods if m not in GRADIENT_METHODS]
     if unknown:
         raise ValueError(f"Not gradient methods: {unknown}; known: {list(GRADIENT_METHODS)}.")
+    device = activations.device.type
+    if not torch.is_autocast_enabled(device):  # entering autocast(enabled=False) is not free
+        return _gradient_maps(methods, activations, gradients, moments)
     # A caller's autocast would otherwise recast the products to half precision.
-    with torch.autocast(device_type=activations.device.type, enabled=False):
-        a, g = _float32(activations), _float32(gradients)
-        wanted = set(methods)
-        spatial_sum = a.sum(dim=(2, 3)) if wanted & {"gradcam++", "xgradcam"} else None
-        product = g * a if wanted & {"xgradcam", "hirescam"} else None
-        weights: dict[str, Tensor] = {}
-        if "gradcam" in wanted:
-            weights["gradcam"] = gradcam_weights(a, g)
-        if "gradcam++" in wanted:
-            second, third = (None, None) if moments is None else map(_float32, moments)
-            weights["gradcam++"] = gradcam_plus_plus_weights(a, g, second, third, spatial_sum)
-        if "xgradcam" in wanted:
-            weights["xgradcam"] = xgradcam_weights(a, g, spatial_sum, product)
-        maps = dict(zip(weights, _weighted_sums(list(weights.values()), a), strict=True))
-        if "layercam" in wanted:
-            maps["layercam"] = layercam(a, g)
-        if "hirescam" in wanted:
-            maps["hirescam"] = hirescam(a, g, product)
+    with torch.autocast(device_type=device, enabled=False):
+        return _gradient_maps(methods, activations, gradients, moments)
+
+
+def _gradient_maps(
+    methods: Sequence[str],
+    activations: Tensor,
+    gradients: Tensor,
+    moments: tuple[Tensor, Tensor] | None,
+) -> dict[str, Tensor]:
+    """`gradient_maps` with autocast off."""
+    a, g = _float32(activations), _float32(gradients)
+    if len(methods) == 1 and methods[0] == "gradcam":  # the usual call, without the set logic
+        return {"gradcam": _weighted_sums([gradcam_weights(a, g)], a)[0]}
+    wanted = set(methods)
+    spatial_sum = a.sum(dim=(2, 3)) if wanted & {"gradcam++", "xgradcam"} else None
+    product = g * a if wanted & {"xgradcam", "hirescam"} else None
+    weights: dict[str, Tensor] = {}
+    if "gradcam" in wanted:
+        weights["gradcam"] = gradcam_weights(a, g)
+    if "gradcam++" in wanted:
+        second, third = (None, None) if moments is None else map(_float32, moments)
+        weights["gradcam++"] = gradcam_plus_plus_weights(a, g, second, third, spatial_sum)
+    if "xgradcam" in wanted:
+        weights["xgradcam"] = xgradcam_weights(a, g, spatial_sum, product)
+    maps = dict(zip(weights, _weighted_sums(list(weights.values()), a), strict=True))
+    if "layercam" in wanted:
+        maps["layercam"] = layercam(a, g)
+    if "hirescam" in wanted:
+        maps["hirescam"] = hirescam(a, g, product)
     return {method: maps[method] for method in methods}
 
 
