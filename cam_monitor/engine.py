@@ -36,7 +36,15 @@ from .attribution import (
 from .batch import Batch
 from .capture import capture_outputs, did_not_run, no_gradient, scoped_hooks
 from .isolation import isolated
-from .layers import TokenLayout, as_spatial, resolve_layers, token_layout, unwrap_model
+from .layers import (
+    _GLOB_CHARS,
+    TokenLayout,
+    as_spatial,
+    kept_as_is,
+    resolve_layers,
+    token_layout,
+    unwrap_model,
+)
 from .measures import as_measured
 from .methods import (
     CAM_METHODS,
@@ -214,7 +222,7 @@ def compute(
     """
     check_engine_target(options.target)
     module = unwrap_model(model)
-    plan = _Plan.make(module, layers, options)
+    plan = _plan_for(module, layers, options)
     batch = Batch.of(inputs)
     total = batch.length
     if total == 0:
@@ -227,16 +235,12 @@ def compute(
                 f"`target` holds {classes.shape[0]} indices for a batch of {total} inputs; pass "
                 "one class index per image."
             )
-    ranges: list[tuple[int, int] | None] = (
-        list(pass_ranges(total, options.batch_size)) if total else [None]
-    )
+    # One chunk (the whole batch, not a slice of it) unless `batch_size` splits it.
+    ranges: list[tuple[int, int] | None] = [None]
+    if total and options.batch_size is not None and options.batch_size < total:
+        ranges = list(pass_ranges(total, options.batch_size))
 
-    per_map: dict[tuple[str, str], list[Tensor]] = {}
-    per_extra: dict[str, list[Tensor]] = {}
-    all_targets: list[Tensor] = []
-    all_logits: list[Tensor] = []
-    all_masks: list[Tensor] = []
-    all_predicted: list[Tensor] = []
+    chunks: list[tuple[_CleanPass, dict[tuple[str, str], Tensor], dict[str, Tensor]]] = []
     with isolated(module):
         batch = batch.usable()
         baseline = None
@@ -252,39 +256,40 @@ def compute(
             chunk_baseline = None
             if baseline is not None:
                 chunk_baseline = baseline if rows is None else baseline[rows[0] : rows[1]]
-            clean, maps, extras = _explain_chunk(
-                module, chunk, chunk_target, options, plan, generator, chunk_baseline
+            chunks.append(
+                _explain_chunk(
+                    module, chunk, chunk_target, options, plan, generator, chunk_baseline
+                )
             )
-            all_targets.append(clean.indices)
-            all_logits.append(clean.logits)
-            if clean.pixel_masks is not None and clean.predicted is not None:
-                all_masks.append(clean.pixel_masks)
-                all_predicted.append(clean.predicted)
-            for key, value in maps.items():
-                per_map.setdefault(key, []).append(value)
-            for key, value in extras.items():
-                per_extra.setdefault(key, []).append(value)
-    maps = {key: _joined(parts) for key, parts in per_map.items()}
-    extras = {key: _joined(parts) for key, parts in per_extra.items()}
+    if len(chunks) == 1:
+        clean, maps, extras = chunks[0]
+        masks, predicted = clean.pixel_masks, clean.predicted
+        indices, logits = clean.indices, clean.logits
+    else:
+        cleans = [chunk[0] for chunk in chunks]
+        maps = {key: torch.cat([chunk[1][key] for chunk in chunks]) for key in chunks[0][1]}
+        extras = {key: torch.cat([chunk[2][key] for chunk in chunks]) for key in chunks[0][2]}
+        indices = torch.cat([clean.indices for clean in cleans])
+        logits = torch.cat([clean.logits for clean in cleans])
+        masks = predicted = None
+        if cleans[0].pixel_masks is not None:
+            masks = torch.cat([clean.pixel_masks for clean in cleans])  # type: ignore[misc]
+            predicted = torch.cat([clean.predicted for clean in cleans])  # type: ignore[misc]
+    size = batch.image_size
     _warn_if_all_zero(module, maps, plan)
-    _warn_if_one_cell(module, maps, plan, batch.image_size)
+    _warn_if_one_cell(module, maps, plan, size)
     _warn_if_incomplete(module, extras, options.ig_steps)
     return CamResult(
         maps=maps,
-        targets=_joined(all_targets),
-        logits=_joined(all_logits),
-        input_size=batch.image_size,
+        targets=indices,
+        logits=logits,
+        input_size=size,
         layers=tuple(plan.layers),
         methods=options.methods,
         extras=extras,
-        pixel_masks=_joined(all_masks) if all_masks else None,
-        predicted_maps=_joined(all_predicted) if all_predicted else None,
+        pixel_masks=masks,
+        predicted_maps=predicted,
     )
-
-
-def _joined(parts: list[Tensor]) -> Tensor:
-    """The chunks' rows in order (one chunk as it is: a `cat` per map is not free on a GPU)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 # What each model has been checked for (keys such as `("ill-posed", layer, method)`), so a
@@ -434,9 +439,21 @@ class _Plan:
     root: nn.Module | None = None
     #: Token layouts (`layers.token_layout`) of the layers with token outputs, found on first use.
     layouts: dict[str, TokenLayout] = field(default_factory=dict)
+    #: `(output shape, input size)` -> whether `as_spatial` keeps such an output as it is
+    #: whatever the layer (`layers.kept_as_is`); shared by the calls of a cached plan.
+    kept: dict[tuple[torch.Size, tuple[int, int] | None], bool] = field(default_factory=dict)
 
     def spatial(self, name: str, output: Tensor, options: EngineOptions, chunk: Batch) -> Tensor:
         """`output` of layer `name` (or its gradient) as `[B, C, h, w]` (`layers.as_spatial`)."""
+        if options.reshape is None:
+            size = chunk.image_size
+            kept = self.kept.get((output.shape, size))
+            if kept is None:
+                if len(self.kept) >= _KEPT_SHAPES:
+                    self.kept.clear()
+                kept = self.kept[output.shape, size] = kept_as_is(output.shape, size)
+            if kept:
+                return output
         layout = None
         if output.dim() == 3 and options.reshape is None and self.root is not None:
             layout = self.layouts.get(name)
@@ -469,6 +486,116 @@ class _Plan:
         )
 
 
+#: Output shapes a plan remembers the layout of, at most (a probe of ever new sizes).
+_KEPT_SHAPES = 64
+
+
+@dataclass(frozen=True)
+class _CachedPlan:
+    """A plan without its model: the names it resolved, weak references to their modules, and
+    what it derived from the options. Valid while `get_submodule` finds the same modules under
+    the same names, which is all a lookup of full dotted names reads: a replaced or renamed
+    submodule makes a new plan. Weak references, so the cache keeps no model alive (a
+    submodule may refer back to its parent)."""
+
+    names: tuple[str, ...]
+    modules: tuple[weakref.ref[nn.Module], ...]
+    head: str | None
+    layer_gradients: bool
+    smooth_layers: bool
+    noisy_copies: int
+    kept: dict[tuple[torch.Size, tuple[int, int] | None], bool]
+
+    def on(self, root: nn.Module) -> _Plan | None:
+        """The plan for `root` if its modules are still where they were, else None."""
+        found = []
+        for name, ref in zip(self.names, self.modules, strict=True):
+            try:
+                module = root.get_submodule(name)
+            except AttributeError:
+                return None
+            if module is not ref():
+                return None
+            found.append(module)
+        layers = dict(zip(self.names, found, strict=False))
+        head = None
+        if self.head is not None:
+            linear = found[-1]
+            assert isinstance(linear, nn.Linear)
+            head = (self.head, linear)
+        return _Plan(
+            layers=layers if self.head is None else dict(list(layers.items())[:-1]),
+            head=head,
+            layer_gradients=self.layer_gradients,
+            smooth_layers=self.smooth_layers,
+            noisy_copies=self.noisy_copies,
+            root=root,
+            kept=self.kept,
+        )
+
+
+#: Plans per model and `_plan_key`: the layer look-up and what the options imply, done once.
+_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], _CachedPlan]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _plan_key(
+    layers: LayerSpec | Sequence[LayerSpec] | None, options: EngineOptions
+) -> tuple[Any, ...] | None:
+    """What a plan depends on besides the model, where that is full dotted names (None: globs,
+    suffixes, modules or a default CAM head, which a lookup walks the model for)."""
+    specs: tuple[Any, ...]
+    if layers is None:
+        specs = ()
+    elif isinstance(layers, str):
+        specs = (layers,)
+    elif isinstance(layers, (list, tuple)) and all(isinstance(spec, str) for spec in layers):
+        specs = tuple(layers)
+    else:
+        return None
+    head = options.cam_head
+    if "cam" in options.methods and not isinstance(head, str):
+        return None
+    if any(not spec or _GLOB_CHARS.search(spec) for spec in (*specs, *filter(None, [head]))):
+        return None
+    return specs, options.methods, head if "cam" in options.methods else None, options.smooth
+
+
+def _plan_for(
+    module: nn.Module, layers: LayerSpec | Sequence[LayerSpec] | None, options: EngineOptions
+) -> _Plan:
+    """The plan of `layers` and `options` on `module`: the cached one while valid."""
+    key = _plan_key(layers, options)
+    if key is None:
+        return _Plan.make(module, layers, options)
+    plans = _PLANS.get(module)
+    cached = plans.get(key) if plans is not None else None
+    plan = cached.on(module) if cached is not None else None
+    if plan is not None:
+        return plan
+    plan = _Plan.make(module, layers, options)
+    names = tuple(plan.layers)
+    if names == tuple(dict.fromkeys(key[0])) and (plan.head is None or plan.head[0] == key[2]):
+        # Every name was found as given (no suffix match): `get_submodule` checks it again.
+        modules = list(plan.layers.values())
+        if plan.head is not None:
+            names += (plan.head[0],)
+            modules.append(plan.head[1])
+        if plans is None:
+            plans = _PLANS.setdefault(module, {})
+        plans[key] = _CachedPlan(
+            names=names,
+            modules=tuple(weakref.ref(m) for m in modules),
+            head=plan.head[0] if plan.head is not None else None,
+            layer_gradients=plan.layer_gradients,
+            smooth_layers=plan.smooth_layers,
+            noisy_copies=plan.noisy_copies,
+            kept=plan.kept,
+        )
+    return plan
+
+
 @dataclass
 class _CleanPass:
     """What the clean forward and its one `autograd.grad` produce for one chunk."""
@@ -496,8 +623,6 @@ def _explain_chunk(
 ) -> tuple[_CleanPass, dict[tuple[str, str], Tensor], dict[str, Tensor]]:
     """Every requested map of one probe chunk: the clean pass, then any extra batched passes."""
     clean = _clean_pass(module, chunk, target, options, plan)
-    rows_per_pass = extra_pass_rows(chunk, options.batch_size)
-    score_fn = _scorer(module, options, target, clean.indices, clean.pixel_masks)
     layer_grads: dict[str, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {
         name: (grad, None) for name, grad in clean.gradients.items()
     }
@@ -505,33 +630,12 @@ def _explain_chunk(
     extras: dict[str, Tensor] = {}
     if clean.input_gradients is not None:
         input_maps["saliency"] = saliency_map(clean.input_gradients)
-    if plan.noisy_copies:
-        assert generator is not None
-        smoothed, smoothgrad = _noisy_passes(
-            chunk, score_fn, options, plan, clean, generator, rows_per_pass
-        )
-        layer_grads.update(smoothed)
-        if smoothgrad is not None:
-            input_maps["smoothgrad"] = smoothgrad.amax(dim=1)
-    if "integrated_gradients" in options.methods:
-        assert baseline is not None
-        attributions, base_scores = integrated_gradients(
-            score_fn, chunk, baseline, options.ig_steps, rows_per_pass
-        )
-        input_maps["integrated_gradients"] = channel_sum(attributions)
-        delta = clean.scores - base_scores
-        extras["integrated_gradients.score_delta"] = delta
-        gap = attributions.flatten(1).sum(dim=1) - delta
-        extras["integrated_gradients.completeness_gap"] = gap
     guided = None
-    if "guided_backprop" in options.methods or "guided_gradcam" in options.methods:
-        guided = guided_backprop(module, score_fn, chunk, rows_per_pass)
-        if "guided_backprop" in options.methods:
-            input_maps["guided_backprop"] = channel_sum(guided)
-    if "deconvnet" in options.methods:
-        deconv = deconvnet(module, score_fn, chunk, rows_per_pass)
-        input_maps["deconvnet"] = channel_sum(deconv)
-
+    if plan.noisy_copies or not _CLEAN_ONLY.issuperset(options.methods):
+        guided = _extra_passes(
+            module, chunk, target, options, plan, generator, baseline, clean, layer_grads,
+            input_maps, extras,
+        )  # fmt: skip
     maps: dict[tuple[str, str], Tensor] = {}
     gradient_methods = [m for m in options.methods if m in GRADIENT_METHODS]
     for name in plan.layers:
@@ -557,6 +661,57 @@ def _explain_chunk(
         if method in input_maps:
             maps[INPUT_LAYER, method] = input_maps[method]
     return clean, maps, extras
+
+
+#: Methods the clean pass alone serves (with `smooth=0`): no scorer, no extra pass.
+_CLEAN_ONLY = CAM_METHODS | {"saliency"}
+
+
+def _extra_passes(
+    module: nn.Module,
+    chunk: Batch,
+    target: Target,
+    options: EngineOptions,
+    plan: _Plan,
+    generator: torch.Generator | None,
+    baseline: Tensor | None,
+    clean: _CleanPass,
+    layer_grads: dict[str, tuple[Tensor, tuple[Tensor, Tensor] | None]],
+    input_maps: dict[str, Tensor],
+    extras: dict[str, Tensor],
+) -> Tensor | None:
+    """The batched passes beyond the clean one (noisy copies, integrated gradients, guided
+    backprop, deconvnet), written into `layer_grads`, `input_maps` and `extras`. Returns guided
+    backprop's gradients where guided Grad-CAM needs them."""
+    guided = None
+    rows_per_pass = extra_pass_rows(chunk, options.batch_size)
+    score_fn = _scorer(module, options, target, clean.indices, clean.pixel_masks)
+    if plan.noisy_copies:
+        assert generator is not None
+        smoothed, smoothgrad = _noisy_passes(
+            chunk, score_fn, options, plan, clean, generator, rows_per_pass
+        )
+        layer_grads.update(smoothed)
+        if smoothgrad is not None:
+            input_maps["smoothgrad"] = smoothgrad.amax(dim=1)
+    if "integrated_gradients" in options.methods:
+        assert baseline is not None
+        attributions, base_scores = integrated_gradients(
+            score_fn, chunk, baseline, options.ig_steps, rows_per_pass
+        )
+        input_maps["integrated_gradients"] = channel_sum(attributions)
+        delta = clean.scores - base_scores
+        extras["integrated_gradients.score_delta"] = delta
+        gap = attributions.flatten(1).sum(dim=1) - delta
+        extras["integrated_gradients.completeness_gap"] = gap
+    if "guided_backprop" in options.methods or "guided_gradcam" in options.methods:
+        guided = guided_backprop(module, score_fn, chunk, rows_per_pass)
+        if "guided_backprop" in options.methods:
+            input_maps["guided_backprop"] = channel_sum(guided)
+    if "deconvnet" in options.methods:
+        deconv = deconvnet(module, score_fn, chunk, rows_per_pass)
+        input_maps["deconvnet"] = channel_sum(deconv)
+    return guided
 
 
 #: Pixels an extra pass (IG steps, noisy copies) holds at most without `batch_size`, unless the

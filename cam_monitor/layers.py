@@ -360,6 +360,22 @@ def _token_grid_like(
     return min(found, key=lambda grid: abs(math.log(grid[1] / grid[2] / ratio)))
 
 
+def kept_as_is(shape: Sequence[int], size: tuple[int, int] | None) -> bool:
+    """Whether `as_spatial` (without `reshape`) returns any layer's output of this `shape` as it
+    is, for an input of `size`: a 4-D output that only reads as a channels-first grid of the
+    input (or any 4-D output where the input size is unknown). The layer is not consulted.
+
+    Example:
+        >>> kept_as_is((2, 64, 8, 8), (32, 32)), kept_as_is((2, 8, 8, 64), (32, 32))
+        (True, False)
+    """
+    if len(shape) != 4:
+        return False
+    if size is None:
+        return True
+    return _fits(shape[2], shape[3], size) and not _fits(shape[1], shape[2], size)
+
+
 def as_spatial(
     name: str,
     output: Tensor,
