@@ -57,7 +57,7 @@ from .methods import (
     normalize_maps,
     upsample_maps,
 )
-from .options import EngineOptions, options_from
+from .options import EngineOptions, engine_options
 from .schema import INPUT_LAYER
 from .targets import (
     check_engine_target,
@@ -202,7 +202,7 @@ def compute_cams(
         >>> pixels["input", "saliency"].shape
         torch.Size([2, 16, 16])
     """
-    options = options_from(EngineOptions, locals())  # every field is an argument of this name
+    options = engine_options(locals())  # every field is an argument of this name
     return compute(model, inputs, layers, options, ig_baseline=ig_baseline)
 
 
@@ -277,7 +277,7 @@ def compute(
             predicted = torch.cat([clean.predicted for clean in cleans])  # type: ignore[misc]
     size = batch.image_size
     _warn_if_all_zero(module, maps, plan)
-    _warn_if_one_cell(module, maps, plan, size)
+    _warn_if_one_cell(module, maps, plan, size, options.methods)
     _warn_if_incomplete(module, extras, options.ig_steps)
     return CamResult(
         maps=maps,
@@ -297,9 +297,17 @@ def compute(
 _SEEN: weakref.WeakKeyDictionary[nn.Module, set[tuple[str, ...]]] = weakref.WeakKeyDictionary()
 
 
+def _seen(module: nn.Module) -> set[tuple[str, ...]]:
+    """What `module` has been checked for."""
+    seen = _SEEN.get(module)
+    if seen is None:
+        seen = _SEEN[module] = set()
+    return seen
+
+
 def _first_time(module: nn.Module, key: tuple[str, ...]) -> bool:
     """True the first time `key` is asked about for `module`; records it."""
-    seen = _SEEN.setdefault(module, set())
+    seen = _seen(module)
     if key in seen:
         return False
     seen.add(key)
@@ -312,9 +320,11 @@ _LAYER_MAPS = CAM_METHODS | {"guided_gradcam"}
 
 def _warn_if_all_zero(module: nn.Module, maps: dict[tuple[str, str], Tensor], plan: _Plan) -> None:
     """One warning per layer whose CAMs are exactly zero for every image (first call only)."""
+    seen = _seen(module)
     for name in plan.layers:
-        if not _first_time(module, ("all-zero", name)):
+        if ("all-zero", name) in seen:
             continue
+        seen.add(("all-zero", name))
         zero = [m for (layer, m), v in maps.items() if layer == name and m in _LAYER_MAPS
                 and not bool(v.any())]  # fmt: skip
         if zero:
@@ -345,13 +355,15 @@ def _warn_if_one_cell(
     maps: dict[tuple[str, str], Tensor],
     plan: _Plan,
     size: tuple[int, int] | None,
+    methods: tuple[str, ...],
 ) -> None:
     """One warning per layer whose maps are a single cell (resnet's layer4 at 32 px)."""
+    cam = next((method for method in methods if method in CAM_METHODS), None)
+    if cam is None:
+        return
     for name in plan.layers:
-        shapes = [
-            v.shape[-2:] for (layer, m), v in maps.items() if layer == name and m in CAM_METHODS
-        ]
-        if not shapes or shapes[0].numel() != 1 or not _first_time(module, ("one-cell", name)):
+        shape = maps[name, cam].shape
+        if shape[-2] * shape[-1] != 1 or not _first_time(module, ("one-cell", name)):
             continue
         where = f" for a {size[0]}x{size[1]} input" if size is not None else ""
         warnings.warn(
@@ -439,28 +451,32 @@ class _Plan:
     root: nn.Module | None = None
     #: Token layouts (`layers.token_layout`) of the layers with token outputs, found on first use.
     layouts: dict[str, TokenLayout] = field(default_factory=dict)
-    #: `(output shape, input size)` -> whether `as_spatial` keeps such an output as it is
-    #: whatever the layer (`layers.kept_as_is`); shared by the calls of a cached plan.
-    kept: dict[tuple[torch.Size, tuple[int, int] | None], bool] = field(default_factory=dict)
+    #: `(layer, output shape, input size)` of outputs `as_spatial` keeps as they are, with
+    #: what made it so (`_Kept`); shared by the calls of a cached plan.
+    kept: dict[tuple[str, torch.Size, tuple[int, int] | None], _Kept] = field(default_factory=dict)
 
     def spatial(self, name: str, output: Tensor, options: EngineOptions, chunk: Batch) -> Tensor:
         """`output` of layer `name` (or its gradient) as `[B, C, h, w]` (`layers.as_spatial`)."""
-        if options.reshape is None:
-            size = chunk.image_size
-            kept = self.kept.get((output.shape, size))
-            if kept is None:
-                if len(self.kept) >= _KEPT_SHAPES:
-                    self.kept.clear()
-                kept = self.kept[output.shape, size] = kept_as_is(output.shape, size)
-            if kept:
+        layer = self.layers[name]
+        size = chunk.image_size
+        reshape = options.reshape
+        if reshape is None:
+            kept = self.kept.get((name, output.shape, size))
+            if kept is not None and kept.holds(layer):
                 return output
         layout = None
-        if output.dim() == 3 and options.reshape is None and self.root is not None:
+        if output.dim() == 3 and reshape is None and self.root is not None:
             layout = self.layouts.get(name)
             if layout is None:
                 layout = self.layouts[name] = token_layout(self.root, name)
-        layer = self.layers[name]
-        return as_spatial(name, output, options.reshape, chunk.image_size, layer, layout)
+        spatial = as_spatial(name, output, reshape, size, layer, layout)
+        if spatial is output and reshape is None and output.dim() == 4:
+            kept = _Kept.of(output.shape, size, layer)
+            if kept is not None:
+                if len(self.kept) >= _KEPT_SHAPES:
+                    self.kept.clear()
+                self.kept[name, output.shape, size] = kept
+        return spatial
 
     @classmethod
     def make(
@@ -491,6 +507,31 @@ _KEPT_SHAPES = 64
 
 
 @dataclass(frozen=True)
+class _Kept:
+    """Why `as_spatial` kept a 4-D output as it is, so that it may skip the reading next time:
+    its shape alone (`layers.kept_as_is`), or, where the shape reads both channels-first and
+    channels-last, a layer of this type without submodules that is no LayerNorm or Linear
+    (which reads channels-first while it has no submodules)."""
+
+    leaf: type[nn.Module] | None = None
+
+    @staticmethod
+    def of(shape: torch.Size, size: tuple[int, int] | None, layer: nn.Module) -> _Kept | None:
+        if kept_as_is(shape, size):
+            return _BY_SHAPE
+        if layer._modules or isinstance(layer, (nn.LayerNorm, nn.Linear)):
+            return None
+        return _Kept(type(layer))
+
+    def holds(self, layer: nn.Module) -> bool:
+        """Whether the reason still holds for `layer`."""
+        return self.leaf is None or (type(layer) is self.leaf and not layer._modules)
+
+
+_BY_SHAPE = _Kept()
+
+
+@dataclass(frozen=True)
 class _CachedPlan:
     """A plan without its model: the names it resolved, weak references to their modules, and
     what it derived from the options. Valid while `get_submodule` finds the same modules under
@@ -504,7 +545,7 @@ class _CachedPlan:
     layer_gradients: bool
     smooth_layers: bool
     noisy_copies: int
-    kept: dict[tuple[torch.Size, tuple[int, int] | None], bool]
+    kept: dict[tuple[str, torch.Size, tuple[int, int] | None], _Kept]
 
     def on(self, root: nn.Module) -> _Plan | None:
         """The plan for `root` if its modules are still where they were, else None."""
