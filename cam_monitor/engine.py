@@ -10,8 +10,7 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +33,12 @@ from .attribution import (
     saliency_map,
 )
 from .batch import Batch
-from .capture import capture_outputs, did_not_run, no_gradient, scoped_hooks
+from .capture import Hook, capture_outputs, did_not_run, no_gradient
 from .isolation import isolated
 from .layers import (
-    _GLOB_CHARS,
     TokenLayout,
     as_spatial,
+    is_glob,
     kept_as_is,
     resolve_layers,
     token_layout,
@@ -52,6 +51,7 @@ from .methods import (
     INPUT_METHODS,
     SIGN_SENSITIVE_METHODS,
     apply_method,
+    as_float32,
     class_activation_map,
     gradient_maps,
     normalize_maps,
@@ -598,7 +598,7 @@ def _plan_key(
     head = options.cam_head
     if "cam" in options.methods and not isinstance(head, str):
         return None
-    if any(not spec or _GLOB_CHARS.search(spec) for spec in (*specs, *filter(None, [head]))):
+    if any(not spec or is_glob(spec) for spec in (*specs, *filter(None, [head]))):
         return None
     return specs, options.methods, head if "cam" in options.methods else None, options.smooth
 
@@ -794,10 +794,8 @@ def _clean_pass(
     prune = image is None
     while True:
         head_inputs: list[Tensor] = []
-        with (
-            capture_outputs(plan.layers, graph_from_first=prune) as recorded,
-            _record_inputs(plan.head, head_inputs),
-        ):
+        also = () if plan.head is None else [_input_recorder(plan.head[1], head_inputs)]
+        with capture_outputs(plan.layers, graph_from_first=prune, also=also) as recorded:
             output = _run(module, options, chunk)
         logits = pick_logits(output, options.output_transform)
         if chunk.length is not None and logits.shape[0] != chunk.length:
@@ -807,9 +805,8 @@ def _clean_pass(
                 "image ([B, C]). A squeeze() in forward drops the batch axis of a batch of one: "
                 "use squeeze(-1) or flatten(1)."
             )
-        missing = [name for name in plan.layers if name not in recorded]
-        if missing:
-            raise did_not_run(missing)
+        if len(recorded) != len(plan.layers):
+            raise did_not_run([name for name in plan.layers if name not in recorded])
         whole = options.target if isinstance(options.target, Tensor) else None
         masks = None
         if is_segmentation(logits):
@@ -821,7 +818,7 @@ def _clean_pass(
         prune = False
     warn_if_probabilities(module, logits)
     names = list(plan.layers)
-    table = class_scores(logits).detach().float()
+    table = as_float32(class_scores(logits).detach())
     predicted = None
     if masks is not None:
         predicted = table.argmax(dim=1)
@@ -846,7 +843,7 @@ def _clean_pass(
     return _CleanPass(
         indices=indices,
         logits=table,
-        scores=scores.detach().float(),
+        scores=as_float32(scores.detach()),
         activations=spatial,
         gradients=gradients,
         input_gradients=input_gradients,
@@ -908,16 +905,14 @@ def _gradients(scores: Tensor, wrt: list[Tensor], names: list[str]) -> list[Tens
     return [grad for grad in grads if grad is not None]
 
 
-@contextmanager
-def _record_inputs(head: tuple[str, nn.Linear] | None, into: list[Tensor]) -> Iterator[None]:
-    """Append the first positional input of every call of `head` to `into` (scoped pre-hook)."""
+def _input_recorder(head: nn.Linear, into: list[Tensor]) -> Hook:
+    """A pre-hook on `head` appending the first positional input of its every call to `into`."""
 
     def hook(module: nn.Module, args: Any) -> None:
         if args and isinstance(args[0], Tensor):
             into.append(args[0].detach())
 
-    with scoped_hooks([] if head is None else [(head[1], "forward_pre", hook)]):
-        yield
+    return head, "forward_pre", hook
 
 
 def _scorer(

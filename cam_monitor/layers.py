@@ -19,6 +19,16 @@ from .types import LayerSpec, Reshape
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
+def is_glob(name: str) -> bool:
+    """Whether a layer name is a glob pattern (`*`, `?`, `[...]`) rather than a dotted name.
+
+    Example:
+        >>> is_glob("features.*"), is_glob("features.29")
+        (True, False)
+    """
+    return _GLOB_CHARS.search(name) is not None
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip DDP/DataParallel (`.module`) and `torch.compile` (`._orig_mod`) wrappers.
 

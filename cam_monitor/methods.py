@@ -214,7 +214,7 @@ def _gradient_maps(
     moments: tuple[Tensor, Tensor] | None,
 ) -> dict[str, Tensor]:
     """`gradient_maps` with autocast off."""
-    a, g = _float32(activations), _float32(gradients)
+    a, g = as_float32(activations), as_float32(gradients)
     if len(methods) == 1 and methods[0] == "gradcam":  # the usual call, without the set logic
         return {"gradcam": _weighted_sums([gradcam_weights(a, g)], a)[0]}
     wanted = set(methods)
@@ -224,7 +224,7 @@ def _gradient_maps(
     if "gradcam" in wanted:
         weights["gradcam"] = gradcam_weights(a, g)
     if "gradcam++" in wanted:
-        second, third = (None, None) if moments is None else map(_float32, moments)
+        second, third = (None, None) if moments is None else map(as_float32, moments)
         weights["gradcam++"] = gradcam_plus_plus_weights(a, g, second, third, spatial_sum)
     if "xgradcam" in wanted:
         weights["xgradcam"] = xgradcam_weights(a, g, spatial_sum, product)
@@ -236,7 +236,7 @@ def _gradient_maps(
     return {method: maps[method] for method in methods}
 
 
-def _float32(tensor: Tensor) -> Tensor:
+def as_float32(tensor: Tensor) -> Tensor:
     """`tensor` in float32, without a dispatched no-op where it is float32 already."""
     return tensor if tensor.dtype == torch.float32 else tensor.float()
 

@@ -267,14 +267,16 @@ def resolve_targets(
         _check_indices(checked, num_classes, source=checked)
         # A copy: the result never aliases the caller's labels, and labels moved to the device
         # under inference mode (a validation batch's), which autograd refuses, become normal.
-        indices = target.to(logits.device, torch.long, copy=True).expand(batch).contiguous()
+        indices = target.to(logits.device, torch.long, copy=True)
+        if indices.shape != (batch,):  # one class for every image
+            indices = indices.expand(batch).contiguous()
     else:  # a callable
         returned = _call_target(target, logits, batch)
         if returned.is_floating_point():
             return torch.full((batch,), -1, dtype=torch.long, device=logits.device), returned
         indices = returned.to(torch.long)
         _check_indices(indices, num_classes)
-    return indices, table.gather(1, indices[:, None])[:, 0]
+    return indices, table.gather(1, indices.unsqueeze(1)).squeeze(1)
 
 
 # -- segmentation: per-pixel logits [B, C, H, W] ---------------------------------------------------
