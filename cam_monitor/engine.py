@@ -435,7 +435,7 @@ def _resolve_head(module: nn.Module, cam_head: LayerSpec | None) -> tuple[str, n
     return name, head
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Plan:
     """What the options resolve to on this model (layers, CAM head) and which passes run."""
 
@@ -455,11 +455,12 @@ class _Plan:
     #: what made it so (`_Kept`); shared by the calls of a cached plan.
     kept: dict[tuple[str, torch.Size, tuple[int, int] | None], _Kept] = field(default_factory=dict)
 
-    def spatial(self, name: str, output: Tensor, options: EngineOptions, chunk: Batch) -> Tensor:
-        """`output` of layer `name` (or its gradient) as `[B, C, h, w]` (`layers.as_spatial`)."""
+    def spatial(
+        self, name: str, output: Tensor, reshape: Reshape | None, size: tuple[int, int] | None
+    ) -> Tensor:
+        """`output` of layer `name` (or its gradient) as `[B, C, h, w]` (`layers.as_spatial`),
+        for an input of `size`."""
         layer = self.layers[name]
-        size = chunk.image_size
-        reshape = options.reshape
         if reshape is None:
             kept = self.kept.get((name, output.shape, size))
             if kept is not None and kept.holds(layer):
@@ -533,40 +534,62 @@ _BY_SHAPE = _Kept()
 
 @dataclass(frozen=True)
 class _CachedPlan:
-    """A plan without its model: the names it resolved, weak references to their modules, and
-    what it derived from the options. Valid while `get_submodule` finds the same modules under
-    the same names, which is all a lookup of full dotted names reads: a replaced or renamed
-    submodule makes a new plan. Weak references, so the cache keeps no model alive (a
-    submodule may refer back to its parent)."""
+    """A plan without its model: the names it resolved, weak references to the modules on each
+    name's path, and what it derived from the options.
 
-    names: tuple[str, ...]
-    modules: tuple[weakref.ref[nn.Module], ...]
-    head: str | None
+    Valid while `getattr` along each dotted name meets the same modules, which is what
+    `get_submodule`, all a lookup of full dotted names reads, would return: a replaced or
+    renamed submodule, on the path or at its end, makes a new plan. Weak references, so the
+    cache keeps no model alive (a submodule may refer back to its parent).
+    """
+
+    #: `(name, its atoms, a weak reference to the module at each atom)`, the layers' then the
+    #: CAM head's.
+    paths: tuple[tuple[str, tuple[str, ...], tuple[weakref.ref[nn.Module], ...]], ...]
+    head: bool
     layer_gradients: bool
     smooth_layers: bool
     noisy_copies: int
     kept: dict[tuple[str, torch.Size, tuple[int, int] | None], _Kept]
 
+    @staticmethod
+    def of(root: nn.Module, plan: _Plan) -> _CachedPlan:
+        paths = []
+        named = list(plan.layers.items()) + ([plan.head] if plan.head is not None else [])
+        for name, _ in named:
+            atoms = tuple(name.split("."))
+            steps = [root.get_submodule(".".join(atoms[: i + 1])) for i in range(len(atoms))]
+            paths.append((name, atoms, tuple(weakref.ref(step) for step in steps)))
+        return _CachedPlan(
+            paths=tuple(paths),
+            head=plan.head is not None,
+            layer_gradients=plan.layer_gradients,
+            smooth_layers=plan.smooth_layers,
+            noisy_copies=plan.noisy_copies,
+            kept=plan.kept,
+        )
+
     def on(self, root: nn.Module) -> _Plan | None:
         """The plan for `root` if its modules are still where they were, else None."""
-        found = []
-        for name, ref in zip(self.names, self.modules, strict=True):
-            try:
-                module = root.get_submodule(name)
-            except AttributeError:
-                return None
-            if module is not ref():
-                return None
-            found.append(module)
-        layers = dict(zip(self.names, found, strict=False))
+        found: list[tuple[str, nn.Module]] = []
+        for name, atoms, refs in self.paths:
+            module = root
+            for atom, ref in zip(atoms, refs, strict=True):
+                try:
+                    module = getattr(module, atom)
+                except AttributeError:
+                    return None
+                if module is not ref():
+                    return None
+            found.append((name, module))
         head = None
-        if self.head is not None:
-            linear = found[-1]
-            assert isinstance(linear, nn.Linear)
-            head = (self.head, linear)
+        if self.head:
+            head = found.pop()
+            assert isinstance(head[1], nn.Linear)
+        layers = dict(found)
         return _Plan(
-            layers=layers if self.head is None else dict(list(layers.items())[:-1]),
-            head=head,
+            layers=layers,
+            head=head,  # type: ignore[arg-type]
             layer_gradients=self.layer_gradients,
             smooth_layers=self.smooth_layers,
             noisy_copies=self.noisy_copies,
@@ -584,23 +607,23 @@ _PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], _CachedPlan]]
 def _plan_key(
     layers: LayerSpec | Sequence[LayerSpec] | None, options: EngineOptions
 ) -> tuple[Any, ...] | None:
-    """What a plan depends on besides the model, where that is full dotted names (None: globs,
-    suffixes, modules or a default CAM head, which a lookup walks the model for)."""
+    """What a plan depends on besides the model, where the layers (and the CAM head) are given
+    by name (None: modules or a default CAM head). Whether those names are full dotted names is
+    checked when a plan is kept (`_plan_for`)."""
     specs: tuple[Any, ...]
     if layers is None:
         specs = ()
-    elif isinstance(layers, str):
+    elif type(layers) is str:
         specs = (layers,)
-    elif isinstance(layers, (list, tuple)) and all(isinstance(spec, str) for spec in layers):
+    elif isinstance(layers, (list, tuple)) and all(type(spec) is str for spec in layers):
         specs = tuple(layers)
     else:
         return None
-    head = options.cam_head
-    if "cam" in options.methods and not isinstance(head, str):
+    if "cam" not in options.methods:
+        return specs, options.methods, None, options.smooth
+    if type(options.cam_head) is not str:
         return None
-    if any(not spec or is_glob(spec) for spec in (*specs, *filter(None, [head]))):
-        return None
-    return specs, options.methods, head if "cam" in options.methods else None, options.smooth
+    return specs, options.methods, options.cam_head, options.smooth
 
 
 def _plan_for(
@@ -616,28 +639,21 @@ def _plan_for(
     if plan is not None:
         return plan
     plan = _Plan.make(module, layers, options)
-    names = tuple(plan.layers)
-    if names == tuple(dict.fromkeys(key[0])) and (plan.head is None or plan.head[0] == key[2]):
-        # Every name was found as given (no suffix match): `get_submodule` checks it again.
-        modules = list(plan.layers.values())
-        if plan.head is not None:
-            names += (plan.head[0],)
-            modules.append(plan.head[1])
+    specs, head = key[0], key[2]
+    exact = (
+        type(module).get_submodule is nn.Module.get_submodule
+        and tuple(plan.layers) == tuple(dict.fromkeys(specs))
+        and (plan.head is None or plan.head[0] == head)
+        and not any(is_glob(spec) for spec in (*specs, *([head] if head else [])))
+    )
+    if exact:  # every name found as given, by `get_submodule` (no glob, no suffix match)
         if plans is None:
             plans = _PLANS.setdefault(module, {})
-        plans[key] = _CachedPlan(
-            names=names,
-            modules=tuple(weakref.ref(m) for m in modules),
-            head=plan.head[0] if plan.head is not None else None,
-            layer_gradients=plan.layer_gradients,
-            smooth_layers=plan.smooth_layers,
-            noisy_copies=plan.noisy_copies,
-            kept=plan.kept,
-        )
+        plans[key] = _CachedPlan.of(module, plan)
     return plan
 
 
-@dataclass
+@dataclass(slots=True)
 class _CleanPass:
     """What the clean forward and its one `autograd.grad` produce for one chunk."""
 
@@ -826,7 +842,8 @@ def _clean_pass(
         for name in names:
             _warn_if_logit_map(module, name, recorded[name], logits.detach())
         table = table.mean(dim=(2, 3))
-    spatial = {name: plan.spatial(name, recorded[name].detach(), options, chunk) for name in names}
+    reshape, size = options.reshape, chunk.image_size
+    spatial = {name: plan.spatial(name, recorded[name].detach(), reshape, size) for name in names}
     if plan.layer_gradients and not scores.requires_grad:
         raise no_gradient(names)
     wrt = [recorded[n] for n in names] if plan.layer_gradients and not plan.smooth_layers else []
@@ -836,7 +853,7 @@ def _clean_pass(
     wrt_names = names[: len(wrt) - with_input] + (["the input"] if with_input else [])
     grads = _gradients(scores, wrt, wrt_names)
     gradients: dict[str, Tensor] = {
-        name: plan.spatial(name, grad, options, chunk)
+        name: plan.spatial(name, grad, reshape, size)
         for name, grad in zip(names, grads[: len(wrt) - with_input], strict=False)
     }
     input_gradients = grads[-1] if image is not None else None
@@ -899,10 +916,9 @@ def _gradients(scores: Tensor, wrt: list[Tensor], names: list[str]) -> list[Tens
         if "checkpoint" in str(err):
             raise no_gradient(names, reentrant=True) from err
         raise
-    missing = [name for name, grad in zip(names, grads, strict=True) if grad is None]
-    if missing:
-        raise no_gradient(missing)
-    return [grad for grad in grads if grad is not None]
+    if any(grad is None for grad in grads):
+        raise no_gradient([name for name, grad in zip(names, grads, strict=True) if grad is None])
+    return list(grads)
 
 
 def _input_recorder(head: nn.Linear, into: list[Tensor]) -> Hook:
@@ -974,6 +990,7 @@ def _noisy_passes(
     }
     input_sum = torch.zeros(image.shape, device=image.device) if want_input else None
     sigma = noise_scale(image, options.noise)
+    size = chunk.image_size
     for start, stop in pass_ranges(image.shape[0] * copies, rows_per_pass):
         index = torch.arange(start, stop, device=image.device) // copies
         rows = noisy_rows(image, index, sigma, generator)
@@ -984,7 +1001,7 @@ def _noisy_passes(
         wrt = [recorded[name] for name in names] + ([rows] if want_input else [])
         grads = _gradients(scores, wrt, names + (["the input"] if want_input else []))
         for name, grad in zip(names, grads, strict=False):
-            value = plan.spatial(name, grad, options, chunk).float()
+            value = plan.spatial(name, grad, options.reshape, size).float()
             for power, total in enumerate(sums[name], start=1):
                 add_rows(total, index, value if power == 1 else value.pow(power))
         if input_sum is not None:

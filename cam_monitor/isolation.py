@@ -183,7 +183,7 @@ class RandomStates:
             np.random.set_state(self.tuples[1])
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _SavedStates:
     """What `RawStates.save` copied, and from where."""
 
@@ -435,7 +435,7 @@ class TensorState:
         """Whether every tensor is still in its place with its version: nothing to put back."""
         if [tensor._version for tensor in self.tensors] != self.versions:
             return False
-        now = _tensors((module._parameters, module._buffers) for module in self.modules)
+        now = _tensors([(module._parameters, module._buffers) for module in self.modules])
         return len(now) == len(self.tensors) and all(map(operator.is_, now, self.tensors))
 
 

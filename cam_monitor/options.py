@@ -329,22 +329,26 @@ def engine_options(arguments: Mapping[str, Any]) -> EngineOptions:
 #: Options built from plain values, by `_plain_key`; at most `_KNOWN_OPTIONS` of them.
 _ENGINE_OPTIONS: dict[tuple[Any, ...], EngineOptions] = {}
 _KNOWN_OPTIONS = 64
-_PLAIN = (type(None), bool, int, float, str)
+_PLAIN = frozenset({type(None), bool, int, float, str})
 
 
 def _plain_key(arguments: Mapping[str, Any]) -> tuple[Any, ...] | None:
     """The engine arguments but `target` as a hashable key, each value with its type (so that
     1, 1.0 and True differ) and floats by `repr` (0.0 and -0.0 differ); None where one is not
     a plain value."""
-    key = []
+    key: list[Any] = []
+    append = key.append
     for name in _ENGINE_NAMES:
-        if name not in arguments:
-            continue
-        value = arguments[name]
-        if isinstance(value, (list, tuple)) and all(type(item) is str for item in value):
-            key.append((name, "names", tuple(value)))
-        elif type(value) in _PLAIN:
-            key.append((name, type(value), repr(value) if type(value) is float else value))
+        value = arguments.get(name, key)  # `key` itself marks an absent argument
+        kind = type(value)
+        if kind in _PLAIN:
+            append(kind)
+            append(repr(value) if kind is float else value)
+        elif (kind is list or kind is tuple) and all(type(item) is str for item in value):
+            append(kind)
+            append(tuple(value))
+        elif value is key:
+            append(None)
         else:
             return None
     return tuple(key)
