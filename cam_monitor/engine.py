@@ -276,9 +276,11 @@ def compute(
             masks = torch.cat([clean.pixel_masks for clean in cleans])  # type: ignore[misc]
             predicted = torch.cat([clean.predicted for clean in cleans])  # type: ignore[misc]
     size = batch.image_size
-    _warn_if_all_zero(module, maps, plan)
-    _warn_if_one_cell(module, maps, plan, size, options.methods)
-    _warn_if_incomplete(module, extras, options.ig_steps)
+    seen = _seen(module)
+    _warn_if_all_zero(seen, maps, plan)
+    _warn_if_one_cell(seen, maps, plan, size, options.methods)
+    if extras:
+        _warn_if_incomplete(module, extras, options.ig_steps)
     return CamResult(
         maps=maps,
         targets=indices,
@@ -318,9 +320,11 @@ def _first_time(module: nn.Module, key: tuple[str, ...]) -> bool:
 _LAYER_MAPS = CAM_METHODS | {"guided_gradcam"}
 
 
-def _warn_if_all_zero(module: nn.Module, maps: dict[tuple[str, str], Tensor], plan: _Plan) -> None:
-    """One warning per layer whose CAMs are exactly zero for every image (first call only)."""
-    seen = _seen(module)
+def _warn_if_all_zero(
+    seen: set[tuple[str, ...]], maps: dict[tuple[str, str], Tensor], plan: _Plan
+) -> None:
+    """One warning per layer whose CAMs are exactly zero for every image (a model's first call
+    only: `seen` is what it has been checked for)."""
     for name in plan.layers:
         if ("all-zero", name) in seen:
             continue
@@ -351,7 +355,7 @@ def _warn_if_incomplete(module: nn.Module, extras: dict[str, Tensor], steps: int
 
 
 def _warn_if_one_cell(
-    module: nn.Module,
+    seen: set[tuple[str, ...]],
     maps: dict[tuple[str, str], Tensor],
     plan: _Plan,
     size: tuple[int, int] | None,
@@ -363,8 +367,9 @@ def _warn_if_one_cell(
         return
     for name in plan.layers:
         shape = maps[name, cam].shape
-        if shape[-2] * shape[-1] != 1 or not _first_time(module, ("one-cell", name)):
+        if shape[-2] * shape[-1] != 1 or ("one-cell", name) in seen:
             continue
+        seen.add(("one-cell", name))
         where = f" for a {size[0]}x{size[1]} input" if size is not None else ""
         warnings.warn(
             f"Layer {name!r} gives a 1x1 map{where}: one cell holds no spatial information, so "

@@ -157,12 +157,16 @@ class RandomStates:
     on this interpreter and numpy, the same states are copied as bytes instead (2 us).
     """
 
+    __slots__ = ("cpu", "cuda", "devices", "saved", "tuples")
+
     def __init__(self, devices: Sequence[int] = ()) -> None:
         raw = RawStates.get()
         generators = _global_generators() if raw is not None else None
-        self.saved = raw.save(*generators) if raw is not None and generators is not None else None
-        self.tuples = None
-        if self.saved is None:
+        if raw is not None and generators is not None:
+            self.saved: _SavedStates | None = raw.save(*generators)
+            self.tuples: tuple[Any, Any] | None = None
+        else:
+            self.saved = None
             self.tuples = (random.getstate(), np.random.get_state())
         self.devices = devices
         self.cpu = torch.get_rng_state()
@@ -227,12 +231,14 @@ class RawStates:
     @staticmethod
     def get() -> RawStates | None:
         """The checked copier, or None where the states must go through the tuples."""
-        if "raw" not in _RAW:
-            _RAW["raw"] = RawStates._build()
-        return _RAW["raw"]
+        raw = _RAW.get("raw", False)
+        if raw is False:
+            raw = _RAW["raw"] = RawStates.build()
+        return raw
 
     @staticmethod
-    def _build() -> RawStates | None:
+    def build() -> RawStates | None:
+        """A copier that passed its check, else None."""
         try:
             offset = _gauss_offset(np.random.RandomState(0))
             raw = None if offset is None else RawStates(offset)

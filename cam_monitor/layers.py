@@ -38,7 +38,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         True
     """
     while True:
-        inner = getattr(model, "_orig_mod", None)
+        inner = _compiled_inner(model)
         if isinstance(inner, nn.Module):
             model = inner
             continue
@@ -47,6 +47,25 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
             continue
         return model
+
+
+def _compiled_inner(model: nn.Module) -> object:
+    """`getattr(model, "_orig_mod", None)`, read from `model._modules` where that is where the
+    attribute lookup would find it (no exception raised and caught on every call)."""
+    kind = type(model)
+    if (
+        kind.__getattr__ is _MODULE_GETATTR
+        and kind.__getattribute__ is _OBJECT_GETATTRIBUTE
+        and "_orig_mod" not in model.__dict__
+        and not hasattr(kind, "_orig_mod")
+    ):
+        # What `Module.__getattr__` would find: a Parameter or buffer of that name is no Module.
+        return model.__dict__.get("_modules", {}).get("_orig_mod")
+    return getattr(model, "_orig_mod", None)
+
+
+_MODULE_GETATTR = nn.Module.__getattr__
+_OBJECT_GETATTRIBUTE = object.__getattribute__
 
 
 def _glob_to_regex(pattern: str) -> re.Pattern[str]:
