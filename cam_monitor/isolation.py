@@ -10,7 +10,6 @@ import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -154,7 +153,7 @@ class RandomStates:
 
     `random.getstate()` and `np.random.get_state()` build a tuple of 625 ints and an array of
     624 (80 us, most of a CAM call's host time on a small model): where `RawStates` was checked
-    on this interpreter and numpy, the same states are copied as bytes instead (2 us).
+    on this interpreter and numpy, the same states are copied as bytes instead (1 us).
     """
 
     __slots__ = ("cpu", "cuda", "devices", "saved", "tuples")
@@ -163,7 +162,7 @@ class RandomStates:
         raw = RawStates.get()
         generators = _global_generators() if raw is not None else None
         if raw is not None and generators is not None:
-            self.saved: _SavedStates | None = raw.save(*generators)
+            self.saved: _Saved | None = raw.views(*generators).save()
             self.tuples: tuple[Any, Any] | None = None
         else:
             self.saved = None
@@ -177,36 +176,57 @@ class RandomStates:
         torch.set_rng_state(self.cpu)
         for device, device_state in zip(self.devices, self.cuda, strict=True):
             torch.cuda.set_rng_state(device_state, device)
-        saved = self.saved
-        if saved is not None:
-            if saved.legacy._bit_generator is not saved.bit_generator:  # replaced in the block
-                np.random.set_bit_generator(saved.bit_generator)
-            saved.restore()
+        if self.saved is not None:
+            views = self.saved[0]
+            if views.legacy._bit_generator is not views.bit_generator:  # replaced in the block
+                np.random.set_bit_generator(views.bit_generator)
+            views.restore(self.saved)
         elif self.tuples is not None:
             random.setstate(self.tuples[0])
             np.random.set_state(self.tuples[1])
 
 
-@dataclass(slots=True)
-class _SavedStates:
-    """What `RawStates.save` copied, and from where."""
+#: What `_StateViews.save` copied: the views, then Python's words, its `gauss_next`, numpy's
+#: key and position, its cached Gaussian.
+_Saved = tuple["_StateViews", bytes, Any, bytes, bytes]
 
-    raw: RawStates
-    python: random.Random
-    legacy: np.random.RandomState
-    python_bytes: bytes
-    gauss_next: object
-    numpy_bytes: bytes
-    gauss_bytes: bytes
-    bit_generator: Any
 
-    def restore(self) -> None:
-        """Put the copied states back."""
-        address = self.raw.state_address(self.bit_generator)
-        ctypes.memmove(id(self.python) + _HEADER, self.python_bytes, _PY_MT_BYTES)
-        self.python.gauss_next = self.gauss_next  # type: ignore[attr-defined]
-        ctypes.memmove(address, self.numpy_bytes, _NP_MT_BYTES)
-        ctypes.memmove(id(self.legacy) + self.raw.gauss_offset, self.gauss_bytes, _GAUSS_BYTES)
+class _StateViews:
+    """Memory views of one Python and one numpy generator's states (holding both generators
+    and the bit generator, so the memory stays theirs)."""
+
+    __slots__ = ("bit_generator", "gauss", "legacy", "numpy_mt", "python", "python_mt")
+
+    def __init__(self, python: random.Random, legacy: np.random.RandomState, offset: int) -> None:
+        self.python, self.legacy = python, legacy
+        self.bit_generator = bit_generator = legacy._bit_generator
+        address = int(bit_generator.ctypes.state_address)
+        self.python_mt = _view(id(python) + _HEADER, _PY_MT_BYTES)
+        self.numpy_mt = _view(address, _NP_MT_BYTES)
+        self.gauss = _view(id(legacy) + offset, _GAUSS_BYTES)
+
+    def save(self) -> _Saved:
+        """The states' bytes, as they are now."""
+        return (
+            self,
+            self.python_mt.tobytes(),
+            self.python.gauss_next,  # type: ignore[attr-defined]
+            self.numpy_mt.tobytes(),
+            self.gauss.tobytes(),
+        )
+
+    def restore(self, saved: _Saved) -> None:
+        """Put back what `save` copied."""
+        self.python_mt[:] = saved[1]
+        self.python.gauss_next = saved[2]  # type: ignore[attr-defined]
+        self.numpy_mt[:] = saved[3]
+        self.gauss[:] = saved[4]
+
+
+def _view(address: int, size: int) -> memoryview:
+    """The `size` bytes at `address`, writable (copied with plain memoryview operations: a
+    ctypes call costs twice as much)."""
+    return memoryview((ctypes.c_char * size).from_address(address)).cast("B")
 
 
 class RawStates:
@@ -225,8 +245,7 @@ class RawStates:
 
     def __init__(self, gauss_offset: int) -> None:
         self.gauss_offset = gauss_offset
-        self._bit_generator: Any = None
-        self._address = 0
+        self._last: _StateViews | None = None
 
     @staticmethod
     def get() -> RawStates | None:
@@ -246,26 +265,20 @@ class RawStates:
         except Exception:  # an unforeseen layout or numpy: the tuples are always right
             return None
 
-    def save(self, python: random.Random, legacy: np.random.RandomState) -> _SavedStates:
-        """The bytes of both generators' states."""
-        bit_generator = legacy._bit_generator
-        return _SavedStates(
-            self,
-            python,
-            legacy,
-            ctypes.string_at(id(python) + _HEADER, _PY_MT_BYTES),
-            python.gauss_next,  # type: ignore[attr-defined]
-            ctypes.string_at(self.state_address(bit_generator), _NP_MT_BYTES),
-            ctypes.string_at(id(legacy) + self.gauss_offset, _GAUSS_BYTES),
-            bit_generator,
-        )
-
-    def state_address(self, bit_generator: Any) -> int:
-        """Where an MT19937's `mt19937_state` lies (numpy's `ctypes.state_address`)."""
-        if bit_generator is not self._bit_generator:
-            self._address = int(bit_generator.ctypes.state_address)
-            self._bit_generator = bit_generator
-        return self._address
+    def views(self, python: random.Random, legacy: np.random.RandomState) -> _StateViews:
+        """The views of these generators' states (those of the last call where they are the
+        same objects)."""
+        last = self._last
+        if (
+            last is None
+            or last.python is not python
+            or last.legacy is not legacy
+            or last.bit_generator is not legacy._bit_generator
+        ):
+            last = _StateViews(python, legacy, self.gauss_offset)
+            if python is random.getstate.__self__:  # type: ignore[attr-defined]
+                self._last = last  # the global ones: kept (private ones are not)
+        return last
 
     def _undoes_every_draw(self) -> bool:
         """Whether putting the bytes back undoes draws as `setstate` / `set_state` would."""
@@ -275,7 +288,8 @@ class RawStates:
                 python.gauss()
                 legacy.standard_normal(1)
             before = (python.getstate(), _plain(legacy.get_state()))
-            saved = self.save(python, legacy)
+            views = self.views(python, legacy)
+            saved = views.save()
             python.gauss()
             python.getrandbits(32 * 700)  # through a twist
             legacy.standard_normal(3)
@@ -283,7 +297,7 @@ class RawStates:
             moved = (python.getstate(), _plain(legacy.get_state())) != before
             python.seed(2)
             legacy.seed(2)
-            saved.restore()
+            views.restore(saved)
             if not moved or (python.getstate(), _plain(legacy.get_state())) != before:
                 return False
         return True
@@ -366,7 +380,7 @@ class TensorState:
     """
 
     def __init__(self, model: nn.Module, modules: Sequence[nn.Module]) -> None:
-        self.model, self.modules = model, modules
+        self.model = model
         known = _CHANGING.get(model)
         self.first = known is None
         if known is None:
@@ -374,7 +388,9 @@ class TensorState:
         self.known = known
         # Which tensor each module held under each name (shallow copies of its two tables), and
         # the version counter of each, in walk order: all a call that changes nothing reads.
-        self.tables = [(module._parameters.copy(), module._buffers.copy()) for module in modules]
+        # Modules holding none are left out: a tensor added in the block is never taken away.
+        self.holders = [module for module in modules if module._parameters or module._buffers]
+        self.tables = [(m._parameters.copy(), m._buffers.copy()) for m in self.holders]
         # A lazy tensor is left out: its first forward initialises it, wherever that runs.
         self.tensors = _tensors(self.tables)
         self.versions = [tensor._version for tensor in self.tensors]
@@ -383,7 +399,7 @@ class TensorState:
         self.copies: dict[tuple[int, str, str], Tensor] = {}
         if not (self.first or known):
             return
-        for index, (module, tables) in enumerate(zip(modules, self.tables, strict=True)):
+        for index, (module, tables) in enumerate(zip(self.holders, self.tables, strict=True)):
             for kind, table in zip(_KINDS, tables, strict=True):
                 every = self.first and kind == "_buffers"
                 for name, tensor in table.items():
@@ -406,7 +422,7 @@ class TensorState:
     def _put_back(self) -> list[str]:
         lost: list[tuple[nn.Module, str]] = []
         position = 0  # in `self.tensors`, walked in the same order
-        for index, (module, tables) in enumerate(zip(self.modules, self.tables, strict=True)):
+        for index, (module, tables) in enumerate(zip(self.holders, self.tables, strict=True)):
             for kind, table in zip(_KINDS, tables, strict=True):
                 now = getattr(module, kind)
                 for name, tensor in table.items():
@@ -441,7 +457,7 @@ class TensorState:
         """Whether every tensor is still in its place with its version: nothing to put back."""
         if [tensor._version for tensor in self.tensors] != self.versions:
             return False
-        now = _tensors([(module._parameters, module._buffers) for module in self.modules])
+        now = _tensors([(module._parameters, module._buffers) for module in self.holders])
         return len(now) == len(self.tensors) and all(map(operator.is_, now, self.tensors))
 
 
