@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .methods import SIGNED_METHODS, upsample_maps
 from .schema import MEASURES as MEASURES  # the one definition; importable from here as before
+from .targets import IGNORE_LABELS
 
 if TYPE_CHECKING:
     from .options import DriftOptions
@@ -566,11 +567,13 @@ def segment_measures(
 
 def _class_pixels(predicted: Tensor, label_maps: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
     """Where each image's class is predicted and where it is labelled, at the labels' size (the
-    prediction resized, nearest)."""
+    prediction resized, nearest); unlabelled pixels (`IGNORE_LABELS`) are scored by neither."""
     if predicted.shape[-2:] != label_maps.shape[-2:]:
         resized = torch.nn.functional.interpolate(
             predicted[:, None].float(), size=label_maps.shape[-2:], mode="nearest"
         )
         predicted = resized[:, 0].long()
     wanted = classes.to(predicted.device)[:, None, None]
-    return predicted == wanted, label_maps.to(predicted.device) == wanted
+    labels = label_maps.to(predicted.device)
+    scored = ~torch.isin(labels, torch.tensor(IGNORE_LABELS, device=labels.device))
+    return (predicted == wanted) & scored, labels == wanted

@@ -402,6 +402,13 @@ def test_segment_measures_of_the_explained_class_by_hand() -> None:
     measured = segment_measures(predicted, classes, labels)
     assert all(bool(torch.isnan(values[2])) for values in measured)
     assert segment_measures(predicted, classes).iou is None
+    # Unlabelled pixels (255, -100) count for neither side: predicting the class there is no
+    # error, so the first image's IoU and accuracy stay those of its labelled pixels.
+    unlabelled = labels.clone()
+    unlabelled[0, 0, 1] = 255  # predicted 1, labelled "ignore"
+    assert class_iou(predicted, unlabelled, classes)[0].item() == pytest.approx(1 / 2)
+    unlabelled[0, 0, 1] = -100
+    assert class_accuracy(predicted, unlabelled, classes)[0].item() == 0.5
     # The prediction is resized (nearest) to the labels' size.
     big = labels.repeat_interleave(2, 1).repeat_interleave(2, 2)
     assert torch.equal(class_accuracy(predicted, big, classes).nan_to_num(),
