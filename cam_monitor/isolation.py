@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import _random
 import ctypes
 import operator
+import platform
 import random
 import struct
 import warnings
@@ -257,7 +259,14 @@ class RawStates:
 
     @staticmethod
     def build() -> RawStates | None:
-        """A copier that passed its check, else None."""
+        """A copier that passed its check, else None: only on CPython (where `id` is an
+        address), and only where Python's generator has the fields read (`int index;
+        uint32_t state[624]`, and nothing after them but padding)."""
+        python_fields = _random.Random.__basicsize__ - _HEADER
+        if platform.python_implementation() != "CPython" or not (
+            _PY_MT_BYTES <= python_fields < _PY_MT_BYTES + 8
+        ):
+            return None
         try:
             offset = _gauss_offset(np.random.RandomState(0))
             raw = None if offset is None else RawStates(offset)
