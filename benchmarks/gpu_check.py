@@ -187,7 +187,7 @@ def fit_checks(device: torch.device, quick: bool) -> None:
             )  # fmt: skip
             trainer.fit(Lit(), DataLoader(data, batch_size=16, shuffle=True))
             history = read_history(Path(tmp) / "hist")
-            probe_device = next(iter(monitor._probes.values())).inputs.device.type
+            probe_device = next(iter(monitor.run.probes.values())).inputs.device.type
             finite = all(bool(torch.isfinite(torch.from_numpy(m)).all())
                          for e in history for m in e.maps.values())  # fmt: skip
             ok = len(history) == 3 and probe_device == device.type and finite

@@ -109,6 +109,10 @@ class Batch:
         """Describe `inputs` (a `Batch` is returned as is)."""
         if isinstance(inputs, Batch):
             return inputs
+        if isinstance(inputs, Tensor):  # the common case, without walking a container
+            dims = inputs.dim()
+            image = inputs if dims == 4 and inputs.is_floating_point() else None
+            return cls(inputs, int(inputs.shape[0]) if dims else None, image)
         length = next((int(t.shape[0]) for t in tensors(inputs) if t.dim()), None)
         return cls(inputs, length, _find_image(inputs))
 
@@ -165,4 +169,6 @@ class Batch:
 
     def usable(self) -> Batch:
         """Inference-mode tensors cloned, so autograd may record operations on them."""
+        if isinstance(self.data, Tensor) and not self.data.is_inference():
+            return self
         return Batch.of(map_tensors(self.data, lambda t: t.clone() if t.is_inference() else t))

@@ -7,8 +7,8 @@ every module has exactly the hook dictionaries it had before, also when the forw
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
@@ -28,8 +28,7 @@ class LayerCaptureError(ValueError):
     """
 
 
-@contextmanager
-def scoped_hooks(hooks: Iterable[Hook]) -> Iterator[list[RemovableHandle]]:
+def scoped_hooks(hooks: Iterable[Hook]) -> AbstractContextManager[list[RemovableHandle]]:
     """Register `(module, kind, fn)` hooks for the block; remove them all in `finally`.
 
     Registration happens inside the `try`, so hooks added before a failing registration are
@@ -43,23 +42,39 @@ def scoped_hooks(hooks: Iterable[Hook]) -> Iterator[list[RemovableHandle]]:
         >>> seen, len(conv._forward_hooks)
         ([torch.Size([1, 2, 4, 4])], 0)
     """
-    handles: list[RemovableHandle] = []
-    try:
-        for module, kind, fn in hooks:
-            if kind == "forward":
-                handles.append(module.register_forward_hook(fn))
-            elif kind == "forward_pre":
-                handles.append(module.register_forward_pre_hook(fn))
-            elif kind == "forward_pre_kwargs":
-                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
-            else:
-                raise ValueError(
-                    "hook kind must be 'forward', 'forward_pre' or 'forward_pre_kwargs', got "
-                    f"{kind!r}."
-                )
-        yield handles
-    finally:
-        for handle in reversed(handles):
+    return _ScopedHooks(hooks)
+
+
+class _ScopedHooks:
+    """`scoped_hooks`' context manager (a class: a CAM call on a small model is bound by such
+    host work, and a generator-based one costs twice as much)."""
+
+    def __init__(self, hooks: Iterable[Hook]) -> None:
+        self.hooks = hooks
+        self.handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> list[RemovableHandle]:
+        handles = self.handles
+        try:
+            for module, kind, fn in self.hooks:
+                if kind == "forward":
+                    handles.append(module.register_forward_hook(fn))
+                elif kind == "forward_pre":
+                    handles.append(module.register_forward_pre_hook(fn))
+                elif kind == "forward_pre_kwargs":
+                    handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+                else:
+                    raise ValueError(
+                        "hook kind must be 'forward', 'forward_pre' or 'forward_pre_kwargs', got "
+                        f"{kind!r}."
+                    )
+        except BaseException:
+            self.__exit__()
+            raise
+        return handles
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in reversed(self.handles):
             handle.remove()
 
 
@@ -182,17 +197,17 @@ def no_gradient(names: list[str], reentrant: bool = False) -> NoGradientError:
     )
 
 
-@contextmanager
 def capture_outputs(
-    layers: Mapping[str, nn.Module], graph_from_first: bool = False
-) -> Iterator[dict[str, Tensor]]:
+    layers: Mapping[str, nn.Module], graph_from_first: bool = False, also: Iterable[Hook] = ()
+) -> AbstractContextManager[dict[str, Tensor]]:
     """Record each layer's output during the forward run inside the block.
 
     Each recorded tensor is a graph node that requires grad (a detached leaf if the layer's
     own output did not, e.g. a frozen backbone), and the layer hands a clone of it downstream,
     so in-place ops after the layer (`ReLU(inplace=True)`) cannot overwrite what was recorded.
     A layer that runs twice in one forward raises `LayerCaptureError`: its CAM would be
-    ambiguous. Hooks are removed in `finally`, also when the forward raises.
+    ambiguous. Hooks are removed in `finally`, also when the forward raises; `also` are more
+    hooks for the same block (registered after these, through `scoped_hooks`).
 
     With `graph_from_first`, the forward runs without autograd until the first recorded layer
     and with it from there on: gradients w.r.t. the recorded outputs are the same, but nothing
@@ -205,9 +220,28 @@ def capture_outputs(
         >>> outs["0"].shape, len(net[0]._forward_hooks)
         (torch.Size([1, 2, 6, 6]), 0)
     """
-    recorded: dict[str, Tensor] = {}
+    return _Capture(layers, graph_from_first, also)
 
-    def make_hook(name: str) -> Callable[[nn.Module, Any, Any], Tensor]:
+
+class _Capture:
+    """`capture_outputs`' context manager."""
+
+    def __init__(
+        self, layers: Mapping[str, nn.Module], graph_from_first: bool, also: Iterable[Hook]
+    ) -> None:
+        self.recorded: dict[str, Tensor] = {}
+        self.graph_from_first = graph_from_first and bool(layers)
+        hooks: list[Hook] = [
+            (module, "forward", self._hook(name, graph_from_first))
+            for name, module in layers.items()
+        ]
+        hooks.extend(also)
+        self.hooks = _ScopedHooks(hooks)
+        self.grad_mode = True
+
+    def _hook(self, name: str, graph_from_first: bool) -> Callable[[nn.Module, Any, Any], Tensor]:
+        recorded = self.recorded
+
         def hook(module: nn.Module, args: Any, output: Any) -> Tensor:
             if not isinstance(output, Tensor):
                 raise not_a_tensor(name, output)
@@ -221,11 +255,15 @@ def capture_outputs(
 
         return hook
 
-    grad_mode = torch.is_grad_enabled()
-    try:
-        with scoped_hooks((module, "forward", make_hook(name)) for name, module in layers.items()):
-            if graph_from_first and layers:
-                torch.set_grad_enabled(False)
-            yield recorded
-    finally:
-        torch.set_grad_enabled(grad_mode)
+    def __enter__(self) -> dict[str, Tensor]:
+        self.grad_mode = torch.is_grad_enabled()
+        self.hooks.__enter__()
+        if self.graph_from_first:
+            torch.set_grad_enabled(False)
+        return self.recorded
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self.hooks.__exit__()
+        finally:
+            torch.set_grad_enabled(self.grad_mode)

@@ -38,11 +38,11 @@ from .compare import (
     compare_group,
     format_number,
     load_run,
+    predictions,
     run_labels,
     summarize_groups,
 )
-from .history import HistoryError
-from .render import predicted_classes
+from .history import Evaluation, HistoryError, Segmentation
 from .report import require_matplotlib, write_report
 from .schema import (
     DRIFT,
@@ -388,7 +388,9 @@ def _show(args: argparse.Namespace) -> int:
 
 def _predictions(run: Run, probes: Sequence[str]) -> list[str]:
     """What the model predicted on each probe at the last evaluation, by class name where the
-    history stores the names (CamMonitor's ``class_names``)."""
+    history stores the names (CamMonitor's ``class_names``). A segmentation probe's prediction
+    is each image's main predicted class (``target="predicted"``'s rule), beside the class its
+    maps explain and how well that class is segmented."""
     if not run.evaluations:
         return []
     last = run.evaluations[-1]
@@ -397,24 +399,71 @@ def _predictions(run: Run, probes: Sequence[str]) -> list[str]:
     if names is None:
         lines[-1] += ", classes by index (no names stored)"
     for probe in probes:
-        logits = last.logits.get(probe)
-        if logits is None or logits.ndim != 2:
+        predicted = predictions(last, probe)
+        if predicted is None:
             continue
-        predicted = np.array(predicted_classes(logits), dtype=np.int64)
-        known = predicted[predicted >= 0]  # rows of NaN/inf logits predict no class
-        counts = np.bincount(known, minlength=logits.shape[1])
-        order = sorted(np.flatnonzero(counts).tolist(), key=lambda c: (-counts[c], c))
-        shown = [f"{_class(c, names)} x{counts[c]}" for c in order[:8]]
-        if len(order) > 8:
-            shown.append(f"... ({len(order)} classes)")
-        if len(known) < len(predicted):
-            shown.append(f"none x{len(predicted) - len(known)} (NaN or inf logits)")
-        text = f"  {probe}: predicted {', '.join(shown)}"
+        segmentation = last.segmentation.get(probe)
+        unknown = "no class" if segmentation is not None else "NaN or inf logits"
+        text = f"  {probe}: predicted {_counts(predicted, names, unknown)}"
         labels = last.labels.get(probe)
         if labels is not None and len(labels) == len(predicted):
             text += f"; {int((labels == predicted).sum())}/{len(labels)} correct"
         lines.append(text)
+        if segmentation is not None:
+            lines.extend(_segmentation_lines(last, probe, segmentation, names))
     return lines
+
+
+def _segmentation_lines(
+    evaluation: Evaluation, probe: str, segmentation: Segmentation, names: Sequence[str] | None
+) -> list[str]:
+    """What `show` adds for a segmentation probe: the rule of its prediction, the classes its
+    maps explain, and that class's IoU, pixel accuracy and share of the pixels."""
+    lines = [
+        "    (per image: its most frequent predicted class other than the background, class 0)"
+    ]
+    explained = evaluation.targets.get(probe)
+    if explained is not None:
+        counted = _counts(explained, names, "a target callable's scores")
+        lines.append(f"    explained {counted}")
+    texts = [
+        f"{what} {_mean(values)}"
+        for what, values in (("IoU", segmentation.iou), ("pixel accuracy", segmentation.accuracy))
+        if values is not None
+    ]
+    if segmentation.share is not None:
+        texts.append(f"{_mean(segmentation.share, percent=True)} of the pixels")
+    if texts:
+        count = len(segmentation.predicted)
+        lines.append(f"    explained class, mean of {count} images: {', '.join(texts)}")
+    return lines
+
+
+def _counts(classes: np.ndarray, names: Sequence[str] | None, unknown: str) -> str:
+    """Classes by how many images have them, the most frequent first (8 at most), and the
+    images with none (index -1: ``unknown`` says why)."""
+    classes = np.asarray(classes, dtype=np.int64)
+    known = classes[classes >= 0]
+    counts = np.bincount(known) if known.size else np.zeros(0, np.int64)
+    order = sorted(np.flatnonzero(counts).tolist(), key=lambda c: (-counts[c], c))
+    shown = [f"{_class(c, names)} x{counts[c]}" for c in order[:8]]
+    if len(order) > 8:
+        shown.append(f"... ({len(order)} classes)")
+    if len(known) < len(classes):
+        shown.append(f"none x{len(classes) - len(known)} ({unknown})")
+    return ", ".join(shown)
+
+
+def _mean(values: np.ndarray, percent: bool = False) -> str:
+    """The mean of the finite values (as a percentage with `percent`), with how many images it
+    covers when some are undefined."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if not finite.size:
+        return "nan"
+    mean = float(finite.mean())
+    text = f"{mean:.1%}" if percent else format_number(mean)
+    return text if finite.size == len(values) else f"{text} ({finite.size} of {len(values)})"
 
 
 def _class(index: int, names: Sequence[str] | None) -> str:

@@ -29,6 +29,7 @@ from .history import (
     read_probe,
 )
 from .measures import as_measured, js_divergence, spearman, summarize, topk_iou
+from .render import predicted_classes
 from .schema import (
     DRIFT,
     FAITHFULNESS,
@@ -64,6 +65,7 @@ __all__ = [
     "localization",
     "map_similarity",
     "overlay_epochs",
+    "predictions",
     "run_labels",
     "scalar_series",
     "spread_series",
@@ -376,6 +378,26 @@ def localization(evaluation: Evaluation, group: Group) -> dict[str, float]:
         if tag in evaluation.scalars:
             scores[score] = evaluation.scalars[tag]
     return scores
+
+
+def predictions(evaluation: Evaluation, probe: str) -> np.ndarray | None:
+    """Each image's predicted class on ``probe`` at one evaluation (int64 ``[B]``; -1: none):
+    a segmentation probe's by the rule of ``target="predicted"`` (its recorded
+    `Evaluation.segmentation`: the mean logits of a segmentation model predict nothing), a
+    classifier's the argmax of its logits (-1 for NaN or inf logits); None without either.
+
+    Example:
+        >>> ev = Evaluation(0, 0, 0, {}, {}, {}, {"val": np.array([[0.0, 2.0], [3.0, 1.0]])})
+        >>> predictions(ev, "val").tolist(), predictions(ev, "other")
+        ([1, 0], None)
+    """
+    segmentation = evaluation.segmentation.get(probe)
+    if segmentation is not None:
+        return segmentation.predicted.astype(np.int64)
+    logits = evaluation.logits.get(probe)
+    if logits is None or logits.ndim != 2:
+        return None
+    return np.array(predicted_classes(logits), dtype=np.int64)
 
 
 def scalar_series(run: Run, key: ScalarKey) -> tuple[list[int], list[float]]:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,9 +33,17 @@ from .attribution import (
     saliency_map,
 )
 from .batch import Batch
-from .capture import capture_outputs, did_not_run, no_gradient, scoped_hooks
+from .capture import Hook, capture_outputs, did_not_run, no_gradient
 from .isolation import isolated
-from .layers import TokenLayout, as_spatial, resolve_layers, token_layout, unwrap_model
+from .layers import (
+    TokenLayout,
+    as_spatial,
+    is_glob,
+    kept_as_is,
+    resolve_layers,
+    token_layout,
+    unwrap_model,
+)
 from .measures import as_measured
 from .methods import (
     CAM_METHODS,
@@ -44,12 +51,13 @@ from .methods import (
     INPUT_METHODS,
     SIGN_SENSITIVE_METHODS,
     apply_method,
+    as_float32,
     class_activation_map,
     gradient_maps,
     normalize_maps,
     upsample_maps,
 )
-from .options import EngineOptions, options_from
+from .options import EngineOptions, engine_options
 from .schema import INPUT_LAYER
 from .targets import (
     check_engine_target,
@@ -194,7 +202,7 @@ def compute_cams(
         >>> pixels["input", "saliency"].shape
         torch.Size([2, 16, 16])
     """
-    options = options_from(EngineOptions, locals())  # every field is an argument of this name
+    options = engine_options(locals())  # every field is an argument of this name
     return compute(model, inputs, layers, options, ig_baseline=ig_baseline)
 
 
@@ -214,7 +222,7 @@ def compute(
     """
     check_engine_target(options.target)
     module = unwrap_model(model)
-    plan = _Plan.make(module, layers, options)
+    plan = _plan_for(module, layers, options)
     batch = Batch.of(inputs)
     total = batch.length
     if total == 0:
@@ -227,11 +235,12 @@ def compute(
                 f"`target` holds {classes.shape[0]} indices for a batch of {total} inputs; pass "
                 "one class index per image."
             )
-    ranges: list[tuple[int, int] | None] = (
-        list(pass_ranges(total, options.batch_size)) if total else [None]
-    )
+    # One chunk (the whole batch, not a slice of it) unless `batch_size` splits it.
+    ranges: list[tuple[int, int] | None] = [None]
+    if total and options.batch_size is not None and options.batch_size < total:
+        ranges = list(pass_ranges(total, options.batch_size))
 
-    per_map, per_extra, per_image = _Rows(total), _Rows(total), _Rows(total)
+    whole = None if len(ranges) == 1 else _Rows(total)
     with isolated(module):
         batch = batch.usable()
         baseline = None
@@ -250,53 +259,73 @@ def compute(
             clean, maps, extras = _explain_chunk(
                 module, chunk, chunk_target, options, plan, generator, chunk_baseline
             )
-            per_image.add("targets", rows, clean.indices)
-            per_image.add("logits", rows, clean.logits)
-            if clean.pixel_masks is not None and clean.predicted is not None:
-                per_image.add("pixel_masks", rows, clean.pixel_masks)
-                per_image.add("predicted", rows, clean.predicted)
-            for key, value in maps.items():
-                per_map.add(key, rows, value)
-            for name, value in extras.items():
-                per_extra.add(name, rows, value)
-            del clean, maps, extras  # this chunk's activations and gradients: not beside the next's
-    maps, extras, found = per_map.whole, per_extra.whole, per_image.whole
-    _warn_if_all_zero(module, maps, plan)
-    _warn_if_one_cell(module, maps, plan, batch.image_size)
-    _warn_if_incomplete(module, extras, options.ig_steps)
+            if whole is not None:  # its rows of the probe's outputs, then its tensors go
+                whole.add(rows, clean, maps, extras)  # before the next chunk makes its own
+                del clean, maps, extras
+    if whole is None:
+        masks, predicted = clean.pixel_masks, clean.predicted
+        indices, logits = clean.indices, clean.logits
+    else:
+        maps, extras, found = whole.maps, whole.extras, whole.per_image
+        indices, logits = found["indices"], found["logits"]
+        masks, predicted = found.get("pixel_masks"), found.get("predicted")
+    size = batch.image_size
+    seen = _seen(module)
+    _warn_if_all_zero(seen, maps, plan)
+    _warn_if_one_cell(seen, maps, plan, size, options.methods)
+    if extras:
+        _warn_if_incomplete(module, extras, options.ig_steps)
     return CamResult(
         maps=maps,
-        targets=found["targets"],
-        logits=found["logits"],
-        input_size=batch.image_size,
+        targets=indices,
+        logits=logits,
+        input_size=size,
         layers=tuple(plan.layers),
         methods=options.methods,
         extras=extras,
-        pixel_masks=found.get("pixel_masks"),
-        predicted_maps=found.get("predicted"),
+        pixel_masks=masks,
+        predicted_maps=predicted,
     )
 
 
 class _Rows:
-    """Each output of the chunks, its rows written into one tensor allocated at the first chunk
-    (a lone chunk's tensor kept as it is). Chunks kept in lists until a final `cat` sit between
-    the next chunks' freed temporaries and fragment the host heap: resnet18's 48 maps of 512
-    images at 64 px, 32 at a time, peaked at 167 MiB of RSS that way, 111 MiB with one buffer
-    per output (107 MiB for the first 32 images alone)."""
+    """The outputs of a probe's chunks, each written into one tensor allocated at the first
+    chunk. Chunks kept until a final `cat` sit between the next chunks' freed temporaries and
+    fragment the host heap (and kept whole, their activations and gradients add up to the
+    unchunked peak): resnet18's 48 maps of 512 images at 64 px, 32 at a time, peaked at
+    195-199 MiB of RSS with the chunks' maps in lists and one chunk's activations alive beside
+    the next's, 114-115 MiB this way (97-107 MiB for 32 images alone)."""
 
     def __init__(self, total: int | None) -> None:
         self.total = total
-        self.whole: dict[Any, Tensor] = {}
+        self.maps: dict[tuple[str, str], Tensor] = {}
+        self.extras: dict[str, Tensor] = {}
+        self.per_image: dict[str, Tensor] = {}
 
-    def add(self, key: Any, rows: tuple[int, int] | None, value: Tensor) -> None:
-        """`value` as rows `rows` (None: every row) of output `key`."""
-        if rows is None or rows == (0, self.total):
-            self.whole[key] = value
-            return
-        out = self.whole.get(key)
-        if out is None:
-            out = self.whole[key] = value.new_empty((self.total, *value.shape[1:]))
-        out[rows[0] : rows[1]] = value
+    def add(
+        self,
+        rows: tuple[int, int] | None,
+        clean: _CleanPass,
+        maps: dict[tuple[str, str], Tensor],
+        extras: dict[str, Tensor],
+    ) -> None:
+        """One chunk's outputs as rows `rows` of the probe's."""
+        assert rows is not None  # a chunk of several
+        per_image = {
+            "indices": clean.indices, "logits": clean.logits,
+            "pixel_masks": clean.pixel_masks, "predicted": clean.predicted,
+        }  # fmt: skip
+        tables: tuple[tuple[dict[Any, Tensor], dict[Any, Tensor | None]], ...] = (
+            (self.maps, maps), (self.extras, extras), (self.per_image, per_image),
+        )  # fmt: skip
+        for table, values in tables:
+            for key, value in values.items():
+                if value is None:
+                    continue
+                out = table.get(key)
+                if out is None:
+                    out = table[key] = value.new_empty((self.total, *value.shape[1:]))
+                out[rows[0] : rows[1]] = value
 
 
 # What each model has been checked for (keys such as `("ill-posed", layer, method)`), so a
@@ -304,9 +333,17 @@ class _Rows:
 _SEEN: weakref.WeakKeyDictionary[nn.Module, set[tuple[str, ...]]] = weakref.WeakKeyDictionary()
 
 
+def _seen(module: nn.Module) -> set[tuple[str, ...]]:
+    """What `module` has been checked for."""
+    seen = _SEEN.get(module)
+    if seen is None:
+        seen = _SEEN[module] = set()
+    return seen
+
+
 def _first_time(module: nn.Module, key: tuple[str, ...]) -> bool:
     """True the first time `key` is asked about for `module`; records it."""
-    seen = _SEEN.setdefault(module, set())
+    seen = _seen(module)
     if key in seen:
         return False
     seen.add(key)
@@ -317,11 +354,15 @@ def _first_time(module: nn.Module, key: tuple[str, ...]) -> bool:
 _LAYER_MAPS = CAM_METHODS | {"guided_gradcam"}
 
 
-def _warn_if_all_zero(module: nn.Module, maps: dict[tuple[str, str], Tensor], plan: _Plan) -> None:
-    """One warning per layer whose CAMs are exactly zero for every image (first call only)."""
+def _warn_if_all_zero(
+    seen: set[tuple[str, ...]], maps: dict[tuple[str, str], Tensor], plan: _Plan
+) -> None:
+    """One warning per layer whose CAMs are exactly zero for every image (a model's first call
+    only: `seen` is what it has been checked for)."""
     for name in plan.layers:
-        if not _first_time(module, ("all-zero", name)):
+        if ("all-zero", name) in seen:
             continue
+        seen.add(("all-zero", name))
         zero = [m for (layer, m), v in maps.items() if layer == name and m in _LAYER_MAPS
                 and not bool(v.any())]  # fmt: skip
         if zero:
@@ -348,18 +389,21 @@ def _warn_if_incomplete(module: nn.Module, extras: dict[str, Tensor], steps: int
 
 
 def _warn_if_one_cell(
-    module: nn.Module,
+    seen: set[tuple[str, ...]],
     maps: dict[tuple[str, str], Tensor],
     plan: _Plan,
     size: tuple[int, int] | None,
+    methods: tuple[str, ...],
 ) -> None:
     """One warning per layer whose maps are a single cell (resnet's layer4 at 32 px)."""
+    cam = next((method for method in methods if method in CAM_METHODS), None)
+    if cam is None:
+        return
     for name in plan.layers:
-        shapes = [
-            v.shape[-2:] for (layer, m), v in maps.items() if layer == name and m in CAM_METHODS
-        ]
-        if not shapes or shapes[0].numel() != 1 or not _first_time(module, ("one-cell", name)):
+        shape = maps[name, cam].shape
+        if shape[-2] * shape[-1] != 1 or ("one-cell", name) in seen:
             continue
+        seen.add(("one-cell", name))
         where = f" for a {size[0]}x{size[1]} input" if size is not None else ""
         warnings.warn(
             f"Layer {name!r} gives a 1x1 map{where}: one cell holds no spatial information, so "
@@ -430,7 +474,7 @@ def _resolve_head(module: nn.Module, cam_head: LayerSpec | None) -> tuple[str, n
     return name, head
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Plan:
     """What the options resolve to on this model (layers, CAM head) and which passes run."""
 
@@ -446,16 +490,33 @@ class _Plan:
     root: nn.Module | None = None
     #: Token layouts (`layers.token_layout`) of the layers with token outputs, found on first use.
     layouts: dict[str, TokenLayout] = field(default_factory=dict)
+    #: `(layer, output shape, input size)` of outputs `as_spatial` keeps as they are, with
+    #: what made it so (`_Kept`); shared by the calls of a cached plan.
+    kept: dict[tuple[str, torch.Size, tuple[int, int] | None], _Kept] = field(default_factory=dict)
 
-    def spatial(self, name: str, output: Tensor, options: EngineOptions, chunk: Batch) -> Tensor:
-        """`output` of layer `name` (or its gradient) as `[B, C, h, w]` (`layers.as_spatial`)."""
+    def spatial(
+        self, name: str, output: Tensor, reshape: Reshape | None, size: tuple[int, int] | None
+    ) -> Tensor:
+        """`output` of layer `name` (or its gradient) as `[B, C, h, w]` (`layers.as_spatial`),
+        for an input of `size`."""
+        layer = self.layers[name]
+        if reshape is None:
+            kept = self.kept.get((name, output.shape, size))
+            if kept is not None and kept.holds(layer):
+                return output
         layout = None
-        if output.dim() == 3 and options.reshape is None and self.root is not None:
+        if output.dim() == 3 and reshape is None and self.root is not None:
             layout = self.layouts.get(name)
             if layout is None:
                 layout = self.layouts[name] = token_layout(self.root, name)
-        layer = self.layers[name]
-        return as_spatial(name, output, options.reshape, chunk.image_size, layer, layout)
+        spatial = as_spatial(name, output, reshape, size, layer, layout)
+        if spatial is output and reshape is None and output.dim() == 4:
+            kept = _Kept.of(output.shape, size, layer)
+            if kept is not None:
+                if len(self.kept) >= _KEPT_SHAPES:
+                    self.kept.clear()
+                self.kept[name, output.shape, size] = kept
+        return spatial
 
     @classmethod
     def make(
@@ -481,7 +542,157 @@ class _Plan:
         )
 
 
-@dataclass
+#: Output shapes a plan remembers the layout of, at most (a probe of ever new sizes).
+_KEPT_SHAPES = 64
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """Why `as_spatial` kept a 4-D output as it is, so that it may skip the reading next time:
+    its shape alone (`layers.kept_as_is`), or, where the shape reads both channels-first and
+    channels-last, a layer of this type without submodules that is no LayerNorm or Linear
+    (which reads channels-first while it has no submodules)."""
+
+    leaf: type[nn.Module] | None = None
+
+    @staticmethod
+    def of(shape: torch.Size, size: tuple[int, int] | None, layer: nn.Module) -> _Kept | None:
+        if kept_as_is(shape, size):
+            return _BY_SHAPE
+        if layer._modules or isinstance(layer, (nn.LayerNorm, nn.Linear)):
+            return None
+        return _Kept(type(layer))
+
+    def holds(self, layer: nn.Module) -> bool:
+        """Whether the reason still holds for `layer`."""
+        return self.leaf is None or (type(layer) is self.leaf and not layer._modules)
+
+
+_BY_SHAPE = _Kept()
+
+
+@dataclass(frozen=True)
+class _CachedPlan:
+    """A plan without its model: the names it resolved, weak references to the modules on each
+    name's path, and what it derived from the options.
+
+    Valid while `getattr` along each dotted name meets the same modules, which is what
+    `get_submodule`, all a lookup of full dotted names reads, would return: a replaced or
+    renamed submodule, on the path or at its end, makes a new plan. Weak references, so the
+    cache keeps no model alive (a submodule may refer back to its parent).
+    """
+
+    #: `(name, its atoms, a weak reference to the module at each atom)`, the layers' then the
+    #: CAM head's.
+    paths: tuple[tuple[str, tuple[str, ...], tuple[weakref.ref[nn.Module], ...]], ...]
+    head: bool
+    layer_gradients: bool
+    smooth_layers: bool
+    noisy_copies: int
+    kept: dict[tuple[str, torch.Size, tuple[int, int] | None], _Kept]
+
+    @staticmethod
+    def of(root: nn.Module, plan: _Plan) -> _CachedPlan:
+        paths = []
+        named = list(plan.layers.items()) + ([plan.head] if plan.head is not None else [])
+        for name, _ in named:
+            atoms = tuple(name.split("."))
+            steps = [root.get_submodule(".".join(atoms[: i + 1])) for i in range(len(atoms))]
+            paths.append((name, atoms, tuple(weakref.ref(step) for step in steps)))
+        return _CachedPlan(
+            paths=tuple(paths),
+            head=plan.head is not None,
+            layer_gradients=plan.layer_gradients,
+            smooth_layers=plan.smooth_layers,
+            noisy_copies=plan.noisy_copies,
+            kept=plan.kept,
+        )
+
+    def on(self, root: nn.Module) -> _Plan | None:
+        """The plan for `root` if its modules are still where they were, else None."""
+        found: list[tuple[str, nn.Module]] = []
+        for name, atoms, refs in self.paths:
+            module = root
+            for atom, ref in zip(atoms, refs, strict=True):
+                try:
+                    module = getattr(module, atom)
+                except AttributeError:
+                    return None
+                if module is not ref():
+                    return None
+            found.append((name, module))
+        head = None
+        if self.head:
+            head = found.pop()
+            assert isinstance(head[1], nn.Linear)
+        layers = dict(found)
+        return _Plan(
+            layers=layers,
+            head=head,  # type: ignore[arg-type]
+            layer_gradients=self.layer_gradients,
+            smooth_layers=self.smooth_layers,
+            noisy_copies=self.noisy_copies,
+            root=root,
+            kept=self.kept,
+        )
+
+
+#: Plans per model and `_plan_key`: the layer look-up and what the options imply, done once.
+_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], _CachedPlan]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _plan_key(
+    layers: LayerSpec | Sequence[LayerSpec] | None, options: EngineOptions
+) -> tuple[Any, ...] | None:
+    """What a plan depends on besides the model, where the layers (and the CAM head) are given
+    by name (None: modules or a default CAM head). Whether those names are full dotted names is
+    checked when a plan is kept (`_plan_for`)."""
+    specs: tuple[Any, ...]
+    if layers is None:
+        specs = ()
+    elif type(layers) is str:
+        specs = (layers,)
+    elif isinstance(layers, (list, tuple)) and all(type(spec) is str for spec in layers):
+        specs = tuple(layers)
+    else:
+        return None
+    if "cam" not in options.methods:
+        return specs, options.methods, None, options.smooth
+    if type(options.cam_head) is not str:
+        return None
+    return specs, options.methods, options.cam_head, options.smooth
+
+
+def _plan_for(
+    module: nn.Module, layers: LayerSpec | Sequence[LayerSpec] | None, options: EngineOptions
+) -> _Plan:
+    """The plan of `layers` and `options` on `module`: the cached one while valid."""
+    key = _plan_key(layers, options)
+    if key is None:
+        return _Plan.make(module, layers, options)
+    plans = _PLANS.get(module)
+    cached = plans.get(key) if plans is not None else None
+    plan = cached.on(module) if cached is not None else None
+    if plan is not None:
+        return plan
+    plan = _Plan.make(module, layers, options)
+    specs, head = key[0], key[2]
+    exact = (
+        type(module).get_submodule is nn.Module.get_submodule
+        and tuple(plan.layers) == tuple(dict.fromkeys(specs))
+        and (plan.head is None or plan.head[0] == head)
+        and not any(is_glob(spec) for spec in (*specs, *([head] if head else [])))
+    )
+    if exact:  # every name found as given, by `get_submodule` (no glob, no suffix match)
+        if plans is None:
+            plans = _PLANS.setdefault(module, {})
+        plans[key] = _CachedPlan.of(module, plan)
+    return plan
+
+
+@dataclass(slots=True)
 class _CleanPass:
     """What the clean forward and its one `autograd.grad` produce for one chunk."""
 
@@ -508,8 +719,6 @@ def _explain_chunk(
 ) -> tuple[_CleanPass, dict[tuple[str, str], Tensor], dict[str, Tensor]]:
     """Every requested map of one probe chunk: the clean pass, then any extra batched passes."""
     clean = _clean_pass(module, chunk, target, options, plan)
-    rows_per_pass = extra_pass_rows(chunk, options.batch_size)
-    score_fn = _scorer(module, options, target, clean.indices, clean.pixel_masks)
     layer_grads: dict[str, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {
         name: (grad, None) for name, grad in clean.gradients.items()
     }
@@ -517,33 +726,12 @@ def _explain_chunk(
     extras: dict[str, Tensor] = {}
     if clean.input_gradients is not None:
         input_maps["saliency"] = saliency_map(clean.input_gradients)
-    if plan.noisy_copies:
-        assert generator is not None
-        smoothed, smoothgrad = _noisy_passes(
-            chunk, score_fn, options, plan, clean, generator, rows_per_pass
-        )
-        layer_grads.update(smoothed)
-        if smoothgrad is not None:
-            input_maps["smoothgrad"] = smoothgrad.amax(dim=1)
-    if "integrated_gradients" in options.methods:
-        assert baseline is not None
-        attributions, base_scores = integrated_gradients(
-            score_fn, chunk, baseline, options.ig_steps, rows_per_pass
-        )
-        input_maps["integrated_gradients"] = channel_sum(attributions)
-        delta = clean.scores - base_scores
-        extras["integrated_gradients.score_delta"] = delta
-        gap = attributions.flatten(1).sum(dim=1) - delta
-        extras["integrated_gradients.completeness_gap"] = gap
     guided = None
-    if "guided_backprop" in options.methods or "guided_gradcam" in options.methods:
-        guided = guided_backprop(module, score_fn, chunk, rows_per_pass)
-        if "guided_backprop" in options.methods:
-            input_maps["guided_backprop"] = channel_sum(guided)
-    if "deconvnet" in options.methods:
-        deconv = deconvnet(module, score_fn, chunk, rows_per_pass)
-        input_maps["deconvnet"] = channel_sum(deconv)
-
+    if plan.noisy_copies or not _CLEAN_ONLY.issuperset(options.methods):
+        guided = _extra_passes(
+            module, chunk, target, options, plan, generator, baseline, clean, layer_grads,
+            input_maps, extras,
+        )  # fmt: skip
     maps: dict[tuple[str, str], Tensor] = {}
     gradient_methods = [m for m in options.methods if m in GRADIENT_METHODS]
     for name in plan.layers:
@@ -569,6 +757,57 @@ def _explain_chunk(
         if method in input_maps:
             maps[INPUT_LAYER, method] = input_maps[method]
     return clean, maps, extras
+
+
+#: Methods the clean pass alone serves (with `smooth=0`): no scorer, no extra pass.
+_CLEAN_ONLY = CAM_METHODS | {"saliency"}
+
+
+def _extra_passes(
+    module: nn.Module,
+    chunk: Batch,
+    target: Target,
+    options: EngineOptions,
+    plan: _Plan,
+    generator: torch.Generator | None,
+    baseline: Tensor | None,
+    clean: _CleanPass,
+    layer_grads: dict[str, tuple[Tensor, tuple[Tensor, Tensor] | None]],
+    input_maps: dict[str, Tensor],
+    extras: dict[str, Tensor],
+) -> Tensor | None:
+    """The batched passes beyond the clean one (noisy copies, integrated gradients, guided
+    backprop, deconvnet), written into `layer_grads`, `input_maps` and `extras`. Returns guided
+    backprop's gradients where guided Grad-CAM needs them."""
+    guided = None
+    rows_per_pass = extra_pass_rows(chunk, options.batch_size)
+    score_fn = _scorer(module, options, target, clean.indices, clean.pixel_masks)
+    if plan.noisy_copies:
+        assert generator is not None
+        smoothed, smoothgrad = _noisy_passes(
+            chunk, score_fn, options, plan, clean, generator, rows_per_pass
+        )
+        layer_grads.update(smoothed)
+        if smoothgrad is not None:
+            input_maps["smoothgrad"] = smoothgrad.amax(dim=1)
+    if "integrated_gradients" in options.methods:
+        assert baseline is not None
+        attributions, base_scores = integrated_gradients(
+            score_fn, chunk, baseline, options.ig_steps, rows_per_pass
+        )
+        input_maps["integrated_gradients"] = channel_sum(attributions)
+        delta = clean.scores - base_scores
+        extras["integrated_gradients.score_delta"] = delta
+        gap = attributions.flatten(1).sum(dim=1) - delta
+        extras["integrated_gradients.completeness_gap"] = gap
+    if "guided_backprop" in options.methods or "guided_gradcam" in options.methods:
+        guided = guided_backprop(module, score_fn, chunk, rows_per_pass)
+        if "guided_backprop" in options.methods:
+            input_maps["guided_backprop"] = channel_sum(guided)
+    if "deconvnet" in options.methods:
+        deconv = deconvnet(module, score_fn, chunk, rows_per_pass)
+        input_maps["deconvnet"] = channel_sum(deconv)
+    return guided
 
 
 #: Pixels an extra pass (IG steps, noisy copies) holds at most without `batch_size`, unless the
@@ -610,10 +849,8 @@ def _clean_pass(
     prune = image is None
     while True:
         head_inputs: list[Tensor] = []
-        with (
-            capture_outputs(plan.layers, graph_from_first=prune) as recorded,
-            _record_inputs(plan.head, head_inputs),
-        ):
+        also = () if plan.head is None else [_input_recorder(plan.head[1], head_inputs)]
+        with capture_outputs(plan.layers, graph_from_first=prune, also=also) as recorded:
             output = _run(module, options, chunk)
         logits = pick_logits(output, options.output_transform)
         if chunk.length is not None and logits.shape[0] != chunk.length:
@@ -623,9 +860,8 @@ def _clean_pass(
                 "image ([B, C]). A squeeze() in forward drops the batch axis of a batch of one: "
                 "use squeeze(-1) or flatten(1)."
             )
-        missing = [name for name in plan.layers if name not in recorded]
-        if missing:
-            raise did_not_run(missing)
+        if len(recorded) != len(plan.layers):
+            raise did_not_run([name for name in plan.layers if name not in recorded])
         whole = options.target if isinstance(options.target, Tensor) else None
         masks = None
         if is_segmentation(logits):
@@ -637,7 +873,7 @@ def _clean_pass(
         prune = False
     warn_if_probabilities(module, logits)
     names = list(plan.layers)
-    table = class_scores(logits).detach().float()
+    table = as_float32(class_scores(logits).detach())
     predicted = None
     if masks is not None:
         predicted = table.argmax(dim=1)
@@ -645,7 +881,8 @@ def _clean_pass(
         for name in names:
             _warn_if_logit_map(module, name, recorded[name], logits.detach())
         table = table.mean(dim=(2, 3))
-    spatial = {name: plan.spatial(name, recorded[name].detach(), options, chunk) for name in names}
+    reshape, size = options.reshape, chunk.image_size
+    spatial = {name: plan.spatial(name, recorded[name].detach(), reshape, size) for name in names}
     if plan.layer_gradients and not scores.requires_grad:
         raise no_gradient(names)
     wrt = [recorded[n] for n in names] if plan.layer_gradients and not plan.smooth_layers else []
@@ -655,14 +892,14 @@ def _clean_pass(
     wrt_names = names[: len(wrt) - with_input] + (["the input"] if with_input else [])
     grads = _gradients(scores, wrt, wrt_names)
     gradients: dict[str, Tensor] = {
-        name: plan.spatial(name, grad, options, chunk)
+        name: plan.spatial(name, grad, reshape, size)
         for name, grad in zip(names, grads[: len(wrt) - with_input], strict=False)
     }
     input_gradients = grads[-1] if image is not None else None
     return _CleanPass(
         indices=indices,
         logits=table,
-        scores=scores.detach().float(),
+        scores=as_float32(scores.detach()),
         activations=spatial,
         gradients=gradients,
         input_gradients=input_gradients,
@@ -718,22 +955,19 @@ def _gradients(scores: Tensor, wrt: list[Tensor], names: list[str]) -> list[Tens
         if "checkpoint" in str(err):
             raise no_gradient(names, reentrant=True) from err
         raise
-    missing = [name for name, grad in zip(names, grads, strict=True) if grad is None]
-    if missing:
-        raise no_gradient(missing)
-    return [grad for grad in grads if grad is not None]
+    if any(grad is None for grad in grads):
+        raise no_gradient([name for name, grad in zip(names, grads, strict=True) if grad is None])
+    return list(grads)
 
 
-@contextmanager
-def _record_inputs(head: tuple[str, nn.Linear] | None, into: list[Tensor]) -> Iterator[None]:
-    """Append the first positional input of every call of `head` to `into` (scoped pre-hook)."""
+def _input_recorder(head: nn.Linear, into: list[Tensor]) -> Hook:
+    """A pre-hook on `head` appending the first positional input of its every call to `into`."""
 
     def hook(module: nn.Module, args: Any) -> None:
         if args and isinstance(args[0], Tensor):
             into.append(args[0].detach())
 
-    with scoped_hooks([] if head is None else [(head[1], "forward_pre", hook)]):
-        yield
+    return head, "forward_pre", hook
 
 
 def _scorer(
@@ -795,6 +1029,7 @@ def _noisy_passes(
     }
     input_sum = torch.zeros(image.shape, device=image.device) if want_input else None
     sigma = noise_scale(image, options.noise)
+    size = chunk.image_size
     for start, stop in pass_ranges(image.shape[0] * copies, rows_per_pass):
         index = torch.arange(start, stop, device=image.device) // copies
         rows = noisy_rows(image, index, sigma, generator)
@@ -805,7 +1040,7 @@ def _noisy_passes(
         wrt = [recorded[name] for name in names] + ([rows] if want_input else [])
         grads = _gradients(scores, wrt, names + (["the input"] if want_input else []))
         for name, grad in zip(names, grads, strict=False):
-            value = plan.spatial(name, grad, options, chunk).float()
+            value = plan.spatial(name, grad, options.reshape, size).float()
             for power, total in enumerate(sums[name], start=1):
                 add_rows(total, index, value if power == 1 else value.pow(power))
         if input_sum is not None:

@@ -22,12 +22,12 @@ from .channels import filter_activations, one_layer, visualize_filter
 from .engine import CamResult, compute
 from .faithfulness import summarized, trust_scores
 from .layers import unwrap_model
-from .measures import class_iou
+from .measures import segment_measures
 from .methods import PIXEL_METHODS, SIGNED_METHODS
 from .options import EngineOptions, FaithfulnessOptions, FilterOptions, RenderOptions
 from .probe import ProbeSet
 from .render import (
-    caption_text,
+    caption_choices,
     choose_captions,
     denormalize,
     draw_map_grid,
@@ -35,7 +35,7 @@ from .render import (
     draw_view_grid,
     drawn_rows,
     predicted_classes,
-    segment_caption_text,
+    segment_caption_choices,
     to_uint8_images,
 )
 from .schema import MapKey, ScalarKey, filter_channel_tag, filter_maximised_tag, view_method
@@ -130,28 +130,14 @@ def probe_captions(
     exist, else the share of pixels predicted as it ("car IoU 0.72", "car 0.72", then
     "3 0.72")."""
     if result.predicted_maps is not None:
-        predicted_maps = _rows_of(result.predicted_maps, rows)
         targets = _rows_of(result.targets, rows)
-        classes = targets.tolist()
-        iou = None
-        if probe.label_maps is not None:
-            iou = class_iou(predicted_maps, _rows_of(probe.label_maps, rows), targets).tolist()
-        share = (predicted_maps == targets[:, None, None].to(
-            predicted_maps.device
-        )).flatten(1).float().mean(dim=1).tolist()  # fmt: skip
-        candidates = [segment_caption_text(classes, iou, share, None, compact=True)]
-        if names is not None:
-            candidates[:0] = [
-                segment_caption_text(classes, iou, share, names),
-                segment_caption_text(classes, iou, share, names, compact=True),
-            ]
-        return candidates
-    predicted = predicted_classes(_rows_of(result.logits, rows))
+        label_maps = None if probe.label_maps is None else _rows_of(probe.label_maps, rows)
+        measured = segment_measures(_rows_of(result.predicted_maps, rows), targets, label_maps)
+        iou = None if measured.iou is None else measured.iou.tolist()
+        classes, share = targets.tolist(), measured.share.tolist()
+        return segment_caption_choices(classes, iou, share, names)
     true = None if probe.labels is None else _rows_of(probe.labels, rows).tolist()
-    candidates = [caption_text(predicted, true, names, compact=True)]
-    if names is not None:
-        candidates.insert(0, caption_text(predicted, true, names))
-    return candidates
+    return caption_choices(predicted_classes(_rows_of(result.logits, rows)), true, names)
 
 
 def _rows_of(tensor: Tensor, rows: Sequence[int] | None) -> Tensor:

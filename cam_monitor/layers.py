@@ -19,6 +19,16 @@ from .types import LayerSpec, Reshape
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
+def is_glob(name: str) -> bool:
+    """Whether a layer name is a glob pattern (`*`, `?`, `[...]`) rather than a dotted name.
+
+    Example:
+        >>> is_glob("features.*"), is_glob("features.29")
+        (True, False)
+    """
+    return _GLOB_CHARS.search(name) is not None
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip DDP/DataParallel (`.module`) and `torch.compile` (`._orig_mod`) wrappers.
 
@@ -28,7 +38,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         True
     """
     while True:
-        inner = getattr(model, "_orig_mod", None)
+        inner = _compiled_inner(model)
         if isinstance(inner, nn.Module):
             model = inner
             continue
@@ -37,6 +47,25 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
             continue
         return model
+
+
+def _compiled_inner(model: nn.Module) -> object:
+    """`getattr(model, "_orig_mod", None)`, read from `model._modules` where that is where the
+    attribute lookup would find it (no exception raised and caught on every call)."""
+    kind = type(model)
+    if (
+        kind.__getattr__ is _MODULE_GETATTR
+        and kind.__getattribute__ is _OBJECT_GETATTRIBUTE
+        and "_orig_mod" not in model.__dict__
+        and not hasattr(kind, "_orig_mod")
+    ):
+        # What `Module.__getattr__` would find: a Parameter or buffer of that name is no Module.
+        return model.__dict__.get("_modules", {}).get("_orig_mod")
+    return getattr(model, "_orig_mod", None)
+
+
+_MODULE_GETATTR = nn.Module.__getattr__
+_OBJECT_GETATTRIBUTE = object.__getattribute__
 
 
 def _glob_to_regex(pattern: str) -> re.Pattern[str]:
@@ -358,6 +387,22 @@ def _token_grid_like(
     if not found:
         return None
     return min(found, key=lambda grid: abs(math.log(grid[1] / grid[2] / ratio)))
+
+
+def kept_as_is(shape: Sequence[int], size: tuple[int, int] | None) -> bool:
+    """Whether `as_spatial` (without `reshape`) returns any layer's output of this `shape` as it
+    is, for an input of `size`: a 4-D output that only reads as a channels-first grid of the
+    input (or any 4-D output where the input size is unknown). The layer is not consulted.
+
+    Example:
+        >>> kept_as_is((2, 64, 8, 8), (32, 32)), kept_as_is((2, 8, 8, 64), (32, 32))
+        (True, False)
+    """
+    if len(shape) != 4:
+        return False
+    if size is None:
+        return True
+    return _fits(shape[2], shape[3], size) and not _fits(shape[1], shape[2], size)
 
 
 def as_spatial(

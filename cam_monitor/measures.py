@@ -14,13 +14,14 @@ it was built, and check only the maps.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .methods import SIGNED_METHODS, upsample_maps
 from .schema import MEASURES as MEASURES  # the one definition; importable from here as before
+from .targets import IGNORE_LABELS
 
 if TYPE_CHECKING:
     from .options import DriftOptions
@@ -501,13 +502,78 @@ def class_iou(predicted: Tensor, label_maps: Tensor, classes: Tensor) -> Tensor:
         >>> class_iou(pred, true, torch.tensor([1])).tolist()
         [0.5]
     """
+    mine, theirs = _class_pixels(predicted, label_maps, classes)
+    inter = (mine & theirs).flatten(1).sum(dim=1).float()
+    union = (mine | theirs).flatten(1).sum(dim=1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.nan)
+
+
+def class_accuracy(predicted: Tensor, label_maps: Tensor, classes: Tensor) -> Tensor:
+    """Per image, the pixel accuracy of class `classes[b]`: the share of the pixels labelled
+    with it that the prediction assigns to it (shapes as `class_iou`); NaN where no pixel is
+    labelled with it.
+
+    Example:
+        >>> pred = torch.tensor([[[1, 1], [0, 0]]]); true = torch.tensor([[[1, 0], [1, 0]]])
+        >>> class_accuracy(pred, true, torch.tensor([1])).tolist()
+        [0.5]
+    """
+    mine, theirs = _class_pixels(predicted, label_maps, classes)
+    hits = (mine & theirs).flatten(1).sum(dim=1).float()
+    labelled = theirs.flatten(1).sum(dim=1).float()
+    return torch.where(labelled > 0, hits / labelled.clamp(min=1), torch.nan)
+
+
+def class_share(predicted: Tensor, classes: Tensor) -> Tensor:
+    """Per image, the share of its pixels the prediction `[B, H, W]` assigns to `classes[b]`;
+    NaN where the class is unknown (-1: a target callable returned scores).
+
+    Example:
+        >>> class_share(torch.tensor([[[2, 0], [0, 0]]]), torch.tensor([2])).tolist()
+        [0.25]
+    """
+    wanted = classes.to(predicted.device)[:, None, None]
+    share = (predicted == wanted).flatten(1).float().mean(dim=1)
+    return torch.where(wanted[:, 0, 0] >= 0, share, torch.nan)
+
+
+class SegmentMeasures(NamedTuple):
+    """How a segmentation model predicts the class each image's map explains, per image
+    (float32 `[B]` each): the `share` of the image's pixels predicted as it and, where label
+    maps exist (else None), its `iou` and pixel `accuracy` (`class_iou`, `class_accuracy`)."""
+
+    share: Tensor
+    iou: Tensor | None
+    accuracy: Tensor | None
+
+
+def segment_measures(
+    predicted: Tensor, classes: Tensor, label_maps: Tensor | None = None
+) -> SegmentMeasures:
+    """The `SegmentMeasures` of predicted class maps `[B, H, W]` for the explained `classes`
+    `[B]`: what captions show and the history records.
+
+    Example:
+        >>> pred = torch.tensor([[[1, 1], [0, 0]]]); true = torch.tensor([[[1, 0], [1, 0]]])
+        >>> [m.tolist() for m in segment_measures(pred, torch.tensor([1]), true)]
+        [[0.5], [0.3333333432674408], [0.5]]
+    """
+    share = class_share(predicted, classes)
+    if label_maps is None:
+        return SegmentMeasures(share, None, None)
+    iou = class_iou(predicted, label_maps, classes)
+    return SegmentMeasures(share, iou, class_accuracy(predicted, label_maps, classes))
+
+
+def _class_pixels(predicted: Tensor, label_maps: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
+    """Where each image's class is predicted and where it is labelled, at the labels' size (the
+    prediction resized, nearest); unlabelled pixels (`IGNORE_LABELS`) are scored by neither."""
     if predicted.shape[-2:] != label_maps.shape[-2:]:
         resized = torch.nn.functional.interpolate(
             predicted[:, None].float(), size=label_maps.shape[-2:], mode="nearest"
         )
         predicted = resized[:, 0].long()
     wanted = classes.to(predicted.device)[:, None, None]
-    mine, theirs = predicted == wanted, label_maps.to(predicted.device) == wanted
-    inter = (mine & theirs).flatten(1).sum(dim=1).float()
-    union = (mine | theirs).flatten(1).sum(dim=1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.nan)
+    labels = label_maps.to(predicted.device)
+    scored = ~torch.isin(labels, torch.tensor(IGNORE_LABELS, device=labels.device))
+    return (predicted == wanted) & scored, labels == wanted

@@ -295,6 +295,65 @@ def options_from(kind: type[OptionsT], arguments: Mapping[str, Any]) -> OptionsT
     return kind(**{name: arguments[arg] for name, arg in names.items() if arg in arguments})
 
 
+def engine_options(arguments: Mapping[str, Any]) -> EngineOptions:
+    """`options_from(EngineOptions, arguments)`, built once for each set of plain values.
+
+    Where every argument but `target` is None, a bool, a number, a name or a sequence of names
+    (`compute_cams` called again with the same keywords), the options validated before are
+    used again with this call's `target`, checked as `EngineOptions` checks it: a call with
+    callables, modules or tensors elsewhere builds its options afresh.
+
+    Example:
+        >>> engine_options({"methods": ["gradcam"], "target": 3}).target
+        3
+    """
+    key = _plain_key(arguments)
+    if key is None:
+        return options_from(EngineOptions, arguments)
+    known = _ENGINE_OPTIONS.get(key)
+    if known is None:
+        known = options_from(EngineOptions, {**arguments, "target": "predicted"})
+        if len(_ENGINE_OPTIONS) >= _KNOWN_OPTIONS:
+            _ENGINE_OPTIONS.clear()
+        _ENGINE_OPTIONS[key] = known
+    target = arguments.get("target", "predicted")
+    if isinstance(target, str) and target == "predicted":
+        return known
+    _check_target(target)
+    options = object.__new__(EngineOptions)
+    options.__dict__.update(known.__dict__)
+    object.__setattr__(options, "target", target)
+    return options
+
+
+#: Options built from plain values, by `_plain_key`; at most `_KNOWN_OPTIONS` of them.
+_ENGINE_OPTIONS: dict[tuple[Any, ...], EngineOptions] = {}
+_KNOWN_OPTIONS = 64
+_PLAIN = frozenset({type(None), bool, int, float, str})
+
+
+def _plain_key(arguments: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """The engine arguments but `target` as a hashable key, each value with its type (so that
+    1, 1.0 and True differ) and floats by `repr` (0.0 and -0.0 differ); None where one is not
+    a plain value."""
+    key: list[Any] = []
+    append = key.append
+    for name in _ENGINE_NAMES:
+        value = arguments.get(name, key)  # `key` itself marks an absent argument
+        kind = type(value)
+        if kind in _PLAIN:
+            append(kind)
+            append(repr(value) if kind is float else value)
+        elif (kind is list or kind is tuple) and all(type(item) is str for item in value):
+            append(kind)
+            append(tuple(value))
+        elif value is key:
+            append(None)
+        else:
+            return None
+    return tuple(key)
+
+
 def engine_fields(flag: str | None = None) -> tuple[Field[Any], ...]:
     """`EngineOptions`' fields, in order; with `flag` (`RECORDED`, `CALLABLE`, `CALLBACK`), those
     whose metadata sets it (a field without metadata is a callback argument and nothing else).
@@ -612,3 +671,7 @@ class OutputOptions:
                 f"`history_maps` must be one of {', '.join(map(repr, HISTORY_MAPS))}, got "
                 f"{self.history_maps!r}."
             )
+
+
+#: `EngineOptions`' arguments but `target` (which `engine_options` checks at every call).
+_ENGINE_NAMES = tuple(f.name for f in fields(EngineOptions) if f.name != "target")

@@ -36,6 +36,7 @@ from .compare import (
     compare_group,
     format_number,
     overlay_epochs,
+    predictions,
     spread_series,
     summarize_groups,
     summary_stats,
@@ -43,11 +44,11 @@ from .compare import (
 from .history import Evaluation, ProbeRecord
 from .methods import PIXEL_METHODS, SIGNED_METHODS
 from .render import (
-    caption_text,
+    caption_choices,
     choose_captions,
     make_map_grid,
     make_overlay_grid,
-    predicted_classes,
+    segment_caption_choices,
     to_jpeg_bytes,
 )
 from .schema import (
@@ -473,19 +474,42 @@ def _img(image: bytes, alt: str, kind: str = "png") -> str:
 def _captions(
     evaluation: Evaluation, probe: str, labels: np.ndarray | None, height: int, width: int
 ) -> list[str] | None:
-    """Tile captions of one probe: predicted and true class, by name when the history stores
-    class names and they fit the tiles; None without logits."""
-    logits = evaluation.logits.get(probe)
-    if logits is None or logits.ndim != 2:
-        return None
-    count = len(logits)
-    true = labels.tolist() if labels is not None and len(labels) == count else None
-    predicted = predicted_classes(logits)
+    """Tile captions of one probe, by class name when the history stores class names and they
+    fit the tiles: a classifier's predicted and true class; a segmentation probe's class each map
+    explains and its IoU on the image (else the share of its pixels predicted as it), as the
+    dashboard's captions. None without logits or a segmentation record."""
+    segmentation = evaluation.segmentation.get(probe)
+    explained = evaluation.targets.get(probe)
     names = evaluation.class_names
-    candidates = [caption_text(predicted, true, names, compact=True)]
-    if names is not None:
-        candidates.insert(0, caption_text(predicted, true, names))
+    if segmentation is not None and explained is not None and segmentation.share is not None:
+        iou = None if segmentation.iou is None else segmentation.iou.tolist()
+        candidates = segment_caption_choices(
+            explained.tolist(), iou, segmentation.share.tolist(), names
+        )
+        return choose_captions(candidates, height, width, _TILE)
+    predicted = predictions(evaluation, probe)
+    if predicted is None:
+        return None
+    true = labels.tolist() if labels is not None and len(labels) == len(predicted) else None
+    candidates = caption_choices(predicted.tolist(), true, names)
     return choose_captions(candidates, height, width, _TILE)
+
+
+def _regions(
+    evaluation: Evaluation, probe: str, record: ProbeRecord | None, count: int
+) -> torch.Tensor | None:
+    """What the report outlines on each tile: the pixels labelled with the class each map
+    explains (a probe with label maps), else the probe's masks; None without either."""
+    if record is None:
+        return None
+    label_maps, explained = record.label_maps.get(probe), evaluation.targets.get(probe)
+    if label_maps is not None and explained is not None and len(explained) == count:
+        regions = label_maps == np.asarray(explained)[:, None, None]
+    else:
+        regions = record.masks.get(probe)
+    if regions is None or regions.shape[0] != count:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(regions, dtype=bool))
 
 
 def _grid_jpeg(run: Run, probe_record: ProbeRecord | None, group: Group, epoch: int) -> bytes:
@@ -513,10 +537,14 @@ def _grid_jpeg(run: Run, probe_record: ProbeRecord | None, group: Group, epoch: 
         grid = make_map_grid(maps, signed=signed, captions=captions, nrow=nrow, min_tile=_TILE)
         return to_jpeg_bytes(grid, _JPEG_QUALITY)
     if inputs is not None:
+        regions = _regions(evaluation, probe, probe_record, count)
+        if regions is not None and regions.shape[-2:] != inputs.shape[-2:]:
+            regions = None
         try:
             grid = make_overlay_grid(
-                torch.from_numpy(inputs), maps, captions=captions, nrow=nrow, min_tile=_TILE
-            )
+                torch.from_numpy(inputs), maps, captions=captions, nrow=nrow, min_tile=_TILE,
+                regions=regions,
+            )  # fmt: skip
             return to_jpeg_bytes(grid, _JPEG_QUALITY)
         except ValueError:
             pass  # e.g. inputs that are not 1- or 3-channel images: show the maps alone
@@ -531,7 +559,10 @@ def _overlays(groups: Sequence[RunGroup], keys: Sequence[Group], epochs: Sequenc
     lines = [
         "<h2 id='overlays'>Overlays</h2>",
         f"<p>CAMs at epochs {_e(', '.join(map(str, epochs)))}, min-max normalised per image; "
-        "captions: ok/x, p: predicted, t: true class"
+        "captions: ok/x, p: predicted, t: true class (segmentation: the class a map explains, "
+        "with its IoU on the image where label maps exist, else the share of the pixels "
+        "predicted as it); white outlines: the probe's masks, or the pixels labelled with the "
+        "class each map explains"
         + ("; for a group of several runs, its first run is shown" if several else "")
         + ".</p>",
     ]

@@ -225,8 +225,18 @@ HISTORY_FOLDER = "cam_monitor"
 #: The file holding a run's probe, next to its evaluation files.
 PROBE_FILE = "probe.npz"
 #: Array names inside history files: ``maps/<probe>/<layer>/<method>``, ``<kind>/<probe>``
-#: (``targets``, ``logits``, ``labels``; the probe's ``inputs``, ``labels``, ``masks``), ``meta``.
+#: (``targets``, ``logits``, ``labels``, `SEGMENTATION_ARRAYS`; the probe's ``inputs``,
+#: ``labels``, ``masks``, `LABEL_MAPS_ARRAY`), ``meta``.
 MAPS_ARRAY, META_ARRAY = "maps", "meta"
+#: The per-image arrays of a segmentation probe in an evaluation file, ``<kind>/<probe>``
+#: (optional: a classifier's probes, and files written before they existed, have none): each
+#: image's predicted class by the `target="predicted"` rule, and how the model predicts the class
+#: its map explains: the share of the image's pixels, then (with label maps) IoU and accuracy.
+PREDICTED_ARRAY, CLASS_SHARE_ARRAY = "predicted", "class_share"
+CLASS_IOU_ARRAY, CLASS_ACCURACY_ARRAY = "class_iou", "class_accuracy"
+SEGMENTATION_ARRAYS = (PREDICTED_ARRAY, CLASS_SHARE_ARRAY, CLASS_IOU_ARRAY, CLASS_ACCURACY_ARRAY)
+#: The probe file's class-index maps of a segmentation probe: ``label_maps/<probe>``.
+LABEL_MAPS_ARRAY = "label_maps"
 _EVALUATION_FILE = re.compile(r"eval-(\d{5,})\.npz")
 _TEMPORARY_FILE = re.compile(r"\.eval-(\d{5,})\.npz\.[0-9a-f]+\.tmp")
 

@@ -201,6 +201,8 @@ def warn_if_probabilities(module: nn.Module, logits: Tensor) -> None:
 #: check reads the values back (a host sync on a GPU), so the probe's labels, passed again at
 #: every evaluation, are read once, and again only after an in-place change.
 _CHECKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: The last of them (looked up without `_CHECKED`'s Python-level weak reference).
+_LAST_CHECKED: list[tuple[weakref.ref[Tensor], tuple[int, int]] | None] = [None]
 
 
 def _check_indices(indices: Tensor, num_classes: int, source: Tensor | None = None) -> None:
@@ -210,8 +212,13 @@ def _check_indices(indices: Tensor, num_classes: int, source: Tensor | None = No
     stamp = None
     if source is not None and not source.is_inference():
         stamp = (source._version, num_classes)
-    if stamp is not None and _CHECKED.get(source) == stamp:
-        return
+    if stamp is not None:
+        last = _LAST_CHECKED[0]
+        if last is not None and last[0]() is source and last[1] == stamp:
+            return  # the tensor checked last (the probe labels, every evaluation)
+        if _CHECKED.get(source) == stamp:
+            _LAST_CHECKED[0] = (weakref.ref(source), stamp)
+            return
     if indices.numel() and bool((indices < 0).any() | (indices >= num_classes).any()):
         bad = indices[(indices < 0) | (indices >= num_classes)][0].item()
         raise ValueError(
@@ -220,6 +227,7 @@ def _check_indices(indices: Tensor, num_classes: int, source: Tensor | None = No
         )
     if stamp is not None:
         _CHECKED[source] = stamp
+        _LAST_CHECKED[0] = (weakref.ref(source), stamp)
 
 
 def check_engine_target(target: Target) -> None:
@@ -267,14 +275,16 @@ def resolve_targets(
         _check_indices(checked, num_classes, source=checked)
         # A copy: the result never aliases the caller's labels, and labels moved to the device
         # under inference mode (a validation batch's), which autograd refuses, become normal.
-        indices = target.to(logits.device, torch.long, copy=True).expand(batch).contiguous()
+        indices = target.to(logits.device, torch.long, copy=True)
+        if indices.shape != (batch,):  # one class for every image
+            indices = indices.expand(batch).contiguous()
     else:  # a callable
         returned = _call_target(target, logits, batch)
         if returned.is_floating_point():
             return torch.full((batch,), -1, dtype=torch.long, device=logits.device), returned
         indices = returned.to(torch.long)
         _check_indices(indices, num_classes)
-    return indices, table.gather(1, indices[:, None])[:, 0]
+    return indices, table.gather(1, indices.unsqueeze(1)).squeeze(1)
 
 
 # -- segmentation: per-pixel logits [B, C, H, W] ---------------------------------------------------

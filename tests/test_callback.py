@@ -412,7 +412,7 @@ def test_pixel_methods_filters_and_boxes_reach_the_dashboard(tmp_path: Path) -> 
     assert "cam_loc/probe/input/integrated_gradients/energy" in scalars
     assert "cam_loc/probe/net.features.5/gradcam++/pointing" in scalars
     stored = read_probe(Path(logger.log_dir) / "cam_monitor")
-    assert stored is not None and stored.hashes["probe"] == monitor._probes["probe"].digest
+    assert stored is not None and stored.hashes["probe"] == monitor.run.probes["probe"].digest
     assert stored.masks["probe"][:, :16, :16].all() and not stored.masks["probe"][:, 16:].any()
 
 
@@ -810,7 +810,7 @@ def test_several_val_loaders_take_the_probe_from_the_first_and_say_so(tmp_path: 
     first_named = "from the first, val_dataloaders[0] (a DataLoader of TensorDataset, 16 items)"
     assert first_named in said[0]
     assert "probe=" in said[0]
-    assert torch.equal(monitor._probes["val"].inputs, first.tensors[0][[0, 5, 10, 15]])
+    assert torch.equal(monitor.run.probes["val"].inputs, first.tensors[0][[0, 5, 10, 15]])
 
 
 def test_fast_dev_run_evaluates_and_writes_nothing(

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cam_monitor.cli import format_bytes, format_table, main
-from cam_monitor.history import read_evaluation
+from cam_monitor.history import Segmentation, read_evaluation
 from cam_monitor.probe import content_hash
 from cam_monitor.schema import MapKey, ScalarKey
 from tests.helpers import evaluation, write_history
@@ -645,6 +645,35 @@ def test_show_counts_no_class_for_an_image_with_nan_logits(
     assert caption_text(predicted_classes(logits), [0, 1, 2], compact=True) == [
         "p:- t:0", "ok 1", "x p:0 t:2"
     ]  # fmt: skip
+
+
+def test_show_names_a_segmentation_probes_predicted_and_explained_classes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A segmentation probe's prediction is its recorded main predicted class (the mean logits,
+    all background here, predict nothing); the explained classes and the explained class's
+    IoU, pixel accuracy and share follow, their means over the images where they are defined."""
+    record = Segmentation(
+        predicted=np.array([2, 1, 2]),
+        share=np.array([0.1, 0.2, np.nan]),
+        iou=np.array([0.5, np.nan, np.nan]),
+        accuracy=np.array([0.25, np.nan, np.nan]),
+    )
+    logits = np.array([[3.0, 1.0, 0.0]] * 3, np.float32)
+    maps = {("val", "conv", "gradcam"): np.ones((3, 2, 2))}
+    write_history(tmp_path, [evaluation(0, 0, maps, step=0, logits={"val": logits},
+                                        targets={"val": np.array([1, 2, -1])},
+                                        segmentation={"val": record})])  # fmt: skip
+    code, out, _ = run_main(["show", str(tmp_path)], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    at = lines.index("  val: predicted 2 x2, 1 x1")
+    assert lines[at + 1 : at + 4] == [
+        "    (per image: its most frequent predicted class other than the background, class 0)",
+        "    explained 1 x1, 2 x1, none x1 (a target callable's scores)",
+        "    explained class, mean of 3 images: IoU 0.5000 (1 of 3), pixel accuracy 0.2500 "
+        "(1 of 3), 15.0% (2 of 3) of the pixels",
+    ]
 
 
 def test_show_marks_the_final_evaluation(

@@ -548,3 +548,78 @@ def test_the_result_never_aliases_the_callers_labels(
     one = compute_cams(tiny_cnn, images, "features.3", target=torch.tensor(2))
     one.targets[0] = 1  # one index for all images, yet each row its own
     assert one.targets.tolist() == [1, 2, 2, 2]
+
+
+# -- the plan cache: a layer look-up done once per model, never stale -------------------------
+
+
+def test_a_layer_replaced_after_a_call_is_the_one_hooked_next(
+    tiny_cnn: TinyCNN, images: torch.Tensor
+) -> None:
+    first = compute_cams(tiny_cnn, images, "features.3", target=1)
+    torch.manual_seed(5)
+    tiny_cnn.features[3] = nn.Conv2d(8, 8, 3, padding=1, stride=2)  # same shape, new weights
+    again = compute_cams(tiny_cnn, images, "features.3", target=1)
+    fresh = compute_cams(copy.deepcopy(tiny_cnn), images, "features.3", target=1)  # no cache
+    assert torch.equal(again["features.3", "gradcam"], fresh["features.3", "gradcam"])
+    assert not torch.equal(again["features.3", "gradcam"], first["features.3", "gradcam"])
+    assert all(not m._forward_hooks for m in tiny_cnn.modules())
+
+
+def test_a_renamed_layer_is_looked_up_again(images: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 3),
+    )  # fmt: skip
+    before = compute_cams(net, images, "2")
+    # A Sequential runs its modules in order whatever their names: rename "2" to "conv".
+    net._modules = dict((("conv" if k == "2" else k), v) for k, v in net._modules.items())
+    with pytest.raises(ValueError, match=r"No layer named '2'.*'conv'"):
+        compute_cams(net, images, "2")
+    after = compute_cams(net, images, "conv")
+    assert torch.equal(after["conv", "gradcam"], before["2", "gradcam"])
+
+
+def test_other_options_on_the_same_layer_get_their_own_plan(
+    tiny_cnn: TinyCNN, images: torch.Tensor
+) -> None:
+    one = compute_cams(tiny_cnn, images, "features.5", "gradcam")
+    two = compute_cams(tiny_cnn, images, ["features.5"], ["gradcam", "layercam", "cam"])
+    assert set(two.maps) == {("features.5", m) for m in ("gradcam", "layercam", "cam")}
+    assert torch.equal(one["features.5", "gradcam"], two["features.5", "gradcam"])
+    # At features.5 (pooled into the head) the gradient is the same for any input: not there.
+    clean = compute_cams(tiny_cnn, images, "features.3", "gradcam")
+    smooth = compute_cams(tiny_cnn, images, "features.3", "gradcam", smooth=2)
+    assert not torch.equal(smooth["features.3", "gradcam"], clean["features.3", "gradcam"])
+    tiny_cnn.fc = nn.Linear(8, 5)  # the CAM head replaced: its new weights are read
+    cam = compute_cams(tiny_cnn, images, "features.5", "cam", target=0)
+    fresh = compute_cams(copy.deepcopy(tiny_cnn), images, "features.5", "cam", target=0)
+    assert torch.equal(cam["features.5", "cam"], fresh["features.5", "cam"])
+
+
+def test_wrappers_share_the_plan_of_the_model_they_wrap(
+    tiny_cnn: TinyCNN, images: torch.Tensor
+) -> None:
+    plain = compute_cams(tiny_cnn, images, "features.3")
+    wrapped = compute_cams(nn.DataParallel(tiny_cnn), images, "features.3")
+    tiny_cnn.features[3] = nn.Conv2d(8, 8, 3, padding=1, stride=2)
+    replaced = compute_cams(nn.DataParallel(tiny_cnn), images, "features.3")
+    assert torch.equal(plain["features.3", "gradcam"], wrapped["features.3", "gradcam"])
+    assert not torch.equal(plain["features.3", "gradcam"], replaced["features.3", "gradcam"])
+
+
+def test_the_plan_cache_keeps_no_model_alive(images: torch.Tensor) -> None:
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = TinyCNN()
+    model.features.owner = [model]  # a submodule that refers back to its model (a list: no child)
+    compute_cams(model, images, ["features.3", "features.5"], "layercam")
+    compute_cams(model, images, "features.5", ["gradcam", "cam"], cam_head="fc")
+    compute_cams(model, images, "features.*")  # a glob: looked up at every call
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None

@@ -21,6 +21,7 @@ from cam_monitor.history import (
     PROBE_FILE,
     Evaluation,
     HistoryError,
+    Segmentation,
     evaluation_path,
     evaluation_record,
     find_history,
@@ -570,6 +571,99 @@ def test_a_format_1_file_built_by_hand_from_the_documentation_reads_back(tmp_pat
         assert json.loads(str(npz["meta"])) == meta
 
 
+def test_a_segmentation_file_of_the_old_format_loads_and_its_prediction_falls_back(
+    tmp_path: Path,
+) -> None:
+    """A segmentation run's history as cam-monitor wrote it before the segmentation entries
+    (numpy and json alone: targets, each class's mean logit, no `predicted/`; a probe without
+    `label_maps/`) still reads; its predictions are the logits' argmax, as before."""
+    meta = {
+        "format": 1, "index": 0, "epoch": 0, "step": 0, "probe_hashes": {"val": "ab" * 6},
+        "probes": ["val"], "layers": ["net.classifier.0"], "methods": ["gradcam"],
+        "scalars": {}, "time": "2024-05-01T12:00:00+00:00", "run": "r1",
+        "class_names": ["background", "square", "circle"],
+    }  # fmt: skip
+    folder = tmp_path / "old"
+    folder.mkdir()
+    mean_logits = np.array([[2.0, 0.5, 1.0], [3.0, 0.1, 0.2]], np.float32)
+    np.savez(
+        folder / "eval-00000.npz",
+        **{
+            "maps/val/net.classifier.0/gradcam": np.ones((2, 4, 4), np.float32),
+            "targets/val": np.array([2, 1], np.int64),
+            "logits/val": mean_logits,
+            "meta": np.array(json.dumps(meta)),
+        },
+    )
+    probe_meta = {"format": 1, "kind": "probe", "probes": ["val"], "hashes": {"val": "ab" * 6},
+                  "time": "2024-05-01T12:00:00+00:00", "run": "r1"}  # fmt: skip
+    inputs = np.zeros((2, 3, 8, 8), np.float32)
+    np.savez(
+        folder / "probe.npz", **{"inputs/val": inputs, "meta": np.array(json.dumps(probe_meta))}
+    )
+
+    (ev,) = read_history(folder)
+    assert ev.segmentation == {} and ev.targets["val"].tolist() == [2, 1]
+    assert ev.class_names == ("background", "square", "circle") and ev.run == "r1"
+    record = read_probe(folder)
+    assert record is not None and record.label_maps == {} and record.probes == ("val",)
+    from cam_monitor.compare import predictions
+
+    assert predictions(ev, "val").tolist() == [0, 0]  # what `show` printed for it before
+    # Written back by this version, nothing is added to it.
+    with np.load(write_evaluation(tmp_path / "again", ev)) as npz:
+        assert set(npz.files) == {"maps/val/net.classifier.0/gradcam", "targets/val",
+                                  "logits/val", "meta"}  # fmt: skip
+
+
+def test_segmentation_entries_and_label_maps_round_trip(tmp_path: Path) -> None:
+    record = Segmentation(
+        predicted=np.array([2, 0, 1]),
+        share=np.array([0.25, 0.0, np.nan]),
+        iou=np.array([0.5, np.nan, 0.0]),
+        accuracy=np.array([1.0, np.nan, 0.0]),
+    )
+    maps = {("val", "l", "gradcam"): np.ones((3, 2, 2), np.float32)}
+    ev = Evaluation(0, 0, 0, {}, maps, {"val": np.array([2, 0, 1])},
+                    {"val": np.zeros((3, 3))}, segmentation={"val": record})  # fmt: skip
+    path = write_evaluation(tmp_path, ev)
+    with np.load(path) as npz:
+        assert npz["predicted/val"].dtype == np.int64
+        assert npz["class_iou/val"].dtype == npz["class_share/val"].dtype == np.float32
+    back = read_evaluation(path).segmentation["val"]
+    np.testing.assert_array_equal(back.predicted, [2, 0, 1])
+    for name in ("share", "iou", "accuracy"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(record, name))
+    assert ev.nbytes == replace(ev, segmentation={}).nbytes + 4 * 3 * 8  # counted too
+    unlabelled = Segmentation(np.array([1, 1, 1]), np.array([0.1, 0.2, 0.3]))
+    back = read_evaluation(
+        write_evaluation(tmp_path / "b", replace(ev, segmentation={"val": unlabelled}))
+    )
+    assert back.segmentation["val"].iou is None and back.segmentation["val"].accuracy is None
+    with pytest.raises(ValueError, match=r"segmentation\['val'\].share has batch size 2"):
+        wrong = Segmentation(np.array([1, 1, 1]), np.array([0.1, 0.2]))
+        write_evaluation(tmp_path / "c", replace(ev, segmentation={"val": wrong}))
+    with pytest.raises(ValueError, match=r"segmentation\['val'\].predicted must have an integer"):
+        wrong = Segmentation(np.array([1.0, 1.0, 1.0]))
+        write_evaluation(tmp_path / "c", replace(ev, segmentation={"val": wrong}))
+
+    # Label maps in probe.npz stay class indices (255 and -100 too), never binarised.
+    label_maps = np.array([[[0, 2], [255, 1]], [[-100, 3], [3, 0]]])
+    inputs = {"val": np.zeros((2, 3, 2, 2))}
+    write_probe(tmp_path / "p", inputs, {}, {}, {"val": "x"}, label_maps={"val": label_maps})
+    with np.load(tmp_path / "p" / PROBE_FILE) as npz:
+        assert npz["label_maps/val"].dtype == np.int16  # a quarter of int64's bytes
+    stored = read_probe(tmp_path / "p")
+    assert stored is not None and stored.probes == ("val",)
+    assert stored.label_maps["val"].dtype == np.int64
+    np.testing.assert_array_equal(stored.label_maps["val"], label_maps)
+    wide = label_maps * 1000  # beyond int16: kept whole
+    write_probe(tmp_path / "q", inputs, {}, {}, {"val": "x"}, label_maps={"val": wide})
+    np.testing.assert_array_equal(read_probe(tmp_path / "q").label_maps["val"], wide)
+    with pytest.raises(ValueError, match=r"label_maps\['val'\] must have an integer dtype"):
+        write_probe(tmp_path / "r", inputs, {}, {}, {}, label_maps={"val": label_maps > 0})
+
+
 # --------------------------------------------------------------------------- records
 
 
@@ -633,6 +727,7 @@ def test_evaluation_record_holds_what_the_callback_computed(tmp_path: Path) -> N
     assert list(ev.labels) == ["source"] and ev.labels["source"].tolist() == [0, 2, 1]
     assert ev.probe_hashes == {name: probe.digest for name, probe in probes.items()}
     assert ev.scalars == {key.tag: 0.5, SECONDS_TAG: 0.01}
+    assert ev.segmentation == {}  # a classifier's record: no segmentation entries
 
     back = read_evaluation(write_evaluation(tmp_path, ev))
     assert list(back.maps) == list(ev.maps)

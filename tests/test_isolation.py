@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from cam_monitor import compute_cams
+from cam_monitor import compute_cams, isolation
 from cam_monitor.batch import Batch
-from cam_monitor.isolation import isolated
+from cam_monitor.isolation import RawStates, isolated, preserved_rng
 
 
 def test_mixed_training_flags_come_back_exactly(tiny_cnn: nn.Module) -> None:
@@ -148,6 +148,43 @@ def test_numpy_and_python_random_draws_inside_do_not_shift_their_streams() -> No
     compute_cams(net, torch.randn(2, 3, 16, 16), "4")
     assert np.array_equal(np.random.rand(3), expected[0])
     assert [random.random() for _ in range(3)] == expected[1]
+
+
+def full_streams() -> tuple[object, ...]:
+    """Every part of numpy's and Python's global states, comparable with ==."""
+    legacy = np.random.get_state()
+    return (legacy[0], legacy[1].tolist(), *legacy[2:], random.getstate())
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["bytes", "tuples"])
+def test_preserved_rng_puts_back_cached_gaussians_reseeds_and_a_new_bit_generator(
+    raw: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both ways of keeping the states: the bytes (where checked) and the tuples.
+    if raw:
+        assert RawStates.get() is not None, "the byte copy should pass its check on CPython"
+    else:
+        monkeypatch.setitem(isolation._RAW, "raw", None)
+    for odd in (False, True):  # an odd number of Gaussians leaves one cached (has_gauss)
+        np.random.seed(7)
+        random.seed(7)
+        np.random.standard_normal(3 if odd else 2)
+        if odd:
+            random.gauss()
+        before = full_streams()
+        with preserved_rng():
+            np.random.standard_normal(1)  # uses the cached Gaussian only: the key stays
+            random.gauss()
+        assert full_streams() == before
+        with preserved_rng():
+            np.random.seed(1)
+            random.seed(1)
+            np.random.rand(1000)  # through a twist
+        assert full_streams() == before
+    with preserved_rng():
+        np.random.set_bit_generator(np.random.MT19937(3))
+        np.random.rand(5)
+    assert full_streams() == before
 
 
 class EmaInForward(nn.Module):

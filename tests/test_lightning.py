@@ -71,7 +71,8 @@ except ImportError as err:
     print("IMPORT ERROR", err)
     raise SystemExit(0)
 import {namespace} as L
-assert [b.__module__.split(".")[0] for b in CamMonitor.__bases__] == [{namespace!r}.split(".")[0]]
+lightning_bases = [b for b in CamMonitor.__bases__ if not b.__module__.startswith("cam_monitor")]
+assert [b.__module__.split(".")[0] for b in lightning_bases] == [{namespace!r}.split(".")[0]]
 
 class Lit(L.LightningModule):
     def __init__(self):
@@ -90,7 +91,7 @@ trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=logger, callbacks=[m
                     enable_progress_bar=False, enable_checkpointing=False)
 data = TensorDataset(torch.randn(8, 3, 16, 16), torch.arange(8) % 3)
 trainer.fit(Lit(), DataLoader(data, batch_size=4))
-print("SINKS", [type(s).__name__ for s in monitor._sinks], "EVALUATIONS", monitor.evaluations)
+print("SINKS", [type(s).__name__ for s in monitor.run.sinks], "EVALUATIONS", monitor.evaluations)
 """
 
 

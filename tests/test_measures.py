@@ -12,6 +12,9 @@ from scipy.stats import pearsonr, spearmanr
 from cam_monitor.measures import (
     MEASURES,
     boxes_to_masks,
+    class_accuracy,
+    class_iou,
+    class_share,
     com_shift,
     drift,
     energy_inside,
@@ -20,6 +23,7 @@ from cam_monitor.measures import (
     mask_iou,
     pearson,
     pointing_game,
+    segment_measures,
     spearman,
     summarize,
     topk_iou,
@@ -384,3 +388,28 @@ def test_scores_from_validated_options_match_the_public_functions_without_checki
         assert torch.equal(got.nan_to_num(), values.nan_to_num()), name
     with pytest.raises(ValueError, match="maps must have the same shape"):
         measures.drift_scores(a, b[:, :3], options)
+
+
+def test_segment_measures_of_the_explained_class_by_hand() -> None:
+    """Per image, for the class its map explains: the share of the image predicted as it, its
+    IoU and its pixel accuracy (recall of its labelled pixels); NaN where undefined."""
+    predicted = torch.tensor([[[1, 1], [0, 0]], [[2, 2], [2, 2]], [[0, 0], [0, 0]]])
+    labels = torch.tensor([[[1, 0], [1, 0]], [[0, 0], [0, 1]], [[0, 0], [0, 0]]])
+    classes = torch.tensor([1, 1, -1])  # -1: a target callable gave scores, no class
+    assert class_share(predicted, classes).tolist()[:2] == [0.5, 0.0]
+    assert class_iou(predicted, labels, classes)[:2].tolist() == pytest.approx([1 / 3, 0.0])
+    assert class_accuracy(predicted, labels, classes)[:2].tolist() == [0.5, 0.0]
+    measured = segment_measures(predicted, classes, labels)
+    assert all(bool(torch.isnan(values[2])) for values in measured)
+    assert segment_measures(predicted, classes).iou is None
+    # Unlabelled pixels (255, -100) count for neither side: predicting the class there is no
+    # error, so the first image's IoU and accuracy stay those of its labelled pixels.
+    unlabelled = labels.clone()
+    unlabelled[0, 0, 1] = 255  # predicted 1, labelled "ignore"
+    assert class_iou(predicted, unlabelled, classes)[0].item() == pytest.approx(1 / 2)
+    unlabelled[0, 0, 1] = -100
+    assert class_accuracy(predicted, unlabelled, classes)[0].item() == 0.5
+    # The prediction is resized (nearest) to the labels' size.
+    big = labels.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    assert torch.equal(class_accuracy(predicted, big, classes).nan_to_num(),
+                       class_accuracy(predicted, labels, classes).nan_to_num())  # fmt: skip

@@ -17,6 +17,7 @@ from cam_monitor.options import (
     FilterOptions,
     RenderOptions,
     check_methods,
+    engine_options,
 )
 from cam_monitor.schema import DEFAULT_MEASURES
 
@@ -260,3 +261,24 @@ def test_schedule_probe_and_output_options_check_their_arguments() -> None:
         OutputOptions(save_dir=3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"`strict` must be True or False"):
         OutputOptions(strict="yes")  # type: ignore[arg-type]
+
+
+def test_engine_options_built_once_are_those_built_afresh_with_each_target() -> None:
+    methods = ["gradcam", "layercam"]
+    arguments: dict[str, Any] = {"methods": methods, "smooth": 0, "noise": 0.15}
+    for target in ("predicted", 3, torch.tensor([1, 2]), lambda logits: logits[:, 0]):
+        for _ in range(2):  # built, then remembered
+            got = engine_options({**arguments, "target": target})
+            assert got == dataclasses.replace(EngineOptions(**arguments), target=target)
+            assert got.target is target or got.target == target
+    with pytest.raises(ValueError, match=r"`target` must be an int >= 0 \(a class index\)"):
+        engine_options({**arguments, "target": -1})
+    with pytest.raises(ValueError, match="`target` as a tensor must hold integer class indices"):
+        engine_options({**arguments, "target": torch.tensor([0.5])})
+    methods.append("hirescam")  # a list changed in place is read again
+    assert engine_options({**arguments, "methods": methods}).methods[-1] == "hirescam"
+    # Equal values of other types are other keys: False is no int, -0.0 is kept as given.
+    with pytest.raises(TypeError, match="`smooth` must be an int"):
+        engine_options({**arguments, "smooth": False})
+    assert math.copysign(1, engine_options({**arguments, "noise": 0.0}).noise) == 1
+    assert math.copysign(1, engine_options({**arguments, "noise": -0.0}).noise) == -1

@@ -432,6 +432,24 @@ def test_overlay_grid_refuses_mismatched_batches() -> None:
         make_overlay_grid(torch.rand(2, 3, 8, 8), torch.rand(2, 2, 2), colormap="rainbowz")
 
 
+def test_overlay_grid_outlines_each_region_one_screen_pixel_wide() -> None:
+    """A region (a mask, the pixels labelled with the explained class) is drawn as its inner
+    border in white, after enlarging: one screen pixel wide, nothing else changed."""
+    regions = torch.zeros(2, 8, 8, dtype=torch.bool)
+    regions[0, 2:6, 3:7] = True  # image 1 has no region: drawn as without
+    images, maps = torch.rand(2, 3, 8, 8, generator=GEN), torch.rand(2, 2, 2, generator=GEN)
+    plain = make_overlay_grid(images, maps, nrow=2, min_tile=16, padding=0)
+    drawn = make_overlay_grid(images, maps, nrow=2, min_tile=16, padding=0, regions=regions)
+    inside = torch.zeros(16, 32, dtype=torch.bool)
+    inside[4:12, 6:14] = True
+    border = inside.clone()
+    border[5:11, 7:13] = False
+    assert bool((drawn[:, border] == 255).all())
+    assert torch.equal(drawn[:, ~border], plain[:, ~border])
+    with pytest.raises(ValueError, match=r"regions must be \[B, H, W\] like the images"):
+        make_overlay_grid(images, maps, regions=regions[:, :4])
+
+
 def test_map_grid_enlarges_with_crisp_pixels() -> None:
     maps = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])
     grid = make_map_grid(maps, signed=False, colormap="gray", min_tile=8, padding=0)

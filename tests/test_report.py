@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cam_monitor.compare import Run, RunGroup, load_run
-from cam_monitor.history import Evaluation
+from cam_monitor.history import Evaluation, Segmentation, write_probe
 from cam_monitor.probe import content_hash
 from cam_monitor.report import _captions, write_report
 from cam_monitor.schema import DRIFT, LOCALIZATION, MapKey, ScalarKey
@@ -207,3 +207,50 @@ def test_signed_maps_are_drawn_with_the_diverging_colours_of_the_dashboard(
     assert left[0] > 150 and left[2] < 100  # blue
     assert middle.min() > 200  # white, not a heat colour
     assert right[2] > 150 and right[0] < 100  # red
+
+
+def segmentation_run(folder: Path) -> Run:
+    """Two black 32 px scenes, each with a square (class 1) and a circle (class 2) region; the
+    maps of image 0 explain the square, those of image 1 the circle."""
+    label_maps = np.zeros((2, 32, 32), np.int64)
+    label_maps[:, 4:12, 4:12], label_maps[:, 18:28, 18:28] = 1, 2
+    inputs = {"val": np.zeros((2, 3, 32, 32), np.float32)}
+    hashes = {"val": content_hash(inputs["val"])}
+    record = Segmentation(
+        predicted=np.array([1, 2]),
+        share=np.array([0.06, 0.1], np.float32),
+        iou=np.array([0.5, 0.75], np.float32),
+        accuracy=np.array([0.6, 0.8], np.float32),
+    )
+    maps = {("val", "net.head", "gradcam"): np.ones((2, 4, 4), np.float32)}
+    evaluations = [
+        evaluation(epoch, epoch, maps, step=epoch, hashes=hashes, classes=3,
+                   targets={"val": np.array([1, 2])}, segmentation={"val": record},
+                   class_names=("background", "square", "circle"))
+        for epoch in (0, 1)
+    ]  # fmt: skip
+    write_history(folder / "cam_monitor", evaluations)
+    write_probe(folder / "cam_monitor", inputs, {}, {}, hashes, label_maps={"val": label_maps})
+    return load_run(folder)
+
+
+def test_a_segmentation_report_outlines_and_captions_the_explained_class(tmp_path: Path) -> None:
+    """probe.npz keeps the label maps: each tile outlines the pixels labelled with the class its
+    map explains (the square on image 0, the circle on image 1), and captions name that class
+    and its IoU, not the argmax of the mean logits (all 0 here: 'background')."""
+    run = segmentation_run(tmp_path / "a")
+    evaluation_1 = run.evaluations[-1]
+    assert _captions(evaluation_1, "val", None, 32, 32) == ["square 0.50", "circle 0.75"]
+    page = write_report(tmp_path / "r.html", [run, segmentation_run(tmp_path / "b")]).read_text()
+    section = page[page.index("val / net.head / gradcam: CAMs over the probe images") :]
+    (_, grid), *_ = images(section)
+    gray = grid.mean(axis=2)  # tiles of 64 px (32 px enlarged twice) from (2, 2) and (2, 68)
+
+    def edge(tile: int, top: int, left: int, width: int) -> float:
+        """The mean brightness along a region's top edge, in grid pixels."""
+        x = 2 + 66 * tile + 2 * left
+        return float(gray[2 + 2 * top, x : x + 2 * width].mean())
+
+    square, circle = (4, 4, 8), (18, 18, 10)
+    assert edge(0, *square) > 180 and edge(1, *circle) > 180  # outlined in white
+    assert edge(0, *circle) < 90 and edge(1, *square) < 90  # the other class is not

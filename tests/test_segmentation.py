@@ -17,6 +17,7 @@ from torchvision.models import segmentation
 
 from cam_monitor import CamMonitor, compute_cams
 from cam_monitor.cli import main as cli
+from cam_monitor.compare import load_run
 from cam_monitor.default_layer import first_spatial_layer
 from cam_monitor.drift import AttentionTracker
 from cam_monitor.evaluation import compute_probe, probe_captions, probe_options
@@ -24,6 +25,7 @@ from cam_monitor.history import read_history
 from cam_monitor.measures import class_iou
 from cam_monitor.options import EngineOptions
 from cam_monitor.probe import ProbeSet, build_probes, probe_sets
+from cam_monitor.report import _captions, _regions
 from cam_monitor.schema import LOCALIZATION, MapKey, ScalarKey
 from cam_monitor.targets import main_class
 from tests.helpers import Lightning, fit, read_events
@@ -391,6 +393,61 @@ def test_a_monitored_fit_logs_class_captions_localization_and_a_history_cli_read
     assert report.stat().st_size > 1000 and "<img" in report.read_text()
     last = read_history(monitor.folder)[-1]  # the class each map explained, per image
     assert np.array_equal(last.targets["target"], main_class(probe["target"][1]).numpy())
+
+
+def test_a_fit_records_each_images_predicted_class_and_show_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The mean logits over the image predict the background on every scene; the history
+    records each image's main predicted class (target="predicted"'s rule), which `show`
+    prints, beside the class each map explains (the main labelled one) and its IoU; probe.npz
+    keeps the label maps, and the report outlines the explained class's pixels."""
+    train = torch.utils.data.TensorDataset(*shapes.make_scenes(64, size=32, seed=5))
+    x, label_maps = shapes.make_scenes(4, size=32, seed=7)
+    names = shapes.scene_class_names()
+    monitor = CamMonitor(
+        probe={"source": (x, label_maps)}, target="label", output_transform="out",
+        class_names=names, save_dir=tmp_path / "h",
+    )  # fmt: skip
+    model = Lightning("pytorch_lightning").module(SegmentSteps)
+    with pytest.warns(UserWarning, match=r"no layer given"):
+        fitted = fit(monitor, tmp_path, model=model, train=train, val=False, max_epochs=8)
+    with torch.no_grad():
+        logits = fitted.model.net.eval()(x)["out"]
+    predicted = main_class(logits.argmax(dim=1), len(names))
+    explained = main_class(label_maps)
+    means = logits.mean(dim=(2, 3)).argmax(dim=1)  # what `show` counted before
+    assert not torch.equal(predicted, means)  # the fit this test needs
+
+    iou = class_iou(logits.argmax(dim=1), label_maps, explained)
+    assert cli(["show", str(tmp_path / "h")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("  source: predicted ")))
+
+    def counted(text: str) -> dict[str, int]:
+        pairs = (item.rsplit(" x", 1) for item in text.split(", "))
+        return {name: int(count) for name, count in pairs}
+
+    def expected(classes: Tensor) -> dict[str, int]:
+        return {names[k]: classes.tolist().count(k) for k in set(classes.tolist())}
+
+    assert counted(lines[at].removeprefix("  source: predicted ")) == expected(predicted)
+    assert counted(lines[at + 2].removeprefix("    explained ")) == expected(explained)
+    mean_iou = f"IoU {np.nanmean(iou.numpy()):.4f}"
+    assert lines[at + 3].startswith(f"    explained class, mean of 4 images: {mean_iou}")
+
+    last = read_history(tmp_path / "h")[-1]
+    record = last.segmentation["source"]
+    assert np.array_equal(record.predicted, predicted.numpy())
+    assert np.array_equal(last.targets["source"], explained.numpy())
+    np.testing.assert_allclose(record.iou, iou.numpy(), rtol=1e-6)
+    run = load_run(tmp_path / "h")
+    assert run.probe is not None and np.array_equal(run.probe.label_maps["source"], label_maps)
+    regions = _regions(last, "source", run.probe, 4)
+    assert regions is not None and torch.equal(regions, label_maps == explained[:, None, None])
+    captions = _captions(last, "source", None, 32, 32)
+    assert captions is not None
+    assert [c.split(" ")[0] for c in captions] == [names[k] for k in explained.tolist()]
 
 
 def test_a_class_and_pixel_mask_target_is_recorded_by_content_for_resumes() -> None:

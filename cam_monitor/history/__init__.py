@@ -7,6 +7,7 @@ from .format import PROBE_FILE as PROBE_FILE
 from .format import Evaluation as Evaluation
 from .format import HistoryError as HistoryError
 from .format import ProbeRecord as ProbeRecord
+from .format import Segmentation as Segmentation
 from .records import evaluation_record as evaluation_record
 from .records import write_probe_sets as write_probe_sets
 from .run import RunHistory as RunHistory
@@ -29,6 +30,7 @@ __all__ = [
     "HistoryError",
     "ProbeRecord",
     "RunHistory",
+    "Segmentation",
     "evaluation_path",
     "evaluation_record",
     "find_histories",

@@ -18,6 +18,23 @@ Arrays in each file, keyed by name (``np.load(path)[key]``):
 - ``targets/{probe}``: int64 ``[B]``, the class each CAM explains.
 - ``logits/{probe}``: float32 ``[B, C]``, the model's logits on the probe.
 - ``labels/{probe}``: int64 ``[B]``, the ground-truth labels, only for probes that have them.
+- For a segmentation probe (per-pixel logits ``[B, C, H, W]``; ``logits`` then holds each
+  class's mean logit over the image, whose argmax is no prediction of the model), per image:
+
+  - ``predicted/{probe}``: int64 ``[B]``, the image's predicted class by the rule of
+    ``target="predicted"``: its most frequent predicted class other than the background
+    (class 0), the background only where nothing else is predicted
+    (`cam_monitor.targets.main_class` of the argmax map);
+  - ``class_share/{probe}``: float32 ``[B]``, the share of the image's pixels predicted as the
+    class its maps explain (``targets``);
+  - ``class_iou/{probe}`` and ``class_accuracy/{probe}``: float32 ``[B]``, only for probes with
+    label maps: that class's IoU on the image and its pixel accuracy (the share of the pixels
+    labelled with it that are predicted as it). Grid captions give the IoU, else the share.
+
+  NaN marks an undefined value (a class neither predicted nor labelled; a class of -1). These
+  entries are optional additions to format 1: files of classifiers, and files written before
+  they existed, have none (a reader that does not know them ignores them, as every reader of
+  format 1 ignores entries it does not know).
 - ``meta``: a 0-d numpy unicode string holding JSON (``json.loads(str(f["meta"]))``)::
 
       {"format": 1, "index": int, "epoch": int, "step": int,
@@ -51,6 +68,10 @@ draw overlays, written atomically in the same way (`write_probe`, `read_probe`):
 - ``inputs/{probe}``: float32 ``[B, C, H, W]``, the model inputs as the model saw them.
 - ``labels/{probe}``: int64 ``[B]``, only for probes that have labels.
 - ``masks/{probe}``: bool ``[B, H, W]``, only for probes that have localization masks.
+- ``label_maps/{probe}``: integer ``[B, H, W]``, only for probes that have class-index maps
+  (segmentation labels; int16 where every value fits, as class indices, 255 and -100 do, else
+  int64; read back as int64). Optional like the segmentation entries above: probe files
+  written before them have none.
 - ``meta``: JSON ``{"format": 1, "kind": "probe", "probes": [...], "hashes": {probe: str},
   "time": ISO-8601 UTC string, "run": str}``; ``hashes`` are the `Evaluation.probe_hashes` of
   the run, ``run`` its run id (optional, as in the evaluations).
@@ -87,9 +108,15 @@ from typing import Any
 import numpy as np
 
 from ..schema import (
+    CLASS_ACCURACY_ARRAY,
+    CLASS_IOU_ARRAY,
+    CLASS_SHARE_ARRAY,
+    LABEL_MAPS_ARRAY,
     MAPS_ARRAY,
     META_ARRAY,
+    PREDICTED_ARRAY,
     PROBE_FILE,
+    SEGMENTATION_ARRAYS,
     MapKey,
     map_array,
     parse_array,
@@ -103,6 +130,7 @@ __all__ = [
     "HistoryError",
     "NewerFormatError",
     "ProbeRecord",
+    "Segmentation",
     "evaluation_from_arrays",
     "evaluation_to_arrays",
     "probe_from_arrays",
@@ -113,6 +141,13 @@ __all__ = [
 
 FORMAT_VERSION = 1
 _KINDS = ("targets", "logits", "labels")
+#: `Segmentation`'s field of each of its arrays in a history file.
+_SEGMENTATION_FIELDS = {
+    PREDICTED_ARRAY: "predicted",
+    CLASS_SHARE_ARRAY: "share",
+    CLASS_IOU_ARRAY: "iou",
+    CLASS_ACCURACY_ARRAY: "accuracy",
+}
 
 
 class HistoryError(ValueError):
@@ -124,12 +159,33 @@ class NewerFormatError(Exception):
 
 
 @dataclass(frozen=True, eq=False)
+class Segmentation:
+    """One segmentation probe at one evaluation, per image: ``predicted``, the class the model
+    predicts by the rule of ``target="predicted"`` (int64 ``[B]``), and how it predicts the class
+    each map explains (float32 ``[B]``, NaN where undefined): the ``share`` of the image's pixels,
+    and where the probe has label maps (else None) its ``iou`` and pixel ``accuracy``. Compared
+    by identity (``eq=False``): its fields hold numpy arrays.
+    """
+
+    predicted: np.ndarray
+    share: np.ndarray | None = None
+    iou: np.ndarray | None = None
+    accuracy: np.ndarray | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays it holds, by their kind in a history file (`SEGMENTATION_ARRAYS`)."""
+        found = {kind: getattr(self, name) for kind, name in _SEGMENTATION_FIELDS.items()}
+        return {kind: array for kind, array in found.items() if array is not None}
+
+
+@dataclass(frozen=True, eq=False)
 class Evaluation:
     """Everything one evaluation produced: raw maps keyed by `MapKey` (probe, layer, method),
     targets, logits, optional labels and scalar curves. ``time`` (ISO-8601) is stamped at write
     if None. ``run`` is the id of the run that wrote it (``""``: unknown, an older file);
-    ``final`` marks the evaluation added at the end of ``fit``. Compared by identity
-    (``eq=False``): its fields hold numpy arrays.
+    ``final`` marks the evaluation added at the end of ``fit``. ``segmentation`` holds the
+    per-image record of each segmentation probe (`Segmentation`; empty for classifiers and
+    older files). Compared by identity (``eq=False``): its fields hold numpy arrays.
     """
 
     index: int
@@ -145,6 +201,7 @@ class Evaluation:
     run: str = ""
     final: bool = False
     class_names: tuple[str, ...] | None = None
+    segmentation: dict[str, Segmentation] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Plain (probe, layer, method) tuples become MapKeys; anything else is left for the
@@ -156,9 +213,10 @@ class Evaluation:
 
     @property
     def probes(self) -> tuple[str, ...]:
-        """Probe names in first-appearance order: maps, then targets, logits, labels."""
+        """Probe names in first-appearance order: maps, then targets, logits, labels,
+        segmentation."""
         names = [key.probe for key in self.maps]
-        for kind in (self.targets, self.logits, self.labels):
+        for kind in (self.targets, self.logits, self.labels, self.segmentation):
             names.extend(kind)
         return _unique(names)
 
@@ -166,7 +224,9 @@ class Evaluation:
     def nbytes(self) -> int:
         """The arrays' bytes, about the size of its (uncompressed) file."""
         tables = (self.maps, self.targets, self.logits, self.labels)
-        return sum(int(np.asarray(array).nbytes) for table in tables for array in table.values())
+        arrays = [array for table in tables for array in table.values()]
+        arrays += [a for record in self.segmentation.values() for a in record.arrays().values()]
+        return sum(int(np.asarray(array).nbytes) for array in arrays)
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -188,9 +248,10 @@ class Evaluation:
 
 @dataclass(frozen=True, eq=False)
 class ProbeRecord:
-    """A run's probe as stored in ``probe.npz``: inputs, labels and masks per probe name, and
-    the probe hashes, and the id of the run that wrote it (``""``: unknown). Compared by identity
-    (``eq=False``): its fields hold numpy arrays.
+    """A run's probe as stored in ``probe.npz``: inputs, labels, masks and class-index maps
+    (``label_maps``, segmentation labels) per probe name, the probe hashes, and the id of the run
+    that wrote it (``""``: unknown). Compared by identity (``eq=False``): its fields hold numpy
+    arrays.
     """
 
     inputs: dict[str, np.ndarray]
@@ -198,11 +259,13 @@ class ProbeRecord:
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
     run: str = ""
+    label_maps: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def probes(self) -> tuple[str, ...]:
-        """Probe names in first-appearance order: inputs, then labels, masks, hashes."""
-        return _unique([*self.inputs, *self.labels, *self.masks, *self.hashes])
+        """Probe names in first-appearance order: inputs, then labels, masks, label maps,
+        hashes."""
+        return _unique([*self.inputs, *self.labels, *self.masks, *self.label_maps, *self.hashes])
 
 
 # ----------------------------------------------------------------------------- evaluations
@@ -252,6 +315,19 @@ def evaluation_to_arrays(ev: Evaluation) -> dict[str, np.ndarray]:
             array = _batch_array(array, ndim, what, integer=dtype is np.int64)
             check_batch(probe, array.shape[0], what)
             arrays[probe_array(kind, probe)] = array.astype(dtype)
+    for probe, record in ev.segmentation.items():
+        _check_name(probe, "Probe")
+        if not isinstance(record, Segmentation):
+            raise ValueError(
+                f"Evaluation.segmentation[{probe!r}] must be a Segmentation, got "
+                f"{type(record).__name__}"
+            )
+        for kind, array in record.arrays().items():
+            what = f"segmentation[{probe!r}].{_SEGMENTATION_FIELDS[kind]}"
+            integer = kind == PREDICTED_ARRAY
+            array = _batch_array(array, 1, what, integer=integer)
+            check_batch(probe, array.shape[0], what)
+            arrays[probe_array(kind, probe)] = array.astype(np.int64 if integer else np.float32)
     hashes = {_check_name(p, "Probe"): str(h) for p, h in ev.probe_hashes.items()}
     scalars = {_check_name(k, "Scalar"): _scalar_to_json(v, k) for k, v in ev.scalars.items()}
     meta = {
@@ -280,7 +356,9 @@ def evaluation_from_arrays(contents: Mapping[str, np.ndarray]) -> Evaluation:
     """Rebuild an Evaluation from a file's arrays; malformed content raises ValueError."""
     meta = read_meta(contents)
     maps: dict[MapKey, np.ndarray] = {}
-    tables: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in _KINDS}
+    tables: dict[str, dict[str, np.ndarray]] = {
+        kind: {} for kind in (*_KINDS, *SEGMENTATION_ARRAYS)
+    }
     for key, array in contents.items():
         parts = parse_array(key)
         if parts[0] == MAPS_ARRAY:
@@ -288,8 +366,8 @@ def evaluation_from_arrays(contents: Mapping[str, np.ndarray]) -> Evaluation:
                 raise ValueError(f"malformed map entry {key!r} with shape {array.shape}")
             maps[MapKey(*parts[1:])] = array.astype(np.float32)
         elif parts[0] in tables:
-            if len(parts) != 2:
-                raise ValueError(f"malformed entry {key!r}")
+            if len(parts) != 2 or (parts[0] in SEGMENTATION_ARRAYS and array.ndim != 1):
+                raise ValueError(f"malformed entry {key!r} with shape {array.shape}")
             tables[parts[0]][parts[1]] = array
         # Other keys ("meta", or entries added by a later minor revision) are not ours to read.
     return Evaluation(
@@ -306,7 +384,21 @@ def evaluation_from_arrays(contents: Mapping[str, np.ndarray]) -> Evaluation:
         run=run_of(meta),
         final=meta.get("final") is True,
         class_names=_class_names(meta.get("class_names")),
+        segmentation=_segmentation(tables),
     )
+
+
+def _segmentation(tables: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Segmentation]:
+    """The `Segmentation` of every probe with a ``predicted`` entry (the others need it)."""
+    records = {}
+    for probe, predicted in tables[PREDICTED_ARRAY].items():
+        values = {
+            _SEGMENTATION_FIELDS[kind]: tables[kind][probe].astype(np.float32)
+            for kind in SEGMENTATION_ARRAYS[1:]
+            if probe in tables[kind]
+        }
+        records[probe] = Segmentation(predicted.astype(np.int64), **values)
+    return records
 
 
 def run_of(meta: Mapping[str, Any]) -> str:
@@ -324,20 +416,29 @@ def probe_to_arrays(
     masks: Mapping[str, Any],
     hashes: Mapping[str, str],
     run: str = "",
+    label_maps: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Validate a probe and turn it into the named arrays of ``probe.npz`` (``meta`` last).
 
     Inputs become float32 ``[B, C, H, W]``, labels int64 ``[B]``, masks bool ``[B, H, W]``
-    (non-bool masks are thresholded at 0.5, as the localization scores do).
+    (non-bool masks are thresholded at 0.5, as the localization scores do), label maps
+    (class indices ``[B, H, W]``) int16 where their values fit, else int64: never binarised.
     """
     arrays: dict[str, np.ndarray] = {}
     batch: dict[str, tuple[int, str]] = {}
-    tables = (("inputs", inputs, 4), ("labels", labels, 1), ("masks", masks, 3))
+    label_maps = label_maps or {}
+    tables = (
+        ("inputs", inputs, 4),
+        ("labels", labels, 1),
+        ("masks", masks, 3),
+        (LABEL_MAPS_ARRAY, label_maps, 3),
+    )
     for kind, table, ndim in tables:
         for probe, value in table.items():
             _check_name(probe, "Probe")
             what = f"{kind}[{probe!r}]"
-            array = _batch_array(value, ndim, what, integer=kind == "labels")
+            integer = kind in ("labels", LABEL_MAPS_ARRAY)
+            array = _batch_array(value, ndim, what, integer=integer)
             first = batch.setdefault(probe, (array.shape[0], what))
             if first[0] != array.shape[0]:
                 raise ValueError(
@@ -348,13 +449,15 @@ def probe_to_arrays(
                 array = array.astype(np.float32)
             elif kind == "labels":
                 array = array.astype(np.int64)
+            elif kind == LABEL_MAPS_ARRAY:
+                array = array.astype(_label_map_dtype(array))
             elif array.dtype != np.bool_:
                 array = array > 0.5
             arrays[probe_array(kind, probe)] = array
     meta = {
         "format": FORMAT_VERSION,
         "kind": "probe",
-        "probes": list(_unique([*inputs, *labels, *masks, *hashes])),
+        "probes": list(_unique([*inputs, *labels, *masks, *label_maps, *hashes])),
         "hashes": {_check_name(p, "Probe"): str(h) for p, h in hashes.items()},
         "time": _now(),
     }
@@ -369,8 +472,8 @@ def probe_from_arrays(contents: Mapping[str, np.ndarray]) -> ProbeRecord:
     meta = read_meta(contents)
     if meta.get("kind") != "probe":
         raise ValueError("'meta' is not a probe description")
-    tables: dict[str, dict[str, np.ndarray]] = {"inputs": {}, "labels": {}, "masks": {}}
-    dims = {"inputs": 4, "labels": 1, "masks": 3}
+    dims = {"inputs": 4, "labels": 1, "masks": 3, LABEL_MAPS_ARRAY: 3}
+    tables: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in dims}
     for key, array in contents.items():
         parts = parse_array(key)
         if parts[0] in tables:
@@ -383,6 +486,7 @@ def probe_from_arrays(contents: Mapping[str, np.ndarray]) -> ProbeRecord:
         masks={p: a.astype(bool) for p, a in tables["masks"].items()},
         hashes={str(k): str(v) for k, v in meta["hashes"].items()},
         run=run_of(meta),
+        label_maps={p: a.astype(np.int64) for p, a in tables[LABEL_MAPS_ARRAY].items()},
     )
 
 
@@ -426,6 +530,13 @@ def _batch_array(array: object, ndim: int, what: str, integer: bool) -> np.ndarr
         kind = "an integer" if integer else "a real"
         raise ValueError(f"{what} must have {kind} dtype, got {array.dtype}")
     return array
+
+
+def _label_map_dtype(array: np.ndarray) -> type[np.integer]:
+    """int16 for class-index maps whose values fit it (class indices, 255, -100), else int64."""
+    info = np.iinfo(np.int16)
+    fits = not array.size or (int(array.min()) >= info.min and int(array.max()) <= info.max)
+    return np.int16 if fits else np.int64
 
 
 def _scalar_to_json(value: object, name: str) -> float | str | None:

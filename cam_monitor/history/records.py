@@ -10,13 +10,15 @@ import numpy as np
 from torch import Tensor
 
 from ..engine import CamResult
+from ..measures import segment_measures
 from ..methods import PIXEL_METHODS
 from ..probe import ProbeSet
 from ..schema import MapKey, ScalarKey
-from .format import Evaluation
+from ..targets import main_class
+from .format import Evaluation, Segmentation
 from .store import write_probe
 
-__all__ = ["evaluation_record", "write_probe_sets"]
+__all__ = ["evaluation_record", "segmentation_record", "write_probe_sets"]
 
 
 def evaluation_record(
@@ -32,8 +34,9 @@ def evaluation_record(
     maps: str = "all",
 ) -> Evaluation:
     """The history entry of one evaluation: every map as float32 numpy on the CPU, keyed by
-    `MapKey`, with targets, logits, labels (for probes that have them) and the probes'
-    `ProbeSet.digest` (an empty digest is left out: it identifies nothing).
+    `MapKey`, with targets, logits, labels (for probes that have them), the per-image
+    `Segmentation` of segmentation probes, and the probes' `ProbeSet.digest` (an empty digest is
+    left out: it identifies nothing).
 
     ``scalars`` are keyed by tag; `ScalarKey` keys are accepted and written as their tag.
     ``run`` is the id of the writing run; ``final`` marks the evaluation added at the end of fit.
@@ -66,6 +69,28 @@ def evaluation_record(
         run=run,
         final=final,
         class_names=None if class_names is None else tuple(class_names),
+        segmentation={
+            name: segmentation_record(result, probes.get(name))
+            for name, result in results.items()
+            if result.predicted_maps is not None
+        },
+    )
+
+
+def segmentation_record(result: CamResult, probe: ProbeSet | None = None) -> Segmentation:
+    """A segmentation result's per-image record: each image's predicted class by the rule of
+    `target="predicted"` (`main_class` of the argmax map), and how the model predicts the class
+    its maps explain (`measures.segment_measures`, against the probe's label maps if any)."""
+    if result.predicted_maps is None:
+        raise ValueError("segmentation_record needs a segmentation result (per-pixel logits)")
+    label_maps = None if probe is None else probe.label_maps
+    predicted = main_class(result.predicted_maps, int(result.logits.shape[1]))
+    measured = segment_measures(result.predicted_maps, result.targets, label_maps)
+    return Segmentation(
+        predicted=_numpy(predicted),
+        share=_numpy(measured.share, float32=True),
+        iou=None if measured.iou is None else _numpy(measured.iou, float32=True),
+        accuracy=None if measured.accuracy is None else _numpy(measured.accuracy, float32=True),
     )
 
 
@@ -73,9 +98,9 @@ def write_probe_sets(
     folder: str | os.PathLike[str], probes: Mapping[str, ProbeSet], run: str = ""
 ) -> Path:
     """Store the probe sets' images (the inputs of a one-tensor probe, the image tensor of a
-    nested one) in ``folder/probe.npz`` (with the id of the ``run``), so reports can draw
-    overlays; raises on failure (the caller decides whether that only warns). The hashes are of
-    the whole inputs, as the run logged them.
+    nested one), labels, masks and label maps in ``folder/probe.npz`` (with the id of the
+    ``run``), so reports can draw overlays and regions; raises on failure (the caller decides
+    whether that only warns). The hashes are of the whole inputs, as the run logged them.
     """
     _check_table("probes", probes, ProbeSet)
     images = {
@@ -90,6 +115,7 @@ def write_probe_sets(
         masks={n: _numpy(p.masks) for n, p in stored.items() if p.masks is not None},
         hashes={name: probe.digest for name, probe in stored.items() if probe.digest},
         run=run,
+        label_maps={n: _numpy(p.label_maps) for n, p in stored.items() if p.label_maps is not None},
     )
 
 

@@ -269,12 +269,14 @@ def write_probe(
     masks: Mapping[str, Any],
     hashes: Mapping[str, str],
     run: str = "",
+    label_maps: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the probe atomically to ``folder/probe.npz`` (replacing that of the same run; that
     of another run raises a `HistoryError`, as `write_evaluation` does) and return the path.
 
     Inputs become float32 ``[B, C, H, W]``, labels int64 ``[B]``, masks bool ``[B, H, W]``
-    (non-bool masks are thresholded at 0.5, as the localization scores do).
+    (non-bool masks are thresholded at 0.5, as the localization scores do), label maps (class
+    indices ``[B, H, W]``) stay class indices.
 
     Example:
         >>> import tempfile
@@ -285,7 +287,7 @@ def write_probe(
         >>> path.name, record.inputs["val"].dtype, record.labels["val"].tolist(), record.hashes
         ('probe.npz', dtype('float32'), [1, 0], {'val': 'ab'})
     """
-    arrays = probe_to_arrays(inputs, labels, masks, hashes, run)
+    arrays = probe_to_arrays(inputs, labels, masks, hashes, run, label_maps)
     path = Path(folder) / PROBE_FILE
     _check_own(path, run)
     return _write_npz_atomically(path, arrays)

@@ -2,25 +2,20 @@
 
 The hooks read as a decision and an action; what they act through lives beside this module:
 `checks` (setup-time checks), `evaluator` (one evaluation and the strict-or-warn policy),
-`resume` (what a checkpoint holds), `trainer` (probes, layer and sinks of a fit), `pickling`
-and `compat` (both namespaces); the options live in `cam_monitor.options`.
+`resume` (what a checkpoint holds), `run` (where the run stands), `trainer` (probes, layer and
+sinks of a fit), `pickling` and `compat` (both namespaces); the options live in
+`cam_monitor.options`.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightning_utilities.core.rank_zero import (  # what both namespaces re-export
-    rank_zero_info,
-    rank_zero_warn,
-)
-from torch import Tensor, nn
+from lightning_utilities.core.rank_zero import rank_zero_warn  # both namespaces re-export it
+from torch import Tensor
 
 from ..drift import AttentionTracker
 from ..options import (
@@ -35,19 +30,20 @@ from ..options import (
     check_layers,
     options_from,
 )
-from ..probe import ProbeSet
 from ..render import GRID_COLUMNS, MAX_TILES
 from ..schema import DEFAULT_FAITHFULNESS, DEFAULT_MEASURES
-from ..sinks import Sink, run_folder
+from ..sinks import run_folder
 from ..types import ForwardFn, LayerSpec, OutputTransform, ProbeSpec, Reshape, Target
 from .checks import Group, check_fit, check_shared_tags, logged_groups
 from .compat import lightning_classes
 from .evaluator import Entry, Evaluator, Plan
-from .pickling import guarded, unguarded
-from .resume import RunState, foreign_state, holds_history, settings, state_identity
+from .pickling import GuardedPickling
+from .resume import RunState, layer_names, settings, state_identity
+from .run import MonitorRun
 from .trainer import (
     default_layer,
     fit_probes,
+    idle_run,
     module_names,
     open_sinks,
     start_warnings,
@@ -65,37 +61,31 @@ if TYPE_CHECKING:
 
 # One class for both namespaces: a subclass of each installed `Callback`, so both Trainers and
 # both LightningCLIs accept it.
-class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[misc]
+class CamMonitor(*lightning_classes("callbacks", "Callback"), GuardedPickling):  # type: ignore[misc]
     """Log Grad-CAM overlays of a fixed probe batch, and how attention drifts, during `fit`.
 
     A baseline evaluation runs at the start of training (attention at initialisation; it also
     checks the whole configuration), then one at the end of every `every_n_epochs`-th epoch (or
     every `every_n_steps` steps), and a final one at the end of `fit` when the schedule left the
-    last step unevaluated; on global rank zero only. The README lists the logged tags. Several
-    monitors in one Trainer must differ in layers, methods, probe, schedule or `save_dir`.
+    last step unevaluated; on global rank zero only. Several monitors in one Trainer must differ
+    in layers, methods, probe, schedule or `save_dir`. docs/arguments.md details every argument.
 
     Args:
         layer: a name (``"features.29"``), a glob, a module or a list; None: the last spatial one.
         methods: one or several of ``cam_monitor.ALL_METHODS`` (``"gradcam"``, ``"layercam"``...).
-        every_n_epochs: evaluate at the end of every N-th training epoch (None: 1, unless
-            ``every_n_steps`` is given).
+        every_n_epochs: evaluate every N-th epoch's end (None: 1, unless ``every_n_steps``).
         every_n_steps: evaluate every N optimizer steps instead (not with ``every_n_epochs``).
         probe: None (samples of the val, else train, dataset), a Tensor, an ``(inputs, labels)``
-            tuple (``inputs`` may nest: ``(x, meta)``), a dict batch, a Dataset, a DataLoader,
-            or a dict of named probe sets.
+            tuple (inputs may nest), a dict batch, a Dataset, a DataLoader, or named probe sets.
         num_probe: samples taken from a Dataset or DataLoader probe.
-        target: ``"predicted"``, ``"label"``, a class index, a LongTensor [B] or a callable;
-            for segmentation logits ``[B, C, H, W]`` also ``(class, pixel_mask)`` (see
-            docs/segmentation.md: ``"label"`` with label maps explains each image's main
-            labelled class over its labelled pixels).
+        target: ``"predicted"``, ``"label"``, a class index, a LongTensor [B] or a callable; for
+            segmentation also ``(class, pixel_mask)`` (docs/segmentation.md).
         output_transform: picks the logits from a tuple or dict output: index, key or callable.
         forward: ``forward(module, inputs)``, how the model is called on the probe; it receives
             a tuple batch's inputs (nested ones too) and a dict batch whole, every key kept.
-        reshape: turns a layer output into ``[B, C, H, W]`` (channels-last outputs and token
-            grids of the input's shape: automatic where unambiguous).
-        masks: bool ``[B, H, W]`` or boxes ``[B, 4]`` for localization scores, or a dict of them
-            (only with an explicit tensor/tuple probe: dataset items carry their own masks);
-            class-index maps are label maps: each map is scored against its class's pixels.
+        reshape: turns a layer output into ``[B, C, H, W]`` (automatic where unambiguous).
+        masks: bool ``[B, H, W]``, boxes ``[B, 4]`` or class-index label maps for localization
+            scores, or a dict of them (only with an explicit tensor/tuple probe).
         input_key: key of the inputs in dict batches (default: ``image``, ``input``, ``x``...).
         label_key: key of the labels in dict batches (default: ``label``, ``target``, ``y``...).
         colormap: OpenCV colormap of the heat maps (``"jet"``, ``"turbo"``, ``"viridis"``...).
@@ -104,35 +94,26 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         std: per-channel normalisation std to undo before drawing (with ``mean``).
         class_names: names for the tile captions.
         nrow: tiles per grid row (4: a 16-image probe reads at TensorBoard's card size).
-        views: grids per signed map (``integrated_gradients``, ``guided_backprop``,
-            ``deconvnet``, ``guided_gradcam``): any of ``"all"``, ``"pos"``, ``"neg"``.
+        views: grids per signed map: any of ``"all"``, ``"pos"``, ``"neg"``.
         gray_views: draw those views in grays instead of blue-white-red.
-        image_format: ``"jpeg"`` (quality 90) or ``"png"`` (lossless, several times larger and
-            slower to encode): how overlay grids are logged and saved; pixel-level maps are PNG.
-        max_tiles: images per grid (None: all); a larger probe draws that many evenly spaced
-            ones, first and last included, and is still scored whole.
+        image_format: ``"jpeg"`` (quality 90) or ``"png"`` for overlay grids (pixel maps: PNG).
+        max_tiles: images per grid (None: all); evenly spaced ones, the whole probe is scored.
         batch_size: probe rows per pass, to bound memory (None: the whole probe at once).
-        smooth: noisy copies averaged by the gradient CAMs (Smooth Grad-CAM++ with gradcam++)
-            and by ``smoothgrad`` (16 when 0).
+        smooth: noisy copies averaged by the gradient CAMs and ``smoothgrad`` (16 when 0).
         noise: noise std of those copies, as a fraction of each image's value range.
         cam_head: for ``cam``: the Linear classifier after global pooling (default: the last).
-        ig_steps: Riemann steps of ``integrated_gradients`` from the all-zero input (black in
-            [0, 1], the mean colour for normalised images).
+        ig_steps: Riemann steps of ``integrated_gradients`` from the all-zero input.
         filters: ``{"features.28": [0, 5]}``: channel activations and inputs that excite them.
-        drift_measures: any of ``spearman``, ``pearson``, ``topk_iou``, ``js``, ``com_shift``
-            (default: ``spearman`` and ``topk_iou``).
+        drift_measures: any of ``spearman``, ``pearson``, ``topk_iou``, ``js``, ``com_shift``.
         topk: fraction of pixels for ``topk_iou`` and the mask IoU.
         pointing_tolerance: pixels by which a mask is grown for the pointing game.
-        faithfulness: can the maps be trusted? Any of ``drop``, ``increase`` (one forward of
-            the probe per map), ``deletion``, ``insertion`` (39 forwards per map) and ``sanity``
-            (the maps of a copy with the layers after the monitored one re-initialised; a copy of
-            the model in memory), logged under ``cam_faith/``; None or ``()``: none.
+        faithfulness: any of ``drop``, ``increase``, ``deletion``, ``insertion``, ``sanity``
+            (can the maps be trusted?), logged under ``cam_faith/``; None or ``()``: none.
         reference: a run directory whose first evaluation is the drift reference (``*_ref``).
         history: write the raw maps of every evaluation to disk (for ``cam-monitor show``).
-        history_maps: which maps the history keeps: ``"all"``, ``"cams"`` (not the pixel-level
-            maps, stored at the input's resolution) or ``"none"`` (scalars and logits only).
-        save_dir: where history and image-file fallbacks go (default
-            ``<log_dir>/cam_monitor``); it must not hold another run's history.
+        history_maps: which maps the history keeps: ``"all"``, ``"cams"`` or ``"none"``.
+        save_dir: where history and image files go (default ``<log_dir>/cam_monitor``); it must
+            not hold another run's history.
         strict: re-raise errors inside later evaluations instead of warning and skipping.
 
     Raises:
@@ -207,16 +188,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         self.tracker = AttentionTracker(options_from(DriftOptions, arguments))
         self.trust = options_from(FaithfulnessOptions, arguments)
         self.outputs = options_from(OutputOptions, arguments)
-        self._probes: dict[str, ProbeSet] = {}
-        self._sinks: list[Sink] = []
-        self.evaluations = 0
-        self._last_step = -1
-        self.run_id: str | None = None  # set at the start of fit, or by a resumed checkpoint
-        self._resumed = RunState()  # what the checkpoint this run resumed from holds
-        self._idle = False  # fast_dev_run: nothing evaluated, nothing written
-        self._done_epoch = -1  # the last epoch whose last training batch has run
-        self._restored = False  # whether this fit resumed the monitor from a checkpoint
-        self._foreign_key: str | None = None  # a checkpoint's other CamMonitor state, unused
+        self.run = MonitorRun()  # the run's id and progress, this fit's probes and sinks
         outputs = self.outputs
         self._evaluator = Evaluator(outputs.strict, outputs.history, outputs.history_maps)
 
@@ -225,24 +197,28 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         sets' rows once a fit built them)."""
         layers = "None (chosen at fit)" if self.layers is None else repr(self.layers)
         probes = self.probe_options.describe()
-        if self._probes:
-            probes = "{" + ", ".join(f"{n!r}: {p.length}" for n, p in self._probes.items()) + "}"
+        if self.run.probes:
+            probes = "{" + ", ".join(f"{n!r}: {p.length}" for n, p in self.run.probes.items())
+            probes += "}"
         return (
             f"CamMonitor(layer={layers}, methods={list(self.methods)}, probe={probes}, "
             f"{self.schedule.describe()})"
         )
 
-    def __getstate__(self) -> dict[str, Any]:
-        """ddp_spawn pickles callbacks: callables pickle cannot store travel guarded."""
-        return {**self.__dict__, "engine": guarded(self.engine)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, engine=unguarded(state["engine"]))
-
     @property
     def methods(self) -> tuple[str, ...]:
         """The validated method names."""
         return self.engine.methods
+
+    @property
+    def evaluations(self) -> int:
+        """Evaluations this run has logged (a resumed run counts its checkpoint's)."""
+        return self.run.evaluations
+
+    @property
+    def run_id(self) -> str | None:
+        """This run's id in its history, once `fit` started or a checkpoint restored it."""
+        return self.run.id
 
     @property
     def every_n_epochs(self) -> int | None:
@@ -263,20 +239,14 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         """What identifies this monitor among several in one Trainer: its layers and methods, and
         its probe, schedule and folder where they are not the defaults (so a lone monitor keeps
         the key older checkpoints were saved under)."""
-        return self._state_key(self._module_name)
+        return self._key()
 
-    def _state_key(self, module_name: Callable[[nn.Module], str]) -> str:
-        """`state_key` with `module_name` naming the layers given as modules."""
-        names = [n if isinstance(n, str) else module_name(n) for n in self._layer_spec or []]
+    def _key(self, legacy: bool = False) -> str:
+        """`state_key`; `legacy`: as older checkpoints keyed module layers (by type)."""
+        names = layer_names(self._layer_spec, self._module_names, legacy)
         return self._generate_state_key(
             **state_identity(names, self.methods, self.probe_options, self.schedule, self.outputs)
         )
-
-    def _module_name(self, layer: nn.Module) -> str:
-        """A module layer in `state_key`: its dotted name once `setup` found it in the model (the
-        key checkpoints are saved and loaded under), before that its type and identity (so two
-        monitors on two modules of one type can share a Trainer)."""
-        return self._module_names.get(id(layer), f"{type(layer).__name__}@{id(layer):x}")
 
     # -- Lightning hooks ------------------------------------------------------------------------
 
@@ -284,18 +254,14 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._check_setup(trainer, pl_module)
-            self._prepare_fit()
+            self.run.prepare_fit()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._idle = bool(trainer.fast_dev_run)
-        if self._idle:
-            rank_zero_info(
-                "CamMonitor: fast_dev_run is on, so the monitor evaluates nothing and writes "
-                "nothing in this run."
-            )
+        self.run.idle = idle_run(trainer)
+        if self.run.idle:
             return
-        if self._should_start_new_run(trainer):
+        if self.run.is_new(trainer.global_step):
             self._start_new_run()
         whole = self.engine.forward is not None  # forward= receives dict batches whole
         probes = fit_probes(trainer, pl_module, self.probe_options, whole)  # one rank fails: all
@@ -314,9 +280,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         batch_idx: int,
     ) -> None:
         if trainer.is_last_batch:
-            self._done_epoch = trainer.current_epoch
+            self.run.done_epoch = trainer.current_epoch
         if self._should_evaluate_step(trainer):
-            self._evaluate(trainer, pl_module, epoch=self._epochs_completed(trainer))
+            self._evaluate(trainer, pl_module, self.run.epochs_completed(trainer.current_epoch))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -349,8 +315,8 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run one evaluation now, from any hook after training started (even under inference
         mode, e.g. in `on_validation_epoch_end`); rank zero only, like the scheduled ones."""
-        if trainer.is_global_zero and self._probes:
-            self._evaluate(trainer, pl_module, epoch=self._epochs_completed(trainer))
+        if trainer.is_global_zero and self.run.probes:
+            self._evaluate(trainer, pl_module, self.run.epochs_completed(trainer.current_epoch))
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -363,37 +329,26 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         """A checkpoint whose monitor state was saved under another `state_key` (layers, methods,
         probe, schedule or save_dir changed) continues nothing: say so, this is a new run."""
         if trainer.state.fn == "fit":  # validate/test/predict with ckpt_path: no run goes on
-            states = checkpoint.get("callbacks") or {}
-            legacy = self._state_key(lambda layer: type(layer).__name__)  # how modules were keyed
+            legacy = self._key(legacy=True)
             claimed = {cb.state_key for cb in trainer.callbacks}  # type: ignore[attr-defined]
-            self._foreign_key = foreign_state(states, self.state_key, legacy, claimed)
-            if self._foreign_key is not None and holds_history(self.outputs.save_dir):
-                return  # a new run refused its folder: `_claim_folder` says it all, raising
-            saved, now = RunState(state_key=self._foreign_key), RunState(state_key=self.state_key)
-            for warning in saved.diff(now, global_step=checkpoint.get("global_step", "?")):
+            save_dir = self.outputs.save_dir
+            for warning in self.run.checkpoint_warnings(
+                checkpoint, self.state_key, legacy, claimed, save_dir
+            ):
                 rank_zero_warn(warning)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = True
-        self._resumed = RunState.from_state_dict(state_dict)
-        self.evaluations, self._last_step = self._resumed.evaluations, self._resumed.last_step
-        self.run_id = self._resumed.run_id
-        self.tracker.load_state_dict(self._resumed.tracker)
+        self.tracker.load_state_dict(self.run.restore(state_dict))
 
     # -- decisions ------------------------------------------------------------------------------
 
     def _active(self, trainer: pl.Trainer) -> bool:
         """Scheduled evaluations run on rank zero, outside fast_dev_run."""
-        return not self._idle and trainer.is_global_zero
-
-    def _should_start_new_run(self, trainer: pl.Trainer) -> bool:
-        """A fit from step 0 that restored no checkpoint (the monitor given to a new Trainer)
-        is a new run, with its own baseline, drift reference and run id."""
-        return bool(self.evaluations) and trainer.global_step == 0 and not self._restored
+        return not self.run.idle and trainer.is_global_zero
 
     def _should_evaluate_step(self, trainer: pl.Trainer) -> bool:
-        due = self.schedule.due_at_step(trainer.global_step, self._last_step)
+        due = self.schedule.due_at_step(trainer.global_step, self.run.last_step)
         return due and self._active(trainer)
 
     def _should_evaluate_epoch(self, trainer: pl.Trainer) -> bool:
@@ -401,103 +356,58 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
 
     def _should_evaluate_final(self, trainer: pl.Trainer) -> bool:
         """Training ended on a step the schedule did not evaluate."""
-        unevaluated = trainer.global_step != self._last_step
-        return self._active(trainer) and bool(self._probes) and unevaluated
-
-    def _epochs_completed(self, trainer: pl.Trainer) -> int:
-        """Epochs whose training is complete: after an epoch's last batch (in its validation,
-        say) `current_epoch` still counts that epoch as running; an evaluation of those weights
-        belongs to the epoch-end one's epoch."""
-        return trainer.current_epoch + int(self._done_epoch == trainer.current_epoch)
+        unevaluated = trainer.global_step != self.run.last_step
+        return self._active(trainer) and bool(self.run.probes) and unevaluated
 
     # -- actions --------------------------------------------------------------------------------
 
     def _check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """What the Trainer, its strategy, its other callbacks and the model must allow."""
-        monitors = _monitors(trainer)
-        for monitor in monitors:  # module layers by name, in every monitor's key
+        for monitor in _monitors(trainer):  # module layers by name, in every monitor's key
             monitor._module_names = module_names(pl_module, monitor._layer_spec)
-        check_fit(self, trainer, pl_module, monitors, self._layer_spec)
-
-    def _prepare_fit(self) -> None:
-        self._restored = False  # until `load_state_dict` restores a checkpoint in this fit
-        self._foreign_key = None
-        self._probes, self._sinks = {}, []  # the last fit's: `evaluate()` waits for this fit's
+        check_fit(self, trainer, pl_module, _monitors(trainer), self._layer_spec)
 
     def _start_new_run(self) -> None:
         """Forget the previous fit's run: its evaluations, drift reference, run id and layers."""
-        self.evaluations, self._last_step, self.run_id = 0, -1, None
-        self._done_epoch = -1
-        self._resumed = RunState()
+        self.run.forget()
         self.tracker = AttentionTracker(self.tracker.options)
         self.layers = self._layer_spec  # None: chosen again, for this model
 
     def _open_run(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probes: dict[str, ProbeSet]
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, probes: dict[str, Any]
     ) -> None:
         """On rank zero, at the start of training: the layers, the run's folder and sinks, the
         resume warnings, the drift reference and the probe on disk."""
-        self._probes = probes
+        self.run.probes = probes
         for warning in start_warnings(pl_module, probes, self.render):
             rank_zero_warn(warning)
         if self.layers is None:
             self.layers = [default_layer(pl_module, next(iter(probes.values())), self.engine)]
         if trainer.loggers:
-            others = [m for m in _monitors(trainer) if m is not self and m._probes]
+            others = [m for m in _monitors(trainer) if m is not self and m.run.probes]
             check_shared_tags(self._groups(pl_module), [m._groups(pl_module) for m in others])
-        if self.run_id is None:
-            self.run_id = uuid.uuid4().hex[:12]
-        folder = self._claim_folder(trainer)
-        measures = self.tracker.options.measures
-        self._sinks = open_sinks(trainer, folder, probes, measures, self.trust.measures)
-        self._warn_resumed()
-        outputs, history = self.outputs, self._evaluator.history
-        if outputs.reference is not None and not self.tracker.reference:
-            use_reference_run(self.tracker, outputs.reference, probes)
-        if outputs.history:
-            if self.evaluations > 0:
-                history.prune_from(self.evaluations)  # a resumed run rewrites what follows
-            history.write_probe(probes, run=self.run_id or "")
-
-    def _warn_resumed(self) -> None:
-        """How this run differs from the checkpoint it resumed from: probe, settings, folder."""
-        saved = self._resumed if self._restored else replace(self._resumed, settings={})
-        now = self._run_state() if self.outputs.history else replace(self._run_state(), folder=None)
-        for warning in saved.diff(now):
+        measures = self.tracker.options.measures, self.trust.measures
+        self.run.sinks = open_sinks(trainer, self._claim_folder(trainer), probes, *measures)
+        for warning in self.run.resume_warnings(self._run_state(), self.outputs.history):
             rank_zero_warn(warning)
+        if self.outputs.reference is not None and not self.tracker.reference:
+            use_reference_run(self.tracker, self.outputs.reference, probes)
+        self._evaluator.open_history(probes, self.run.id or "", self.evaluations)
 
     def _claim_folder(self, trainer: pl.Trainer) -> Path:
         """This run's folder (`RunHistory.claim`); one explicit `save_dir` per monitor."""
+        others = [m for m in _monitors(trainer) if m is not self and m.outputs.history]
+        beside = [m._evaluator.history for m in others]
         folder = run_folder(trainer, self.outputs.save_dir)
-        if not self.outputs.history:
-            self._evaluator.history.folder = folder
-            return folder
-        beside = [
-            m._evaluator.history for m in _monitors(trainer) if m is not self and m.outputs.history
-        ]
-        hint = "." if self._foreign_key is None else (
-            f" with the same monitor: the checkpoint's CamMonitor state was saved under "
-            f"{self._foreign_key}, this monitor is {self.state_key} (its layers, methods, "
-            "probe, schedule or save_dir changed), so it cannot continue that run and starts a "
-            "new one, which needs a folder of its own."
-        )  # fmt: skip
-        history = self._evaluator.history
-        return history.claim(folder, self.run_id, self.outputs.save_dir, hint, beside)
+        return self.run.claim(self._evaluator.history, folder, self.outputs, self.state_key, beside)
 
     def _groups(self, pl_module: pl.LightningModule) -> set[Group]:
-        return logged_groups(pl_module, self._probes, self.layers or [], self.methods)
+        return logged_groups(pl_module, self.run.probes, self.layers or [], self.methods)
 
     def _run_state(self, tracker: Mapping[str, Any] | None = None) -> RunState:
         """This run as a checkpoint stores it (`tracker`: the drift state, when it is stored)."""
-        return RunState(
-            self.evaluations,
-            self._last_step,
-            {name: probe.digest for name, probe in self._probes.items()},
-            tracker or {},
-            self.run_id,
-            None if self.folder is None else os.fspath(self.folder),
-            settings(self.engine, self.tracker.options, self.probe_options.masks),
-        )
+        recorded = settings(self.engine, self.tracker.options, self.probe_options.masks)
+        return self.run.state(self.folder, recorded, tracker)
 
     def _evaluate(
         self,
@@ -508,14 +418,15 @@ class CamMonitor(*lightning_classes("callbacks", "Callback")):  # type: ignore[m
         final: bool = False,
     ) -> None:
         """One evaluation of the model now (`Evaluator.evaluate`), counted when it ran."""
-        self._last_step = trainer.global_step
+        run = self.run
+        run.last_step = trainer.global_step
         plan = Plan(
-            self._probes, self.layers or [], self.engine, self.render, self.filters,
-            self.tracker, self._sinks, self.trust,
+            run.probes, self.layers or [], self.engine, self.render, self.filters,
+            self.tracker, run.sinks, self.trust,
         )  # fmt: skip
-        entry = Entry(self.evaluations, epoch, self.run_id or "", final)
+        entry = Entry(run.evaluations, epoch, run.id or "", final)
         if self._evaluator.evaluate(trainer, pl_module, plan, entry, baseline):
-            self.evaluations += 1
+            run.evaluations += 1
 
 
 def _monitors(trainer: pl.Trainer) -> list[CamMonitor]:

@@ -68,6 +68,14 @@ class Evaluator:
         self.history = RunHistory(rank_zero_warn)  # files written off the training thread
         self.encoder = GridEncoder()  # grids, encoded while drift is scored
 
+    def open_history(self, probes: Mapping[str, ProbeSet], run: str, evaluations: int) -> None:
+        """A run's history as a fit starts: the evaluations from `evaluations` on are deleted (a
+        resumed run writes them again), and the probe is stored, so reports can draw it."""
+        if self.record:
+            if evaluations > 0:
+                self.history.prune_from(evaluations)
+            self.history.write_probe(probes, run=run)
+
     def evaluate(
         self,
         trainer: pl.Trainer,

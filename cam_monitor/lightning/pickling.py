@@ -35,6 +35,18 @@ class PickleGuard:
         )
 
 
+class GuardedPickling:
+    """Pickles an object's `engine` options guarded (`guarded`), and unpickles them unguarded."""
+
+    engine: EngineOptions
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "engine": guarded(self.engine)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, engine=unguarded(state["engine"]))
+
+
 def guarded(engine: EngineOptions) -> EngineOptions:
     """`engine` with each callable that pickle cannot store wrapped in a `PickleGuard`."""
     guards = {

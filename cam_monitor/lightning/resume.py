@@ -123,6 +123,20 @@ def holds_history(save_dir: str | os.PathLike[str] | None) -> bool:
     return save_dir is not None and bool(history_runs(save_dir))
 
 
+def layer_names(
+    layers: Sequence[Any] | None, module_names: Mapping[int, str], legacy: bool = False
+) -> list[str]:
+    """The layers as a `state_key` names them: a module by its dotted name once `setup` found it
+    in the model (`module_names`), before that by type and identity (so two monitors on two
+    modules of one type can share a Trainer); `legacy`: by type alone, as older keys did."""
+    return [
+        layer if isinstance(layer, str)
+        else type(layer).__name__ if legacy
+        else module_names.get(id(layer), f"{type(layer).__name__}@{id(layer):x}")
+        for layer in layers or []
+    ]  # fmt: skip
+
+
 def state_identity(
     layers: Sequence[str],
     methods: Sequence[str],

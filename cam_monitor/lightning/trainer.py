@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning_utilities.core.rank_zero import rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ..capture import users_hooks_warning
@@ -142,6 +142,17 @@ def logging_off(module: nn.Module) -> Iterator[None]:
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     """Takes a `log` call and does nothing."""
+
+
+def idle_run(trainer: pl.Trainer) -> bool:
+    """Whether this fit is a `fast_dev_run`, where the monitor evaluates and writes nothing
+    (said once)."""
+    if trainer.fast_dev_run:
+        rank_zero_info(
+            "CamMonitor: fast_dev_run is on, so the monitor evaluates nothing and writes "
+            "nothing in this run."
+        )
+    return bool(trainer.fast_dev_run)
 
 
 def module_names(
