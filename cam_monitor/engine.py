@@ -243,9 +243,6 @@ def compute(
     whole = None if len(ranges) == 1 else _Rows(total)
     with isolated(module):
         batch = batch.usable()
-        baseline = None
-        if "integrated_gradients" in options.methods:
-            baseline = resolve_baseline(ig_baseline, batch.require_image())
         generator: torch.Generator | None = None
         if plan.noisy_copies:
             device = batch.require_image("Noisy copies (smooth=, smoothgrad)").device
@@ -254,8 +251,11 @@ def compute(
             chunk = batch if rows is None else batch.slice(*rows)
             chunk_target = target if rows is None else target_rows(target, *rows)
             chunk_baseline = None
-            if baseline is not None:
-                chunk_baseline = baseline if rows is None else baseline[rows[0] : rows[1]]
+            if "integrated_gradients" in options.methods:  # the chunk's: not the whole probe's
+                given = ig_baseline
+                if rows is not None and isinstance(given, Tensor) and given.dim() == 4:
+                    given = given[rows[0] : rows[1]] if len(given) == total else given
+                chunk_baseline = resolve_baseline(given, chunk.require_image())
             clean, maps, extras = _explain_chunk(
                 module, chunk, chunk_target, options, plan, generator, chunk_baseline
             )

@@ -119,6 +119,15 @@ def test_integrated_gradients_with_a_grey_baseline_in_chunked_passes() -> None:
     assert torch.allclose(
         chunked["input", "integrated_gradients"], whole["input", "integrated_gradients"], atol=1e-6
     )
+    # One baseline per image: each chunk takes its own rows (resolved chunk by chunk, never
+    # materialised for the whole probe at once).
+    own = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    options = dict(target=targets, ig_steps=8, ig_baseline=own)
+    chunked = compute_cams(net, x, None, "integrated_gradients", **options, batch_size=2)
+    ref = IntegratedGradients(net).attribute(
+        x, baselines=own, target=targets, n_steps=8, method="riemann_middle"
+    )
+    assert close(chunked["input", "integrated_gradients"], ref.sum(dim=1))
     with pytest.raises(ValueError, match="does not broadcast"):
         compute_cams(net, x, None, "integrated_gradients", ig_baseline=torch.zeros(2, 3, 3))
 
