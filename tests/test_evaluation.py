@@ -119,16 +119,16 @@ def test_a_chunked_evaluation_gives_what_the_whole_probe_gives(tmp_path: Path) -
 
 
 class TensorBytes(TorchFunctionMode):
-    """The bytes of the tensors torch functions allocate, while those live (a result sharing an
-    argument's storage, such as a view or `.float()` of a float tensor, allocates nothing), and
-    per phase (`phase(name, fn)`) the most it held at once above what lived when it began.
-    Nothing is counted while `paused`."""
+    """The bytes of the storages torch functions allocate, while a tensor returned on them lives
+    (a view or a `.detach()` of one keeps it counted; one of a tensor made elsewhere, or `.float()`
+    of a float tensor, allocates nothing), and per phase (`phase(name, fn)`, nested or not) the
+    most it held at once above what lived when it began. Nothing is counted while `paused`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.live, self.paused = 0, False
         self.held: dict[str, int] = {}
-        self._phase: tuple[str, int] | None = None
+        self._phases: list[tuple[str, int]] = []  # the phases running, and what lived before
         self._storages: dict[int, list[int]] = {}  # data pointer: [bytes, tensors using it]
         self._seen: set[int] = set()
 
@@ -145,15 +145,16 @@ class TensorBytes(TorchFunctionMode):
         given = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
         for tensor in tensors(out):
             pointer = tensor.untyped_storage().data_ptr()
-            if id(tensor) in self._seen or pointer in given or pointer == 0:
+            entry = self._storages.get(pointer)
+            if id(tensor) in self._seen or pointer == 0 or (entry is None and pointer in given):
                 continue
-            self._seen.add(id(tensor))
-            entry = self._storages.setdefault(pointer, [tensor.untyped_storage().nbytes(), 0])
-            self.live += entry[0] if entry[1] == 0 else 0
+            if entry is None:  # a new storage
+                entry = self._storages[pointer] = [tensor.untyped_storage().nbytes(), 0]
+                self.live += entry[0]
             entry[1] += 1
+            self._seen.add(id(tensor))
             weakref.finalize(tensor, self._freed, id(tensor), pointer)
-        if self._phase is not None:
-            name, start = self._phase
+        for name, start in self._phases:
             self.held[name] = max(self.held.get(name, 0), self.live - start)
         return out
 
@@ -169,11 +170,11 @@ class TensorBytes(TorchFunctionMode):
         """`fn`, its calls measured as phase `name`."""
 
         def measured(*args: Any, **kwargs: Any) -> Any:
-            outer, self._phase = self._phase, (name, self.live)
+            self._phases.append((name, self.live))
             try:
                 return fn(*args, **kwargs)
             finally:
-                self._phase = outer
+                self._phases.pop()
 
         return measured
 
@@ -209,12 +210,13 @@ def test_an_evaluation_holds_one_chunk_at_a_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With `batch_size`, the model never runs on more images at once (CAMs, faithfulness,
-    sanity check, filter views); and once the CAMs are computed, no phase of the evaluation
-    (drawing, filter views, faithfulness, drift scoring, the history record) holds more tensor
-    memory at once for a probe of 4 chunks than for a probe of one, but for its few numbers per
-    image. What grows with the probe is what is kept: the maps at the layers' resolution."""
-    held = {}
+    sanity check, filter views), and no phase of the evaluation (the CAMs, drawing, filter
+    views, faithfulness, drift scoring, the history record) holds more tensor memory at once for
+    a probe of 4 chunks than for a probe of one, but for what it keeps: the maps at the layers'
+    resolution (the CAMs' result) and a few numbers per image."""
+    held, kept = {}, {}
     phases = {
+        (evaluation, "compute_probe"): "CAMs",
         (evaluation, "render_probe"): "drawing",
         (evaluation, "filter_grids"): "filter views",
         (evaluation, "trust_scores"): "faithfulness",
@@ -222,19 +224,21 @@ def test_an_evaluation_holds_one_chunk_at_a_time(
         (sys.modules[__name__], "evaluation_record"): "history record",
     }
     faithfulness = sys.modules["cam_monitor.faithfulness"]  # the package exports a function
-    engine = [(evaluation, "compute_probe"), (faithfulness, "compute")]  # the CAMs' forwards,
-    originals = {place: getattr(*place) for place in [*phases, *engine]}  # bounded as seen above
+    sanity = (faithfulness, "compute")  # its CAMs of a randomised copy: its forwards are counted
+    originals = {place: getattr(*place) for place in [*phases, sanity]}
     for size in (CHUNK, 4 * CHUNK):
         counter = TensorBytes()
         for place, name in phases.items():
             monkeypatch.setattr(*place, counter.phase(name, originals[place]))
-        for place in engine:
-            monkeypatch.setattr(*place, counter.paused_in(originals[place]))
+        monkeypatch.setattr(*sanity, counter.paused_in(originals[sanity]))
         module = model()
         with counter, rows_per_forward(module) as seen:
-            evaluate(module, probe_set(size), CHUNK, tmp_path / str(size))
+            outputs = evaluate(module, probe_set(size), CHUNK, tmp_path / str(size))
         assert seen and max(seen) <= CHUNK  # the sanity check's copy of the model included
         held[size] = counter.held
+        result = outputs[-1].results["probe"]
+        kept[size] = sum(t.nbytes for t in tensors([result.maps, result.targets, result.logits]))
     assert held[CHUNK].keys() == set(phases.values())
     for name, most in held[CHUNK].items():
-        assert held[4 * CHUNK][name] <= 1.05 * most, (name, held)
+        allowed = 1.05 * most + (kept[4 * CHUNK] if name == "CAMs" else 0)
+        assert held[4 * CHUNK][name] <= allowed, (name, held, kept)
