@@ -20,13 +20,14 @@ from cam_monitor.cli import main as cli
 from cam_monitor.compare import load_run
 from cam_monitor.default_layer import first_spatial_layer
 from cam_monitor.drift import AttentionTracker
-from cam_monitor.evaluation import compute_probe, probe_captions, probe_options
-from cam_monitor.history import read_history
+from cam_monitor.evaluation import compute_probe, probe_captions, probe_options, run_evaluation
+from cam_monitor.history import evaluation_record, read_history
 from cam_monitor.measures import class_iou
-from cam_monitor.options import EngineOptions
+from cam_monitor.options import EngineOptions, RenderOptions
 from cam_monitor.probe import ProbeSet, build_probes, probe_sets
 from cam_monitor.report import _captions, _regions
 from cam_monitor.schema import LOCALIZATION, MapKey, ScalarKey
+from cam_monitor.sinks import scalar_tags
 from cam_monitor.targets import main_class
 from tests.helpers import Lightning, fit, read_events
 
@@ -484,3 +485,36 @@ def test_without_label_maps_captions_give_the_share_of_pixels_predicted_as_the_c
         share = float((result.predicted_maps[i] == k).float().mean())
         assert full[i] == f"{names[k]} {share:.0%} px" and compact[i] == f"{names[k]} {share:.0%}"
         assert numbers[i] == f"{k} {share:.0%}"
+
+
+def test_a_segmentation_evaluation_in_chunks_gives_the_whole_probes() -> None:
+    """With `batch_size`, a segmentation model's CAMs, its localization against label maps, the
+    drawn grids and the history's per-image entries (predicted class, share, IoU, pixel
+    accuracy, measured chunk by chunk) are those of the whole probe at once."""
+    x, labels = scenes(6, size=32)
+    (probe,) = build_probes(probe_sets({"image": x, "label": labels}), 6).values()
+    torch.manual_seed(0)
+    model = TinySegmenter(num_classes=5).eval()
+    found = []
+    for batch_size in (None, 4):
+        options = EngineOptions(target="label", output_transform="out", batch_size=batch_size)
+        output = run_evaluation(
+            model, {"probe": probe}, ["backbone"], options, RenderOptions(max_tiles=3)
+        )
+        scalars, _ = AttentionTracker().score(output.results, {"probe": probe}, batch_size)
+        record = evaluation_record(
+            0, 0, 0, {"probe": probe}, output.results, scalar_tags(scalars), batch_size=batch_size
+        )
+        found.append((output, scalars, record))
+    (whole, scores, record), (chunked, chunked_scores, chunked_record) = found
+    for key, maps in whole.results["probe"].maps.items():
+        torch.testing.assert_close(chunked.results["probe"].maps[key], maps)
+    assert any(key.kind == LOCALIZATION for key in scores)
+    assert chunked_scores == pytest.approx(scores, rel=1e-5, nan_ok=True)
+    assert whole.images.keys() == chunked.images.keys()
+    for key, grid in whole.images.items():  # at most the colormap's next colour, rarely
+        assert (grid.int() - chunked.images[key].int()).abs().max() <= 2, key
+    entry, chunked_entry = record.segmentation["probe"], chunked_record.segmentation["probe"]
+    np.testing.assert_array_equal(chunked_entry.predicted, entry.predicted)
+    for field in ("share", "iou", "accuracy"):
+        np.testing.assert_allclose(getattr(chunked_entry, field), getattr(entry, field))

@@ -7,8 +7,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor
 
+from ..attribution import pass_ranges
 from ..engine import CamResult
 from ..measures import segment_measures
 from ..methods import PIXEL_METHODS
@@ -32,6 +34,7 @@ def evaluation_record(
     final: bool = False,
     class_names: Sequence[str] | None = None,
     maps: str = "all",
+    batch_size: int | None = None,
 ) -> Evaluation:
     """The history entry of one evaluation: every map as float32 numpy on the CPU, keyed by
     `MapKey`, with targets, logits, labels (for probes that have them), the per-image
@@ -42,7 +45,8 @@ def evaluation_record(
     ``run`` is the id of the writing run; ``final`` marks the evaluation added at the end of fit.
     ``class_names`` are stored for captions in reports and `cam-monitor show`. ``maps``: which
     maps are stored, "all", "cams" (not the pixel-level ones) or "none"
-    (`options.HISTORY_MAPS`).
+    (`options.HISTORY_MAPS`). ``batch_size``: images measured at a time for the segmentation
+    entries (None: all at once), as the evaluation computed them.
     """
     _check_table("probes", probes, ProbeSet)
     _check_table("results", results, CamResult)
@@ -70,27 +74,39 @@ def evaluation_record(
         final=final,
         class_names=None if class_names is None else tuple(class_names),
         segmentation={
-            name: segmentation_record(result, probes.get(name))
+            name: segmentation_record(result, probes.get(name), batch_size)
             for name, result in results.items()
             if result.predicted_maps is not None
         },
     )
 
 
-def segmentation_record(result: CamResult, probe: ProbeSet | None = None) -> Segmentation:
+def segmentation_record(
+    result: CamResult, probe: ProbeSet | None = None, batch_size: int | None = None
+) -> Segmentation:
     """A segmentation result's per-image record: each image's predicted class by the rule of
     `target="predicted"` (`main_class` of the argmax map), and how the model predicts the class
-    its maps explain (`measures.segment_measures`, against the probe's label maps if any)."""
+    its maps explain (`measures.segment_measures`, against the probe's label maps if any).
+    Measured `batch_size` images at a time (None: all at once): the values are per image."""
     if result.predicted_maps is None:
         raise ValueError("segmentation_record needs a segmentation result (per-pixel logits)")
     label_maps = None if probe is None else probe.label_maps
-    predicted = main_class(result.predicted_maps, int(result.logits.shape[1]))
-    measured = segment_measures(result.predicted_maps, result.targets, label_maps)
+    classes = int(result.logits.shape[1])
+    predicted, measured = [], []
+    for start, stop in pass_ranges(int(result.targets.shape[0]), batch_size):
+        maps = result.predicted_maps[start:stop]
+        labels = None if label_maps is None else label_maps[start:stop]
+        predicted.append(main_class(maps, classes))
+        measured.append(segment_measures(maps, result.targets[start:stop], labels))
+
+    def joined(parts: list[Tensor | None]) -> np.ndarray | None:
+        return None if parts[0] is None else _numpy(torch.cat(parts), float32=True)  # type: ignore[arg-type]
+
     return Segmentation(
-        predicted=_numpy(predicted),
-        share=_numpy(measured.share, float32=True),
-        iou=None if measured.iou is None else _numpy(measured.iou, float32=True),
-        accuracy=None if measured.accuracy is None else _numpy(measured.accuracy, float32=True),
+        predicted=_numpy(torch.cat(predicted)),
+        share=_numpy(torch.cat([found.share for found in measured]), float32=True),
+        iou=joined([found.iou for found in measured]),
+        accuracy=joined([found.accuracy for found in measured]),
     )
 
 

@@ -158,6 +158,7 @@ class Evaluator:
                 entry.index, entry.epoch, trainer.global_step, plan.probes, output.results,
                 scalar_tags(output.scalars), run=entry.run, final=entry.final,
                 class_names=plan.render.class_names, maps=self.maps,
+                batch_size=plan.engine.batch_size,
             )  # fmt: skip
             failed = self.history.write_evaluation(record)
         except Exception as err:
