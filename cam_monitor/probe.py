@@ -23,7 +23,7 @@ LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 #: Probe sets above this many images warn once, after the baseline, with what an evaluation
 #: of them costs: 16x the default probe. 512 images cost a resnet18 evaluation of 16 layers x 3
 #: methods at 64 px 4-6 s, 8 MiB of history and 1.1 GB of RSS without batch_size (232 MiB with
-#: batch_size=32, 200 MiB for 32 images: benchmarks/results/probe_size-cpu.md).
+#: batch_size=32, 201 MiB for 32 images: benchmarks/results/probe_size-cpu.md).
 LARGE_PROBE = 256
 #: The only dict keys read as masks; boxes come only through `masks=`.
 MASK_KEYS = ("mask", "masks")
