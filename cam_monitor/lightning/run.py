@@ -94,16 +94,16 @@ class MonitorRun:
 
     def checkpoint_warnings(
         self, checkpoint: dict[str, Any], key: str, legacy: str, claimed: set[str], save_dir: Any
-    ) -> Iterator[str]:
+    ) -> list[str]:
         """A checkpoint whose monitor state was saved under another `state_key` than `key`
-        continues nothing: a new run starts (nothing said when an explicit `save_dir` holds a
-        history, where claiming the folder raises with the whole story)."""
+        continues nothing: a new run starts, and `foreign_key` names that state (nothing said
+        when an explicit `save_dir` holds a history: claiming the folder raises, saying it all)."""
         states = checkpoint.get("callbacks") or {}
         self.foreign_key = foreign_state(states, key, legacy, claimed)
         if self.foreign_key is not None and holds_history(save_dir):
-            return
+            return []
         saved, now = RunState(state_key=self.foreign_key), RunState(state_key=key)
-        yield from saved.diff(now, global_step=checkpoint.get("global_step", "?"))
+        return list(saved.diff(now, global_step=checkpoint.get("global_step", "?")))
 
     def resume_warnings(self, now: RunState, history: bool) -> Iterator[str]:
         """How this run, `now`, differs from the checkpoint it resumed from: probe, settings,
