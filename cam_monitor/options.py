@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import Field, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from torch import Tensor, nn
 
@@ -293,6 +293,41 @@ def options_from(kind: type[OptionsT], arguments: Mapping[str, Any]) -> OptionsT
     """
     names = {f.name: f.metadata.get("argument", f.name) for f in fields(kind) if f.init}
     return kind(**{name: arguments[arg] for name, arg in names.items() if arg in arguments})
+
+
+class MonitorOptions(NamedTuple):
+    """`CamMonitor`'s arguments as its option objects, one per concern."""
+
+    schedule: ScheduleOptions
+    probe: ProbeOptions
+    engine: EngineOptions
+    render: RenderOptions
+    filters: FilterOptions
+    drift: DriftOptions
+    trust: FaithfulnessOptions
+    outputs: OutputOptions
+
+
+def monitor_options(arguments: Mapping[str, Any]) -> MonitorOptions:
+    """`CamMonitor`'s `arguments` (its `locals()`) split into its option objects, each checked
+    as it is built (`options_from`).
+
+    Example:
+        >>> options = monitor_options({"every_n_steps": 50, "methods": "layercam", "filters": None})
+        >>> options.schedule.every_n_steps, options.engine.methods, dict(options.filters.channels)
+        (50, ('layercam',), {})
+    """
+    filters = arguments.get("filters")
+    return MonitorOptions(
+        options_from(ScheduleOptions, arguments),
+        options_from(ProbeOptions, arguments),
+        options_from(EngineOptions, arguments),
+        options_from(RenderOptions, arguments),
+        FilterOptions({} if filters is None else filters),
+        options_from(DriftOptions, arguments),
+        options_from(FaithfulnessOptions, arguments),
+        options_from(OutputOptions, arguments),
+    )
 
 
 def engine_options(arguments: Mapping[str, Any]) -> EngineOptions:

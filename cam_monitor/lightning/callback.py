@@ -18,18 +18,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn  # both namespaces
 from torch import Tensor
 
 from ..drift import AttentionTracker
-from ..options import (
-    DriftOptions,
-    EngineOptions,
-    FaithfulnessOptions,
-    FilterOptions,
-    OutputOptions,
-    ProbeOptions,
-    RenderOptions,
-    ScheduleOptions,
-    check_layers,
-    options_from,
-)
+from ..options import check_layers, monitor_options
 from ..render import GRID_COLUMNS, MAX_TILES
 from ..schema import DEFAULT_FAITHFULNESS, DEFAULT_MEASURES
 from ..sinks import run_folder
@@ -176,18 +165,13 @@ class CamMonitor(*lightning_classes("callbacks", "Callback"), GuardedPickling): 
         strict: bool = False,
     ) -> None:
         super().__init__()
-        arguments = locals()  # each options object takes the arguments named as its fields
         self.layers = check_layers(layer)
+        options = monitor_options(locals())  # each takes the arguments named as its fields
         self._layer_spec = self.layers  # the layers as given: state_key stays the same after setup
         self._module_names: dict[int, str] = {}  # module layers' names, found in `setup`
-        self.schedule = options_from(ScheduleOptions, arguments)
-        self.probe_options = options_from(ProbeOptions, arguments)
-        self.engine = options_from(EngineOptions, arguments)
-        self.render = options_from(RenderOptions, arguments)
-        self.filters = FilterOptions({} if filters is None else filters)
-        self.tracker = AttentionTracker(options_from(DriftOptions, arguments))
-        self.trust = options_from(FaithfulnessOptions, arguments)
-        self.outputs = options_from(OutputOptions, arguments)
+        self.schedule, self.probe_options, self.engine, self.render, self.filters = options[:5]
+        self.tracker = AttentionTracker(options.drift)
+        self.trust, self.outputs = options.trust, options.outputs
         self.run = MonitorRun()  # the run's id and progress, this fit's probes and sinks
         outputs = self.outputs
         self._evaluator = Evaluator(outputs.strict, outputs.history, outputs.history_maps)
@@ -329,12 +313,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback"), GuardedPickling): 
         """A checkpoint whose monitor state was saved under another `state_key` (layers, methods,
         probe, schedule or save_dir changed) continues nothing: say so, this is a new run."""
         if trainer.state.fn == "fit":  # validate/test/predict with ckpt_path: no run goes on
-            legacy = self._key(legacy=True)
+            keys = self.state_key, self._key(legacy=True)  # module layers were once keyed by type
             claimed = {cb.state_key for cb in trainer.callbacks}  # type: ignore[attr-defined]
-            save_dir = self.outputs.save_dir
-            for warning in self.run.checkpoint_warnings(
-                checkpoint, self.state_key, legacy, claimed, save_dir
-            ):
+            for warning in self.run.checkpoint_warnings(checkpoint, *keys, claimed, self.outputs):
                 rank_zero_warn(warning)
 
     @override

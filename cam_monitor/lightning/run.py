@@ -93,14 +93,20 @@ class MonitorRun:
         return self.resumed.tracker
 
     def checkpoint_warnings(
-        self, checkpoint: dict[str, Any], key: str, legacy: str, claimed: set[str], save_dir: Any
+        self,
+        checkpoint: dict[str, Any],
+        key: str,
+        legacy: str,
+        claimed: set[str],
+        outputs: OutputOptions,
     ) -> list[str]:
-        """A checkpoint whose monitor state was saved under another `state_key` than `key`
-        continues nothing: a new run starts, and `foreign_key` names that state (nothing said
-        when an explicit `save_dir` holds a history: claiming the folder raises, saying it all)."""
+        """A checkpoint whose monitor state was saved under another `state_key` than `key` (or
+        `legacy`, how older versions keyed it; `claimed`: the Trainer's keys) continues nothing:
+        a new run starts, and `foreign_key` names that state (nothing said when an explicit
+        `save_dir` holds a history: claiming the folder raises, saying it all)."""
         states = checkpoint.get("callbacks") or {}
         self.foreign_key = foreign_state(states, key, legacy, claimed)
-        if self.foreign_key is not None and holds_history(save_dir):
+        if self.foreign_key is not None and holds_history(outputs.save_dir):
             return []
         saved, now = RunState(state_key=self.foreign_key), RunState(state_key=key)
         return list(saved.diff(now, global_step=checkpoint.get("global_step", "?")))
