@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from .attribution import (
-    SMOOTHGRAD_SAMPLES,
     ScoreFn,
     add_rows,
     channel_sum,
@@ -36,19 +35,12 @@ from .batch import Batch
 from .capture import Hook, capture_outputs, did_not_run, no_gradient
 from .isolation import isolated
 from .layers import (
-    TokenLayout,
-    as_spatial,
-    is_glob,
-    kept_as_is,
-    resolve_layers,
-    token_layout,
     unwrap_model,
 )
 from .measures import as_measured
 from .methods import (
     CAM_METHODS,
     GRADIENT_METHODS,
-    INPUT_METHODS,
     SIGN_SENSITIVE_METHODS,
     apply_method,
     as_float32,
@@ -58,6 +50,7 @@ from .methods import (
     upsample_maps,
 )
 from .options import EngineOptions, engine_options
+from .plan import Plan, plan_for
 from .schema import INPUT_LAYER
 from .targets import (
     check_engine_target,
@@ -222,7 +215,7 @@ def compute(
     """
     check_engine_target(options.target)
     module = unwrap_model(model)
-    plan = _plan_for(module, layers, options)
+    plan = plan_for(module, layers, options)
     batch = Batch.of(inputs)
     total = batch.length
     if total == 0:
@@ -355,7 +348,7 @@ _LAYER_MAPS = CAM_METHODS | {"guided_gradcam"}
 
 
 def _warn_if_all_zero(
-    seen: set[tuple[str, ...]], maps: dict[tuple[str, str], Tensor], plan: _Plan
+    seen: set[tuple[str, ...]], maps: dict[tuple[str, str], Tensor], plan: Plan
 ) -> None:
     """One warning per layer whose CAMs are exactly zero for every image (a model's first call
     only: `seen` is what it has been checked for)."""
@@ -391,7 +384,7 @@ def _warn_if_incomplete(module: nn.Module, extras: dict[str, Tensor], steps: int
 def _warn_if_one_cell(
     seen: set[tuple[str, ...]],
     maps: dict[tuple[str, str], Tensor],
-    plan: _Plan,
+    plan: Plan,
     size: tuple[int, int] | None,
     methods: tuple[str, ...],
 ) -> None:
@@ -433,265 +426,6 @@ def _warn_if_ill_posed(module: nn.Module, name: str, activation: Tensor, method:
 NEGATIVE_SHARE_LIMIT = 0.01
 
 
-def _resolve_layer_arg(
-    module: nn.Module, layers: LayerSpec | Sequence[LayerSpec] | None, methods: tuple[str, ...]
-) -> dict[str, nn.Module]:
-    """Resolve `layers`; None or empty is fine only when every method works at input level."""
-    if layers is None or (isinstance(layers, (list, tuple)) and not layers):
-        needing = [m for m in methods if m not in INPUT_METHODS]
-        if needing:
-            raise ValueError(
-                f"Method(s) {needing} need at least one layer; pass layers= (a name such as "
-                "'features.29', a glob or a module). Only "
-                f"{', '.join(sorted(INPUT_METHODS))} work without one."
-            )
-        return {}
-    return dict(resolve_layers(module, layers))
-
-
-def _resolve_head(module: nn.Module, cam_head: LayerSpec | None) -> tuple[str, nn.Linear]:
-    """The Linear classifier `cam` reads weights from: `cam_head`, else the model's last Linear."""
-    if cam_head is None:
-        linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError(
-                f"method 'cam' needs a global-average-pooling -> nn.Linear classifier, but "
-                f"{type(module).__name__} has no nn.Linear. Use 'gradcam' (it equals CAM on "
-                "such models and works on any architecture)."
-            )
-        return linears[-1]
-    found = resolve_layers(module, [cam_head])
-    if len(found) != 1:
-        raise ValueError(
-            f"cam_head={cam_head!r} matches {[n for n, _ in found]}; name one nn.Linear."
-        )
-    name, head = found[0]
-    if not isinstance(head, nn.Linear):
-        raise ValueError(
-            f"cam_head={name!r} is a {type(head).__name__}, not an nn.Linear; pass the name of "
-            "the linear classifier that reads the globally average-pooled features."
-        )
-    return name, head
-
-
-@dataclass
-class _Plan:
-    """What the options resolve to on this model (layers, CAM head) and which passes run."""
-
-    layers: dict[str, nn.Module]
-    head: tuple[str, nn.Linear] | None
-    #: Whether gradients w.r.t. the layers are needed (gradient CAMs, guided Grad-CAM).
-    layer_gradients: bool
-    #: Whether layer gradients come from noisy copies (smooth=) rather than the clean pass.
-    smooth_layers: bool
-    #: Noisy copies per image for smoothed CAMs and SmoothGrad (0: no noisy passes).
-    noisy_copies: int
-    #: The (unwrapped) model the layers belong to.
-    root: nn.Module | None = None
-    #: Token layouts (`layers.token_layout`) of the layers with token outputs, found on first use.
-    layouts: dict[str, TokenLayout] = field(default_factory=dict)
-    #: `(layer, output shape, input size)` of outputs `as_spatial` keeps as they are, with
-    #: what made it so (`_Kept`); shared by the calls of a cached plan.
-    kept: dict[tuple[str, torch.Size, tuple[int, int] | None], _Kept] = field(default_factory=dict)
-
-    def spatial(
-        self, name: str, output: Tensor, reshape: Reshape | None, size: tuple[int, int] | None
-    ) -> Tensor:
-        """`output` of layer `name` (or its gradient) as `[B, C, h, w]` (`layers.as_spatial`),
-        for an input of `size`."""
-        layer = self.layers[name]
-        if reshape is None:
-            kept = self.kept.get((name, output.shape, size))
-            if kept is not None and kept.holds(layer):
-                return output
-        layout = None
-        if output.dim() == 3 and reshape is None and self.root is not None:
-            layout = self.layouts.get(name)
-            if layout is None:
-                layout = self.layouts[name] = token_layout(self.root, name)
-        spatial = as_spatial(name, output, reshape, size, layer, layout)
-        if spatial is output and reshape is None and output.dim() == 4:
-            kept = _Kept.of(output.shape, size, layer)
-            if kept is not None:
-                if len(self.kept) >= _KEPT_SHAPES:
-                    self.kept.clear()
-                self.kept[name, output.shape, size] = kept
-        return spatial
-
-    @classmethod
-    def make(
-        cls,
-        module: nn.Module,
-        layers: LayerSpec | Sequence[LayerSpec] | None,
-        options: EngineOptions,
-    ) -> _Plan:
-        methods = options.methods
-        resolved = _resolve_layer_arg(module, layers, methods)
-        head = _resolve_head(module, options.cam_head) if "cam" in methods else None
-        gradient_methods = any(m in GRADIENT_METHODS for m in methods)
-        layer_gradients = bool(resolved) and (gradient_methods or "guided_gradcam" in methods)
-        smooth_layers = options.smooth > 0 and layer_gradients
-        noisy = smooth_layers or "smoothgrad" in methods
-        return cls(
-            layers=resolved,
-            head=head,
-            layer_gradients=layer_gradients,
-            smooth_layers=smooth_layers,
-            noisy_copies=(options.smooth or SMOOTHGRAD_SAMPLES) if noisy else 0,
-            root=module,
-        )
-
-
-#: Output shapes a plan remembers the layout of, at most (a probe of ever new sizes).
-_KEPT_SHAPES = 64
-
-
-@dataclass(frozen=True)
-class _Kept:
-    """Why `as_spatial` kept a 4-D output as it is, so that it may skip the reading next time:
-    its shape alone (`layers.kept_as_is`), or, where the shape reads both channels-first and
-    channels-last, a layer of this type without submodules that is no LayerNorm or Linear
-    (which reads channels-first while it has no submodules)."""
-
-    leaf: type[nn.Module] | None = None
-
-    @staticmethod
-    def of(shape: torch.Size, size: tuple[int, int] | None, layer: nn.Module) -> _Kept | None:
-        if kept_as_is(shape, size):
-            return _BY_SHAPE
-        if layer._modules or isinstance(layer, (nn.LayerNorm, nn.Linear)):
-            return None
-        return _Kept(type(layer))
-
-    def holds(self, layer: nn.Module) -> bool:
-        """Whether the reason still holds for `layer`."""
-        return self.leaf is None or (type(layer) is self.leaf and not layer._modules)
-
-
-_BY_SHAPE = _Kept()
-
-
-@dataclass(frozen=True)
-class _CachedPlan:
-    """A plan without its model: the names it resolved, weak references to the modules on each
-    name's path, and what it derived from the options.
-
-    Valid while `getattr` along each dotted name meets the same modules, which is what
-    `get_submodule`, all a lookup of full dotted names reads, would return: a replaced or
-    renamed submodule, on the path or at its end, makes a new plan. Weak references, so the
-    cache keeps no model alive (a submodule may refer back to its parent).
-    """
-
-    #: `(name, its atoms, a weak reference to the module at each atom)`, the layers' then the
-    #: CAM head's.
-    paths: tuple[tuple[str, tuple[str, ...], tuple[weakref.ref[nn.Module], ...]], ...]
-    head: bool
-    layer_gradients: bool
-    smooth_layers: bool
-    noisy_copies: int
-    kept: dict[tuple[str, torch.Size, tuple[int, int] | None], _Kept]
-
-    @staticmethod
-    def of(root: nn.Module, plan: _Plan) -> _CachedPlan:
-        paths = []
-        named = list(plan.layers.items()) + ([plan.head] if plan.head is not None else [])
-        for name, _ in named:
-            atoms = tuple(name.split("."))
-            steps = [root.get_submodule(".".join(atoms[: i + 1])) for i in range(len(atoms))]
-            paths.append((name, atoms, tuple(weakref.ref(step) for step in steps)))
-        return _CachedPlan(
-            paths=tuple(paths),
-            head=plan.head is not None,
-            layer_gradients=plan.layer_gradients,
-            smooth_layers=plan.smooth_layers,
-            noisy_copies=plan.noisy_copies,
-            kept=plan.kept,
-        )
-
-    def on(self, root: nn.Module) -> _Plan | None:
-        """The plan for `root` if its modules are still where they were, else None."""
-        found: list[tuple[str, nn.Module]] = []
-        for name, atoms, refs in self.paths:
-            module = root
-            for atom, ref in zip(atoms, refs, strict=True):
-                try:
-                    module = getattr(module, atom)
-                except AttributeError:
-                    return None
-                if module is not ref():
-                    return None
-            found.append((name, module))
-        head = None
-        if self.head:
-            head = found.pop()
-            assert isinstance(head[1], nn.Linear)
-        layers = dict(found)
-        return _Plan(
-            layers=layers,
-            head=head,  # type: ignore[arg-type]
-            layer_gradients=self.layer_gradients,
-            smooth_layers=self.smooth_layers,
-            noisy_copies=self.noisy_copies,
-            root=root,
-            kept=self.kept,
-        )
-
-
-#: Plans per model and `_plan_key`: the layer look-up and what the options imply, done once.
-_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], _CachedPlan]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _plan_key(
-    layers: LayerSpec | Sequence[LayerSpec] | None, options: EngineOptions
-) -> tuple[Any, ...] | None:
-    """What a plan depends on besides the model, where the layers (and the CAM head) are given
-    by name (None: modules or a default CAM head). Whether those names are full dotted names is
-    checked when a plan is kept (`_plan_for`)."""
-    specs: tuple[Any, ...]
-    if layers is None:
-        specs = ()
-    elif type(layers) is str:
-        specs = (layers,)
-    elif isinstance(layers, (list, tuple)) and all(type(spec) is str for spec in layers):
-        specs = tuple(layers)
-    else:
-        return None
-    if "cam" not in options.methods:
-        return specs, options.methods, None, options.smooth
-    if type(options.cam_head) is not str:
-        return None
-    return specs, options.methods, options.cam_head, options.smooth
-
-
-def _plan_for(
-    module: nn.Module, layers: LayerSpec | Sequence[LayerSpec] | None, options: EngineOptions
-) -> _Plan:
-    """The plan of `layers` and `options` on `module`: the cached one while valid."""
-    key = _plan_key(layers, options)
-    if key is None:
-        return _Plan.make(module, layers, options)
-    plans = _PLANS.get(module)
-    cached = plans.get(key) if plans is not None else None
-    plan = cached.on(module) if cached is not None else None
-    if plan is not None:
-        return plan
-    plan = _Plan.make(module, layers, options)
-    specs, head = key[0], key[2]
-    exact = (
-        type(module).get_submodule is nn.Module.get_submodule
-        and tuple(plan.layers) == tuple(dict.fromkeys(specs))
-        and (plan.head is None or plan.head[0] == head)
-        and not any(is_glob(spec) for spec in (*specs, *([head] if head else [])))
-    )
-    if exact:  # every name found as given, by `get_submodule` (no glob, no suffix match)
-        if plans is None:
-            plans = _PLANS.setdefault(module, {})
-        plans[key] = _CachedPlan.of(module, plan)
-    return plan
-
-
 @dataclass(slots=True)
 class _CleanPass:
     """What the clean forward and its one `autograd.grad` produce for one chunk."""
@@ -713,7 +447,7 @@ def _explain_chunk(
     chunk: Batch,
     target: Target,
     options: EngineOptions,
-    plan: _Plan,
+    plan: Plan,
     generator: torch.Generator | None,
     baseline: Tensor | None,
 ) -> tuple[_CleanPass, dict[tuple[str, str], Tensor], dict[str, Tensor]]:
@@ -768,7 +502,7 @@ def _extra_passes(
     chunk: Batch,
     target: Target,
     options: EngineOptions,
-    plan: _Plan,
+    plan: Plan,
     generator: torch.Generator | None,
     baseline: Tensor | None,
     clean: _CleanPass,
@@ -836,7 +570,7 @@ def _run(module: nn.Module, options: EngineOptions, rows: Batch) -> Any:
 
 
 def _clean_pass(
-    module: nn.Module, chunk: Batch, target: Target, options: EngineOptions, plan: _Plan
+    module: nn.Module, chunk: Batch, target: Target, options: EngineOptions, plan: Plan
 ) -> _CleanPass:
     """One forward with scoped hooks and at most one `autograd.grad` (layers and/or input)."""
     image = None
@@ -1004,7 +738,7 @@ def _noisy_passes(
     chunk: Batch,
     score_fn: ScoreFn,
     options: EngineOptions,
-    plan: _Plan,
+    plan: Plan,
     clean: _CleanPass,
     generator: torch.Generator,
     rows_per_pass: int | None,
@@ -1052,7 +786,7 @@ def _noisy_passes(
     return layer_means, None if input_sum is None else input_sum / copies
 
 
-def _cam_map(name: str, activation: Tensor, clean: _CleanPass, plan: _Plan) -> Tensor:
+def _cam_map(name: str, activation: Tensor, clean: _CleanPass, plan: Plan) -> Tensor:
     """Original CAM at `name`, after checking that the layer feeds the head through GAP."""
     assert plan.head is not None
     head_name, head = plan.head
