@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from cam_monitor.history import Evaluation, write_evaluation, write_probe
@@ -382,3 +383,28 @@ def write_history(
     if probe is not None:
         write_probe(folder, *probe)
     return folder
+
+
+# -- counting what a GPU would launch -------------------------------------------------------------
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Counts the ATen ops run inside the block (on this thread): on a GPU most are a kernel
+    launch each, so a count that grows with the images or the maps is a per-item loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(run: Any) -> int:
+    """How many ATen ops `run()` dispatches."""
+    with DispatchedOps() as ops:
+        run()
+    return ops.count
