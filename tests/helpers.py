@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -395,11 +396,13 @@ class DispatchedOps(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.names: Counter[str] = Counter()  # by op, e.g. "sort" for aten.sort.default
 
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
         self.count += 1
+        self.names[func._opname] += 1
         return func(*args, **(kwargs or {}))
 
 

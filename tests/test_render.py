@@ -400,6 +400,7 @@ def test_drawing_more_tiles_dispatches_no_more_ops() -> None:
     def drawn(count: int) -> int:
         images, maps = torch.rand(count, 3, 8, 8, generator=GEN), torch.rand(count, 2, 2)
         captions = caption_text(list(range(count)), None, compact=True)
+
         def draw() -> None:
             make_overlay_grid(images, maps, captions=captions, min_tile=16, nrow=4)
 
