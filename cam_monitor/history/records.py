@@ -146,11 +146,15 @@ def _numpy(tensor: Tensor, float32: bool = False) -> np.ndarray:
 
 def _numpy_float32(tensors: Sequence[Tensor]) -> list[np.ndarray]:
     """`_numpy(t, float32=True)` of each tensor, in one copy to the host per device (a copy
-    per map waited on the GPU once per map)."""
+    per map waited on the GPU once per map); CPU tensors as `_numpy` gives them (float32 ones
+    are not copied at all)."""
     found: list[np.ndarray | None] = [None] * len(tensors)
     by_device: dict[torch.device, list[int]] = {}
     for index, tensor in enumerate(tensors):
-        by_device.setdefault(tensor.device, []).append(index)
+        if tensor.device.type == "cpu":
+            found[index] = _numpy(tensor, float32=True)
+        else:
+            by_device.setdefault(tensor.device, []).append(index)
     for indices in by_device.values():
         flat = [tensors[i].detach().float().reshape(-1) for i in indices]
         host = (torch.cat(flat) if len(flat) > 1 else flat[0]).cpu().numpy()
