@@ -35,6 +35,7 @@ __all__ = [
     "caption_text",
     "caption_tiles",
     "check_colormap",
+    "check_grid",
     "choose_captions",
     "colorize",
     "colorize_signed",
@@ -622,13 +623,18 @@ def _check_layout(nrow: int, padding: int) -> None:
         raise ValueError(f"`nrow` must be >= 1 and `padding` >= 0, got {nrow} and {padding}.")
 
 
-def _grid(tiles: Tensor, captions: Sequence[str] | None, nrow: int, padding: int) -> Tensor:
-    """Caption the tiles, then tile them with make_grid (padded even for a single tile)."""
+def _grid(
+    tiles: Tensor, captions: Sequence[str] | None, nrow: int, padding: int, host: bool = True
+) -> Tensor:
+    """Caption the tiles, then tile them with make_grid (padded even for a single tile); the
+    grid is copied to the CPU where `host`, else left on the tiles' device."""
     if captions is not None:
         tiles = caption_tiles(tiles, captions)
     if tiles.shape[0] == 1:  # make_grid returns a lone tile without its padding
-        return F.pad(tiles[0], (padding,) * 4).cpu().contiguous()
-    return make_grid(tiles, nrow=nrow, padding=padding, pad_value=0).cpu().contiguous()
+        grid = F.pad(tiles[0], (padding,) * 4)
+    else:
+        grid = make_grid(tiles, nrow=nrow, padding=padding, pad_value=0)
+    return (grid.cpu() if host else grid).contiguous()
 
 
 def make_overlay_grid(
@@ -711,8 +717,10 @@ def _overlay_grids(
     min_tile: int,
     padding: int,
     regions: Tensor | None = None,
+    host: bool = True,
 ) -> dict[K, Tensor]:
-    """`make_overlay_grids` with its colormap, alpha and layout already checked."""
+    """`make_overlay_grids` with its colormap, alpha and layout already checked; the grids on
+    the CPU where `host`, else on the images' device."""
     checked = {key: _check_maps(batch) for key, batch in maps.items()}
     for batch in checked.values():
         if images.dim() != 4 or images.shape[0] == 0 or images.shape[0] != batch.shape[0]:
@@ -730,7 +738,8 @@ def _overlay_grids(
     grids: dict[K, Tensor] = {}
     whole: Tensor | None = None
     for index, (key, batch) in enumerate(checked.items()):
-        grid = _grid(_outlined(_blend(base, heat_lut, batch), lines), captions, nrow, padding)
+        tiles = _outlined(_blend(base, heat_lut, batch), lines)
+        grid = _grid(tiles, captions, nrow, padding, host)
         if whole is None:
             whole = grid.new_empty((len(checked), *grid.shape))
         whole[index] = grid
@@ -903,10 +912,11 @@ def draw_overlays(
     captions: Sequence[str] | None,
     options: RenderOptions,
 ) -> dict[K, Tensor]:
-    """`make_overlay_grids` in the colormap, opacity, normalisation and columns of `options`."""
+    """`make_overlay_grids` in the colormap, opacity, normalisation and columns of `options`,
+    left on the images' device: `encoding` encodes them there (JPEG on a GPU) or copies them."""
     return _overlay_grids(
         images, maps, captions, options.colormap, options.alpha, options.mean, options.std,
-        options.nrow, _MIN_TILE, _PADDING,
+        options.nrow, _MIN_TILE, _PADDING, host=False,
     )  # fmt: skip
 
 
@@ -949,12 +959,23 @@ def to_jpeg_bytes(grid: Tensor, quality: int = 90) -> bytes:
     return _encode(grid, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, quality, *full_colour])
 
 
-def _encode(grid: Tensor, extension: str, params: list[int]) -> bytes:
+def check_grid(grid: Tensor) -> Tensor:
+    """`grid` if it is a uint8 RGB `[3, H, W]` grid, which every encoder takes; else ValueError.
+
+    Example:
+        >>> check_grid(torch.zeros(3, 4, 4, dtype=torch.uint8)).shape
+        torch.Size([3, 4, 4])
+    """
     if grid.dtype != torch.uint8 or grid.dim() != 3 or grid.shape[0] != 3:
         raise ValueError(
             f"grid must be uint8 [3, H, W], got {grid.dtype} {tuple(grid.shape)}; "
             "build it with make_overlay_grid() or make_map_grid()."
         )
+    return grid
+
+
+def _encode(grid: Tensor, extension: str, params: list[int]) -> bytes:
+    check_grid(grid)
     bgr = np.ascontiguousarray(grid.detach().cpu().permute(1, 2, 0).numpy()[:, :, ::-1])
     ok, encoded = cv2.imencode(extension, bgr, params)
     if not ok:
