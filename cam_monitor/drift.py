@@ -17,7 +17,14 @@ from torch import Tensor
 
 from .attribution import pass_ranges
 from .batch import Batch, tensors
-from .measures import as_measured, drift_scores, entropy, localization_scores, summarize
+from .measures import (
+    as_measured,
+    entropy,
+    localization_scores,
+    paired_drift,
+    prepare,
+    summarize,
+)
 from .options import DriftOptions
 from .schema import (
     DRIFT,
@@ -96,7 +103,7 @@ class AttentionTracker:
             for rows in _chunks(current, keys, batch_size):
                 stacked = torch.cat([_measured(current[key], key, rows) for key in keys])
                 non_finite.append((~torch.isfinite(stacked)).flatten(1).any(1))
-                blocks += self._drift_blocks(keys, current, rows)
+                blocks += self._drift_blocks(keys, current, rows, stacked)
                 entropies = [ScalarKey(STATISTICS, key, ENTROPY) for key in keys]
                 blocks.append(_Block(entropies, _sizes(current, keys, rows), entropy(stacked)))
         for keys in _same_shape(current, by_probe=True).values():
@@ -125,31 +132,36 @@ class AttentionTracker:
         return other if other is not None and other.shape == maps.shape else None
 
     def _drift_blocks(
-        self, keys: list[MapKey], current: Mapping[MapKey, Tensor], rows: slice
+        self, keys: list[MapKey], current: Mapping[MapKey, Tensor], rows: slice, stacked: Tensor
     ) -> list[_Block]:
-        """Every measure of rows `rows` of maps of one shape against their previous and
-        reference maps: one call per measure on all the pairs stacked."""
-        pairs = [
-            (key, against, other)
-            for key in keys
-            for against in (PREVIOUS, REF)
-            if (other := self._earlier(key, against, current[key])) is not None
-        ]
-        pairs = [pair for pair in pairs if _has(current[pair[0]], rows)]
-        if not pairs:
+        """Every measure of rows `rows` of maps of one shape (`stacked`: those rows of every
+        key, as measured) against their previous and reference maps: each map is prepared
+        once (one sort serves Spearman and the top-k set), then one call per measure pairs
+        them all."""
+        pairs: dict[str, list[tuple[MapKey, Tensor, int, int]]] = {PREVIOUS: [], REF: []}
+        start = 0
+        for key, size in zip(keys, _sizes(current, keys, rows), strict=True):
+            for against, found in pairs.items():
+                other = self._earlier(key, against, current[key]) if size else None
+                if other is not None:
+                    found.append((key, other, start, size))
+            start += size
+        paired = pairs[PREVIOUS] + pairs[REF]  # in two runs of rows: `take` slices little
+        if not paired:
             return []
-        device = current[keys[0]].device
-        before = torch.cat([_measured(other, key, rows).to(device) for key, _, other in pairs])
-        now = torch.cat([_measured(current[key], key, rows) for key, _, _ in pairs])
-        sizes = [len(current[key][rows]) for key, _, _ in pairs]
-        return [
-            _Block(
-                [ScalarKey(DRIFT, key, drift_stat(measure, against)) for key, against, _ in pairs],
-                sizes,
-                values,
-            )
-            for measure, values in drift_scores(before, now, self.options).items()
-        ]
+        measures, k = self.options.measures, self.options.topk
+        before = torch.cat([_measured(other, key, rows).to(stacked.device)
+                            for key, other, _, _ in paired])  # fmt: skip
+        now = prepare(stacked, measures, k).take([(at, at + n) for _, _, at, n in paired])
+        values = paired_drift(prepare(before, measures, k), now, measures)
+        stats = [PREVIOUS] * len(pairs[PREVIOUS]) + [REF] * len(pairs[REF])
+        keys_of = {
+            measure: [ScalarKey(DRIFT, key, drift_stat(measure, stat))
+                      for (key, _, _, _), stat in zip(paired, stats, strict=True)]
+            for measure in values
+        }  # fmt: skip
+        sizes = [size for _, _, _, size in paired]
+        return [_Block(keys_of[measure], sizes, scores) for measure, scores in values.items()]
 
     def _localization_blocks(
         self, keys: list[MapKey], current: Mapping[MapKey, Tensor], masks: Tensor, rows: slice

@@ -14,7 +14,7 @@ it was built, and check only the maps.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -99,9 +99,13 @@ def _average_ranks(flat: Tensor) -> Tensor:
         >>> _average_ranks(torch.tensor([[0.0, 3.0, 0.0, 1.0, 0.0]])).tolist()
         [[2.0, 5.0, 2.0, 4.0, 2.0]]
     """
-    values, order = flat.sort(dim=1)
-    n = flat.shape[1]
-    positions = torch.arange(n, device=flat.device, dtype=torch.float32).expand_as(values)
+    return _ranks_of_sorted(*flat.sort(dim=1))
+
+
+def _ranks_of_sorted(values: Tensor, order: Tensor) -> Tensor:
+    """`_average_ranks` of rows whose sort gave `values` and `order`."""
+    n = values.shape[1]
+    positions = torch.arange(n, device=values.device, dtype=torch.float32).expand_as(values)
     starts = torch.ones_like(values, dtype=torch.bool)
     starts[:, 1:] = values[:, 1:] != values[:, :-1]
     ends = torch.ones_like(starts)
@@ -113,12 +117,21 @@ def _average_ranks(flat: Tensor) -> Tensor:
 
 def _row_pearson(x: Tensor, y: Tensor) -> Tensor:
     """Pearson correlation of matching rows of `[B, N]`; NaN where a row has zero variance."""
-    # Scale rows to max |value| 1 first, so tiny-but-varying maps do not underflow.
+    return _correlation(_centred(x), _centred(y))
+
+
+def _centred(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of `[B, N]` scaled to max |value| 1 (so tiny-but-varying maps do not underflow) and
+    centred, with their sums of squares: each row's half of a Pearson correlation."""
     x = x / x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    y = y / y.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    xc = x - x.mean(dim=1, keepdim=True)
-    yc = y - y.mean(dim=1, keepdim=True)
-    denominator = torch.sqrt((xc * xc).sum(dim=1) * (yc * yc).sum(dim=1))
+    centred = x - x.mean(dim=1, keepdim=True)
+    return centred, (centred * centred).sum(dim=1)
+
+
+def _correlation(x: tuple[Tensor, Tensor], y: tuple[Tensor, Tensor]) -> Tensor:
+    """Pearson correlation of matching rows given their `_centred` halves."""
+    (xc, x_squares), (yc, y_squares) = x, y
+    denominator = torch.sqrt(x_squares * y_squares)
     safe = torch.where(denominator > 0, denominator, 1.0)
     r = ((xc * yc).sum(dim=1) / safe).clamp(-1.0, 1.0)
     return _nan_where_invalid(r, denominator > 0)
@@ -237,8 +250,12 @@ def js_divergence(a: Tensor, b: Tensor) -> Tensor:
         [0.6931471824645996, nan]
     """
     _check_pair(a, b)
-    p, valid_p = _distribution(_flat(a))
-    q, valid_q = _distribution(_flat(b))
+    return _js(_distribution(_flat(a)), _distribution(_flat(b)))
+
+
+def _js(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> Tensor:
+    """`js_divergence` of rows given as `_distribution`s."""
+    (p, valid_p), (q, valid_q) = a, b
     m = (p + q) / 2
     js = (0.5 * (_plogp_over(p, m) + _plogp_over(q, m))).clamp(0.0, _LN2)
     return _nan_where_invalid(js, valid_p & valid_q)
@@ -246,13 +263,17 @@ def js_divergence(a: Tensor, b: Tensor) -> Tensor:
 
 def _centre_of_mass(maps: Tensor) -> tuple[Tensor, Tensor]:
     """(row, column) centre of mass `[B, 2]` in pixel-centre coordinates, and a `[B]` flag."""
-    b, h, w = maps.shape
     p, valid = _distribution(_flat(maps))
+    return _centre(p, maps.shape), valid
+
+
+def _centre(p: Tensor, shape: torch.Size) -> Tensor:
+    """The centre of mass `[B, 2]` of distributions `p` `[B, h*w]` over maps of `shape`."""
+    b, h, w = shape
     p = p.view(b, h, w)
-    rows = torch.arange(h, device=maps.device, dtype=torch.float32)
-    cols = torch.arange(w, device=maps.device, dtype=torch.float32)
-    centre = torch.stack([p.sum(dim=2) @ rows, p.sum(dim=1) @ cols], dim=1)
-    return centre, valid
+    rows = torch.arange(h, device=p.device, dtype=torch.float32)
+    cols = torch.arange(w, device=p.device, dtype=torch.float32)
+    return torch.stack([p.sum(dim=2) @ rows, p.sum(dim=1) @ cols], dim=1)
 
 
 def com_shift(a: Tensor, b: Tensor) -> Tensor:
@@ -269,12 +290,16 @@ def com_shift(a: Tensor, b: Tensor) -> Tensor:
         [1.0]
     """
     _check_pair(a, b)
-    _, h, w = a.shape
     centre_a, valid_a = _centre_of_mass(a)
     centre_b, valid_b = _centre_of_mass(b)
-    diagonal = math.hypot(h - 1, w - 1)
-    distance = torch.linalg.vector_norm(centre_a - centre_b, dim=1) / max(diagonal, 1.0)
-    return _nan_where_invalid(distance.clamp(0.0, 1.0), valid_a & valid_b & (diagonal > 0))
+    return _shift(centre_a, centre_b, (a.shape[1], a.shape[2]), valid_a & valid_b)
+
+
+def _shift(a: Tensor, b: Tensor, shape: tuple[int, int], valid: Tensor) -> Tensor:
+    """`com_shift` of centres of mass `a`, `b` `[B, 2]` of maps `shape` `(h, w)`."""
+    diagonal = math.hypot(shape[0] - 1, shape[1] - 1)
+    distance = torch.linalg.vector_norm(a - b, dim=1) / max(diagonal, 1.0)
+    return _nan_where_invalid(distance.clamp(0.0, 1.0), valid & (diagonal > 0))
 
 
 def entropy(maps: Tensor) -> Tensor:
@@ -327,7 +352,104 @@ def drift_scores(a: Tensor, b: Tensor, options: DriftOptions) -> dict[str, Tenso
         >>> {m: d.tolist() for m, d in drift_scores(a, a, DriftOptions()).items()}
         {'spearman': [0.0], 'topk_iou': [0.0]}
     """
-    return {measure: _drift(a, b, measure, options.topk) for measure in options.measures}
+    _check_pair(a, b)
+    measures, k = options.measures, options.topk
+    return paired_drift(prepare(a, measures, k), prepare(b, measures, k), measures)
+
+
+class Prepared(NamedTuple):
+    """What the drift measures need of each map `[B, h, w]`, computed once per map however many
+    maps it is compared with (`prepare`): for the previous and the reference maps, each new map
+    is sorted once for Spearman and the top-k set together, not once per measure and pair."""
+
+    shape: tuple[int, int]
+    valid: Tensor  # [B]: finite and not constant (correlations, top-k sets)
+    pearson: tuple[Tensor, Tensor] | None  # rows centred (scaled to max |value| 1), sums of squares
+    spearman: tuple[Tensor, Tensor] | None  # the same of the average ranks
+    top: Tensor | None  # [B, N] bool: the top-k set
+    distribution: tuple[Tensor, Tensor] | None  # rows summing to 1, and their [B] validity
+    centre: Tensor | None  # [B, 2]: the centre of mass
+
+    def take(self, ranges: list[tuple[int, int]]) -> Prepared:
+        """The same of rows `ranges` (`(start, stop)`, in order, repeats allowed), sliced: no
+        index is copied to the maps' device."""
+        merged: list[list[int]] = []
+        for start, stop in ranges:  # adjacent ranges become one slice
+            if merged and merged[-1][1] == start:
+                merged[-1][1] = stop
+            else:
+                merged.append([start, stop])
+        if len(merged) == 1 and merged[0] == [0, len(self.valid)]:
+            return self
+        return Prepared(self.shape, *(_take(part, merged) for part in self[1:]))
+
+
+def prepare(maps: Tensor, measures: tuple[str, ...], k: float) -> Prepared:
+    """The parts of `maps` (`[B, h, w]`, checked) that `measures` compare (`paired_drift`).
+
+    Example:
+        >>> a = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])
+        >>> ready = prepare(a, ("spearman", "topk_iou"), 0.5)
+        >>> ready.top.tolist(), ready.distribution is None
+        ([[False, False, True, True]], True)
+    """
+    _check_maps(maps)
+    flat = _flat(maps)
+    valid = _finite_rows(flat) & _non_constant(flat)
+    ranks = top = distribution = centre = None
+    if "spearman" in measures or "topk_iou" in measures:
+        values, order = flat.sort(dim=1)
+        if "spearman" in measures:
+            ranks = _ranks_of_sorted(values, order)
+        if "topk_iou" in measures:  # the ceil(k N)-th largest value, as `topk` finds it
+            threshold = values[:, flat.shape[1] - _top_count(k, flat.shape[1])][:, None]
+            top = (flat >= threshold) & (flat > values[:, :1])
+    if "js" in measures or "com_shift" in measures:
+        distribution = _distribution(flat)
+        if "com_shift" in measures:
+            centre = _centre(distribution[0], maps.shape)
+    return Prepared(
+        (maps.shape[1], maps.shape[2]),
+        valid,
+        _centred(flat) if "pearson" in measures else None,
+        _centred(ranks) if ranks is not None else None,
+        top,
+        distribution,
+        centre,
+    )
+
+
+def paired_drift(a: Prepared, b: Prepared, measures: tuple[str, ...]) -> dict[str, Tensor]:
+    """`drift_scores` of maps prepared with these `measures` (their rows pair up)."""
+    valid = a.valid & b.valid
+    scores: dict[str, Tensor] = {}
+    for measure in measures:
+        if measure in ("spearman", "pearson"):
+            x, y = (a.spearman, b.spearman) if measure == "spearman" else (a.pearson, b.pearson)
+            assert x is not None and y is not None
+            r = _correlation(x, y)
+            scores[measure] = 1.0 - _nan_where_invalid(r, valid & (x[1] * y[1] > 0))
+        elif measure == "topk_iou":
+            assert a.top is not None and b.top is not None
+            scores[measure] = 1.0 - _nan_where_invalid(_iou(a.top, b.top), valid)
+        elif measure == "js":
+            assert a.distribution is not None and b.distribution is not None
+            scores[measure] = _js(a.distribution, b.distribution)
+        else:
+            assert a.centre is not None and b.centre is not None
+            assert a.distribution is not None and b.distribution is not None
+            both = a.distribution[1] & b.distribution[1]
+            scores[measure] = _shift(a.centre, b.centre, a.shape, both)
+    return scores
+
+
+def _take(part: Tensor | tuple[Tensor, Tensor] | None, ranges: list[list[int]]) -> Any:
+    """`Prepared.take` of one part."""
+    if part is None:
+        return None
+    if isinstance(part, tuple):
+        return tuple(_take(t, ranges) for t in part)
+    return torch.cat([part[start:stop] for start, stop in ranges])
 
 
 def _drift(a: Tensor, b: Tensor, measure: str, k: float) -> Tensor:

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.utils import make_grid
 
 from cam_monitor.methods import CAM_METHODS, normalize_maps, upsample_maps
 from cam_monitor.probe import evenly_spaced
@@ -626,15 +625,37 @@ def _check_layout(nrow: int, padding: int) -> None:
 def _grid(
     tiles: Tensor, captions: Sequence[str] | None, nrow: int, padding: int, host: bool = True
 ) -> Tensor:
-    """Caption the tiles, then tile them with make_grid (padded even for a single tile); the
-    grid is copied to the CPU where `host`, else left on the tiles' device."""
+    """Caption the tiles, then lay them out (`tile_grid`); the grid is copied to the host
+    where `host`, else left on the tiles' device."""
     if captions is not None:
         tiles = caption_tiles(tiles, captions)
-    if tiles.shape[0] == 1:  # make_grid returns a lone tile without its padding
-        grid = F.pad(tiles[0], (padding,) * 4)
-    else:
-        grid = make_grid(tiles, nrow=nrow, padding=padding, pad_value=0)
+    grid = tile_grid(tiles, nrow, padding)
     return (grid.cpu() if host else grid).contiguous()
+
+
+def tile_grid(tiles: Tensor, nrow: int = 8, padding: int = 2, pad_value: int = 0) -> Tensor:
+    """Tiles `[B, C, h, w]` laid out `nrow` to a row with `padding` pixels around each: the
+    layout of torchvision's `make_grid` (which returns a lone tile without its padding), in a
+    few ops whatever B, where `make_grid` copies tile by tile (a kernel each on a GPU).
+
+    Example:
+        >>> grid = tile_grid(torch.ones(3, 1, 2, 2), nrow=2, padding=1)  # 2 rows, 1 tile missing
+        >>> grid.shape, int(grid.sum())
+        (torch.Size([1, 7, 7]), 12)
+    """
+    count, channels, height, width = tiles.shape
+    columns = min(nrow, count)
+    rows = -(-count // columns)
+    # Each tile padded above and left, missing tiles as padding; one permute lays them out
+    # and the last padding closes the bottom and right edges.
+    cells = F.pad(tiles, (padding, 0, padding, 0), value=pad_value)
+    if rows * columns > count:
+        blank = cells.new_full((rows * columns - count, *cells.shape[1:]), pad_value)
+        cells = torch.cat([cells, blank])
+    cell_h, cell_w = height + padding, width + padding
+    laid = cells.view(rows, columns, channels, cell_h, cell_w).permute(2, 0, 3, 1, 4)
+    grid = laid.reshape(channels, rows * cell_h, columns * cell_w)
+    return F.pad(grid, (0, padding, 0, padding), value=pad_value)
 
 
 def make_overlay_grid(

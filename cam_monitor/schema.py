@@ -71,9 +71,15 @@ METRIC_PREFIXES: tuple[str, ...] = (*(f"{kind}/" for kind in SCALAR_KINDS), f"{M
 
 def encode(name: str) -> str:
     """One name component as it appears in a tag or history key (``/`` becomes ``%2F``)."""
+    if _PLAIN_NAME.fullmatch(name):  # most names: nothing to escape (an evaluation has many)
+        return name
     return "".join(
         f"%{ord(ch):02X}" if ch in "%/\\" or ord(ch) < 32 or ord(ch) == 127 else ch for ch in name
     )
+
+
+#: A name `encode` leaves as it is.
+_PLAIN_NAME = re.compile(r"[^%/\\\x00-\x1f\x7f]*")
 
 
 def decode(part: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -18,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from cam_monitor.history import Evaluation, write_evaluation, write_probe
@@ -382,3 +384,30 @@ def write_history(
     if probe is not None:
         write_probe(folder, *probe)
     return folder
+
+
+# -- counting what a GPU would launch -------------------------------------------------------------
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Counts the ATen ops run inside the block (on this thread): on a GPU most are a kernel
+    launch each, so a count that grows with the images or the maps is a per-item loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.names: Counter[str] = Counter()  # by op, e.g. "sort" for aten.sort.default
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        self.count += 1
+        self.names[func._opname] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(run: Any) -> int:
+    """How many ATen ops `run()` dispatches."""
+    with DispatchedOps() as ops:
+        run()
+    return ops.count

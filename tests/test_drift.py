@@ -22,7 +22,7 @@ from cam_monitor.measures import (
 from cam_monitor.options import DriftOptions
 from cam_monitor.probe import ProbeSet, content_hash
 from cam_monitor.schema import MEASURES, MapKey, ScalarKey, drift_stat
-from tests.helpers import TinyCNN
+from tests.helpers import DispatchedOps, TinyCNN
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -239,3 +239,25 @@ def test_batched_scores_equal_one_call_per_map_and_pair(batch_size: int | None) 
     assert any(k.kind == "cam_loc" for k in scalars) and any(
         k.stat.endswith("_excluded") for k in scalars
     )
+
+
+def test_each_map_is_sorted_once_whatever_it_is_compared_with() -> None:
+    """Spearman's ranks and the top-k set share one sort, and a new map compared with its
+    previous and its reference maps is prepared once: an evaluation makes one sort of its new
+    maps and one of the earlier ones per shape, however many layers and methods (it made four,
+    and sorted each new map twice in each: once per earlier map)."""
+    generator = torch.Generator().manual_seed(0)
+    options = DriftOptions(measures=("spearman", "topk_iou"), topk=0.2)
+
+    def sorts(methods: tuple[str, ...]) -> int:
+        tracker = AttentionTracker(options)
+        probes = {"src": probe("src", 4)}
+        for _ in range(3):  # the third has previous maps other than its reference
+            maps = {("layer", m): awkward_maps(4, (6, 6), generator) for m in methods}
+            result = CamResult(maps=maps, targets=torch.zeros(4, dtype=torch.long),
+                               logits=torch.zeros(4, 3))  # fmt: skip
+            with DispatchedOps() as ops:
+                tracker.score({"src": result}, probes)
+        return ops.names["sort"] + ops.names["topk"]
+
+    assert sorts(("gradcam",)) == sorts(("gradcam", "gradcam++", "layercam")) == 2

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from torchvision.utils import make_grid
 
 from cam_monitor import render
 from cam_monitor.methods import normalize_maps, upsample_maps
@@ -25,6 +26,7 @@ from cam_monitor.render import (
     to_png_bytes,
     to_uint8_images,
 )
+from tests.helpers import dispatched_ops
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -378,6 +380,34 @@ def test_overlay_grid_shape_by_hand() -> None:
 def test_single_tile_grid_keeps_its_padding() -> None:
     grid = make_overlay_grid(torch.rand(1, 3, 10, 12), torch.rand(1, 3, 3), min_tile=0, padding=2)
     assert tuple(grid.shape) == (3, 14, 16)
+
+
+@pytest.mark.parametrize("count", [2, 3, 8, 9, 17])
+@pytest.mark.parametrize(("nrow", "padding"), [(1, 0), (3, 2), (8, 1), (20, 4)])
+def test_tile_grid_lays_tiles_out_as_torchvisions_make_grid(
+    count: int, nrow: int, padding: int
+) -> None:
+    tiles = random_u8(count, 3, 5, 7)
+    expected = make_grid(tiles, nrow=nrow, padding=padding, pad_value=0)
+    assert torch.equal(render.tile_grid(tiles, nrow, padding), expected)
+    floats = torch.rand(count, 3, 4, 4, generator=GEN)
+    expected = make_grid(floats, nrow=nrow, padding=padding, pad_value=0.5)
+    assert torch.equal(render.tile_grid(floats, nrow, padding, pad_value=0.5), expected)
+
+
+def test_drawing_more_tiles_dispatches_no_more_ops() -> None:
+    # make_grid copied tile by tile: one kernel per tile and grid on a GPU
+    def drawn(count: int) -> int:
+        images, maps = torch.rand(count, 3, 8, 8, generator=GEN), torch.rand(count, 2, 2)
+        captions = caption_text(list(range(count)), None, compact=True)
+
+        def draw() -> None:
+            make_overlay_grid(images, maps, captions=captions, min_tile=16, nrow=4)
+
+        draw()  # the caption bands of these captions are drawn and cached
+        return dispatched_ops(draw)
+
+    assert drawn(16) == drawn(4)
 
 
 def test_overlay_grid_with_captions_adds_the_band_height() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
@@ -141,6 +142,30 @@ def test_tensorboard_sink_logs_overlays_as_jpeg_and_pixel_maps_as_png(tmp_path: 
     assert [s.value for s in events.Scalars(SECONDS_TAG)] == [0.5]
     for key, tag in zip(images, by_tag, strict=True):  # the bytes each grid was encoded to
         assert by_tag[tag] == encode_grid(grid, "jpeg" if key == overlay_key else "png")
+
+
+def test_an_evaluations_scalars_are_one_event_read_back_tag_by_tag(tmp_path: Path) -> None:
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    from cam_monitor.sinks import TensorBoardSink
+
+    key = MapKey("val", "l4", "gradcam")
+    names = [ScalarKey("cam_drift", key, f"{m}_prev") for m in ("spearman", "js", "topk_iou")]
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    sink = TensorBoardSink(logger)
+    for step in (3, 7):
+        sink.log({}, {name: step / (i + 1) for i, name in enumerate(names)}, step)
+    logger.finalize("success")
+    (path,) = Path(logger.log_dir).glob("events.out.tfevents.*")
+    summaries = [e.summary for e in EventFileLoader(str(path)).Load() if e.HasField("summary")]
+    assert [len(summary.value) for summary in summaries] == [3, 3]  # an event per evaluation
+    firsts, seconds = ([v.metadata.summary_description for v in s.value] for s in summaries)
+    assert all(firsts) and not any(seconds)  # described once, on the first value
+    events = read_events(logger.log_dir)
+    for i, name in enumerate(scalar_tags(dict.fromkeys(names, 0.0))):
+        got = [(e.step, e.value) for e in events.Scalars(name)]
+        assert got == [(3, pytest.approx(3 / (i + 1))), (7, pytest.approx(7 / (i + 1)))]
 
 
 def test_file_sink_writes_jpeg_overlays_and_png_pixel_maps(tmp_path: Path) -> None:
