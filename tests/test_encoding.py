@@ -326,8 +326,8 @@ CUDA_TEST = "test_cuda_grids_are_drawn_and_encoded_on_the_gpu"
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only; gpu_check.py runs it")
 def test_cuda_grids_are_drawn_and_encoded_on_the_gpu() -> None:
-    """Overlays drawn on the device stay there until encoded; every JPEG grid goes to the GPU
-    encoder in one task, at 4:4:4, within the tolerance of OpenCV's bytes; the pixels come to
+    """Overlays drawn on the device stay there until encoded; every JPEG grid is encoded by the
+    GPU encoder, at 4:4:4, within the tolerance of OpenCV's bytes; the pixels come to
     the CPU when a sink asks. Each backend alone does the same on the device."""
     from cam_monitor.options import RenderOptions
     from cam_monitor.render import draw_overlays
