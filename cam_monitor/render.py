@@ -363,11 +363,16 @@ def caption_tiles(tiles: Tensor, captions: Sequence[str]) -> Tensor:
     from a glyph atlas on the host, once per caption list and width, and cached on the device.
     """
     _check_uint8_batch(tiles, "tiles")
-    batch, _, _, width = tiles.shape
+    return torch.cat([tiles, _bands_for(tiles, captions)], dim=2)
+
+
+def _bands_for(tiles: Tensor, captions: Sequence[str]) -> Tensor:
+    """The caption bands of `captions` for `tiles` (`[..., B, 3, H, W]`), one per tile."""
+    batch, width = tiles.shape[-4], tiles.shape[-1]
     if len(captions) != batch:
         raise ValueError(f"Got {len(captions)} captions for {batch} tiles; give one per tile.")
     texts = tuple(_ascii(str(c)).strip() for c in captions)
-    return torch.cat([tiles, _caption_bands(texts, width, tiles.device)], dim=2)
+    return _caption_bands(texts, width, tiles.device)
 
 
 @lru_cache(maxsize=32)
@@ -622,15 +627,11 @@ def _check_layout(nrow: int, padding: int) -> None:
         raise ValueError(f"`nrow` must be >= 1 and `padding` >= 0, got {nrow} and {padding}.")
 
 
-def _grid(
-    tiles: Tensor, captions: Sequence[str] | None, nrow: int, padding: int, host: bool = True
-) -> Tensor:
-    """Caption the tiles, then lay them out (`tile_grid`); the grid is copied to the host
-    where `host`, else left on the tiles' device."""
+def _grid(tiles: Tensor, captions: Sequence[str] | None, nrow: int, padding: int) -> Tensor:
+    """Caption the tiles, then lay them out (`tile_grid`) and copy the grid to the host."""
     if captions is not None:
         tiles = caption_tiles(tiles, captions)
-    grid = tile_grid(tiles, nrow, padding)
-    return (grid.cpu() if host else grid).contiguous()
+    return tile_grid(tiles, nrow, padding).cpu().contiguous()
 
 
 def tile_grid(tiles: Tensor, nrow: int = 8, padding: int = 2, pad_value: int = 0) -> Tensor:
@@ -643,19 +644,24 @@ def tile_grid(tiles: Tensor, nrow: int = 8, padding: int = 2, pad_value: int = 0
         >>> grid.shape, int(grid.sum())
         (torch.Size([1, 7, 7]), 12)
     """
-    count, channels, height, width = tiles.shape
+    return _tile_grids(tiles[None], nrow, padding, pad_value)[0]
+
+
+def _tile_grids(tiles: Tensor, nrow: int, padding: int, pad_value: int = 0) -> Tensor:
+    """`tile_grid` of each of G batches of tiles `[G, B, C, h, w]` at once: `[G, C, H, W]`."""
+    groups, count, channels, height, width = tiles.shape
     columns = min(nrow, count)
     rows = -(-count // columns)
     # Each tile padded above and left, missing tiles as padding; one permute lays them out
     # and the last padding closes the bottom and right edges.
     cells = F.pad(tiles, (padding, 0, padding, 0), value=pad_value)
     if rows * columns > count:
-        blank = cells.new_full((rows * columns - count, *cells.shape[1:]), pad_value)
-        cells = torch.cat([cells, blank])
+        blank = cells.new_full((groups, rows * columns - count, *cells.shape[2:]), pad_value)
+        cells = torch.cat([cells, blank], dim=1)
     cell_h, cell_w = height + padding, width + padding
-    laid = cells.view(rows, columns, channels, cell_h, cell_w).permute(2, 0, 3, 1, 4)
-    grid = laid.reshape(channels, rows * cell_h, columns * cell_w)
-    return F.pad(grid, (0, padding, 0, padding), value=pad_value)
+    laid = cells.view(groups, rows, columns, channels, cell_h, cell_w).permute(0, 3, 1, 4, 2, 5)
+    grids = laid.reshape(groups, channels, rows * cell_h, columns * cell_w)
+    return F.pad(grids, (0, padding, 0, padding), value=pad_value)
 
 
 def make_overlay_grid(
@@ -754,18 +760,37 @@ def _overlay_grids(
     base = (1.0 - alpha) * pictures.float()
     heat_lut = (alpha * _lut(colormap, pictures.device).float()).t().contiguous()  # [3, N]
     lines = None if regions is None else _outlines(regions, factor, pictures.device)
-    # One buffer for the grids: each kept between the next one's freed temporaries fragmented
-    # the heap (48 grids of 32 tiles peaked anywhere from 169 to 357 MiB, 184-209 this way).
-    grids: dict[K, Tensor] = {}
+    bands = None if captions is None else _bands_for(pictures, captions)
+    # Several grids drawn in one pass (a few kernels for all of them, one copy to the host),
+    # as many as `_DRAW_BYTES` of the device's temporaries allow; the grids go into one
+    # buffer (each kept between the next one's temporaries fragmented the heap: 48 grids of
+    # 32 tiles peaked anywhere from 169 to 357 MiB, 184-209 this way).
+    keys = list(checked)
+    if not keys:
+        return {}
+    budget = _DRAW_BYTES["cuda" if base.is_cuda else "cpu"]
+    step = max(1, budget // (base.numel() * _DRAW_BYTES_PER_VALUE))
     whole: Tensor | None = None
-    for index, (key, batch) in enumerate(checked.items()):
-        tiles = _outlined(_blend(base, heat_lut, batch), lines)
-        grid = _grid(tiles, captions, nrow, padding, host)
+    for start in range(0, len(keys), step):
+        group = [checked[key] for key in keys[start : start + step]]
+        tiles = _outlined(_blend(base, heat_lut, group), lines)  # [G, B, 3, H, W]
+        if bands is not None:
+            tiles = torch.cat([tiles, bands.expand(len(group), *bands.shape)], dim=3)
+        grids = _tile_grids(tiles, nrow, padding)
         if whole is None:
-            whole = grid.new_empty((len(checked), *grid.shape))
-        whole[index] = grid
-        grids[key] = whole[index]
-    return grids
+            shape = (len(keys), *grids.shape[1:])
+            whole = torch.empty(shape, dtype=torch.uint8, device="cpu" if host else grids.device)
+        whole[start : start + len(group)].copy_(grids)
+    assert whole is not None
+    return {key: whole[index] for index, key in enumerate(keys)}
+
+
+#: The temporaries overlay drawing may hold at once, by device type: on a GPU a kernel launch
+#: costs more than memory, on the CPU memory counts (the grids are drawn one by one there
+#: once they are large).
+_DRAW_BYTES = {"cuda": 256 * 2**20, "cpu": 16 * 2**20}
+#: Bytes of temporaries per value of an overlay while it is drawn (heat, blend, index, map).
+_DRAW_BYTES_PER_VALUE = 12
 
 
 def _outlines(regions: Tensor, factor: int, device: torch.device) -> Tensor:
@@ -784,13 +809,15 @@ def _outlined(tiles: Tensor, lines: Tensor | None) -> Tensor:
     return tiles.masked_fill(lines, 255)
 
 
-def _blend(base: Tensor, heat_lut: Tensor, maps: Tensor) -> Tensor:
-    """`overlay(pictures, colorize(normalize_maps(upsampled maps)), alpha)` in fewer passes,
-    given `base` = (1 - alpha) * pictures and `heat_lut` = alpha * the colormap, [3, N]."""
-    upsampled = upsample_maps(maps.to(base.device), (base.shape[2], base.shape[3]))
+def _blend(base: Tensor, heat_lut: Tensor, maps: Sequence[Tensor]) -> Tensor:
+    """`overlay(pictures, colorize(normalize_maps(upsampled maps)), alpha)` of G map batches
+    `[B, h, w]` at once, in few passes: uint8 `[G, B, 3, H, W]`, given `base` = (1 - alpha) *
+    pictures and `heat_lut` = alpha * the colormap, `[3, N]`."""
+    size = (base.shape[2], base.shape[3])
+    upsampled = torch.cat([upsample_maps(batch.to(base.device), size) for batch in maps])
     index = normalize_maps(upsampled).clamp_(0.0, 1.0).mul_(255).round_().long()
-    heat = heat_lut.index_select(1, index.flatten())  # [3, B*H*W]: 7x faster than lut[:, index]
-    blended = heat.view(3, *index.shape).transpose(0, 1).add_(base)
+    heat = heat_lut.index_select(1, index.flatten())  # [3, G*B*H*W]: 7x faster than lut[:, index]
+    blended = heat.view(3, len(maps), *base.shape[:1], *size).permute(1, 2, 0, 3, 4).add_(base)
     return blended.round_().clamp_(0, 255).to(torch.uint8)
 
 

@@ -405,17 +405,18 @@ def faulty_setup(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setattr(evaluation_module, "draw_overlays", render)
     elif kind == "sink":
         logger = TensorBoardLogger(tmp_path, name="tb")
-        writer = logger.experiment
-        real_add = writer.add_scalar
+        file_writer = logger.experiment._get_file_writer()
+        real_add = file_writer.add_summary
         calls = {"n": 0}
 
-        def add_scalar(*args: Any, **kw: Any) -> None:
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise OSError("sink fault injected")
-            real_add(*args, **kw)
+        def add_summary(summary: Any, *args: Any, **kw: Any) -> None:
+            if any(v.tag.startswith("cam_") and v.HasField("simple_value") for v in summary.value):
+                calls["n"] += 1  # an evaluation's scalars
+                if calls["n"] == 2:
+                    raise OSError("sink fault injected")
+            real_add(summary, *args, **kw)
 
-        monkeypatch.setattr(writer, "add_scalar", add_scalar)
+        monkeypatch.setattr(file_writer, "add_summary", add_summary)
     return {"model": model, "kwargs": kwargs, "logger": logger}
 
 

@@ -410,6 +410,47 @@ def test_drawing_more_tiles_dispatches_no_more_ops() -> None:
     assert drawn(16) == drawn(4)
 
 
+def test_overlay_grids_drawn_together_equal_those_drawn_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    images = torch.rand(5, 3, 12, 12, generator=GEN)
+    maps = {i: torch.rand(5, 3 + i % 3, 4, generator=GEN) * i for i in range(7)}  # one all zero
+    captions = caption_text(list(range(5)), [0, 1, 2, 3, 0], compact=True)
+    regions = torch.rand(5, 12, 12, generator=GEN) > 0.5
+
+    def draw() -> dict[int, torch.Tensor]:
+        return make_overlay_grids(
+            images, maps, captions=captions, regions=regions, min_tile=24, nrow=2, alpha=0.4
+        )
+
+    together = draw()
+    monkeypatch.setitem(render._DRAW_BYTES, "cpu", 1)  # one grid per pass
+    one_by_one = draw()
+    assert list(together) == list(one_by_one) == list(maps)
+    for key, grid in together.items():
+        assert grid.dtype == torch.uint8 and torch.equal(grid, one_by_one[key]), key
+    monkeypatch.setitem(render._DRAW_BYTES, "cpu", 3 * 5 * 3 * 24 * 24 * 12)  # 3 a pass
+    assert all(torch.equal(g, together[k]) for k, g in draw().items())
+
+
+def test_more_overlay_grids_of_a_probe_cost_only_their_upsampling_in_ops() -> None:
+    # one pass draws them all: a grid costs its map's upsampling, not a colour lookup, a blend,
+    # captions, a layout and a host copy of its own (42 ops a grid before)
+    images, regions = torch.rand(8, 3, 16, 16, generator=GEN), torch.rand(8, 16, 16) > 0.5
+    captions = caption_text(list(range(8)), None, compact=True)
+
+    def ops(count: int) -> int:
+        maps = {i: torch.rand(8, 4 + i % 2, 4, generator=GEN) for i in range(count)}
+
+        def draw() -> None:
+            make_overlay_grids(images, maps, captions=captions, regions=regions, min_tile=32)
+
+        draw()
+        return dispatched_ops(draw)
+
+    assert ops(8) - ops(2) <= 5 * 6
+
+
 def test_overlay_grid_with_captions_adds_the_band_height() -> None:
     images, maps = torch.rand(3, 1, 20, 20, generator=GEN), torch.rand(3, 5, 5, generator=GEN)
     caps = caption_text([0, 1, 2], [0, 1, 1], compact=True)
