@@ -152,8 +152,9 @@ class AttentionTracker:
         measures, k = self.options.measures, self.options.topk
         before = torch.cat([_measured(other, key, rows).to(stacked.device)
                             for key, other, _, _ in paired])  # fmt: skip
-        now = prepare(stacked, measures, k).take([(at, at + n) for _, _, at, n in paired])
-        values = paired_drift(prepare(before, measures, k), now, measures)
+        ready = prepare(torch.cat([stacked, before]), measures, k)  # one pass for both
+        now = ready.take([(at, at + n) for _, _, at, n in paired])
+        values = paired_drift(ready.take([(len(stacked), len(ready.valid))]), now, measures)
         stats = [PREVIOUS] * len(pairs[PREVIOUS]) + [REF] * len(pairs[REF])
         keys_of = {
             measure: [ScalarKey(DRIFT, key, drift_stat(measure, stat))

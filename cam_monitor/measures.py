@@ -449,6 +449,8 @@ def _take(part: Tensor | tuple[Tensor, Tensor] | None, ranges: list[list[int]]) 
         return None
     if isinstance(part, tuple):
         return tuple(_take(t, ranges) for t in part)
+    if len(ranges) == 1:
+        return part[ranges[0][0] : ranges[0][1]]
     return torch.cat([part[start:stop] for start, stop in ranges])
 
 

@@ -52,6 +52,17 @@ def test_host_overhead_quick_times_every_contender_on_the_same_maps(tmp_path: Pa
     assert rows["floor"]["x_floor"] == 1.0 and "compute_cams / floor <= 1.3" in stdout
 
 
+def test_evaluation_ops_quick_counts_each_piece_of_both_monitors(tmp_path: Path) -> None:
+    payload, stdout = run_script("evaluation_ops", tmp_path)
+    rows = {row["monitor"]: row for row in payload["rows"]}
+    assert {name: row["maps"] for name, row in rows.items()} == {"issue 14": 4, "wide": 24}
+    for row in rows.values():
+        assert row["drawing the grids"] > 0 and row["drift, localization, entropy"] > 0
+    # drawn in one pass: six times the grids, far fewer than six times the ops
+    assert rows["wide"]["drawing the grids"] < 3 * rows["issue 14"]["drawing the grids"]
+    assert "| monitor | maps |" in stdout
+
+
 def test_overhead_quick_runs_three_arms_with_a_tensorboard_logger(tmp_path: Path) -> None:
     payload, stdout = run_script("overhead", tmp_path, "--logger", "tensorboard")
     evaluations = {row["arm"]: row["evaluations"] for row in payload["rows"]}

@@ -50,12 +50,13 @@ def evaluation_record(
     """
     _check_table("probes", probes, ProbeSet)
     _check_table("results", results, CamResult)
-    kept = {
-        MapKey(probe, layer, method): _numpy(cam, float32=True)
+    stored = {
+        MapKey(probe, layer, method): cam
         for probe, result in results.items()
         for (layer, method), cam in result.maps.items()
         if maps == "all" or (maps == "cams" and method not in PIXEL_METHODS)
     }
+    kept = dict(zip(stored, _numpy_float32(list(stored.values())), strict=True))
     return Evaluation(
         index=index,
         epoch=epoch,
@@ -141,6 +142,22 @@ def _numpy(tensor: Tensor, float32: bool = False) -> np.ndarray:
     if float32:
         tensor = tensor.float()
     return tensor.cpu().numpy()
+
+
+def _numpy_float32(tensors: Sequence[Tensor]) -> list[np.ndarray]:
+    """`_numpy(t, float32=True)` of each tensor, in one copy to the host per device (a copy
+    per map waited on the GPU once per map)."""
+    found: list[np.ndarray | None] = [None] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_device.setdefault(tensor.device, []).append(index)
+    for indices in by_device.values():
+        flat = [tensors[i].detach().float().reshape(-1) for i in indices]
+        host = (torch.cat(flat) if len(flat) > 1 else flat[0]).cpu().numpy()
+        parts = np.split(host, np.cumsum([t.numel() for t in flat])[:-1])
+        for i, part in zip(indices, parts, strict=True):
+            found[i] = part.reshape(tensors[i].shape)
+    return found  # type: ignore[return-value]
 
 
 def _tag(key: str | ScalarKey) -> str:
