@@ -56,7 +56,8 @@ from cam_monitor.sinks import add_encoded_image, scalar_tags
 
 
 def draw_grids(probe: ProbeSet, result: CamResult, setup: FitSetup) -> dict[MapKey, Tensor]:
-    """The monitor's overlay grids (uint8 CHW, CPU), captions included, with its defaults."""
+    """The monitor's overlay grids (uint8 CHW, on the probe's device), captions included, with
+    its defaults."""
     return render_probe(probe, result, RenderOptions())
 
 
@@ -495,7 +496,7 @@ def breakdown(
 
 
 #: The breakdown's rows for the encoder: JPEG encoding on its threads, and overlapped with scoring.
-ENCODER_PIECE = "JPEG encoding on the encoder's threads"
+ENCODER_PIECE = "JPEG encoding by the monitor's encoder (nvJPEG on a GPU)"
 IN_LOOP_PIECE = "in the loop: scoring, encoding alongside"
 
 

@@ -4,8 +4,10 @@
     python benchmarks/gpu_check.py --device cpu --quick       # smoke test of the script here
 
 Checks (PASS / FAIL; the exit status is 1 if one fails): device placement, no host sync in
-`compute_cams`, one host transfer for scoring an evaluation and one per grid drawn, autocast,
-real fits at three precisions, FSDP refused. Measured (printed side by
+`compute_cams`, one host transfer for scoring an evaluation and none per overlay grid drawn,
+autocast, real fits at three precisions, FSDP refused; JPEG grids encoded on the GPU (which
+encoder, chroma 4:4:4, decoded within `GPU_JPEG_TOLERANCE` of the CPU path's bytes) and the
+CUDA-only tests of the suite (`CUDA_TESTS`, run with pytest). Measured (printed side by
 side, never asserted; the targets are shown next to them):
 
 - the engine on resnet50, 224 px, batch 32: a plain forward, the floor (see engine.py),
@@ -15,7 +17,10 @@ side, never asserted; the targets are shown next to them):
   monitor, with it, and with it and `crc32c`: whole-fit seconds, in-loop seconds per
   evaluation, the logger's `close()`; then one evaluation piece by piece (evaluation_cost.py),
   with the monitor's in-loop path: the grids encoded once on its encoder's threads while drift
-  is scored.
+  is scored;
+- issue 28: that evaluation's grids JPEG-encoded on the GPU (the encoder's path, and each of
+  TorchCodec and torchvision alone) against the CPU path (copied to the host, OpenCV on the
+  encoder's threads). With `--device cpu` the GPU encoders run their CPU paths instead.
 
 `--out PATH` writes every number as JSON. Without the `crc32c` package the crc32c arm is skipped.
 """
@@ -24,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import subprocess
 import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +55,16 @@ import overhead
 
 from cam_monitor import CamMonitor, compute_cams
 from cam_monitor.drift import AttentionTracker
+from cam_monitor.encoding import (
+    GPU_JPEG_TOLERANCE,
+    TORCHCODEC,
+    TORCHVISION,
+    GridEncoder,
+    chroma_subsampling,
+    decoded_difference,
+    encode_jpegs,
+    gpu_jpeg_backend,
+)
 from cam_monitor.evaluation import render_probe
 from cam_monitor.history import read_history
 from cam_monitor.options import DriftOptions, RenderOptions
@@ -55,6 +72,9 @@ from cam_monitor.probe import ProbeSet
 
 CAMS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
 CHECKS: list[dict[str, Any]] = []
+ROOT = Path(__file__).resolve().parents[1]
+#: The suite's CUDA-only tests, skipped where there is no GPU: this script runs them.
+CUDA_TESTS = ("tests/test_encoding.py::test_cuda_grids_are_drawn_and_encoded_on_the_gpu",)
 
 
 def check(name: str, ok: bool | None, detail: str = "") -> None:
@@ -128,11 +148,11 @@ def host_syncs(run: Any) -> int:
 
 
 def evaluation_sync_checks(device: torch.device) -> None:
-    """Scoring (drift and localization) costs one host transfer per evaluation; drawing one
-    per grid, plus the captions' predicted and true classes."""
+    """Scoring (drift and localization) costs one host transfer per evaluation; drawing only
+    the captions' predicted and true classes (overlay grids stay on the device: `encoding`)."""
     if device.type != "cuda":
         check("scoring: one host transfer per evaluation", None, "CUDA only")
-        check("drawing: one host transfer per grid", None, "CUDA only")
+        check("drawing: no host transfer per overlay grid", None, "CUDA only")
         return
     torch.manual_seed(0)
     model = resnet18(weights=None, num_classes=10).to(device)
@@ -151,8 +171,117 @@ def evaluation_sync_checks(device: torch.device) -> None:
     cold = host_syncs(lambda: grids.update(render_probe(probe, result, RenderOptions())))
     syncs = host_syncs(lambda: grids.update(render_probe(probe, result, RenderOptions())))
     detail = f"{syncs} for {len(grids)} grids ({cold} the first time)"
-    check("drawing: one host transfer per grid (+2: predicted and true classes)",
-          syncs <= len(grids) + 2, detail)  # fmt: skip
+    on_device = {grid.device.type for grid in grids.values()} == {"cuda"}
+    check("drawing: no host transfer per overlay grid (2: predicted and true classes)",
+          syncs <= 2 and on_device, detail)  # fmt: skip
+
+
+def cuda_tests(device: torch.device) -> None:
+    """The suite's CUDA-only tests (`CUDA_TESTS`), with pytest, one check each."""
+    for test in CUDA_TESTS:
+        name = f"pytest {test.split('::')[-1]}"
+        if device.type != "cuda":
+            check(name, None, "CUDA only")
+            continue
+        if not (ROOT / test.split("::")[0]).is_file():
+            check(name, None, "no tests/ next to this script")
+            continue
+        command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+        last = (done.stdout.strip().splitlines() or [""])[-1]
+        check(name, done.returncode == 0 and "1 passed" in last, last)
+        if done.returncode != 0:
+            print(done.stdout[-3000:], done.stderr[-2000:], sep="\n")
+
+
+def jpeg_timings(
+    device: torch.device, setup: evaluation_cost.FitSetup, reps: int, warmup: int
+) -> list[dict[str, Any]]:
+    """Issue 28: the evaluation's grids (issue 14's setup) JPEG-encoded on the GPU, by the
+    monitor's encoder and by each backend alone, against the CPU path it replaces: the grids
+    copied to the host, then OpenCV on the encoder's threads. Checks which encoder ran, its
+    chroma subsampling and that its bytes decode within `GPU_JPEG_TOLERANCE` of the CPU's."""
+    torch.manual_seed(0)
+    module = evaluation_cost.Classifier(setup).to(device)
+    inputs = evaluation_cost.probe_images(setup).to(device)
+    result = compute_cams(module, inputs, list(setup.monitor_layers), list(setup.methods))
+    grids = evaluation_cost.draw_grids(ProbeSet("probe", inputs), result, setup)
+    gpu, where = device.type == "cuda", "on the GPU" if device.type == "cuda" else "on CPU tensors"
+    encoder = GridEncoder()
+
+    def monitor(on_host: bool) -> list[tuple[bytes, str | None]]:
+        drawn = {k: g.cpu() for k, g in grids.items()} if on_host else grids
+        encoded = encoder.submit(drawn, "jpeg").result().values()
+        return [(image.data, image.encoder) for image in encoded]
+
+    contenders = {"CPU path: to host, OpenCV on the encoder's threads": partial(monitor, True)}
+    if gpu:
+        contenders["GPU path: the monitor's encoder"] = partial(monitor, False)
+    for backend in (TORCHCODEC, TORCHVISION):
+        if importlib.util.find_spec(backend.name) is not None:
+            contenders[f"{backend.name} alone, {where}"] = partial(
+                encode_jpegs, list(grids.values()), backend
+            )
+    seconds, _ = harness.interleaved(contenders, reps, warmup, device, progress=False)
+    cpu_bytes = [data for data, _ in monitor(True)]
+    rows = []
+    for name, run in contenders.items():
+        pairs = run()
+        encoded = [data for data, _ in pairs]
+        versus_cpu = [decoded_difference(*two) for two in zip(encoded, cpu_bytes, strict=True)]
+        drawn = list(grids.values())
+        versus_drawn = [decoded_difference(*two)[0] for two in zip(encoded, drawn, strict=True)]
+        rows.append(
+            {
+                "path": name,
+                "encoder": ", ".join(sorted({str(encoded_by) for _, encoded_by in pairs})),
+                "ms": 1e3 * harness.median(seconds[name]),
+                "spread": harness.spread(seconds[name]),
+                "kib_per_grid": sum(len(data) for data, _ in pairs) / len(pairs) / 1024,
+                "chroma": ", ".join(sorted({chroma_subsampling(data) for data, _ in pairs})),
+                "mean_vs_cpu": max(mean for mean, _ in versus_cpu),
+                "max_vs_cpu": max(largest for _, largest in versus_cpu),
+                "mean_vs_drawn": max(versus_drawn),
+                "all_seconds": seconds[name],
+            }
+        )
+    encoder.close()
+    print_jpeg_rows(rows, next(iter(grids.values())).shape, reps)
+    jpeg_checks(rows[1:], gpu)
+    return rows
+
+
+def print_jpeg_rows(rows: Sequence[dict[str, Any]], shape: torch.Size, reps: int) -> None:
+    print(f"\n## JPEG encoding of one evaluation's grids ({shape[2]} x {shape[1]} px), "
+          f"median of {reps}\n")  # fmt: skip
+    keys = ["path", "encoder", "ms", "spread", "kib_per_grid", "chroma", "mean_vs_cpu",
+            "max_vs_cpu", "mean_vs_drawn"]  # fmt: skip
+    headers = ["path", "encoder", "median ms", "spread", "KiB / grid", "chroma",
+               "mean diff vs CPU", "max diff vs CPU", "mean diff vs drawn"]  # fmt: skip
+    print(harness.markdown_table(headers, [[row[k] for k in keys] for row in rows]))
+    print(f"\nDifferences: of the decoded bytes, in levels of 0-255, the worst grid's; the "
+          f"tolerance is {GPU_JPEG_TOLERANCE} (mean).")  # fmt: skip
+
+
+def jpeg_checks(others: Sequence[dict[str, Any]], gpu: bool) -> None:
+    """The GPU encoders' rows (`jpeg_timings`): within the tolerance of the CPU path's bytes;
+    on a GPU, the encoder `gpu_jpeg_backend` chose ran, at chroma 4:4:4."""
+    name = f"JPEG bytes of the GPU encoders decode within {GPU_JPEG_TOLERANCE} of the CPU path's"
+    detail = ", ".join(f"{row['path']}: {row['mean_vs_cpu']:.2f}" for row in others)
+    if not gpu:  # their CPU paths subsample chroma (4:2:0): test_encoding.py bounds those
+        check(name, None, f"CUDA only ({detail or 'none installed'})")
+        check("JPEG grids on the GPU: the encoder that ran", None, "CUDA only")
+        check("JPEG grids on the GPU: chroma 4:4:4", None, "CUDA only")
+        return
+    fits = all(row["mean_vs_cpu"] <= GPU_JPEG_TOLERANCE for row in others)
+    check(name, fits if others else None, detail or "none installed")
+    backend = gpu_jpeg_backend()
+    expected = backend.name if backend is not None else "none"
+    ran = others[0]["encoder"]  # the monitor's encoder
+    check("JPEG grids on the GPU: the encoder that ran", ran == expected,
+          f"{ran} (gpu_jpeg_backend: {expected})")  # fmt: skip
+    chroma = {row["path"]: row["chroma"] for row in others}
+    check("JPEG grids on the GPU: chroma 4:4:4", set(chroma.values()) == {"4:4:4"}, str(chroma))
 
 
 class Lit(pl.LightningModule):
@@ -306,10 +435,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_checks:
         engine_checks(device)
         evaluation_sync_checks(device)
+        cuda_tests(device)
         fit_checks(device, args.quick)
     batch, size = (2, 64) if args.quick else (32, 224)
     warmup = 1 if args.quick else 5
     payload["engine"] = engine_timings(device, batch, size, args.engine_reps, warmup)
+    payload["jpeg"] = jpeg_timings(device, setup, args.engine_reps, warmup)
     harness.write_json(args.out, payload, quiet=True)
 
     print(f"\n## Issue 14's GPU fit on {info['device_name']}\n")

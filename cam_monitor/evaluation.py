@@ -50,7 +50,8 @@ ScalarName = ScalarKey | str
 
 @dataclass
 class EvaluationOutput:
-    """One evaluation: raw CAMs per probe set, grids (uint8 CHW, CPU) and scalars, by key."""
+    """One evaluation: raw CAMs per probe set, grids (uint8 CHW: CAM overlays on the probe's
+    device until `encoding` encodes them, the rest on the CPU) and scalars, by key."""
 
     results: dict[str, CamResult] = field(default_factory=dict)
     images: dict[ImageKey, Tensor] = field(default_factory=dict)
@@ -86,8 +87,9 @@ def compute_probe(
 def render_probe(
     probe: ProbeSet, result: CamResult, options: RenderOptions
 ) -> dict[MapKey, Tensor]:
-    """Overlay grids (uint8 CHW on the CPU) for each layer and method of one probe set: of
-    every image up to `options.max_tiles`, else of that many evenly spaced (`drawn_rows`)."""
+    """Grids (uint8 CHW) for each layer and method of one probe set: of every image up to
+    `options.max_tiles`, else of that many evenly spaced (`drawn_rows`). CAM overlays stay on
+    the images' device (a GPU encodes them as JPEG there), pixel-level maps come to the CPU."""
     images = probe.image
     if images is None:
         raise ValueError(

@@ -34,6 +34,7 @@ __all__ = [
     "caption_text",
     "caption_tiles",
     "check_colormap",
+    "check_grid",
     "choose_captions",
     "colorize",
     "colorize_signed",
@@ -959,10 +960,11 @@ def draw_overlays(
     captions: Sequence[str] | None,
     options: RenderOptions,
 ) -> dict[K, Tensor]:
-    """`make_overlay_grids` in the colormap, opacity, normalisation and columns of `options`."""
+    """`make_overlay_grids` in the colormap, opacity, normalisation and columns of `options`,
+    left on the images' device: `encoding` encodes them there (JPEG on a GPU) or copies them."""
     return _overlay_grids(
         images, maps, captions, options.colormap, options.alpha, options.mean, options.std,
-        options.nrow, _MIN_TILE, _PADDING,
+        options.nrow, _MIN_TILE, _PADDING, host=False,
     )  # fmt: skip
 
 
@@ -1005,12 +1007,23 @@ def to_jpeg_bytes(grid: Tensor, quality: int = 90) -> bytes:
     return _encode(grid, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, quality, *full_colour])
 
 
-def _encode(grid: Tensor, extension: str, params: list[int]) -> bytes:
+def check_grid(grid: Tensor) -> Tensor:
+    """`grid` if it is a uint8 RGB `[3, H, W]` grid, which every encoder takes; else ValueError.
+
+    Example:
+        >>> check_grid(torch.zeros(3, 4, 4, dtype=torch.uint8)).shape
+        torch.Size([3, 4, 4])
+    """
     if grid.dtype != torch.uint8 or grid.dim() != 3 or grid.shape[0] != 3:
         raise ValueError(
             f"grid must be uint8 [3, H, W], got {grid.dtype} {tuple(grid.shape)}; "
             "build it with make_overlay_grid() or make_map_grid()."
         )
+    return grid
+
+
+def _encode(grid: Tensor, extension: str, params: list[int]) -> bytes:
+    check_grid(grid)
     bgr = np.ascontiguousarray(grid.detach().cpu().permute(1, 2, 0).numpy()[:, :, ::-1])
     ok, encoded = cv2.imencode(extension, bgr, params)
     if not ok:

@@ -118,6 +118,19 @@ def test_gpu_check_runs_on_cpu_and_reports_every_target(tmp_path: Path) -> None:
         assert any(target in name for name in targets), (target, targets)
     contenders = {(r["scenario"], r["contender"]) for r in payload["engine"]}
     assert {("1x1", "floor"), ("1x1", "ours"), ("4x5", "floor"), ("4x5", "ours")} <= contenders
+    jpeg = {row["path"]: row for row in payload["jpeg"]}  # issue 28, the GPU encoders' CPU paths
+    cpu_path = jpeg["CPU path: to host, OpenCV on the encoder's threads"]
+    assert (cpu_path["encoder"], cpu_path["chroma"], cpu_path["mean_vs_cpu"]) == (
+        "opencv",
+        "4:4:4",
+        0,
+    )
+    for name in ("torchcodec", "torchvision"):
+        row = jpeg[f"{name} alone, on CPU tensors"]
+        assert (row["encoder"], row["chroma"]) == (name, "4:2:0") and row["mean_vs_cpu"] > 0
+    assert results["JPEG grids on the GPU: the encoder that ran"] == "SKIP"
+    assert results["pytest test_cuda_grids_are_drawn_and_encoded_on_the_gpu"] == "SKIP"
+    assert "## JPEG encoding of one evaluation's grids" in done.stdout
     assert "all checks passed" in done.stdout
 
 
