@@ -39,6 +39,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -66,9 +67,10 @@ from cam_monitor.encoding import (
     gpu_jpeg_backend,
 )
 from cam_monitor.evaluation import render_probe
-from cam_monitor.history import read_history
+from cam_monitor.history import evaluation_record, read_history
 from cam_monitor.options import DriftOptions, RenderOptions
 from cam_monitor.probe import ProbeSet
+from cam_monitor.schema import MapKey
 
 CAMS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
 CHECKS: list[dict[str, Any]] = []
@@ -153,6 +155,7 @@ def evaluation_sync_checks(device: torch.device) -> None:
     if device.type != "cuda":
         check("scoring: one host transfer per evaluation", None, "CUDA only")
         check("drawing: no host transfer per overlay grid", None, "CUDA only")
+        check("history: the maps in one host transfer", None, "CUDA only")
         return
     torch.manual_seed(0)
     model = resnet18(weights=None, num_classes=10).to(device)
@@ -174,6 +177,16 @@ def evaluation_sync_checks(device: torch.device) -> None:
     on_device = {grid.device.type for grid in grids.values()} == {"cuda"}
     check("drawing: no host transfer per overlay grid (2: predicted and true classes)",
           syncs <= 2 and on_device, detail)  # fmt: skip
+    record: list[Any] = []
+    syncs = host_syncs(lambda: record.append(evaluation_record(
+        0, 0, 0, {"probe": probe}, {"probe": result}, {})))  # fmt: skip
+    same = all(
+        np.array_equal(record[0].maps[MapKey("probe", *key)], maps.float().cpu().numpy())
+        for key, maps in result.maps.items()
+    )
+    detail = f"{syncs} synchronising operations for {len(result.maps)} maps"
+    check("history: the maps in one host transfer (4: with targets, logits, labels), as they are",
+          syncs <= 4 and same, detail)  # fmt: skip
 
 
 def cuda_tests(device: torch.device) -> None:
