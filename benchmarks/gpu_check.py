@@ -384,7 +384,7 @@ def engine_timings(
 
 
 def target_rows(engine: Sequence[dict[str, Any]], fits: Sequence[dict[str, Any]]) -> list[list]:
-    """Issue 14's GPU and engine targets next to what was measured."""
+    """Issue 14's and issue 28's GPU and engine targets next to what was measured."""
     out: list[list[Any]] = []
 
     def add(target: str, value: float | None, limit: float) -> None:
@@ -405,6 +405,9 @@ def target_rows(engine: Sequence[dict[str, Any]], fits: Sequence[dict[str, Any]]
         add(f"fit, {arm}: in-loop s per evaluation <= 0.1", row["in_loop_per_evaluation_s"], 0.1)
         add(f"fit, {arm}: logger close() s < 0.5", row["finalize_s"], 0.5)
         add(f"fit, {arm}: fit / plain fit <= 1.10", row["x_plain"], 1.10)
+        # issue 28, target 3: an evaluation near its CAMs, the fit near the plain one
+        add(f"fit, {arm}: cost per evaluation / compute_cams <= 2", row["x_compute_cams"], 2.0)
+        add(f"fit, {arm}: fit / plain fit <= 1.05", row["x_plain"], 1.05)
     return out
 
 
