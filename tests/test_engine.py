@@ -3,20 +3,18 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import namedtuple
-from typing import Any
 
 import pytest
 import torch
 from captum.attr import LayerGradCam
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import resnet18
 
 from cam_monitor import CamResult, compute_cams
 from cam_monitor.batch import Batch
 from cam_monitor.engine import compute
 from cam_monitor.options import EngineOptions
-from tests.helpers import TinyCNN, TwoHeadCNN
+from tests.helpers import DispatchedOps, TinyCNN, TwoHeadCNN
 
 ALL_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 
@@ -482,19 +480,8 @@ def test_chunked_labels_are_checked_whole_and_a_failed_check_is_not_remembered(
     assert torch.equal(chunked.targets, labels)
 
 
-class ReadBacks(TorchDispatchMode):
-    """Counts values read back to Python (`bool()`, `.item()`): on a GPU each is a host sync."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
-    ) -> Any:
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+#: The op of a value read back to Python (`bool()`, `.item()`): on a GPU each is a host sync.
+READ_BACK = "_local_scalar_dense"
 
 
 @pytest.mark.parametrize(
@@ -510,16 +497,16 @@ def test_a_repeated_call_reads_nothing_back_to_the_host(
     chosen = labels if target == "labels" else target
     methods = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
     compute_cams(tiny_cnn, images, "features.3", methods, target=chosen, batch_size=batch_size)
-    with ReadBacks() as reads:
+    with DispatchedOps() as ops:
         result = compute_cams(
             tiny_cnn, images, "features.3", methods, target=chosen, batch_size=batch_size
         )
-    assert reads.count == 0
+    assert ops.names[READ_BACK] == 0
     assert len(result.maps) == 5
     fresh = torch.tensor([0, 1, 2, 3])  # another tensor is checked: one read-back
-    with ReadBacks() as reads:
+    with DispatchedOps() as ops:
         compute_cams(tiny_cnn, images, "features.3", methods, target=fresh)
-    assert reads.count == 1
+    assert ops.names[READ_BACK] == 1
 
 
 def test_labels_made_under_inference_mode_work_and_are_checked_at_every_call(
