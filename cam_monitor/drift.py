@@ -242,12 +242,18 @@ class _Block:
 
 
 def _sizes(current: Mapping[MapKey, Tensor], keys: list[MapKey], rows: slice) -> list[int]:
-    return [len(current[key][rows]) for key in keys]
+    return [_count(current[key], rows) for key in keys]
+
+
+def _count(maps: Tensor, rows: slice) -> int:
+    """`len(maps[rows])` without slicing (a dispatched op per key and chunk otherwise)."""
+    return max(0, min(rows.stop, maps.shape[0]) - rows.start)
 
 
 def _measured(maps: Tensor, key: MapKey, rows: slice) -> Tensor:
     """Rows `rows` of `maps` as the measures read them (`as_measured`)."""
-    return as_measured(maps[rows], key.method)
+    whole = rows.start == 0 and rows.stop >= maps.shape[0]
+    return as_measured(maps if whole else maps[rows], key.method)
 
 
 def _has(maps: Tensor, rows: slice) -> bool:
