@@ -358,9 +358,9 @@ def drift_scores(a: Tensor, b: Tensor, options: DriftOptions) -> dict[str, Tenso
 
 
 class Prepared(NamedTuple):
-    """What the drift measures need of each map `[B, h, w]`, computed once per map however many
-    maps it is compared with (`prepare`): for the previous and the reference maps, each new map
-    is sorted once for Spearman and the top-k set together, not once per measure and pair."""
+    """What the drift measures need of each map `[B, h, w]` (`prepare`), computed once however
+    many maps it is compared with: a new map compared with its previous and its reference map
+    is sorted once, for Spearman and the top-k set together, not once per measure and pair."""
 
     shape: tuple[int, int]
     valid: Tensor  # [B]: finite and not constant (correlations, top-k sets)
@@ -427,8 +427,7 @@ def paired_drift(a: Prepared, b: Prepared, measures: tuple[str, ...]) -> dict[st
         if measure in ("spearman", "pearson"):
             x, y = (a.spearman, b.spearman) if measure == "spearman" else (a.pearson, b.pearson)
             assert x is not None and y is not None
-            r = _correlation(x, y)
-            scores[measure] = 1.0 - _nan_where_invalid(r, valid & (x[1] * y[1] > 0))
+            scores[measure] = 1.0 - _nan_where_invalid(_correlation(x, y), valid)
         elif measure == "topk_iou":
             assert a.top is not None and b.top is not None
             scores[measure] = 1.0 - _nan_where_invalid(_iou(a.top, b.top), valid)
