@@ -256,10 +256,6 @@ def _measured(maps: Tensor, key: MapKey, rows: slice) -> Tensor:
     return as_measured(maps if whole else maps[rows], key.method)
 
 
-def _has(maps: Tensor, rows: slice) -> bool:
-    return rows.start < maps.shape[0]
-
-
 def _chunks(
     current: Mapping[MapKey, Tensor], keys: list[MapKey], batch_size: int | None
 ) -> list[slice]:

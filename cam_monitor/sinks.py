@@ -139,9 +139,10 @@ def add_described_scalars(
     writer: Any, scalars: Mapping[str, float], step: int, described: set[str]
 ) -> None:
     """`writer.add_scalar(tag, value, step)` for each scalar, as one event of a summary of them
-    all (`add_scalar` serialised and queued an event per scalar: about 0.1 ms each, hundreds
-    an evaluation with many layers). A tag's first value (`described` keeps the tags seen)
-    carries `schema.describe(tag)` in TensorBoard's description field, shown beside its chart."""
+    all (`add_scalar` built, serialised and queued an event per scalar: 0.04 ms each on our
+    CPU, and an evaluation with many layers has hundreds). A tag's first value (`described`
+    keeps the tags seen) carries `schema.describe(tag)` in TensorBoard's description field,
+    shown beside its chart."""
     try:
         from tensorboard.compat.proto.summary_pb2 import DataClass, Summary, SummaryMetadata
         from tensorboard.plugins.scalar.metadata import PLUGIN_NAME
