@@ -50,6 +50,7 @@ __all__ = [
     "predicted_classes",
     "segment_caption_choices",
     "segment_caption_text",
+    "tile_grid",
     "to_jpeg_bytes",
     "to_png_bytes",
     "to_uint8_images",
