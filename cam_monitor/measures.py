@@ -626,9 +626,7 @@ def class_iou(predicted: Tensor, label_maps: Tensor, classes: Tensor) -> Tensor:
         [0.5]
     """
     mine, theirs = _class_pixels(predicted, label_maps, classes)
-    inter = (mine & theirs).flatten(1).sum(dim=1).float()
-    union = (mine | theirs).flatten(1).sum(dim=1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.nan)
+    return _iou(mine.flatten(1), theirs.flatten(1))
 
 
 def class_accuracy(predicted: Tensor, label_maps: Tensor, classes: Tensor) -> Tensor:
