@@ -40,7 +40,6 @@ from .layers import (
 from .measures import as_measured
 from .methods import (
     CAM_METHODS,
-    GRADIENT_METHODS,
     SIGN_SENSITIVE_METHODS,
     apply_method,
     as_float32,
@@ -461,13 +460,13 @@ def _explain_chunk(
     if clean.input_gradients is not None:
         input_maps["saliency"] = saliency_map(clean.input_gradients)
     guided = None
-    if plan.noisy_copies or not _CLEAN_ONLY.issuperset(options.methods):
+    if plan.extra_passes:
         guided = _extra_passes(
             module, chunk, target, options, plan, generator, baseline, clean, layer_grads,
             input_maps, extras,
         )  # fmt: skip
     maps: dict[tuple[str, str], Tensor] = {}
-    gradient_methods = [m for m in options.methods if m in GRADIENT_METHODS]
+    gradient_methods = plan.gradient_methods
     for name in plan.layers:
         activation = clean.activations[name]
         for method in gradient_methods:
@@ -491,10 +490,6 @@ def _explain_chunk(
         if method in input_maps:
             maps[INPUT_LAYER, method] = input_maps[method]
     return clean, maps, extras
-
-
-#: Methods the clean pass alone serves (with `smooth=0`): no scorer, no extra pass.
-_CLEAN_ONLY = CAM_METHODS | {"saliency"}
 
 
 def _extra_passes(

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .attribution import SMOOTHGRAD_SAMPLES
 from .layers import TokenLayout, as_spatial, is_glob, kept_as_is, resolve_layers, token_layout
-from .methods import GRADIENT_METHODS, INPUT_METHODS
+from .methods import CAM_METHODS, GRADIENT_METHODS, INPUT_METHODS
 from .options import EngineOptions
 from .types import LayerSpec, Reshape
 
@@ -72,6 +72,11 @@ class Plan:
     smooth_layers: bool
     #: Noisy copies per image for smoothed CAMs and SmoothGrad (0: no noisy passes).
     noisy_copies: int
+    #: The requested gradient CAMs (`GRADIENT_METHODS`), in the order asked for.
+    gradient_methods: tuple[str, ...] = ()
+    #: Whether a pass beyond the clean forward and its one backward runs (noisy copies,
+    #: integrated gradients, guided backprop, deconvnet).
+    extra_passes: bool = False
     #: The (unwrapped) model the layers belong to.
     root: nn.Module | None = None
     #: Token layouts (`layers.token_layout`) of the layers with token outputs, found on first use.
@@ -124,10 +129,14 @@ class Plan:
             layer_gradients=layer_gradients,
             smooth_layers=smooth_layers,
             noisy_copies=(options.smooth or SMOOTHGRAD_SAMPLES) if noisy else 0,
+            gradient_methods=tuple(m for m in methods if m in GRADIENT_METHODS),
+            extra_passes=noisy or not _CLEAN_ONLY.issuperset(methods),
             root=module,
         )
 
 
+#: Methods the clean pass alone serves (with `smooth=0`): no scorer, no extra pass.
+_CLEAN_ONLY = CAM_METHODS | {"saliency"}
 #: Output shapes a plan remembers the layout of, at most (a probe of ever new sizes).
 _KEPT_SHAPES = 64
 
@@ -172,10 +181,8 @@ class CachedPlan:
     #: CAM head's.
     paths: tuple[tuple[str, tuple[str, ...], tuple[weakref.ref[nn.Module], ...]], ...]
     head: bool
-    layer_gradients: bool
-    smooth_layers: bool
-    noisy_copies: int
-    kept: dict[tuple[str, torch.Size, tuple[int, int] | None], _Kept]
+    #: The plan's other fields (what it derived from the options, and `kept`, shared).
+    shared: dict[str, Any]
 
     @staticmethod
     def of(root: nn.Module, plan: Plan) -> CachedPlan:
@@ -185,14 +192,10 @@ class CachedPlan:
             atoms = tuple(name.split("."))
             steps = [root.get_submodule(".".join(atoms[: i + 1])) for i in range(len(atoms))]
             paths.append((name, atoms, tuple(weakref.ref(step) for step in steps)))
-        return CachedPlan(
-            paths=tuple(paths),
-            head=plan.head is not None,
-            layer_gradients=plan.layer_gradients,
-            smooth_layers=plan.smooth_layers,
-            noisy_copies=plan.noisy_copies,
-            kept=plan.kept,
-        )
+        shared = {
+            name: value for name, value in vars(plan).items() if name not in _PER_MODEL_FIELDS
+        }
+        return CachedPlan(paths=tuple(paths), head=plan.head is not None, shared=shared)
 
     def on(self, root: nn.Module) -> Plan | None:
         """The plan for `root` if its modules are still where they were, else None."""
@@ -211,18 +214,17 @@ class CachedPlan:
         if self.head:
             head = found.pop()
             assert isinstance(head[1], nn.Linear)
-        layers = dict(found)
-        return Plan(
-            layers=layers,
-            head=head,  # type: ignore[arg-type]
-            layer_gradients=self.layer_gradients,
-            smooth_layers=self.smooth_layers,
-            noisy_copies=self.noisy_copies,
-            root=root,
-            kept=self.kept,
+        plan = object.__new__(Plan)  # the fields as `Plan.make` left them, without its checks
+        fields = plan.__dict__
+        fields.update(self.shared)
+        fields["layers"], fields["head"], fields["root"], fields["layouts"] = (
+            dict(found), head, root, {}
         )
+        return plan
 
 
+#: The fields of a `Plan` that name the model's modules: looked up again at every call.
+_PER_MODEL_FIELDS = frozenset({"layers", "head", "root", "layouts"})
 #: Plans per model and `_plan_key`: the layer look-up and what the options imply, done once.
 _PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], CachedPlan]] = (
     weakref.WeakKeyDictionary()
