@@ -218,7 +218,10 @@ class CachedPlan:
         fields = plan.__dict__
         fields.update(self.shared)
         fields["layers"], fields["head"], fields["root"], fields["layouts"] = (
-            dict(found), head, root, {}
+            dict(found),
+            head,
+            root,
+            {},
         )
         return plan
 
