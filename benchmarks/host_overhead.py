@@ -13,8 +13,9 @@ Python: hooks, look-ups, checks. On a GPU that Python is what a call waits on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,59 @@ import engine  # the contenders, shared with the engine benchmark
 import harness
 
 CONTENDERS = ("forward", "floor", "ours", "torchcam", "captum")
+#: Not run unless named: what a leaner `compute_cams` would cost (see `lean`).
+PROTOTYPES = ("lean", "lean_unisolated")
 TARGET = 1.3  # compute_cams / floor
+
+
+def lean(
+    s: engine.Setup, layers: Sequence[str], methods: Sequence[str], isolate: bool = True
+) -> Callable[[], engine.Maps]:
+    """A prototype of the least `compute_cams` must do on this setup, for the analysis in
+    docs/performance.md: options and the cached plan looked up, `isolated` (unless `isolate` is
+    False), `capture_outputs` with its clone, the labels copied and gathered, one
+    `autograd.grad`, `gradient_maps` and a `CamResult`; no other check or layer of calls."""
+    from cam_monitor.batch import Batch
+    from cam_monitor.capture import capture_outputs
+    from cam_monitor.engine import CamResult
+    from cam_monitor.isolation import isolated
+    from cam_monitor.layers import unwrap_model
+    from cam_monitor.methods import gradient_maps
+    from cam_monitor.options import engine_options
+    from cam_monitor.plan import plan_for
+
+    names, wanted = list(layers), list(methods)
+
+    def run() -> engine.Maps:
+        arguments = {"methods": wanted, "target": s.targets}
+        options = engine_options(arguments)
+        module = unwrap_model(s.model)
+        plan = plan_for(module, names, options)
+        batch = Batch.of(s.inputs)
+        with isolated(module) if isolate else contextlib.nullcontext():
+            with capture_outputs(plan.layers, graph_from_first=True) as recorded:
+                logits = module(batch.data)
+            indices = s.targets.to(logits.device, torch.long, copy=True)
+            scores = logits.gather(1, indices[:, None])
+            grads = torch.autograd.grad(scores.sum(), [recorded[name] for name in names])
+            maps = {
+                (name, method): cam
+                for name, grad in zip(names, grads, strict=True)
+                for method, cam in gradient_maps(
+                    plan.gradient_methods, recorded[name].detach(), grad
+                ).items()
+            }
+        result = CamResult(maps, indices, logits.detach(), batch.image_size, tuple(names))
+        return dict(result.maps)
+
+    return run
+
+
+FACTORIES: dict[str, Callable[[engine.Setup, Sequence[str], Sequence[str]], Any]] = {
+    **engine.FACTORIES,
+    "lean": lean,
+    "lean_unisolated": lambda s, layers, methods: lean(s, layers, methods, isolate=False),
+}
 
 
 def tiny_setup(device: torch.device, batch: int = 2, size: int = 8) -> engine.Setup:
@@ -52,7 +105,9 @@ def tiny_setup(device: torch.device, batch: int = 2, size: int = 8) -> engine.Se
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_common_arguments(parser, reps=300)
-    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    parser.add_argument(
+        "--contenders", nargs="+", choices=CONTENDERS + PROTOTYPES, default=list(CONTENDERS)
+    )
     args = parser.parse_args(argv)
     args.reps = args.reps or (5 if args.quick else 300)
     args.warmup = max(args.warmup, 1 if args.quick else 20)
@@ -72,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device,
         {"setup": "2 x Conv2d(8), 2 images of 3 x 8 x 8, layer '2', Grad-CAM", **versions},
     )
-    contenders = {name: engine.FACTORIES[name](s, layer, ["gradcam"]) for name in args.contenders}
+    contenders = {name: FACTORIES[name](s, layer, ["gradcam"]) for name in args.contenders}
     seconds, first = harness.interleaved(contenders, args.reps, args.warmup, device, progress=False)
     floor_ms = harness.median(seconds["floor"]) * 1e3
     rows: list[dict[str, Any]] = []

@@ -52,6 +52,14 @@ def test_host_overhead_quick_times_every_contender_on_the_same_maps(tmp_path: Pa
     assert rows["floor"]["x_floor"] == 1.0 and "compute_cams / floor <= 1.3" in stdout
 
 
+def test_host_overhead_prototypes_give_the_floors_maps(tmp_path: Path) -> None:
+    contenders = ("--contenders", "ours", "lean", "lean_unisolated")
+    payload, _ = run_script("host_overhead", tmp_path, *contenders)
+    rows = {row["contender"]: row for row in payload["rows"]}
+    assert set(rows) == {"floor", "ours", "lean", "lean_unisolated"}
+    assert all(rows[name]["max_abs_diff"] < 1e-6 for name in ("lean", "lean_unisolated"))
+
+
 def test_evaluation_ops_quick_counts_each_piece_of_both_monitors(tmp_path: Path) -> None:
     payload, stdout = run_script("evaluation_ops", tmp_path)
     rows = {row["monitor"]: row for row in payload["rows"]}
