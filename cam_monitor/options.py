@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import operator
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import Field, dataclass, field, fields
@@ -343,30 +342,15 @@ def engine_options(arguments: Mapping[str, Any]) -> EngineOptions:
         >>> engine_options({"methods": ["gradcam"], "target": 3}).target
         3
     """
-    methods = arguments.get("methods", _ABSENT)
-    if type(methods) is list:  # a list may have changed in place: compared by its names
-        methods = tuple(methods)
-    rest = tuple(map(arguments.get, _REST_NAMES, _ABSENTS))
-    last = _LAST_OPTIONS[0]
-    if (
-        last is not None
-        and (type(methods) is str or (type(methods) is tuple and _STR >= set(map(type, methods))))
-        and last[0] == methods
-        and all(map(operator.is_, rest, last[1]))
-    ):
-        known = last[2]  # the very values of the last call (a loop's): no key to build
-    else:
-        key = _plain_key(arguments)
-        if key is None:
-            return options_from(EngineOptions, arguments)
-        known = _ENGINE_OPTIONS.get(key)
-        if known is None:
-            known = options_from(EngineOptions, {**arguments, "target": "predicted"})
-            if len(_ENGINE_OPTIONS) >= _KNOWN_OPTIONS:
-                _ENGINE_OPTIONS.clear()
-            _ENGINE_OPTIONS[key] = known
-        if list not in map(type, rest):  # immutable plain values only: nothing kept alive
-            _LAST_OPTIONS[0] = (methods, rest, known)
+    key = _plain_key(arguments)
+    if key is None:
+        return options_from(EngineOptions, arguments)
+    known = _ENGINE_OPTIONS.get(key)
+    if known is None:
+        known = options_from(EngineOptions, {**arguments, "target": "predicted"})
+        if len(_ENGINE_OPTIONS) >= _KNOWN_OPTIONS:
+            _ENGINE_OPTIONS.clear()
+        _ENGINE_OPTIONS[key] = known
     target = arguments.get("target", "predicted")
     if isinstance(target, str) and target == "predicted":
         return known
@@ -379,11 +363,6 @@ def engine_options(arguments: Mapping[str, Any]) -> EngineOptions:
 
 #: Options built from plain values, by `_plain_key`; at most `_KNOWN_OPTIONS` of them.
 _ENGINE_OPTIONS: dict[tuple[Any, ...], EngineOptions] = {}
-#: The last plain call's method names (a list as a tuple), its other values but `target`
-#: (`_REST_NAMES`) and its options: a call with the same names and the very same other
-#: objects (`is`) reuses them without building a key.
-_LAST_OPTIONS: list[tuple[Any, tuple[Any, ...], EngineOptions] | None] = [None]
-_STR = frozenset({str})
 _KNOWN_OPTIONS = 64
 _PLAIN = frozenset({type(None), bool, int, float, str})
 
@@ -731,7 +710,3 @@ class OutputOptions:
 
 #: `EngineOptions`' arguments but `target` (which `engine_options` checks at every call).
 _ENGINE_NAMES = tuple(f.name for f in fields(EngineOptions) if f.name != "target")
-#: Those but `methods`, and what `engine_options` reads for an argument not given.
-_REST_NAMES = tuple(name for name in _ENGINE_NAMES if name != "methods")
-_ABSENT = object()
-_ABSENTS = (_ABSENT,) * len(_REST_NAMES)

@@ -288,8 +288,7 @@ def test_engine_options_built_once_are_those_built_afresh_with_each_target() -> 
 def test_engine_options_of_a_loop_are_built_once_and_read_again_when_they_change() -> None:
     arguments: dict[str, Any] = {"methods": ["gradcam"], "smooth": 0, "noise": 0.15}
     first = engine_options(arguments)
-    assert engine_options(arguments) is first  # the very same values: nothing built again
-    assert engine_options({**arguments, "methods": ("gradcam",)}) is first
+    assert engine_options(arguments) is first  # the same values: nothing built again
     assert engine_options({**arguments, "methods": ["layercam"]}).methods == ("layercam",)
     assert engine_options({**arguments, "noise": 0.25}).noise == 0.25
     with pytest.raises(TypeError, match="`smooth` must be an int"):
