@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import namedtuple
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from cam_monitor import CamResult, compute_cams
 from cam_monitor.batch import Batch
 from cam_monitor.engine import compute
 from cam_monitor.options import EngineOptions
+from cam_monitor.plan import Plan, plan_for
 from tests.helpers import DispatchedOps, TinyCNN, TwoHeadCNN
 
 ALL_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
@@ -583,6 +585,29 @@ def test_other_options_on_the_same_layer_get_their_own_plan(
     cam = compute_cams(tiny_cnn, images, "features.5", "cam", target=0)
     fresh = compute_cams(copy.deepcopy(tiny_cnn), images, "features.5", "cam", target=0)
     assert torch.equal(cam["features.5", "cam"], fresh["features.5", "cam"])
+
+
+@pytest.mark.parametrize(
+    ("layers", "arguments"),
+    [
+        ("features.3", {}),
+        (["features.3", "features.5"], {"methods": ("gradcam++", "layercam", "saliency")}),
+        ("features.5", {"methods": ("cam", "guided_gradcam"), "cam_head": "fc"}),
+        ("features.3", {"methods": ("xgradcam", "smoothgrad"), "smooth": 2}),
+    ],
+)
+def test_a_cached_plan_is_the_plan_made_afresh(
+    tiny_cnn: TinyCNN, layers: str | list[str], arguments: dict[str, Any]
+) -> None:
+    options = EngineOptions(**arguments)
+    made = Plan.make(tiny_cnn, layers, options)
+    plan_for(tiny_cnn, layers, options)  # cached here
+    cached = plan_for(tiny_cnn, layers, options)
+    assert cached is not made and vars(cached).keys() == vars(made).keys()
+    for name, value in vars(made).items():
+        if name != "kept":  # shared by the calls of a cached plan, filled as they meet outputs
+            assert getattr(cached, name) == value, name
+    assert cached.layouts is not plan_for(tiny_cnn, layers, options).layouts  # one per call
 
 
 def test_wrappers_share_the_plan_of_the_model_they_wrap(
