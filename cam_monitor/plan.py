@@ -137,6 +137,7 @@ class Plan:
 
 #: Methods the clean pass alone serves (with `smooth=0`): no scorer, no extra pass.
 _CLEAN_ONLY = CAM_METHODS | {"saliency"}
+
 #: Output shapes a plan remembers the layout of, at most (a probe of ever new sizes).
 _KEPT_SHAPES = 64
 
@@ -214,7 +215,7 @@ class CachedPlan:
         if self.head:
             head = found.pop()
             assert isinstance(head[1], nn.Linear)
-        plan = object.__new__(Plan)  # the fields as `Plan.make` left them, without its checks
+        plan = object.__new__(Plan)  # the shared table copied in: no `__init__` per call
         fields = plan.__dict__
         fields.update(self.shared)
         fields["layers"], fields["head"], fields["root"], fields["layouts"] = (
@@ -226,7 +227,8 @@ class CachedPlan:
         return plan
 
 
-#: The fields of a `Plan` that name the model's modules: looked up again at every call.
+#: The fields of a `Plan` that hold the model's modules (looked up again at every call) or are
+#: filled per call (`layouts`); `CachedPlan` shares the others.
 _PER_MODEL_FIELDS = frozenset({"layers", "head", "root", "layouts"})
 #: Plans per model and `_plan_key`: the layer look-up and what the options imply, done once.
 _PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], CachedPlan]] = (
