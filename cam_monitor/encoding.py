@@ -128,14 +128,20 @@ def _torchcodec_jpegs(grids: list[Tensor], quality: int) -> list[Tensor]:
 
 
 def _torchvision_jpegs(grids: list[Tensor], quality: int) -> list[Tensor]:
-    from torchvision.io import encode_jpeg
+    from torchvision.io import encode_jpeg  # also loads the image ops it calls
 
-    # torchvision 0.29 deprecated its codecs in favour of TorchCodec's; here it is the fallback
-    # where TorchCodec is not installed. Only that warning, only during this call, is ignored.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
-        encoded = encode_jpeg(list(grids), quality=quality)
-    return list(encoded)
+    # torchvision 0.29 deprecated its codecs for TorchCodec's (here the fallback where that is
+    # not installed), and `encode_jpeg` warns at every call. The ops it calls are called here
+    # directly: silencing the warning with `warnings.catch_warnings` on the encoder's threads
+    # would swap the process's warning filters under the other threads (not thread-safe
+    # before Python 3.14). A torchvision without those ops gets `encode_jpeg` itself.
+    cuda = grids[0].device.type == "cuda"
+    op = getattr(torch.ops.image, "encode_jpegs_cuda" if cuda else "encode_jpeg", None)
+    if op is None:
+        return list(encode_jpeg(list(grids), quality=quality))
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, got {quality}.")
+    return list(op(list(grids), quality)) if cuda else [op(grid, quality) for grid in grids]
 
 
 #: TorchCodec's `JpegEncoder` (0.16+): nvJPEG on a CUDA tensor, one grid per encoder; chroma at

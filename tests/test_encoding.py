@@ -13,6 +13,7 @@ import types
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -34,7 +35,13 @@ from cam_monitor.encoding import (
     encode_jpegs,
     gpu_jpeg_backend,
 )
-from cam_monitor.render import encode_grid, make_overlay_grid, to_jpeg_bytes, to_png_bytes
+from cam_monitor.render import (
+    JPEG_QUALITY,
+    encode_grid,
+    make_overlay_grid,
+    to_jpeg_bytes,
+    to_png_bytes,
+)
 from cam_monitor.schema import MapKey, filter_maximised_tag
 
 GPU_BACKENDS = [TORCHCODEC, TORCHVISION]
@@ -188,7 +195,9 @@ def test_gpu_backends_decode_like_opencv_within_jpeg_error(backend: JpegBackend)
     assert decoded_difference(swapped, opencv)[0] > 10 * GPU_JPEG_TOLERANCE
 
 
-def test_torchvision_is_called_without_its_deprecation_warning_leaking() -> None:
+def test_torchvision_is_called_without_its_deprecation_warning_leaking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from torchvision.io import encode_jpeg
 
     grid = overlay_grid()
@@ -197,8 +206,24 @@ def test_torchvision_is_called_without_its_deprecation_warning_leaking() -> None
     filters = list(warnings.filters)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # ...and ours would raise here if it leaked
-        [(_, name)] = encode_jpegs([grid], TORCHVISION)
-    assert name == "torchvision" and warnings.filters == filters  # nothing changed globally
+        entered: list[str] = []
+
+        class Watched(warnings.catch_warnings):  # the real one, its entries counted
+            def __enter__(self) -> Any:
+                entered.append(threading.current_thread().name)
+                return super().__enter__()
+
+        monkeypatch.setattr(warnings, "catch_warnings", Watched)
+        [(data, name)] = encode_jpegs([grid], TORCHVISION)
+        monkeypatch.undo()
+    # Not silenced by swapping the process's filters, which other threads share (the encoder
+    # runs on its own threads): nothing changed, globally or for a moment.
+    assert name == "torchvision" and entered == [] and warnings.filters == filters
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert data == bytes(encode_jpeg(grid, quality=JPEG_QUALITY).numpy())  # its very op
+    with pytest.raises(ValueError, match=r"JPEG quality must be in 1\.\.100, got 0"):
+        TORCHVISION.encode([grid], 0)
 
 
 def test_the_gpu_encoder_takes_every_jpeg_grid_of_an_evaluation_in_one_call() -> None:
