@@ -10,7 +10,6 @@ parameter `.grad` is never touched.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -22,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from .batch import Batch
 from .capture import Hook, scoped_hooks
+from .notices import warn
 
 #: `score_fn(rows, image_index) -> scores [R]`: the model's class score for each row.
 ScoreFn = Callable[[Batch, Tensor], Tensor]
@@ -284,7 +284,7 @@ def ruled_relus(model: nn.Module, rule: ReluRule) -> Iterator[None]:
     kinds = ", ".join(f"{kind} x{n}" for kind, n in functional.unruled.items())
     if not functional.applied:
         ran = f" (it ran {kinds})" if kinds else ""
-        warnings.warn(
+        warn(
             f"{type(model).__name__} ran no ReLU on a tensor that needs a gradient{ran}, so "
             f"{name} equals the plain input gradient here (GELU, SiLU and other activations "
             f"have no {name} rule). Use saliency or integrated_gradients for such models.",
@@ -292,7 +292,7 @@ def ruled_relus(model: nn.Module, rule: ReluRule) -> Iterator[None]:
         )
     elif functional.unruled:
         count = sum(functional.unruled.values())
-        warnings.warn(
+        warn(
             f"{type(model).__name__} ran {_plural(functional.applied, 'ReLU')} under the {name} "
             f"rule and {_plural(count, 'other activation')} ({kinds}) that have no such rule "
             f"and pass the plain gradient: the map is {name} at the ReLUs only. Use saliency or "

@@ -8,7 +8,6 @@ chunks of `batch_size`) works on that `Batch`.
 from __future__ import annotations
 
 import functools
-import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from .methods import (
     normalize_maps,
     upsample_maps,
 )
+from .notices import warn
 from .options import EngineOptions, engine_options
 from .plan import Plan, plan_for
 from .schema import INPUT_LAYER
@@ -358,7 +358,7 @@ def _warn_if_all_zero(
         zero = [m for (layer, m), v in maps.items() if layer == name and m in _LAYER_MAPS
                 and not bool(v.any())]  # fmt: skip
         if zero:
-            warnings.warn(
+            warn(
                 f"The {', '.join(zero)} maps at layer {name!r} are exactly zero for every probe "
                 "image: its activations are all zero (dead ReLUs?), no gradient reaches it "
                 "(a multiplication by zero, a rounding op or a constant head between the layer "
@@ -377,7 +377,7 @@ def _warn_if_incomplete(module: nn.Module, extras: dict[str, Tensor], steps: int
     message = completeness_warning(gap, extras["integrated_gradients.score_delta"], steps)
     if message is not None:
         _first_time(module, ("ig-steps",))
-        warnings.warn(message, stacklevel=4)
+        warn(message, stacklevel=4)
 
 
 def _warn_if_one_cell(
@@ -397,7 +397,7 @@ def _warn_if_one_cell(
             continue
         seen.add(("one-cell", name))
         where = f" for a {size[0]}x{size[1]} input" if size is not None else ""
-        warnings.warn(
+        warn(
             f"Layer {name!r} gives a 1x1 map{where}: one cell holds no spatial information, so "
             "its CAM is flat and drawn without heat. Pick an earlier layer with a larger grid, "
             "or feed larger images.",
@@ -411,7 +411,7 @@ def _warn_if_ill_posed(module: nn.Module, name: str, activation: Tensor, method:
         return
     share = float((activation < 0).float().mean())
     if share > NEGATIVE_SHARE_LIMIT:
-        warnings.warn(
+        warn(
             f"{method} at layer {name!r}: {share:.0%} of its activations are negative (a "
             f"BatchNorm, LayerNorm, GELU or Hardswish output?). {method} divides by "
             "per-channel activation sums, which signed activations bring near zero, so its "
@@ -648,7 +648,7 @@ def _warn_if_unpredicted(module: nn.Module, indices: Tensor, masks: Tensor) -> N
     if not bool(empty.any()):
         return
     image = int(empty.nonzero()[0, 0])
-    warnings.warn(
+    warn(
         f"Class {int(indices[image])} covers no pixel of image {image} (no pixel predicted as it, "
         "or an empty pixel mask): its score there is 0 and its map all zero. Explain a class "
         "the model predicts (target='predicted'), or name the pixels: target=(class, mask).",
@@ -664,7 +664,7 @@ def _warn_if_logit_map(module: nn.Module, name: str, output: Tensor, logits: Ten
         return
     if not is_logit_map(output, logits):
         return
-    warnings.warn(
+    warn(
         f"Layer {name!r} outputs the segmentation logits (upsampled, they are the model's "
         "output): its Grad-CAM of a class is that class's logit map cut at zero, not an "
         "explanation. Pick the features before the classifier (layer=None chooses them; for "

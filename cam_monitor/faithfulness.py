@@ -32,6 +32,7 @@ from .isolation import isolated, preserved_rng
 from .layers import resolve_layers, unwrap_model
 from .measures import as_measured, spearman, summarize
 from .methods import INPUT_METHODS, normalize_maps, upsample_maps
+from .notices import quiet
 from .options import EngineOptions, check_choices, check_int
 from .schema import FAITHFULNESS, FAITHFULNESS_MEASURES, INPUT_LAYER, SANITY, MapKey, ScalarKey
 from .targets import check_engine_target, class_scores, pick_logits, resolve_targets, target_rows
@@ -395,9 +396,7 @@ def randomization_check(
             if not wanted:
                 continue
             stage = EngineOptions(**{**_fields(options), "methods": wanted})
-            with warnings.catch_warnings():
-                # Warnings about the randomised copy's maps (all zero, ...) are no news.
-                warnings.simplefilter("ignore")
+            with quiet():  # the engine's warnings on the randomised copy are no news
                 result = compute(twin, inputs, [name], stage)
             randomised.update(result.maps)
     _warn_unreset(module, start, end[deepest_first[-1][1]])

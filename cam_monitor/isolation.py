@@ -8,7 +8,6 @@ import operator
 import platform
 import random
 import struct
-import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -18,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
+
+from .notices import warn
 
 
 def isolated(model: nn.Module) -> AbstractContextManager[None]:
@@ -94,7 +95,7 @@ class _Isolation:
             if self.guard is not None:
                 self.guard.__exit__(None, None, None)
         if lost:
-            warnings.warn(
+            warn(
                 f"The model's forward changed {', '.join(lost)} in eval mode, inside a CAM "
                 "computation (an in-place update in forward that does not check "
                 "`self.training`: an EMA teacher, a counter, an Embedding with max_norm?). It "

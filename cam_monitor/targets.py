@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .notices import warn
 from .types import OutputTransform, Target
 
 # Models already checked for probability outputs: the check costs a host sync, so once each.
@@ -171,7 +171,7 @@ def warn_if_probabilities(module: nn.Module, logits: Tensor) -> None:
         # Logits of a binary classifier fall on both sides of 0; 8 images all in (0, 1) are
         # sigmoid outputs, read as "class 1" every time (a chance of 2^-8 for symmetric logits).
         if logits.shape[0] >= 8 and bool(_open_unit(logits).all()):
-            warnings.warn(
+            warn(
                 "The model's one output per image looks like sigmoid probabilities (all in "
                 "[0, 1]). One output is read as a logit z, class 1 where z > 0, so every image "
                 "reads as class 1 and the maps explain a saturated sigmoid; return the logit "
@@ -188,7 +188,7 @@ def warn_if_probabilities(module: nn.Module, logits: Tensor) -> None:
     # softmax over the classes counts there.
     sigmoid = _open_unit(logits).all() & (logits.numel() >= 8) & (logits.dim() == 2)
     if bool(inside & sums_to_one | sigmoid):
-        warnings.warn(
+        warn(
             "The model output looks like probabilities (every value in [0, 1]: a softmax or a "
             "sigmoid). Gradients of a saturated softmax or sigmoid vanish and CAMs turn to "
             "noise; explain the logits instead (remove the softmax or sigmoid, or use "
