@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import threading
 import time
+import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -411,3 +414,23 @@ def dispatched_ops(run: Any) -> int:
     with DispatchedOps() as ops:
         run()
     return ops.count
+
+
+@contextmanager
+def catch_warnings_entries() -> Iterator[list[str]]:
+    """Inside the block, `warnings.catch_warnings` is itself with its entries recorded (the name
+    of each thread that entered it): code that swaps the process-wide warning filters, which
+    other threads share, shows up there."""
+    entered: list[str] = []
+    real = warnings.catch_warnings
+
+    class Watched(real):  # type: ignore[valid-type, misc]
+        def __enter__(self) -> Any:
+            entered.append(threading.current_thread().name)
+            return super().__enter__()
+
+    warnings.catch_warnings = Watched  # type: ignore[misc]
+    try:
+        yield entered
+    finally:
+        warnings.catch_warnings = real  # type: ignore[misc]

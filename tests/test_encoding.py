@@ -13,7 +13,6 @@ import types
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -43,6 +42,7 @@ from cam_monitor.render import (
     to_png_bytes,
 )
 from cam_monitor.schema import MapKey, filter_maximised_tag
+from tests.helpers import catch_warnings_entries
 
 GPU_BACKENDS = [TORCHCODEC, TORCHVISION]
 
@@ -195,9 +195,7 @@ def test_gpu_backends_decode_like_opencv_within_jpeg_error(backend: JpegBackend)
     assert decoded_difference(swapped, opencv)[0] > 10 * GPU_JPEG_TOLERANCE
 
 
-def test_torchvision_is_called_without_its_deprecation_warning_leaking(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_torchvision_is_called_without_its_deprecation_warning_leaking() -> None:
     from torchvision.io import encode_jpeg
 
     grid = overlay_grid()
@@ -206,16 +204,8 @@ def test_torchvision_is_called_without_its_deprecation_warning_leaking(
     filters = list(warnings.filters)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # ...and ours would raise here if it leaked
-        entered: list[str] = []
-
-        class Watched(warnings.catch_warnings):  # the real one, its entries counted
-            def __enter__(self) -> Any:
-                entered.append(threading.current_thread().name)
-                return super().__enter__()
-
-        monkeypatch.setattr(warnings, "catch_warnings", Watched)
-        [(data, name)] = encode_jpegs([grid], TORCHVISION)
-        monkeypatch.undo()
+        with catch_warnings_entries() as entered:
+            [(data, name)] = encode_jpegs([grid], TORCHVISION)
     # Not silenced by swapping the process's filters, which other threads share (the encoder
     # runs on its own threads): nothing changed, globally or for a moment.
     assert name == "torchvision" and entered == [] and warnings.filters == filters

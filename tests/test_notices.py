@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Any
 
 import pytest
 import torch
 
 from cam_monitor import compute_cams, notices, sanity_check
-from tests.helpers import TinyCNN, shapes
+from tests.helpers import TinyCNN, catch_warnings_entries, shapes
 
 
 def test_quiet_holds_back_this_threads_warnings_only() -> None:
@@ -32,9 +31,7 @@ def test_quiet_holds_back_this_threads_warnings_only() -> None:
     ]
 
 
-def test_the_sanity_check_holds_back_its_copys_warnings_without_swapping_the_filters(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_sanity_check_holds_back_its_copys_warnings_without_swapping_the_filters() -> None:
     torch.manual_seed(0)
     model = TinyCNN().eval()
     images = shapes(4, seed=3)[0]
@@ -42,16 +39,8 @@ def test_the_sanity_check_holds_back_its_copys_warnings_without_swapping_the_fil
     # copy is a new model at every check, so it would warn at every evaluation.
     with pytest.warns(UserWarning, match="gradcam\\+\\+ at layer 'features.1'"):
         real = compute_cams(model, images, "features.1", "gradcam++")
-    entered: list[str] = []
-
-    class Watched(warnings.catch_warnings):  # the real one, its entries counted
-        def __enter__(self) -> Any:
-            entered.append(threading.current_thread().name)
-            return super().__enter__()
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        monkeypatch.setattr(warnings, "catch_warnings", Watched)
-        found = sanity_check(model, images, "features.1", "gradcam++", real=real)
-        monkeypatch.undo()
+        with catch_warnings_entries() as entered:
+            found = sanity_check(model, images, "features.1", "gradcam++", real=real)
     assert entered == [] and found["features.1", "gradcam++"].shape == (4,)
