@@ -62,7 +62,7 @@ def _layer_output(
         raise did_not_run([name])
     output = recorded[0]
     layout = token_layout(model, name) if output.dim() == 3 else None
-    return as_spatial(name, output, reshape, size, layer, layout)
+    return as_spatial(name, output, reshape, size, layer, layout, Batch.of(inputs).length)
 
 
 def _channel_list(channels: int | Sequence[int], available: int, name: str) -> list[int]:

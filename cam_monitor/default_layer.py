@@ -23,7 +23,8 @@ from .types import ForwardFn, OutputTransform
 
 _POOLING = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d,
 )  # fmt: skip
 
 
@@ -111,7 +112,7 @@ def first_spatial_layer(
             if runs[name] != 1 or name not in outputs or name in grids:
                 continue
             layout = token_layout(module, name) if outputs[name].dim() == 3 else None
-            grid = _grid_or_none(name, outputs[name], size, named[name], layout)
+            grid = _grid_or_none(name, outputs[name], size, named[name], layout, batch.length)
             if grid is not None:
                 grids[name] = grid
         if not grids:
@@ -137,8 +138,16 @@ def first_spatial_layer(
 
 def _is_attention(module: nn.Module) -> bool:
     """Whether `module` is an attention layer: torch's, or a class named so (timm's
-    `Attention`, Hugging Face's `ViTAttention`, ...)."""
-    return isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
+    `Attention`, Hugging Face's `ViTAttention`, ...) or ending in `Attn` (CaiT's `ClassAttn` and
+    `TalkingHeadAttn`).
+
+    Example:
+        >>> class ClassAttn(nn.Linear): ...
+        >>> _is_attention(ClassAttn(2, 2)), _is_attention(nn.Linear(2, 2))
+        (True, False)
+    """
+    name = type(module).__name__.lower()
+    return isinstance(module, nn.MultiheadAttention) or "attention" in name or name.endswith("attn")
 
 
 def _last_attention_input(
@@ -201,13 +210,14 @@ def _grid_or_none(
     size: tuple[int, int] | None,
     layer: nn.Module,
     layout: TokenLayout | None,
+    rows: int | None,
 ) -> Tensor | None:
     """The output's spatial view if it has one of more than one cell, else None (also where the
-    output is no image: an attention tensor `[B, heads, tokens, dim]`)."""
+    output is no image: an attention tensor `[B, heads, tokens, dim]`, sequence-first tokens)."""
     if output.dim() not in (3, 4):
         return None
     try:
-        grid = as_spatial(name, output, None, size, layer, layout)
+        grid = as_spatial(name, output, None, size, layer, layout, rows)
     except ValueError:
         return None
     return grid if grid.shape[-2:].numel() > 1 else None

@@ -439,6 +439,8 @@ class _CleanPass:
     #: Segmentation only: the pixels each score summed over, and the argmax class map.
     pixel_masks: Tensor | None = None
     predicted: Tensor | None = None
+    #: Whether autograd started at the first hooked layer (False: the forward needed it all).
+    pruned: bool = True
 
 
 def _explain_chunk(
@@ -573,14 +575,21 @@ def _clean_pass(
         image = chunk.require_image().detach().requires_grad_(True)
         chunk = chunk.with_image(image)
     # Without an input gradient, autograd starts at the first hooked layer: nothing upstream
-    # is kept for backward. Should the model itself switch autograd off after that layer, the
-    # score has no graph and the forward is run again with the whole graph.
+    # is kept for backward. Should the model itself switch autograd off after that layer (the
+    # score has no graph), or modify in place a view it took before the layer (which autograd
+    # forbids for a view made without grad), the forward is run again with the whole graph.
     prune = image is None
     while True:
         head_inputs: list[Tensor] = []
         also = () if plan.head is None else [_input_recorder(plan.head[1], head_inputs)]
-        with capture_outputs(plan.layers, graph_from_first=prune, also=also) as recorded:
-            output = _run(module, options, chunk)
+        try:
+            with capture_outputs(plan.layers, graph_from_first=prune, also=also) as recorded:
+                output = _run(module, options, chunk)
+        except RuntimeError as error:
+            if not (prune and _NO_GRAD_VIEW in str(error)):
+                raise
+            prune = False
+            continue
         logits = pick_logits(output, options.output_transform)
         if chunk.length is not None and logits.shape[0] != chunk.length:
             raise ValueError(
@@ -610,8 +619,10 @@ def _clean_pass(
         for name in names:
             _warn_if_logit_map(module, name, recorded[name], logits.detach())
         table = table.mean(dim=(2, 3))
-    reshape, size = options.reshape, chunk.image_size
-    spatial = {name: plan.spatial(name, recorded[name].detach(), reshape, size) for name in names}
+    reshape, size, rows = options.reshape, chunk.image_size, chunk.length
+    spatial = {
+        name: plan.spatial(name, recorded[name].detach(), reshape, size, rows) for name in names
+    }
     if plan.layer_gradients and not scores.requires_grad:
         raise no_gradient(names)
     wrt = [recorded[n] for n in names] if plan.layer_gradients and not plan.smooth_layers else []
@@ -621,7 +632,7 @@ def _clean_pass(
     wrt_names = names[: len(wrt) - with_input] + (["the input"] if with_input else [])
     grads = _gradients(scores, wrt, wrt_names)
     gradients: dict[str, Tensor] = {
-        name: plan.spatial(name, grad, reshape, size)
+        name: plan.spatial(name, grad, reshape, size, rows)
         for name, grad in zip(names, grads[: len(wrt) - with_input], strict=False)
     }
     input_gradients = grads[-1] if image is not None else None
@@ -635,7 +646,12 @@ def _clean_pass(
         head_inputs=head_inputs,
         pixel_masks=masks,
         predicted=predicted,
+        pruned=prune,
     )
+
+
+#: Part of autograd's error for an in-place change of a view taken under `no_grad`.
+_NO_GRAD_VIEW = "created in no_grad mode"
 
 
 def _warn_if_unpredicted(module: nn.Module, indices: Tensor, masks: Tensor) -> None:
@@ -764,12 +780,12 @@ def _noisy_passes(
         rows = noisy_rows(image, index, sigma, generator)
         if want_input:
             rows.requires_grad_(True)
-        with capture_outputs(layers, graph_from_first=not want_input) as recorded:
+        with capture_outputs(layers, graph_from_first=clean.pruned and not want_input) as recorded:
             scores = score_fn(chunk.with_image(rows, index), index)
         wrt = [recorded[name] for name in names] + ([rows] if want_input else [])
         grads = _gradients(scores, wrt, names + (["the input"] if want_input else []))
         for name, grad in zip(names, grads, strict=False):
-            value = plan.spatial(name, grad, options.reshape, size).float()
+            value = plan.spatial(name, grad, options.reshape, size, stop - start).float()
             for power, total in enumerate(sums[name], start=1):
                 add_rows(total, index, value if power == 1 else value.pow(power))
         if input_sum is not None:

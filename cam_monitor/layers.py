@@ -9,8 +9,8 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
@@ -243,11 +243,16 @@ class TokenLayout:
     """How a layer's tokens `[B, N, C]` sit on the patch grid, as the model declares it.
 
     `prefix`: the tokens before the patches (class, distillation, registers), None where the
-    model does not say; `patch`: its patch size `(h, w)`, None where it does not say.
+    model does not say; `patch`: its patch size `(h, w)`, None where it does not say; `reroll`:
+    where the patches are not in row-major order, what puts `[B, N, C]` on the grid as
+    `[B, C, h, w]` (None for a token count it does not know).
     """
 
     prefix: int | None = None
     patch: tuple[int, int] | None = None
+    reroll: Callable[[Tensor], Tensor | None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
 
 #: Parameters that are prefix tokens (timm, torchvision, Hugging Face names), each `[1, n, C]`
@@ -276,6 +281,7 @@ def token_layout(model: nn.Module, name: str) -> TokenLayout:
     parts = name.split(".") if name else []
     prefix: int | None = None
     patch: tuple[int, int] | None = None
+    reroll: Callable[[Tensor], Tensor | None] | None = None
     for depth in range(len(parts), -1, -1):
         try:
             owner = model.get_submodule(".".join(parts[:depth]))
@@ -283,9 +289,38 @@ def token_layout(model: nn.Module, name: str) -> TokenLayout:
             continue
         prefix = _declared_prefix(owner) if prefix is None else prefix
         patch = _declared_patch(owner) if patch is None else patch
-        if prefix is not None and patch is not None:
-            break
-    return TokenLayout(prefix, patch)
+        reroll = _declared_reroll(owner) if reroll is None else reroll
+    return TokenLayout(prefix, patch, reroll)
+
+
+def _declared_reroll(owner: nn.Module) -> Callable[[Tensor], Tensor | None] | None:
+    """What puts the tokens of a timm Hiera back on the grid, or None for other models.
+
+    Hiera keeps its tokens in mask-unit order until its last stage; its `reroll` module (what
+    timm's `forward_intermediates` uses) restores row-major order for a block index. The stage,
+    and so the order, follows from the token count: each stage's grid is smaller.
+    """
+    module = getattr(owner, "reroll", None)
+    schedules = getattr(module, "schedule", None)
+    if not (isinstance(module, nn.Module) and type(module).__name__ == "Reroll"):
+        return None
+    if not isinstance(schedules, dict):
+        return None
+    by_count = {}
+    for block, (strides, size) in schedules.items():
+        if len(size) == 2:
+            by_count.setdefault(math.prod(size), (block, bool(strides)))
+
+    def reroll(tokens: Tensor) -> Tensor | None:
+        found = by_count.get(tokens.shape[1])
+        if found is None or tokens.dim() != 3:
+            return None
+        block, unrolled = found
+        if not unrolled:  # the last stages: already row-major
+            return None
+        return module(tokens.contiguous(), block).permute(0, 3, 1, 2)
+
+    return reroll
 
 
 def _declared_prefix(owner: nn.Module) -> int | None:
@@ -412,6 +447,7 @@ def as_spatial(
     input_size: tuple[int, int] | None = None,
     module: nn.Module | None = None,
     layout: TokenLayout | None = None,
+    batch: int | None = None,
 ) -> Tensor:
     """View a layer output as `[B, C, h, w]`: via `reshape`, as is, from channels-last, or tokens.
 
@@ -424,7 +460,9 @@ def as_spatial(
     `[B, N, C]` are accepted on a grid of the input's shape (square without `input_size`) after
     the prefix tokens (class, distillation, registers) that `layout` (`token_layout`) declares,
     which are dropped (or none: the patch embedding's output); where the model declares none,
-    after 0 or 1 token.
+    after 0 or 1 token. Tokens one value wide (`[B, C, 1]`, what a 1-D pooling leaves) are
+    refused. With `batch` (the number of images), an output (or what `reshape` returns) whose
+    first axis is not the batch (sequence-first tokens `[N, B, C]`) is refused.
 
     Example:
         >>> import torch
@@ -442,7 +480,14 @@ def as_spatial(
             raise ValueError(
                 f"reshape() must return a [B, C, H, W] tensor for layer {name!r}, got {shape}."
             )
+        if batch is not None and output.shape[0] != batch:
+            raise ValueError(
+                f"reshape() returned {tuple(output.shape)} for layer {name!r} on a batch of "
+                f"{batch}; its first axis must be the batch: [B, C, H, W]."
+            )
         return output
+    if batch is not None and output.dim() and output.shape[0] != batch:
+        raise not_batch_first(name, output, batch)
     if output.dim() == 4:
         if _channels_last(name, output, input_size, module):
             return output.permute(0, 3, 1, 2)
@@ -457,12 +502,22 @@ def as_spatial(
             )
         return output
     if output.dim() == 3:
-        batch, tokens, channels = output.shape
+        rows_of_images, tokens, channels = output.shape
+        if channels == 1:
+            raise ValueError(
+                f"Layer {name!r} outputs {tuple(output.shape)}: one value per token, which is "
+                "what a 1-D pooling leaves ([B, C, 1], a pooler), not tokens [B, N, C] on the "
+                "image's grid. Pick the layer before the pooling (the last norm, e.g. a Swin's "
+                "layernorm), or pass reshape= to turn this output into [B, C, H, W]."
+            )
         layout = layout or TokenLayout()
+        rerolled = layout.reroll(output) if layout.reroll is not None else None
+        if rerolled is not None:
+            return rerolled
         grid = _token_grid(tokens, input_size, layout)
         if grid is not None:
             skip, rows, cols = grid
-            return output[:, skip:, :].transpose(1, 2).reshape(batch, channels, rows, cols)
+            return output[:, skip:, :].transpose(1, 2).reshape(rows_of_images, channels, rows, cols)
         if layout.prefix is not None:
             where = "" if input_size is None else f" of a {input_size[0]}x{input_size[1]} input"
             raise ValueError(
@@ -477,4 +532,22 @@ def as_spatial(
         "(after the prefix tokens the model declares in num_prefix_tokens or as cls_token, "
         "dist_token, register_tokens parameters; else after none or one class token). Pick a "
         "convolutional layer, or pass reshape= to turn this output into [B, C, H, W]."
+    )
+
+
+def not_batch_first(name: str, output: Tensor, batch: int) -> ValueError:
+    """The error for a layer output whose first axis is not the batch of `batch` images."""
+    shape = tuple(output.shape)
+    example = ""
+    if output.dim() == 3 and output.shape[1] == batch:
+        example = (
+            ", e.g. for these [N, B, C] tokens after one class token on an h x w grid: "
+            "reshape=lambda t: t[1:].permute(1, 2, 0).unflatten(2, (h, w))"
+        )
+    return ValueError(
+        f"Layer {name!r} outputs {shape} for a batch of {batch}: its first axis is not the "
+        "batch, so it holds no map per image. Sequence-first tokens [N, B, C] "
+        "(nn.TransformerEncoder or nn.MultiheadAttention with batch_first=False) or a batch "
+        "folded with another axis (frames, crops) give this. Pick a batch-first layer, or pass "
+        f"reshape= to turn this output into [B, C, H, W]{example}."
     )

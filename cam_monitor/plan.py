@@ -86,12 +86,17 @@ class Plan:
     kept: dict[tuple[str, torch.Size, tuple[int, int] | None], _Kept] = field(default_factory=dict)
 
     def spatial(
-        self, name: str, output: Tensor, reshape: Reshape | None, size: tuple[int, int] | None
+        self,
+        name: str,
+        output: Tensor,
+        reshape: Reshape | None,
+        size: tuple[int, int] | None,
+        batch: int | None = None,
     ) -> Tensor:
         """`output` of layer `name` (or its gradient) as `[B, C, h, w]` (`layers.as_spatial`),
-        for an input of `size`."""
+        for `batch` images of `size`."""
         layer = self.layers[name]
-        if reshape is None:
+        if reshape is None and (batch is None or output.shape[0] == batch):
             kept = self.kept.get((name, output.shape, size))
             if kept is not None and kept.holds(layer):
                 return output
@@ -100,7 +105,7 @@ class Plan:
             layout = self.layouts.get(name)
             if layout is None:
                 layout = self.layouts[name] = token_layout(self.root, name)
-        spatial = as_spatial(name, output, reshape, size, layer, layout)
+        spatial = as_spatial(name, output, reshape, size, layer, layout, batch)
         if spatial is output and reshape is None and output.dim() == 4:
             kept = _Kept.of(output.shape, size, layer)
             if kept is not None:

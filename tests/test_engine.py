@@ -364,6 +364,37 @@ def test_a_model_that_switches_autograd_itself_still_gets_exact_maps(
     assert got["body.features.3", "gradcam"].abs().max() > 0
 
 
+class ViewChangedAfterTheLayer(nn.Module):
+    """Takes a view of the stem's output before the CAM layer and adds to it in place after:
+    legal in a plain forward, forbidden to a view made without grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.layer = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stem = self.stem(x)
+        view = stem[:, :8]
+        view.add_(self.layer(stem + 0))
+        return self.head(view.mean((2, 3)))
+
+
+@pytest.mark.parametrize("smooth", [0, 2])
+def test_a_view_changed_in_place_after_the_layer_gets_the_whole_graph(smooth: int) -> None:
+    model = ViewChangedAfterTheLayer().eval()
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    options = dict(target=torch.tensor([0, 2]), smooth=smooth, seed=0)
+    got = compute_cams(model, images, "layer", ["gradcam", "layercam"], **options)
+    # Saliency needs the input's gradient, so that call never starts autograd at the layer.
+    whole = compute_cams(model, images, "layer", ["gradcam", "layercam", "saliency"], **options)
+    for method in ("gradcam", "layercam"):
+        assert got["layer", method].abs().max() > 0
+        assert torch.equal(got["layer", method], whole["layer", method])
+
+
 class GainNet(nn.Module):
     """TinyCNN on `pixels * gain[:, None, None, None]`: the gain is a batched non-image tensor."""
 

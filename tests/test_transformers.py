@@ -29,6 +29,8 @@ from transformers import (
     DeiTForImageClassificationWithTeacher,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersForImageClassification,
+    SwinConfig,
+    SwinForImageClassification,
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
@@ -108,6 +110,20 @@ def hf_clip() -> nn.Module:
     return CLIPForImageClassification(config).eval()
 
 
+def hf_swin() -> nn.Module:
+    """Hugging Face's Swin, whose last stage has 64 channels: a square number, so its pooler's
+    `[B, 64, 1]` output would read as 64 tokens of one value on an 8 x 8 grid."""
+    torch.manual_seed(0)
+    config = SwinConfig(image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1, 1],
+                        num_heads=[1, 1, 1], window_size=2, num_labels=5)  # fmt: skip
+    return SwinForImageClassification(config).eval()
+
+
+def timm_hiera() -> nn.Module:
+    """timm's Hiera (its head zero-initialised, as timm makes it)."""
+    return timm_model("hiera_tiny_224", img_size=(SIZE, SIZE))
+
+
 class Family(NamedTuple):
     """A model family of the docs table: how to build one, its model's name there, the layer
     the automatic choice takes and the grid of its maps for a 64 px input."""
@@ -159,6 +175,17 @@ FAMILIES = {
         ),
         "timm `swin_tiny_patch4_window7_224`", "norm", (2, 2),
     ),
+    "Swin (Hugging Face)": Family(
+        hf_swin, "transformers `SwinForImageClassification`", "swin.layernorm", (4, 4)
+    ),
+    "CaiT": Family(
+        lambda: timm_model(
+            "cait_xxs24_224", img_size=SIZE, depth=2, embed_dim=32, num_heads=2,
+            depth_token_only=2,
+        ),
+        "timm `cait_xxs24_224`", "blocks_token_only.1.norm1", (4, 4),
+    ),
+    "Hiera": Family(timm_hiera, "timm `hiera_tiny_224` (zero head)", "blocks.11.norm1", (2, 2)),
     "MaxViT": Family(
         lambda: timm_model("maxvit_rmlp_pico_rw_256", img_size=SIZE, depths=(1, 1, 1, 1)),
         "timm `maxvit_rmlp_pico_rw_256`", "norm", (2, 2),
@@ -290,6 +317,80 @@ def test_an_undeclared_prefix_is_inferred_only_from_the_patch_size_else_refused(
         compute_cams(UndeclaredViT(patch_size=None), x, "norm", "gradcam")
 
 
+def test_hiera_tokens_in_mask_unit_order_are_put_back_on_the_grid() -> None:
+    model = timm_hiera()
+    nn.init.normal_(model.head.fc.weight, std=0.02, generator=torch.Generator().manual_seed(1))
+    x, targets = images(), torch.tensor([1, 3])
+    recorded: list[torch.Tensor] = []
+
+    def record(_: nn.Module, __: Any, output: torch.Tensor) -> None:
+        output.retain_grad()
+        recorded.append(output)
+
+    # The three stages whose tokens are not yet in row-major order, and their grids.
+    for block, side in ((0, 16), (2, 8), (5, 4)):
+        name = f"blocks.{block}"
+        got = compute_cams(model, x, name, "layercam", target=targets)[name, "layercam"]
+        recorded.clear()
+        handle = model.blocks[block].register_forward_hook(record)
+        model(x).gather(1, targets[:, None]).sum().backward()
+        handle.remove()
+        model.zero_grad()
+        # timm's own `reroll` (what its forward_intermediates uses): [B, h, w, C]
+        activations = model.reroll(recorded[0].detach(), block)
+        gradients = model.reroll(recorded[0].grad, block)
+        expected = (gradients.clamp(min=0) * activations).sum(-1).clamp(min=0)
+        assert got.shape == expected.shape == (2, side, side)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7 * float(expected.max()))
+        assert expected.max() > 0
+
+
+def test_a_poolers_one_value_per_token_is_refused_as_no_grid() -> None:
+    model = hf_swin()
+    with pytest.raises(ValueError, match=r"'swin.pooler' outputs \(2, 64, 1\): one value per"):
+        compute_cams(model, images(), "swin.pooler")
+
+
+class SequenceFirstViT(nn.Module):
+    """A ViT on torch's `nn.TransformerEncoder`, with its tokens sequence-first `[N, B, C]`
+    (torch's default) or batch-first."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.batch_first = batch_first
+        self.patch = nn.Conv2d(3, 32, 16, 16)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 32))
+        block = nn.TransformerEncoderLayer(
+            32, 2, 64, dropout=0.0, batch_first=batch_first, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(block, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], 1)
+        if self.batch_first:
+            return self.head(self.encoder(tokens)[:, 0])
+        return self.head(self.encoder(tokens.transpose(0, 1))[0])
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4, 16])
+def test_sequence_first_tokens_are_refused_and_the_reshape_it_names_is_exact(batch: int) -> None:
+    layer = "encoder.layers.1.norm1"
+    x = torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    sequence_first = SequenceFirstViT(batch_first=False).eval()
+    with pytest.raises(ValueError, match=rf"outputs \(17, {batch}, 32\) for a batch of {batch}"):
+        compute_cams(sequence_first, x, layer)
+    reshape = lambda t: t[1:].permute(1, 2, 0).unflatten(2, (4, 4))  # noqa: E731
+    got = compute_cams(sequence_first, x, layer, "layercam", reshape=reshape)[layer, "layercam"]
+    batch_first = SequenceFirstViT(batch_first=True).eval()
+    expected = compute_cams(batch_first, x, layer, "layercam")[layer, "layercam"]
+    assert got.shape == (batch, 4, 4)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.max()))
+    assert expected.max() > 0
+
+
 # -- 2. never an image from a tensor that is not one ----------------------------------------------
 
 
@@ -356,7 +457,7 @@ def test_each_family_gets_the_layer_of_the_docs_table(family: str) -> None:
     assert result[layer, "gradcam"].shape == (2, *grid)
     # A zero head gives zero maps (the fit below trains it); any other random model some heat.
     heat = any(bool(result[layer, method].any()) for method in ("gradcam", "hirescam"))
-    assert heat == (family != "ViT (torchvision)")
+    assert heat == ("zero head" not in FAMILIES[family].model)
 
 
 @pytest.mark.parametrize(
