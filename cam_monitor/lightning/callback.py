@@ -23,7 +23,15 @@ from ..render import GRID_COLUMNS, MAX_TILES
 from ..schema import DEFAULT_FAITHFULNESS, DEFAULT_MEASURES
 from ..sinks import run_folder
 from ..types import ForwardFn, LayerSpec, OutputTransform, ProbeSpec, Reshape, Target
-from .checks import Group, check_fit, check_shared_tags, logged_groups
+from .checks import (
+    Group,
+    check_fit,
+    check_shared_tags,
+    logged_groups,
+    metric_consumers,
+    reads_at_epoch_end,
+    stale_reads,
+)
 from .compat import lightning_classes
 from .evaluator import Entry, Evaluator, Plan
 from .pickling import GuardedPickling
@@ -249,8 +257,11 @@ class CamMonitor(*lightning_classes("callbacks", "Callback"), GuardedPickling): 
             self._start_new_run()
         whole = self.engine.forward is not None  # forward= receives dict batches whole
         probes = fit_probes(trainer, pl_module, self.probe_options, whole)  # one rank fails: all
+        if self.run.restored and self.run.last_step == trainer.global_step:
+            self.run.closed_epoch = trainer.current_epoch  # saved after this epoch's evaluation
         if trainer.is_global_zero:
             self._open_run(trainer, pl_module, probes)
+            self._check_consumer_timing(trainer, pl_module)
             if self.evaluations == 0:
                 self._evaluate(trainer, pl_module, epoch=trainer.current_epoch, baseline=True)
 
@@ -267,6 +278,15 @@ class CamMonitor(*lightning_classes("callbacks", "Callback"), GuardedPickling): 
             self.run.done_epoch = trainer.current_epoch
         if self._should_evaluate_step(trainer):
             self._evaluate(trainer, pl_module, self.run.epochs_completed(trainer.current_epoch))
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """An evaluation due at this epoch's end runs in the epoch's closing validation when a
+        callback reads the monitor's tags at validation end (ModelCheckpoint and EarlyStopping
+        do when validation is not exactly once per epoch): before it reads, same weights."""
+        if self._should_evaluate_in_validation(trainer):
+            self._evaluate(trainer, pl_module, epoch=trainer.current_epoch + 1)
+            self.run.closed_epoch = trainer.current_epoch
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -333,7 +353,20 @@ class CamMonitor(*lightning_classes("callbacks", "Callback"), GuardedPickling): 
         return due and self._active(trainer)
 
     def _should_evaluate_epoch(self, trainer: pl.Trainer) -> bool:
-        return self.schedule.due_at_epoch(trainer.current_epoch) and self._active(trainer)
+        """The end of this epoch is due and was not evaluated in its closing validation."""
+        done = self.run.epoch_end_evaluated(trainer.current_epoch, trainer.global_step)
+        return (
+            self.schedule.due_at_epoch(trainer.current_epoch) and not done and self._active(trainer)
+        )
+
+    def _should_evaluate_in_validation(self, trainer: pl.Trainer) -> bool:
+        """This validation of `fit` closes an epoch (it follows the epoch's last batch) whose
+        end is due, and a callback reads the monitor's tags at validation end."""
+        closing = self.run.done_epoch == trainer.current_epoch and not trainer.sanity_checking
+        fitting = trainer.state.fn == "fit" and bool(self.run.probes)
+        return (
+            self.run.early_readers and closing and fitting and self._should_evaluate_epoch(trainer)
+        )
 
     def _should_evaluate_final(self, trainer: pl.Trainer) -> bool:
         """Training ended on a step the schedule did not evaluate."""
@@ -347,6 +380,16 @@ class CamMonitor(*lightning_classes("callbacks", "Callback"), GuardedPickling): 
         for monitor in _monitors(trainer):  # module layers by name, in every monitor's key
             monitor._module_names = module_names(pl_module, monitor._layer_spec)
         check_fit(self, trainer, pl_module, _monitors(trainer), self._layer_spec)
+
+    def _check_consumer_timing(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Which callbacks read this monitor's tags at validation end (the epoch's evaluation
+        then runs in its closing validation), and a warning for each that would read where no
+        evaluation of the current weights is (`checks.stale_reads`)."""
+        consumers = metric_consumers(trainer, self, self._groups(pl_module))
+        self.run.early_readers = any(not reads_at_epoch_end(cb, trainer) for cb in consumers)
+        for cb in consumers:
+            if warning := stale_reads(cb, trainer, self.schedule):
+                rank_zero_warn(warning)
 
     def _start_new_run(self) -> None:
         """Forget the previous fit's run: its evaluations, drift reference, run id and layers."""

@@ -35,6 +35,8 @@ class MonitorRun:
         self.last_step = -1
         self.id: str | None = None  # set at the start of fit, or by a resumed checkpoint
         self.done_epoch = -1  # the last epoch whose last training batch has run
+        self.closed_epoch = -1  # an epoch whose end was evaluated before `on_train_epoch_end`
+        self.early_readers = False  # a callback reads this monitor's tags at validation end
         self.idle = False  # fast_dev_run: nothing evaluated, nothing written
         self.resumed = RunState()  # what the checkpoint this run resumed from holds
         self.restored = False  # whether this fit resumed the run from a checkpoint
@@ -56,6 +58,7 @@ class MonitorRun:
     def forget(self) -> None:
         """Start over: no evaluations, no id, no checkpoint behind this run."""
         self.evaluations, self.last_step, self.id, self.done_epoch = 0, -1, None, -1
+        self.closed_epoch = -1
         self.resumed = RunState()
 
     def name(self) -> str:
@@ -63,6 +66,12 @@ class MonitorRun:
         if self.id is None:
             self.id = uuid.uuid4().hex[:12]
         return self.id
+
+    def epoch_end_evaluated(self, epoch: int, step: int) -> bool:
+        """Whether the end of `epoch`, at `step`, was evaluated already: in the epoch's closing
+        validation, or before the checkpoint this fit resumed from was saved there (Lightning
+        then runs that epoch's `on_train_epoch_end` again)."""
+        return self.closed_epoch == epoch and self.last_step == step
 
     def epochs_completed(self, current_epoch: int) -> int:
         """Epochs whose training is complete: after an epoch's last batch (in its validation,
