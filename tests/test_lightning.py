@@ -29,6 +29,7 @@ from cam_monitor.cli import main as cli_main
 from cam_monitor.compare import load_run
 from cam_monitor.encoding import THREAD_PREFIX, encode_grids
 from cam_monitor.history import read_history, read_probe
+from cam_monitor.lightning.compat import lightning_classes
 from cam_monitor.schema import SECONDS_TAG, MapKey
 from cam_monitor.sinks import NeptuneSink
 from tests.helpers import ClassifierSteps, Lightning, fit, loader, read_events, shapes_dataset
@@ -376,11 +377,140 @@ def test_early_stopping_watches_a_monitor_tag(lightning: Lightning, tmp_path: Pa
     assert trainer.current_epoch == 2 and stop.stopped_epoch == 1  # no gain of 1.0 after epoch 0
 
 
+ENTROPY = "cam_stats/probe/net.features.5/gradcam/entropy"
+
+
+def entropy_monitor() -> CamMonitor:
+    images, labels = shapes_dataset(4, seed=3).tensors
+    return CamMonitor("net.features.5", probe=(images, labels), faithfulness=None)
+
+
+class RecordingEarlyStopping:
+    """An EarlyStopping (of the namespace it is made for) that records each value it checks."""
+
+    @staticmethod
+    def of(lightning: Lightning) -> Any:
+        class Recording(lightning.callbacks.EarlyStopping):  # type: ignore[misc,name-defined]
+            def __init__(self, **kwargs: Any) -> None:
+                super().__init__(**kwargs)
+                self.seen: list[tuple[int, float]] = []
+
+            def _run_early_stopping_check(self, trainer: Any) -> None:
+                self.seen.append((trainer.global_step, float(trainer.callback_metrics[ENTROPY])))
+                super()._run_early_stopping_check(trainer)
+
+        return Recording(monitor=ENTROPY, mode="max", patience=100)
+
+
+@pytest.mark.parametrize(
+    "validation",
+    [{}, {"check_val_every_n_epoch": 2}, {"val_check_interval": 0.5}],
+    ids=["default", "every-2nd-epoch", "twice-an-epoch"],
+)
+def test_consumers_read_the_evaluation_of_the_weights_they_check(
+    lightning: Lightning, tmp_path: Path, validation: dict[str, Any]
+) -> None:
+    # ModelCheckpoint and EarlyStopping check at validation end when validation is not once per
+    # epoch, which comes before `on_train_epoch_end`: the epoch's evaluation runs in its closing
+    # validation then, so no checkpoint is named after, and no check sees, an older evaluation.
+    checkpoint = lightning.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor=ENTROPY, mode="max", save_top_k=-1,
+        filename="{step}-{" + ENTROPY + ":.6f}", auto_insert_metric_name=False,
+    )  # fmt: skip
+    stop = RecordingEarlyStopping.of(lightning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(
+            [stop, entropy_monitor(), checkpoint], tmp_path, lightning,
+            enable_checkpointing=True, max_epochs=4, **validation,
+        )  # fmt: skip
+    history = {e.step: e.scalars[ENTROPY] for e in read_history(tmp_path / "cam_monitor")}
+    assert sorted(history) == [0, 3, 6, 9, 12]  # the baseline, then each epoch's end
+    saved = {}
+    for path in (tmp_path / "ckpt").iterdir():
+        step, value = path.stem.split("-")
+        saved[int(step)] = float(value)
+    epoch_ends = [step for step in history if step and step in saved]
+    every = validation.get("check_val_every_n_epoch", 1)
+    assert epoch_ends == [3 * e for e in range(1, 5) if e % every == 0]
+    for step in epoch_ends:
+        assert saved[step] == pytest.approx(history[step], abs=1e-6)
+    checked = [(step, value) for step, value in stop.seen if step in history]
+    assert [step for step, _ in checked] == epoch_ends
+    assert all(value == pytest.approx(history[step], rel=1e-6) for step, value in checked)
+    stale = [str(w.message) for w in caught if "has not evaluated" in str(w.message)]
+    if "val_check_interval" in validation:  # the checks inside an epoch: said before training
+        assert len(stale) == 2 and all("val_check_interval=0.5" in m for m in stale)
+        assert sorted(set(saved) - set(history)) == [1, 2, 4, 5, 7, 8, 10, 11]
+    else:
+        assert not stale and set(saved) == set(epoch_ends)
+
+
+def test_a_resume_from_a_checkpoint_saved_in_validation_evaluates_that_step_once(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    # Saved at the end of epoch 1's validation, after the evaluation of step 6; Lightning runs
+    # that epoch's `on_train_epoch_end` again on resume, which must not evaluate step 6 again.
+    checkpoint = lightning.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor=ENTROPY, mode="max", filename="last"
+    )
+    options = {"enable_checkpointing": True, "check_val_every_n_epoch": 2}
+    monitor = entropy_monitor()
+    fit([monitor, checkpoint], tmp_path, lightning, max_epochs=2, **options)
+    again = CamMonitor("net.features.5", probe=monitor.probe_options.probe, faithfulness=None)
+    trainer = lightning.trainer(
+        default_root_dir=tmp_path, logger=False, callbacks=[again], max_epochs=4, **options
+    )
+    val = loader(shapes_dataset(16, seed=1))
+    trainer.fit(lightning.module()(), loader(shapes_dataset(), shuffle=True), val,
+                ckpt_path=tmp_path / "ckpt" / "last.ckpt")  # fmt: skip
+    steps = [e.step for e in read_history(tmp_path / "cam_monitor")]
+    assert steps == [0, 3, 6, 9, 12]
+
+
+def test_checks_where_the_monitor_does_not_evaluate_warn_before_training(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    checkpoint = lightning.callbacks.ModelCheckpoint(monitor=ENTROPY, every_n_train_steps=2)
+    stop = lightning.callbacks.EarlyStopping(monitor=ENTROPY, mode="max")
+    monitor = CamMonitor(
+        "net.features.5", probe=shapes_dataset(4, seed=3).tensors, every_n_epochs=2,
+        faithfulness=None,
+    )  # fmt: skip
+    with pytest.warns(UserWarning) as caught:
+        fit([monitor, checkpoint, stop], tmp_path, lightning, enable_checkpointing=True,
+            max_steps=1)  # fmt: skip
+    said = sorted(str(w.message) for w in caught if "has not evaluated" in str(w.message))
+    assert len(said) == 2 and said[0].startswith("CamMonitor: EarlyStopping")
+    assert "every 1st epoch" in said[0] and "every 2nd only" in said[0]
+    assert said[0].endswith("Fix: CamMonitor(every_n_epochs=1).")
+    assert "saves every 2 training steps" in said[1] and "every_n_steps=2" in said[1]
+    # aligned: the checkpoint every 2nd epoch with a monitor every 2nd epoch says nothing
+    aligned = lightning.callbacks.ModelCheckpoint(monitor=ENTROPY, every_n_epochs=2)
+    with warnings.catch_warnings(record=True) as quiet:
+        warnings.simplefilter("always")
+        fit([monitor, aligned], tmp_path / "b", lightning, enable_checkpointing=True, max_steps=1)
+    assert not [w for w in quiet if "has not evaluated" in str(w.message)]
+
+
+class Watcher(lightning_classes("callbacks", "Callback")[0]):  # type: ignore[misc]
+    """A callback of its own that reads `monitor` in its own hooks."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+
+
 def test_a_consumer_listed_first_warns_and_ddp_is_refused(lightning: Lightning) -> None:
     monitor = localization_monitor()
+    watcher = Watcher(ENERGY)
+    trainer = lightning.trainer(logger=False, callbacks=[watcher, monitor])
+    with pytest.warns(UserWarning, match="comes before the monitor in `callbacks`.*CamMonitor fi"):
+        check_metric_consumers(trainer, monitor)
+    # Lightning runs EarlyStopping and ModelCheckpoint after the others at an epoch's end
     stop = lightning.callbacks.EarlyStopping(monitor=ENERGY, mode="max")
     trainer = lightning.trainer(logger=False, callbacks=[stop, monitor])
-    with pytest.warns(UserWarning, match="comes before the monitor in `callbacks`.*CamMonitor fi"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         check_metric_consumers(trainer, monitor)
     ddp = lightning.trainer(
         logger=False, callbacks=[monitor, stop], strategy="ddp", devices=2
