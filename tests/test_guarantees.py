@@ -157,6 +157,42 @@ def test_no_trace_on_weights_buffers_optimizer_or_rng(tmp_path: Path, lightning:
     assert sum(hook_counts(watched)) == 0
 
 
+class ValidatedDannSteps(DannSteps):
+    """`DannSteps` with a validation step (its loss logged, as users do)."""
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x)[0], y))
+
+
+def test_an_evaluation_in_the_closing_validation_leaves_no_trace(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    # With validation every 2nd epoch, EarlyStopping reads at validation end, so the monitor
+    # evaluates inside that validation (under inference mode, the model in eval mode).
+    tag = "cam_stats/probe/features.3/gradcam/entropy"
+    probe = shapes_dataset(4, seed=3).tensors
+    monitor = CamMonitor("features.3", output_transform=0, probe=probe, faithfulness=None)
+    stop = lightning.callbacks.EarlyStopping(monitor=tag, mode="max", patience=100)
+    val = loader(shapes_dataset(16, seed=1), batch_size=8)
+    runs = {}
+    for name, callbacks in (("plain", []), ("watched", [monitor, stop])):
+        model, trainer = fit(
+            callbacks, tmp_path / name, lightning, model=lightning.module(ValidatedDannSteps),
+            val=val, max_epochs=4, check_val_every_n_epoch=2,
+        )  # fmt: skip
+        runs[name] = (model.state_dict(), trainer.optimizers[0].state_dict(), torch.get_rng_state())
+    assert monitor.evaluations == 5 and torch.isfinite(stop.best_score)
+    assert monitor.run.early_readers, "the evaluations ran in the closing validations"
+    (weights_a, opt_a, rng_a), (weights_b, opt_b, rng_b) = runs["plain"], runs["watched"]
+    for (name, a), b in zip(weights_a.items(), weights_b.values(), strict=True):
+        assert torch.equal(a, b), name
+    for key, state in opt_a["state"].items():
+        for field, value in state.items():
+            assert torch.equal(value, opt_b["state"][key][field]), (key, field)
+    assert torch.equal(rng_a, rng_b)
+
+
 class EvaluateWithGradients:
     """Evaluates between the backward and the optimizer step, and after every batch: in the
     middle of gradient accumulation, with parameter `.grad` filled. A mixin for either
