@@ -81,7 +81,8 @@ def faithfulness(
     for drop and increase together,
     ``2 * steps - 1`` for deletion and insertion together (they share the all-baseline input).
     These agree with torchcam 0.5's `ClassificationMetric` and `DeletionInsertionMetric`
-    (``logits_fn=softmax``) given the same maps. An image whose map is not finite gets NaN.
+    (``logits_fn=softmax``) given the same maps. An image whose map is not finite, or is
+    constant (all zero, say: no pixel is ranked above another), gets NaN.
 
     Args:
         model: the classifier; DDP and ``torch.compile`` wrappers are unwrapped. It runs in eval
@@ -133,7 +134,7 @@ def faithfulness(
         batch = batch.usable()
         image = batch.require_image()
         weights = _weights(maps, image)
-        valid = torch.isfinite(maps.flatten(1)).all(dim=1).to(image.device)
+        valid = _rankable(maps).to(image.device)
         if logits is None:
             logits = torch.cat([run.logits(batch.slice(*r)) for r in run.ranges(batch)])
         else:
@@ -223,6 +224,18 @@ def _check_logits(logits: Tensor, image: Tensor) -> Tensor:
             f"{shape}. Pass result.logits of the CamResult the maps come from, or None."
         )
     return class_scores(logits.detach().to(image.device).float())
+
+
+def _rankable(maps: Tensor) -> Tensor:
+    """Per map, whether it is finite and not constant: a constant map points nowhere, and
+    scoring it would score a black image (drop, increase) or a raster-order wipe (deletion).
+
+    Example:
+        >>> _rankable(torch.stack([torch.eye(2), torch.zeros(2, 2), torch.full((2, 2), 0.7)]))
+        tensor([ True, False, False])
+    """
+    flat = maps.detach().flatten(1)
+    return torch.isfinite(flat).all(dim=1) & (flat.amax(dim=1) > flat.amin(dim=1))
 
 
 def _weights(maps: Tensor, image: Tensor) -> Tensor:

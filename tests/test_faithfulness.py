@@ -23,6 +23,7 @@ from torchcam.metrics import ClassificationMetric, DeletionInsertionMetric
 from cam_monitor import FAITHFULNESS_MEASURES, compute_cams, faithfulness, sanity_check
 from cam_monitor.cli import main
 from cam_monitor.compare import RunGroup, load_run, summarize_groups
+from cam_monitor.faithfulness import summarized
 from cam_monitor.history import find_history, read_history
 from cam_monitor.lightning.callback import CamMonitor
 from cam_monitor.options import FaithfulnessOptions
@@ -30,6 +31,8 @@ from cam_monitor.schema import (
     FAITHFULNESS,
     FAITHFULNESS_CHOICES,
     FAITHFULNESS_LABELS,
+    MapKey,
+    ScalarKey,
     describe,
     parse_scalar_tag,
     stat_label,
@@ -192,14 +195,23 @@ def test_nested_inputs_perturb_the_image_and_keep_the_rest(
     assert all(ids.shape[0] <= 5 for ids in seen) and 5 in torch.cat(seen).tolist()
 
 
-def test_a_non_finite_map_gives_nan_for_its_image_only(
+def test_a_map_that_ranks_no_pixel_gives_nan_for_its_image_only(
     trained: TinyCNN, probe: torch.Tensor
 ) -> None:
-    maps = torch.rand(6, 8, 8)
+    maps = torch.rand(6, 8, 8, generator=torch.Generator().manual_seed(0))
     maps[2, 0, 0] = math.nan
+    maps[3] = 0.0  # a Grad-CAM whose ReLU left nothing
+    maps[4] = 0.7  # constant
     found = faithfulness(trained, probe, maps, steps=4)
     for name, values in found.items():
-        assert torch.isnan(values[2]) and bool(torch.isfinite(values[[0, 1, 3, 4, 5]]).all()), name
+        assert bool(torch.isnan(values[[2, 3, 4]]).all()), name
+        assert bool(torch.isfinite(values[[0, 1, 5]]).all()), name
+    group = MapKey("probe", "layer", "gradcam")
+    keys = {ScalarKey(FAITHFULNESS, group, name): values for name, values in found.items()}
+    summary = summarized(keys)
+    for key, values in keys.items():
+        assert summary[key.excluded] == 3.0
+        assert summary[key] == pytest.approx(float(values[[0, 1, 5]].mean()))
 
 
 def test_per_pixel_logits_are_refused_with_the_fix(probe: torch.Tensor) -> None:
