@@ -261,6 +261,8 @@ def compute(
         maps, extras, found = whole.maps, whole.extras, whole.per_image
         indices, logits = found["indices"], found["logits"]
         masks, predicted = found.get("pixel_masks"), found.get("predicted")
+    if masks is not None:
+        _warn_if_unpredicted(module, indices, masks)
     size = batch.image_size
     seen = _seen(module)
     _warn_if_all_zero(seen, maps, plan)
@@ -615,7 +617,6 @@ def _clean_pass(
     predicted = None
     if masks is not None:
         predicted = table.argmax(dim=1)
-        _warn_if_unpredicted(module, indices, masks)
         for name in names:
             _warn_if_logit_map(module, name, recorded[name], logits.detach())
         table = table.mean(dim=(2, 3))
@@ -657,7 +658,7 @@ _NO_GRAD_VIEW = "created in no_grad mode"
 def _warn_if_unpredicted(module: nn.Module, indices: Tensor, masks: Tensor) -> None:
     """Warn when an explained class has no pixel to be scored over: its score is 0 and its map
     all zero, an absence rather than an explanation. Checked on a model's first call only (a
-    host sync)."""
+    host sync), over all its images (every chunk of `batch_size`)."""
     if not _first_time(module, ("empty-segment",)):
         return
     empty = (masks.flatten(1).sum(dim=1) == 0) & (indices >= 0)
@@ -668,7 +669,7 @@ def _warn_if_unpredicted(module: nn.Module, indices: Tensor, masks: Tensor) -> N
         f"Class {int(indices[image])} covers no pixel of image {image} (no pixel predicted as it, "
         "or an empty pixel mask): its score there is 0 and its map all zero. Explain a class "
         "the model predicts (target='predicted'), or name the pixels: target=(class, mask).",
-        stacklevel=4,
+        stacklevel=3,
     )
 
 

@@ -193,6 +193,17 @@ def test_a_class_predicted_nowhere_warns_instead_of_a_silent_empty_map() -> None
         compute_cams(model, x, "backbone", target=absent, output_transform="out")
 
 
+def test_an_image_without_its_class_in_a_later_chunk_warns_too() -> None:
+    torch.manual_seed(0)
+    model = TinySegmenter(num_classes=5).eval()  # a fresh model: its first call is checked
+    x, _ = scenes(3, size=32)
+    pixels = torch.ones(3, 32, 32, dtype=torch.bool)
+    pixels[2] = False  # the class's pixels are named on images 0 and 1, none on image 2
+    with pytest.warns(UserWarning, match=r"Class 1 covers no pixel of image 2 "):
+        compute_cams(model, x, "backbone", target=(1, pixels), output_transform="out",
+                     batch_size=1)  # fmt: skip
+
+
 def test_a_dict_output_names_its_key_and_bad_targets_name_the_fix() -> None:
     model = torchvision_model("lraspp_mobilenet_v3_large")
     x = torch.randn(1, 3, SIZE, SIZE)
