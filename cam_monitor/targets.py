@@ -334,7 +334,8 @@ def main_class(class_map: Tensor, num_classes: int | None = None) -> Tensor:
 def pixel_masks(pixels: Tensor, batch: int, size: tuple[int, int]) -> Tensor:
     """A target's pixel mask as float `[B, H, W]` at the logits' `size`: `[H, W]` is shared by
     every image, `[B, 1, H, W]` is squeezed, another size is resized (nearest), bool becomes
-    0/1 and float weights are kept (as pytorch-grad-cam's `SemanticSegmentationTarget` does)."""
+    0/1 and float weights are kept (as pytorch-grad-cam's `SemanticSegmentationTarget` does); an
+    integer mask of other values than 0 and 1 (a label map) is refused."""
     mask = pixels.detach()
     if mask.dim() == 4 and mask.shape[1] == 1:
         mask = mask[:, 0]
@@ -345,6 +346,15 @@ def pixel_masks(pixels: Tensor, batch: int, size: tuple[int, int]) -> Tensor:
             f"A target's pixel mask must be [H, W] or [B, H, W] with B={batch}, got shape "
             f"{tuple(mask.shape)}; pass target=(class, mask) with one mask per image."
         )
+    if not (mask.is_floating_point() or mask.dtype == torch.bool):
+        stray = mask[(mask != 0) & (mask != 1)]
+        if stray.numel():
+            values = sorted({int(v) for v in stray.unique()[:5].tolist()})
+            raise ValueError(
+                f"A target's pixel mask of {mask.dtype} holds {values} besides 0 and 1: that "
+                "reads as a label map, whose class values (and ignore index, 255) would weigh "
+                "its pixels. Pass target=(class, labels == class), a bool mask, or float weights."
+            )
     mask = mask.float()
     if tuple(mask.shape[-2:]) != tuple(size):
         mask = nn.functional.interpolate(mask[:, None], size=size, mode="nearest")[:, 0]

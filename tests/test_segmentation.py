@@ -204,6 +204,22 @@ def test_an_image_without_its_class_in_a_later_chunk_warns_too() -> None:
                      batch_size=1)  # fmt: skip
 
 
+def test_a_label_map_given_as_a_target_mask_is_refused_and_a_0_1_one_is_a_mask() -> None:
+    torch.manual_seed(0)
+    model = TinySegmenter(num_classes=5).eval()
+    x, _ = scenes(2, size=32)
+    labels = torch.zeros(2, 32, 32, dtype=torch.long)
+    labels[:, 8:20, 8:20] = 2
+    labels[:, :2] = 255  # an ignore border
+    with pytest.raises(ValueError, match=r"holds \[2, 255\] besides 0 and 1.*labels == class"):
+        compute_cams(model, x, "backbone", target=(2, labels), output_transform="out")
+    as_int = compute_cams(model, x, "backbone", target=(2, (labels == 2).long()),
+                          output_transform="out")  # fmt: skip
+    as_bool = compute_cams(model, x, "backbone", target=(2, labels == 2), output_transform="out")
+    assert torch.equal(as_int["backbone", "gradcam"], as_bool["backbone", "gradcam"])
+    assert torch.equal(as_int.pixel_masks, as_bool.pixel_masks)
+
+
 def test_a_dict_output_names_its_key_and_bad_targets_name_the_fix() -> None:
     model = torchvision_model("lraspp_mobilenet_v3_large")
     x = torch.randn(1, 3, SIZE, SIZE)
