@@ -558,7 +558,9 @@ def attach_masks(probe: ProbeSet, masks: Any) -> ProbeSet:
             f"({probe.describe()}) to be aligned with; pass the images, or drop masks=."
         )
     if given and masks.shape == (batch, 4) and masks.dtype != torch.bool:
-        masks = boxes_to_masks(masks.float(), size)  # boxes only through masks=, never a batch
+        boxes = masks
+        masks = boxes_to_masks(boxes.float(), size)  # boxes only through masks=, never a batch
+        _check_boxes(probe.name, boxes, masks, size)
     if masks.dim() == 4 and masks.shape[1] == 1:
         masks = masks[:, 0]
     if tuple(masks.shape) != (batch, *size):
@@ -570,6 +572,27 @@ def attach_masks(probe: ProbeSet, masks: Any) -> ProbeSet:
     if masks.dtype != torch.bool and _class_index_map(masks):  # class indices, not a mask
         return replace(probe, masks=None, label_maps=masks.long())
     return replace(probe, masks=masks if masks.dtype == torch.bool else masks > 0.5)
+
+
+def _check_boxes(name: str, boxes: Tensor, masks: Tensor, size: tuple[int, int]) -> None:
+    """Refuse a box that selects no pixel of its image (outside it, inverted, empty, NaN):
+    its localization scores would be NaN at every evaluation, and the cause is the box's
+    format (normalised coordinates, (x, y, w, h), swapped corners) more often than its place."""
+    empty = (~masks.flatten(1).any(dim=1)).nonzero().flatten().tolist()
+    if not empty:
+        return
+    row = empty[0]
+    box = [float(v) for v in boxes[row].tolist()]
+    shown = ", ".join(f"{v:g}" for v in box)
+    height, width = size
+    more = f" ({len(empty)} of {len(boxes)} boxes select no pixel)" if len(empty) > 1 else ""
+    raise ValueError(
+        f"masks for probe {name!r}: the box of row {row}, ({shown}), selects no pixel of "
+        f"its {height}x{width} image{more}. Boxes are (x0, y0, x1, y1) in pixels, x0 < x1 and "
+        f"y0 < y1, and hold at least one pixel centre of the image (x in [0, {width}], y in "
+        f"[0, {height}]). Convert normalised [0, 1] boxes by multiplying x by the width and y "
+        "by the height, and (x, y, w, h) boxes to (x, y, x + w, y + h)."
+    )
 
 
 def build_probes(

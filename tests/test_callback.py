@@ -434,6 +434,31 @@ def test_masks_that_do_not_fit_fail_before_training(
     assert model.steps_run == 0
 
 
+@pytest.mark.parametrize(
+    ("box", "why"),
+    [
+        ([40.0, 40, 50, 50], "outside the image"),
+        ([20.0, 20, 10, 10], "x1 < x0, y1 < y0"),
+        ([8.0, 8, 8, 16], "no width"),
+        ([0.1, 0.1, 0.5, 0.5], "normalised coordinates"),
+    ],
+)
+def test_boxes_that_select_no_pixel_fail_before_training_naming_the_row(
+    tmp_path: Path, lightning: Lightning, box: list[float], why: str
+) -> None:
+    images, labels = shapes_dataset(4, seed=2).tensors
+    boxes = torch.tensor([[-4.0, -4, 16, 16]] * 4)  # partly outside the image: its pixels count
+    boxes[2] = torch.tensor(box)
+    model = lightning.module()()
+    monitor = CamMonitor("net.features.5", probe={"objects": (images, labels)}, masks=boxes)
+    trainer = lightning.trainer(default_root_dir=tmp_path, logger=False, callbacks=[monitor])
+    shown = re.escape(", ".join(f"{v:g}" for v in box))
+    message = rf"probe 'objects': the box of row 2, \({shown}\), selects no pixel.*\(x0, y0, x1"
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(model, loader(shapes_dataset(16)))
+    assert model.steps_run == 0, why
+
+
 def test_reference_run_sets_the_drift_reference_and_must_share_the_probe(tmp_path: Path) -> None:
     probe = shapes_dataset(6, seed=8).tensors
     fit(

@@ -81,8 +81,9 @@ class CamMonitor(*lightning_classes("callbacks", "Callback"), GuardedPickling): 
         forward: ``forward(module, inputs)``, how the model is called on the probe; it receives
             a tuple batch's inputs (nested ones too) and a dict batch whole, every key kept.
         reshape: turns a layer output into ``[B, C, H, W]`` (automatic where unambiguous).
-        masks: bool ``[B, H, W]``, boxes ``[B, 4]`` or class-index label maps for localization
-            scores, or a dict of them (only with an explicit tensor/tuple probe).
+        masks: bool ``[B, H, W]``, boxes ``[B, 4]`` (x0, y0, x1, y1 in pixels, each selecting
+            a pixel) or class-index label maps for localization scores, or a dict of them (only
+            with an explicit tensor/tuple probe).
         input_key: key of the inputs in dict batches (default: ``image``, ``input``, ``x``...).
         label_key: key of the labels in dict batches (default: ``label``, ``target``, ``y``...).
         colormap: OpenCV colormap of the heat maps (``"jet"``, ``"turbo"``, ``"viridis"``...).
