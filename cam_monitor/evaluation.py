@@ -245,6 +245,8 @@ def run_evaluation(
                 f"`class_names` has {len(names)} names but the logits have {classes} classes; "
                 "give one name per class (a caption names the predicted class, any of them)."
             )
+        if check_scores:
+            check_labels(probe, result)
         output.results[name] = result
         output.images.update(render_probe(probe, result, render))
         if trust is not None and trust.measures:
@@ -256,6 +258,32 @@ def run_evaluation(
     if filters is not None and filters.channels:
         output.images.update(filter_grids(module, probes, filters, engine, render))
     return output
+
+
+def check_labels(probe: ProbeSet, result: CamResult) -> None:
+    """Refuse a classifier's probe labels that are no class index of its output (`[0, C)` for
+    C logits): captions, the history and `cam-monitor show` set them beside the predictions.
+    Checked at the baseline, where the logits' width is first known; a segmentation probe's
+    label maps (where 255 and -100 mean "no label") are not its `labels` and are left alone."""
+    labels = probe.labels
+    if labels is None or not labels.numel() or result.predicted_maps is not None:
+        return
+    classes = int(result.logits.shape[-1])
+    outside = ((labels < 0) | (labels >= classes)).nonzero().flatten()
+    if not outside.numel():  # read back once, at the baseline
+        return
+    row = int(outside[0])
+    total, bad = labels.numel(), outside.numel()
+    count = f" ({bad} of its {total} labels are out of range)" if bad > 1 else ""
+    raise ValueError(
+        f"Probe {probe.name!r} has label {int(labels[row])} at row {row}{count}, but the model's "
+        f"output has {classes} classes (labels 0..{classes - 1}): a probe's labels must be class "
+        "indices of the output (captions and the history set them beside the predictions). "
+        f"Remap the labels to 0..{classes - 1} (an unlabelled image, -1 or -100, has no place "
+        "in the probe), pass the images alone (probe=images) to drop them, name the labels' "
+        "key of dict batches with label_key=, or, if the output is not the class scores, fix "
+        "output_transform= or forward=."
+    )
 
 
 def raised_by_cam_monitor(err: BaseException) -> bool:

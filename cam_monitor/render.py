@@ -461,7 +461,11 @@ def _label(index: int, class_names: Sequence[str] | None) -> str:
     if class_names is None:
         return str(index)
     if index >= len(class_names):
-        raise ValueError(f"Class index {index} is out of range for {len(class_names)} class_names.")
+        raise ValueError(
+            f"Class index {index} is out of range for {len(class_names)} class_names (a "
+            "prediction or a probe label): give one name per class of the model's output, and "
+            "probe labels that are class indices of it."
+        )
     return str(class_names[index])
 
 

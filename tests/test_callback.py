@@ -747,6 +747,32 @@ def test_fewer_class_names_than_classes_are_refused_before_training(tmp_path: Pa
     assert monitor.evaluations == 0
 
 
+@pytest.mark.parametrize(
+    ("shift", "names", "bad"),
+    [
+        (5, list("abcde"), 5),  # with class_names: said to be a class_names problem before
+        (5, None, 5),  # without: the run trained, captions and `show` compared labels 5-9
+        (-1, None, -1),  # "unlabelled" -1: no class of the output either
+    ],
+)
+def test_probe_labels_outside_the_logits_classes_fail_before_training_naming_the_probe(
+    tmp_path: Path, lightning: Lightning, shift: int, names: list[str] | None, bad: int
+) -> None:
+    images, labels = shapes_dataset(5, seed=3).tensors  # labels 0..4, the model's 5 classes
+    model = lightning.module()()
+    monitor = CamMonitor(
+        "net.features.5", probe={"held_out": (images, labels + shift)}, class_names=names
+    )
+    trainer = lightning.trainer(default_root_dir=tmp_path, logger=False, callbacks=[monitor])
+    message = (
+        rf"Probe 'held_out' has label {bad} at row 0.*output has 5 classes \(labels 0..4\)"
+        r".*Remap the labels to 0..4"
+    )
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(model, loader(shapes_dataset(16)))
+    assert model.steps_run == 0 and monitor.evaluations == 0
+
+
 def test_a_save_dir_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a folder")
     monitor = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "notes.txt")
