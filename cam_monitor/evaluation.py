@@ -238,7 +238,7 @@ def run_evaluation(
     for name, probe in probes.items():
         with class_score_check(module, engine, check_scores) as check:
             result = compute_probe(module, probe, layers, engine)
-            check(result)
+            check(result, probe.labels, render.class_names)
         names, classes = render.class_names, int(result.logits.shape[-1])
         if check_scores and names is not None and len(names) < classes:
             raise ValueError(
@@ -326,37 +326,58 @@ def explain_first_failure(
 @contextmanager
 def class_score_check(
     module: nn.Module, options: EngineOptions, enabled: bool = True
-) -> Iterator[Callable[[CamResult], None]]:
-    """Record which Linear layers run inside the block; the `check(result)` it yields refuses
-    logits that look like embeddings: a Linear layer taking inputs of their width did not run
-    (the classifier that `training_step` calls on `forward`'s output). Off with `forward=`, and
-    without `enabled` (no hooks at all)."""
+) -> Iterator[Callable[..., None]]:
+    """Record which Linear layers run inside the block; the `check(result, labels, names)` it
+    yields refuses logits that look like embeddings: a Linear layer taking inputs of their width
+    did not run (the classifier that `training_step` calls on `forward`'s output). Off with
+    `forward=`, and without `enabled` (no hooks at all).
+
+    Such a layer may also be a second head on the class scores (a GAN-like discriminator, an
+    auxiliary loss): it is let be where the probe's class `labels` show it (they fit the
+    output's width but not that layer's classes) or `names` do (one class name per output
+    column, and that layer has another number of classes)."""
     linears: dict[str, nn.Linear] = {}
     if enabled and options.forward is None:
         linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear) and n}
     ran: set[str] = set()
 
-    def check(result: CamResult) -> None:
+    def check(
+        result: CamResult, labels: Tensor | None = None, names: Sequence[str] | None = None
+    ) -> None:
         rows, width = result.logits.shape
         heads = [n for n, m in linears.items() if n not in ran and m.in_features == width]
+        if heads and labels is not None and labels.numel() and result.predicted_maps is None:
+            low, top = int(labels.min()), int(labels.max())  # once, at the baseline
+            if 0 <= low and top < width:  # class indices of the output: not of a smaller head
+                heads = [n for n in heads if _head_classes(linears[n]) > top]
+        if heads and names is not None and len(names) == width:
+            heads = [n for n in heads if _head_classes(linears[n]) == width]
         if not heads:
             return
         name, head = heads[0], linears[heads[0]]
         call = f"module.{name}" if name.isidentifier() else f"module.get_submodule({name!r})"
+        named = all(_head_classes(linears[n]) != width for n in heads)  # names would settle it
+        names_too = " (or class_names= with one name per output column)" if named else ""
         raise ValueError(
             f"The model's output on the probe has shape [{rows}, {width}], and {name!r} (Linear "
             f"{head.in_features} -> {head.out_features}) takes inputs of that width but did not "
-            f"run in forward(): the output looks like embeddings that {name!r} turns into class "
-            "scores (in training_step?), so the maps would explain embedding dimensions, not "
-            f"classes. Pass forward= to call the classifier, e.g. CamMonitor(forward=lambda "
-            f"module, x: {call}(module(x))) (a module-level function pickles, for ddp_spawn); if "
-            "this output is what the maps should explain, pass forward=lambda module, x: "
-            "module(x)."
+            "run in forward(). Either the output is embeddings that "
+            f"{name!r} turns into class scores (in training_step?), and the maps would explain "
+            "embedding dimensions, not classes: pass forward= to call it, e.g. "
+            f"CamMonitor(forward=lambda module, x: {call}(module(x))). Or the output already is "
+            f"the class scores and {name!r} is another head (a discriminator or an auxiliary "
+            "loss on them): pass forward=lambda module, x: module(x) to explain the output as "
+            f"it is{names_too}. A module-level function pickles, for ddp_spawn."
         )
 
     hooks = [(m, "forward", lambda *_, name=n: ran.add(name)) for n, m in linears.items()]
     with scoped_hooks(hooks):  # type: ignore[arg-type]
         yield check
+
+
+def _head_classes(head: nn.Linear) -> int:
+    """The classes a Linear head scores: its outputs, two for one logit (a binary classifier)."""
+    return max(head.out_features, 2)
 
 
 def normalisation_warning(probe: ProbeSet, options: RenderOptions) -> str | None:

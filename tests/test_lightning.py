@@ -679,6 +679,72 @@ def test_a_forward_returning_embeddings_is_refused_before_training(
     assert {e.logits["train"].shape for e in read_history(tmp_path / "h")} == {(4, 5)}
 
 
+class DiscriminatorSteps(ClassifierSteps):
+    """GAN-like: `forward` returns the 5 class logits, and a discriminator `disc` (Linear 5 -> 1,
+    which takes inputs of the logits' width) scores them, detached, in `training_step`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.disc = nn.Linear(5, 1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.steps_run += 1
+        x, y = batch
+        classifier, discriminator = self.optimizers()
+        classifier.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self(x), y))
+        classifier.step()
+        discriminator.zero_grad()
+        self.manual_backward(self.disc(self(x).detach()).mean())
+        discriminator.step()
+
+    def configure_optimizers(self) -> Any:
+        return (
+            torch.optim.SGD(self.net.parameters(), lr=self.lr),
+            torch.optim.SGD(self.disc.parameters(), lr=self.lr),
+        )
+
+
+def test_a_head_on_the_logits_is_no_embeddings_when_labels_or_class_names_say_so(
+    lightning: Lightning, tmp_path: Path
+) -> None:
+    data = loader(shapes_dataset(16))
+    # The probe's labels (0..4, from the val set) fit the output but not the discriminator's two
+    # classes: the output is the class scores, and the maps explain them.
+    model = lightning.module(DiscriminatorSteps)()
+    monitor = CamMonitor("net.features.5", num_probe=5, save_dir=tmp_path / "labels")
+    trainer = lightning.trainer(
+        default_root_dir=tmp_path, logger=False, max_epochs=1, callbacks=[monitor]
+    )
+    trainer.fit(model, data, data)
+    assert model.steps_run == 1 and monitor.evaluations == 2
+    assert {e.logits["val"].shape for e in read_history(tmp_path / "labels")} == {(5, 5)}
+    # Without labels the two readings are said side by side, each with its forward=.
+    images = shapes_dataset(5).tensors[0]
+    model = lightning.module(DiscriminatorSteps)()
+    monitor = CamMonitor("net.features.5", probe=images)
+    trainer = lightning.trainer(
+        default_root_dir=tmp_path, logger=False, max_epochs=1, callbacks=[monitor]
+    )
+    message = (
+        r"\[5, 5\], and 'disc' \(Linear 5 -> 1\).*Either the output is embeddings.*"
+        r"module\.disc\(module\(x\)\).*Or the output already is the class scores and 'disc' "
+        r"is another head.*forward=lambda module, x: module\(x\).*class_names="
+    )
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(model, data)
+    assert model.steps_run == 0
+    # One class name per output column says the same.
+    names = ["tl", "tr", "bl", "br", "centre"]
+    monitor = CamMonitor("net.features.5", probe=images, class_names=names)
+    trainer = lightning.trainer(
+        default_root_dir=tmp_path, logger=False, max_epochs=1, callbacks=[monitor]
+    )
+    trainer.fit(model, data)
+    assert model.steps_run == 1 and monitor.evaluations == 2
+
+
 def test_evaluate_in_the_sanity_check_of_a_later_fit_touches_no_earlier_run(
     lightning: Lightning, tmp_path: Path
 ) -> None:
