@@ -327,7 +327,43 @@ def check_probes(*runs: Run) -> list[str]:
                     "must use the same probe data for a comparison of their maps to mean "
                     "anything."
                 )
+            differing = ground_truth_differences(first.probe, b.probe, probe)
+            if differing:
+                notes.append(
+                    f"probe {probe!r} holds the same inputs in {first.name} and {b.name} but "
+                    f"different {' and '.join(differing)}: "
+                    + "; ".join(_TRUTH_EFFECTS[kind] for kind in differing)
+                )
     return list(dict.fromkeys(notes))
+
+
+#: What differing ground truth of a probe makes incomparable between runs.
+_TRUTH_EFFECTS = {
+    "masks": "their localization scores (cam_loc) measure against different regions and do "
+    "not compare",
+    "labels": "captions differ, and so do maps explained for target='label'",
+    "label maps": "their segmentation scores (class IoU, pixel accuracy) do not compare",
+}
+
+
+def ground_truth_differences(a: ProbeRecord | None, b: ProbeRecord | None, probe: str) -> list[str]:
+    """Which of a probe's masks, labels and label maps differ between two runs' stored probes
+    (present in one only, or different values); none where either run stored no probe. The
+    probe hash covers the inputs alone, so this is where ground truth is checked."""
+    if a is None or b is None:
+        return []
+    found = []
+    for kind, field_a, field_b in (
+        ("masks", a.masks, b.masks),
+        ("labels", a.labels, b.labels),
+        ("label maps", a.label_maps, b.label_maps),
+    ):
+        x, y = field_a.get(probe), field_b.get(probe)
+        if (x is None) != (y is None) or (
+            x is not None and y is not None and not np.array_equal(x, y)
+        ):
+            found.append(kind)
+    return found
 
 
 def common(a: Sequence[Any], b: Sequence[Any]) -> list[Any]:

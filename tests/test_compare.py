@@ -35,6 +35,7 @@ from cam_monitor.compare import (
     summarize_groups,
     summary_stats,
 )
+from cam_monitor.history import ProbeRecord
 from cam_monitor.probe import content_hash
 from cam_monitor.schema import DRIFT, LOCALIZATION, SECONDS_TAG, MapKey, ScalarKey
 from tests.helpers import (
@@ -170,6 +171,27 @@ def test_scalar_series_follows_epochs_with_nan_for_missing_values() -> None:
     epochs, values = scalar_series(run, key)
     assert epochs == [0, 2, 5]
     assert values[0] == 0.0 and math.isnan(values[1]) and math.isnan(values[2])
+
+
+def test_the_same_inputs_with_other_masks_or_labels_are_noted_as_not_comparable() -> None:
+    maps = {GROUP: np.ones((2, 3, 3))}
+    inputs = {"dom/ain": np.zeros((2, 3, 4, 4), np.float32)}
+    masks = np.zeros((2, 4, 4), bool)
+    masks[:, :2] = True
+    labels = np.array([0, 1])
+
+    def run(name: str, masks: np.ndarray | None, labels: np.ndarray) -> Run:
+        probe = ProbeRecord(
+            inputs, {"dom/ain": labels}, {} if masks is None else {"dom/ain": masks}
+        )
+        return Run(name, Path(name), [evaluation(0, 0, maps)], probe=probe)
+
+    assert check_probes(run("a", masks, labels), run("b", masks.copy(), labels.copy())) == []
+    (note,) = check_probes(run("a", masks, labels), run("b", ~masks, labels))
+    assert "'dom/ain' holds the same inputs in a and b but different masks" in note
+    assert "localization scores (cam_loc)" in note
+    (note,) = check_probes(run("a", masks, labels), run("c", None, labels[::-1].copy()))
+    assert "different masks and labels" in note and "target='label'" in note
 
 
 def test_load_run_reads_history_and_probe_and_survives_a_corrupt_probe(tmp_path: Path) -> None:

@@ -65,7 +65,9 @@ separator; ``urllib.parse.unquote`` decodes a component. Names such as ``source`
 The probe (format 1), stored once per run as ``probe.npz`` in the same folder so reports can
 draw overlays, written atomically in the same way (`write_probe`, `read_probe`):
 
-- ``inputs/{probe}``: float32 ``[B, C, H, W]``, the model inputs as the model saw them.
+- ``inputs/{probe}``: float32 ``[B, C, H, W]``, the images as the model saw them (the whole
+  inputs of a one-tensor probe; of a nested batch, its image tensor alone, while the hash
+  covers every tensor of it).
 - ``labels/{probe}``: int64 ``[B]``, only for probes that have labels.
 - ``masks/{probe}``: bool ``[B, H, W]``, only for probes that have localization masks.
 - ``label_maps/{probe}``: integer ``[B, H, W]``, only for probes that have class-index maps
