@@ -37,6 +37,7 @@ from .compare import (
     common_epochs,
     compare_group,
     format_number,
+    later_epochs_note,
     load_run,
     predictions,
     run_labels,
@@ -494,6 +495,10 @@ def _compare(args: argparse.Namespace) -> int:
     if args.out is not None:
         if args.out.is_dir():
             raise CliError(f"--out {args.out} is a folder; give a file name such as report.html")
+        folder = args.out.absolute().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            why = "is not a writable folder" if folder.is_dir() else "does not exist"
+            raise CliError(f"--out {args.out}: {folder} {why}; create it or give another path")
         require_matplotlib()  # fail before the work, not after it
     if not args.group and len(args.runs) == 2:
         return _compare_two(args)
@@ -525,6 +530,10 @@ def _compare(args: argparse.Namespace) -> int:
             + "; ".join(f"{run.name} has {_span(list(run.by_epoch))}" for run in every)
         )
     overlays = _chosen_epochs(args, epochs, "every run")
+    later = later_epochs_note(every, epochs[-1])
+    if later:
+        notes.append(later)
+        print(f"cam-monitor: note: {later}", file=sys.stderr)
     lines = ["Groups (each number: the mean over a group's runs, [min, max] when they differ):"]
     for group in groups:
         lines.append(f"  {group.name}: {', '.join(run.name for run in group.runs)}")
@@ -655,6 +664,10 @@ def _compare_two(args: argparse.Namespace) -> int:
         )
     chosen = _chosen_epochs(args, epochs, "both runs")
     shown = epochs if chosen is None else chosen
+    later = later_epochs_note([a, b], epochs[-1])
+    if later:
+        notes.append(later)
+        print(f"cam-monitor: note: {later}", file=sys.stderr)
     _print(
         [
             f"A: {a.name}  ({a.folder}, {len(a.evaluations)} evaluations)",

@@ -61,6 +61,7 @@ __all__ = [
     "compare_group",
     "format_number",
     "group_values",
+    "later_epochs_note",
     "load_run",
     "localization",
     "map_similarity",
@@ -335,6 +336,21 @@ def check_probes(*runs: Run) -> list[str]:
                     + "; ".join(_TRUTH_EFFECTS[kind] for kind in differing)
                 )
     return list(dict.fromkeys(notes))
+
+
+def later_epochs_note(runs: Sequence[Run], last: int) -> str | None:
+    """Where some runs evaluated beyond `last`, the last epoch every run evaluated: which runs
+    stopped there (so limit the comparison) and which went on; None where none did."""
+    later = [run for run in runs if max(run.by_epoch) > last]
+    if not later:
+        return None
+    stopped = [run.name for run in runs if max(run.by_epoch) == last]
+    went_on = ", ".join(f"{run.name} (to epoch {max(run.by_epoch)})" for run in later)
+    return (
+        f"epoch {last} is the last one every run evaluated"
+        + (f": {', '.join(stopped)} stopped there" if stopped else "")
+        + f"; {went_on} went on, and {'is' if len(later) == 1 else 'are'} not compared after it"
+    )
 
 
 #: What differing ground truth of a probe makes incomparable between runs.

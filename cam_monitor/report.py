@@ -35,6 +35,7 @@ from .compare import (
     common_epochs,
     compare_group,
     format_number,
+    later_epochs_note,
     overlay_epochs,
     predictions,
     spread_series,
@@ -108,13 +109,9 @@ def write_report(
     pair = (groups[0].runs[0], groups[1].runs[0]) if _pairwise(groups) else None
     last = epochs[-1]
     rows = summarize_groups(groups, keys, last)
-    later = [f"{run.name} (to epoch {max(run.by_epoch)})" for run in every
-             if max(run.by_epoch) > last]  # fmt: skip
-    if later:
-        notes.append(
-            f"the summary is at epoch {last}, the last one every run evaluated; "
-            f"{', '.join(later)} went on"
-        )
+    later = later_epochs_note(every, last)
+    if later and later not in notes:
+        notes.append(later)
     body = [_summary(groups, rows, last), _runs_table(groups, epochs, notes)]
     body.append("<h2 id='curves'>Curves</h2>")
     body.append(_contents(keys))
@@ -170,7 +167,7 @@ th, td { border: 1px solid #ccc; padding: 0.15em 0.5em; text-align: right; }
 th { background: #f3f3f3; }
 td.l, th.l { text-align: left; }
 td small { color: #666; }
-td.best { font-weight: bold; background: #eef6ee; }
+td.higher { font-weight: bold; }  /* higher, not better: drift, drop, deletion fall */
 td.path { word-break: break-all; max-width: 36em; }
 table.overlays { table-layout: fixed; width: 100%; }
 table.overlays th { text-align: center; }
@@ -198,9 +195,10 @@ def _label(key: ScalarKey) -> str:
     return stat_label(key.stat)
 
 
-def _cell(spread: Spread, best: bool = False) -> str:
-    """A table cell: the mean, with the min-max range in small type below when it has one."""
-    css = " class='best'" if best else ""
+def _cell(spread: Spread, higher: bool = False) -> str:
+    """A table cell: the mean, with the min-max range in small type below when it has one; the
+    higher mean of a row in bold (no colour: for drift, drop and deletion lower is better)."""
+    css = " class='higher'" if higher else ""
     text = spread.text()
     if " [" in text:
         mean, spread_text = text.split(" [", 1)

@@ -6,6 +6,7 @@ import base64
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import zlib
@@ -333,7 +334,8 @@ def test_compare_reports_unshared_groups_and_uses_the_first_evaluation_of_an_epo
     assert code == 0
     assert err == (
         "cam-monitor: warning: b has several evaluations at epoch(s) 0; the first of each "
-        "epoch is compared\n"
+        "epoch is compared\ncam-monitor: note: epoch 1 is the last one every run evaluated: b "
+        "stopped there; a (to epoch 2) went on, and is not compared after it\n"
     )
     rows = table(out, "source / features.29 / gradcam")
     assert list(rows) == ["0", "1"]
@@ -425,6 +427,36 @@ def test_compare_groups_say_what_is_not_in_every_run(
     assert f"Note: only in dann, not in every run (not compared): {left}" in report.read_text()
     code, out, err = run_main([*args[:3], "--probe", "source"], capsys)
     assert code == 0 and "only in" not in out  # what the filters leave out is not noted
+
+
+def test_an_out_path_in_no_folder_fails_before_the_comparison(
+    runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "missing" / "report.html"
+    code, printed, err = run_main(
+        ["compare", str(runs[0]), str(runs[1]), "--out", str(out)], capsys
+    )
+    assert code == 2 and printed == ""
+    assert f"--out {out}: {out.parent} does not exist; create it" in err
+
+
+def test_compare_names_the_run_that_ends_the_common_epochs(
+    runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    short = tmp_path / "short"
+    shutil.copytree(runs[1], short)
+    (last,) = short.rglob("eval-00002.npz")
+    last.unlink()  # it stopped after epoch 1
+    said = (
+        "epoch 1 is the last one every run evaluated: short stopped there; source_only (to epoch 2)"
+    )
+    for args in (
+        ["compare", str(runs[0]), str(short)],
+        ["compare", f"--group=a={runs[0]}", f"--group=b={short},{runs[1]}"],
+    ):
+        code, _, err = run_main(args, capsys)
+        assert code == 0, err
+        assert said in " ".join(err.split()), err
 
 
 def test_compare_groups_write_a_report_with_overlays_at_the_chosen_epochs(

@@ -119,6 +119,8 @@ def test_report_opens_with_the_summary_of_groups_then_curves_then_overlays(
     assert "0.2500<br><small>[0.2000, 0.3000]</small>" in first
     assert "0.5500<br><small>[0.5000, 0.6000]</small>" in first
     assert "+0.3000" in first and "<td class='l'>dann</td>" in first  # no overlap: clear
+    # The higher mean is bold, never coloured as the better one: lower drift is no worse.
+    assert "<td class='higher'>0.5500" in first and "background: #eef6ee" not in page
     assert "Single runs" in summary and summary.count("dann_s") >= 2
     # Curves: one figure per (probe, layer, method); overlays: each group's first run, at the
     # first and last epoch.
