@@ -304,10 +304,14 @@ def make_probe(
     label_key: str | None = None,
     warn: Callable[[str], None] | None = None,
     whole: bool = False,
+    transfer: Callable[[Any], Any] | None = None,
 ) -> ProbeSet:
     """Turn one probe specification (tensor, tuple, dict or nested batch, Dataset, DataLoader)
     into a `ProbeSet`. A tuple is `(inputs, labels, ...)` whose inputs may be nested (`((x,
-    meta), y)`); with `whole` (a `forward=` is given) a dict batch is the model's inputs, whole."""
+    meta), y)`); with `whole` (a `forward=` is given) a dict batch is the model's inputs, whole.
+    `transfer` is applied to a batch collated from a Dataset or DataLoader before it is split
+    (what the training loop does to each batch it takes from a loader); a batch given as it is
+    is the model's input as it is."""
     if isinstance(spec, DataLoader):
         batch, length = sample_dataset(
             spec.dataset, num_probe, spec.collate_fn, sampler_subset(spec)
@@ -321,6 +325,8 @@ def make_probe(
             f"probe {name!r} must be a Tensor, an (inputs, labels) tuple, a dict batch, a Dataset "
             f"or a DataLoader, got {type(spec).__name__}."
         )
+    if length is not None and transfer is not None:
+        batch = transfer(batch)
     if length is not None and length < num_probe and warn is not None:
         warn(f"probe {name!r}: num_probe={num_probe} but the dataset holds {length}; using all.")
     inputs, labels, masks = split_batch(batch, input_key, label_key)
@@ -603,16 +609,26 @@ def build_probes(
     label_key: str | None = None,
     warn: Callable[[str], None] | None = None,
     whole: bool = False,
+    transfer: Callable[[Any], Any] | None = None,
 ) -> dict[str, ProbeSet]:
     """Every probe set, with its masks, picked without touching any random stream (Python,
     numpy, torch): a dataset's `__getitem__` may draw (augmentations), the run must not see it.
 
     `masks` is one tensor for every set or a dict per set name; unknown names are a ValueError.
+    `transfer` goes to `make_probe`: applied to the batches collated from a Dataset or
+    DataLoader (the Trainer's batch-transfer hooks), not to batches given as they are.
     """
     with preserved_rng():
         probes = {
             name: make_probe(
-                check_probe_name(name), spec, num_probe, input_key, label_key, warn, whole
+                check_probe_name(name),
+                spec,
+                num_probe,
+                input_key,
+                label_key,
+                warn,
+                whole,
+                transfer,
             )
             for name, spec in specs.items()
         }

@@ -5,7 +5,7 @@ their public attributes: the probe from the fit's loaders, the automatic layer,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -13,18 +13,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from ..capture import users_hooks_warning
 from ..default_layer import first_spatial_layer
 from ..drift import AttentionTracker
 from ..evaluation import explain_first_failure, normalisation_warning, raised_by_cam_monitor
 from ..history import find_history, read_history
-from ..isolation import preserved_rng
+from ..isolation import all_modules, preserved_rng, set_training
 from ..layers import resolve_layers, unwrap_model
 from ..probe import ProbeSet, build_probes, loader_probe
 from ..schema import dashboard_charts
 from ..sinks import Sink, sinks_for
 from ..types import LayerSpec
+from .compat import lightning_classes
 
 if TYPE_CHECKING:
     from os import PathLike
@@ -43,17 +45,143 @@ def fit_probes(
 ) -> dict[str, ProbeSet]:
     """The probe sets (the given ones, else samples of the val, else train, loaders), on the
     module's device and in the precision the Trainer feeds it; with `whole` (a `forward=` is
-    given) dict batches are kept whole for it."""
+    given) dict batches are kept whole for it. A batch collated from a Dataset or DataLoader
+    goes through the fit's batch-transfer hooks where the user overrides one (`batch_transfer`),
+    as the model's training batches do; a probe given as tensors is warned about instead
+    (`explicit_probe_warning`)."""
     specs = options.sets or loader_probe(
         [("val", val_dataloaders(trainer)), ("train", trainer.train_dataloader)], rank_zero_warn
     )
+    hooks = batch_hooks(trainer, pl_module)
+    if warning := explicit_probe_warning(specs, hooks):
+        rank_zero_warn(warning)
+    transfer = batch_transfer(trainer, pl_module, hooks) if hooks else None
     probes = build_probes(
         specs, options.num_probe, options.masks, options.input_key, options.label_key,
-        rank_zero_warn, whole,
+        rank_zero_warn, whole, transfer,
     )  # fmt: skip
     convert, device = trainer.precision_plugin.convert_input, pl_module.device
     moved = {name: probe.to(device) for name, probe in probes.items()}
-    return {name: replace(probe, inputs=convert(probe.inputs)) for name, probe in moved.items()}
+    return {  # a batch through the hooks was converted before them, as Lightning does
+        name: probe
+        if transfer and sampled(specs[name])
+        else replace(probe, inputs=convert(probe.inputs))
+        for name, probe in moved.items()
+    }
+
+
+#: The hooks Lightning calls on every batch it takes from a loader, in this order, after the
+#: precision plugin's `convert_input` (its loops' `_on_before_batch_transfer`, then
+#: `strategy.batch_to_device`).
+BATCH_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+
+
+def sampled(spec: Any) -> bool:
+    """Whether a probe specification is collated by the monitor (a Dataset or DataLoader)."""
+    return isinstance(spec, (Dataset, DataLoader))
+
+
+def batch_hooks(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    """The fit's batch-transfer hooks by name, each bound to the object Lightning calls it on
+    (the datamodule where it overrides it, else the module), where at least one of them is the
+    user's own; empty where none is (a batch is then only moved, as the probe always was)."""
+    datamodule = getattr(trainer, "datamodule", None)
+    owners = {
+        name: datamodule if datamodule is not None and overrides(datamodule, name) else pl_module
+        for name in BATCH_HOOKS
+    }
+    if not any(overrides(owner, name) for name, owner in owners.items()):
+        return {}
+    return {name: getattr(owner, name) for name, owner in owners.items()}
+
+
+def overrides(owner: Any, name: str) -> bool:
+    """Whether `owner` (a LightningModule or LightningDataModule) has its own hook `name`, not
+    Lightning's (`DataHooks`) of either namespace."""
+    method = getattr(owner, name, None)
+    function = getattr(method, "__func__", method)
+    bases = lightning_classes("core.hooks", "DataHooks")
+    return not any(function is getattr(base, name, None) for base in bases)
+
+
+def batch_transfer(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, hooks: Mapping[str, Any]
+) -> Callable[[Any], Any]:
+    """What the fit does to each batch it takes from a loader (dataloader_idx 0), as a function
+    of the collated probe batch: the precision plugin's `convert_input`, then `hooks` in order.
+
+    Run as for a validation batch: `trainer.validating` (Lightning's docs tell hooks to check
+    `self.trainer.training`/`validating` for augmentations), the module in eval mode and no
+    grad; every random stream (Python, numpy, torch on the CPU and the module's CUDA device) is
+    put back after, so a hook that draws leaves training's streams where they were.
+    """
+    device = trainer.strategy.root_device
+
+    def transfer(batch: Any) -> Any:
+        with validation_batch(trainer, pl_module):
+            batch = trainer.precision_plugin.convert_input(batch)
+            for name in BATCH_HOOKS:
+                args = (device, 0) if name == "transfer_batch_to_device" else (0,)
+                try:
+                    batch = hooks[name](batch, *args)
+                except Exception as err:  # the user's hook: said where it ran, and how
+                    err.add_note(
+                        f"CamMonitor: raised by {type(hooks[name].__self__).__name__}.{name} "
+                        "on the probe batch, which the monitor passes through the batch-transfer "
+                        "hooks once at the start of training, as for a validation batch "
+                        "(trainer.validating, the module in eval mode, dataloader_idx 0). Pass "
+                        "the probe as tensors, as the model sees them after the hooks, to skip it."
+                    )
+                    raise
+            return batch
+
+    return transfer
+
+
+@contextmanager
+def validation_batch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+    """The Trainer's stage `validating`, the module in eval mode, no grad and forked random
+    streams inside the block; the stage, every module's `training` flag and the streams put
+    back after."""
+    modules = all_modules(pl_module)
+    flags = [module.training for module in modules]
+    stage = trainer.state.stage
+    device = pl_module.device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with preserved_rng(devices), torch.no_grad():
+        try:
+            trainer.validating = True
+            set_training(pl_module, False)
+            yield
+        finally:
+            trainer.state.stage = stage
+            for module, flag in zip(modules, flags, strict=True):
+                if module.training != flag:
+                    module.training = flag
+
+
+def explicit_probe_warning(specs: Mapping[str, Any], hooks: Mapping[str, Any]) -> str | None:
+    """What to say where the fit transforms its batches in batch-transfer hooks of the user's
+    but a probe set is given as tensors: that set reaches the model as it is, not through them;
+    None otherwise."""
+    given = [name for name, spec in specs.items() if not sampled(spec)]
+    own = [
+        f"{type(owner).__name__}.{name}"
+        for name, method in hooks.items()
+        if overrides(owner := getattr(method, "__self__", None), name)
+    ]
+    if not given or not own:
+        return None
+    sets = ", ".join(repr(name) for name in given)
+    return (
+        f"CamMonitor: {' and '.join(own)} transform{'s' if len(own) == 1 else ''} every batch "
+        f"the model trains on, but probe {sets} is given as tensors, which the monitor feeds "
+        "to the model as they are, not through these hooks. If the hooks change the inputs "
+        "(normalisation, resizing, a device-side transform), the maps are computed on inputs "
+        "unlike the training batches: pass the probe as the model sees it after the hooks, or "
+        "pass it as a Dataset or DataLoader (or probe=None, samples of the val loader), which the "
+        "monitor collates and passes through the hooks once, as for a validation batch."
+    )
 
 
 def default_layer(pl_module: pl.LightningModule, probe: ProbeSet, engine: EngineOptions) -> str:
