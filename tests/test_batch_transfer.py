@@ -110,3 +110,28 @@ def test_an_explicit_probe_on_a_module_with_hooks_warns_that_it_is_fed_as_given(
         warnings.simplefilter("always")
         fit(plain, tmp_path / "p", lightning, max_epochs=1)
     assert not any("batch_transfer" in str(w.message) for w in records)
+
+
+def test_a_datamodules_hook_is_the_one_the_probe_goes_through(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    train, val = shapes_dataset(), shapes_dataset(16, seed=1)
+
+    class Shapes(lightning.pl.LightningDataModule):  # type: ignore[name-defined, misc]
+        def train_dataloader(self) -> Any:
+            return loader(train, shuffle=True)
+
+        def val_dataloader(self) -> Any:
+            return loader(val)
+
+        def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+            return normalised(batch[0]), batch[1]
+
+    monitor = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path / "h")
+    trainer = lightning.trainer(callbacks=[monitor], default_root_dir=tmp_path, logger=False,
+                                max_epochs=1)  # fmt: skip
+    trainer.fit(lightning.module()(), datamodule=Shapes())
+    stored = read_probe(tmp_path / "h")
+    assert stored is not None
+    raw = make_probe("val", loader(val), 4).inputs
+    np.testing.assert_array_equal(stored.inputs["val"], normalised(raw).numpy())
