@@ -125,8 +125,12 @@ def batch_transfer(
                 try:
                     batch = hooks[name](batch, *args)
                 except Exception as err:  # the user's hook: said where it ran, and how
-                    err.add_note(
-                        f"CamMonitor: raised by {type(hooks[name].__self__).__name__}.{name} "
+                    note = getattr(err, "add_note", None)  # Python >= 3.11
+                    if note is None:
+                        raise
+                    owner = type(getattr(hooks[name], "__self__", None)).__name__
+                    note(
+                        f"CamMonitor: raised by {owner}.{name} "
                         "on the probe batch, which the monitor passes through the batch-transfer "
                         "hooks once at the start of training, as for a validation batch "
                         "(trainer.validating, the module in eval mode, dataloader_idx 0). Pass "
