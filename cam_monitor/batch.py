@@ -80,15 +80,25 @@ def _is_image(tensor: Tensor) -> bool:
     return tensor.dim() == 4 and tensor.is_floating_point()
 
 
+def _is_pixels(tensor: Tensor) -> bool:
+    return tensor.dim() == 4 and tensor.dtype == torch.uint8
+
+
 def _find_image(inputs: Any) -> Tensor | None:
     """The images of a batch: in a dict, under an image key (a float mask listed before them is
-    no image); else the first floating-point `[B, C, H, W]` tensor."""
-    if isinstance(inputs, Mapping):
-        for key in IMAGE_KEYS:
-            value = inputs.get(key)
-            if isinstance(value, Tensor) and _is_image(value):
-                return value
-    return next((t for t in tensors(inputs) if _is_image(t)), None)
+    no image); else the first floating-point `[B, C, H, W]` tensor; with no floating-point one,
+    a uint8 `[B, C, H, W]` tensor (display pixels, for a model that converts them itself) the
+    same way."""
+    for accepted in (_is_image, _is_pixels):
+        if isinstance(inputs, Mapping):
+            for key in IMAGE_KEYS:
+                value = inputs.get(key)
+                if isinstance(value, Tensor) and accepted(value):
+                    return value
+        found = next((t for t in tensors(inputs) if accepted(t)), None)
+        if found is not None:
+            return found
+    return None
 
 
 @dataclass(frozen=True)
@@ -97,7 +107,9 @@ class Batch:
 
     `length` is the leading size of the first tensor with a dimension (None when there is
     none); `image` is the floating-point `[B, C, H, W]` tensor under a dict's image key
-    (`IMAGE_KEYS`), else the first such tensor (None when there is none).
+    (`IMAGE_KEYS`), else the first such tensor; with none, a uint8 `[B, C, H, W]` one found
+    the same way, which is drawn as it is but cannot be differentiated or perturbed
+    (`require_image` refuses it); None when there is neither.
     """
 
     data: Any
@@ -111,7 +123,7 @@ class Batch:
             return inputs
         if isinstance(inputs, Tensor):  # the common case, without walking a container
             dims = inputs.dim()
-            image = inputs if dims == 4 and inputs.is_floating_point() else None
+            image = inputs if _is_image(inputs) or _is_pixels(inputs) else None
             return cls(inputs, int(inputs.shape[0]) if dims else None, image)
         length = next((int(t.shape[0]) for t in tensors(inputs) if t.dim()), None)
         return cls(inputs, length, _find_image(inputs))
@@ -125,13 +137,17 @@ class Batch:
         return None if found is None else (int(found.shape[-2]), int(found.shape[-1]))
 
     def require_image(self, why: str = "Pixel-level methods") -> Tensor:
-        """The image tensor, or a ValueError saying that `why` needs one."""
-        if self.image is None:
-            found = next((t for t in tensors(self.data) if t.dim() == 4), None)
+        """The floating-point image tensor, or a ValueError saying that `why` needs one (naming
+        the dtype of a uint8 one)."""
+        if self.image is None or not self.image.is_floating_point():
+            found = self.image
+            if found is None:
+                found = next((t for t in tensors(self.data) if t.dim() == 4), None)
             seen = "none was found" if found is None else (
                 f"the [B, C, H, W] tensor found is {found.dtype} (shape {tuple(found.shape)}): "
                 "pass the probe as float images prepared like a training batch, e.g. "
-                "x.float() / 255, then normalised"
+                "x.float() / 255, then normalised (a model that converts uint8 itself must "
+                f"then take them as they are), or do without {why[:1].lower() + why[1:]}"
             )  # fmt: skip
             raise ValueError(
                 f"{why} need a floating-point image tensor [B, C, H, W] in the inputs, to "

@@ -94,8 +94,8 @@ def render_probe(
     if images is None:
         raise ValueError(
             f"Cannot draw probe {probe.name!r}: its inputs ({probe.describe()}) hold no "
-            "floating-point image tensor [B, C, H, W]; name it with input_key= (dict batches) "
-            "or put the images first."
+            "floating-point or uint8 image tensor [B, C, H, W]; name it with input_key= (dict "
+            "batches) or put the images first."
         )
     maps, rows = result.maps, drawn_rows(images.shape[0], options.max_tiles)
     if rows is not None:
@@ -386,6 +386,8 @@ def normalisation_warning(probe: ProbeSet, options: RenderOptions) -> str | None
     (un-normalised [0, 1] images, which undoing them would wash out). None when they fit."""
     image = Batch.of(probe.inputs).image
     if options.mean is None or options.std is None or image is None:
+        return None
+    if not image.is_floating_point():  # uint8 pixels are drawn as they are, mean/std unused
         return None
     if image.shape[1] != len(options.mean) or len(options.mean) != len(options.std):
         return None  # drawing reports the mismatch

@@ -48,7 +48,8 @@ class ProbeSet:
 
     @property
     def image(self) -> Tensor | None:
-        """The floating-point `[B, C, H, W]` image tensor of `inputs` (`batch.Batch.image`)."""
+        """The `[B, C, H, W]` image tensor of `inputs`, floating-point, else uint8 pixels
+        (`batch.Batch.image`)."""
         return Batch.of(self.inputs).image
 
     @property

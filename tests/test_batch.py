@@ -152,6 +152,18 @@ def test_a_float_mask_listed_before_the_images_is_not_the_image() -> None:
         torch.testing.assert_close(nested["input", method], plain["input", method])
 
 
+def test_uint8_images_are_found_for_drawing_only_where_no_float_image_is() -> None:
+    pixels = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    mask = torch.zeros(2, 1, 8, 8)
+    assert Batch.of(pixels).image is pixels
+    assert Batch.of((pixels, torch.arange(2))).image is pixels
+    assert Batch.of({"meta": torch.ones(2), "image": pixels}).image is pixels
+    assert Batch.of((pixels, mask)).image is mask  # a float [B, C, H, W] still comes first
+    assert Batch.of(torch.zeros(2, 3, 8, 8, dtype=torch.int64)).image is None
+    with pytest.raises(ValueError, match=r"torch\.uint8.*or do without noisy copies"):
+        Batch.of(pixels).require_image("Noisy copies")
+
+
 def test_pixel_methods_on_a_uint8_probe_name_the_dtype() -> None:
     """A uint8 image is found, but cannot be differentiated: the message says it is uint8."""
     batch = Batch.of({"image": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "meta": torch.ones(2)})

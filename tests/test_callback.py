@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -23,6 +25,7 @@ from cam_monitor.callback import CamMonitor
 from cam_monitor.cli import main as cli_main
 from cam_monitor.history import history_runs, read_history, read_probe
 from tests.helpers import (
+    ClassifierSteps,
     Lightning,
     LitClassifier,
     fit,
@@ -1080,6 +1083,34 @@ def test_history_maps_keeps_the_maps_asked_for_and_show_reads_every_choice(
         assert cli_main(["show", str(tmp_path / choice)]) == 0
         assert "2 evaluations" in capsys.readouterr().out
     assert sizes["all"] > sizes["cams"] > sizes["none"] > 0
+
+
+class Uint8Steps(ClassifierSteps):
+    """`ClassifierSteps` whose forward converts uint8 pixels itself, as many pipelines do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.float() / 255)
+
+
+def test_a_uint8_probe_of_a_model_that_converts_it_is_drawn_as_its_pixels(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    """The images are display pixels already: with alpha=0 each tile is the probe's image."""
+    images, labels, _ = shapes(20)
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    monitor = CamMonitor(
+        "net.features.5", probe=(pixels[:4], labels[:4]), alpha=0.0, image_format="png",
+        save_dir=tmp_path / "h",
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="no logger"):
+        fit(monitor, tmp_path, lightning, model=lightning.module(Uint8Steps),
+            train=TensorDataset(pixels, labels), val=False, max_epochs=1)  # fmt: skip
+    (drawn,) = sorted((tmp_path / "h" / "images").rglob("step-00000000.png"))
+    grid = cv2.imread(str(drawn), cv2.IMREAD_COLOR)[:, :, ::-1]
+    for index in range(4):  # 32 px tiles enlarged 3x, 2 px apart
+        left = 2 + index * (96 + 2)
+        tile = grid[2 : 2 + 96 : 3, left : left + 96 : 3]
+        assert np.array_equal(tile, pixels[index].permute(1, 2, 0).numpy()), index
 
 
 def test_a_uint8_probe_with_pixel_methods_fails_before_training_naming_the_dtype(
