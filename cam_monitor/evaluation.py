@@ -30,6 +30,7 @@ from .render import (
     caption_choices,
     choose_captions,
     denormalize,
+    display_channels,
     draw_map_grid,
     draw_overlays,
     draw_view_grid,
@@ -378,6 +379,23 @@ def class_score_check(
 def _head_classes(head: nn.Linear) -> int:
     """The classes a Linear head scores: its outputs, two for one logit (a binary classifier)."""
     return max(head.out_features, 2)
+
+
+def display_warning(probe: ProbeSet) -> str | None:
+    """What the grids of a probe whose images have other than 1 or 3 channels show (RGBA,
+    2-channel, multispectral: `display_channels`), said once; None for 1 or 3 channels."""
+    image = probe.image
+    if image is None or image.shape[1] in (1, 3):
+        return None
+    channels = int(image.shape[1])
+    shown = display_channels(channels)
+    what = "channel 0 as grey" if len(shown) == 1 else "channels 0, 1 and 2 as RGB"
+    return (
+        f"CamMonitor: probe {probe.name!r} has {channels}-channel images (shape "
+        f"{tuple(image.shape)}); the CAMs use them whole, and the overlays draw {what}. To draw "
+        "a view of your own, read the maps from the history (cam_monitor.history.read_history) "
+        "and draw them with cam_monitor.render.make_overlay_grid over [B, 1 or 3, H, W] images."
+    )
 
 
 def normalisation_warning(probe: ProbeSet, options: RenderOptions) -> str | None:

@@ -40,6 +40,7 @@ __all__ = [
     "colorize_signed",
     "colorize_view",
     "denormalize",
+    "display_channels",
     "encode_grid",
     "grid_format",
     "make_map_grid",
@@ -229,6 +230,8 @@ def to_uint8_images(
 
     Float images are de-normalised with `mean`/`std` (then clamped to [0, 1]) when given, else
     min-max scaled per image over all channels; uint8 passes through; 1 channel becomes 3.
+    Other channel counts draw `display_channels` of them: the first 3 as RGB (RGBA,
+    multispectral), or the first as grey (2 channels).
 
     Example:
         >>> to_uint8_images(torch.tensor([[[[-1.0, 1.0]]]]))[0, :, 0].tolist()
@@ -240,15 +243,18 @@ def to_uint8_images(
             "add a batch axis with images[None] for a single image."
         )
     channels = images.shape[1]
-    if channels not in (1, 3):
-        hint = (
-            "they look channels-last: use images.permute(0, 3, 1, 2)"
-            if images.shape[-1] in (1, 3)
-            else "pass 3 of them, e.g. images[:, :3] for RGBA"
-        )
+    if channels not in (1, 3) and images.shape[-1] in (1, 3):
         raise ValueError(
-            f"images must have 1 or 3 channels, got shape {tuple(images.shape)}; {hint}."
+            f"images must have their channels first, got shape {tuple(images.shape)}; they "
+            "look channels-last: use images.permute(0, 3, 1, 2)."
         )
+    if channels not in (1, 3):  # RGBA, 2-channel, multispectral: a view of them is drawn
+        shown = display_channels(channels)
+        if mean is not None:
+            mean = _channel_stats(mean, "mean", channels, images.float())[:, shown]
+        if std is not None:
+            std = _channel_stats(std, "std", channels, images.float())[:, shown]
+        images, channels = images[:, shown], len(shown)
     if images.dtype == torch.uint8:
         out = images
     elif images.is_floating_point():
@@ -261,6 +267,17 @@ def to_uint8_images(
     else:
         raise ValueError(f"images dtype must be floating point or uint8, got {images.dtype}.")
     return out.expand(-1, 3, -1, -1).contiguous() if channels == 1 else out
+
+
+def display_channels(channels: int) -> list[int]:
+    """The channels of `channels`-channel images that drawing shows: all of 1 or 3, the first 3
+    as RGB of 4 or more, the first as grey of 2.
+
+    Example:
+        >>> display_channels(4), display_channels(2)
+        ([0, 1, 2], [0])
+    """
+    return list(range(channels if channels in (1, 3) else 3 if channels > 3 else 1))
 
 
 def denormalize(

@@ -1113,6 +1113,37 @@ def test_a_uint8_probe_of_a_model_that_converts_it_is_drawn_as_its_pixels(
         assert np.array_equal(tile, pixels[index].permute(1, 2, 0).numpy()), index
 
 
+@pytest.mark.parametrize("channels", [4, 2])
+def test_images_of_other_than_1_or_3_channels_are_drawn_with_one_warning_saying_what(
+    tmp_path: Path, lightning: Lightning, channels: int
+) -> None:
+    """RGBA draws its first 3 channels, 2 channels the first as grey: alpha=0 shows them."""
+    images, labels, _ = shapes(20)
+    images = torch.cat([images, images[:, :1]], 1)[:, :channels].clamp(0, 1)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = 0.0, 1.0  # min-max scaling is then the identity
+    model = lightning.module()()  # its first layer takes `channels` channels
+    model.net.features[0] = torch.nn.Conv2d(channels, 8, 3, padding=1)
+    monitor = CamMonitor(
+        "net.features.5", probe=(images[:4], labels[:4]), alpha=0.0, image_format="png",
+        save_dir=tmp_path / "h",
+    )  # fmt: skip
+    what = "channels 0, 1 and 2 as RGB" if channels == 4 else "channel 0 as grey"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fit(monitor, tmp_path, lightning, model=model, train=TensorDataset(images, labels),
+            val=False, max_epochs=1)  # fmt: skip
+    said = [str(w.message) for w in seen if f"{channels}-channel images" in str(w.message)]
+    assert len(said) == 1 and what in said[0], said
+    (drawn,) = sorted((tmp_path / "h" / "images").rglob("step-00000000.png"))
+    grid = cv2.imread(str(drawn), cv2.IMREAD_COLOR)[:, :, ::-1]
+    shown = images[:4, :3] if channels == 4 else images[:4, :1].expand(-1, 3, -1, -1)
+    for index in range(4):
+        left = 2 + index * (96 + 2)
+        tile = grid[2 : 2 + 96 : 3, left : left + 96 : 3].astype(int)
+        expected = (shown[index] * 255).round().permute(1, 2, 0).numpy()
+        assert np.abs(tile - expected).max() <= 1, index
+
+
 def test_a_uint8_probe_with_pixel_methods_fails_before_training_naming_the_dtype(
     tmp_path: Path,
 ) -> None:

@@ -144,9 +144,19 @@ def test_grayscale_becomes_three_equal_channels_and_uint8_passes_through() -> No
     assert torch.equal(to_uint8_images(rgb), rgb)
 
 
+def test_other_channel_counts_draw_the_first_three_or_the_first_as_grey() -> None:
+    rgba, two = torch.rand(2, 4, 8, 8, generator=GEN), torch.rand(2, 2, 8, 8, generator=GEN)
+    assert torch.equal(to_uint8_images(rgba), to_uint8_images(rgba[:, :3]))
+    assert torch.equal(to_uint8_images(two), to_uint8_images(two[:, :1]))
+    mean, std = [0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]
+    assert torch.equal(
+        to_uint8_images(rgba, mean, std), to_uint8_images(rgba[:, :3], mean[:3], std[:3])
+    )
+    with pytest.raises(ValueError, match="`mean` has 3 values but the images have 4 channels"):
+        to_uint8_images(rgba, mean[:3], std[:3])
+
+
 def test_bad_images_are_refused_with_the_fix() -> None:
-    with pytest.raises(ValueError, match=r"1 or 3 channels, got shape \(2, 4, 8, 8\)"):
-        to_uint8_images(torch.rand(2, 4, 8, 8))
     with pytest.raises(ValueError, match="permute"):
         to_uint8_images(torch.rand(2, 8, 8, 3))
     with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):

@@ -18,7 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 from ..capture import users_hooks_warning
 from ..default_layer import first_spatial_layer
 from ..drift import AttentionTracker
-from ..evaluation import explain_first_failure, normalisation_warning, raised_by_cam_monitor
+from ..evaluation import (
+    display_warning,
+    explain_first_failure,
+    normalisation_warning,
+    raised_by_cam_monitor,
+)
 from ..history import find_history, read_history
 from ..isolation import all_modules, preserved_rng, set_training
 from ..layers import resolve_layers, unwrap_model
@@ -303,6 +308,8 @@ def start_warnings(
     and the user's own hooks, which run during evaluations too."""
     for probe in probes.values():
         if warning := normalisation_warning(probe, render):
+            yield warning
+        if warning := display_warning(probe):
             yield warning
     if hooks := users_hooks_warning(unwrap_model(pl_module)):
         yield hooks
