@@ -579,17 +579,20 @@ def caption_choices(
     true: Sequence[int] | Tensor | None = None,
     class_names: Sequence[str] | None = None,
 ) -> list[list[str]]:
-    """A classifier's caption lists for `choose_captions`, the widest first: "ok pred cat /
-    true cat" with class names, then the compact "ok p:cat t:cat" (class numbers are always
-    compact).
+    """A classifier's caption lists for `choose_captions`, the widest first: "x pred cat /
+    true dog" with class names, then the compact "x p:cat t:dog", then class numbers "x p:0
+    t:1" (always compact), so names too long for the tiles do not cut off the true class.
 
     Example:
-        >>> caption_choices([1], [1], ["cat", "dog"])
-        [['ok pred dog / true dog'], ['ok dog']]
+        >>> caption_choices([0], [1], ["cat", "dog"])
+        [['x pred cat / true dog'], ['x p:cat t:dog'], ['x p:0 t:1']]
     """
-    candidates = [caption_text(predicted, true, class_names, compact=True)]
+    candidates = [caption_text(predicted, true, None, compact=True)]
     if class_names is not None:
-        candidates.insert(0, caption_text(predicted, true, class_names))
+        candidates[:0] = [
+            caption_text(predicted, true, class_names),
+            caption_text(predicted, true, class_names, compact=True),
+        ]
     return candidates
 
 

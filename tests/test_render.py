@@ -276,6 +276,29 @@ def caption_scale(texts: list[str], width: int) -> float:
     return scale
 
 
+def test_class_names_too_long_for_the_tiles_give_class_numbers_not_a_cut_off_true_class() -> None:
+    from cam_monitor.engine import CamResult
+    from cam_monitor.evaluation import render_probe
+    from cam_monitor.options import RenderOptions
+    from cam_monitor.probe import ProbeSet
+    from cam_monitor.schema import MapKey
+
+    names = [f"very_long_class_name_number_{i:02d}" for i in range(20)]
+    logits = torch.zeros(3, 20)
+    logits[torch.arange(3), torch.tensor([4, 11, 7])] = 1.0  # right, wrong, wrong
+    maps = torch.rand(3, 2, 2, generator=GEN)
+    result = CamResult(
+        maps={("features.3", "gradcam"): maps}, targets=torch.zeros(3), logits=logits
+    )
+    images = torch.rand(3, 3, 8, 8, generator=GEN)
+    probe = ProbeSet("val", images, labels=torch.tensor([4, 12, 19]))
+    grid = render_probe(probe, result, RenderOptions(class_names=names))[
+        MapKey("val", "features.3", "gradcam")
+    ]
+    captions = ["ok 4", "x p:11 t:12", "x p:7 t:19"]
+    assert torch.equal(grid, make_overlay_grid(images, maps, captions=captions))
+
+
 @pytest.mark.parametrize("width", [40, 96, 224])
 def test_each_caption_character_is_opencvs_own_glyph_at_the_left_margin(width: int) -> None:
     # Drawn alone, every printable character is exactly what cv2.putText draws at the left

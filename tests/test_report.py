@@ -160,9 +160,13 @@ def test_captions_use_the_class_names_stored_in_the_history(runs: dict[str, Run]
     evaluation = runs["so_s0"].evaluations[-1]
     assert evaluation.class_names == NAMES
     labels = np.arange(BATCH) % 10
-    captions = _captions(evaluation, "target", labels, SIZE, SIZE)
+    captions = _captions(evaluation, "target", labels, 4 * SIZE, 4 * SIZE)
     assert captions is not None and len(captions) == BATCH
     assert any(caption.startswith("ok") and "seven" in caption for caption in captions)
+    # On 64 px tiles "x p:three t:seven" does not fit: class numbers, the true class kept whole.
+    small = _captions(evaluation, "target", labels, SIZE, SIZE)
+    assert small is not None and not any("seven" in caption for caption in small)
+    assert all(" t:" in caption for caption in small if caption.startswith("x "))
     unnamed = Evaluation(
         evaluation.index, evaluation.epoch, evaluation.step, {}, {}, {}, evaluation.logits
     )
