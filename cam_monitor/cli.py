@@ -496,9 +496,15 @@ def _compare(args: argparse.Namespace) -> int:
         if args.out.is_dir():
             raise CliError(f"--out {args.out} is a folder; give a file name such as report.html")
         folder = args.out.absolute().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            why = "is not a writable folder" if folder.is_dir() else "does not exist"
-            raise CliError(f"--out {args.out}: {folder} {why}; create it or give another path")
+        try:  # the report would make it anyway: made first, so a bad path fails before the work
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CliError(
+                f"--out {args.out}: cannot make its folder {folder} ({err.strerror}); give "
+                "another path"
+            ) from err
+        if not os.access(folder, os.W_OK):
+            raise CliError(f"--out {args.out}: {folder} is not writable; give another path")
         require_matplotlib()  # fail before the work, not after it
     if not args.group and len(args.runs) == 2:
         return _compare_two(args)

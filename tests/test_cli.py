@@ -429,15 +429,15 @@ def test_compare_groups_say_what_is_not_in_every_run(
     assert code == 0 and "only in" not in out  # what the filters leave out is not noted
 
 
-def test_an_out_path_in_no_folder_fails_before_the_comparison(
+def test_an_out_path_that_cannot_be_written_fails_before_the_comparison(
     runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "missing" / "report.html"
-    code, printed, err = run_main(
-        ["compare", str(runs[0]), str(runs[1]), "--out", str(out)], capsys
-    )
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    out = tmp_path / "notes.txt" / "report.html"
+    args = ["compare", str(runs[0]), str(runs[1]), "--out", str(out)]
+    code, printed, err = run_main(args, capsys)
     assert code == 2 and printed == ""
-    assert f"--out {out}: {out.parent} does not exist; create it" in err
+    assert f"--out {out}: cannot make its folder {out.parent}" in err
 
 
 def test_compare_names_the_run_that_ends_the_common_epochs(
