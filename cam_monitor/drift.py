@@ -25,6 +25,7 @@ from .measures import (
     prepare,
     summarize,
 )
+from .notices import warn
 from .options import DriftOptions
 from .schema import (
     DRIFT,
@@ -69,6 +70,10 @@ class AttentionTracker:
         self.options = options or DriftOptions()
         self.reference: dict[MapKey, Tensor] = {}
         self.previous: dict[MapKey, Tensor] = {}
+        #: Whether the reference is another run's (`use_reference`): a map it lacks is never
+        #: taken from this run, which would log drift from this run's start as `_ref`.
+        self.external = False
+        self._unreferenced: set[MapKey] = set()
 
     def score(
         self,
@@ -121,10 +126,26 @@ class AttentionTracker:
                 order += [ScalarKey(LOCALIZATION, key, stat) for stat in LOCALIZATION_SCORES]
         for key, maps in current.items():  # the result's own tensors: no copy is kept
             self.previous[key] = maps
-            self.reference.setdefault(key, maps)
+            if not self.external:
+                self.reference.setdefault(key, maps)
+        self._say_unreferenced(current)
         count = torch.cat(non_finite).sum(dim=0, keepdim=True).float() if non_finite else None
         scalars, bad = _summaries(blocks, count)
         return {k: scalars[k] for k in _with_excluded(order, scalars)}, bad
+
+    def _say_unreferenced(self, current: Mapping[MapKey, Tensor]) -> None:
+        """Warn, once per map, where another run's reference holds none of it."""
+        missing = [k for k in current if self.external and k not in self.reference]
+        missing = [k for k in missing if k not in self._unreferenced]
+        if not missing:
+            return
+        self._unreferenced.update(missing)
+        held = ", ".join("/".join(k) for k in self.reference) or "no maps (history_maps='none'?)"
+        warn(
+            f"The reference run holds no maps of {', '.join('/'.join(k) for k in missing)}, so "
+            f"no drift against the reference (_ref) is logged for them; it holds {held}. Give "
+            "reference= a run that recorded the same probe sets, layers and methods."
+        )
 
     def _earlier(self, key: MapKey, against: str, maps: Tensor) -> Tensor | None:
         """The previous or reference map of `key`, where it has the shape of `maps`."""
@@ -196,6 +217,7 @@ class AttentionTracker:
                     f"{ours.digest}); drift against it would compare different images. Use the "
                     "same probe data or drop reference=."
                 )
+        self.external = True
         for (probe, layer, method), maps in evaluation.maps.items():
             device = _device_of(probes.get(probe))
             self.reference[MapKey(probe, layer, method)] = torch.from_numpy(maps).float().to(device)
@@ -206,6 +228,7 @@ class AttentionTracker:
             "key_format": _KEY_FORMAT,
             "reference": {k.encoded: v.cpu() for k, v in self.reference.items()},
             "previous": {k.encoded: v.cpu() for k, v in self.previous.items()},
+            "external": self.external,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -213,6 +236,7 @@ class AttentionTracker:
         parse = MapKey.parse if state.get("key_format") == _KEY_FORMAT else _legacy_key
         self.reference = {parse(k): v for k, v in state.get("reference", {}).items()}
         self.previous = {parse(k): v for k, v in state.get("previous", {}).items()}
+        self.external = bool(state.get("external", False))
 
 
 def _legacy_key(text: str) -> MapKey:

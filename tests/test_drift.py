@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -114,6 +115,30 @@ def test_use_reference_loads_maps_and_refuses_another_probe() -> None:
     different = probe("val")
     with pytest.raises(ValueError, match=r"reference='runs/a' used a different probe 'val'"):
         AttentionTracker().use_reference(other_run, {"val": different}, source="runs/a")
+
+
+def test_a_map_the_reference_run_lacks_gets_no_ref_drift_and_a_warning_not_its_own_start() -> None:
+    ours = probe("val")
+    maps = np.random.default_rng(0).random((2, 4, 4), dtype=np.float32)
+    other_run = Evaluation(
+        index=0, epoch=0, step=0, probe_hashes={"val": ours.digest},
+        maps={("val", "l", "gradcam"): maps}, targets={}, logits={},
+    )  # fmt: skip
+    tracker = AttentionTracker(DriftOptions(measures=("pearson",)))
+    tracker.use_reference(other_run, {"val": ours})
+    other_layer = result(torch.rand(2, 4, 4, generator=GEN), layer="m")
+    with pytest.warns(UserWarning, match=r"holds no maps of val/m/gradcam.*it holds val/l/gradcam"):
+        tracker.score({"val": other_layer}, {"val": ours})
+    later = result(torch.rand(2, 4, 4, generator=GEN), layer="m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        scalars, _ = tracker.score({"val": later}, {"val": ours})
+    key = MapKey("val", "m", "gradcam")
+    assert ScalarKey("cam_drift", key, "pearson_prev") in scalars
+    assert ScalarKey("cam_drift", key, "pearson_ref") not in scalars  # not this run's start
+    resumed = AttentionTracker(DriftOptions(measures=("pearson",)))
+    resumed.load_state_dict(tracker.state_dict())
+    assert resumed.external and key not in resumed.reference
 
 
 def test_a_signed_reference_from_another_run_is_measured_by_magnitude() -> None:
