@@ -584,14 +584,25 @@ def attach_masks(probe: ProbeSet, masks: Any) -> ProbeSet:
 def _check_boxes(name: str, boxes: Tensor, masks: Tensor, size: tuple[int, int]) -> None:
     """Refuse a box that selects no pixel of its image (outside it, inverted, empty, NaN):
     its localization scores would be NaN at every evaluation, and the cause is the box's
-    format (normalised coordinates, (x, y, w, h), swapped corners) more often than its place."""
+    format (normalised coordinates, (x, y, w, h), swapped corners) more often than its place.
+    Boxes that all lie within [0, 1] on a larger image are normalised ones (each would select
+    pixel (0, 0) at most), and refused too."""
+    height, width = size
+    finite = boxes[torch.isfinite(boxes).all(dim=1)]
+    if max(height, width) > 2 and len(finite) and bool(((finite >= 0) & (finite <= 1)).all()):
+        box = ", ".join(f"{float(v):g}" for v in finite[0].tolist())
+        raise ValueError(
+            f"masks for probe {name!r}: every box lies within [0, 1], e.g. ({box}), on "
+            f"{height}x{width} images: normalised coordinates, which select pixel (0, 0) at "
+            "most. Boxes are (x0, y0, x1, y1) in pixels: multiply x by the width and y by "
+            "the height."
+        )
     empty = (~masks.flatten(1).any(dim=1)).nonzero().flatten().tolist()
     if not empty:
         return
     row = empty[0]
     box = [float(v) for v in boxes[row].tolist()]
     shown = ", ".join(f"{v:g}" for v in box)
-    height, width = size
     more = f" ({len(empty)} of {len(boxes)} boxes select no pixel)" if len(empty) > 1 else ""
     raise ValueError(
         f"masks for probe {name!r}: the box of row {row}, ({shown}), selects no pixel of "

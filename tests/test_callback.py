@@ -462,6 +462,21 @@ def test_boxes_that_select_no_pixel_fail_before_training_naming_the_row(
     assert model.steps_run == 0, why
 
 
+@pytest.mark.parametrize("box", [[0.1, 0.2, 0.9, 0.8], [0.0, 0.0, 1.0, 1.0]])
+def test_normalised_boxes_are_refused_before_training(
+    tmp_path: Path, lightning: Lightning, box: list[float]
+) -> None:
+    # Each would hold pixel (0, 0)'s centre and score localization against that one pixel.
+    images, labels = shapes_dataset(4, seed=2).tensors
+    boxes = torch.tensor([box] * 4)
+    model = lightning.module()()
+    monitor = CamMonitor("net.features.5", probe={"objects": (images, labels)}, masks=boxes)
+    trainer = lightning.trainer(default_root_dir=tmp_path, logger=False, callbacks=[monitor])
+    with pytest.raises(ValueError, match=r"'objects': every box lies within \[0, 1\].*in pixels"):
+        trainer.fit(model, loader(shapes_dataset(16)))
+    assert model.steps_run == 0
+
+
 def test_reference_run_sets_the_drift_reference_and_must_share_the_probe(tmp_path: Path) -> None:
     probe = shapes_dataset(6, seed=8).tensors
     fit(
