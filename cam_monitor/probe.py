@@ -152,6 +152,8 @@ def content_hash(value: Any) -> str:
         >>> x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
         >>> content_hash(x) == content_hash(x.numpy()) != content_hash(x.double())
         True
+        >>> content_hash(torch.tensor(2)) != content_hash(torch.tensor([2]))
+        True
     """
     digest = hashlib.sha256()
     for item in leaves(value, (Tensor, np.ndarray)):
@@ -159,7 +161,8 @@ def content_hash(value: Any) -> str:
             item = torch.from_numpy(np.ascontiguousarray(item, item.dtype.newbyteorder("=")))
         data = item.detach().cpu().contiguous()
         digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        flat = data.reshape(-1)  # a 0-d tensor (a target of one class) views as bytes too
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()[:12]
 
 

@@ -198,6 +198,15 @@ def test_target_label_uses_the_probe_labels(tmp_path: Path) -> None:
     assert (first.targets["val"] == first.labels["val"]).all()
 
 
+def test_a_zero_dimensional_target_tensor_explains_that_class_for_every_image(
+    tmp_path: Path,
+) -> None:
+    monitor = CamMonitor("net.features.5", target=torch.tensor(2), num_probe=5,
+                         save_dir=tmp_path / "h")  # fmt: skip
+    fit(monitor, tmp_path, max_epochs=1)
+    assert all((e.targets["val"] == 2).all() for e in read_history(tmp_path / "h"))
+
+
 def test_runtime_failure_warns_and_skips_unless_strict(tmp_path: Path) -> None:
     calls = {"n": 0}
 
