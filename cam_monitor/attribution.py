@@ -121,6 +121,11 @@ def resolve_baseline(baseline: float | Tensor | None, image: Tensor) -> Tensor:
             f"ig_baseline must be None, a number or a tensor, got {type(baseline).__name__}."
         )
     value = torch.as_tensor(baseline, dtype=image.dtype, device=image.device)
+    if not bool(torch.isfinite(value).all()):  # every integration step would be NaN
+        raise ValueError(
+            "ig_baseline holds NaN or infinity; pass finite values (a number, or a tensor "
+            "[C, 1, 1], [1, C, H, W] or [B, C, H, W])."
+        )
     try:
         return value.detach().expand_as(image).clone()
     except RuntimeError as err:

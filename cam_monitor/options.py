@@ -275,6 +275,11 @@ class EngineOptions:
         object.__setattr__(self, "noise", noise)
         if not _is_int(self.seed):
             raise TypeError(f"`seed` must be an int, got {type(self.seed).__name__} {self.seed!r}.")
+        if not -(2**63) <= self.seed < 2**64:
+            raise ValueError(
+                f"`seed` must be an int in [-2**63, 2**64), what torch.Generator takes, got "
+                f"{self.seed}."
+            )
         if self.cam_head is not None and not isinstance(self.cam_head, (str, nn.Module)):
             raise TypeError(
                 "`cam_head` must be the name of an nn.Linear, the module itself, or None, got "

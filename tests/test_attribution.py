@@ -130,6 +130,9 @@ def test_integrated_gradients_with_a_grey_baseline_in_chunked_passes() -> None:
     assert close(chunked["input", "integrated_gradients"], ref.sum(dim=1))
     with pytest.raises(ValueError, match="does not broadcast"):
         compute_cams(net, x, None, "integrated_gradients", ig_baseline=torch.zeros(2, 3, 3))
+    for baseline in (math.nan, math.inf, torch.full((3, 1, 1), math.nan)):
+        with pytest.raises(ValueError, match="ig_baseline holds NaN or infinity"):
+            compute_cams(net, x, None, "integrated_gradients", ig_baseline=baseline)
 
 
 def test_guided_backprop_matches_captum_and_leaves_relus_alone(images: torch.Tensor) -> None:

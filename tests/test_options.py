@@ -155,7 +155,10 @@ def test_an_unknown_name_suggests_the_closest_choice() -> None:
 def test_compute_cams_reports_bad_options_in_the_same_words() -> None:
     net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2))
     x = torch.randn(2, 3, 8, 8)
-    for keywords in ({"noise": NAN}, {"smooth": -1}, {"batch_size": 0}, {"methods": "gradcamm"}):
+    for keywords in (
+        {"noise": NAN}, {"smooth": -1}, {"batch_size": 0}, {"methods": "gradcamm"},
+        {"seed": 2**64},
+    ):  # fmt: skip
         with pytest.raises(ValueError) as direct:
             EngineOptions(**keywords)
         with pytest.raises(ValueError, match=re.escape(str(direct.value))):
