@@ -262,7 +262,10 @@ class EngineOptions:
         check_callable("forward", self.forward)
         check_callable("reshape", self.reshape)
         transform = self.output_transform
-        if transform is not None and not (callable(transform) or isinstance(transform, (int, str))):
+        if transform is not None and (
+            isinstance(transform, bool)
+            or not (callable(transform) or isinstance(transform, (int, str)))
+        ):
             raise TypeError(
                 "`output_transform` must be a callable, a tuple index or a dict key, got "
                 f"{type(transform).__name__}."
@@ -461,6 +464,12 @@ class RenderOptions:
                 raise TypeError(
                     f"`class_names` must be a list of names, got {type(names).__name__}."
                 )
+            missing = [index for index, name in enumerate(names) if name is None]
+            if missing:
+                raise ValueError(
+                    f"`class_names[{missing[0]}]` is None; give every class a name (its index, "
+                    "as a string, where it has none)."
+                )
             object.__setattr__(self, "class_names", tuple(str(name) for name in names))
         check_int("nrow", self.nrow, 1, why="tiles per grid row")
         check_int("max_tiles", self.max_tiles, 1, optional=True, why="tiles per grid")
@@ -529,9 +538,10 @@ class FaithfulnessOptions:
     )
 
     def __post_init__(self) -> None:
-        chosen = () if self.measures is None or self.measures == () else self.measures
-        if chosen:
-            chosen = check_choices("faithfulness", chosen, FAITHFULNESS_CHOICES)
+        empty = self.measures is None or (
+            isinstance(self.measures, (tuple, list)) and not self.measures
+        )
+        chosen = () if empty else check_choices("faithfulness", self.measures, FAITHFULNESS_CHOICES)
         object.__setattr__(self, "measures", tuple(chosen))
 
     @property
@@ -641,6 +651,8 @@ class ProbeOptions:
         for name, key in (("input_key", self.input_key), ("label_key", self.label_key)):
             if key is not None and not isinstance(key, str):
                 raise TypeError(f"`{name}` must be a dict key (str) or None, got {key!r}.")
+            if key == "":
+                raise ValueError(f"`{name}` must be a dict key or None, got ''.")
         object.__setattr__(self, "sets", probe_sets(self.probe, self.input_key))
         check_masks(self.masks, self.sets)
         check_int("num_probe", self.num_probe, 1)
@@ -698,6 +710,11 @@ class OutputOptions:
         for name, folder in (("reference", self.reference), ("save_dir", self.save_dir)):
             if folder is not None and not isinstance(folder, (str, os.PathLike)):
                 raise TypeError(f"`{name}` must be a folder path or None, got {folder!r}.")
+            if isinstance(folder, str) and not folder.strip():
+                raise ValueError(
+                    f"`{name}` must be a folder path or None, got {folder!r} (use '.' for the "
+                    "current folder)."
+                )
         for name, flag in (("history", self.history), ("strict", self.strict)):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be True or False, got {flag!r}.")

@@ -163,6 +163,19 @@ def test_print_config_lists_every_argument_with_its_default(
         assert listed[name] == (list(default) if isinstance(default, tuple) else default), name
 
 
+@pytest.mark.parametrize("argument", ["methods", "views", "drift_measures", "faithfulness"])
+def test_a_single_name_is_taken_wherever_a_list_of_names_is(
+    lightning: Lightning, argument: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    value = {"methods": "layercam", "views": "pos", "drift_measures": "js"}.get(argument, "drop")
+    args = ["fit", "--trainer.callbacks+=cam_monitor.CamMonitor",
+            f"--trainer.callbacks.init_args.{argument}={value}", "--print_config"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        run_cli(lightning, args)
+    (callback,) = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    assert callback["init_args"][argument] == value
+
+
 def test_yaml_sets_every_argument_and_fits(lightning: Lightning, tmp_path: Path) -> None:
     init_args: dict[str, Any] = {
         "layer": ["net.features.3", "net.features.5"],

@@ -163,7 +163,7 @@ class CamMonitor(*lightning_classes("callbacks", "Callback"), GuardedPickling): 
         cam_head: str | None = None,
         ig_steps: int = 256,
         filters: Mapping[str, Sequence[int]] | None = None,
-        drift_measures: Sequence[str] = DEFAULT_MEASURES,
+        drift_measures: str | Sequence[str] = DEFAULT_MEASURES,
         topk: float = 0.2,
         pointing_tolerance: int = 0,
         faithfulness: str | Sequence[str] | None = DEFAULT_FAITHFULNESS,
