@@ -118,6 +118,30 @@ def _by_suffix(asked: str, names: list[str], model: nn.Module) -> str:
     raise _not_found(asked, names, model)
 
 
+def _glob_by_suffix(
+    asked: str, regex: re.Pattern[str], names: list[str], model: nn.Module
+) -> list[str]:
+    """The names whose ending after one prefix matches the glob (`"features.*"` for
+    `net.features.0`, ... in a LightningModule holding the net as `self.net`), as a plain name
+    resolves by suffix; refused where the endings sit under several prefixes."""
+    by_prefix: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        for cut in range(1, len(parts)):
+            if regex.match(".".join(parts[cut:])):
+                by_prefix.setdefault(".".join(parts[:cut]), []).append(name)
+                break
+    if len(by_prefix) > 1:
+        prefixes = ", ".join(f"{p + '.' + asked!r}" for p in by_prefix)
+        raise ValueError(
+            f"Layer glob {asked!r} is ambiguous in {type(model).__name__}: it matches under "
+            f"{len(by_prefix)} prefixes; pass one of {prefixes}."
+        )
+    if not by_prefix:
+        raise _not_found(asked, names, model)
+    return next(iter(by_prefix.values()))
+
+
 def resolve_layers(
     model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]
 ) -> list[tuple[str, nn.Module]]:
@@ -125,7 +149,8 @@ def resolve_layers(
 
     Names are looked up after unwrapping DDP and `torch.compile`. A name that is not exact but
     ends exactly one module's dotted name (`"features.29"` for `model.features.29`) resolves to
-    it. A glob such as `"features.*"` matches within one dotted segment (`**` crosses segments).
+    it. A glob such as `"features.*"` matches within one dotted segment (`**` crosses segments);
+    one that matches no full name matches the names it ends, under one prefix.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
@@ -153,9 +178,9 @@ def resolve_layers(
         elif isinstance(spec, str):
             if _GLOB_CHARS.search(spec):
                 regex = _glob_to_regex(spec)
-                matches = [n for n in names if regex.match(n)]
-                if not matches:
-                    raise _not_found(spec, names, model)
+                matches = [n for n in names if regex.match(n)] or _glob_by_suffix(
+                    spec, regex, names, model
+                )
                 for name in matches:
                     found.setdefault(name, named[name])
             elif spec in named:

@@ -81,6 +81,20 @@ def test_a_unique_dotted_suffix_finds_a_wrapped_network(tiny_cnn: nn.Module) -> 
         resolve_layers(wrapper, "atures.3")
 
 
+def test_a_glob_finds_a_wrapped_network_as_a_plain_name_does(tiny_cnn: nn.Module) -> None:
+    wrapper = nn.Module()
+    wrapper.model = tiny_cnn
+    found = [name for name, _ in resolve_layers(wrapper, "features.*")]
+    assert found == [f"model.features.{i}" for i in range(len(tiny_cnn.features))]
+    assert [n for n, _ in resolve_layers(wrapper, "model.features.*")] == found  # full: as ever
+    wrapper.twin = nn.Module()
+    wrapper.twin.features = nn.Sequential(nn.Identity())
+    with pytest.raises(ValueError, match=r"'features\.\*' is ambiguous.*'model\.features\.\*'"):
+        resolve_layers(wrapper, "features.*")
+    with pytest.raises(ValueError, match=r"No layer named 'blocks\.\*'"):
+        resolve_layers(wrapper, "blocks.*")
+
+
 def test_channels_last_outputs_are_permuted_where_the_input_says_so() -> None:
     nhwc = torch.randn(2, 4, 6, 96)  # a Swin stage on a 32x48 input: 4x6 cells, 96 channels
     grid = as_spatial("stage", nhwc, input_size=(32, 48))
