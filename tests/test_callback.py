@@ -685,6 +685,37 @@ def test_resuming_with_another_target_or_topk_says_the_history_mixes_both(tmp_pa
     assert same.run_id == changed.run_id
 
 
+ARGMAX = lambda logits: logits.argmax(1)  # noqa: E731 (module-level lambdas: one qualname)
+ARGMIN = lambda logits: logits.argmin(1)  # noqa: E731
+
+
+def test_resuming_with_another_function_of_one_name_warns_and_the_same_elsewhere_does_not(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    def run(target: Callable, epochs: int, ckpt: str | None = None) -> tuple[Any, CamMonitor]:
+        monitor = CamMonitor("net.features.5", num_probe=4, save_dir=tmp_path, target=target)
+        trainer = lightning.trainer(
+            default_root_dir=tmp_path, logger=False, max_epochs=epochs, callbacks=[monitor],
+            enable_checkpointing=True,
+        )  # fmt: skip
+        trainer.fit(lightning.module()(), loader(shapes_dataset(16)), ckpt_path=ckpt)
+        return trainer.checkpoint_callback.best_model_path, monitor
+
+    ckpt, first = run(ARGMAX, 1)
+    assert ARGMAX.__qualname__ == ARGMIN.__qualname__  # told apart by their code
+    with pytest.warns(UserWarning, match=r"resumed with other target \(\S+<lambda> #"):
+        ckpt, changed = run(ARGMIN, 2, ckpt)
+    assert changed.run_id == first.run_id
+
+    def elsewhere() -> Callable:
+        return lambda logits: logits.argmin(1)  # ARGMIN's code, under another qualified name
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CamMonitor: resumed")
+        _, same = run(elsewhere(), 3, ckpt)
+    assert same.run_id == first.run_id
+
+
 def test_monitors_on_different_modules_of_one_type_share_a_trainer_and_resume(
     tmp_path: Path, lightning: Lightning
 ) -> None:

@@ -3,6 +3,11 @@ run that differs from it gets (end to end in test_callback.py and test_lightning
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +86,80 @@ def test_settings_hold_the_recorded_engine_fields_masks_and_drift_options() -> N
     assert text["target"] == "'predicted'" and text["masks"] == "None"
     masked = settings(EngineOptions(), DriftOptions(), torch.ones(2, 4, 4, dtype=torch.bool))
     assert masked["masks"].startswith("tensor ")
+
+
+def target_changes(saved: object, now: object) -> list[str]:
+    """The warnings for a run saved with `target=saved` and resumed with `target=now`."""
+    before = RunState(
+        evaluations=2, settings=settings(EngineOptions(target=saved), DriftOptions(), None)
+    )
+    after = RunState(settings=settings(EngineOptions(target=now), DriftOptions(), None))
+    return list(before.diff(after))
+
+
+def pick(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th most likely class (a function for `functools.partial` targets)."""
+    return logits.topk(k, dim=1).indices[:, -1]
+
+
+HERE = re.escape(f"{__name__}.")
+ARGMAX = lambda z: z.argmax(1)  # noqa: E731 (module-level lambdas share one qualified name)
+ARGMIN = lambda z: z.argmin(1)  # noqa: E731
+
+
+def test_functions_of_one_name_but_other_code_or_arguments_are_told_apart() -> None:
+    (changed,) = target_changes(ARGMAX, ARGMIN)
+    lam = rf"{HERE}<lambda> #\w{{12}}"
+    assert re.search(rf"resumed with other target \({lam} -> {lam}\)", changed)
+    (changed,) = target_changes(functools.partial(pick, k=1), functools.partial(pick, k=3))
+    assert "resumed with other target (functools.partial #" in changed
+    assert len(target_changes(functools.partial(pick, 1), functools.partial(pick, 2))) == 1
+    assert len(target_changes(functools.partial(pick, k=1), functools.partial(pick, k=1))) == 0
+    # defaults and closure values are part of a function's behaviour
+    assert len(target_changes(lambda z, k=1: pick(z, k), lambda z, k=2: pick(z, k))) == 1
+
+    def closing_over(k: int) -> object:
+        return lambda z: pick(z, k)
+
+    assert len(target_changes(closing_over(1), closing_over(2))) == 1
+    assert len(target_changes(closing_over(1), closing_over(1))) == 0
+
+
+def test_the_same_function_in_another_scope_is_the_same_target() -> None:
+    def inner() -> object:
+        return lambda z: z.argmax(1)
+
+    assert ARGMAX.__qualname__ != inner().__qualname__
+    assert target_changes(ARGMAX, inner()) == []
+    assert target_changes(functools.partial(pick, k=1), functools.partial(pick, k=1)) == []
+
+
+def test_a_checkpoint_naming_functions_by_import_path_alone_compares_as_before() -> None:
+    old = {"evaluations": 2, "settings": {"target": f"{__name__}.<lambda>", "topk": "0.2"}}
+    saved = RunState.from_state_dict(old)
+    now = settings(EngineOptions(target=ARGMIN), DriftOptions(), None)
+    assert now["target"].startswith(f"{__name__}.<lambda> #")
+    assert list(saved.diff(RunState(settings=now))) == []  # same import path: as before
+    elsewhere = settings(EngineOptions(target=pick), DriftOptions(), None)
+    (changed,) = saved.diff(RunState(settings=elsewhere))
+    assert f"target ({__name__}.<lambda> -> {__name__}.pick #" in changed
+
+
+def test_a_function_fingerprint_is_the_same_in_every_process() -> None:
+    script = (
+        "from cam_monitor.lightning.resume import settings;"
+        "from cam_monitor.options import DriftOptions, EngineOptions;"
+        "f = lambda z, names=('a', 'b'): z if z in {'x', 'y', 'z', 'w'} else names;"
+        "print(settings(EngineOptions(target=f), DriftOptions(), None)['target'])"
+    )
+    texts = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(texts) == 1 and " #" in texts.pop()

@@ -3,7 +3,11 @@ from it: each difference is one warning, said once, from `RunState.diff`."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import re
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -84,7 +88,7 @@ class RunState:
         changed = [
             f"{k} ({self.settings[k]} -> {v})"
             for k, v in now.settings.items()
-            if self.settings.get(k, v) != v
+            if k in self.settings and _differs(self.settings[k], v)
         ]
         if changed:
             yield (
@@ -183,7 +187,8 @@ def settings(engine: EngineOptions, drift: DriftOptions, masks: Any) -> dict[str
 
 def _describe(value: Any) -> str:
     """An argument as text that is the same in every process: tensors by content hash,
-    functions by import path, modules by type."""
+    functions by import path and fingerprint (`_fingerprint`), modules and callable objects by
+    type."""
     if isinstance(value, (Tensor, Mapping)):
         return f"tensor {content_hash(value)}"
     if isinstance(value, nn.Module):
@@ -192,5 +197,106 @@ def _describe(value: Any) -> str:
         return "(" + ", ".join(_describe(item) for item in value) + ")"
     if callable(value):
         named = value if hasattr(value, "__qualname__") else type(value)  # a callable object
-        return f"{getattr(named, '__module__', '?')}.{named.__qualname__}"
+        path = f"{getattr(named, '__module__', '?')}.{named.__qualname__}"
+        digest = _fingerprint(value)
+        return path if digest is None else f"{path} #{digest}"
     return repr(value)
+
+
+_FINGERPRINTED = re.compile(r"(?s)(.+) #([0-9a-f]{12})")
+
+
+def _differs(saved: str, now: str) -> bool:
+    """Whether a setting's text in a checkpoint (`saved`) and now name different arguments:
+    two fingerprinted functions by fingerprint alone (the same code in another scope is the
+    same function); a checkpoint from before fingerprints by import path, as it was compared
+    then."""
+    old, new = _FINGERPRINTED.fullmatch(saved), _FINGERPRINTED.fullmatch(now)
+    if old and new:
+        return old[2] != new[2]
+    if new:
+        return saved != new[1]
+    return saved != now
+
+
+def _fingerprint(value: Any) -> str | None:
+    """12 hex digits that tell functions of different behaviour apart, the same in every
+    process: for a function (a lambda too) its module, code (bytecode, constants, names),
+    defaults and closure values; for a bound method its function's and its instance's type;
+    for a `functools.partial` its function's and its arguments. None for other callables
+    (classes, builtins, callable objects), which are told apart by name alone."""
+    text = _behaviour(value)
+    return None if text is None else hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _behaviour(value: Any) -> str | None:
+    """The text `_fingerprint` digests."""
+    if isinstance(value, functools.partial):
+        func = _behaviour(value.func)
+        if func is None:
+            func = _value_text(value.func)
+        arguments = [_value_text(arg) for arg in value.args]
+        keywords = _value_text(value.keywords)
+        return f"partial({func}; {', '.join(arguments)}; {keywords})"
+    if isinstance(value, types.MethodType):
+        func = _behaviour(value.__func__)
+        if func is None:
+            return None
+        return f"method({func}; {_type_name(value.__self__)})"
+    if isinstance(value, types.FunctionType):
+        cells = []
+        for cell in value.__closure__ or ():
+            try:
+                cells.append(_value_text(cell.cell_contents))
+            except ValueError:  # a cell not yet filled
+                cells.append("<empty>")
+        return (
+            f"function({value.__module__}; {_code_text(value.__code__)}; "
+            f"{_value_text(value.__defaults__)}; {_value_text(value.__kwdefaults__)}; "
+            f"({', '.join(cells)}))"
+        )
+    return None
+
+
+def _code_text(code: types.CodeType) -> str:
+    """A code object's bytecode, constants (nested code objects alike) and names, but not its
+    name or qualified name: the same lambda in another scope reads the same."""
+    consts = [
+        _code_text(const) if isinstance(const, types.CodeType) else _const_text(const)
+        for const in code.co_consts
+    ]
+    return f"code({code.co_code.hex()}; ({', '.join(consts)}); {code.co_names!r})"
+
+
+def _const_text(const: Any) -> str:
+    """A code constant as text: frozensets (`x in {...}`) sorted, since their order follows
+    string hashing, which differs from process to process."""
+    if isinstance(const, frozenset):
+        return "frozenset(" + ", ".join(sorted(_const_text(item) for item in const)) + ")"
+    if isinstance(const, tuple):
+        return "(" + ", ".join(_const_text(item) for item in const) + ",)"
+    return repr(const)
+
+
+def _value_text(value: Any) -> str:
+    """A default, closure value or partial argument as text that is the same in every process:
+    numbers, strings, booleans, None and tuples or lists of them by value, tensors by content
+    hash, dicts by sorted key, functions and classes by import path, anything else by type."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return type(value).__name__ + "(" + ", ".join(_value_text(v) for v in value) + ")"
+    if isinstance(value, dict):
+        items = sorted((repr(k), _value_text(v)) for k, v in value.items())
+        return "{" + ", ".join(f"{k}: {v}" for k, v in items) + "}"
+    if isinstance(value, Tensor):
+        return f"tensor {content_hash(value)}"
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):
+        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
+    return _type_name(value)
+
+
+def _type_name(value: Any) -> str:
+    """A value's type by import path."""
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}"
