@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from cam_monitor.history import Evaluation, write_evaluation
@@ -145,6 +146,7 @@ def test_a_checkpoint_naming_functions_by_import_path_alone_compares_as_before()
     assert f"target ({__name__}.<lambda> -> {__name__}.pick #" in changed
 
 
+@pytest.mark.slow  # three subprocesses
 def test_a_function_fingerprint_is_the_same_in_every_process() -> None:
     script = (
         "from cam_monitor.lightning.resume import settings;"
