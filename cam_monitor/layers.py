@@ -263,6 +263,10 @@ def _channels_last(
     return evidence
 
 
+#: 1-D pooling: its `[B, C, 1]` output reads as C tokens one value wide, which are no grid.
+_POOLING_1D = (nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.AvgPool1d, nn.MaxPool1d)
+
+
 @dataclass(frozen=True)
 class TokenLayout:
     """How a layer's tokens `[B, N, C]` sit on the patch grid, as the model declares it.
@@ -314,17 +318,23 @@ def token_layout(model: nn.Module, name: str) -> TokenLayout:
             continue
         prefix = _declared_prefix(owner) if prefix is None else prefix
         patch = _declared_patch(owner) if patch is None else patch
-        reroll = _declared_reroll(owner) if reroll is None else reroll
+        reroll = _declared_reroll(owner, parts[depth:]) if reroll is None else reroll
     return TokenLayout(prefix, patch, reroll)
 
 
-def _declared_reroll(owner: nn.Module) -> Callable[[Tensor], Tensor | None] | None:
-    """What puts the tokens of a timm Hiera back on the grid, or None for other models.
+def _declared_reroll(
+    owner: nn.Module, below: Sequence[str]
+) -> Callable[[Tensor], Tensor | None] | None:
+    """What puts the tokens of a timm Hiera's layer `owner.<below>` back on the grid, or None
+    for other models and for its layers before the unrolling (the patch embedding).
 
-    Hiera keeps its tokens in mask-unit order until its last stage; its `reroll` module (what
-    timm's `forward_intermediates` uses) restores row-major order for a block index. The stage,
-    and so the order, follows from the token count: each stage's grid is smaller.
+    Hiera keeps its tokens in mask-unit order from its `unroll` until its last stage; its
+    `reroll` module (what timm's `forward_intermediates` uses) restores row-major order for a
+    block index. The stage, and so the order, follows from the token count: each stage's grid
+    is smaller.
     """
+    if not below or below[0] not in ("unroll", "blocks"):
+        return None
     module = getattr(owner, "reroll", None)
     schedules = getattr(module, "schedule", None)
     if not (isinstance(module, nn.Module) and type(module).__name__ == "Reroll"):
@@ -485,9 +495,9 @@ def as_spatial(
     `[B, N, C]` are accepted on a grid of the input's shape (square without `input_size`) after
     the prefix tokens (class, distillation, registers) that `layout` (`token_layout`) declares,
     which are dropped (or none: the patch embedding's output); where the model declares none,
-    after 0 or 1 token. Tokens one value wide (`[B, C, 1]`, what a 1-D pooling leaves) are
-    refused. With `batch` (the number of images), an output (or what `reshape` returns) whose
-    first axis is not the batch (sequence-first tokens `[N, B, C]`) is refused.
+    after 0 or 1 token. A pooler's output one value wide (`[B, C, 1]`, what a 1-D pooling
+    leaves) is refused. With `batch` (the number of images), an output (or what `reshape`
+    returns) whose first axis is not the batch (sequence-first tokens `[N, B, C]`) is refused.
 
     Example:
         >>> import torch
@@ -528,7 +538,9 @@ def as_spatial(
         return output
     if output.dim() == 3:
         rows_of_images, tokens, channels = output.shape
-        if channels == 1:
+        if channels == 1 and (
+            isinstance(module, _POOLING_1D) or type(module).__name__.endswith("Pooler")
+        ):
             raise ValueError(
                 f"Layer {name!r} outputs {tuple(output.shape)}: one value per token, which is "
                 "what a 1-D pooling leaves ([B, C, 1], a pooler), not tokens [B, N, C] on the "

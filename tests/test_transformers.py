@@ -343,12 +343,22 @@ def test_hiera_tokens_in_mask_unit_order_are_put_back_on_the_grid() -> None:
         assert got.shape == expected.shape == (2, side, side)
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7 * float(expected.max()))
         assert expected.max() > 0
+    # The patch embedding runs before the unrolling: its tokens are row-major, left as they are.
+    tokens = model.patch_embed(x)
+    layout = token_layout(model, "patch_embed")
+    grid = as_spatial("patch_embed", tokens, None, (SIZE, SIZE), model.patch_embed, layout, 2)
+    assert torch.allclose(grid, model.patch_embed.proj(x), atol=1e-6)
 
 
 def test_a_poolers_one_value_per_token_is_refused_as_no_grid() -> None:
     model = hf_swin()
     with pytest.raises(ValueError, match=r"'swin.pooler' outputs \(2, 64, 1\): one value per"):
         compute_cams(model, images(), "swin.pooler")
+    # One value per patch from a layer that pools nothing (a per-patch score) is a grid.
+    scores = as_spatial(
+        "score", torch.arange(32.0).reshape(2, 16, 1), None, (16, 16), nn.Linear(8, 1)
+    )
+    assert torch.equal(scores, torch.arange(32.0).reshape(2, 1, 4, 4))
 
 
 class SequenceFirstViT(nn.Module):
