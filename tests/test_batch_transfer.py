@@ -112,6 +112,28 @@ def test_an_explicit_probe_on_a_module_with_hooks_warns_that_it_is_fed_as_given(
     assert not any("batch_transfer" in str(w.message) for w in records)
 
 
+class AttributeHookSteps(ClassifierSteps):
+    """Its hook is a function set as an attribute (no `__self__`), which Lightning calls too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_after_batch_transfer = lambda batch, dataloader_idx: (
+            normalised(batch[0]),
+            batch[1],
+        )
+
+
+def test_a_hook_set_as_an_attribute_is_named_by_its_module(
+    tmp_path: Path, lightning: Lightning
+) -> None:
+    images, labels = shapes_dataset(4, seed=2).tensors
+    monitor = CamMonitor("net.features.5", probe=(images, labels), save_dir=tmp_path / "h")
+    with pytest.warns(UserWarning, match="on_after_batch_transfer") as caught:
+        fit(monitor, tmp_path, lightning, model=lightning.module(AttributeHookSteps), max_epochs=1)
+    message = next(str(w.message) for w in caught if "batch_transfer" in str(w.message))
+    assert "AttributeHookSteps.on_after_batch_transfer transforms" in message
+
+
 def test_a_datamodules_hook_is_the_one_the_probe_goes_through(
     tmp_path: Path, lightning: Lightning
 ) -> None:

@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
@@ -86,9 +86,9 @@ def sampled(spec: Any) -> bool:
     return isinstance(spec, (Dataset, DataLoader))
 
 
-def batch_hooks(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-    """The fit's batch-transfer hooks by name, each bound to the object Lightning calls it on
-    (the datamodule where it overrides it, else the module), where at least one of them is the
+def batch_hooks(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, BatchHook]:
+    """The fit's batch-transfer hooks by name, each with the object Lightning calls it on (the
+    datamodule where it overrides it, else the module), where at least one of them is the
     user's own; empty where none is (a batch is then only moved, as the probe always was)."""
     datamodule = getattr(trainer, "datamodule", None)
     owners = {
@@ -97,7 +97,15 @@ def batch_hooks(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str,
     }
     if not any(overrides(owner, name) for name, owner in owners.items()):
         return {}
-    return {name: getattr(owner, name) for name, owner in owners.items()}
+    return {name: BatchHook(owner, getattr(owner, name)) for name, owner in owners.items()}
+
+
+class BatchHook(NamedTuple):
+    """A batch-transfer hook and the LightningModule or DataModule it belongs to (a function
+    set as an attribute has no `__self__` to say it)."""
+
+    owner: Any
+    call: Callable[..., Any]
 
 
 def overrides(owner: Any, name: str) -> bool:
@@ -110,7 +118,7 @@ def overrides(owner: Any, name: str) -> bool:
 
 
 def batch_transfer(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, hooks: Mapping[str, Any]
+    trainer: pl.Trainer, pl_module: pl.LightningModule, hooks: Mapping[str, BatchHook]
 ) -> Callable[[Any], Any]:
     """What the fit does to each batch it takes from a loader (dataloader_idx 0), as a function
     of the collated probe batch: the precision plugin's `convert_input`, then `hooks` in order.
@@ -128,12 +136,12 @@ def batch_transfer(
             for name in BATCH_HOOKS:
                 args = (device, 0) if name == "transfer_batch_to_device" else (0,)
                 try:
-                    batch = hooks[name](batch, *args)
+                    batch = hooks[name].call(batch, *args)
                 except Exception as err:  # the user's hook: said where it ran, and how
                     note = getattr(err, "add_note", None)  # Python >= 3.11
                     if note is None:
                         raise
-                    owner = type(getattr(hooks[name], "__self__", None)).__name__
+                    owner = type(hooks[name].owner).__name__
                     note(
                         f"CamMonitor: raised by {owner}.{name} "
                         "on the probe batch, which the monitor passes through the batch-transfer "
@@ -169,15 +177,15 @@ def validation_batch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iter
                     module.training = flag
 
 
-def explicit_probe_warning(specs: Mapping[str, Any], hooks: Mapping[str, Any]) -> str | None:
+def explicit_probe_warning(specs: Mapping[str, Any], hooks: Mapping[str, BatchHook]) -> str | None:
     """What to say where the fit transforms its batches in batch-transfer hooks of the user's
     but a probe set is given as tensors: that set reaches the model as it is, not through them;
     None otherwise."""
     given = [name for name, spec in specs.items() if not sampled(spec)]
     own = [
-        f"{type(owner).__name__}.{name}"
-        for name, method in hooks.items()
-        if overrides(owner := getattr(method, "__self__", None), name)
+        f"{type(hook.owner).__name__}.{name}"
+        for name, hook in hooks.items()
+        if overrides(hook.owner, name)
     ]
     if not given or not own:
         return None
