@@ -10,6 +10,7 @@ parameter `.grad` is never touched.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -104,6 +105,22 @@ def noisy_rows(image: Tensor, index: Tensor, sigma: Tensor, generator: torch.Gen
     return (image.detach()[index].float() + draw * scale).to(image.dtype)
 
 
+def check_finite_baseline(baseline: float | Tensor | None) -> None:
+    """Refuse a NaN or infinite integrated-gradients baseline: every integration step would be
+    NaN. Once per call (a tensor's check reads one value back from its device)."""
+    if baseline is None or isinstance(baseline, bool):
+        return
+    if isinstance(baseline, Tensor):
+        finite = bool(torch.isfinite(baseline).all())
+    else:
+        finite = not isinstance(baseline, (int, float)) or math.isfinite(baseline)
+    if not finite:
+        raise ValueError(
+            "ig_baseline holds NaN or infinity; pass finite values (a number, or a tensor "
+            "[C, 1, 1], [1, C, H, W] or [B, C, H, W])."
+        )
+
+
 def resolve_baseline(baseline: float | Tensor | None, image: Tensor) -> Tensor:
     """The integrated-gradients baseline as a tensor of the image's shape (default: zeros).
 
@@ -121,11 +138,6 @@ def resolve_baseline(baseline: float | Tensor | None, image: Tensor) -> Tensor:
             f"ig_baseline must be None, a number or a tensor, got {type(baseline).__name__}."
         )
     value = torch.as_tensor(baseline, dtype=image.dtype, device=image.device)
-    if not bool(torch.isfinite(value).all()):  # every integration step would be NaN
-        raise ValueError(
-            "ig_baseline holds NaN or infinity; pass finite values (a number, or a tensor "
-            "[C, 1, 1], [1, C, H, W] or [B, C, H, W])."
-        )
     try:
         return value.detach().expand_as(image).clone()
     except RuntimeError as err:

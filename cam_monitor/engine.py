@@ -20,6 +20,7 @@ from .attribution import (
     ScoreFn,
     add_rows,
     channel_sum,
+    check_finite_baseline,
     completeness_warning,
     deconvnet,
     guided_backprop,
@@ -232,6 +233,8 @@ def compute(
     if total and options.batch_size is not None and options.batch_size < total:
         ranges = list(pass_ranges(total, options.batch_size))
 
+    if "integrated_gradients" in options.methods:
+        check_finite_baseline(ig_baseline)
     whole = None if len(ranges) == 1 else _Rows(total)
     with isolated(module):
         batch = batch.usable()

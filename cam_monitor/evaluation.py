@@ -385,8 +385,8 @@ def display_warning(probe: ProbeSet) -> str | None:
     """What the grids of a probe whose images have other than 1 or 3 channels show (RGBA,
     2-channel, multispectral: `display_channels`), said once; None for 1 or 3 channels."""
     image = probe.image
-    if image is None or image.shape[1] in (1, 3):
-        return None
+    if image is None or image.shape[1] in (1, 3) or image.shape[-1] in (1, 3):
+        return None  # channels-last [B, H, W, 1|3] is refused with its own fix when drawn
     channels = int(image.shape[1])
     shown = display_channels(channels)
     what = "channel 0 as grey" if len(shown) == 1 else "channels 0, 1 and 2 as RGB"

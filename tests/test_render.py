@@ -651,3 +651,14 @@ def test_a_probe_above_max_tiles_draws_its_evenly_spaced_images_with_their_capti
     assert bounded.keys() == expected.keys()
     for key, grid in bounded.items():
         assert torch.equal(grid, expected[key]), key
+
+
+def test_the_display_warning_is_for_other_channel_counts_not_for_channels_last() -> None:
+    from cam_monitor.evaluation import display_warning
+    from cam_monitor.probe import ProbeSet
+
+    four = ProbeSet("rgba", torch.rand(2, 4, 8, 8))
+    assert "4-channel images" in str(display_warning(four))
+    assert display_warning(ProbeSet("rgb", torch.rand(2, 3, 8, 8))) is None
+    # [B, H, W, 3] is no 8-channel image: drawing refuses it, naming the permute
+    assert display_warning(ProbeSet("last", torch.rand(2, 8, 8, 3))) is None
