@@ -7,6 +7,7 @@ import ast
 import inspect
 import re
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,13 @@ def test_every_argument_is_documented_in_help_and_in_docs_arguments() -> None:
                 assert signature[name].default == default, (page.name, name, default)
 
 
+@cache
+def functions_of(path: Path) -> dict[str, ast.FunctionDef]:
+    """The functions a test file defines, by name (parsed once per file)."""
+    tree = ast.parse(path.read_text())
+    return {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+
+
 @pytest.mark.parametrize("page", PAGES, ids=PAGE_IDS)
 def test_every_test_and_file_a_page_names_exists(page: Path) -> None:
     # `tests/test_x.py::name`, `test_x.py::name` and `::name` (the file named last in that row)
@@ -113,8 +121,7 @@ def test_every_test_and_file_a_page_names_exists(page: Path) -> None:
             if not path.is_file():
                 missing.append(current)
             elif name:
-                tree = ast.parse(path.read_text())
-                tests = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+                tests = functions_of(path)
                 if name not in tests:
                     missing.append(f"{current}::{name}")
                 elif both != ("lightning" in [a.arg for a in tests[name].args.args]):
