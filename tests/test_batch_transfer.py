@@ -94,24 +94,6 @@ def test_a_hook_that_draws_leaves_training_bit_identical(
     assert watched_trainer.state.stage == plain_trainer.state.stage
 
 
-def test_an_explicit_probe_on_a_module_with_hooks_warns_that_it_is_fed_as_given(
-    tmp_path: Path, lightning: Lightning
-) -> None:
-    images, labels = shapes_dataset(4, seed=2).tensors
-    monitor = CamMonitor("net.features.5", probe=(images, labels), save_dir=tmp_path / "h")
-    with pytest.warns(UserWarning, match="on_after_batch_transfer") as caught:
-        fit(monitor, tmp_path, lightning, model=lightning.module(NormalisingSteps), max_epochs=1)
-    message = next(str(w.message) for w in caught if "batch_transfer" in str(w.message))
-    assert "NormalisingSteps.on_after_batch_transfer" in message and "probe 'probe'" in message
-    assert "as the model sees it after the hooks" in message and "probe=None" in message
-    assert torch.equal(monitor.run.probes["probe"].inputs, images)  # as given, untransformed
-    plain = CamMonitor("net.features.5", probe=(images, labels), save_dir=tmp_path / "p")
-    with warnings.catch_warnings(record=True) as records:
-        warnings.simplefilter("always")
-        fit(plain, tmp_path / "p", lightning, max_epochs=1)
-    assert not any("batch_transfer" in str(w.message) for w in records)
-
-
 class AttributeHookSteps(ClassifierSteps):
     """Its hook is a function set as an attribute (no `__self__`), which Lightning calls too."""
 
@@ -123,15 +105,24 @@ class AttributeHookSteps(ClassifierSteps):
         )
 
 
-def test_a_hook_set_as_an_attribute_is_named_by_its_module(
-    tmp_path: Path, lightning: Lightning
+@pytest.mark.parametrize("steps", [NormalisingSteps, AttributeHookSteps])
+def test_an_explicit_probe_on_a_module_with_hooks_warns_that_it_is_fed_as_given(
+    tmp_path: Path, lightning: Lightning, steps: type
 ) -> None:
     images, labels = shapes_dataset(4, seed=2).tensors
     monitor = CamMonitor("net.features.5", probe=(images, labels), save_dir=tmp_path / "h")
     with pytest.warns(UserWarning, match="on_after_batch_transfer") as caught:
-        fit(monitor, tmp_path, lightning, model=lightning.module(AttributeHookSteps), max_epochs=1)
+        fit(monitor, tmp_path, lightning, model=lightning.module(steps), max_epochs=1)
     message = next(str(w.message) for w in caught if "batch_transfer" in str(w.message))
-    assert "AttributeHookSteps.on_after_batch_transfer transforms" in message
+    # named by the module it belongs to, also where it is a function set as an attribute
+    assert f"{steps.__name__}.on_after_batch_transfer" in message and "probe 'probe'" in message
+    assert "as the model sees it after the hooks" in message and "probe=None" in message
+    assert torch.equal(monitor.run.probes["probe"].inputs, images)  # as given, untransformed
+    plain = CamMonitor("net.features.5", probe=(images, labels), save_dir=tmp_path / "p")
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        fit(plain, tmp_path / "p", lightning, max_epochs=1)
+    assert not any("batch_transfer" in str(w.message) for w in records)
 
 
 def test_a_datamodules_hook_is_the_one_the_probe_goes_through(

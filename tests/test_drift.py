@@ -98,15 +98,22 @@ def test_state_dicts_of_the_first_version_still_load() -> None:
     assert tracker.reference == tracker.previous == {}
 
 
-def test_use_reference_loads_maps_and_refuses_another_probe() -> None:
-    ours = probe("val")
+def other_run_as_reference(ours: ProbeSet) -> tuple[AttentionTracker, np.ndarray, Evaluation]:
+    """A tracker (pearson) whose reference is another run's first evaluation of `ours` at layer
+    'l' (gradcam); that run's maps and its evaluation."""
     maps = np.random.default_rng(0).random((2, 4, 4), dtype=np.float32)
     other_run = Evaluation(
-        index=0, epoch=0, step=0, probe_hashes={"val": ours.digest},
-        maps={("val", "l", "gradcam"): maps}, targets={}, logits={},
+        index=0, epoch=0, step=0, probe_hashes={ours.name: ours.digest},
+        maps={(ours.name, "l", "gradcam"): maps}, targets={}, logits={},
     )  # fmt: skip
     tracker = AttentionTracker(DriftOptions(measures=("pearson",)))
-    tracker.use_reference(other_run, {"val": ours})
+    tracker.use_reference(other_run, {ours.name: ours})
+    return tracker, maps, other_run
+
+
+def test_use_reference_loads_maps_and_refuses_another_probe() -> None:
+    ours = probe("val")
+    tracker, maps, other_run = other_run_as_reference(ours)
     np.testing.assert_array_equal(tracker.reference[MapKey("val", "l", "gradcam")].numpy(), maps)
     scalars, _ = tracker.score({"val": result(torch.from_numpy(maps))}, {"val": ours})
     ref = ScalarKey("cam_drift", MapKey("val", "l", "gradcam"), "pearson_ref")
@@ -119,13 +126,7 @@ def test_use_reference_loads_maps_and_refuses_another_probe() -> None:
 
 def test_a_map_the_reference_run_lacks_gets_no_ref_drift_and_a_warning_not_its_own_start() -> None:
     ours = probe("val")
-    maps = np.random.default_rng(0).random((2, 4, 4), dtype=np.float32)
-    other_run = Evaluation(
-        index=0, epoch=0, step=0, probe_hashes={"val": ours.digest},
-        maps={("val", "l", "gradcam"): maps}, targets={}, logits={},
-    )  # fmt: skip
-    tracker = AttentionTracker(DriftOptions(measures=("pearson",)))
-    tracker.use_reference(other_run, {"val": ours})
+    tracker, _, _ = other_run_as_reference(ours)
     other_layer = result(torch.rand(2, 4, 4, generator=GEN), layer="m")
     with pytest.warns(UserWarning, match=r"holds no maps of val/m/gradcam.*it holds val/l/gradcam"):
         tracker.score({"val": other_layer}, {"val": ours})
