@@ -536,10 +536,7 @@ def _compare(args: argparse.Namespace) -> int:
             + "; ".join(f"{run.name} has {_span(list(run.by_epoch))}" for run in every)
         )
     overlays = _chosen_epochs(args, epochs, "every run")
-    later = later_epochs_note(every, epochs[-1])
-    if later:
-        notes.append(later)
-        print(f"cam-monitor: note: {later}", file=sys.stderr)
+    _note_later_epochs(every, epochs[-1], notes)
     lines = ["Groups (each number: the mean over a group's runs, [min, max] when they differ):"]
     for group in groups:
         lines.append(f"  {group.name}: {', '.join(run.name for run in group.runs)}")
@@ -582,6 +579,14 @@ def _compare(args: argparse.Namespace) -> int:
                             notes=[*notes, *left_out])  # fmt: skip
         _print(["", f"report written to {path}"])
     return 0
+
+
+def _note_later_epochs(runs: Sequence[Run], last: int, notes: list[str]) -> None:
+    """Say (and add to the report's `notes`) which runs end the common epochs at `last`."""
+    later = later_epochs_note(runs, last)
+    if later:
+        notes.append(later)
+        print(f"cam-monitor: note: {later}", file=sys.stderr)
 
 
 def _load_groups(args: argparse.Namespace) -> list[RunGroup]:
@@ -670,10 +675,7 @@ def _compare_two(args: argparse.Namespace) -> int:
         )
     chosen = _chosen_epochs(args, epochs, "both runs")
     shown = epochs if chosen is None else chosen
-    later = later_epochs_note([a, b], epochs[-1])
-    if later:
-        notes.append(later)
-        print(f"cam-monitor: note: {later}", file=sys.stderr)
+    _note_later_epochs([a, b], epochs[-1], notes)
     _print(
         [
             f"A: {a.name}  ({a.folder}, {len(a.evaluations)} evaluations)",

@@ -375,9 +375,7 @@ def ground_truth_differences(a: ProbeRecord | None, b: ProbeRecord | None, probe
         ("label maps", a.label_maps, b.label_maps),
     ):
         x, y = field_a.get(probe), field_b.get(probe)
-        if (x is None) != (y is None) or (
-            x is not None and y is not None and not np.array_equal(x, y)
-        ):
+        if (x is None) != (y is None) or (x is not None and not np.array_equal(x, y)):
             found.append(kind)
     return found
 

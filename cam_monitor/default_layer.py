@@ -17,14 +17,13 @@ from torch import Tensor, nn
 from .batch import Batch
 from .capture import Hook, scoped_hooks
 from .isolation import isolated
-from .layers import TokenLayout, as_spatial, token_layout
+from .layers import POOLING_1D, TokenLayout, as_spatial, token_layout
 from .targets import is_logit_map, is_segmentation, pick_logits
 from .types import ForwardFn, OutputTransform
 
 _POOLING = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d,
+    *POOLING_1D, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d,
 )  # fmt: skip
 
 

@@ -135,8 +135,9 @@ class AttentionTracker:
 
     def _say_unreferenced(self, current: Mapping[MapKey, Tensor]) -> None:
         """Warn, once per map, where another run's reference holds none of it."""
-        missing = [k for k in current if self.external and k not in self.reference]
-        missing = [k for k in missing if k not in self._unreferenced]
+        if not self.external:
+            return
+        missing = [k for k in current if k not in self.reference and k not in self._unreferenced]
         if not missing:
             return
         self._unreferenced.update(missing)

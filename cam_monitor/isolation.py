@@ -55,8 +55,7 @@ class _Isolation:
         self.guard: torch.inference_mode | None = None
         self.grad: bool | None = None
         self.rng: RandomStates | None = None
-        self.modules: list[nn.Module] = []
-        self.flags: list[bool] = []
+        self.flags: TrainingFlags | None = None
         self.state: TensorState | None = None
 
     def __enter__(self) -> None:
@@ -64,13 +63,12 @@ class _Isolation:
             self.guard = torch.inference_mode(False)
             self.guard.__enter__()
         try:
-            self.modules = modules = all_modules(self.model)
-            self.flags = [module.training for module in modules]
-            self.state = TensorState(self.model, modules)
+            self.flags = flags = TrainingFlags(self.model)
+            self.state = TensorState(self.model, flags.modules)
             self.rng = RandomStates(self.state.cuda)
             self.grad = torch.is_grad_enabled()
             torch.set_grad_enabled(True)
-            if any(self.flags):
+            if any(flags.flags):
                 set_training(self.model, False)
         except BaseException:
             self._exit()
@@ -86,9 +84,8 @@ class _Isolation:
                 torch.set_grad_enabled(self.grad)
             if self.rng is not None:
                 self.rng.restore()
-            for module, flag in zip(self.modules, self.flags, strict=True):
-                if module.training != flag:
-                    _set_flag(module, flag)
+            if self.flags is not None:
+                self.flags.restore()
             if self.state is not None:
                 lost = self.state.restore()
         finally:
@@ -105,6 +102,23 @@ class _Isolation:
                 "to training_step.",
                 stacklevel=3,
             )
+
+
+class TrainingFlags:
+    """Every module's `training` flag as found (`modules` in `all_modules` order); `restore()`
+    puts back those changed since."""
+
+    __slots__ = ("flags", "modules")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = all_modules(model)
+        self.flags = [module.training for module in self.modules]
+
+    def restore(self) -> None:
+        """Every flag as found."""
+        for module, flag in zip(self.modules, self.flags, strict=True):
+            if module.training != flag:
+                _set_flag(module, flag)
 
 
 def all_modules(model: nn.Module) -> list[nn.Module]:

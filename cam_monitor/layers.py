@@ -264,7 +264,7 @@ def _channels_last(
 
 
 #: 1-D pooling: its `[B, C, 1]` output reads as C tokens one value wide, which are no grid.
-_POOLING_1D = (nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.AvgPool1d, nn.MaxPool1d)
+POOLING_1D = (nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.AvgPool1d, nn.MaxPool1d)
 
 
 @dataclass(frozen=True)
@@ -539,7 +539,7 @@ def as_spatial(
     if output.dim() == 3:
         rows_of_images, tokens, channels = output.shape
         if channels == 1 and (
-            isinstance(module, _POOLING_1D) or type(module).__name__.endswith("Pooler")
+            isinstance(module, POOLING_1D) or type(module).__name__.endswith("Pooler")
         ):
             raise ValueError(
                 f"Layer {name!r} outputs {tuple(output.shape)}: one value per token, which is "

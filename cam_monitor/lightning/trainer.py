@@ -25,7 +25,7 @@ from ..evaluation import (
     raised_by_cam_monitor,
 )
 from ..history import find_history, read_history
-from ..isolation import all_modules, preserved_rng, set_training
+from ..isolation import TrainingFlags, preserved_rng, set_training
 from ..layers import resolve_layers, unwrap_model
 from ..probe import ProbeSet, build_probes, loader_probe
 from ..schema import dashboard_charts
@@ -160,8 +160,7 @@ def validation_batch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iter
     """The Trainer's stage `validating`, the module in eval mode, no grad and forked random
     streams inside the block; the stage, every module's `training` flag and the streams put
     back after."""
-    modules = all_modules(pl_module)
-    flags = [module.training for module in modules]
+    flags = TrainingFlags(pl_module)
     stage = trainer.state.stage
     device = pl_module.device
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -172,9 +171,7 @@ def validation_batch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iter
             yield
         finally:
             trainer.state.stage = stage
-            for module, flag in zip(modules, flags, strict=True):
-                if module.training != flag:
-                    module.training = flag
+            flags.restore()
 
 
 def explicit_probe_warning(specs: Mapping[str, Any], hooks: Mapping[str, BatchHook]) -> str | None:
